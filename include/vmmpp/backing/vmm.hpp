@@ -1,0 +1,147 @@
+// vmmpp/backing/vmm.hpp: GPU memory through CUDA virtual memory management. The whole capacity
+// is reserved as virtual addresses once; commit creates physical handles and maps them there,
+// decommit unmaps and releases them, so the device's memory follows what is committed.
+#pragma once
+
+#include <cstddef>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "vmmpp/backing/concept.hpp"
+#include "vmmpp/detail/commit_map.hpp"
+#include "vmmpp/driver/context.hpp"
+#include "vmmpp/driver/device.hpp"
+#include "vmmpp/driver/handles.hpp"
+#include "vmmpp/error.hpp"
+
+namespace vmmpp {
+
+/// Construction options of vmmpp::vmm.
+struct vmm_options {
+    int device = 0;
+    std::size_t handle_bytes = 0;
+    /// Devices that also get read/write access to every committed page.
+    std::vector<int> peer_devices{};
+};
+
+/// VMM backing (cuMemAddressReserve + cuMemCreate/cuMemMap/cuMemSetAccess).
+///
+/// Handle size: with `handle_bytes == 0` (the default) each commit call creates one physical
+/// handle for its whole range, so the pool's growth unit decides it (2 MiB pages for
+/// page-granular growth, N pages for chunked<N>: DESIGN.md shows large handles are far cheaper
+/// per byte). A decommit must then cover whole handles. With `handle_bytes > 0` every commit is
+/// cut into handles of exactly that size.
+class vmm {
+public:
+    using options = vmm_options;
+    static constexpr bool is_elastic = true;
+
+    explicit vmm(std::size_t capacity, options opts = {})
+        : context_(opts.device),
+          pages_(capacity, vmm_granularity(opts.device)),
+          handle_bytes_(opts.handle_bytes) {
+        if (!is_vmm_supported(opts.device)) {
+            throw invalid_argument("CUDA device " + std::to_string(opts.device) +
+                                   " does not support virtual memory management");
+        }
+        if (handle_bytes_ % pages_.granularity() != 0) {
+            throw invalid_argument("vmm handle_bytes " + std::to_string(handle_bytes_) +
+                                   " must be a multiple of the granularity " + std::to_string(pages_.granularity()));
+        }
+        access_.push_back(opts.device);
+        for (int peer : opts.peer_devices) {
+            (void)cuda_device(peer);  // exists, or invalid_argument
+            if (peer != opts.device) {
+                access_.push_back(peer);
+            }
+        }
+        scoped_context current(context_);
+        reservation_ = address_reservation(capacity, pages_.granularity());
+    }
+    vmm(const vmm&) = delete;
+    vmm& operator=(const vmm&) = delete;
+    ~vmm() {
+        scoped_context current(context_);
+        extents_.clear();  // unmap and release before the reservation goes
+        reservation_.reset();
+    }
+
+    [[nodiscard]] std::size_t granularity() const noexcept { return pages_.granularity(); }
+    [[nodiscard]] std::byte* base() const noexcept { return reinterpret_cast<std::byte*>(reservation_.base()); }
+    [[nodiscard]] std::size_t capacity() const noexcept { return pages_.capacity(); }
+    [[nodiscard]] std::size_t committed_bytes() const noexcept { return pages_.committed_bytes(); }
+    [[nodiscard]] int device() const noexcept { return context_.ordinal(); }
+    /// Number of live physical handles.
+    [[nodiscard]] std::size_t handle_count() const noexcept { return extents_.size(); }
+
+    /// Creates, maps and opens physical memory for [offset, offset+bytes). Strong guarantee: a
+    /// failure half way unmaps and releases what this call did, then rethrows.
+    void commit(std::size_t offset, std::size_t bytes) {
+        pages_.check("commit", offset, bytes, false);
+        const std::size_t piece = handle_bytes_ == 0 ? bytes : handle_bytes_;
+        if (bytes % piece != 0 || offset % piece != 0) {
+            throw invalid_argument("vmm commit [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
+                                   ") is not a whole number of " + std::to_string(piece) + "-byte handles");
+        }
+        scoped_context current(context_);
+        std::map<std::size_t, extent> made;  // destroyed (unmapped, released) if anything throws
+        for (std::size_t off = offset; off < offset + bytes; off += piece) {
+            extent e;
+            try {
+                e.memory = physical_allocation(device(), piece);
+            } catch (const cuda_error& err) {
+                if (err.code() == CUDA_ERROR_OUT_OF_MEMORY) {
+                    throw out_of_memory("device " + std::to_string(device()) + " physical memory (cuMemCreate)",
+                                        bytes, committed_bytes(), capacity());
+                }
+                throw;
+            }
+            e.map = mapping(reservation_.base() + off, e.memory, access_);
+            made.emplace(off, std::move(e));
+        }
+        extents_.merge(made);  // moves nodes: cannot throw
+        pages_.mark(offset, bytes, true);
+    }
+
+    /// Unmaps and releases [offset, offset+bytes), which must consist of whole handles.
+    void decommit(std::size_t offset, std::size_t bytes) {
+        pages_.check("decommit", offset, bytes, true);
+        auto first = extents_.lower_bound(offset);
+        const std::size_t end = offset + bytes;
+        if (first == extents_.end() || first->first != offset) {
+            throw invalid_argument("vmm decommit at offset " + std::to_string(offset) +
+                                   " would split a physical handle: decommit whole commits");
+        }
+        auto last = first;
+        while (last != extents_.end() && last->first < end) {
+            if (last->first + last->second.memory.bytes() > end) {
+                throw invalid_argument("vmm decommit [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
+                                       ") would split the handle at offset " + std::to_string(last->first));
+            }
+            ++last;
+        }
+        scoped_context current(context_);
+        extents_.erase(first, last);  // each extent unmaps, then releases its handle
+        pages_.mark(offset, bytes, false);
+    }
+
+    friend constexpr void get_property(const vmm&, device_accessible) noexcept {}
+
+private:
+    struct extent {
+        physical_allocation memory;  // declared first: destroyed after the mapping
+        mapping map;
+    };
+
+    primary_context context_;
+    detail::commit_map pages_;
+    std::size_t handle_bytes_;
+    std::vector<int> access_;
+    address_reservation reservation_;
+    std::map<std::size_t, extent> extents_;
+};
+
+static_assert(backing<vmm>, "vmmpp::vmm must model vmmpp::backing");
+
+} // namespace vmmpp

@@ -1,0 +1,171 @@
+// vmmpp/driver/api.hpp: the CUDA driver entry points vmmpp uses, loaded at run time.
+//
+// Nothing links libcuda: the table below is filled from libcuda.so.1 (dlopen, then
+// cuGetProcAddress for the version these headers were built against) on first use. A program on
+// a machine without a driver starts normally and gets vmmpp::cuda_unavailable when it asks for
+// GPU memory, and device_count() answers 0.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <dlfcn.h>
+
+#include <string>
+
+#include "vmmpp/error.hpp"
+
+namespace vmmpp::driver {
+
+/// The driver functions vmmpp calls, as function pointers resolved at run time.
+struct api {
+    decltype(&::cuInit) init = nullptr;
+    decltype(&::cuGetErrorName) get_error_name = nullptr;
+    decltype(&::cuGetErrorString) get_error_string = nullptr;
+    decltype(&::cuDeviceGetCount) device_get_count = nullptr;
+    decltype(&::cuDeviceGet) device_get = nullptr;
+    decltype(&::cuDeviceGetAttribute) device_get_attribute = nullptr;
+    decltype(&::cuDevicePrimaryCtxRetain) primary_ctx_retain = nullptr;
+    decltype(&::cuDevicePrimaryCtxRelease) primary_ctx_release = nullptr;
+    decltype(&::cuCtxPushCurrent) ctx_push_current = nullptr;
+    decltype(&::cuCtxPopCurrent) ctx_pop_current = nullptr;
+    decltype(&::cuMemGetInfo) mem_get_info = nullptr;
+    decltype(&::cuMemCreate) mem_create = nullptr;
+    decltype(&::cuMemRelease) mem_release = nullptr;
+    decltype(&::cuMemAddressReserve) mem_address_reserve = nullptr;
+    decltype(&::cuMemAddressFree) mem_address_free = nullptr;
+    decltype(&::cuMemMap) mem_map = nullptr;
+    decltype(&::cuMemUnmap) mem_unmap = nullptr;
+    decltype(&::cuMemSetAccess) mem_set_access = nullptr;
+    decltype(&::cuMemGetAllocationGranularity) mem_get_allocation_granularity = nullptr;
+    decltype(&::cuMemExportToShareableHandle) mem_export_to_shareable_handle = nullptr;
+    decltype(&::cuMemImportFromShareableHandle) mem_import_from_shareable_handle = nullptr;
+};
+
+namespace detail {
+
+struct load_result {
+    api table{};
+    std::string failure;  // empty when the table is complete and cuInit succeeded
+};
+
+inline load_result load() {
+    load_result result;
+    void* lib = ::dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) {
+        const char* why = ::dlerror();
+        result.failure = std::string("cannot load libcuda.so.1: ") + (why ? why : "unknown reason");
+        return result;
+    }
+    // The library stays loaded for the life of the process, as libcudart keeps it too.
+    using get_proc_address_t = CUresult (*)(const char*, void**, int, cuuint64_t, CUdriverProcAddressQueryResult*);
+    auto get_proc = reinterpret_cast<get_proc_address_t>(::dlsym(lib, "cuGetProcAddress_v2"));
+    if (get_proc == nullptr) {
+        result.failure = "libcuda.so.1 has no cuGetProcAddress_v2: the driver is older than CUDA 12";
+        return result;
+    }
+    auto resolve = [&](const char* symbol, auto& slot) {
+        void* fn = nullptr;
+        CUdriverProcAddressQueryResult status{};
+        if (get_proc(symbol, &fn, CUDA_VERSION, CU_GET_PROC_ADDRESS_DEFAULT, &status) != CUDA_SUCCESS ||
+            fn == nullptr) {
+            if (result.failure.empty()) {
+                result.failure = std::string("the CUDA driver does not provide ") + symbol;
+            }
+            return;
+        }
+        slot = reinterpret_cast<std::remove_reference_t<decltype(slot)>>(fn);
+    };
+    api& t = result.table;
+    resolve("cuInit", t.init);
+    resolve("cuGetErrorName", t.get_error_name);
+    resolve("cuGetErrorString", t.get_error_string);
+    resolve("cuDeviceGetCount", t.device_get_count);
+    resolve("cuDeviceGet", t.device_get);
+    resolve("cuDeviceGetAttribute", t.device_get_attribute);
+    resolve("cuDevicePrimaryCtxRetain", t.primary_ctx_retain);
+    resolve("cuDevicePrimaryCtxRelease", t.primary_ctx_release);
+    resolve("cuCtxPushCurrent", t.ctx_push_current);
+    resolve("cuCtxPopCurrent", t.ctx_pop_current);
+    resolve("cuMemGetInfo", t.mem_get_info);
+    resolve("cuMemCreate", t.mem_create);
+    resolve("cuMemRelease", t.mem_release);
+    resolve("cuMemAddressReserve", t.mem_address_reserve);
+    resolve("cuMemAddressFree", t.mem_address_free);
+    resolve("cuMemMap", t.mem_map);
+    resolve("cuMemUnmap", t.mem_unmap);
+    resolve("cuMemSetAccess", t.mem_set_access);
+    resolve("cuMemGetAllocationGranularity", t.mem_get_allocation_granularity);
+    resolve("cuMemExportToShareableHandle", t.mem_export_to_shareable_handle);
+    resolve("cuMemImportFromShareableHandle", t.mem_import_from_shareable_handle);
+    if (!result.failure.empty()) {
+        return result;
+    }
+    if (CUresult rc = t.init(0); rc != CUDA_SUCCESS) {
+        const char* name = nullptr;
+        t.get_error_name(rc, &name);
+        result.failure = std::string("cuInit failed: ") + (name ? name : "unknown error") + " (" +
+                         std::to_string(static_cast<int>(rc)) + ")";
+    }
+    return result;
+}
+
+inline const load_result& loaded() {
+    static const load_result result = load();  // thread-safe, once per process
+    return result;
+}
+
+} // namespace detail
+
+/// Whether a CUDA driver is loaded and initialised. Never throws.
+[[nodiscard]] inline bool available() noexcept {
+    try {
+        return detail::loaded().failure.empty();
+    } catch (...) {
+        return false;
+    }
+}
+
+/// The driver table; throws vmmpp::cuda_unavailable (saying why) when there is no driver.
+[[nodiscard]] inline const api& get() {
+    const auto& result = detail::loaded();
+    if (!result.failure.empty()) {
+        throw cuda_unavailable("CUDA driver unavailable: " + result.failure);
+    }
+    return result.table;
+}
+
+/// Throws vmmpp::cuda_error naming `call` when `rc` is not CUDA_SUCCESS.
+inline void check(CUresult rc, const char* call) {
+    if (rc == CUDA_SUCCESS) {
+        return;
+    }
+    const api& d = get();
+    const char* name = nullptr;
+    const char* text = nullptr;
+    d.get_error_name(rc, &name);
+    d.get_error_string(rc, &text);
+    throw cuda_error(call, static_cast<int>(rc), name ? name : "unknown", text ? text : "");
+}
+
+/// Throws vmmpp::cuda_error naming `call` when a runtime call returned an error.
+inline void check(cudaError_t rc, const char* call) {
+    if (rc == cudaSuccess) {
+        return;
+    }
+    (void)::cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    throw cuda_error(call, static_cast<int>(rc), ::cudaGetErrorName(rc), ::cudaGetErrorString(rc));
+}
+
+/// Number of CUDA devices; 0 when there is no driver or no device. Never throws.
+[[nodiscard]] inline int device_count() noexcept {
+    if (!available()) {
+        return 0;
+    }
+    int count = 0;
+    if (detail::loaded().table.device_get_count(&count) != CUDA_SUCCESS) {
+        return 0;
+    }
+    return count;
+}
+
+} // namespace vmmpp::driver

@@ -1,0 +1,148 @@
+// vmmpp/driver/handles.hpp: RAII owners for the three things the VMM driver API hands out: a
+// physical allocation (cuMemCreate), a virtual address reservation (cuMemAddressReserve) and a
+// mapping of the one into the other (cuMemMap). Each is move-only and gives its resource back in
+// its destructor, which never throws; so a half-done multi-page commit rolls back by unwinding.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "vmmpp/driver/api.hpp"
+#include "vmmpp/driver/device.hpp"
+
+namespace vmmpp {
+
+/// A physical allocation of device memory (CUmemGenericAllocationHandle).
+class physical_allocation {
+public:
+    physical_allocation() noexcept = default;
+    /// cuMemCreate of `bytes` (a multiple of the device's granularity) on `device`.
+    physical_allocation(int device, std::size_t bytes) : bytes_(bytes) {
+        CUmemAllocationProp prop = device_allocation_prop(device);
+        driver::check(driver::get().mem_create(&handle_, bytes, &prop, 0), "cuMemCreate");
+        owned_ = true;
+    }
+    physical_allocation(physical_allocation&& other) noexcept
+        : handle_(other.handle_), bytes_(other.bytes_), owned_(std::exchange(other.owned_, false)) {}
+    physical_allocation& operator=(physical_allocation&& other) noexcept {
+        if (this != &other) {
+            reset();
+            handle_ = other.handle_;
+            bytes_ = other.bytes_;
+            owned_ = std::exchange(other.owned_, false);
+        }
+        return *this;
+    }
+    physical_allocation(const physical_allocation&) = delete;
+    physical_allocation& operator=(const physical_allocation&) = delete;
+    ~physical_allocation() { reset(); }
+
+    [[nodiscard]] CUmemGenericAllocationHandle get() const noexcept { return handle_; }
+    [[nodiscard]] std::size_t bytes() const noexcept { return bytes_; }
+    [[nodiscard]] explicit operator bool() const noexcept { return owned_; }
+
+    /// cuMemRelease now (the memory itself goes back once its last mapping is unmapped).
+    void reset() noexcept {
+        if (owned_) {
+            (void)driver::get().mem_release(handle_);
+            owned_ = false;
+        }
+    }
+
+private:
+    CUmemGenericAllocationHandle handle_{};
+    std::size_t bytes_ = 0;
+    bool owned_ = false;
+};
+
+/// A reserved range of virtual addresses (cuMemAddressReserve); no physical memory behind it.
+class address_reservation {
+public:
+    address_reservation() noexcept = default;
+    address_reservation(std::size_t bytes, std::size_t alignment) : bytes_(bytes) {
+        driver::check(driver::get().mem_address_reserve(&base_, bytes, alignment, 0, 0), "cuMemAddressReserve");
+    }
+    address_reservation(address_reservation&& other) noexcept
+        : base_(std::exchange(other.base_, 0)), bytes_(std::exchange(other.bytes_, 0)) {}
+    address_reservation& operator=(address_reservation&& other) noexcept {
+        if (this != &other) {
+            reset();
+            base_ = std::exchange(other.base_, 0);
+            bytes_ = std::exchange(other.bytes_, 0);
+        }
+        return *this;
+    }
+    address_reservation(const address_reservation&) = delete;
+    address_reservation& operator=(const address_reservation&) = delete;
+    ~address_reservation() { reset(); }
+
+    [[nodiscard]] CUdeviceptr base() const noexcept { return base_; }
+    [[nodiscard]] std::size_t bytes() const noexcept { return bytes_; }
+
+    void reset() noexcept {
+        if (base_ != 0) {
+            (void)driver::get().mem_address_free(base_, bytes_);
+            base_ = 0;
+        }
+    }
+
+private:
+    CUdeviceptr base_ = 0;
+    std::size_t bytes_ = 0;
+};
+
+/// A physical allocation mapped at an address, with read/write access set for a list of devices.
+class mapping {
+public:
+    mapping() noexcept = default;
+    /// cuMemMap of all of `memory` at `address`, then cuMemSetAccess for every device in `access`.
+    /// If setting access fails the map is undone before the error propagates.
+    mapping(CUdeviceptr address, const physical_allocation& memory, std::span<const int> access)
+        : address_(address), bytes_(memory.bytes()) {
+        const auto& d = driver::get();
+        driver::check(d.mem_map(address, bytes_, 0, memory.get(), 0), "cuMemMap");
+        std::vector<CUmemAccessDesc> descs(access.size());
+        for (std::size_t i = 0; i < access.size(); ++i) {
+            descs[i].location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+            descs[i].location.id = access[i];
+            descs[i].flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+        }
+        if (CUresult rc = d.mem_set_access(address, bytes_, descs.data(), descs.size()); rc != CUDA_SUCCESS) {
+            (void)d.mem_unmap(address, bytes_);
+            driver::check(rc, "cuMemSetAccess");
+        }
+    }
+    mapping(mapping&& other) noexcept
+        : address_(std::exchange(other.address_, 0)), bytes_(std::exchange(other.bytes_, 0)) {}
+    mapping& operator=(mapping&& other) noexcept {
+        if (this != &other) {
+            reset();
+            address_ = std::exchange(other.address_, 0);
+            bytes_ = std::exchange(other.bytes_, 0);
+        }
+        return *this;
+    }
+    mapping(const mapping&) = delete;
+    mapping& operator=(const mapping&) = delete;
+    ~mapping() { reset(); }
+
+    [[nodiscard]] CUdeviceptr address() const noexcept { return address_; }
+    [[nodiscard]] std::size_t bytes() const noexcept { return bytes_; }
+
+    /// cuMemUnmap now.
+    void reset() noexcept {
+        if (address_ != 0) {
+            (void)driver::get().mem_unmap(address_, bytes_);
+            address_ = 0;
+        }
+    }
+
+private:
+    CUdeviceptr address_ = 0;
+    std::size_t bytes_ = 0;
+};
+
+} // namespace vmmpp

@@ -1,0 +1,90 @@
+// vmmpp/error.hpp: the typed errors every vmmpp layer throws. Each one names the numbers that
+// explain it, so a log line is enough to see what went wrong.
+#pragma once
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+
+namespace vmmpp {
+
+/// Root of every vmmpp error.
+class error : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+/// A CUDA driver or runtime call failed: which call, its numeric code, the code's name and text.
+class cuda_error : public error {
+public:
+    cuda_error(std::string call, int code, std::string name, std::string message)
+        : error(call + " failed: " + name + " (" + std::to_string(code) + "): " + message),
+          call_(std::move(call)), code_(code), name_(std::move(name)) {}
+
+    /// The failing call, e.g. "cuMemCreate".
+    [[nodiscard]] const std::string& call() const noexcept { return call_; }
+    /// The numeric CUresult / cudaError_t.
+    [[nodiscard]] int code() const noexcept { return code_; }
+    /// The code's symbolic name, e.g. "CUDA_ERROR_OUT_OF_MEMORY".
+    [[nodiscard]] const std::string& code_name() const noexcept { return name_; }
+
+private:
+    std::string call_;
+    int code_;
+    std::string name_;
+};
+
+/// No usable CUDA driver or device: libcuda.so.1 missing, cuInit failed, or no device.
+class cuda_unavailable : public error {
+public:
+    using error::error;
+};
+
+/// Physical memory could not be obtained: the request, what is committed, and the limit hit.
+class out_of_memory : public error {
+public:
+    out_of_memory(std::string what_limit, std::size_t requested, std::size_t committed, std::size_t limit)
+        : error("out of memory (" + what_limit + "): requested " + std::to_string(requested) +
+                " bytes with " + std::to_string(committed) + " bytes committed, limit " +
+                std::to_string(limit) + " bytes"),
+          requested_(requested), committed_(committed), limit_(limit) {}
+
+    [[nodiscard]] std::size_t requested() const noexcept { return requested_; }
+    [[nodiscard]] std::size_t committed() const noexcept { return committed_; }
+    [[nodiscard]] std::size_t limit() const noexcept { return limit_; }
+
+private:
+    std::size_t requested_;
+    std::size_t committed_;
+    std::size_t limit_;
+};
+
+/// A quota refused a commit: which limit (a model's or the global one), the request, the use.
+class over_quota : public error {
+public:
+    over_quota(std::string which, std::size_t requested, std::size_t in_use, std::size_t limit)
+        : error("over quota (" + which + "): requested " + std::to_string(requested) + " bytes with " +
+                std::to_string(in_use) + " bytes in use, limit " + std::to_string(limit) + " bytes"),
+          which_(std::move(which)), requested_(requested), in_use_(in_use), limit_(limit) {}
+
+    /// "model <name>" or "global".
+    [[nodiscard]] const std::string& which() const noexcept { return which_; }
+    [[nodiscard]] std::size_t requested() const noexcept { return requested_; }
+    [[nodiscard]] std::size_t in_use() const noexcept { return in_use_; }
+    [[nodiscard]] std::size_t limit() const noexcept { return limit_; }
+
+private:
+    std::string which_;
+    std::size_t requested_;
+    std::size_t in_use_;
+    std::size_t limit_;
+};
+
+/// The caller asked for something that can never succeed: misaligned or out-of-range sizes,
+/// a range in the wrong state, an unknown id. The object it was asked of is unchanged.
+class invalid_argument : public error {
+public:
+    using error::error;
+};
+
+} // namespace vmmpp
