@@ -32,35 +32,22 @@ public:
     static constexpr bool is_elastic = true;
 
     explicit host(std::size_t capacity, options opts = {})
-        : pages_(capacity, checked_page_bytes(opts.page_bytes)) {
-        void* p = ::mmap(nullptr, capacity, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (p == MAP_FAILED) {
-            throw out_of_memory("host address space (mmap: " + std::string(std::strerror(errno)) + ")",
-                                capacity, 0, 0);
-        }
-        base_ = static_cast<std::byte*>(p);
-    }
-    host(host&& other) noexcept : pages_(std::move(other.pages_)), base_(std::exchange(other.base_, nullptr)) {}
-    host& operator=(host&&) = delete;
+        : reservation_(capacity, checked_page_bytes(opts.page_bytes)), pages_(capacity, opts.page_bytes) {}
     host(const host&) = delete;
     host& operator=(const host&) = delete;
-    ~host() {
-        if (base_ != nullptr) {
-            ::munmap(base_, pages_.capacity());
-        }
-    }
+    ~host() = default;
 
     [[nodiscard]] std::size_t granularity() const noexcept { return pages_.granularity(); }
-    [[nodiscard]] std::byte* base() const noexcept { return base_; }
+    [[nodiscard]] std::byte* base() const noexcept { return reservation_.base(); }
     [[nodiscard]] std::size_t capacity() const noexcept { return pages_.capacity(); }
     [[nodiscard]] std::size_t committed_bytes() const noexcept { return pages_.committed_bytes(); }
 
     /// Makes [offset, offset+bytes) readable and writable. Strong guarantee.
     void commit(std::size_t offset, std::size_t bytes) {
         pages_.check("commit", offset, bytes, false);
-        if (::mprotect(base_ + offset, bytes, PROT_READ | PROT_WRITE) != 0) {
+        if (::mprotect(base() + offset, bytes, PROT_READ | PROT_WRITE) != 0) {
             const int err = errno;
-            (void)::mprotect(base_ + offset, bytes, PROT_NONE);
+            (void)::mprotect(base() + offset, bytes, PROT_NONE);
             throw out_of_memory("host commit (mprotect: " + std::string(std::strerror(err)) + ")", bytes,
                                 committed_bytes(), capacity());
         }
@@ -70,8 +57,8 @@ public:
     /// Gives [offset, offset+bytes) back to the OS and makes it inaccessible again.
     void decommit(std::size_t offset, std::size_t bytes) {
         pages_.check("decommit", offset, bytes, true);
-        if (::madvise(base_ + offset, bytes, MADV_DONTNEED) != 0 ||
-            ::mprotect(base_ + offset, bytes, PROT_NONE) != 0) {
+        if (::madvise(base() + offset, bytes, MADV_DONTNEED) != 0 ||
+            ::mprotect(base() + offset, bytes, PROT_NONE) != 0) {
             throw invalid_argument("host decommit failed: " + std::string(std::strerror(errno)));
         }
         pages_.mark(offset, bytes, false);
@@ -89,8 +76,34 @@ private:
         return page_bytes;
     }
 
+    /// The mmap(PROT_NONE) address range; unmapped on destruction.
+    class reservation {
+    public:
+        reservation(std::size_t bytes, std::size_t page_bytes) : bytes_(bytes) {
+            if (bytes == 0 || bytes % page_bytes != 0) {
+                throw invalid_argument("capacity " + std::to_string(bytes) +
+                                       " bytes must be a non-zero multiple of the page size " +
+                                       std::to_string(page_bytes) + " bytes");
+            }
+            void* p = ::mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (p == MAP_FAILED) {
+                throw out_of_memory("host address space (mmap: " + std::string(std::strerror(errno)) + ")", bytes,
+                                    0, 0);
+            }
+            base_ = static_cast<std::byte*>(p);
+        }
+        reservation(const reservation&) = delete;
+        reservation& operator=(const reservation&) = delete;
+        ~reservation() { ::munmap(base_, bytes_); }
+        [[nodiscard]] std::byte* base() const noexcept { return base_; }
+
+    private:
+        std::byte* base_ = nullptr;
+        std::size_t bytes_;
+    };
+
+    reservation reservation_;  // first: the page map is only built once the range exists
     detail::commit_map pages_;
-    std::byte* base_ = nullptr;
 };
 
 static_assert(backing<host>, "vmmpp::host must model vmmpp::backing");

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -22,7 +23,12 @@ public:
                                    " bytes must be a non-zero multiple of the granularity " +
                                    std::to_string(granularity) + " bytes");
         }
-        committed_.assign(capacity / granularity, false);
+        try {
+            committed_.assign(capacity / granularity, false);
+        } catch (const std::bad_alloc&) {
+            throw out_of_memory("host memory for the page map of a " + std::to_string(capacity) + "-byte span",
+                                capacity / granularity / 8, 0, 0);
+        }
     }
 
     [[nodiscard]] std::size_t granularity() const noexcept { return granularity_; }
