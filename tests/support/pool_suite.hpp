@@ -111,4 +111,5 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(random_holds_match_a_reference_model, Config, pool
                                << " vs " << held_pages);
         }
     }
+    BOOST_TEST(pool->stats().commits >= 1u);
 }

@@ -80,7 +80,7 @@ public:
     void commit(std::size_t offset, std::size_t bytes) {
         pages_.check("commit", offset, bytes, false);
         const std::size_t piece = handle_bytes_ == 0 ? bytes : handle_bytes_;
-        if (bytes % piece != 0 || offset % piece != 0) {
+        if (bytes % piece != 0 || (handle_bytes_ != 0 && offset % piece != 0)) {
             throw invalid_argument("vmm commit [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
                                    ") is not a whole number of " + std::to_string(piece) + "-byte handles");
         }
