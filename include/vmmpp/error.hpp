@@ -80,6 +80,24 @@ private:
     std::size_t limit_;
 };
 
+/// A KV cache has too few free blocks for a request: blocks needed, free, and the maximum.
+class out_of_blocks : public error {
+public:
+    out_of_blocks(std::size_t needed, std::size_t free, std::size_t max_blocks)
+        : error("out of KV blocks: " + std::to_string(needed) + " needed, " + std::to_string(free) + " free of " +
+                std::to_string(max_blocks)),
+          needed_(needed), free_(free), max_blocks_(max_blocks) {}
+
+    [[nodiscard]] std::size_t needed() const noexcept { return needed_; }
+    [[nodiscard]] std::size_t free() const noexcept { return free_; }
+    [[nodiscard]] std::size_t max_blocks() const noexcept { return max_blocks_; }
+
+private:
+    std::size_t needed_;
+    std::size_t free_;
+    std::size_t max_blocks_;
+};
+
 /// The caller asked for something that can never succeed: misaligned or out-of-range sizes,
 /// a range in the wrong state, an unknown id. The object it was asked of is unchanged.
 class invalid_argument : public error {

@@ -187,6 +187,19 @@ public:
     /// Bytes one growth step commits.
     [[nodiscard]] std::size_t unit_bytes() const noexcept { return unit_pages_ * page_bytes_; }
 
+    /// The CUDA device of the memory, or -1 for host memory.
+    [[nodiscard]] int device() const noexcept { return device_of(backing_); }
+    /// Number of growth units the span is cut into, and whether unit `u` is committed now:
+    /// the committed regions an engine registers with an RDMA library.
+    [[nodiscard]] std::size_t unit_count() const noexcept { return units_; }
+    [[nodiscard]] bool is_unit_committed(std::size_t u) const {
+        std::lock_guard lock(mutex_);
+        return u < units_ && unit_committed_[u];
+    }
+    /// Byte offset and length of unit `u` within the span.
+    [[nodiscard]] std::size_t unit_offset_of(std::size_t u) const noexcept { return unit_offset(u); }
+    [[nodiscard]] std::size_t unit_bytes_of(std::size_t u) const noexcept { return unit_bytes(u); }
+
     [[nodiscard]] std::size_t committed_bytes() const {
         std::lock_guard lock(mutex_);
         return stats_.committed;

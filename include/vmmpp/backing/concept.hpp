@@ -34,4 +34,14 @@ concept backing =
         { b.decommit(n, n) } -> std::same_as<void>;
     };
 
+/// The CUDA device a backing's memory lives on, or -1 for host memory.
+template <backing B>
+[[nodiscard]] int device_of(const B& b) noexcept {
+    if constexpr (requires { b.device_ordinal(); }) {
+        return b.device_ordinal();
+    } else {
+        return -1;
+    }
+}
+
 } // namespace vmmpp

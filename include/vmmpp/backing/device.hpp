@@ -50,6 +50,7 @@ public:
     [[nodiscard]] std::byte* base() const noexcept { return base_; }
     [[nodiscard]] std::size_t capacity() const noexcept { return pages_.capacity(); }
     [[nodiscard]] std::size_t committed_bytes() const noexcept { return pages_.committed_bytes(); }
+    [[nodiscard]] int device_ordinal() const noexcept { return context_.ordinal(); }
 
     /// Marks a range in use (the memory is already there).
     void commit(std::size_t offset, std::size_t bytes) {

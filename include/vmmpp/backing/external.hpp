@@ -15,6 +15,8 @@ struct external_options {
     /// First byte of the borrowed span; must outlive the backing.
     void* pointer = nullptr;
     std::size_t page_bytes = detail::default_page_bytes;
+    /// The CUDA device the memory lives on, or -1 for host memory.
+    int device = -1;
 };
 
 /// External (non-owning) backing. `Properties...` says who can reach the memory, e.g.
@@ -26,7 +28,7 @@ public:
     static constexpr bool is_elastic = false;
 
     explicit external(std::size_t capacity, options opts)
-        : pages_(capacity, opts.page_bytes), base_(static_cast<std::byte*>(opts.pointer)) {
+        : pages_(capacity, opts.page_bytes), base_(static_cast<std::byte*>(opts.pointer)), device_(opts.device) {
         if (base_ == nullptr) {
             throw invalid_argument("external backing needs a non-null pointer");
         }
@@ -39,6 +41,7 @@ public:
     [[nodiscard]] std::byte* base() const noexcept { return base_; }
     [[nodiscard]] std::size_t capacity() const noexcept { return pages_.capacity(); }
     [[nodiscard]] std::size_t committed_bytes() const noexcept { return pages_.committed_bytes(); }
+    [[nodiscard]] int device_ordinal() const noexcept { return device_; }
 
     void commit(std::size_t offset, std::size_t bytes) {
         pages_.check("commit", offset, bytes, false);
@@ -56,6 +59,7 @@ public:
 private:
     detail::commit_map pages_;
     std::byte* base_;
+    int device_;
 };
 
 static_assert(backing<external<device_accessible>>, "vmmpp::external must model vmmpp::backing");

@@ -77,6 +77,7 @@ public:
     [[nodiscard]] std::byte* base() const noexcept { return base_; }
     [[nodiscard]] std::size_t capacity() const noexcept { return pages_.capacity(); }
     [[nodiscard]] std::size_t committed_bytes() const noexcept { return pages_.committed_bytes(); }
+    [[nodiscard]] int device_ordinal() const noexcept { return device_; }
 
     /// Prefetches the range to the device when it is at most the threshold. Strong guarantee.
     void commit(std::size_t offset, std::size_t bytes) {

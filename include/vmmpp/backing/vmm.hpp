@@ -71,7 +71,7 @@ public:
     [[nodiscard]] std::byte* base() const noexcept { return reinterpret_cast<std::byte*>(reservation_.base()); }
     [[nodiscard]] std::size_t capacity() const noexcept { return pages_.capacity(); }
     [[nodiscard]] std::size_t committed_bytes() const noexcept { return pages_.committed_bytes(); }
-    [[nodiscard]] int device() const noexcept { return context_.ordinal(); }
+    [[nodiscard]] int device_ordinal() const noexcept { return context_.ordinal(); }
     /// Number of live physical handles.
     [[nodiscard]] std::size_t handle_count() const noexcept { return extents_.size(); }
 
@@ -89,10 +89,10 @@ public:
         for (std::size_t off = offset; off < offset + bytes; off += piece) {
             extent e;
             try {
-                e.memory = physical_allocation(device(), piece);
+                e.memory = physical_allocation(device_ordinal(), piece);
             } catch (const cuda_error& err) {
                 if (err.code() == CUDA_ERROR_OUT_OF_MEMORY) {
-                    throw out_of_memory("device " + std::to_string(device()) + " physical memory (cuMemCreate)",
+                    throw out_of_memory("device " + std::to_string(device_ordinal()) + " physical memory (cuMemCreate)",
                                         bytes, committed_bytes(), capacity());
                 }
                 throw;

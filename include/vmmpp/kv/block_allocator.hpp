@@ -1,0 +1,85 @@
+// vmmpp/kv/block_allocator.hpp: block ids with reference counts. Allocation takes the lowest
+// free id, so live blocks stay packed at the bottom of the span and the top pages can go back.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <queue>
+#include <string>
+#include <vector>
+
+#include "vmmpp/error.hpp"
+
+namespace vmmpp {
+
+/// Reference-counted block ids in [0, max_blocks), lowest free first.
+class block_allocator {
+public:
+    explicit block_allocator(std::uint32_t max_blocks) : refs_(max_blocks, 0) {}
+
+    [[nodiscard]] std::size_t max_blocks() const noexcept { return refs_.size(); }
+    [[nodiscard]] std::size_t used_blocks() const noexcept { return used_; }
+    [[nodiscard]] std::size_t free_blocks() const noexcept { return refs_.size() - used_; }
+
+    /// The lowest free id, with one reference. out_of_blocks when none is free.
+    [[nodiscard]] std::int32_t allocate() {
+        if (free_blocks() == 0) {
+            throw out_of_blocks(1, 0, refs_.size());
+        }
+        std::int32_t id;
+        if (!freed_.empty()) {
+            id = freed_.top();  // every freed id lies below next_unused_
+            freed_.pop();
+        } else {
+            id = next_unused_++;
+        }
+        refs_[static_cast<std::size_t>(id)] = 1;
+        ++used_;
+        return id;
+    }
+
+    /// One more reference to a live block.
+    void retain(std::int32_t id) {
+        check_live(id);
+        ++refs_[static_cast<std::size_t>(id)];
+    }
+
+    /// One reference less; returns true when that was the last and the id is free again.
+    bool release(std::int32_t id) {
+        check_live(id);
+        if (--refs_[static_cast<std::size_t>(id)] > 0) {
+            return false;
+        }
+        freed_.push(id);
+        --used_;
+        return true;
+    }
+
+    /// References to `id` (0 when free).
+    [[nodiscard]] std::uint32_t refs(std::int32_t id) const {
+        check_id(id);
+        return refs_[static_cast<std::size_t>(id)];
+    }
+
+private:
+    void check_id(std::int32_t id) const {
+        if (id < 0 || static_cast<std::size_t>(id) >= refs_.size()) {
+            throw invalid_argument("block id " + std::to_string(id) + " out of range [0, " +
+                                   std::to_string(refs_.size()) + ")");
+        }
+    }
+    void check_live(std::int32_t id) const {
+        check_id(id);
+        if (refs_[static_cast<std::size_t>(id)] == 0) {
+            throw invalid_argument("block " + std::to_string(id) + " is free (double free?)");
+        }
+    }
+
+    std::vector<std::uint32_t> refs_;
+    std::priority_queue<std::int32_t, std::vector<std::int32_t>, std::greater<>> freed_;
+    std::int32_t next_unused_ = 0;
+    std::size_t used_ = 0;
+};
+
+} // namespace vmmpp

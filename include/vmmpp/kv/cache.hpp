@@ -1,0 +1,428 @@
+// vmmpp/kv/cache.hpp: kv_cache<Config, Layout>, the paged KV cache a scheduler and its
+// paged-attention kernels talk to. Sequences own lists of fixed-size blocks; blocks are shared
+// between forks by reference count and copied on write; the memory under live blocks is held in
+// an elastic_pool, so physical memory follows the live tokens.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <map>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "vmmpp/backing/concept.hpp"
+#include "vmmpp/driver/api.hpp"
+#include "vmmpp/error.hpp"
+#include "vmmpp/kv/block_allocator.hpp"
+#include "vmmpp/kv/geometry.hpp"
+#include "vmmpp/kv/layout.hpp"
+#include "vmmpp/kv/tensor.hpp"
+#include "vmmpp/pool.hpp"
+
+namespace vmmpp {
+
+/// A sequence's id. Ids are never reused within a cache.
+using seq_id = std::uint64_t;
+
+/// Options of a kv_cache beyond its geometry and pool policies.
+struct kv_cache_options {
+    /// Stream for the cache's device work (copy-on-write copies, block-table uploads).
+    cudaStream_t stream = nullptr;
+    /// The span is rounded up to a multiple of this (the backing's granularity must divide it).
+    std::size_t span_alignment = std::size_t{2} << 20;
+};
+
+/// Tokens [first, first + count) of a sequence: what one append added.
+struct token_range {
+    std::size_t first = 0;
+    std::size_t count = 0;
+};
+
+/// A paged KV cache over an elastic_pool<Config>, laid out by `Layout` (layer_major or
+/// block_major).
+///
+/// Thread safety: like a standard container: concurrent const calls are safe, anything else
+/// needs external synchronisation. Several caches on one shared budget may be used from
+/// different threads (their pools and the budget are thread safe).
+///
+/// Every operation either succeeds or throws and leaves the cache as it was (strong guarantee);
+/// the one exception is a CUDA failure while giving memory back in `free`/`truncate`, after
+/// which the sequence change has still taken effect (the page stays committed as a spare).
+template <class Config, class Layout = layer_major>
+class kv_cache {
+public:
+    using pool_type = elastic_pool<Config>;
+    using backing_type = typename Config::backing_type;
+    using layout_type = Layout;
+
+    /// Builds the pool for `geometry` (validated first) with the given policies' arguments.
+    explicit kv_cache(const kv_geometry& geometry, typename backing_type::options backing_options = {},
+                      typename Config::growth_type growth = {}, typename Config::quota_type quota = {},
+                      kv_cache_options options = {})
+        : geometry_(validated(geometry)),
+          options_(options),
+          pool_(span_bytes(geometry_, options.span_alignment), std::move(backing_options), std::move(growth),
+                std::move(quota)),
+          blocks_(geometry_.max_blocks) {}
+
+    kv_cache(const kv_cache&) = delete;
+    kv_cache& operator=(const kv_cache&) = delete;
+
+    /// A new, empty sequence.
+    [[nodiscard]] seq_id add_sequence() {
+        const seq_id id = next_id_;
+        sequences_.emplace(id, sequence{});
+        ++next_id_;
+        return id;
+    }
+
+    /// Appends `n_tokens` tokens to `seq`: takes blocks as needed (lowest free ids) and holds
+    /// their memory in the pool. If the last block is shared (after a fork) and partly filled,
+    /// it is first copied to a block of the sequence's own (copy-on-write). Returns the new
+    /// tokens' range; their slots come from slot_mapping.
+    token_range append(seq_id seq, std::size_t n_tokens) {
+        sequence& s = find(seq);
+        const token_range added{s.tokens, n_tokens};
+        if (n_tokens == 0) {
+            return added;
+        }
+        const plan p = plan_append(s, n_tokens);
+        if (p.new_blocks > blocks_.free_blocks()) {
+            throw out_of_blocks(p.new_blocks, blocks_.free_blocks(), blocks_.max_blocks());
+        }
+        s.blocks.reserve(p.total_blocks);  // may throw: nothing changed yet
+        std::vector<std::int32_t> fresh;
+        fresh.reserve(p.new_blocks);
+        try {
+            while (fresh.size() < p.new_blocks) {
+                const std::int32_t b = blocks_.allocate();
+                try {
+                    hold_block(b);
+                } catch (...) {
+                    blocks_.release(b);
+                    throw;
+                }
+                fresh.push_back(b);
+            }
+            if (p.copy_on_write) {
+                copy_block(s.blocks.back(), fresh.front());
+            }
+        } catch (...) {
+            for (std::int32_t b : fresh) {
+                blocks_.release(b);
+                unhold_block_noexcept(b);
+            }
+            throw;
+        }
+        // Commit point: nothing below throws.
+        auto next = fresh.begin();
+        if (p.copy_on_write) {
+            blocks_.release(s.blocks.back());  // still referenced by the other sequence(s)
+            s.blocks.back() = *next++;
+            ++cow_copies_;
+        }
+        s.blocks.insert(s.blocks.end(), next, fresh.end());
+        s.tokens += n_tokens;
+        return added;
+    }
+
+    /// A new sequence sharing every block of `seq` (reference counted, no copy).
+    [[nodiscard]] seq_id fork(seq_id seq) {
+        const sequence& parent = find(seq);
+        sequence child{parent.blocks, parent.tokens};  // may throw: nothing changed yet
+        const seq_id id = next_id_;
+        sequences_.emplace(id, std::move(child));
+        ++next_id_;
+        for (std::int32_t b : sequences_.at(id).blocks) {
+            blocks_.retain(b);
+        }
+        return id;
+    }
+
+    /// Keeps the first `n_tokens` tokens of `seq` (e.g. rejected speculative tokens) and lets
+    /// go of the blocks no longer needed.
+    void truncate(seq_id seq, std::size_t n_tokens) {
+        sequence& s = find(seq);
+        if (n_tokens > s.tokens) {
+            throw invalid_argument("truncate of sequence " + std::to_string(seq) + " to " + std::to_string(n_tokens) +
+                                   " tokens: it has only " + std::to_string(s.tokens));
+        }
+        const std::size_t keep = geometry_.blocks_for(n_tokens);
+        std::vector<std::int32_t> dropped(s.blocks.begin() + static_cast<std::ptrdiff_t>(keep), s.blocks.end());
+        s.blocks.resize(keep);
+        s.tokens = n_tokens;
+        drop_blocks(dropped);
+    }
+
+    /// Frees `seq`: blocks whose last reference it held are freed, and pages that hold no live
+    /// block go back as the growth policy says. An unknown or already freed id is an error.
+    void free(seq_id seq) {
+        auto it = sequences_.find(seq);
+        if (it == sequences_.end()) {
+            throw unknown_sequence(seq);
+        }
+        std::vector<std::int32_t> dropped = std::move(it->second.blocks);
+        sequences_.erase(it);
+        drop_blocks(dropped);
+    }
+
+    // --- questions without side effects ---
+
+    /// Whether append(seq, n_tokens) would find enough free blocks (memory and quota are only
+    /// known by trying).
+    [[nodiscard]] bool can_append(seq_id seq, std::size_t n_tokens) const {
+        const sequence& s = find(seq);
+        const std::size_t max_tokens = std::size_t{geometry_.max_blocks} * geometry_.block_tokens;
+        if (n_tokens > max_tokens - s.tokens) {
+            return false;
+        }
+        return n_tokens == 0 || plan_append(s, n_tokens).new_blocks <= blocks_.free_blocks();
+    }
+    [[nodiscard]] std::size_t free_blocks() const noexcept { return blocks_.free_blocks(); }
+    [[nodiscard]] std::size_t used_blocks() const noexcept { return blocks_.used_blocks(); }
+    [[nodiscard]] std::size_t blocks_needed(std::size_t n_tokens) const noexcept {
+        return geometry_.blocks_for(n_tokens);
+    }
+    [[nodiscard]] bool contains(seq_id seq) const noexcept { return sequences_.contains(seq); }
+    [[nodiscard]] std::size_t sequence_count() const noexcept { return sequences_.size(); }
+    [[nodiscard]] std::size_t tokens(seq_id seq) const { return find(seq).tokens; }
+    /// References to a block (0 when free).
+    [[nodiscard]] std::uint32_t block_refs(std::int32_t block) const { return blocks_.refs(block); }
+    /// Copy-on-write copies made so far.
+    [[nodiscard]] std::uint64_t cow_copies() const noexcept { return cow_copies_; }
+
+    // --- what kernels read ---
+
+    /// The block table of `seq`: its block ids in token order.
+    [[nodiscard]] std::span<const std::int32_t> block_table(seq_id seq) const { return find(seq).blocks; }
+
+    /// Slots of tokens [first, first + out.size()) of `seq`, as vLLM's slot_mapping:
+    /// block * block_tokens + offset in block, int64.
+    void slot_mapping(seq_id seq, std::size_t first, std::span<std::int64_t> out) const {
+        const sequence& s = find(seq);
+        if (first > s.tokens || out.size() > s.tokens - first) {
+            throw invalid_argument("slot_mapping of tokens [" + std::to_string(first) + ", +" +
+                                   std::to_string(out.size()) + ") of sequence " + std::to_string(seq) +
+                                   " with " + std::to_string(s.tokens) + " tokens");
+        }
+        const std::size_t bt = geometry_.block_tokens;
+        for (std::size_t i = 0; i < out.size(); ++i) {
+            const std::size_t t = first + i;
+            out[i] = static_cast<std::int64_t>(s.blocks[t / bt]) * static_cast<std::int64_t>(bt) +
+                     static_cast<std::int64_t>(t % bt);
+        }
+    }
+
+    /// Packs the block tables of `seqs` into `out` as a [seqs.size(), max_blocks_per_seq] int32
+    /// row-major matrix, rows padded with `pad`.
+    void pack_block_tables(std::span<const seq_id> seqs, std::size_t max_blocks_per_seq, std::span<std::int32_t> out,
+                           std::int32_t pad = 0) const {
+        if (out.size() != seqs.size() * max_blocks_per_seq) {
+            throw invalid_argument("pack_block_tables: output holds " + std::to_string(out.size()) + " ids, needs " +
+                                   std::to_string(seqs.size()) + " x " + std::to_string(max_blocks_per_seq));
+        }
+        for (std::size_t r = 0; r < seqs.size(); ++r) {
+            const sequence& s = find(seqs[r]);
+            if (s.blocks.size() > max_blocks_per_seq) {
+                throw invalid_argument("pack_block_tables: sequence " + std::to_string(seqs[r]) + " has " +
+                                       std::to_string(s.blocks.size()) + " blocks, more than " +
+                                       std::to_string(max_blocks_per_seq));
+            }
+        }
+        for (std::size_t r = 0; r < seqs.size(); ++r) {
+            const auto& blocks = find(seqs[r]).blocks;
+            auto row = out.subspan(r * max_blocks_per_seq, max_blocks_per_seq);
+            std::copy(blocks.begin(), blocks.end(), row.begin());
+            std::fill(row.begin() + static_cast<std::ptrdiff_t>(blocks.size()), row.end(), pad);
+        }
+    }
+
+    /// Packs the block tables (as pack_block_tables) and copies them to `device_out` (device
+    /// memory of [seqs.size() * max_blocks_per_seq] int32) on `stream`. The host staging buffer
+    /// may be reused as soon as this returns.
+    void upload_block_tables(std::span<const seq_id> seqs, std::size_t max_blocks_per_seq, std::int32_t* device_out,
+                             cudaStream_t stream, std::int32_t pad = 0) {
+        staging_.resize(seqs.size() * max_blocks_per_seq);
+        pack_block_tables(seqs, max_blocks_per_seq, staging_, pad);
+        driver::check(::cudaMemcpyAsync(device_out, staging_.data(), staging_.size() * sizeof(std::int32_t),
+                                        cudaMemcpyHostToDevice, stream),
+                      "cudaMemcpyAsync(block tables)");
+    }
+
+    /// Address of block `block`'s K (or V) for layer `layer`.
+    [[nodiscard]] std::byte* address(std::uint32_t layer, kv_part part, std::int32_t block) const {
+        if (layer >= geometry_.layers || block < 0 || static_cast<std::uint32_t>(block) >= geometry_.max_blocks) {
+            throw invalid_argument("KV address of layer " + std::to_string(layer) + ", block " + std::to_string(block) +
+                                   " outside " + std::to_string(geometry_.layers) + " layers x " +
+                                   std::to_string(geometry_.max_blocks) + " blocks");
+        }
+        return pool_.base() + Layout::offset(geometry_, layer, part, static_cast<std::uint32_t>(block));
+    }
+    [[nodiscard]] std::byte* key(std::uint32_t layer, std::int32_t block) const { return address(layer, kv_part::key, block); }
+    [[nodiscard]] std::byte* value(std::uint32_t layer, std::int32_t block) const {
+        return address(layer, kv_part::value, block);
+    }
+
+    /// Layer `layer`'s K or V as a strided [max_blocks, block_tokens, kv_heads, head_dim] tensor.
+    [[nodiscard]] kv_tensor tensor(std::uint32_t layer, kv_part part) const {
+        kv_tensor t;
+        t.data = address(layer, part, 0);
+        t.type = geometry_.type;
+        t.device = pool_.device();
+        const auto h = static_cast<std::int64_t>(geometry_.kv_heads);
+        const auto d = static_cast<std::int64_t>(geometry_.head_dim);
+        t.shape = {static_cast<std::int64_t>(geometry_.max_blocks), static_cast<std::int64_t>(geometry_.block_tokens), h, d};
+        const auto block_stride = static_cast<std::int64_t>(Layout::block_stride_bytes(geometry_) / size_of(geometry_.type));
+        t.strides = {block_stride, h * d, d, 1};
+        return t;
+    }
+
+    [[nodiscard]] const kv_geometry& geometry() const noexcept { return geometry_; }
+    [[nodiscard]] const pool_type& pool() const noexcept { return pool_; }
+    [[nodiscard]] pool_type& pool() noexcept { return pool_; }
+    /// The live sequences by id, ascending (see vmmpp/kv/views.hpp for views over them).
+    [[nodiscard]] const auto& sequence_map() const noexcept { return sequences_; }
+
+private:
+    struct sequence {
+        std::vector<std::int32_t> blocks;
+        std::size_t tokens = 0;
+    };
+    struct plan {
+        std::size_t total_blocks;  // blocks the sequence will have
+        std::size_t new_blocks;    // fresh blocks to take (including a copy-on-write target)
+        bool copy_on_write;
+    };
+
+    static const kv_geometry& validated(const kv_geometry& g) {
+        g.validate();
+        return g;
+    }
+    static std::size_t span_bytes(const kv_geometry& g, std::size_t alignment) {
+        if (alignment == 0) {
+            throw invalid_argument("kv_cache_options.span_alignment must not be zero");
+        }
+        const std::size_t bytes = Layout::span_bytes(g);
+        if (bytes > std::numeric_limits<std::size_t>::max() - alignment) {
+            throw invalid_argument("kv_geometry: the span overflows size_t when aligned");
+        }
+        return (bytes + alignment - 1) / alignment * alignment;
+    }
+    static invalid_argument unknown_sequence(seq_id seq) {
+        return invalid_argument("unknown sequence " + std::to_string(seq) + " (never added, or already freed)");
+    }
+
+    sequence& find(seq_id seq) {
+        auto it = sequences_.find(seq);
+        if (it == sequences_.end()) {
+            throw unknown_sequence(seq);
+        }
+        return it->second;
+    }
+    const sequence& find(seq_id seq) const {
+        auto it = sequences_.find(seq);
+        if (it == sequences_.end()) {
+            throw unknown_sequence(seq);
+        }
+        return it->second;
+    }
+
+    plan plan_append(const sequence& s, std::size_t n_tokens) const {
+        const std::size_t max_tokens = std::size_t{geometry_.max_blocks} * geometry_.block_tokens;
+        if (n_tokens > max_tokens - s.tokens) {
+            throw out_of_blocks(geometry_.blocks_for(s.tokens) + geometry_.blocks_for(n_tokens),
+                                blocks_.free_blocks(), blocks_.max_blocks());
+        }
+        plan p{};
+        p.total_blocks = geometry_.blocks_for(s.tokens + n_tokens);
+        p.new_blocks = p.total_blocks - s.blocks.size();
+        p.copy_on_write = s.tokens % geometry_.block_tokens != 0 && blocks_.refs(s.blocks.back()) > 1;
+        p.new_blocks += p.copy_on_write ? 1 : 0;
+        return p;
+    }
+
+    /// Holds every piece of block `b`'s memory in the pool, or none.
+    void hold_block(std::int32_t b) {
+        std::vector<std::pair<std::size_t, std::size_t>> held;
+        try {
+            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
+                pool_.ensure_committed(off, bytes);
+                held.emplace_back(off, bytes);
+            });
+        } catch (...) {
+            for (auto [off, bytes] : held) {
+                try {
+                    pool_.release(off, bytes);
+                } catch (...) {
+                    // the release took effect; only giving a page back failed: it stays a spare
+                }
+            }
+            throw;
+        }
+    }
+
+    /// Releases every piece of block `b`; returns the first error after releasing them all.
+    std::exception_ptr unhold_block(std::int32_t b) {
+        std::exception_ptr first;
+        Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
+            try {
+                pool_.release(off, bytes);
+            } catch (...) {
+                if (!first) {
+                    first = std::current_exception();
+                }
+            }
+        });
+        return first;
+    }
+    void unhold_block_noexcept(std::int32_t b) noexcept { (void)unhold_block(b); }
+
+    /// Drops one reference to each block; frees those that reach zero and releases their memory.
+    void drop_blocks(const std::vector<std::int32_t>& dropped) {
+        std::exception_ptr first;
+        for (std::int32_t b : dropped) {
+            if (blocks_.release(b)) {
+                if (auto e = unhold_block(b); e && !first) {
+                    first = e;
+                }
+            }
+        }
+        if (first) {
+            std::rethrow_exception(first);
+        }
+    }
+
+    /// Copies every layer's K and V of block `from` into block `to`.
+    void copy_block(std::int32_t from, std::int32_t to) {
+        const auto shape = Layout::copy_shape(geometry_);
+        std::byte* src = address(0, kv_part::key, from);
+        std::byte* dst = address(0, kv_part::key, to);
+        if constexpr (has_property<backing_type, device_accessible>) {
+            driver::check(::cudaMemcpy2DAsync(dst, shape.pitch, src, shape.pitch, shape.width, shape.rows,
+                                              cudaMemcpyDefault, options_.stream),
+                          "cudaMemcpy2DAsync(copy-on-write)");
+        } else {
+            for (std::size_t r = 0; r < shape.rows; ++r) {
+                std::memcpy(dst + r * shape.pitch, src + r * shape.pitch, shape.width);
+            }
+        }
+    }
+
+    kv_geometry geometry_;
+    kv_cache_options options_;
+    pool_type pool_;
+    block_allocator blocks_;
+    std::map<seq_id, sequence> sequences_;
+    seq_id next_id_ = 0;
+    std::uint64_t cow_copies_ = 0;
+    std::vector<std::int32_t> staging_;
+};
+
+} // namespace vmmpp

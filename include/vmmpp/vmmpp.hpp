@@ -1,0 +1,6 @@
+// vmmpp/vmmpp.hpp: everything a CUDA or C++ translation unit needs: the named configurations,
+// the pool and the KV cache. (The range-v3 views are in vmmpp/kv/views.hpp, for host code.)
+#pragma once
+
+#include "vmmpp/config.hpp"
+#include "vmmpp/kv/cache.hpp"

@@ -1,0 +1,473 @@
+// kv_cache on the host configurations (CI runs these for real): every operation, every error
+// with the cache unchanged, the range-v3 views, and a randomized run against a reference model.
+#define BOOST_TEST_MODULE kv cache
+#include "support/cpu_main.hpp"
+
+#include <boost/mpl/list.hpp>
+
+#include <cstring>
+#include <map>
+#include <random>
+#include <unordered_map>
+
+#include "support/kv_factories.hpp"
+#include "vmmpp/config.hpp"
+#include "vmmpp/kv/views.hpp"
+
+using namespace vmmpp_test;
+using vmmpp::kv_part;
+
+namespace {
+
+using kv_cases = boost::mpl::list<kv_case<vmmpp::host_config>, kv_case<vmmpp::host_config, vmmpp::block_major>,
+                                  kv_case<host_chunked_budget_config>, kv_case<host_external_config>,
+                                  kv_case<host_preallocated_config, vmmpp::block_major>>;
+
+// 2 layers, 2 heads, 64 dims, fp16, 16 tokens: a block tensor is 4 KiB, a block 16 KiB.
+constexpr vmmpp::kv_geometry small{.layers = 2, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,
+                                   .block_tokens = 16, .max_blocks = 512};
+
+/// What a test compares to prove "unchanged".
+template <class Cache>
+struct snapshot {
+    std::size_t used, committed, seqs;
+    std::map<vmmpp::seq_id, std::pair<std::size_t, std::vector<std::int32_t>>> tables;
+    explicit snapshot(const Cache& c)
+        : used(c.used_blocks()), committed(c.pool().committed_bytes()), seqs(c.sequence_count()) {
+        for (auto id : vmmpp::sequence_ids(c)) {
+            auto t = c.block_table(id);
+            tables[id] = {c.tokens(id), {t.begin(), t.end()}};
+        }
+    }
+    bool operator==(const snapshot&) const = default;
+};
+
+/// Writes a value into the K of layer 0 and the V of the last layer at a token's slot.
+template <class Cache>
+void write_token(Cache& c, std::int64_t slot, std::uint16_t value) {
+    const auto& g = c.geometry();
+    const auto block = static_cast<std::int32_t>(slot / g.block_tokens);
+    const auto offset = static_cast<std::size_t>(slot % g.block_tokens) * g.kv_heads * g.head_dim * 2;
+    std::memcpy(c.key(0, block) + offset, &value, 2);
+    std::memcpy(c.value(g.layers - 1, block) + offset, &value, 2);
+}
+template <class Cache>
+std::pair<std::uint16_t, std::uint16_t> read_token(const Cache& c, std::int64_t slot) {
+    const auto& g = c.geometry();
+    const auto block = static_cast<std::int32_t>(slot / g.block_tokens);
+    const auto offset = static_cast<std::size_t>(slot % g.block_tokens) * g.kv_heads * g.head_dim * 2;
+    std::uint16_t k = 0, v = 0;
+    std::memcpy(&k, c.key(0, block) + offset, 2);
+    std::memcpy(&v, c.value(g.layers - 1, block) + offset, 2);
+    return {k, v};
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(append_fork_truncate_free, Case, kv_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    const auto a = c.add_sequence();
+    BOOST_TEST(c.tokens(a) == 0u);
+    const auto r = c.append(a, 40);  // 3 blocks: 16 + 16 + 8
+    BOOST_TEST(r.first == 0u);
+    BOOST_TEST(r.count == 40u);
+    BOOST_TEST(c.used_blocks() == 3u);
+    BOOST_TEST((std::vector<std::int32_t>(c.block_table(a).begin(), c.block_table(a).end()) ==
+                std::vector<std::int32_t>{0, 1, 2}));
+    std::vector<std::int64_t> slots(40);
+    c.slot_mapping(a, 0, slots);
+    BOOST_TEST(slots[0] == 0);
+    BOOST_TEST(slots[17] == 17);
+    BOOST_TEST(slots[39] == 2 * 16 + 7);
+    for (std::size_t t = 0; t < 40; ++t) {
+        write_token(c, slots[t], static_cast<std::uint16_t>(1000 + t));
+    }
+
+    // fork shares every block
+    const auto b = c.fork(a);
+    BOOST_TEST(c.tokens(b) == 40u);
+    BOOST_TEST(c.used_blocks() == 3u);
+    BOOST_TEST(c.block_refs(2) == 2u);
+
+    // appending to the fork copies the shared partial block first
+    c.append(b, 1);
+    BOOST_TEST(c.cow_copies() == 1u);
+    BOOST_TEST(c.block_table(b)[2] == 3);
+    BOOST_TEST(c.block_refs(2) == 1u);
+    BOOST_TEST(c.block_refs(0) == 2u);
+    std::vector<std::int64_t> bslots(41);
+    c.slot_mapping(b, 0, bslots);
+    for (std::size_t t = 0; t < 40; ++t) {  // the copy carries every layer's K and V
+        BOOST_TEST(read_token(c, bslots[t]).first == 1000 + t);
+        BOOST_TEST(read_token(c, bslots[t]).second == 1000 + t);
+    }
+    write_token(c, bslots[40], 7);
+    BOOST_TEST(read_token(c, slots[39]).first == 1039u);  // the parent's copy is untouched
+
+    // the parent appends into its own block now (no longer shared): no copy
+    c.append(a, 8);
+    BOOST_TEST(c.cow_copies() == 1u);
+    BOOST_TEST(c.used_blocks() == 4u);
+    c.append(a, 1);  // block 2 is full: a new block, the lowest free id
+    BOOST_TEST(c.block_table(a)[3] == 4);
+
+    // truncate gives back blocks beyond the kept tokens
+    c.truncate(a, 20);
+    BOOST_TEST(c.tokens(a) == 20u);
+    BOOST_TEST(c.block_table(a).size() == 2u);
+    BOOST_TEST(c.block_refs(2) == 0u);
+    BOOST_TEST(c.block_refs(4) == 0u);
+    c.truncate(a, 20);  // no-op
+    // truncate into a shared block, then append: copy-on-write again
+    c.append(a, 1);
+    BOOST_TEST(c.cow_copies() == 2u);
+
+    c.free(a);
+    c.free(b);
+    BOOST_TEST(c.used_blocks() == 0u);
+    BOOST_TEST(c.sequence_count() == 0u);
+    if constexpr (Case::config::growth_type::is_elastic) {
+        BOOST_TEST(c.pool().committed_bytes() == 0u);
+    } else {
+        BOOST_TEST(c.pool().committed_bytes() == c.pool().capacity());
+    }
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(lowest_free_block_first, Case, kv_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    std::vector<vmmpp::seq_id> s;
+    for (int i = 0; i < 4; ++i) {
+        s.push_back(c.add_sequence());
+        c.append(s.back(), 16);
+    }
+    c.free(s[1]);
+    c.free(s[2]);
+    const auto n = c.add_sequence();
+    c.append(n, 32);
+    BOOST_TEST(c.block_table(n)[0] == 1);
+    BOOST_TEST(c.block_table(n)[1] == 2);
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(bad_input_is_an_error_and_changes_nothing, Case, kv_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    const auto a = c.add_sequence();
+    c.append(a, 20);
+    const auto freed = c.fork(a);
+    c.free(freed);
+    const snapshot<typename Case::cache> before(c);
+    auto expect = [&](auto op, auto exception_tag) {
+        using E = decltype(exception_tag);
+        BOOST_CHECK_THROW(op(), E);
+        BOOST_TEST((snapshot<typename Case::cache>(c) == before));
+    };
+    std::vector<std::int64_t> slots(4);
+    std::vector<std::int32_t> table(4);
+    const vmmpp::seq_id unknown = 12345;
+    for (vmmpp::seq_id bad : {freed, unknown}) {
+        expect([&] { c.append(bad, 1); }, vmmpp::invalid_argument{""});
+        expect([&] { (void)c.fork(bad); }, vmmpp::invalid_argument{""});
+        expect([&] { c.truncate(bad, 0); }, vmmpp::invalid_argument{""});
+        expect([&] { c.free(bad); }, vmmpp::invalid_argument{""});  // double free
+        expect([&] { (void)c.block_table(bad); }, vmmpp::invalid_argument{""});
+        expect([&] { c.slot_mapping(bad, 0, slots); }, vmmpp::invalid_argument{""});
+        expect([&] { (void)c.can_append(bad, 1); }, vmmpp::invalid_argument{""});
+        const vmmpp::seq_id both[] = {a, bad};
+        expect([&] { c.pack_block_tables(both, 2, table); }, vmmpp::invalid_argument{""});
+    }
+    expect([&] { c.append(a, 512 * 16); }, vmmpp::out_of_blocks(0, 0, 0));  // past the maximum
+    expect([&] { c.append(a, SIZE_MAX); }, vmmpp::out_of_blocks(0, 0, 0));  // no wrap-around
+    BOOST_TEST(!c.can_append(a, 512 * 16));
+    BOOST_TEST(c.can_append(a, 510 * 16));
+    expect([&] { c.truncate(a, 21); }, vmmpp::invalid_argument{""});
+    expect([&] { c.slot_mapping(a, 18, slots); }, vmmpp::invalid_argument{""});
+    expect([&] { (void)c.key(2, 0); }, vmmpp::invalid_argument{""});
+    expect([&] { (void)c.value(0, 512); }, vmmpp::invalid_argument{""});
+    expect([&] { (void)c.key(0, -1); }, vmmpp::invalid_argument{""});
+    const vmmpp::seq_id one[] = {a};
+    expect([&] { c.pack_block_tables(one, 1, std::span<std::int32_t>(table).first(1)); },
+           vmmpp::invalid_argument{""});  // a has 2 blocks
+    expect([&] { c.pack_block_tables(one, 2, table); }, vmmpp::invalid_argument{""});  // wrong size
+}
+
+BOOST_AUTO_TEST_CASE(geometry_is_validated) {
+    auto with = [](auto change) {
+        vmmpp::kv_geometry g = small;
+        change(g);
+        return g;
+    };
+    auto rejects = [](const vmmpp::kv_geometry& g, const char* needle) {
+        try {
+            vmmpp::kv_cache<vmmpp::host_config> c(g);
+            BOOST_ERROR("accepted: " << needle);
+        } catch (const vmmpp::invalid_argument& e) {
+            BOOST_TEST(std::string(e.what()).find(needle) != std::string::npos, e.what());
+        }
+    };
+    rejects(with([](auto& g) { g.layers = 0; }), "layers");
+    rejects(with([](auto& g) { g.kv_heads = 0; }), "kv_heads");
+    rejects(with([](auto& g) { g.head_dim = 0; }), "head_dim");
+    rejects(with([](auto& g) { g.block_tokens = 0; }), "block_tokens");
+    rejects(with([](auto& g) { g.max_blocks = 0; }), "max_blocks");
+    rejects(with([](auto& g) { g.max_blocks = 0x80000000u; }), "INT32_MAX");
+    rejects(with([](auto& g) {
+                g.layers = 0xffffffffu;
+                g.head_dim = 0xffffffffu;
+                g.kv_heads = 0xffffffffu;
+            }),
+            "overflows");
+    // A geometry that fits no address space is an out_of_memory from the backing.
+    BOOST_CHECK_THROW((vmmpp::kv_cache<vmmpp::host_config>(with([](auto& g) {
+                          g.layers = 1u << 16;
+                          g.head_dim = 1u << 16;
+                          g.max_blocks = 1u << 20;
+                      }))),
+                      vmmpp::error);
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(tensors_describe_the_layout, Case, kv_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    for (std::uint32_t l = 0; l < small.layers; ++l) {
+        for (auto part : {kv_part::key, kv_part::value}) {
+            const auto t = c.tensor(l, part);
+            BOOST_TEST(t.shape[0] == 512);
+            BOOST_TEST(t.shape[1] == 16);
+            BOOST_TEST(t.shape[2] == 2);
+            BOOST_TEST(t.shape[3] == 64);
+            BOOST_TEST(t.strides[3] == 1);
+            BOOST_TEST(t.strides[2] == 64);
+            BOOST_TEST(t.strides[1] == 128);
+            // element [b, 0, 0, 0] is the block's address in that tensor
+            for (std::int32_t b : {0, 1, 7, 511}) {
+                auto* elem = static_cast<std::byte*>(t.data) + t.strides[0] * b * 2;
+                BOOST_TEST((elem == c.address(l, part, b)));
+            }
+            BOOST_TEST(t.device == -1);
+        }
+    }
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(block_tables_and_views, Case, kv_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    const auto a = c.add_sequence();
+    const auto b = c.add_sequence();
+    c.append(a, 33);
+    c.append(b, 5);
+    const vmmpp::seq_id seqs[] = {b, a};
+    std::vector<std::int32_t> packed(2 * 4);
+    c.pack_block_tables(seqs, 4, packed, -1);
+    BOOST_TEST((packed == std::vector<std::int32_t>{3, -1, -1, -1, 0, 1, 2, -1}));
+
+    std::vector<vmmpp::seq_id> ids;
+    for (auto id : vmmpp::sequence_ids(c)) {
+        ids.push_back(id);
+    }
+    BOOST_TEST((ids == std::vector<vmmpp::seq_id>{a, b}));
+
+    std::vector<std::size_t> tokens;
+    for (auto blk : vmmpp::blocks(c, a)) {
+        BOOST_TEST(blk.id == c.block_table(a)[blk.index]);
+        tokens.push_back(blk.tokens);
+    }
+    BOOST_TEST((tokens == std::vector<std::size_t>{16, 16, 1}));
+
+    std::size_t region_bytes = 0;
+    std::byte* last = nullptr;
+    for (auto region : vmmpp::committed_regions(c)) {
+        BOOST_TEST((region.address > last));
+        last = region.address;
+        region_bytes += region.bytes;
+        BOOST_TEST(region.device == -1);
+    }
+    BOOST_TEST(region_bytes == c.pool().committed_bytes());
+}
+
+BOOST_AUTO_TEST_CASE(a_failed_append_changes_nothing) {
+    // A budget of 5 pages: with the layer-major layout a first block touches 2 layers x K/V = 4
+    // pages, so an append needing a block in a fifth region... a tight budget refuses it.
+    using case_t = kv_case<vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::shared_budget>>;
+    kv_factory<case_t> factory;
+    factory.limit = 3 * page;  // less than the 4 pages the first block needs
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    const auto a = c.add_sequence();
+    const snapshot<case_t::cache> before(c);
+    BOOST_CHECK_THROW(c.append(a, 1), vmmpp::over_quota);
+    BOOST_TEST((snapshot<case_t::cache>(c) == before));
+    BOOST_TEST(c.pool().committed_bytes() == 0u);
+    BOOST_TEST(factory.budget->stats().committed == 0u);
+    BOOST_TEST(c.free_blocks() == 512u);
+}
+
+BOOST_AUTO_TEST_CASE(a_failed_copy_on_write_changes_nothing) {
+    // block-major: a block is 16 KiB, 128 blocks per page. Fill a page, fork, then make the
+    // copy-on-write need a second page the budget refuses.
+    using case_t = kv_case<vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::shared_budget>,
+                           vmmpp::block_major>;
+    kv_factory<case_t> factory;
+    factory.limit = page;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    const auto a = c.add_sequence();
+    c.append(a, 128 * 16 - 8);  // 128 blocks, the last one half full: exactly one page
+    const auto b = c.fork(a);
+    const snapshot<case_t::cache> before(c);
+    BOOST_CHECK_THROW(c.append(b, 1), vmmpp::over_quota);
+    BOOST_TEST((snapshot<case_t::cache>(c) == before));
+    BOOST_TEST(c.cow_copies() == 0u);
+    BOOST_TEST(c.block_refs(127) == 2u);
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(random_operations_match_a_reference_model, Case, kv_cases) {
+    constexpr vmmpp::kv_geometry g{.layers = 2, .kv_heads = 1, .head_dim = 32, .type = vmmpp::dtype::f16,
+                                   .block_tokens = 4, .max_blocks = 1024};
+    kv_factory<Case> factory;
+    auto cache = factory.make(g);
+    auto& c = *cache;
+    const unsigned seed = std::random_device{}();
+    BOOST_TEST_MESSAGE("seed " << seed);
+    std::mt19937_64 rng(seed);
+
+    // The model: per sequence, its tokens' values and its blocks' identities. Identities are
+    // shared only through fork; a block id must map to exactly one live identity.
+    struct model_seq {
+        std::vector<std::uint16_t> tokens;
+        std::vector<std::uint64_t> identity;
+    };
+    std::map<vmmpp::seq_id, model_seq> model;
+    std::uint64_t next_identity = 1;
+    std::uint16_t next_value = 1;
+    std::size_t ops = 0, refused = 0;
+
+    auto fail = [&](const std::string& what) { BOOST_FAIL("op " << ops << " (seed " << seed << "): " << what); };
+    auto check = [&](bool full) {
+        std::unordered_map<std::uint64_t, std::int32_t> id_of;
+        std::vector<std::uint32_t> refs(g.max_blocks, 0);
+        for (auto& [sid, m] : model) {
+            const auto table = c.block_table(sid);
+            if (c.tokens(sid) != m.tokens.size() || table.size() != m.identity.size() ||
+                table.size() != g.blocks_for(m.tokens.size())) {
+                fail("sequence shape differs");
+            }
+            for (std::size_t i = 0; i < table.size(); ++i) {
+                auto [it, inserted] = id_of.emplace(m.identity[i], table[i]);
+                if (!inserted && it->second != table[i]) {
+                    fail("one identity, two blocks");
+                }
+                if (inserted) {
+                    ++refs[table[i]];
+                }
+            }
+        }
+        std::vector<std::uint32_t> holders(g.max_blocks, 0);
+        for (auto& [sid, m] : model) {
+            for (std::size_t i = 0; i < m.identity.size(); ++i) {
+                ++holders[static_cast<std::size_t>(id_of[m.identity[i]])];
+            }
+        }
+        for (std::int32_t block = 0; block < static_cast<std::int32_t>(g.max_blocks); ++block) {
+            if (refs[static_cast<std::size_t>(block)] > 1) {
+                fail("block " + std::to_string(block) + " holds two identities: shared without fork");
+            }
+            if (c.block_refs(block) != holders[static_cast<std::size_t>(block)]) {
+                fail("refcount of block " + std::to_string(block));
+            }
+        }
+        if (c.used_blocks() != id_of.size()) {
+            fail("used blocks " + std::to_string(c.used_blocks()) + " vs live " + std::to_string(id_of.size()));
+        }
+        // Committed memory covers exactly the units under live blocks (no spares configured).
+        std::vector<bool> held(c.pool().capacity() / c.pool().page_bytes(), false);
+        for (auto& [identity, block] : id_of) {
+            Case::layout::for_each_piece(g, static_cast<std::uint32_t>(block), [&](std::size_t off, std::size_t bytes) {
+                for (std::size_t p = off / page; p <= (off + bytes - 1) / page; ++p) {
+                    held[p] = true;
+                }
+            });
+        }
+        if (c.pool().committed_bytes() != expected_committed<typename Case::config>(c.pool(), held)) {
+            fail("committed " + std::to_string(c.pool().committed_bytes()) + " vs expected " +
+                 std::to_string(expected_committed<typename Case::config>(c.pool(), held)));
+        }
+        if (full) {
+            for (auto& [sid, m] : model) {
+                std::vector<std::int64_t> slots(m.tokens.size());
+                c.slot_mapping(sid, 0, slots);
+                for (std::size_t t = 0; t < slots.size(); ++t) {
+                    auto [k, v] = read_token(c, slots[t]);
+                    if (k != m.tokens[t] || v != m.tokens[t]) {
+                        fail("token " + std::to_string(t) + " of sequence " + std::to_string(sid) + " lost its value");
+                    }
+                }
+            }
+        }
+    };
+
+    for (ops = 0; ops < 100000; ++ops) {
+        const unsigned op = rng() % 100;
+        if (model.empty() || op < 10) {
+            if (model.size() < 48) {
+                model.emplace(c.add_sequence(), model_seq{});
+            }
+            continue;
+        }
+        auto it = model.begin();
+        std::advance(it, static_cast<std::ptrdiff_t>(rng() % model.size()));
+        const vmmpp::seq_id sid = it->first;
+        model_seq& m = it->second;
+        if (op < 60) {  // append
+            const std::size_t n = 1 + rng() % (rng() % 8 == 0 ? 40 : 5);
+            const std::size_t old = m.tokens.size();
+            const bool shared_partial =
+                old % g.block_tokens != 0 && c.block_refs(c.block_table(sid).back()) > 1;
+            try {
+                c.append(sid, n);
+            } catch (const vmmpp::out_of_blocks&) {
+                ++refused;
+                continue;
+            }
+            if (shared_partial) {
+                m.identity.back() = next_identity++;
+            }
+            while (m.identity.size() < g.blocks_for(old + n)) {
+                m.identity.push_back(next_identity++);
+            }
+            std::vector<std::int64_t> slots(n);
+            c.slot_mapping(sid, old, slots);
+            for (std::size_t i = 0; i < n; ++i) {
+                m.tokens.push_back(next_value);
+                write_token(c, slots[i], next_value++);
+            }
+        } else if (op < 72) {  // fork
+            if (model.size() < 48) {
+                const auto child = c.fork(sid);
+                model.emplace(child, m);
+            }
+        } else if (op < 86) {  // truncate
+            const std::size_t keep = m.tokens.empty() ? 0 : rng() % (m.tokens.size() + 1);
+            c.truncate(sid, keep);
+            m.tokens.resize(keep);
+            m.identity.resize(g.blocks_for(keep));
+        } else {  // free
+            c.free(sid);
+            model.erase(it);
+            BOOST_CHECK_THROW(c.free(sid), vmmpp::invalid_argument);
+        }
+        if (ops % 16 == 0) {
+            check(ops % 1024 == 0);
+        }
+    }
+    check(true);
+    BOOST_TEST_MESSAGE(ops << " operations, " << refused << " appends refused for lack of blocks, "
+                           << c.cow_copies() << " copy-on-write copies");
+    BOOST_TEST(c.cow_copies() > 0u);
+}
