@@ -405,9 +405,13 @@ private:
         std::byte* src = address(0, kv_part::key, from);
         std::byte* dst = address(0, kv_part::key, to);
         if constexpr (has_property<backing_type, device_accessible>) {
-            driver::check(::cudaMemcpy2DAsync(dst, shape.pitch, src, shape.pitch, shape.width, shape.rows,
-                                              cudaMemcpyDefault, options_.stream),
-                          "cudaMemcpy2DAsync(copy-on-write)");
+            // One copy per row, not cudaMemcpy2DAsync: on VMM memory the rows lie in different
+            // physical allocations with unmapped pages between them, which a 2D copy rejects.
+            for (std::size_t r = 0; r < shape.rows; ++r) {
+                driver::check(::cudaMemcpyAsync(dst + r * shape.pitch, src + r * shape.pitch, shape.width,
+                                                cudaMemcpyDefault, options_.stream),
+                              "cudaMemcpyAsync(copy-on-write)");
+            }
         } else {
             for (std::size_t r = 0; r < shape.rows; ++r) {
                 std::memcpy(dst + r * shape.pitch, src + r * shape.pitch, shape.width);
