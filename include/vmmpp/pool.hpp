@@ -122,13 +122,19 @@ public:
         const std::size_t last_page = (offset + bytes - 1) / page_bytes_;
         const std::size_t first_unit = first_page / unit_pages_;
         const std::size_t last_unit = last_page / unit_pages_;
-        std::vector<std::size_t> missing;
-        for (std::size_t u = first_unit; u <= last_unit; ++u) {
-            if (!unit_committed_[u]) {
-                missing.push_back(u);
-            }
+        bool all_committed = true;
+        for (std::size_t u = first_unit; u <= last_unit && all_committed; ++u) {
+            all_committed = unit_committed_[u];
         }
-        commit_units(missing, first_unit, last_unit);
+        if (!all_committed) {  // the common case (a block on a committed page) allocates nothing
+            std::vector<std::size_t> missing;
+            for (std::size_t u = first_unit; u <= last_unit; ++u) {
+                if (!unit_committed_[u]) {
+                    missing.push_back(u);
+                }
+            }
+            commit_units(missing, first_unit, last_unit);
+        }
         for (std::size_t p = first_page; p <= last_page; ++p) {
             if (page_holds_[p]++ == 0) {
                 ++held_pages_;

@@ -350,20 +350,24 @@ private:
 
     /// Holds every piece of block `b`'s memory in the pool, or none.
     void hold_block(std::int32_t b) {
-        std::vector<std::pair<std::size_t, std::size_t>> held;
+        std::size_t held = 0;
         try {
             Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
                 pool_.ensure_committed(off, bytes);
-                held.emplace_back(off, bytes);
+                ++held;
             });
         } catch (...) {
-            for (auto [off, bytes] : held) {
-                try {
-                    pool_.release(off, bytes);
-                } catch (...) {
-                    // the release took effect; only giving a page back failed: it stays a spare
+            // The pieces come in the same order every time: release the first `held` again.
+            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
+                if (held > 0) {
+                    --held;
+                    try {
+                        pool_.release(off, bytes);
+                    } catch (...) {
+                        // the release took effect; only giving a page back failed: it stays a spare
+                    }
                 }
-            }
+            });
             throw;
         }
     }
