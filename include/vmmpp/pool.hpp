@@ -114,7 +114,8 @@ public:
     /// The range need not be page aligned; pages are held by count, so ranges may share pages.
     /// Strong guarantee: if a commit or the quota fails, every unit this call committed is
     /// decommitted again and nothing is held; the error (out_of_memory, over_quota, cuda_error)
-    /// propagates.
+    /// propagates. One exception: spare units the pool gave back to make room under quota
+    /// pressure stay given back (nothing held them).
     void ensure_committed(std::size_t offset, std::size_t bytes) {
         check_range("ensure_committed", offset, bytes);
         std::lock_guard lock(mutex_);

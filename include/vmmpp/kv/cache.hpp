@@ -52,8 +52,8 @@ struct token_range {
 /// needs external synchronisation. Several caches on one shared budget may be used from
 /// different threads (their pools and the budget are thread safe).
 ///
-/// Every operation either succeeds or throws and leaves the cache as it was (strong guarantee);
-/// the one exception is a CUDA failure while giving memory back in `free`/`truncate`, after
+/// Every operation either succeeds or throws and leaves the cache as it was (strong guarantee),
+/// except that spare pages the pool gave back to make room stay given back; the other exception is a CUDA failure while giving memory back in `free`/`truncate`, after
 /// which the sequence change has still taken effect (the page stays committed as a spare).
 template <class Config, class Layout = layer_major>
 class kv_cache {

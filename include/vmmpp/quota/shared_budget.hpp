@@ -20,6 +20,8 @@ struct model_stats {
     std::string name;
     std::size_t limit = 0;
     std::size_t committed = 0;
+    /// Most bytes charged at once, including a charge whose backing commit then failed and was
+    /// given back (a pool charges the quota before it commits).
     std::size_t peak = 0;
     std::size_t denied = 0;  ///< requests refused (by this model's limit or the global one)
 };

@@ -1,0 +1,291 @@
+"""vmmpp_kv: a vmmpp KV cache from Python, through the C ABI of vmmpp_kv_capi.h (ctypes).
+
+    cache = vmmpp_kv.KVCache(layers=2, kv_heads=4, head_dim=64, max_blocks=256,
+                             dtype="f16", config="elastic")      # or config="host": no GPU
+    seq = cache.add_sequence()
+    cache.append(seq, 37)
+    slots = cache.slot_mapping(seq)                  # array('q'): block * block_tokens + offset
+    k0 = torch.from_dlpack(cache.key(0))             # [max_blocks, block_tokens, kv_heads, head_dim]
+    k0[slots // 16, slots % 16] = new_keys           # (slots as a tensor)
+
+The library is VMMPP_KV_LIB, or libvmmpp_kv_capi.so beside this file. Nothing here needs
+NumPy or PyTorch. An exported tensor is a view of the cache: only blocks of live sequences are
+backed by memory; touching any other block faults (see vmmpp/interop/dlpack.hpp). Exports keep
+the cache alive after close().
+"""
+import array
+import ctypes
+import os
+
+DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "fp8_e4m3": 3, "fp8_e5m2": 4}
+KEY, VALUE = 0, 1
+# DLPack device types (DLDeviceType)
+KDL_CPU, KDL_CUDA, KDL_CUDA_HOST, KDL_CUDA_MANAGED = 1, 2, 3, 13
+STATUS = {0: "ok", 1: "invalid_argument", 2: "out_of_memory", 3: "over_quota", 4: "out_of_blocks",
+          5: "cuda_error", 6: "cuda_unavailable", 7: "error"}
+
+
+class VmmppError(RuntimeError):
+    """A failed vmmpp call: `status` names the vmmpp error type (see STATUS)."""
+
+    def __init__(self, status, message):
+        super().__init__(f"{STATUS.get(status, status)}: {message}")
+        self.status = STATUS.get(status, str(status))
+
+
+class Geometry(ctypes.Structure):
+    _fields_ = [("layers", ctypes.c_uint32), ("kv_heads", ctypes.c_uint32), ("head_dim", ctypes.c_uint32),
+                ("dtype", ctypes.c_int32), ("block_tokens", ctypes.c_uint32), ("max_blocks", ctypes.c_uint32)]
+
+
+class Stats(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "reserved_bytes", "committed_bytes", "used_blocks", "free_blocks", "sequences", "cow_copies")]
+
+
+_lib = None
+
+
+def load_library(path=None):
+    """The C ABI library (loaded once per process)."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    path = path or os.environ.get("VMMPP_KV_LIB") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "libvmmpp_kv_capi.so")
+    lib = ctypes.CDLL(path)
+    u32, i32, u64, i64, p = ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p
+    handle = ctypes.c_void_p
+    signatures = {
+        "vmmpp_kv_last_error": ([], ctypes.c_char_p),
+        "vmmpp_kv_create": ([ctypes.POINTER(Geometry), ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, u64,
+                             ctypes.POINTER(handle)], ctypes.c_int),
+        "vmmpp_kv_destroy": ([handle], None),
+        "vmmpp_kv_add_sequence": ([handle, ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_append": ([handle, u64, u64, ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_fork": ([handle, u64, ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_truncate": ([handle, u64, u64], ctypes.c_int),
+        "vmmpp_kv_free": ([handle, u64], ctypes.c_int),
+        "vmmpp_kv_tokens": ([handle, u64, ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_stats_get": ([handle, ctypes.POINTER(Stats)], ctypes.c_int),
+        "vmmpp_kv_slot_mapping": ([handle, u64, u64, u64, ctypes.POINTER(i64)], ctypes.c_int),
+        "vmmpp_kv_block_table": ([handle, u64, ctypes.POINTER(i32), u64, ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_pack_block_tables": ([handle, ctypes.POINTER(u64), u64, u64, i32, ctypes.POINTER(i32)],
+                                       ctypes.c_int),
+        "vmmpp_kv_address": ([handle, u32, i32, i32, ctypes.POINTER(p)], ctypes.c_int),
+        "vmmpp_kv_synchronize": ([handle], ctypes.c_int),
+        "vmmpp_kv_dlpack_device": ([handle, ctypes.c_int, ctypes.POINTER(i32), ctypes.POINTER(i32)], ctypes.c_int),
+        "vmmpp_kv_export": ([handle, u32, i32, ctypes.c_int, ctypes.c_int, ctypes.POINTER(p)], ctypes.c_int),
+        "vmmpp_dlpack_release": ([p, ctypes.c_int], None),
+        "vmmpp_dlpack_capsule_name": ([ctypes.c_int], p),  # the static C string itself, not a copy
+        "vmmpp_kv_live_exports": ([], u64),
+        "vmmpp_kv_write_test_pattern": ([handle, u64, u64, u64], ctypes.c_int),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes = argtypes
+        function.restype = restype
+    _lib = lib
+    return lib
+
+
+def _check(status):
+    if status != 0:
+        raise VmmppError(status, _lib.vmmpp_kv_last_error().decode(errors="replace"))
+
+
+# PyCapsule_New(pointer, name, destructor) of the running interpreter. The name and the
+# destructor come from the C library, so they outlive every capsule.
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+_capsule_new.restype = ctypes.py_object
+
+
+def _capsule(pointer, versioned):
+    lib = _lib
+    name = lib.vmmpp_dlpack_capsule_name(1 if versioned else 0)
+    destructor = ctypes.cast(lib.vmmpp_dlpack_capsule_destructor, ctypes.c_void_p)
+    try:
+        return _capsule_new(pointer, name, destructor)
+    except BaseException:
+        lib.vmmpp_dlpack_release(pointer, 1 if versioned else 0)
+        raise
+
+
+def test_pattern(seq, token, layer, part, head, dim):
+    """The value vmmpp_kv_write_test_pattern writes (an integer, exact in f32, f16 and bf16)."""
+    return (seq * 37 + token * 7 + layer * 131 + part * 61 + head * 17 + dim * 3) % 251
+
+
+class KVTensor:
+    """One layer's K or V: a DLPack producer (__dlpack__, __dlpack_device__), for
+    torch.from_dlpack, numpy.from_dlpack, cupy.from_dlpack... Each __dlpack__ call makes a new
+    export; consumers view the cache's memory in place."""
+
+    def __init__(self, cache, layer, part, managed_as_cuda=False):
+        self._cache = cache
+        self.layer = layer
+        self.part = part
+        self.managed_as_cuda = managed_as_cuda
+        self.last_capsule_versioned = None  # what the last __dlpack__ returned (for tests)
+
+    def __dlpack_device__(self):
+        return self._cache.dlpack_device(self.managed_as_cuda)
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        if copy:
+            raise BufferError("vmmpp exports views of the KV cache; copy=True is not supported")
+        device = self.__dlpack_device__()
+        if dl_device is not None and tuple(dl_device) != device:
+            raise BufferError(f"the KV cache is on DLPack device {device}, not {tuple(dl_device)}")
+        if stream is not None and stream != -1 and device[0] != KDL_CPU:
+            # The cache's own device work (copy-on-write) is on its stream: finish it, so the
+            # consumer's stream sees it whatever stream that is.
+            self._cache.synchronize()
+        versioned = max_version is not None and tuple(max_version)[0] >= 1
+        pointer = ctypes.c_void_p()
+        _check(_lib.vmmpp_kv_export(self._cache._handle_or_raise(), self.layer, self.part, 1 if versioned else 0,
+                                    1 if self.managed_as_cuda else 0, ctypes.byref(pointer)))
+        capsule = _capsule(pointer, versioned)
+        self.last_capsule_versioned = versioned
+        return capsule
+
+
+class KVCache:
+    """A vmmpp::kv_cache. config: "host" (no GPU), "elastic" (vmm, budget_bytes), "static",
+    "gh200" (managed); layout: "layer_major" or "block_major"."""
+
+    def __init__(self, *, layers, kv_heads, head_dim, max_blocks, dtype="f16", block_tokens=16, config="host",
+                 layout="layer_major", device=0, budget_bytes=0, library=None):
+        lib = load_library(library)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        self.geometry = Geometry(layers, kv_heads, head_dim, DTYPES[dtype], block_tokens, max_blocks)
+        self.dtype = dtype
+        self.config = config
+        self.layout = layout
+        self._handle = None
+        handle = ctypes.c_void_p()
+        _check(lib.vmmpp_kv_create(ctypes.byref(self.geometry), config.encode(), layout.encode(), device,
+                                   budget_bytes, ctypes.byref(handle)))
+        self._handle = handle
+
+    # --- lifetime ---
+    def close(self):
+        """Drops the handle; exports still alive keep the cache's memory."""
+        if self._handle is not None:
+            _lib.vmmpp_kv_destroy(self._handle)
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_handle", None) is not None and _lib is not None:
+            self.close()
+
+    def _handle_or_raise(self):
+        if self._handle is None:
+            raise ValueError("the KV cache is closed")
+        return self._handle
+
+    # --- the scheduler's operations ---
+    def add_sequence(self):
+        seq = ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_add_sequence(self._handle_or_raise(), ctypes.byref(seq)))
+        return seq.value
+
+    def append(self, seq, n_tokens):
+        """Appends n_tokens tokens; returns the index of the first new one."""
+        first = ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_append(self._handle_or_raise(), seq, n_tokens, ctypes.byref(first)))
+        return first.value
+
+    def fork(self, seq):
+        child = ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_fork(self._handle_or_raise(), seq, ctypes.byref(child)))
+        return child.value
+
+    def truncate(self, seq, n_tokens):
+        _check(_lib.vmmpp_kv_truncate(self._handle_or_raise(), seq, n_tokens))
+
+    def free(self, seq):
+        _check(_lib.vmmpp_kv_free(self._handle_or_raise(), seq))
+
+    def tokens(self, seq):
+        n = ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_tokens(self._handle_or_raise(), seq, ctypes.byref(n)))
+        return n.value
+
+    def stats(self):
+        s = Stats()
+        _check(_lib.vmmpp_kv_stats_get(self._handle_or_raise(), ctypes.byref(s)))
+        return {name: getattr(s, name) for name, _ in Stats._fields_}
+
+    # --- what kernels read ---
+    def slot_mapping(self, seq, first=0, count=None):
+        """array('q') of the slots of tokens [first, first + count) (default: to the end)."""
+        if count is None:
+            count = self.tokens(seq) - first
+        out = array.array("q", bytes(8 * count))
+        pointer = (ctypes.c_int64 * count).from_buffer(out) if count else None
+        _check(_lib.vmmpp_kv_slot_mapping(self._handle_or_raise(), seq, first, count, pointer))
+        return out
+
+    def block_table(self, seq):
+        """array('i') of the sequence's block ids, in token order."""
+        count = ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_block_table(self._handle_or_raise(), seq, None, 0, ctypes.byref(count)))
+        n = count.value
+        out = array.array("i", bytes(4 * n))
+        if n:
+            _check(_lib.vmmpp_kv_block_table(self._handle_or_raise(), seq, (ctypes.c_int32 * n).from_buffer(out), n,
+                                             ctypes.byref(count)))
+        return out
+
+    def pack_block_tables(self, seqs, max_blocks_per_seq, pad=0):
+        """array('i') of a row-major [len(seqs), max_blocks_per_seq] block-table matrix."""
+        seqs = list(seqs)
+        n = len(seqs) * max_blocks_per_seq
+        out = array.array("i", bytes(4 * n))
+        ids = (ctypes.c_uint64 * len(seqs))(*seqs)
+        _check(_lib.vmmpp_kv_pack_block_tables(self._handle_or_raise(), ids, len(seqs), max_blocks_per_seq, pad,
+                                               (ctypes.c_int32 * n).from_buffer(out) if n else None))
+        return out
+
+    def address(self, layer, part, block):
+        out = ctypes.c_void_p()
+        _check(_lib.vmmpp_kv_address(self._handle_or_raise(), layer, part, block, ctypes.byref(out)))
+        return out.value or 0
+
+    def synchronize(self):
+        _check(_lib.vmmpp_kv_synchronize(self._handle_or_raise()))
+
+    def dlpack_device(self, managed_as_cuda=False):
+        device_type, device_id = ctypes.c_int32(), ctypes.c_int32()
+        _check(_lib.vmmpp_kv_dlpack_device(self._handle_or_raise(), 1 if managed_as_cuda else 0,
+                                           ctypes.byref(device_type), ctypes.byref(device_id)))
+        return (device_type.value, device_id.value)
+
+    def tensor(self, layer, part, managed_as_cuda=False):
+        return KVTensor(self, layer, part, managed_as_cuda)
+
+    def key(self, layer, managed_as_cuda=False):
+        return KVTensor(self, layer, KEY, managed_as_cuda)
+
+    def value(self, layer, managed_as_cuda=False):
+        return KVTensor(self, layer, VALUE, managed_as_cuda)
+
+    def write_test_pattern(self, seq, first=0, count=None):
+        """Writes test_pattern values for tokens [first, first + count) (host-accessible caches)."""
+        if count is None:
+            count = self.tokens(seq) - first
+        _check(_lib.vmmpp_kv_write_test_pattern(self._handle_or_raise(), seq, first, count))
+
+
+def live_exports():
+    """Exports made and not yet deleted by their consumer, in this process."""
+    return load_library().vmmpp_kv_live_exports()

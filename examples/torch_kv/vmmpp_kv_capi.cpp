@@ -1,0 +1,468 @@
+// vmmpp_kv_capi.cpp: the C ABI of vmmpp_kv_capi.h over vmmpp::kv_cache. One type-erased cache
+// per handle (configuration and layout chosen by name at run time), DLPack exports through
+// vmmpp/interop/dlpack.hpp with the cache as their keep-alive.
+#define VMMPP_KV_CAPI_BUILD
+#include "vmmpp_kv_capi.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "vmmpp/config.hpp"
+#include "vmmpp/interop/dlpack.hpp"
+#include "vmmpp/kv/cache.hpp"
+
+namespace {
+
+thread_local std::string last_error;
+std::atomic<std::uint64_t> live_exports{0};
+
+/// What the C ABI needs of a cache, whatever its configuration and layout.
+class cache_base {
+public:
+    virtual ~cache_base() = default;
+    virtual vmmpp::seq_id add_sequence() = 0;
+    virtual vmmpp::token_range append(vmmpp::seq_id seq, std::size_t n) = 0;
+    virtual vmmpp::seq_id fork(vmmpp::seq_id seq) = 0;
+    virtual void truncate(vmmpp::seq_id seq, std::size_t n) = 0;
+    virtual void free(vmmpp::seq_id seq) = 0;
+    virtual std::size_t tokens(vmmpp::seq_id seq) const = 0;
+    virtual vmmpp_kv_stats stats() const = 0;
+    virtual void slot_mapping(vmmpp::seq_id seq, std::size_t first, std::span<std::int64_t> out) const = 0;
+    virtual std::span<const std::int32_t> block_table(vmmpp::seq_id seq) const = 0;
+    virtual void pack_block_tables(std::span<const vmmpp::seq_id> seqs, std::size_t max_blocks_per_seq,
+                                   std::span<std::int32_t> out, std::int32_t pad) const = 0;
+    virtual std::byte* address(std::uint32_t layer, vmmpp::kv_part part, std::int32_t block) const = 0;
+    virtual void synchronize() = 0;
+    virtual DLDevice dlpack_device(bool managed_as_cuda) const = 0;
+    virtual vmmpp::kv_tensor tensor(std::uint32_t layer, vmmpp::kv_part part) const = 0;
+    virtual bool host_accessible() const noexcept = 0;
+    virtual const vmmpp::kv_geometry& geometry() const noexcept = 0;
+
+    /// Serialises the calls made through handles (the cache is not thread safe by itself).
+    std::mutex mutex;
+};
+
+template <class Config, class Layout>
+class cache_impl final : public cache_base {
+public:
+    using cache_type = vmmpp::kv_cache<Config, Layout>;
+    template <class... Args>
+    explicit cache_impl(Args&&... args) : cache_(std::forward<Args>(args)...) {}
+
+    vmmpp::seq_id add_sequence() override { return cache_.add_sequence(); }
+    vmmpp::token_range append(vmmpp::seq_id seq, std::size_t n) override { return cache_.append(seq, n); }
+    vmmpp::seq_id fork(vmmpp::seq_id seq) override { return cache_.fork(seq); }
+    void truncate(vmmpp::seq_id seq, std::size_t n) override { cache_.truncate(seq, n); }
+    void free(vmmpp::seq_id seq) override { cache_.free(seq); }
+    std::size_t tokens(vmmpp::seq_id seq) const override { return cache_.tokens(seq); }
+    vmmpp_kv_stats stats() const override {
+        vmmpp_kv_stats s{};
+        const vmmpp::pool_stats p = cache_.pool().stats();
+        s.reserved_bytes = p.reserved;
+        s.committed_bytes = p.committed;
+        s.used_blocks = cache_.used_blocks();
+        s.free_blocks = cache_.free_blocks();
+        s.sequences = cache_.sequence_count();
+        s.cow_copies = cache_.cow_copies();
+        return s;
+    }
+    void slot_mapping(vmmpp::seq_id seq, std::size_t first, std::span<std::int64_t> out) const override {
+        cache_.slot_mapping(seq, first, out);
+    }
+    std::span<const std::int32_t> block_table(vmmpp::seq_id seq) const override { return cache_.block_table(seq); }
+    void pack_block_tables(std::span<const vmmpp::seq_id> seqs, std::size_t max_blocks_per_seq,
+                           std::span<std::int32_t> out, std::int32_t pad) const override {
+        cache_.pack_block_tables(seqs, max_blocks_per_seq, out, pad);
+    }
+    std::byte* address(std::uint32_t layer, vmmpp::kv_part part, std::int32_t block) const override {
+        return cache_.address(layer, part, block);
+    }
+    void synchronize() override {
+        if constexpr (vmmpp::has_property<typename Config::backing_type, vmmpp::device_accessible>) {
+            vmmpp::driver::check(::cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
+        }
+    }
+    DLDevice dlpack_device(bool managed_as_cuda) const override { return vmmpp::dlpack_device(cache_, managed_as_cuda); }
+    vmmpp::kv_tensor tensor(std::uint32_t layer, vmmpp::kv_part part) const override {
+        return cache_.tensor(layer, part);
+    }
+    bool host_accessible() const noexcept override {
+        return vmmpp::has_property<typename Config::backing_type, vmmpp::host_accessible>;
+    }
+    const vmmpp::kv_geometry& geometry() const noexcept override { return cache_.geometry(); }
+
+private:
+    cache_type cache_;
+};
+
+template <class Layout>
+std::shared_ptr<cache_base> make_cache(std::string_view config, const vmmpp::kv_geometry& g, int device,
+                                       std::uint64_t budget_bytes) {
+    if (config == "host") {
+        return std::make_shared<cache_impl<vmmpp::host_config, Layout>>(g);
+    }
+    if (config == "elastic") {
+        // The budget's state lives in the model's share, so the budget object may go.
+        constexpr std::size_t page = std::size_t{2} << 20;
+        const std::size_t limit = budget_bytes != 0 ? budget_bytes : (Layout::span_bytes(g) + page - 1) / page * page;
+        vmmpp::budget budget(limit);
+        return std::make_shared<cache_impl<vmmpp::elastic_config, Layout>>(
+            g, vmmpp::vmm_options{.device = device}, vmmpp::page_granular{}, budget.register_model("kv", limit));
+    }
+    if (config == "static") {
+        return std::make_shared<cache_impl<vmmpp::static_config, Layout>>(g, vmmpp::device_options{.device = device});
+    }
+    if (config == "gh200") {
+        return std::make_shared<cache_impl<vmmpp::gh200_config, Layout>>(
+            g, vmmpp::managed_prefetch_options{.device = device});
+    }
+    throw vmmpp::invalid_argument("unknown configuration '" + std::string(config) +
+                                  "' (host, elastic, static or gh200)");
+}
+
+/// Runs `f`, turning every exception into a status and this thread's last error.
+template <class F>
+vmmpp_kv_status guarded(F&& f) noexcept {
+    try {
+        f();
+        return VMMPP_KV_OK;
+    } catch (const vmmpp::out_of_blocks& e) {
+        last_error = e.what();
+        return VMMPP_KV_OUT_OF_BLOCKS;
+    } catch (const vmmpp::over_quota& e) {
+        last_error = e.what();
+        return VMMPP_KV_OVER_QUOTA;
+    } catch (const vmmpp::out_of_memory& e) {
+        last_error = e.what();
+        return VMMPP_KV_OUT_OF_MEMORY;
+    } catch (const vmmpp::invalid_argument& e) {
+        last_error = e.what();
+        return VMMPP_KV_INVALID_ARGUMENT;
+    } catch (const vmmpp::cuda_unavailable& e) {
+        last_error = e.what();
+        return VMMPP_KV_CUDA_UNAVAILABLE;
+    } catch (const vmmpp::cuda_error& e) {
+        last_error = e.what();
+        return VMMPP_KV_CUDA_ERROR;
+    } catch (const std::bad_alloc&) {
+        last_error = "out of host memory (std::bad_alloc)";
+        return VMMPP_KV_OUT_OF_MEMORY;
+    } catch (const std::exception& e) {
+        last_error = e.what();
+        return VMMPP_KV_ERROR;
+    } catch (...) {
+        last_error = "unknown exception";
+        return VMMPP_KV_ERROR;
+    }
+}
+
+vmmpp::kv_part to_part(std::int32_t part) {
+    if (part != 0 && part != 1) {
+        throw vmmpp::invalid_argument("part " + std::to_string(part) + " is neither 0 (key) nor 1 (value)");
+    }
+    return static_cast<vmmpp::kv_part>(part);
+}
+
+void require(bool ok, const char* what) {
+    if (!ok) {
+        throw vmmpp::invalid_argument(what);
+    }
+}
+
+/// The storage of a small non-negative integer (at most 2048) in `type`, exactly.
+void store_integer(std::byte* at, vmmpp::dtype type, unsigned value) {
+    switch (type) {
+    case vmmpp::dtype::f32: {
+        const auto f = static_cast<float>(value);
+        std::memcpy(at, &f, sizeof f);
+        return;
+    }
+    case vmmpp::dtype::bf16: {  // the upper half of the float: exact below 256
+        const auto f = static_cast<float>(value);
+        std::uint32_t bits = 0;
+        std::memcpy(&bits, &f, sizeof bits);
+        const auto half = static_cast<std::uint16_t>(bits >> 16);
+        std::memcpy(at, &half, sizeof half);
+        return;
+    }
+    case vmmpp::dtype::f16: {
+        std::uint16_t bits = 0;
+        if (value != 0) {
+            unsigned exponent = 0;
+            while ((value >> (exponent + 1)) != 0) {
+                ++exponent;
+            }
+            const unsigned mantissa = ((value << (10 - exponent)) & 0x3FFu);
+            bits = static_cast<std::uint16_t>(((exponent + 15) << 10) | mantissa);
+        }
+        std::memcpy(at, &bits, sizeof bits);
+        return;
+    }
+    case vmmpp::dtype::fp8_e4m3:
+    case vmmpp::dtype::fp8_e5m2: break;
+    }
+    throw vmmpp::invalid_argument("the test pattern is written in f32, f16 or bf16 only");
+}
+
+} // namespace
+
+struct vmmpp_kv {
+    std::shared_ptr<cache_base> cache;
+};
+
+extern "C" {
+
+const char* vmmpp_kv_last_error(void) { return last_error.c_str(); }
+
+vmmpp_kv_status vmmpp_kv_create(const vmmpp_kv_geometry* geometry, const char* config, const char* layout, int device,
+                                uint64_t budget_bytes, vmmpp_kv** out) {
+    return guarded([&] {
+        require(geometry != nullptr && config != nullptr && layout != nullptr && out != nullptr,
+                "vmmpp_kv_create: null argument");
+        require(geometry->dtype >= 0 && geometry->dtype <= static_cast<int>(vmmpp::dtype::fp8_e5m2),
+                "vmmpp_kv_create: dtype must be 0 (f32), 1 (f16), 2 (bf16), 3 (fp8_e4m3) or 4 (fp8_e5m2)");
+        vmmpp::kv_geometry g;
+        g.layers = geometry->layers;
+        g.kv_heads = geometry->kv_heads;
+        g.head_dim = geometry->head_dim;
+        g.type = static_cast<vmmpp::dtype>(geometry->dtype);
+        g.block_tokens = geometry->block_tokens;
+        g.max_blocks = geometry->max_blocks;
+        g.validate();
+        auto handle = std::make_unique<vmmpp_kv>();
+        const std::string_view l(layout);
+        if (l == "layer_major") {
+            handle->cache = make_cache<vmmpp::layer_major>(config, g, device, budget_bytes);
+        } else if (l == "block_major") {
+            handle->cache = make_cache<vmmpp::block_major>(config, g, device, budget_bytes);
+        } else {
+            throw vmmpp::invalid_argument("unknown layout '" + std::string(l) + "' (layer_major or block_major)");
+        }
+        *out = handle.release();
+    });
+}
+
+void vmmpp_kv_destroy(vmmpp_kv* kv) { delete kv; }
+
+vmmpp_kv_status vmmpp_kv_add_sequence(vmmpp_kv* kv, uint64_t* seq) {
+    return guarded([&] {
+        require(kv != nullptr && seq != nullptr, "vmmpp_kv_add_sequence: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        *seq = kv->cache->add_sequence();
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_append(vmmpp_kv* kv, uint64_t seq, uint64_t n_tokens, uint64_t* first) {
+    return guarded([&] {
+        require(kv != nullptr, "vmmpp_kv_append: null handle");
+        std::lock_guard lock(kv->cache->mutex);
+        const vmmpp::token_range r = kv->cache->append(seq, n_tokens);
+        if (first != nullptr) {
+            *first = r.first;
+        }
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_fork(vmmpp_kv* kv, uint64_t seq, uint64_t* child) {
+    return guarded([&] {
+        require(kv != nullptr && child != nullptr, "vmmpp_kv_fork: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        *child = kv->cache->fork(seq);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_truncate(vmmpp_kv* kv, uint64_t seq, uint64_t n_tokens) {
+    return guarded([&] {
+        require(kv != nullptr, "vmmpp_kv_truncate: null handle");
+        std::lock_guard lock(kv->cache->mutex);
+        kv->cache->truncate(seq, n_tokens);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_free(vmmpp_kv* kv, uint64_t seq) {
+    return guarded([&] {
+        require(kv != nullptr, "vmmpp_kv_free: null handle");
+        std::lock_guard lock(kv->cache->mutex);
+        kv->cache->free(seq);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_tokens(vmmpp_kv* kv, uint64_t seq, uint64_t* n_tokens) {
+    return guarded([&] {
+        require(kv != nullptr && n_tokens != nullptr, "vmmpp_kv_tokens: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        *n_tokens = kv->cache->tokens(seq);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_stats_get(vmmpp_kv* kv, vmmpp_kv_stats* out) {
+    return guarded([&] {
+        require(kv != nullptr && out != nullptr, "vmmpp_kv_stats_get: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        *out = kv->cache->stats();
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_slot_mapping(vmmpp_kv* kv, uint64_t seq, uint64_t first, uint64_t count, int64_t* out) {
+    return guarded([&] {
+        require(kv != nullptr && (out != nullptr || count == 0), "vmmpp_kv_slot_mapping: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        kv->cache->slot_mapping(seq, first, std::span<std::int64_t>(out, count));
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_block_table(vmmpp_kv* kv, uint64_t seq, int32_t* out, uint64_t capacity, uint64_t* count) {
+    return guarded([&] {
+        require(kv != nullptr && count != nullptr && (out != nullptr || capacity == 0),
+                "vmmpp_kv_block_table: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        const auto table = kv->cache->block_table(seq);
+        *count = table.size();
+        const std::size_t n = std::min<std::size_t>(table.size(), capacity);
+        std::copy_n(table.begin(), n, out);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_pack_block_tables(vmmpp_kv* kv, const uint64_t* seqs, uint64_t n_seqs,
+                                           uint64_t max_blocks_per_seq, int32_t pad, int32_t* out) {
+    return guarded([&] {
+        require(kv != nullptr && (n_seqs == 0 || (seqs != nullptr && (out != nullptr || max_blocks_per_seq == 0))),
+                "vmmpp_kv_pack_block_tables: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        static_assert(sizeof(uint64_t) == sizeof(vmmpp::seq_id));
+        kv->cache->pack_block_tables(std::span<const vmmpp::seq_id>(seqs, n_seqs), max_blocks_per_seq,
+                                     std::span<std::int32_t>(out, n_seqs * max_blocks_per_seq), pad);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_address(vmmpp_kv* kv, uint32_t layer, int32_t part, int32_t block, void** out) {
+    return guarded([&] {
+        require(kv != nullptr && out != nullptr, "vmmpp_kv_address: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        *out = kv->cache->address(layer, to_part(part), block);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_synchronize(vmmpp_kv* kv) {
+    return guarded([&] {
+        require(kv != nullptr, "vmmpp_kv_synchronize: null handle");
+        std::lock_guard lock(kv->cache->mutex);
+        kv->cache->synchronize();
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_dlpack_device(vmmpp_kv* kv, int managed_as_cuda, int32_t* device_type, int32_t* device_id) {
+    return guarded([&] {
+        require(kv != nullptr && device_type != nullptr && device_id != nullptr, "vmmpp_kv_dlpack_device: null argument");
+        const DLDevice d = kv->cache->dlpack_device(managed_as_cuda != 0);
+        *device_type = static_cast<int32_t>(d.device_type);
+        *device_id = d.device_id;
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_export(vmmpp_kv* kv, uint32_t layer, int32_t part, int versioned, int managed_as_cuda,
+                                void** out) {
+    return guarded([&] {
+        require(kv != nullptr && out != nullptr, "vmmpp_kv_export: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        const vmmpp::kv_tensor t = kv->cache->tensor(layer, to_part(part));
+        const DLDevice device = kv->cache->dlpack_device(managed_as_cuda != 0);
+        // The keep-alive owns a reference to the cache and counts the export until its deleter.
+        live_exports.fetch_add(1);
+        std::shared_ptr<const void> keep_alive(kv->cache.get(), [cache = kv->cache](const void*) noexcept {
+            live_exports.fetch_sub(1);
+        });
+        if (versioned != 0) {
+            *out = vmmpp::to_dlpack_versioned(t, device, std::move(keep_alive));
+        } else {
+            *out = vmmpp::to_dlpack(t, device, std::move(keep_alive));
+        }
+    });
+}
+
+void vmmpp_dlpack_release(void* managed, int versioned) {
+    if (versioned != 0) {
+        vmmpp::dlpack_deleter{}(static_cast<DLManagedTensorVersioned*>(managed));
+    } else {
+        vmmpp::dlpack_deleter{}(static_cast<DLManagedTensor*>(managed));
+    }
+}
+
+const char* vmmpp_dlpack_capsule_name(int versioned) {
+    return versioned != 0 ? vmmpp::dlpack_versioned_capsule_name : vmmpp::dlpack_capsule_name;
+}
+
+void vmmpp_dlpack_capsule_destructor(void* capsule) {
+    // The Python C API of the running interpreter (what ctypes.pythonapi reaches too); the
+    // destructor runs with the GIL held, while the capsule is being deallocated.
+    using is_valid_fn = int (*)(void*, const char*);
+    using get_pointer_fn = void* (*)(void*, const char*);
+    struct python_api {
+        is_valid_fn is_valid = nullptr;
+        get_pointer_fn get_pointer = nullptr;
+    };
+    static const python_api api = [] {
+        python_api a;
+        a.is_valid = reinterpret_cast<is_valid_fn>(::dlsym(RTLD_DEFAULT, "PyCapsule_IsValid"));
+        a.get_pointer = reinterpret_cast<get_pointer_fn>(::dlsym(RTLD_DEFAULT, "PyCapsule_GetPointer"));
+        return a;
+    }();
+    if (capsule == nullptr || api.is_valid == nullptr || api.get_pointer == nullptr) {
+        return;  // not in a Python process: nothing can own a capsule
+    }
+    // A consumer that took the tensor renamed the capsule ("used_dltensor") and owns the deleter.
+    for (int versioned : {0, 1}) {
+        const char* name = vmmpp_dlpack_capsule_name(versioned);
+        if (api.is_valid(capsule, name) != 0) {
+            vmmpp_dlpack_release(api.get_pointer(capsule, name), versioned);
+            return;
+        }
+    }
+}
+
+uint64_t vmmpp_kv_live_exports(void) { return live_exports.load(); }
+
+vmmpp_kv_status vmmpp_kv_write_test_pattern(vmmpp_kv* kv, uint64_t seq, uint64_t first, uint64_t count) {
+    return guarded([&] {
+        require(kv != nullptr, "vmmpp_kv_write_test_pattern: null handle");
+        std::lock_guard lock(kv->cache->mutex);
+        cache_base& c = *kv->cache;
+        require(c.host_accessible(), "vmmpp_kv_write_test_pattern: the cache's memory is not host accessible");
+        const vmmpp::kv_geometry& g = c.geometry();
+        require(g.type == vmmpp::dtype::f32 || g.type == vmmpp::dtype::f16 || g.type == vmmpp::dtype::bf16,
+                "vmmpp_kv_write_test_pattern: the pattern is written in f32, f16 or bf16 only");
+        const std::size_t element = vmmpp::size_of(g.type);
+        for (std::uint64_t t = first; t < first + count; ++t) {
+            std::int64_t slot = 0;
+            c.slot_mapping(seq, t, std::span<std::int64_t>(&slot, 1));
+            const auto block = static_cast<std::int32_t>(slot / g.block_tokens);
+            const auto offset = static_cast<std::size_t>(slot % g.block_tokens);
+            for (std::uint32_t layer = 0; layer < g.layers; ++layer) {
+                for (unsigned part = 0; part < 2; ++part) {
+                    std::byte* row = c.address(layer, static_cast<vmmpp::kv_part>(part), block) +
+                                     offset * std::size_t{g.kv_heads} * g.head_dim * element;
+                    for (std::uint32_t h = 0; h < g.kv_heads; ++h) {
+                        for (std::uint32_t d = 0; d < g.head_dim; ++d) {
+                            const auto value = static_cast<unsigned>(
+                                (seq * 37 + t * 7 + std::uint64_t{layer} * 131 + part * 61 + std::uint64_t{h} * 17 +
+                                 std::uint64_t{d} * 3) %
+                                251);
+                            store_integer(row + (std::size_t{h} * g.head_dim + d) * element, g.type, value);
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+} // extern "C"

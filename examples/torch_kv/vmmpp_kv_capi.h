@@ -1,0 +1,127 @@
+/* vmmpp_kv_capi.h: a small C ABI over vmmpp::kv_cache, for Python (ctypes: vmmpp_kv.py beside
+ * this file) and any other language with a C FFI. It builds a cache of a named configuration
+ * and layout, runs the scheduler's operations on it and exports a layer's K or V as DLPack.
+ *
+ * Every function that can fail returns a vmmpp_kv_status; on failure vmmpp_kv_last_error()
+ * says why (per thread, until the thread's next failing call). Calls on one handle are
+ * serialised by a mutex in the cache, so Python threads may share one.
+ *
+ * Lifetime: an export keeps its cache alive (the DLPack keep-alive holds it), so
+ * vmmpp_kv_destroy only drops the handle's reference and the memory goes when the last export
+ * is deleted too. Reading blocks that no live sequence holds faults: see
+ * vmmpp/interop/dlpack.hpp. */
+#ifndef VMMPP_KV_CAPI_H
+#define VMMPP_KV_CAPI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(VMMPP_KV_CAPI_BUILD)
+#define VMMPP_KV_API __attribute__((visibility("default")))
+#else
+#define VMMPP_KV_API
+#endif
+
+/** Status of a call: what went wrong, by the vmmpp error type it came from. */
+typedef enum {
+    VMMPP_KV_OK = 0,
+    VMMPP_KV_INVALID_ARGUMENT = 1, /* vmmpp::invalid_argument, or an unknown name */
+    VMMPP_KV_OUT_OF_MEMORY = 2,    /* vmmpp::out_of_memory, std::bad_alloc */
+    VMMPP_KV_OVER_QUOTA = 3,       /* vmmpp::over_quota */
+    VMMPP_KV_OUT_OF_BLOCKS = 4,    /* vmmpp::out_of_blocks */
+    VMMPP_KV_CUDA_ERROR = 5,       /* vmmpp::cuda_error */
+    VMMPP_KV_CUDA_UNAVAILABLE = 6, /* vmmpp::cuda_unavailable: no driver or no device */
+    VMMPP_KV_ERROR = 7             /* anything else */
+} vmmpp_kv_status;
+
+/** The shape of a cache (vmmpp::kv_geometry). dtype: 0 f32, 1 f16, 2 bf16, 3 fp8_e4m3, 4 fp8_e5m2. */
+typedef struct {
+    uint32_t layers;
+    uint32_t kv_heads;
+    uint32_t head_dim;
+    int32_t dtype;
+    uint32_t block_tokens;
+    uint32_t max_blocks;
+} vmmpp_kv_geometry;
+
+/** A snapshot of a cache's use. */
+typedef struct {
+    uint64_t reserved_bytes;  /* address space of the pool */
+    uint64_t committed_bytes; /* backed by memory now */
+    uint64_t used_blocks;
+    uint64_t free_blocks;
+    uint64_t sequences;
+    uint64_t cow_copies;
+} vmmpp_kv_stats;
+
+typedef struct vmmpp_kv vmmpp_kv;
+
+/** Why this thread's last failing call failed ("" if none did). */
+VMMPP_KV_API const char* vmmpp_kv_last_error(void);
+
+/** A new cache. config: "host" (CPU memory, no GPU needed), "elastic" (vmm, shared budget of
+ *  budget_bytes, 0 for the whole span), "static" (one cudaMalloc) or "gh200" (managed memory).
+ *  layout: "layer_major" or "block_major". device: the CUDA device (ignored by "host"). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_create(const vmmpp_kv_geometry* geometry, const char* config,
+                                             const char* layout, int device, uint64_t budget_bytes,
+                                             vmmpp_kv** out);
+/** Drops the handle (NULL is ignored). Exports still alive keep the cache. */
+VMMPP_KV_API void vmmpp_kv_destroy(vmmpp_kv* kv);
+
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_add_sequence(vmmpp_kv* kv, uint64_t* seq);
+/** Appends n_tokens tokens; *first (may be NULL) gets the index of the first new one. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_append(vmmpp_kv* kv, uint64_t seq, uint64_t n_tokens, uint64_t* first);
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_fork(vmmpp_kv* kv, uint64_t seq, uint64_t* child);
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_truncate(vmmpp_kv* kv, uint64_t seq, uint64_t n_tokens);
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_free(vmmpp_kv* kv, uint64_t seq);
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tokens(vmmpp_kv* kv, uint64_t seq, uint64_t* n_tokens);
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_stats_get(vmmpp_kv* kv, vmmpp_kv_stats* out);
+
+/** Slots (block * block_tokens + offset) of tokens [first, first + count) of seq into out[count]. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_slot_mapping(vmmpp_kv* kv, uint64_t seq, uint64_t first, uint64_t count,
+                                                   int64_t* out);
+/** The block table of seq: *count gets its length; the first min(capacity, length) ids go to out. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_block_table(vmmpp_kv* kv, uint64_t seq, int32_t* out, uint64_t capacity,
+                                                  uint64_t* count);
+/** Block tables of seqs[n_seqs] as a row-major [n_seqs, max_blocks_per_seq] int32 matrix, padded. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_pack_block_tables(vmmpp_kv* kv, const uint64_t* seqs, uint64_t n_seqs,
+                                                        uint64_t max_blocks_per_seq, int32_t pad, int32_t* out);
+/** Address of block `block`'s K (part 0) or V (part 1) of layer `layer`. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_address(vmmpp_kv* kv, uint32_t layer, int32_t part, int32_t block, void** out);
+/** Waits for the cache's own device work (copy-on-write copies); a no-op on host memory. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_synchronize(vmmpp_kv* kv);
+
+/** The DLPack device (DLDeviceType, device_id) of the cache's exports. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_dlpack_device(vmmpp_kv* kv, int managed_as_cuda, int32_t* device_type,
+                                                    int32_t* device_id);
+/** Layer `layer`'s K (part 0) or V (part 1) as a DLManagedTensor* (versioned == 0) or a
+ *  DLManagedTensorVersioned* (versioned != 0). The caller owns it: hand it to a consumer (a
+ *  PyCapsule named vmmpp_dlpack_capsule_name(versioned) with vmmpp_dlpack_capsule_destructor)
+ *  or give it back with vmmpp_dlpack_release. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_export(vmmpp_kv* kv, uint32_t layer, int32_t part, int versioned,
+                                             int managed_as_cuda, void** out);
+/** Calls the deleter of an export that no consumer took (NULL is ignored). */
+VMMPP_KV_API void vmmpp_dlpack_release(void* managed, int versioned);
+/** "dltensor" or "dltensor_versioned": static strings, safe to give PyCapsule_New. */
+VMMPP_KV_API const char* vmmpp_dlpack_capsule_name(int versioned);
+/** A PyCapsule destructor (PyCapsule_Destructor) for capsules of either name: deletes the export
+ *  if no consumer renamed the capsule (took it). Finds the Python C API in the running process. */
+VMMPP_KV_API void vmmpp_dlpack_capsule_destructor(void* capsule);
+/** Exports made and not yet deleted, over every cache of the process (for leak checks). */
+VMMPP_KV_API uint64_t vmmpp_kv_live_exports(void);
+
+/** Test helper, host-accessible memory only: writes a known value into every element of tokens
+ *  [first, first + count) of seq, every layer, K and V, through its slot mapping:
+ *  (seq * 37 + token * 7 + layer * 131 + part * 61 + head * 17 + dim * 3) % 251 (exact in f32,
+ *  f16 and bf16; fp8 is refused). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_write_test_pattern(vmmpp_kv* kv, uint64_t seq, uint64_t first, uint64_t count);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VMMPP_KV_CAPI_H */
