@@ -164,9 +164,9 @@ BOOST_AUTO_TEST_CASE(capacity_above_free_memory_is_refused_on_a_non_coherent_dev
 
 // Known gap, measured on an H100 (2026-11-23, bench/results/nvidia-h100-80gb-hbm3-2026-11-23/
 // gpu_tests.log): prefetching the range back to the CPU did not raise cudaMemGetInfo's free
-// memory. tools/probes/managed_release.cu compares the alternatives; until a GPU run picks one,
-// the one failing check (memory back after decommit) is expected, and Boost reports it if the
-// count changes.
+// memory, and tools/probes/managed_release.cu found no call short of cudaFree that does
+// (bench/results/gpu-tests-nvidia-h100-2026-11-23/probe.log). The one failing check (memory back
+// after decommit) is expected; Boost reports it if the count changes.
 BOOST_AUTO_TEST_CASE(commit_prefetches_and_decommit_moves_off_the_device, *boost::unit_test::expected_failures(1)) {
     cuda_check(cudaSetDevice(0));
     // Large enough to see past the driver's own managed-memory reserve (about 110 MiB on an H100),
