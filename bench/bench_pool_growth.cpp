@@ -261,6 +261,8 @@ using chunked16 = pool_subject<vmm_chunked16_config>;
 using gh200 = pool_subject<vmmpp::gh200_config>;
 using static_pool = pool_subject<vmmpp::static_config>;
 using host_pool = pool_subject<vmmpp::host_config>;
+using vmm_zeroing = pool_subject<vmm_zeroing_config>;
+using host_zeroing = pool_subject<host_zeroing_config>;
 
 // Registered as "<subject name>"; each pool runs right after its floor, so slow drift of the
 // machine touches both alike.
@@ -281,6 +283,8 @@ VMMPP_BENCH_GROWTH(cuda_malloc_2MiB, no_floor);
 VMMPP_BENCH_GROWTH(static_pool, cuda_malloc_2MiB);
 VMMPP_BENCH_GROWTH(host_2MiB, no_floor);
 VMMPP_BENCH_GROWTH(host_pool, host_2MiB);
+VMMPP_BENCH_GROWTH(vmm_zeroing, vmm_2MiB);
+VMMPP_BENCH_GROWTH(host_zeroing, host_2MiB);
 
 } // namespace
 

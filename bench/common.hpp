@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "vmmpp/backing/zeroing.hpp"
 #include "vmmpp/config.hpp"
 #include "vmmpp/driver/api.hpp"
 #include "vmmpp/driver/device.hpp"
@@ -55,6 +56,19 @@ struct config_name<vmmpp::static_config> {
 template <>
 struct config_name<vmmpp::host_config> {
     static constexpr const char* value = "host_config";
+};
+
+/// Zero-on-reuse: the elastic and host configurations with every committed page zeroed first,
+/// to measure what tenant isolation costs per page.
+using vmm_zeroing_config = vmmpp::pool_config<vmmpp::zeroing<vmmpp::vmm>, vmmpp::page_granular, vmmpp::unlimited>;
+using host_zeroing_config = vmmpp::pool_config<vmmpp::zeroing<vmmpp::host>, vmmpp::page_granular, vmmpp::unlimited>;
+template <>
+struct config_name<vmm_zeroing_config> {
+    static constexpr const char* value = "vmm_zeroing";
+};
+template <>
+struct config_name<host_zeroing_config> {
+    static constexpr const char* value = "host_zeroing";
 };
 
 /// Whether a configuration's memory lives on a GPU (so its benchmarks need a CUDA device).
