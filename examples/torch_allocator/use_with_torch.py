@@ -30,6 +30,27 @@ class Stats(ctypes.Structure):
         "pending_bytes", "free_ranges", "largest_free", "committed_bytes")]
 
 
+def transformer_workload(torch):
+    """A small transformer with seeded random weights (nothing can be downloaded): a forward pass
+    over a batch, then 48 steps of greedy generation whose sequence grows each step, so tensors
+    of many sizes are allocated and freed. Returns the logits and the generated ids, on the CPU."""
+    torch.manual_seed(0)
+    vocab, width = 1000, 256
+    embed = torch.nn.Embedding(vocab, width).cuda()
+    layer = torch.nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=1024, dropout=0.0, batch_first=True)
+    body = torch.nn.TransformerEncoder(layer, num_layers=4, enable_nested_tensor=False).cuda().eval()
+    head = torch.nn.Linear(width, vocab).cuda()
+    ids = torch.randint(0, vocab, (8, 32), device="cuda")
+    with torch.no_grad():
+        logits = head(body(embed(ids)))
+        for _ in range(48):
+            mask = torch.nn.Transformer.generate_square_subsequent_mask(ids.shape[1], device="cuda")
+            step = head(body(embed(ids), mask=mask, is_causal=True))
+            ids = torch.cat([ids, step[:, -1].argmax(-1, keepdim=True)], dim=1)
+    torch.cuda.synchronize()
+    return logits.cpu(), ids.cpu()
+
+
 def main():
     try:
         import torch
@@ -39,6 +60,10 @@ def main():
     if not torch.cuda.is_available():
         print("no CUDA device: skipping")
         return SKIP
+    reference_out = os.environ.get("VMMPP_WORKLOAD_REFERENCE")
+    if reference_out:  # child process: the same workload on PyTorch's own allocator
+        torch.save(transformer_workload(torch), reference_out)
+        return 0
     path = library_path()
     if not os.path.exists(path):
         print(f"error: {path} does not exist (set VMMPP_TORCH_ALLOCATOR)", file=sys.stderr)
@@ -140,7 +165,24 @@ def main():
     check(bool((z == 1).all().item()), "the new allocation holds what was written to it")
     del x_copy, y, t, y_ref, z, w
 
-    # 4. Elasticity: with the tensors gone, the memory goes back to the device.
+    # 4. A real workload on vmmpp memory gives the same results as on PyTorch's own allocator
+    #    (run in a child process: the allocator cannot be changed once CUDA memory is in use).
+    import subprocess
+    import tempfile
+    logits, ids = transformer_workload(torch)
+    during = stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_path = os.path.join(tmp, "reference.pt")
+        env = dict(os.environ, VMMPP_WORKLOAD_REFERENCE=ref_path)
+        subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, check=True)
+        ref_logits, ref_ids = torch.load(ref_path)
+    print(f"  transformer workload: peak live {during.peak_live_bytes / MIB:.1f} MiB; logits max |diff| vs "
+          f"PyTorch's allocator {(logits - ref_logits).abs().max().item():.3g}")
+    check(torch.equal(ids, ref_ids), "generated ids equal those generated on PyTorch's own allocator")
+    check(torch.allclose(logits, ref_logits, rtol=0, atol=1e-5), "logits match PyTorch's own allocator's")
+    del logits, ids, ref_logits, ref_ids
+
+    # 5. Elasticity: with the tensors gone, the memory goes back to the device.
     torch.cuda.synchronize()
     lib.vmmpp_allocator_trim(device)
     after = stats()
