@@ -3,6 +3,8 @@
 // decommit unmaps and releases them, so the device's memory follows what is committed.
 #pragma once
 
+#include <unistd.h>
+
 #include <cstddef>
 #include <map>
 #include <string>
@@ -16,6 +18,14 @@
 #include "vmmpp/error.hpp"
 
 namespace vmmpp {
+
+/// One physical handle of a vmm backing, exported as a POSIX file descriptor: where it is mapped
+/// in the span, its size, and the descriptor (the receiver of an export closes it).
+struct exported_handle {
+    std::size_t offset = 0;
+    std::size_t bytes = 0;
+    int fd = -1;
+};
 
 /// Construction options of vmmpp::vmm.
 struct vmm_options {
@@ -124,6 +134,26 @@ public:
         scoped_context current(context_);
         extents_.erase(first, last);  // each extent unmaps, then releases its handle
         pages_.mark(offset, bytes, false);
+    }
+
+    /// Every committed physical handle as a POSIX file descriptor, lowest offset first, so another
+    /// process can map the same pages (vmmpp/interop/shared_pages.hpp passes them over a Unix
+    /// socket). The caller owns the descriptors; on failure none is left open.
+    [[nodiscard]] std::vector<exported_handle> export_handles() const {
+        scoped_context current(context_);
+        std::vector<exported_handle> out;
+        out.reserve(extents_.size());
+        try {
+            for (const auto& [offset, e] : extents_) {
+                out.push_back({offset, e.memory.bytes(), e.memory.export_fd()});
+            }
+        } catch (...) {
+            for (const auto& h : out) {
+                ::close(h.fd);
+            }
+            throw;
+        }
+        return out;
     }
 
     friend constexpr void get_property(const vmm&, device_accessible) noexcept {}

@@ -40,6 +40,28 @@ public:
     physical_allocation& operator=(const physical_allocation&) = delete;
     ~physical_allocation() { reset(); }
 
+    /// Imports a physical allocation another process exported as a POSIX file descriptor
+    /// (cuMemImportFromShareableHandle). `fd` stays the caller's to close.
+    [[nodiscard]] static physical_allocation import_fd(int fd, std::size_t bytes) {
+        physical_allocation a;
+        driver::check(driver::get().mem_import_from_shareable_handle(
+                          &a.handle_, reinterpret_cast<void*>(static_cast<std::intptr_t>(fd)),
+                          CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+                      "cuMemImportFromShareableHandle");
+        a.bytes_ = bytes;
+        a.owned_ = true;
+        return a;
+    }
+
+    /// A new POSIX file descriptor for this allocation (cuMemExportToShareableHandle), to pass to
+    /// another process over a Unix socket. The caller closes it.
+    [[nodiscard]] int export_fd() const {
+        int fd = -1;
+        driver::check(driver::get().mem_export_to_shareable_handle(&fd, handle_, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+                      "cuMemExportToShareableHandle");
+        return fd;
+    }
+
     [[nodiscard]] CUmemGenericAllocationHandle get() const noexcept { return handle_; }
     [[nodiscard]] std::size_t bytes() const noexcept { return bytes_; }
     [[nodiscard]] explicit operator bool() const noexcept { return owned_; }
