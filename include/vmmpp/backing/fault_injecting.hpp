@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "vmmpp/backing/concept.hpp"
+#include "vmmpp/detail/backing_adaptor.hpp"
 #include "vmmpp/backing/external.hpp"
 #include "vmmpp/error.hpp"
 
@@ -119,29 +120,20 @@ struct fault_injecting_options {
 /// Accessibility properties, `is_elastic` and `device_ordinal()` are those of `Upstream`; the
 /// adaptor is exactly as thread safe as `Upstream` (the plan itself is thread safe).
 template <class Upstream>
-class fault_injecting {
+class fault_injecting : public detail::backing_adaptor<Upstream> {
+    using base_type = detail::backing_adaptor<Upstream>;
+    using base_type::upstream_;
+
     static_assert(backing<Upstream>, "vmmpp::fault_injecting<Upstream>: Upstream does not model vmmpp::backing");
 
 public:
-    using upstream_type = Upstream;
     using options = fault_injecting_options<Upstream>;
-    static constexpr bool is_elastic = Upstream::is_elastic;
 
     explicit fault_injecting(std::size_t capacity, options opts = {})
-        : upstream_(capacity, std::move(opts.upstream)), byte_limit_(opts.byte_limit), plan_(std::move(opts.plan)) {}
+        : base_type(capacity, std::move(opts.upstream)), byte_limit_(opts.byte_limit), plan_(std::move(opts.plan)) {}
     fault_injecting(const fault_injecting&) = delete;
     fault_injecting& operator=(const fault_injecting&) = delete;
     ~fault_injecting() = default;
-
-    [[nodiscard]] std::size_t granularity() const noexcept { return upstream_.granularity(); }
-    [[nodiscard]] std::byte* base() const noexcept { return upstream_.base(); }
-    [[nodiscard]] std::size_t capacity() const noexcept { return upstream_.capacity(); }
-    [[nodiscard]] std::size_t committed_bytes() const noexcept { return upstream_.committed_bytes(); }
-    [[nodiscard]] int device_ordinal() const noexcept
-        requires requires(const Upstream& u) { u.device_ordinal(); }
-    {
-        return upstream_.device_ordinal();
-    }
 
     /// Fails as planned or past the byte limit (out_of_memory, nothing changed), else forwards.
     void commit(std::size_t offset, std::size_t bytes) {
@@ -168,8 +160,6 @@ public:
         upstream_.decommit(offset, bytes);
     }
 
-    /// The wrapped backing (a vmm backing's handle count, say).
-    [[nodiscard]] const Upstream& upstream() const noexcept { return upstream_; }
     [[nodiscard]] std::size_t byte_limit() const noexcept { return byte_limit_; }
     /// The plan this backing asks; null when none.
     [[nodiscard]] const std::shared_ptr<fault_plan>& plan() const noexcept { return plan_; }
@@ -179,7 +169,6 @@ public:
     friend constexpr void get_property(const fault_injecting&, P) noexcept {}
 
 private:
-    Upstream upstream_;
     std::size_t byte_limit_;
     std::shared_ptr<fault_plan> plan_;
 };

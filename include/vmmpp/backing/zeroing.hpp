@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "vmmpp/backing/concept.hpp"
+#include "vmmpp/detail/backing_adaptor.hpp"
 #include "vmmpp/backing/external.hpp"
 #include "vmmpp/driver/api.hpp"
 #include "vmmpp/driver/context.hpp"
@@ -82,34 +83,25 @@ private:
 /// error propagates; if that decommit fails too, the upstream keeps the range committed.
 /// Options, properties, `is_elastic` and `device_ordinal()` are `Upstream`'s.
 template <class Upstream>
-class zeroing {
+class zeroing : public detail::backing_adaptor<Upstream> {
+    using base_type = detail::backing_adaptor<Upstream>;
+    using base_type::upstream_;
+
     static_assert(backing<Upstream>, "vmmpp::zeroing<Upstream>: Upstream does not model vmmpp::backing");
     static_assert(has_property<Upstream, host_accessible> || has_property<Upstream, device_accessible>,
                   "vmmpp::zeroing<Upstream>: Upstream is neither host_accessible nor device_accessible, so its "
                   "memory cannot be zeroed");
 
 public:
-    using upstream_type = Upstream;
     using options = typename Upstream::options;
-    static constexpr bool is_elastic = Upstream::is_elastic;
     /// True when commits are zeroed by the GPU (cudaMemsetAsync), false when by the CPU (memset).
     static constexpr bool zeroes_on_device = has_property<Upstream, device_accessible>;
 
     explicit zeroing(std::size_t capacity, options opts = {})
-        : upstream_(capacity, std::move(opts)), zeroer_(device_of(upstream_)) {}
+        : base_type(capacity, std::move(opts)), zeroer_(device_of(upstream_)) {}
     zeroing(const zeroing&) = delete;
     zeroing& operator=(const zeroing&) = delete;
     ~zeroing() = default;
-
-    [[nodiscard]] std::size_t granularity() const noexcept { return upstream_.granularity(); }
-    [[nodiscard]] std::byte* base() const noexcept { return upstream_.base(); }
-    [[nodiscard]] std::size_t capacity() const noexcept { return upstream_.capacity(); }
-    [[nodiscard]] std::size_t committed_bytes() const noexcept { return upstream_.committed_bytes(); }
-    [[nodiscard]] int device_ordinal() const noexcept
-        requires requires(const Upstream& u) { u.device_ordinal(); }
-    {
-        return upstream_.device_ordinal();
-    }
 
     /// Commits through `Upstream`, then zeroes [offset, offset+bytes) before returning.
     void commit(std::size_t offset, std::size_t bytes) {
@@ -128,15 +120,12 @@ public:
 
     void decommit(std::size_t offset, std::size_t bytes) { upstream_.decommit(offset, bytes); }
 
-    /// The wrapped backing.
-    [[nodiscard]] const Upstream& upstream() const noexcept { return upstream_; }
 
     template <class P>
         requires has_property<Upstream, P>
     friend constexpr void get_property(const zeroing&, P) noexcept {}
 
 private:
-    Upstream upstream_;  // first: the zeroer asks it for its device
     detail::zeroer<zeroes_on_device> zeroer_;
 };
 
