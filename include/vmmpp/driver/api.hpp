@@ -24,6 +24,7 @@ struct api {
     decltype(&::cuDeviceGetCount) device_get_count = nullptr;
     decltype(&::cuDeviceGet) device_get = nullptr;
     decltype(&::cuDeviceGetAttribute) device_get_attribute = nullptr;
+    decltype(&::cuDeviceCanAccessPeer) device_can_access_peer = nullptr;
     decltype(&::cuDevicePrimaryCtxRetain) primary_ctx_retain = nullptr;
     decltype(&::cuDevicePrimaryCtxRelease) primary_ctx_release = nullptr;
     decltype(&::cuCtxPushCurrent) ctx_push_current = nullptr;
@@ -82,6 +83,7 @@ inline load_result load() {
     resolve("cuDeviceGetCount", t.device_get_count);
     resolve("cuDeviceGet", t.device_get);
     resolve("cuDeviceGetAttribute", t.device_get_attribute);
+    resolve("cuDeviceCanAccessPeer", t.device_can_access_peer);
     resolve("cuDevicePrimaryCtxRetain", t.primary_ctx_retain);
     resolve("cuDevicePrimaryCtxRelease", t.primary_ctx_release);
     resolve("cuCtxPushCurrent", t.ctx_push_current);

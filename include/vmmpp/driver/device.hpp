@@ -1,6 +1,6 @@
 // vmmpp/driver/device.hpp: questions about a CUDA device that the backings ask before they
 // reserve anything: does it exist, does it support virtual memory management, what is its
-// allocation granularity, how much memory is free.
+// allocation granularity, how much memory is free, can it reach a peer device's memory.
 #pragma once
 
 #include <cstddef>
@@ -26,6 +26,21 @@ namespace vmmpp {
     } catch (...) {
         return false;
     }
+}
+
+/// Whether kernels and copy engines on `device` can reach memory that lives on `peer`
+/// (cuDeviceCanAccessPeer): what a vmm backing's `vmm_options::peer_devices` needs before
+/// cuMemSetAccess can open its pages to `peer`. True when `device == peer`. Throws
+/// invalid_argument for an ordinal that is not a device, cuda_unavailable without a driver.
+[[nodiscard]] inline bool can_access_peer(int device, int peer) {
+    const CUdevice dev = cuda_device(device);
+    const CUdevice other = cuda_device(peer);
+    if (device == peer) {
+        return true;
+    }
+    int can = 0;
+    driver::check(driver::get().device_can_access_peer(&can, dev, other), "cuDeviceCanAccessPeer");
+    return can != 0;
 }
 
 /// Allocation properties of pinned device memory on `device`, as cuMemCreate takes them.
