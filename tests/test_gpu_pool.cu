@@ -5,6 +5,10 @@
 
 #include <boost/mpl/list.hpp>
 
+#include <algorithm>
+#include <chrono>
+#include <thread>
+
 #include "support/pool_factories.hpp"
 
 using pool_configs = boost::mpl::list<vmmpp::elastic_config, vmmpp::static_config, vmmpp::gh200_config,
@@ -57,4 +61,82 @@ BOOST_AUTO_TEST_CASE(elastic_pool_returns_device_memory) {
     BOOST_TEST(budget.stats().committed == 0u);
     const double driver_us = std::chrono::duration<double, std::micro>(pool.stats().driver_time).count();
     BOOST_TEST_MESSAGE("driver time for 512 commits + 512 decommits: " << driver_us << " us");
+}
+
+BOOST_AUTO_TEST_CASE(vmm_keeps_handles_for_reuse_and_the_pool_charges_them) {
+    using namespace vmmpp_test;
+    cuda_check(cudaSetDevice(0));
+    cuda_check(cudaFree(nullptr));
+    vmmpp::budget budget(GiB);
+    vmmpp::elastic_pool<vmmpp::elastic_config> pool(GiB, vmmpp::vmm_options{.max_cached_handles = 4}, {},
+                                                    budget.register_model("m", GiB));
+    const std::size_t start = free_device_bytes();
+    pool.ensure_committed(0, 8 * page);
+    pool.release(0, 8 * page);
+    auto s = pool.stats();
+    BOOST_TEST(s.committed == 0u);
+    BOOST_TEST(s.cached_bytes == 4 * page);  // four kept, four released
+    BOOST_TEST(pool.backing().cached_handle_count() == 4u);
+    BOOST_TEST(budget.stats().committed == 4 * page);
+    BOOST_TEST(start - free_device_bytes() >= 4 * page);  // kept handles still occupy the device
+    // Reused handles hold memory that works like new: map, write from a kernel, read back.
+    pool.ensure_committed(16 * page, 3 * page);
+    BOOST_TEST(pool.backing().reused_handles() == 3u);
+    BOOST_TEST(budget.stats().committed == 4 * page);
+    auto* p = reinterpret_cast<unsigned char*>(pool.base()) + 16 * page;
+    cuda_check(cudaMemset(p, 9, 3 * page));
+    add_one<<<128, 256>>>(p, 3 * page);
+    cuda_check(cudaGetLastError());
+    std::vector<unsigned char> host(3 * page);
+    cuda_check(cudaMemcpy(host.data(), p, host.size(), cudaMemcpyDeviceToHost));
+    BOOST_TEST(std::count(host.begin(), host.end(), 10) == static_cast<std::ptrdiff_t>(host.size()));
+    pool.release(16 * page, 3 * page);
+    BOOST_TEST(pool.trim() == 4 * page);  // trim drops kept handles too
+    BOOST_TEST(budget.stats().committed == 0u);
+    BOOST_TEST(free_device_bytes() + 4 * MiB >= start);
+}
+
+BOOST_AUTO_TEST_CASE(the_mapper_maps_ahead_on_the_gpu_and_accounts_exactly) {
+    using namespace vmmpp_test;
+    cuda_check(cudaSetDevice(0));
+    cuda_check(cudaFree(nullptr));
+    vmmpp::budget budget(GiB);
+    vmmpp::mapped_ahead<> growth;
+    growth.low_watermark = 4;
+    growth.high_watermark = 8;
+    growth.release_delay = std::chrono::milliseconds(20);
+    const std::size_t start = free_device_bytes();
+    {
+        vmmpp::elastic_pool<vmmpp::elastic_mapped_ahead_config> pool(GiB, vmmpp::vmm_options{.max_cached_handles = 2},
+                                                                     growth, budget.register_model("m", GiB));
+        pool.expect(0, 1);
+        for (int i = 0; i < 5000 && pool.stats().idle_units < 8; ++i) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+        BOOST_TEST(pool.stats().idle_units == 8u);
+        BOOST_TEST(budget.stats().committed == 8 * page);
+        for (std::size_t p = 0; p < 64; ++p) {
+            pool.ensure_committed(p * page, page);
+            for (int i = 0; i < 5000 && pool.stats().idle_units < 4; ++i) {
+                std::this_thread::sleep_for(std::chrono::microseconds(200));
+            }
+        }
+        auto* p = reinterpret_cast<unsigned char*>(pool.base());
+        cuda_check(cudaMemset(p, 1, 64 * page));
+        add_one<<<128, 256>>>(p, 64 * page);
+        cuda_check(cudaDeviceSynchronize());
+        const auto s = pool.stats();
+        BOOST_TEST(s.sync_commits == 0u);
+        BOOST_TEST(s.mapper_failures == 0u);
+        BOOST_TEST(budget.stats().committed == s.charged);
+        pool.release(0, 64 * page);
+        for (int i = 0; i < 5000 && pool.stats().idle_units > 8; ++i) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+        BOOST_TEST(pool.stats().idle_units == 8u);  // the rest went back lazily, on the mapper's thread
+        BOOST_TEST(pool.stats().cached_bytes == 2 * page);
+        BOOST_TEST(budget.stats().committed == 10 * page);
+    }
+    BOOST_TEST(budget.stats().committed == 0u);
+    BOOST_TEST(free_device_bytes() + 4 * MiB >= start);
 }

@@ -29,6 +29,8 @@ struct api {
     decltype(&::cuDevicePrimaryCtxRelease) primary_ctx_release = nullptr;
     decltype(&::cuCtxPushCurrent) ctx_push_current = nullptr;
     decltype(&::cuCtxPopCurrent) ctx_pop_current = nullptr;
+    decltype(&::cuCtxGetCurrent) ctx_get_current = nullptr;
+    decltype(&::cuCtxSetCurrent) ctx_set_current = nullptr;
     decltype(&::cuMemGetInfo) mem_get_info = nullptr;
     decltype(&::cuMemCreate) mem_create = nullptr;
     decltype(&::cuMemRelease) mem_release = nullptr;
@@ -88,6 +90,8 @@ inline load_result load() {
     resolve("cuDevicePrimaryCtxRelease", t.primary_ctx_release);
     resolve("cuCtxPushCurrent", t.ctx_push_current);
     resolve("cuCtxPopCurrent", t.ctx_pop_current);
+    resolve("cuCtxGetCurrent", t.ctx_get_current);
+    resolve("cuCtxSetCurrent", t.ctx_set_current);
     resolve("cuMemGetInfo", t.mem_get_info);
     resolve("cuMemCreate", t.mem_create);
     resolve("cuMemRelease", t.mem_release);

@@ -66,15 +66,35 @@ private:
 /// Makes a context current for a scope (push in the constructor, pop in the destructor).
 class scoped_context {
 public:
+    /// Pushes `ctx` unless it is current already (as it is on a thread that uses the CUDA
+    /// runtime on that device, or on a pool's mapper thread): then there is nothing to undo.
     explicit scoped_context(const primary_context& ctx) {
-        driver::check(driver::get().ctx_push_current(ctx.get()), "cuCtxPushCurrent");
+        const auto& d = driver::get();
+        CUcontext current = nullptr;
+        if (d.ctx_get_current(&current) == CUDA_SUCCESS && current == ctx.get()) {
+            return;
+        }
+        driver::check(d.ctx_push_current(ctx.get()), "cuCtxPushCurrent");
+        pushed_ = true;
     }
     scoped_context(const scoped_context&) = delete;
     scoped_context& operator=(const scoped_context&) = delete;
     ~scoped_context() {
-        CUcontext popped = nullptr;
-        (void)driver::get().ctx_pop_current(&popped);
+        if (pushed_) {
+            CUcontext popped = nullptr;
+            (void)driver::get().ctx_pop_current(&popped);
+        }
     }
+
+private:
+    bool pushed_ = false;
 };
+
+/// Makes `ctx` the calling thread's current context for good (cuCtxSetCurrent): for a thread
+/// that only ever works in it, such as a pool's background mapper, so each driver call skips
+/// the push and pop.
+inline void bind_thread_to(const primary_context& ctx) {
+    driver::check(driver::get().ctx_set_current(ctx.get()), "cuCtxSetCurrent");
+}
 
 } // namespace vmmpp
