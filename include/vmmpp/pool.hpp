@@ -4,17 +4,26 @@
 // pages back when nothing holds them any more.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "vmmpp/backing/concept.hpp"
 #include "vmmpp/error.hpp"
 #include "vmmpp/growth/concept.hpp"
+#include "vmmpp/growth/mapped_ahead.hpp"
 #include "vmmpp/quota/concept.hpp"
 
 namespace vmmpp {
@@ -26,9 +35,48 @@ struct null_mutex {
     bool try_lock() noexcept { return true; }
 };
 
+/// A std::mutex that spins for up to a few microseconds before it sleeps. The pool's critical
+/// sections are bookkeeping (about a microsecond), and a thread put to sleep on a mutex takes
+/// several microseconds to wake: an append that meets the mapper publishing a page should spin,
+/// not sleep. Spinning stops after ~10 us, so a caller waiting behind a driver call sleeps.
+class adaptive_mutex {
+public:
+    void lock() {
+        if (mutex_.try_lock()) {
+            return;
+        }
+        const auto give_up = std::chrono::steady_clock::now() + std::chrono::microseconds(10);
+        for (unsigned i = 1;; ++i) {
+            cpu_relax();
+            if (mutex_.try_lock()) {
+                return;
+            }
+            if (i % 64 == 0 && std::chrono::steady_clock::now() > give_up) {
+                break;
+            }
+        }
+        mutex_.lock();
+    }
+    void unlock() { mutex_.unlock(); }
+    bool try_lock() { return mutex_.try_lock(); }
+
+    /// A pause for spin-wait loops.
+    static void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        asm volatile("yield");
+#endif
+    }
+
+private:
+    std::mutex mutex_;
+};
+
 /// A pool's compile-time configuration: where bytes come from, how the pool grows and shrinks,
-/// who may commit how much, and the mutex that makes it thread safe (`null_mutex` for none).
-template <class Backing, class Growth, class Quota, class Mutex = std::mutex>
+/// who may commit how much, and the mutex that makes it thread safe (`null_mutex` for none;
+/// `adaptive_mutex` by default).
+template <class Backing, class Growth, class Quota, class Mutex = adaptive_mutex>
 struct pool_config {
     static_assert(backing<Backing>, "vmmpp::pool_config: Backing does not model vmmpp::backing");
     static_assert(growth_policy<Growth>, "vmmpp::pool_config: Growth does not model vmmpp::growth_policy");
@@ -36,6 +84,8 @@ struct pool_config {
     static_assert(Backing::is_elastic || !Growth::is_elastic,
                   "vmmpp::pool_config: an elastic growth policy over a fixed backing (device, external) would only "
                   "pretend to give memory back; use vmmpp::preallocated");
+    static_assert(!background_growth_policy<Growth> || !std::is_same_v<Mutex, null_mutex>,
+                  "vmmpp::pool_config: a background mapper (mapped_ahead) needs a real Mutex, not null_mutex");
 
     using backing_type = Backing;
     using growth_type = Growth;
@@ -50,8 +100,16 @@ struct pool_stats {
     std::size_t peak_committed = 0;   ///< most bytes ever committed at once
     std::size_t held_pages = 0;       ///< pages that something holds
     std::size_t idle_units = 0;       ///< committed units that nothing holds (spares)
+    std::size_t cached_bytes = 0;     ///< decommitted physical handles the backing keeps for reuse
+    std::size_t charged = 0;          ///< bytes charged to the quota: committed + cached_bytes (+ a unit the mapper is committing)
     std::uint64_t commits = 0;        ///< backing commit calls
     std::uint64_t decommits = 0;      ///< backing decommit calls
+    std::uint64_t sync_commits = 0;   ///< commits made on a caller's thread (the critical path)
+    std::uint64_t mapper_commits = 0;     ///< commits made ahead of demand by the background mapper
+    std::uint64_t mapper_decommits = 0;   ///< lazy decommits made by the background mapper
+    std::uint64_t mapper_failures = 0;    ///< mapper commits refused (quota, memory) or failed
+    std::uint64_t waits = 0;          ///< times a caller waited for the mapper to finish a unit it needed
+    std::uint64_t reclaims = 0;       ///< times another model's pressure made this pool give spares back
     std::chrono::nanoseconds driver_time{0};  ///< time spent inside the backing's commit/decommit
 };
 
@@ -60,6 +118,17 @@ struct pool_stats {
 /// Thread safety: every member function may be called concurrently from any threads; they
 /// serialise on `Config::mutex_type` (the driver serialises VMM calls anyway: DESIGN.md).
 /// `base()`, `capacity()` and `page_bytes()` never change and take no lock.
+///
+/// Background mapping: with a growth policy that models background_growth_policy (mapped_ahead),
+/// the pool runs a mapper thread that commits spare units ahead of demand and gives idle ones
+/// back lazily (see vmmpp/growth/mapped_ahead.hpp). A unit being mapped or unmapped by it is
+/// "in flight": a caller that needs it waits for it rather than mapping it twice. The mapper
+/// calls the backing outside the pool's lock, so callers that find their memory committed never
+/// wait for the driver. The quota must then be thread safe (all of vmmpp's are).
+///
+/// Quota accounting is exact: the pool charges committed units plus handles its backing keeps
+/// for reuse (vmm_options::max_cached_handles). Under quota pressure it gives back its own
+/// spares and kept handles first, then asks the other models of a shared budget for theirs.
 template <class Config>
 class elastic_pool {
 public:
@@ -68,6 +137,8 @@ public:
     using growth_type = typename Config::growth_type;
     using quota_type = typename Config::quota_type;
     using mutex_type = typename Config::mutex_type;
+    /// Whether this pool runs a background mapper thread.
+    static constexpr bool has_mapper = background_growth_policy<growth_type>;
 
     /// Builds the backing with `capacity` bytes (a multiple of its granularity). A pool whose
     /// growth policy is not elastic commits the whole span here, charged to the quota.
@@ -82,32 +153,62 @@ public:
           units_((pages_ + unit_pages_ - 1) / unit_pages_),
           page_holds_(pages_, 0),
           unit_held_pages_(units_, 0),
-          unit_committed_(units_, false) {
+          unit_state_(units_, unit_state::uncommitted) {
         stats_.reserved = backing_.capacity();
         if constexpr (!growth_type::is_elastic) {
             std::vector<std::size_t> all(units_);
             for (std::size_t u = 0; u < units_; ++u) {
                 all[u] = u;
-                idle_.insert(u);
             }
             commit_units(all, 0, 0);
+            for (std::size_t u = 0; u < units_; ++u) {
+                make_idle(u);
+            }
+        }
+        if constexpr (has_mapper) {
+            if (growth_.low_watermark > growth_.high_watermark) {
+                throw invalid_argument("mapped_ahead: low_watermark " + std::to_string(growth_.low_watermark) +
+                                       " exceeds high_watermark " + std::to_string(growth_.high_watermark));
+            }
+            idle_since_.assign(units_, {});
+        }
+        if constexpr (can_reclaim) {
+            quota_.set_reclaimer([this] { return give_back_for_others(); });
+        }
+        if constexpr (has_mapper) {
+            mapper_ = std::thread([this] { mapper_loop(); });  // last: everything it reads exists
         }
     }
     elastic_pool(const elastic_pool&) = delete;
     elastic_pool& operator=(const elastic_pool&) = delete;
 
-    /// Gives every committed unit back (to the backing and the quota).
+    /// Stops the mapper (it finishes the unit in flight), then gives every committed unit and
+    /// kept handle back, to the backing and the quota.
     ~elastic_pool() {
+        if constexpr (can_reclaim) {
+            quota_.clear_reclaimer();
+        }
+        if constexpr (has_mapper) {
+            {
+                std::lock_guard lock(mutex_);
+                stop_ = true;
+            }
+            wake_.notify_all();
+            mapper_.join();
+        }
         for (std::size_t u = 0; u < units_; ++u) {
-            if (unit_committed_[u]) {
+            if (unit_state_[u] == unit_state::committed) {
                 try {
                     backing_.decommit(unit_offset(u), unit_bytes(u));
                 } catch (...) {
                     // The backing frees everything in its own destructor; only the quota matters here.
                 }
-                quota_.release(unit_bytes(u));
             }
         }
+        if constexpr (keeps_handles) {
+            (void)backing_.release_cached();
+        }
+        quota_.release(charged_.load());
     }
 
     /// Holds [offset, offset+bytes): commits every page under it that is not committed yet.
@@ -118,39 +219,53 @@ public:
     /// pressure stay given back (nothing held them).
     void ensure_committed(std::size_t offset, std::size_t bytes) {
         check_range("ensure_committed", offset, bytes);
-        std::lock_guard lock(mutex_);
+        std::unique_lock lock(mutex_);
         const std::size_t first_page = offset / page_bytes_;
         const std::size_t last_page = (offset + bytes - 1) / page_bytes_;
         const std::size_t first_unit = first_page / unit_pages_;
         const std::size_t last_unit = last_page / unit_pages_;
-        bool all_committed = true;
-        for (std::size_t u = first_unit; u <= last_unit && all_committed; ++u) {
-            all_committed = unit_committed_[u];
-        }
-        if (!all_committed) {  // the common case (a block on a committed page) allocates nothing
+        for (;;) {
+            bool all_committed = true;
+            bool in_flight = false;
+            for (std::size_t u = first_unit; u <= last_unit; ++u) {
+                all_committed = all_committed && unit_state_[u] == unit_state::committed;
+                in_flight = in_flight || is_in_flight(u);
+            }
+            if (all_committed) {
+                break;  // the common case (a block on a committed page) allocates nothing
+            }
+            if (in_flight) {
+                ++stats_.waits;  // the mapper is mapping or unmapping one of them: never map twice
+                settled_.wait(lock);
+                continue;
+            }
             std::vector<std::size_t> missing;
             for (std::size_t u = first_unit; u <= last_unit; ++u) {
-                if (!unit_committed_[u]) {
+                if (unit_state_[u] == unit_state::uncommitted) {
                     missing.push_back(u);
                 }
             }
             commit_units(missing, first_unit, last_unit);
+            stats_.sync_commits += missing.size();
+            break;
         }
         for (std::size_t p = first_page; p <= last_page; ++p) {
             if (page_holds_[p]++ == 0) {
                 ++held_pages_;
-                if (unit_held_pages_[p / unit_pages_]++ == 0) {
-                    idle_.erase(p / unit_pages_);
+                const std::size_t u = p / unit_pages_;
+                if (unit_held_pages_[u]++ == 0) {
+                    idle_.erase(u);
+                    note_taken(u);
                 }
             }
         }
     }
 
     /// Lets go of [offset, offset+bytes), held before with ensure_committed. Pages nothing holds
-    /// any more go back as the growth policy says. Releasing a range that is not held (a double
-    /// release) is an invalid_argument and changes nothing. If the backing fails to decommit,
-    /// the release has still taken effect (the page stays committed as a spare) and the error
-    /// propagates.
+    /// any more go back as the growth policy says (with a background mapper: later, on its
+    /// thread). Releasing a range that is not held (a double release) is an invalid_argument
+    /// and changes nothing. If the backing fails to decommit, the release has still taken effect
+    /// (the page stays committed as a spare) and the error propagates.
     void release(std::size_t offset, std::size_t bytes) {
         check_range("release", offset, bytes);
         std::lock_guard lock(mutex_);
@@ -167,23 +282,48 @@ public:
             if (--page_holds_[p] == 0) {
                 --held_pages_;
                 if (--unit_held_pages_[p / unit_pages_] == 0) {
-                    idle_.insert(p / unit_pages_);
+                    make_idle(p / unit_pages_);
                 }
             }
         }
-        shrink(growth_.idle_units_to_keep(committed_units_, idle_.size()));
+        if constexpr (has_mapper) {
+            if (idle_.size() > growth_.high_watermark && mapper_waiting_ && !mapper_has_deadline_) {
+                wake_.notify_one();  // the mapper sleeps without a timer: let it schedule the lazy release
+            }
+        } else {
+            shrink(growth_.idle_units_to_keep(committed_units_, idle_.size()));
+        }
     }
 
-    /// Gives back every committed unit nothing holds, spares included (e.g. when another model
-    /// needs the budget). Returns the bytes given back. A preallocated pool gives nothing back.
+    /// Gives back every committed unit nothing holds, spares included, and every kept handle
+    /// (e.g. when another model needs the budget). Units the mapper has in flight finish on its
+    /// thread. Returns the bytes given back. A preallocated pool gives nothing back.
     std::size_t trim() {
         std::lock_guard lock(mutex_);
         if constexpr (!growth_type::is_elastic) {
             return 0;
         } else {
-            const std::size_t before = stats_.committed;
+            const std::size_t before = charged_.load();
+            refilling_ = false;
             shrink(0);
-            return before - stats_.committed;
+            drop_kept_handles();
+            return before - charged_.load();
+        }
+    }
+
+    /// Tells the background mapper that [offset, offset+bytes) will be needed soon: it maps the
+    /// units there (and then the ones after them) into its spares. Without a mapper it does
+    /// nothing. kv_cache announces the first block of each of its regions this way.
+    void expect(std::size_t offset, std::size_t bytes) {
+        check_range("expect", offset, bytes);
+        if constexpr (has_mapper) {
+            std::lock_guard lock(mutex_);
+            for (std::size_t u = offset / page_bytes_ / unit_pages_; u <= (offset + bytes - 1) / page_bytes_ / unit_pages_;
+                 ++u) {
+                add_frontier(u);
+            }
+            refilling_ = true;
+            wake_.notify_one();
         }
     }
 
@@ -201,7 +341,7 @@ public:
     [[nodiscard]] std::size_t unit_count() const noexcept { return units_; }
     [[nodiscard]] bool is_unit_committed(std::size_t u) const {
         std::lock_guard lock(mutex_);
-        return u < units_ && unit_committed_[u];
+        return u < units_ && unit_state_[u] == unit_state::committed;
     }
     /// Byte offset and length of unit `u` within the span.
     [[nodiscard]] std::size_t unit_offset_of(std::size_t u) const noexcept { return unit_offset(u); }
@@ -216,7 +356,7 @@ public:
         check_range("is_committed", offset, bytes);
         std::lock_guard lock(mutex_);
         for (std::size_t p = offset / page_bytes_; p <= (offset + bytes - 1) / page_bytes_; ++p) {
-            if (!unit_committed_[p / unit_pages_]) {
+            if (unit_state_[p / unit_pages_] != unit_state::committed) {
                 return false;
             }
         }
@@ -227,15 +367,45 @@ public:
         pool_stats s = stats_;
         s.held_pages = held_pages_;
         s.idle_units = idle_.size();
+        s.charged = charged_.load();
+        s.cached_bytes = kept_snapshot_.load();
+        s.driver_time = std::chrono::nanoseconds(driver_ns_.load());
         return s;
     }
 
     /// The quota this pool charges (e.g. to read a shared_budget's statistics).
     [[nodiscard]] const quota_type& quota() const noexcept { return quota_; }
-    /// The backing, for what only it knows (a vmm backing's handle count, say).
+    /// The backing, for what only it knows (a vmm backing's handle count, say). With a
+    /// background mapper the backing changes under the caller: use with_backing.
     [[nodiscard]] const backing_type& backing() const noexcept { return backing_; }
+    /// Calls f(backing) with the pool and its backing locked, so no commit runs meanwhile
+    /// (e.g. to export the handles of a pool that maps in the background).
+    template <class F>
+    decltype(auto) with_backing(F&& f) const {
+        std::lock_guard lock(mutex_);
+        std::lock_guard backing_lock(backing_mutex_);
+        return std::forward<F>(f)(backing_);
+    }
 
 private:
+    enum class unit_state : std::uint8_t { uncommitted, committed, committing, decommitting };
+    using clock = std::chrono::steady_clock;
+    /// Backing calls made outside the pool's lock (by the mapper) serialise on this one.
+    using backing_mutex_type = std::conditional_t<has_mapper, std::mutex, null_mutex>;
+    static constexpr bool keeps_handles = requires(backing_type& b) {
+        { b.cached_bytes() } -> std::same_as<std::size_t>;
+        { b.release_cached() } -> std::same_as<std::size_t>;
+    };
+    /// Pools that other models' pressure can reclaim spares from (a single-threaded pool cannot
+    /// be entered from another thread).
+    static constexpr bool can_reclaim = growth_type::is_elastic && !std::is_same_v<mutex_type, null_mutex> &&
+                                        requires(quota_type& q) {
+                                            q.set_reclaimer(std::function<std::size_t()>{});
+                                            q.clear_reclaimer();
+                                            { q.reclaim_from_others() } -> std::same_as<std::size_t>;
+                                        };
+    static constexpr std::size_t max_frontiers = 256;
+
     void check_range(const char* operation, std::size_t offset, std::size_t bytes) const {
         if (bytes == 0 || offset >= stats_.reserved || bytes > stats_.reserved - offset) {
             throw invalid_argument(std::string(operation) + " of [" + std::to_string(offset) + ", +" +
@@ -248,26 +418,145 @@ private:
     [[nodiscard]] std::size_t unit_bytes(std::size_t u) const noexcept {
         return (std::min(pages_, (u + 1) * unit_pages_) - u * unit_pages_) * page_bytes_;
     }
+    [[nodiscard]] bool is_in_flight(std::size_t u) const noexcept {
+        return unit_state_[u] == unit_state::committing || unit_state_[u] == unit_state::decommitting;
+    }
+    [[nodiscard]] std::size_t kept_bytes() const noexcept {
+        if constexpr (keeps_handles) {
+            return backing_.cached_bytes();
+        } else {
+            return 0;
+        }
+    }
+
+    // --- backing calls: the caller holds backing_mutex_ (and may or may not hold mutex_) ---
 
     template <class F>
     void timed(F&& f) {
-        const auto start = std::chrono::steady_clock::now();
-        try {
-            f();
-        } catch (...) {
-            stats_.driver_time += std::chrono::steady_clock::now() - start;
-            throw;
+        const auto start = clock::now();
+        struct add_time {
+            std::atomic<std::int64_t>& total;
+            clock::time_point start;
+            ~add_time() { total += (clock::now() - start).count(); }
+        } add{driver_ns_, start};
+        std::forward<F>(f)();
+    }
+    /// Commits unit u, already charged to the quota; a reused kept handle was charged while
+    /// kept, so its second charge goes back. Strong guarantee.
+    void backing_commit(std::size_t u) {
+        const std::size_t kept_before = kept_bytes();
+        timed([&] { backing_.commit(unit_offset(u), unit_bytes(u)); });
+        uncharge(kept_before - kept_bytes());
+        kept_snapshot_ = kept_bytes();
+    }
+    /// Decommits unit u and gives the quota back what left the device (a handle the backing
+    /// keeps for reuse stays charged).
+    void backing_decommit(std::size_t u) {
+        const std::size_t kept_before = kept_bytes();
+        timed([&] { backing_.decommit(unit_offset(u), unit_bytes(u)); });
+        uncharge(unit_bytes(u) - (kept_bytes() - kept_before));
+        kept_snapshot_ = kept_bytes();
+    }
+    void drop_kept_handles() noexcept {
+        if constexpr (keeps_handles) {
+            std::lock_guard backing_lock(backing_mutex_);
+            uncharge(backing_.release_cached());
+            kept_snapshot_ = 0;
         }
-        stats_.driver_time += std::chrono::steady_clock::now() - start;
     }
 
-    /// Commits every unit in `units`, or none of them. Under quota pressure it first gives back
-    /// this pool's own spare units outside [keep_first, keep_last].
+    void charge(std::size_t bytes) {
+        quota_.acquire(bytes);
+        charged_ += bytes;
+    }
+    void uncharge(std::size_t bytes) noexcept {
+        if (bytes > 0) {
+            charged_ -= bytes;
+            quota_.release(bytes);
+        }
+    }
+
+    // --- bookkeeping: the caller holds mutex_ ---
+
+    void make_idle(std::size_t u) {
+        idle_.insert(u);
+        if constexpr (has_mapper) {
+            const auto now = clock::now();
+            idle_since_[u] = now;
+            idle_order_.emplace_back(u, now);
+            if (idle_order_.size() > 2 * idle_.size() + 64) {
+                std::erase_if(idle_order_, [&](const auto& e) { return !is_idle_since(e.first, e.second); });
+            }
+        }
+    }
+    /// Whether an idle_order_ entry is current: u is idle and became so at `since`.
+    [[nodiscard]] bool is_idle_since(std::size_t u, clock::time_point since) const noexcept {
+        return unit_state_[u] == unit_state::committed && unit_held_pages_[u] == 0 && idle_since_[u] == since;
+    }
+    void note_committed(std::size_t u, bool by_mapper) {
+        unit_state_[u] = unit_state::committed;
+        ++committed_units_;
+        ++stats_.commits;
+        stats_.mapper_commits += by_mapper ? 1 : 0;
+        stats_.committed += unit_bytes(u);
+        stats_.peak_committed = std::max(stats_.peak_committed, stats_.committed);
+    }
+    void note_decommitted(std::size_t u) {
+        unit_state_[u] = unit_state::uncommitted;
+        --committed_units_;
+        ++stats_.decommits;
+        stats_.committed -= unit_bytes(u);
+    }
+
+    /// The mapper predicts demand from where units were taken last: the unit after a taken one
+    /// is where a lowest-first allocator goes next.
+    void note_taken(std::size_t u) {
+        if constexpr (has_mapper) {
+            if (u + 1 < units_) {
+                auto it = std::find(frontiers_.begin(), frontiers_.end(), u);
+                if (it != frontiers_.end()) {
+                    *it = u + 1;  // that frontier advanced
+                } else {
+                    add_frontier(u + 1);
+                }
+            }
+            last_taken_ = clock::now();
+            if (!refilling_ && idle_.size() + in_flight_commits_ < growth_.low_watermark) {
+                refilling_ = true;
+                // A polling mapper finds out by itself; waking one costs this (critical) path a
+                // system call, so only a mapper asleep for good is woken.
+                if (mapper_waiting_) {
+                    wake_.notify_one();
+                }
+            }
+        }
+    }
+    void add_frontier(std::size_t u) {
+        if (std::find(frontiers_.begin(), frontiers_.end(), u) != frontiers_.end()) {
+            return;
+        }
+        if (frontiers_.size() == max_frontiers) {
+            frontiers_.pop_back();
+        }
+        frontiers_.push_front(u);
+    }
+
+    /// Commits every unit in `units` on the caller's thread, or none of them. Under quota
+    /// pressure it first gives back this pool's own spares outside [keep_first, keep_last] and
+    /// its kept handles, then asks the budget's other models for theirs.
     void commit_units(const std::vector<std::size_t>& units, std::size_t keep_first, std::size_t keep_last) {
         std::size_t done = 0;
         try {
             for (std::size_t u : units) {
-                commit_unit(u, keep_first, keep_last);
+                charge_making_room(unit_bytes(u), keep_first, keep_last);
+                try {
+                    std::lock_guard backing_lock(backing_mutex_);
+                    backing_commit(u);
+                } catch (...) {
+                    uncharge(unit_bytes(u));
+                    throw;
+                }
+                note_committed(u, false);
                 ++done;
             }
         } catch (...) {
@@ -276,44 +565,48 @@ private:
                 try {
                     decommit_unit(u);
                 } catch (...) {
-                    idle_.insert(u);  // still committed: keep it as a spare, accounted
+                    make_idle(u);  // still committed: keep it as a spare, accounted
                 }
             }
             throw;
         }
     }
 
-    void commit_unit(std::size_t u, std::size_t keep_first, std::size_t keep_last) {
-        const std::size_t bytes = unit_bytes(u);
+    void charge_making_room(std::size_t bytes, std::size_t keep_first, std::size_t keep_last) {
         try {
-            quota_.acquire(bytes);
+            charge(bytes);
+            return;
         } catch (const over_quota&) {
             if (!give_back_spares(keep_first, keep_last)) {
-                throw;
+                if constexpr (can_reclaim) {
+                    if (quota_.reclaim_from_others() == 0) {
+                        throw;
+                    }
+                } else {
+                    throw;
+                }
             }
-            quota_.acquire(bytes);
         }
         try {
-            timed([&] { backing_.commit(unit_offset(u), bytes); });
-        } catch (...) {
-            quota_.release(bytes);
+            charge(bytes);
+        } catch (const over_quota&) {
+            if constexpr (can_reclaim) {
+                if (quota_.reclaim_from_others() > 0) {
+                    charge(bytes);
+                    return;
+                }
+            }
             throw;
         }
-        unit_committed_[u] = true;
-        ++committed_units_;
-        ++stats_.commits;
-        stats_.committed += bytes;
-        stats_.peak_committed = std::max(stats_.peak_committed, stats_.committed);
     }
 
+    /// Decommits unit u on the caller's thread (which holds mutex_).
     void decommit_unit(std::size_t u) {
-        const std::size_t bytes = unit_bytes(u);
-        timed([&] { backing_.decommit(unit_offset(u), bytes); });
-        quota_.release(bytes);
-        unit_committed_[u] = false;
-        --committed_units_;
-        ++stats_.decommits;
-        stats_.committed -= bytes;
+        {
+            std::lock_guard backing_lock(backing_mutex_);
+            backing_decommit(u);
+        }
+        note_decommitted(u);
     }
 
     /// Decommits idle units, highest offset first, until at most `keep` remain.
@@ -327,12 +620,13 @@ private:
         }
     }
 
-    /// Gives back idle units outside [keep_first, keep_last]; true if it gave any back.
+    /// Gives back idle units outside [keep_first, keep_last] and kept handles; true if it gave
+    /// anything back.
     bool give_back_spares(std::size_t keep_first, std::size_t keep_last) {
         if constexpr (!growth_type::is_elastic) {
             return false;
         } else {
-            bool any = false;
+            const std::size_t before = charged_.load();
             for (auto it = idle_.begin(); it != idle_.end();) {
                 if (*it >= keep_first && *it <= keep_last) {
                     ++it;
@@ -340,9 +634,171 @@ private:
                 }
                 decommit_unit(*it);
                 it = idle_.erase(it);
-                any = true;
             }
-            return any;
+            drop_kept_handles();
+            refilling_ = false;
+            return charged_.load() < before;
+        }
+    }
+
+    /// Another model of the budget was refused: give every spare back, unless this pool is busy
+    /// (then its own thread is using it, and it is skipped rather than waited for).
+    std::size_t give_back_for_others() noexcept {
+        std::unique_lock lock(mutex_, std::try_to_lock);
+        if (!lock) {
+            return 0;
+        }
+        const std::size_t before = charged_.load();
+        try {
+            (void)give_back_spares(units_, units_);
+        } catch (...) {
+            // a unit that failed to decommit stays a spare; what was given back counts
+        }
+        const std::size_t freed = before - charged_.load();
+        stats_.reclaims += freed > 0 ? 1 : 0;
+        return freed;
+    }
+
+    // --- the background mapper ---
+
+    /// The next unit to map ahead of demand, or none. Refills from below the low watermark up
+    /// to the high one, breadth first over the frontiers (the newest first).
+    std::optional<std::size_t> next_unit_to_map() {
+        if (!refilling_) {
+            return std::nullopt;
+        }
+        if (idle_.size() + in_flight_commits_ >= growth_.high_watermark) {
+            refilling_ = false;
+            return std::nullopt;
+        }
+        for (std::size_t d = 0; d < growth_.high_watermark; ++d) {
+            for (std::size_t f : frontiers_) {
+                if (f + d < units_ && unit_state_[f + d] == unit_state::uncommitted) {
+                    return f + d;
+                }
+            }
+        }
+        refilling_ = false;  // nothing predicted: wait for demand
+        return std::nullopt;
+    }
+
+    /// The oldest spare above the high watermark idle for release_delay, or none; `deadline`
+    /// becomes when the next one will be due.
+    std::optional<std::size_t> next_unit_to_release(clock::time_point now, std::optional<clock::time_point>& deadline) {
+        if (idle_.size() <= growth_.high_watermark) {
+            return std::nullopt;
+        }
+        while (!idle_order_.empty()) {
+            const auto [u, since] = idle_order_.front();
+            if (!is_idle_since(u, since)) {
+                idle_order_.pop_front();  // taken again since, or already given back
+                continue;
+            }
+            if (since + growth_.release_delay <= now) {
+                idle_order_.pop_front();
+                return u;
+            }
+            deadline = since + growth_.release_delay;
+            return std::nullopt;
+        }
+        return std::nullopt;
+    }
+
+    /// The mapper takes the pool's lock by spinning on try_lock: a thread blocked on a mutex
+    /// makes its owner's unlock a system call, and the owner is a caller on its critical path.
+    static void lock_spinning(std::unique_lock<mutex_type>& lock) {
+        while (!lock.try_lock()) {
+            adaptive_mutex::cpu_relax();
+        }
+    }
+
+    void mapper_loop() {
+        if constexpr (requires { backing_.bind_current_thread(); }) {
+            try {
+                backing_.bind_current_thread();
+            } catch (...) {
+                // each backing call then pushes and pops the context itself
+            }
+        }
+        std::unique_lock lock(mutex_);
+        while (!stop_) {
+            if (const auto u = next_unit_to_map()) {
+                unit_state_[*u] = unit_state::committing;
+                ++in_flight_commits_;
+                lock.unlock();
+                bool ok = false;
+                try {
+                    charge(unit_bytes(*u));  // no room made: spares never push other memory out
+                    try {
+                        std::lock_guard backing_lock(backing_mutex_);
+                        backing_commit(*u);
+                        ok = true;
+                    } catch (...) {
+                        uncharge(unit_bytes(*u));
+                    }
+                } catch (...) {
+                    // over quota or out of memory: stop refilling until demand comes back
+                }
+                lock_spinning(lock);
+                --in_flight_commits_;
+                if (ok) {
+                    note_committed(*u, true);
+                    make_idle(*u);
+                } else {
+                    unit_state_[*u] = unit_state::uncommitted;
+                    ++stats_.mapper_failures;
+                    refilling_ = false;
+                }
+                settled_.notify_all();
+                continue;
+            }
+            std::optional<clock::time_point> deadline;
+            if (const auto u = next_unit_to_release(clock::now(), deadline)) {
+                unit_state_[*u] = unit_state::decommitting;
+                idle_.erase(*u);
+                lock.unlock();
+                bool ok = false;
+                try {
+                    std::lock_guard backing_lock(backing_mutex_);
+                    backing_decommit(*u);
+                    ok = true;
+                } catch (...) {
+                    // stays committed, as a spare
+                }
+                lock_spinning(lock);
+                if (ok) {
+                    note_decommitted(*u);
+                    ++stats_.mapper_decommits;
+                } else {
+                    unit_state_[*u] = unit_state::committed;
+                    make_idle(*u);
+                    ++stats_.mapper_failures;
+                }
+                settled_.notify_all();
+                continue;
+            }
+            const auto now = clock::now();
+            if (now - last_taken_ < growth_.release_delay) {
+                // Growing lately: poll without the lock (callers never meet the mapper on it and
+                // never wake it), until a refill is wanted, a release is due, or a while passed.
+                const auto look_again = std::min(deadline.value_or(clock::time_point::max()), now + growth_.release_delay);
+                lock.unlock();
+                do {
+                    std::this_thread::sleep_for(growth_.poll_interval);
+                } while (!stop_.load(std::memory_order_relaxed) && !refilling_.load(std::memory_order_relaxed) &&
+                         clock::now() < look_again);
+                lock_spinning(lock);
+                continue;
+            }
+            // Quiet: sleep until woken (demand, shutdown) or the next lazy release is due.
+            mapper_waiting_ = true;
+            mapper_has_deadline_ = deadline.has_value();
+            if (deadline) {
+                wake_.wait_until(lock, *deadline);
+            } else {
+                wake_.wait(lock);
+            }
+            mapper_waiting_ = false;
         }
     }
 
@@ -350,17 +806,34 @@ private:
     growth_type growth_;
     quota_type quota_;
     mutable mutex_type mutex_;
+    mutable backing_mutex_type backing_mutex_;
     const std::size_t page_bytes_;
     const std::size_t pages_;
     const std::size_t unit_pages_;
     const std::size_t units_;
     std::vector<std::uint32_t> page_holds_;       // per page: how many holds
     std::vector<std::uint32_t> unit_held_pages_;  // per unit: how many of its pages are held
-    std::vector<bool> unit_committed_;
-    std::set<std::size_t> idle_;                  // committed units nothing holds
+    std::vector<unit_state> unit_state_;
+    std::set<std::size_t> idle_;                  // committed units nothing holds (spares)
     std::size_t committed_units_ = 0;
     std::size_t held_pages_ = 0;
+    std::atomic<std::size_t> charged_{0};         // bytes acquired from the quota
+    std::atomic<std::size_t> kept_snapshot_{0};   // the backing's kept handle bytes, after its last call
+    std::atomic<std::int64_t> driver_ns_{0};
     pool_stats stats_;
+    // The background mapper's state (unused without one).
+    std::condition_variable_any wake_;     // wakes the mapper
+    std::condition_variable_any settled_;  // a unit in flight settled
+    std::thread mapper_;
+    std::atomic<bool> stop_{false};
+    std::atomic<bool> refilling_{false};       // read without the lock by the polling mapper
+    bool mapper_waiting_ = false;
+    bool mapper_has_deadline_ = false;
+    clock::time_point last_taken_{};       // when a caller last took a unit (growth activity)
+    std::size_t in_flight_commits_ = 0;
+    std::deque<std::size_t> frontiers_;    // units expected to be needed next, newest first
+    std::vector<clock::time_point> idle_since_;
+    std::deque<std::pair<std::size_t, clock::time_point>> idle_order_;  // idle units, oldest first (lazily pruned)
 };
 
 } // namespace vmmpp

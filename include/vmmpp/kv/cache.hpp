@@ -70,7 +70,12 @@ public:
           options_(options),
           pool_(span_bytes(geometry_, options.span_alignment), std::move(backing_options), std::move(growth),
                 std::move(quota)),
-          blocks_(geometry_.max_blocks) {}
+          blocks_(geometry_.max_blocks) {
+        if constexpr (pool_type::has_mapper) {
+            // Where the first blocks go: the background mapper starts its spares there.
+            Layout::for_each_piece(geometry_, 0, [&](std::size_t off, std::size_t bytes) { pool_.expect(off, bytes); });
+        }
+    }
 
     kv_cache(const kv_cache&) = delete;
     kv_cache& operator=(const kv_cache&) = delete;

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -62,8 +63,14 @@ public:
 
 private:
     friend class shared_budget;
+    /// A pool's way to give its spare memory back when another model is refused.
+    struct reclaimer {
+        std::mutex mutex;  // held while `give_back` runs, so unregistering waits for a running call
+        std::function<std::size_t()> give_back;
+    };
     struct state {
         mutable std::mutex mutex;
+        std::vector<std::shared_ptr<reclaimer>> reclaimers;
         std::size_t limit = 0;
         std::size_t committed = 0;
         std::size_t peak = 0;
@@ -76,6 +83,30 @@ private:
 /// One model's share of a budget: the quota policy of its pool. Copies charge the same model.
 class shared_budget {
 public:
+    /// A copy charges the same model but does not inherit a registered reclaimer.
+    shared_budget(const shared_budget& other) : state_(other.state_), index_(other.index_), name_(other.name_) {}
+    shared_budget& operator=(const shared_budget& other) {
+        if (this != &other) {
+            clear_reclaimer();
+            state_ = other.state_;
+            index_ = other.index_;
+            name_ = other.name_;
+        }
+        return *this;
+    }
+    shared_budget(shared_budget&&) noexcept = default;
+    shared_budget& operator=(shared_budget&& other) noexcept {
+        if (this != &other) {
+            clear_reclaimer();
+            state_ = std::move(other.state_);
+            index_ = other.index_;
+            name_ = std::move(other.name_);
+            reclaimer_ = std::move(other.reclaimer_);
+        }
+        return *this;
+    }
+    ~shared_budget() { clear_reclaimer(); }
+
     /// Takes `bytes` from this model's limit and the global limit together, or throws
     /// vmmpp::over_quota naming the limit that refused it and changes nothing.
     void acquire(std::size_t bytes) {
@@ -106,6 +137,53 @@ public:
         state_->committed -= n;
     }
 
+    /// Registers `give_back` (returns the bytes it released to this budget) as this share's way
+    /// to free spare memory when another share is refused: reclaim_from_others calls it. One per
+    /// share object; a pool registers its own copy and clears it before it goes.
+    void set_reclaimer(std::function<std::size_t()> give_back) {
+        clear_reclaimer();
+        auto r = std::make_shared<budget::reclaimer>();
+        r->give_back = std::move(give_back);
+        std::lock_guard lock(state_->mutex);
+        state_->reclaimers.push_back(r);
+        reclaimer_ = std::move(r);
+    }
+    /// Unregisters this share's reclaimer; waits for a call of it in progress to finish.
+    void clear_reclaimer() noexcept {
+        if (!reclaimer_) {
+            return;
+        }
+        const std::shared_ptr<budget::reclaimer> mine = std::move(reclaimer_);  // outlives the lock below
+        {
+            std::lock_guard lock(state_->mutex);
+            std::erase(state_->reclaimers, mine);
+        }
+        std::lock_guard running(mine->mutex);
+        mine->give_back = nullptr;
+    }
+    /// Asks every other registered share to give its spare memory back now (budget pressure).
+    /// A reclaimer that is busy (its pool locked by its own thread) is skipped rather than
+    /// waited for, so two pools reclaiming from each other cannot deadlock. Returns the bytes
+    /// given back.
+    std::size_t reclaim_from_others() noexcept {
+        std::vector<std::shared_ptr<budget::reclaimer>> others;
+        {
+            std::lock_guard lock(state_->mutex);
+            others = state_->reclaimers;  // NOLINT: a few pointers; copying keeps the budget lock a leaf
+        }
+        std::size_t freed = 0;
+        for (const auto& r : others) {
+            if (r == reclaimer_) {
+                continue;
+            }
+            std::unique_lock running(r->mutex, std::try_to_lock);
+            if (running && r->give_back) {
+                freed += r->give_back();
+            }
+        }
+        return freed;
+    }
+
     /// This model's statistics now.
     [[nodiscard]] model_stats stats() const {
         std::lock_guard lock(state_->mutex);
@@ -122,6 +200,7 @@ private:
     std::shared_ptr<budget::state> state_;
     std::size_t index_;
     std::string name_;
+    std::shared_ptr<budget::reclaimer> reclaimer_;  // this copy's registration, if any
 };
 
 inline shared_budget budget::register_model(std::string name, std::size_t limit) {

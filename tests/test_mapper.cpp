@@ -1,0 +1,327 @@
+// The background mapper (mapped_ahead) and kept-handle accounting, on the host backing so CI
+// runs them for real: spares ahead of demand, lazy release, no double map under a stress of
+// several caches, budget pressure, exact accounting, clean shutdown.
+#define BOOST_TEST_MODULE mapper
+#include "support/cpu_main.hpp"
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "support/pool_factories.hpp"
+#include "vmmpp/kv/cache.hpp"
+
+using vmmpp_test::page;
+using namespace std::chrono_literals;
+
+namespace {
+
+/// The host backing, failing the test run if anything commits a range twice or decommits one
+/// that is not committed: the mapper and callers must never map the same unit twice.
+std::atomic<int> double_maps{0};
+struct checked_host {
+    using options = vmmpp::host_options;
+    static constexpr bool is_elastic = true;
+    explicit checked_host(std::size_t capacity, options o = {}) : inner(capacity, o) {}
+    [[nodiscard]] std::size_t granularity() const noexcept { return inner.granularity(); }
+    [[nodiscard]] std::byte* base() const noexcept { return inner.base(); }
+    [[nodiscard]] std::size_t capacity() const noexcept { return inner.capacity(); }
+    [[nodiscard]] std::size_t committed_bytes() const noexcept { return inner.committed_bytes(); }
+    void commit(std::size_t offset, std::size_t bytes) {
+        try {
+            inner.commit(offset, bytes);
+        } catch (const vmmpp::invalid_argument&) {
+            ++double_maps;
+            throw;
+        }
+    }
+    void decommit(std::size_t offset, std::size_t bytes) {
+        try {
+            inner.decommit(offset, bytes);
+        } catch (const vmmpp::invalid_argument&) {
+            ++double_maps;
+            throw;
+        }
+    }
+    friend constexpr void get_property(const checked_host&, vmmpp::host_accessible) noexcept {}
+    vmmpp::host inner;
+};
+static_assert(vmmpp::backing<checked_host>);
+
+/// The host backing with a vmm-like handle cache: a decommit keeps up to `max_kept` units'
+/// bytes "allocated" (counted only), a commit reuses them. Exercises the pool's exact charging
+/// of kept handles without a GPU.
+struct keeping_host_options {
+    std::size_t max_kept = 0;
+};
+struct keeping_host {
+    using options = keeping_host_options;
+    static constexpr bool is_elastic = true;
+    keeping_host(std::size_t capacity, options o) : inner(capacity), max_kept(o.max_kept) {}
+    [[nodiscard]] std::size_t granularity() const noexcept { return inner.granularity(); }
+    [[nodiscard]] std::byte* base() const noexcept { return inner.base(); }
+    [[nodiscard]] std::size_t capacity() const noexcept { return inner.capacity(); }
+    [[nodiscard]] std::size_t committed_bytes() const noexcept { return inner.committed_bytes(); }
+    void commit(std::size_t offset, std::size_t bytes) {
+        inner.commit(offset, bytes);
+        if (kept.size() > 0 && kept.back() == bytes) {
+            kept.pop_back();
+        }
+    }
+    void decommit(std::size_t offset, std::size_t bytes) {
+        inner.decommit(offset, bytes);
+        if (kept.size() < max_kept) {
+            kept.push_back(bytes);
+        }
+    }
+    [[nodiscard]] std::size_t cached_bytes() const noexcept {
+        std::size_t b = 0;
+        for (std::size_t k : kept) {
+            b += k;
+        }
+        return b;
+    }
+    std::size_t release_cached() noexcept {
+        const std::size_t b = cached_bytes();
+        kept.clear();
+        return b;
+    }
+    vmmpp::host inner;
+    std::size_t max_kept;
+    std::vector<std::size_t> kept;
+};
+static_assert(vmmpp::backing<keeping_host>);
+
+using mapped = vmmpp::mapped_ahead<vmmpp::page_granular>;
+using mapped_config = vmmpp::pool_config<checked_host, mapped, vmmpp::shared_budget>;
+using mapped_pool = vmmpp::elastic_pool<mapped_config>;
+static_assert(mapped_pool::has_mapper);
+static_assert(!vmmpp::elastic_pool<vmmpp::host_config>::has_mapper);
+
+/// Polls `done` until it holds or 10 s pass; true if it held.
+bool eventually(const std::function<bool()>& done) {
+    const auto give_up = std::chrono::steady_clock::now() + 10s;
+    while (!done()) {
+        if (std::chrono::steady_clock::now() > give_up) {
+            return false;
+        }
+        std::this_thread::sleep_for(200us);
+    }
+    return true;
+}
+
+mapped make_mapped(std::size_t low, std::size_t high, std::chrono::milliseconds delay) {
+    mapped g;
+    g.low_watermark = low;
+    g.high_watermark = high;
+    g.release_delay = delay;
+    return g;
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(watermarks_are_checked) {
+    vmmpp::budget b(64 * page);
+    BOOST_CHECK_THROW(mapped_pool(16 * page, {}, make_mapped(4, 2, 10ms), b.register_model("m", 64 * page)),
+                      vmmpp::invalid_argument);
+}
+
+BOOST_AUTO_TEST_CASE(spares_are_mapped_ahead_and_holds_find_them_committed) {
+    vmmpp::budget b(64 * page);
+    mapped_pool pool(32 * page, {}, make_mapped(2, 4, 10s), b.register_model("m", 64 * page));
+    pool.expect(0, 1);
+    BOOST_TEST(eventually([&] { return pool.stats().idle_units == 4; }));
+    BOOST_TEST(pool.is_committed(0, 4 * page));  // from the announced unit on
+    // A steady stream of holds, one page at a time, each after the mapper caught up: no hold
+    // ever commits on the caller's thread.
+    for (std::size_t p = 0; p < 20; ++p) {
+        pool.ensure_committed(p * page, page);
+        BOOST_TEST_REQUIRE(eventually([&] {
+            const auto s = pool.stats();
+            return s.idle_units >= 2;
+        }));
+    }
+    const auto s = pool.stats();
+    BOOST_TEST(s.sync_commits == 0u);
+    BOOST_TEST(s.mapper_commits >= 22u);
+    BOOST_TEST(s.held_pages == 20u);
+    BOOST_TEST(s.charged == s.committed);  // host: no kept handles
+    BOOST_TEST(b.stats().committed == s.charged);
+    BOOST_TEST(pool.with_backing([](const checked_host& h) { return h.committed_bytes(); }) == s.committed);
+    BOOST_TEST(double_maps == 0);
+}
+
+BOOST_AUTO_TEST_CASE(releases_never_call_the_backing_on_the_caller_thread_and_go_back_after_the_delay) {
+    vmmpp::budget b(64 * page);
+    mapped_pool pool(32 * page, {}, make_mapped(0, 3, 50ms), b.register_model("m", 64 * page));
+    pool.ensure_committed(0, 12 * page);
+    BOOST_TEST(pool.stats().sync_commits == 12u);
+    pool.release(0, 12 * page);
+    BOOST_TEST(pool.stats().decommits == 0u);  // nothing given back on this thread
+    BOOST_TEST(pool.committed_bytes() == 12 * page);
+    BOOST_TEST(eventually([&] { return pool.committed_bytes() == 3 * page; }));
+    std::this_thread::sleep_for(100ms);
+    const auto s = pool.stats();
+    BOOST_TEST(s.committed == 3 * page);  // the high watermark stays
+    BOOST_TEST(s.mapper_decommits == 9u);
+    BOOST_TEST(b.stats().committed == 3 * page);
+    BOOST_TEST(pool.trim() == 3 * page);
+    BOOST_TEST(b.stats().committed == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(budget_pressure_takes_other_models_spares_first) {
+    vmmpp::budget b(10 * page);
+    mapped_pool spender(32 * page, {}, make_mapped(4, 8, 10s), b.register_model("spender", 10 * page));
+    spender.expect(0, 1);
+    BOOST_TEST(eventually([&] { return spender.stats().idle_units == 8; }));
+    BOOST_TEST(b.stats().committed == 8 * page);
+    vmmpp::elastic_pool<vmmpp_test::host_chunked_budget_config> needy(32 * page, {}, {},
+                                                                      b.register_model("needy", 10 * page));
+    needy.ensure_committed(0, 1);  // a 4-page chunk: only 2 pages free until the spender gives back
+    BOOST_TEST(needy.committed_bytes() == 4 * page);
+    BOOST_TEST(spender.stats().reclaims == 1u);
+    BOOST_TEST(spender.committed_bytes() == 0u);
+    BOOST_TEST(b.stats().committed == 4 * page);
+    // Spares never push other memory out: the spender's mapper is refused, not the needy pool.
+    spender.ensure_committed(0, page);
+    BOOST_TEST(eventually([&] { return spender.stats().mapper_failures >= 1; }));
+    BOOST_TEST(b.stats().committed <= 10 * page);
+    BOOST_TEST(needy.committed_bytes() == 4 * page);
+}
+
+BOOST_AUTO_TEST_CASE(shutdown_joins_the_mapper_with_everything_accounted) {
+    vmmpp::budget b(256 * page);
+    for (int round = 0; round < 20; ++round) {
+        mapped_pool pool(128 * page, {}, make_mapped(8, 64, 1ms), b.register_model("m" + std::to_string(round), 256 * page));
+        pool.expect(0, 1);  // the mapper is busy mapping 64 units while the pool goes
+        pool.ensure_committed(0, 3 * page);
+    }
+    BOOST_TEST(b.stats().committed == 0u);
+    BOOST_TEST(double_maps == 0);
+}
+
+BOOST_AUTO_TEST_CASE(kept_handles_are_charged_exactly_and_dropped_under_pressure) {
+    using config = vmmpp::pool_config<keeping_host, vmmpp::page_granular, vmmpp::shared_budget>;
+    vmmpp::budget b(8 * page);
+    {
+        vmmpp::elastic_pool<config> pool(32 * page, keeping_host_options{.max_kept = 2}, {},
+                                         b.register_model("keeper", 8 * page));
+        pool.ensure_committed(0, 4 * page);
+        pool.release(0, 4 * page);
+        auto s = pool.stats();
+        BOOST_TEST(s.committed == 0u);
+        BOOST_TEST(s.cached_bytes == 2 * page);
+        BOOST_TEST(s.charged == 2 * page);
+        BOOST_TEST(b.stats().committed == 2 * page);  // kept handles occupy memory: charged
+        pool.ensure_committed(0, page);  // reuses a kept handle: no new charge
+        s = pool.stats();
+        BOOST_TEST(s.cached_bytes == page);
+        BOOST_TEST(b.stats().committed == 2 * page);
+        pool.ensure_committed(page, 7 * page);  // needs all 8: the kept handle must go first
+        s = pool.stats();
+        BOOST_TEST(s.committed == 8 * page);
+        BOOST_TEST(s.cached_bytes == 0u);
+        BOOST_TEST(b.stats().committed == 8 * page);
+        pool.release(0, 8 * page);
+        BOOST_TEST(pool.stats().charged == 2 * page);
+        BOOST_TEST(pool.trim() == 2 * page);
+        pool.ensure_committed(0, page);
+        pool.release(0, page);
+        BOOST_TEST(b.stats().committed == page);
+    }
+    BOOST_TEST(b.stats().committed == 0u);  // the kept handle went back with the pool
+}
+
+BOOST_AUTO_TEST_CASE(several_mapped_caches_under_stress_never_map_twice_and_account_exactly) {
+    // Four caches on one budget, each driven by its own thread with random appends, forks and
+    // frees; every cache maps ahead in the background and reclaims from the others under
+    // pressure. Invariants: no range is ever committed twice, the budget is never exceeded,
+    // every block a sequence holds is committed, and everything comes back at the end.
+    const vmmpp::kv_geometry g{.layers = 2, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,
+                               .block_tokens = 16, .max_blocks = 2048};
+    using cache = vmmpp::kv_cache<mapped_config, vmmpp::block_major>;
+    constexpr std::size_t limit = 24 * page;
+    vmmpp::budget b(limit);
+    const unsigned seed = std::random_device{}();
+    BOOST_TEST_MESSAGE("seed " << seed);
+    std::atomic<bool> failed{false};
+    std::atomic<std::uint64_t> ops{0};
+    {
+        std::vector<std::unique_ptr<cache>> caches;
+        for (int i = 0; i < 4; ++i) {
+            caches.push_back(std::make_unique<cache>(g, checked_host::options{}, make_mapped(1, 4, 2ms),
+                                                     b.register_model("c" + std::to_string(i), limit)));
+        }
+        std::vector<std::thread> threads;
+        for (int i = 0; i < 4; ++i) {
+            threads.emplace_back([&, i] {
+                std::mt19937_64 rng(seed + static_cast<unsigned>(i));
+                cache& c = *caches[static_cast<std::size_t>(i)];
+                std::vector<vmmpp::seq_id> live;
+                for (int step = 0; step < 3000 && !failed; ++step) {
+                    try {
+                        const auto r = rng() % 10;
+                        if (live.empty() || r < 5) {
+                            if (live.empty() || r == 0) {
+                                live.push_back(c.add_sequence());
+                            }
+                            c.append(live[rng() % live.size()], 1 + rng() % 40);
+                        } else if (r < 7) {
+                            live.push_back(c.fork(live[rng() % live.size()]));
+                        } else {
+                            const std::size_t k = rng() % live.size();
+                            c.free(live[k]);
+                            live[k] = live.back();
+                            live.pop_back();
+                        }
+                    } catch (const vmmpp::over_quota&) {
+                    } catch (const vmmpp::out_of_blocks&) {
+                    } catch (const std::exception& e) {
+                        BOOST_ERROR("thread " << i << " step " << step << ": " << e.what());
+                        failed = true;
+                    }
+                    for (vmmpp::seq_id s : live) {
+                        for (std::int32_t blk : c.block_table(s)) {
+                            const auto off = static_cast<std::size_t>(blk) * g.block_bytes();
+                            if (!c.pool().is_committed(off, g.block_bytes())) {
+                                BOOST_ERROR("thread " << i << ": block " << blk << " is held but not committed");
+                                failed = true;
+                            }
+                        }
+                    }
+                    if (b.stats().committed > limit) {
+                        BOOST_ERROR("budget exceeded");
+                        failed = true;
+                    }
+                    ++ops;
+                }
+                for (vmmpp::seq_id s : live) {
+                    c.free(s);
+                }
+            });
+        }
+        for (auto& t : threads) {
+            t.join();
+        }
+        // Once the mappers settle (lazy releases done), the budget equals what the pools charge.
+        const auto settled = [&] {
+            std::size_t charged = 0;
+            for (const auto& c : caches) {
+                const auto s = c->pool().stats();
+                if (s.idle_units > 4 || s.held_pages != 0) {
+                    return false;
+                }
+                charged += s.charged;
+            }
+            return b.stats().committed == charged;
+        };
+        BOOST_TEST(eventually(settled));
+    }
+    BOOST_TEST(!failed);
+    BOOST_TEST(double_maps == 0);
+    BOOST_TEST(b.stats().committed == 0u);
+    BOOST_TEST_MESSAGE(ops.load() << " operations");
+}
