@@ -7,11 +7,13 @@
 #include <atomic>
 #include <chrono>
 #include <functional>
+#include <numeric>
 #include <random>
 #include <thread>
 #include <vector>
 
 #include "support/pool_factories.hpp"
+#include "vmmpp/detail/backing_adaptor.hpp"
 #include "vmmpp/kv/cache.hpp"
 
 using vmmpp_test::page;
@@ -22,32 +24,23 @@ namespace {
 /// The host backing, failing the test run if anything commits a range twice or decommits one
 /// that is not committed: the mapper and callers must never map the same unit twice.
 std::atomic<int> double_maps{0};
-struct checked_host {
+struct checked_host : vmmpp::detail::backing_adaptor<vmmpp::host> {
     using options = vmmpp::host_options;
-    static constexpr bool is_elastic = true;
-    explicit checked_host(std::size_t capacity, options o = {}) : inner(capacity, o) {}
-    [[nodiscard]] std::size_t granularity() const noexcept { return inner.granularity(); }
-    [[nodiscard]] std::byte* base() const noexcept { return inner.base(); }
-    [[nodiscard]] std::size_t capacity() const noexcept { return inner.capacity(); }
-    [[nodiscard]] std::size_t committed_bytes() const noexcept { return inner.committed_bytes(); }
-    void commit(std::size_t offset, std::size_t bytes) {
-        try {
-            inner.commit(offset, bytes);
-        } catch (const vmmpp::invalid_argument&) {
-            ++double_maps;
-            throw;
-        }
-    }
-    void decommit(std::size_t offset, std::size_t bytes) {
-        try {
-            inner.decommit(offset, bytes);
-        } catch (const vmmpp::invalid_argument&) {
-            ++double_maps;
-            throw;
-        }
-    }
+    explicit checked_host(std::size_t capacity, options o = {}) : backing_adaptor(capacity, o) {}
+    void commit(std::size_t offset, std::size_t bytes) { counting_misuse([&] { upstream_.commit(offset, bytes); }); }
+    void decommit(std::size_t offset, std::size_t bytes) { counting_misuse([&] { upstream_.decommit(offset, bytes); }); }
     friend constexpr void get_property(const checked_host&, vmmpp::host_accessible) noexcept {}
-    vmmpp::host inner;
+
+private:
+    template <class F>
+    static void counting_misuse(F&& f) {
+        try {
+            f();
+        } catch (const vmmpp::invalid_argument&) {
+            ++double_maps;
+            throw;
+        }
+    }
 };
 static_assert(vmmpp::backing<checked_host>);
 
@@ -57,39 +50,30 @@ static_assert(vmmpp::backing<checked_host>);
 struct keeping_host_options {
     std::size_t max_kept = 0;
 };
-struct keeping_host {
+struct keeping_host : vmmpp::detail::backing_adaptor<vmmpp::host> {
     using options = keeping_host_options;
-    static constexpr bool is_elastic = true;
-    keeping_host(std::size_t capacity, options o) : inner(capacity), max_kept(o.max_kept) {}
-    [[nodiscard]] std::size_t granularity() const noexcept { return inner.granularity(); }
-    [[nodiscard]] std::byte* base() const noexcept { return inner.base(); }
-    [[nodiscard]] std::size_t capacity() const noexcept { return inner.capacity(); }
-    [[nodiscard]] std::size_t committed_bytes() const noexcept { return inner.committed_bytes(); }
+    keeping_host(std::size_t capacity, options o) : backing_adaptor(capacity), max_kept(o.max_kept) {}
     void commit(std::size_t offset, std::size_t bytes) {
-        inner.commit(offset, bytes);
-        if (kept.size() > 0 && kept.back() == bytes) {
+        upstream_.commit(offset, bytes);
+        if (!kept.empty() && kept.back() == bytes) {
             kept.pop_back();
         }
     }
     void decommit(std::size_t offset, std::size_t bytes) {
-        inner.decommit(offset, bytes);
+        upstream_.decommit(offset, bytes);
         if (kept.size() < max_kept) {
             kept.push_back(bytes);
         }
     }
     [[nodiscard]] std::size_t cached_bytes() const noexcept {
-        std::size_t b = 0;
-        for (std::size_t k : kept) {
-            b += k;
-        }
-        return b;
+        return std::accumulate(kept.begin(), kept.end(), std::size_t{0});
     }
     std::size_t release_cached() noexcept {
         const std::size_t b = cached_bytes();
         kept.clear();
         return b;
     }
-    vmmpp::host inner;
+    friend constexpr void get_property(const keeping_host&, vmmpp::host_accessible) noexcept {}
     std::size_t max_kept;
     std::vector<std::size_t> kept;
 };
