@@ -572,31 +572,28 @@ private:
         }
     }
 
+    /// Charges `bytes`; when the quota refuses, makes room and tries again: first with this
+    /// pool's own spares and kept handles (outside [keep_first, keep_last]) or, failing that,
+    /// the other models' spares; then once more with the other models' spares.
     void charge_making_room(std::size_t bytes, std::size_t keep_first, std::size_t keep_last) {
-        try {
-            charge(bytes);
-            return;
-        } catch (const over_quota&) {
-            if (!give_back_spares(keep_first, keep_last)) {
-                if constexpr (can_reclaim) {
-                    if (quota_.reclaim_from_others() == 0) {
-                        throw;
-                    }
-                } else {
+        for (int attempt = 0;; ++attempt) {
+            try {
+                charge(bytes);
+                return;
+            } catch (const over_quota&) {
+                const bool made_room = (attempt == 0 && give_back_spares(keep_first, keep_last)) ||
+                                       (attempt < 2 && reclaim_from_other_models() > 0);
+                if (!made_room) {
                     throw;
                 }
             }
         }
-        try {
-            charge(bytes);
-        } catch (const over_quota&) {
-            if constexpr (can_reclaim) {
-                if (quota_.reclaim_from_others() > 0) {
-                    charge(bytes);
-                    return;
-                }
-            }
-            throw;
+    }
+    std::size_t reclaim_from_other_models() noexcept {
+        if constexpr (can_reclaim) {
+            return quota_.reclaim_from_others();
+        } else {
+            return 0;
         }
     }
 
