@@ -12,7 +12,10 @@
 //                            possible); the cache grows by the whole stream. Counters: p50/p99/max
 //                            of the appends that needed a new block (target p99 <= 2 us), the
 //                            growth rate asked for and achieved (GB/s), and how many pages the
-//                            caller had to map itself (sync_commits) or wait for (waits).
+//                            caller had to map itself (sync_commits) or wait for (waits), and
+//                            the same tails for the appends that stayed within a block.
+//   append/elastic_config_prewarmed/<us>  the control: every page committed before the stream,
+//                            no mapper thread: the bookkeeping's own tail under the same pacing.
 //
 // The stream is VMMPP_BENCH_STREAM_MIB MiB (default 8192: 8 GiB, the minimum); CI runs the
 // host configurations with a small one.
@@ -256,8 +259,11 @@ void BM_fill(benchmark::State& state) {
     }
 }
 
-/// The critical path of a steady decode stream; see the file comment.
-template <class Config>
+/// The critical path of a steady decode stream; see the file comment. `Prewarmed` is the
+/// control: a pool without a mapper whose pages were all committed (grown and freed, kept as
+/// spares) before the stream, so no append pays the driver and none meets a mapper: what the
+/// bookkeeping alone costs under the same pacing.
+template <class Config, bool Prewarmed = false>
 void BM_append(benchmark::State& state) {
     if (skip_without_gpu(state, needs_gpu<Config>)) {
         return;
@@ -271,8 +277,16 @@ void BM_append(benchmark::State& state) {
         for (auto _ : state) {
             state.PauseTiming();
             const std::size_t span = g.total_bytes() + page_bytes;
-            cache_type cache(g, {}, bench_growth<typename Config::growth_type>(),
-                             bench_quota<typename Config::quota_type>(span));
+            auto growth = bench_growth<typename Config::growth_type>();
+            if constexpr (Prewarmed) {
+                growth.spare_pages = span / page_bytes;
+            }
+            cache_type cache(g, {}, growth, bench_quota<typename Config::quota_type>(span));
+            if constexpr (Prewarmed) {
+                const vmmpp::seq_id all = cache.add_sequence();
+                cache.append(all, std::size_t{g.max_blocks} * g.block_tokens);
+                cache.free(all);
+            }
             std::vector<vmmpp::seq_id> seqs;
             for (std::size_t i = 0; i < sequences; ++i) {
                 seqs.push_back(cache.add_sequence());
@@ -281,7 +295,9 @@ void BM_append(benchmark::State& state) {
             std::this_thread::sleep_for(std::chrono::milliseconds(20));  // let a mapper fill its spares
             const auto before = cache.pool().stats();
             std::vector<double> critical;
+            std::vector<double> in_block;  // appends within a block: the same calls, no new memory
             critical.reserve(new_blocks);
+            in_block.reserve(new_blocks * (sequences - 1));
             state.ResumeTiming();
             const auto start = clock::now();
             auto next = start;
@@ -293,9 +309,8 @@ void BM_append(benchmark::State& state) {
                     const bool needs_block = cache.tokens(s) % g.block_tokens == 0;
                     const auto t0 = clock::now();
                     cache.append(s, 1);
-                    if (needs_block) {
-                        critical.push_back(std::chrono::duration<double, std::micro>(clock::now() - t0).count());
-                    }
+                    const double us = std::chrono::duration<double, std::micro>(clock::now() - t0).count();
+                    (needs_block ? critical : in_block).push_back(us);
                 }
                 next += interval;
             }
@@ -303,6 +318,7 @@ void BM_append(benchmark::State& state) {
             state.PauseTiming();
             const auto after = cache.pool().stats();
             report_tail(state, "append_new_block", critical);
+            report_tail(state, "append_in_block", in_block);
             const double grown = static_cast<double>(new_blocks * page_bytes);
             state.counters["asked_GBps"] =
                 interval.count() > 0 ? static_cast<double>(page_bytes) / static_cast<double>(interval.count()) / 1e3 : 0.0;
@@ -343,6 +359,11 @@ BENCHMARK_TEMPLATE(BM_fill, vmmpp::elastic_mapped_ahead_config)
     ->Unit(benchmark::kMillisecond);
 VMMPP_BENCH_STREAM(vmmpp::elastic_config);
 VMMPP_BENCH_STREAM(vmmpp::elastic_mapped_ahead_config);
+BENCHMARK_TEMPLATE(BM_append, vmmpp::elastic_config, true)
+    ->Name("append/elastic_config_prewarmed")
+    ->Apply(stream_intervals)
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_floor, vmmpp::host_config)->Name("floor/host_2MiB_stream")->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK_TEMPLATE(BM_fill, host_mapped_config)->Name("fill/host_mapped_ahead")->Iterations(1)->Unit(benchmark::kMillisecond);
 VMMPP_BENCH_STREAM(vmmpp::host_config);
