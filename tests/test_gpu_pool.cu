@@ -125,10 +125,18 @@ BOOST_AUTO_TEST_CASE(the_mapper_maps_ahead_on_the_gpu_and_accounts_exactly) {
         cuda_check(cudaMemset(p, 1, 64 * page));
         add_one<<<128, 256>>>(p, 64 * page);
         cuda_check(cudaDeviceSynchronize());
+        // Exact once no unit is in flight (the mapper may still be refilling).
+        const auto settled = [&] {
+            const auto s = pool.stats();
+            return budget.stats().committed == s.charged && s.charged == s.committed + s.cached_bytes;
+        };
+        for (int i = 0; i < 5000 && !settled(); ++i) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+        BOOST_TEST(settled());
         const auto s = pool.stats();
         BOOST_TEST(s.sync_commits == 0u);
         BOOST_TEST(s.mapper_failures == 0u);
-        BOOST_TEST(budget.stats().committed == s.charged);
         pool.release(0, 64 * page);
         for (int i = 0; i < 5000 && pool.stats().idle_units > 8; ++i) {
             std::this_thread::sleep_for(std::chrono::milliseconds(1));
