@@ -5,8 +5,11 @@
 
 #include <boost/mpl/list.hpp>
 
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <map>
+#include <new>
 #include <random>
 #include <unordered_map>
 
@@ -470,4 +473,66 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(random_operations_match_a_reference_model, Case, k
     BOOST_TEST_MESSAGE(ops << " operations, " << refused << " appends refused for lack of blocks, "
                            << c.cow_copies() << " copy-on-write copies");
     BOOST_TEST(c.cow_copies() > 0u);
+}
+
+// --- regressions from the review of 007dd5d ---
+
+// F1: rows x columns of a block table wrapped around size_t (2 x 2^63 = 0), so an empty output
+// passed the size check and the rows were written far past it.
+BOOST_AUTO_TEST_CASE(block_tables_whose_size_overflows_are_refused) {
+    vmmpp::kv_cache<vmmpp::host_config> cache(small);
+    const std::vector<vmmpp::seq_id> seqs{cache.add_sequence(), cache.add_sequence()};
+    cache.append(seqs[0], 20);
+    std::vector<std::int32_t> out(4, -7);
+    const std::size_t wraps = std::size_t{1} << 63;  // 2 * 2^63 == 0 in size_t
+    BOOST_CHECK_THROW(cache.pack_block_tables(seqs, wraps, std::span<std::int32_t>(out.data(), 0)),
+                      vmmpp::invalid_argument);
+    BOOST_CHECK_THROW(cache.pack_block_tables(seqs, small.max_blocks + 1, out), vmmpp::invalid_argument);
+    BOOST_CHECK_THROW(cache.upload_block_tables(seqs, wraps, nullptr, nullptr), vmmpp::invalid_argument);
+    BOOST_TEST(out == std::vector<std::int32_t>(4, -7), boost::test_tools::per_element());
+    cache.pack_block_tables(seqs, 2, out, -1);  // the real shape still works
+    BOOST_TEST(out[0] == 0);
+    BOOST_TEST(out[1] == 1);
+    BOOST_TEST(out[2] == -1);
+}
+
+// F9: block_allocator::release grew its free list on demand; a bad_alloc there left an id with no
+// references that was neither free nor counted, and free() of a sequence then leaked blocks.
+namespace {
+std::atomic<bool> refuse_allocations{false};
+} // namespace
+void* operator new(std::size_t bytes) {
+    if (refuse_allocations.load(std::memory_order_relaxed)) {
+        throw std::bad_alloc();
+    }
+    if (void* p = std::malloc(bytes == 0 ? 1 : bytes)) {
+        return p;
+    }
+    throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+
+BOOST_AUTO_TEST_CASE(releasing_blocks_never_allocates) {
+    vmmpp::block_allocator blocks(64);
+    std::vector<std::int32_t> ids;
+    for (int i = 0; i < 64; ++i) {
+        ids.push_back(blocks.allocate());
+    }
+    blocks.retain(ids[5]);
+    refuse_allocations = true;
+    bool threw = false;
+    try {
+        for (std::int32_t id : ids) {
+            (void)blocks.release(id);
+        }
+        (void)blocks.release(ids[5]);
+    } catch (const std::bad_alloc&) {
+        threw = true;
+    }
+    refuse_allocations = false;
+    BOOST_TEST(!threw);
+    BOOST_TEST(blocks.used_blocks() == 0u);
+    BOOST_TEST(blocks.allocate() == 0);  // lowest first, every id back
+    BOOST_TEST(blocks.allocate() == 1);
 }

@@ -6,7 +6,11 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <functional>
+#include <future>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <thread>
@@ -312,4 +316,91 @@ BOOST_AUTO_TEST_CASE(several_mapped_caches_under_stress_never_map_twice_and_acco
     BOOST_TEST(double_maps == 0);
     BOOST_TEST(b.stats().committed == 0u);
     BOOST_TEST_MESSAGE(ops.load() << " operations");
+}
+
+// --- regressions from the review of 007dd5d ---
+
+// F5: the mapper's search for the next unit to map ran high_watermark x frontiers steps under the
+// pool's lock; high_watermark = SIZE_MAX ("never give spares back") hung every pool call.
+BOOST_AUTO_TEST_CASE(a_huge_high_watermark_neither_hangs_nor_stalls_callers) {
+    {
+        vmmpp::budget b(64 * page);
+        auto spinning = make_mapped(1, 4, 1ms);
+        spinning.poll_interval = 0us;  // would turn the mapper's polling into a busy loop
+        BOOST_CHECK_THROW(mapped_pool(4 * page, {}, spinning, b.register_model("m", 64 * page)), vmmpp::invalid_argument);
+    }
+    for (std::size_t high : {std::size_t{1} << 26, std::numeric_limits<std::size_t>::max()}) {
+        vmmpp::budget b(64 * page);
+        mapped_pool pool(4 * page, {}, make_mapped(1, high, 1ms), b.register_model("m", 64 * page));
+        pool.ensure_committed(0, 4 * page);  // full: the mapper looks for a unit to map and finds none
+        std::this_thread::sleep_for(5ms);
+        auto stats = std::async(std::launch::async, [&] { return pool.stats(); });
+        if (stats.wait_for(2s) != std::future_status::ready) {
+            std::printf("FAIL: stats() blocked for 2 s behind the mapper (high_watermark %zu)\n", high);
+            std::fflush(stdout);
+            std::_Exit(1);  // the pool's lock is held for good: nothing can be torn down
+        }
+        BOOST_TEST(stats.get().held_pages == 4u);
+        pool.release(0, 4 * page);
+    }
+}
+
+// F8: trim() measured what it gave back as the drop in a counter the mapper changes without the
+// pool's lock; with a mapper commit in between it returned a wrapped ~2^64. It now adds up what it
+// gave back itself.
+namespace {
+struct slow_quota {
+    void acquire(std::size_t) { std::this_thread::sleep_for(50ms); }
+    void release(std::size_t) noexcept {}
+};
+static_assert(vmmpp::quota_policy<slow_quota>);
+/// Dropping kept handles takes a while (cuMemRelease of many handles): trim() is still running
+/// when the mapper's slow charge lands.
+struct slow_dropping_host : keeping_host {
+    using keeping_host::keeping_host;
+    std::size_t release_cached() noexcept {
+        std::this_thread::sleep_for(100ms);
+        return keeping_host::release_cached();
+    }
+    friend constexpr void get_property(const slow_dropping_host&, vmmpp::host_accessible) noexcept {}
+};
+} // namespace
+BOOST_AUTO_TEST_CASE(trim_reports_what_it_gave_back_while_the_mapper_charges) {
+    using config = vmmpp::pool_config<slow_dropping_host, mapped, slow_quota>;
+    vmmpp::elastic_pool<config> pool(16 * page, keeping_host_options{.max_kept = 0}, make_mapped(2, 4, 1000ms));
+    pool.expect(0, 1);                  // the mapper starts refilling: its charge takes 50 ms
+    std::this_thread::sleep_for(10ms);  // inside that charge now
+    const std::size_t given = pool.trim();
+    BOOST_TEST(given == 0u);  // nothing was idle, nothing kept
+}
+
+// F3, the pool's side: a commit that takes a kept handle and then fails (the backing released the
+// handle) must stop charging it as kept; the budget used to keep that charge for good.
+namespace {
+std::atomic<bool> lose_next_kept_handle{false};
+struct losing_keeping_host : keeping_host {
+    using keeping_host::keeping_host;
+    void commit(std::size_t offset, std::size_t bytes) {
+        if (!kept.empty() && lose_next_kept_handle.exchange(false)) {
+            kept.pop_back();  // taken for reuse, then lost when mapping it failed
+            throw vmmpp::cuda_error("cuMemMap", 2, "CUDA_ERROR_OUT_OF_MEMORY", "injected");
+        }
+        keeping_host::commit(offset, bytes);
+    }
+    friend constexpr void get_property(const losing_keeping_host&, vmmpp::host_accessible) noexcept {}
+};
+} // namespace
+BOOST_AUTO_TEST_CASE(a_failed_commit_of_a_kept_handle_leaves_the_charge_exact) {
+    using config = vmmpp::pool_config<losing_keeping_host, vmmpp::page_granular, vmmpp::shared_budget>;
+    vmmpp::budget b(8 * page);
+    vmmpp::elastic_pool<config> pool(8 * page, keeping_host_options{.max_kept = 1}, {}, b.register_model("m", 8 * page));
+    pool.ensure_committed(0, page);
+    pool.release(0, page);
+    BOOST_TEST(b.stats().committed == page);  // the kept handle
+    lose_next_kept_handle = true;
+    BOOST_CHECK_THROW(pool.ensure_committed(0, page), vmmpp::cuda_error);
+    const auto s = pool.stats();
+    BOOST_TEST(s.cached_bytes == 0u);
+    BOOST_TEST(s.charged == 0u);
+    BOOST_TEST(b.stats().committed == 0u);
 }

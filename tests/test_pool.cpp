@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "support/pool_factories.hpp"
+#include "vmmpp/detail/backing_adaptor.hpp"
 
 using pool_configs = boost::mpl::list<vmmpp::host_config, vmmpp_test::host_chunked_budget_config,
                                       vmmpp_test::host_external_config, vmmpp_test::host_preallocated_config>;
@@ -173,16 +174,17 @@ BOOST_AUTO_TEST_CASE(eight_threads_two_pools_one_budget) {
             for (int i = 0; i < 2000; ++i) {
                 if (mine.size() < 16 && (mine.empty() || rng() % 2 == 0)) {
                     const std::size_t p = first + rng() % (pages / 4);
+                    const std::size_t at = p * page + rng() % page;
                     try {
-                        pool.ensure_committed(p * page + rng() % page, 1);
-                        mine.push_back(p);
+                        pool.ensure_committed(at, 1);
+                        mine.push_back(at);  // released as held: debug builds check it byte by byte
                         ++granted;
                     } catch (const vmmpp::over_quota&) {
                         ++refused;
                     }
                 } else {
                     const std::size_t i2 = rng() % mine.size();
-                    pool.release(mine[i2] * page, 1);
+                    pool.release(mine[i2], 1);
                     mine[i2] = mine.back();
                     mine.pop_back();
                 }
@@ -191,8 +193,8 @@ BOOST_AUTO_TEST_CASE(eight_threads_two_pools_one_budget) {
                     throw std::logic_error("budget overshot");
                 }
             }
-            for (std::size_t p : mine) {
-                pool.release(p * page, 1);
+            for (std::size_t at : mine) {
+                pool.release(at, 1);
             }
         });
     }
@@ -208,4 +210,125 @@ BOOST_AUTO_TEST_CASE(eight_threads_two_pools_one_budget) {
     BOOST_TEST(s.peak <= s.limit);
     BOOST_TEST(s.models[0].peak <= 32 * page);
     BOOST_TEST(pools[0].stats().held_pages + pools[1].stats().held_pages == 0u);
+}
+
+// --- regressions from the review of 007dd5d ---
+
+// F11: two ranges on one page; releasing one of them twice used to consume the other's hold and
+// decommit the page under it. Debug builds count holds per byte and refuse the second release.
+BOOST_AUTO_TEST_CASE(double_release_is_refused_even_when_another_range_shares_the_page,
+                     *boost::unit_test::precondition([](boost::unit_test::test_unit_id) {
+                         return boost::test_tools::assertion_result(vmmpp::detail::debug_checks);
+                     })) {
+    vmmpp::elastic_pool<vmmpp::host_config> pool(4 * page);
+    pool.ensure_committed(0, 100);    // A
+    pool.ensure_committed(100, 100);  // B, on the same page
+    pool.release(0, 100);
+    BOOST_CHECK_THROW(pool.release(0, 100), vmmpp::invalid_argument);
+    BOOST_TEST(pool.is_committed(100, 100));  // B's page stays
+    BOOST_TEST(pool.stats().held_pages == 1u);
+    std::memset(pool.base() + 100, 0x11, 100);  // and is still usable
+    pool.release(100, 100);
+    BOOST_TEST(pool.committed_bytes() == 0u);
+    // Ranges may still be released in other pieces than they were held in.
+    pool.ensure_committed(0, 2 * page);
+    pool.release(0, page);
+    pool.release(page, page);
+    BOOST_TEST(pool.committed_bytes() == 0u);
+}
+
+// F12: a model whose pool is busy for a moment (its own thread holds its lock) used to be skipped
+// by reclaim, so another model was refused with over_quota while idle spares sat in the budget.
+BOOST_AUTO_TEST_CASE(reclaim_waits_for_a_pool_busy_for_a_moment) {
+    using config = vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::shared_budget>;
+    constexpr std::size_t small = 64 << 10;
+    vmmpp::budget budget(8 * small);
+    vmmpp::elastic_pool<config> spender(16 * small, {.page_bytes = small}, vmmpp::page_granular{.spare_pages = 8},
+                                        budget.register_model("spender", 8 * small));
+    spender.ensure_committed(0, 8 * small);
+    spender.release(0, 8 * small);  // 8 idle spares, charged: the budget is full
+    vmmpp::elastic_pool<config> needy(16 * small, {.page_bytes = small}, {}, budget.register_model("needy", 8 * small));
+    std::atomic<bool> locked{false};
+    std::thread busy([&] {
+        spender.with_backing([&](const vmmpp::host&) {
+            locked = true;
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+            return 0;
+        });
+    });
+    while (!locked) {
+        std::this_thread::yield();
+    }
+    BOOST_CHECK_NO_THROW(needy.ensure_committed(0, small));
+    busy.join();
+    BOOST_TEST(spender.stats().reclaims == 1u);
+    BOOST_TEST(budget.stats().committed == spender.stats().charged + needy.stats().charged);
+}
+
+// Failure containment: a decommit the backing refuses is never dropped silently. Refused with
+// nothing given back, the unit stays a committed spare and is tried again; refused half done (an
+// unmap went through, the release of the handle did not), the unit is retired: still charged,
+// never mapped, handed out or given back again.
+namespace {
+enum class decommit_outcome { works, refused, half_done };
+std::atomic<decommit_outcome> next_decommit{decommit_outcome::works};
+struct refusing_host : vmmpp::detail::backing_adaptor<vmmpp::host> {
+    using options = vmmpp::host_options;
+    explicit refusing_host(std::size_t capacity, options o = {}) : backing_adaptor(capacity, o) {}
+    void commit(std::size_t offset, std::size_t bytes) { upstream_.commit(offset, bytes); }
+    void decommit(std::size_t offset, std::size_t bytes) {
+        switch (next_decommit.exchange(decommit_outcome::works)) {
+        case decommit_outcome::works:
+            upstream_.decommit(offset, bytes);
+            return;
+        case decommit_outcome::refused:
+            throw vmmpp::cuda_error("cuMemUnmap", 1, "CUDA_ERROR_INVALID_VALUE", "injected");
+        case decommit_outcome::half_done:
+            upstream_.decommit(offset, bytes);
+            throw vmmpp::cuda_error("cuMemRelease", 1, "CUDA_ERROR_INVALID_VALUE", "injected");
+        }
+    }
+    friend constexpr void get_property(const refusing_host&, vmmpp::host_accessible) noexcept {}
+};
+static_assert(vmmpp::backing<refusing_host>);
+} // namespace
+
+BOOST_AUTO_TEST_CASE(a_refused_decommit_keeps_the_unit_and_a_half_done_one_retires_it) {
+    using config = vmmpp::pool_config<refusing_host, vmmpp::page_granular, vmmpp::shared_budget>;
+    vmmpp::budget budget(16 * page);
+    vmmpp::elastic_pool<config> pool(8 * page, {}, {}, budget.register_model("m", 16 * page));
+    pool.ensure_committed(0, 3 * page);
+    std::memset(pool.base(), 0x42, 3 * page);
+
+    next_decommit = decommit_outcome::refused;
+    BOOST_CHECK_THROW(pool.release(2 * page, page), vmmpp::cuda_error);
+    auto s = pool.stats();
+    BOOST_TEST(s.decommit_failures == 1u);
+    BOOST_TEST(s.retired_units == 0u);
+    BOOST_TEST(s.idle_units == 1u);  // a spare, still committed and charged
+    BOOST_TEST(pool.is_committed(2 * page, page));
+    BOOST_TEST(budget.stats().committed == 3 * page);
+    pool.ensure_committed(2 * page, page);  // usable: its bytes are still there
+    BOOST_TEST(static_cast<int>(pool.base()[2 * page + 7]) == 0x42);
+    pool.release(2 * page, page);  // and it goes back once the backing agrees
+    BOOST_TEST(budget.stats().committed == 2 * page);
+
+    next_decommit = decommit_outcome::half_done;
+    BOOST_CHECK_THROW(pool.release(page, page), vmmpp::cuda_error);
+    s = pool.stats();
+    BOOST_TEST(s.decommit_failures == 2u);
+    BOOST_TEST(s.retired_units == 1u);
+    BOOST_TEST(s.retired_bytes == page);
+    BOOST_TEST(s.idle_units == 0u);
+    BOOST_TEST(s.committed == page);                      // unit 0 only
+    BOOST_TEST(budget.stats().committed == 2 * page);     // the retired unit stays charged
+    BOOST_CHECK_THROW(pool.ensure_committed(page + 10, 1), vmmpp::retired_memory);
+    BOOST_CHECK_THROW(pool.ensure_committed(0, 2 * page), vmmpp::retired_memory);
+    BOOST_TEST(pool.stats().held_pages == 1u);            // the refusals changed nothing
+    BOOST_TEST(pool.trim() == 0u);                         // never given back again
+    pool.ensure_committed(3 * page, page);                 // the rest of the pool works
+    pool.release(3 * page, page);
+    pool.release(0, page);
+    BOOST_TEST(pool.committed_bytes() == 0u);
+    BOOST_TEST(budget.stats().committed == page);         // the retired unit
 }

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -337,6 +338,9 @@ vmmpp_kv_status vmmpp_kv_pack_block_tables(vmmpp_kv* kv, const uint64_t* seqs, u
     return guarded([&] {
         require(kv != nullptr && (n_seqs == 0 || (seqs != nullptr && (out != nullptr || max_blocks_per_seq == 0))),
                 "vmmpp_kv_pack_block_tables: null argument");
+        // n_seqs * max_blocks_per_seq must not wrap before it sizes the caller's buffer.
+        require(max_blocks_per_seq == 0 || n_seqs <= SIZE_MAX / max_blocks_per_seq,
+                "vmmpp_kv_pack_block_tables: n_seqs x max_blocks_per_seq overflows");
         std::lock_guard lock(kv->cache->mutex);
         static_assert(sizeof(uint64_t) == sizeof(vmmpp::seq_id));
         kv->cache->pack_block_tables(std::span<const vmmpp::seq_id>(seqs, n_seqs), max_blocks_per_seq,

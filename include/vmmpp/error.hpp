@@ -98,6 +98,24 @@ private:
     std::size_t max_blocks_;
 };
 
+/// Memory the pool took out of service after the driver failed to give it back (a failed
+/// cuMemUnmap or cuMemRelease): it may still be mapped, so it is never mapped, handed out or
+/// given back again. Names the range; the pool's statistics count it (retired_units).
+class retired_memory : public error {
+public:
+    retired_memory(std::size_t offset, std::size_t bytes)
+        : error("the memory at offset " + std::to_string(offset) + " (" + std::to_string(bytes) +
+                " bytes) was retired after the driver failed to give it back; it is never used again"),
+          offset_(offset), bytes_(bytes) {}
+
+    [[nodiscard]] std::size_t offset() const noexcept { return offset_; }
+    [[nodiscard]] std::size_t bytes() const noexcept { return bytes_; }
+
+private:
+    std::size_t offset_;
+    std::size_t bytes_;
+};
+
 /// The caller asked for something that can never succeed: misaligned or out-of-range sizes,
 /// a range in the wrong state, an unknown id. The object it was asked of is unchanged.
 class invalid_argument : public error {

@@ -21,12 +21,29 @@
 #include <vector>
 
 #include "vmmpp/backing/concept.hpp"
+#include "vmmpp/detail/fence_queue.hpp"
+#include "vmmpp/detail/range_counts.hpp"
 #include "vmmpp/error.hpp"
 #include "vmmpp/growth/concept.hpp"
 #include "vmmpp/growth/mapped_ahead.hpp"
 #include "vmmpp/quota/concept.hpp"
 
 namespace vmmpp {
+
+namespace detail {
+/// Checks that cost a map lookup per call run in builds without NDEBUG (tests, debugging).
+#ifdef NDEBUG
+inline constexpr bool debug_checks = false;
+#else
+inline constexpr bool debug_checks = true;
+#endif
+} // namespace detail
+
+/// A fence recorded by elastic_pool::record_fence: memory released "after" it goes back to the
+/// device only once the GPU work queued before it has completed. The default is no fence.
+struct pool_fence {
+    std::uint64_t value = 0;
+};
 
 /// A mutex that does nothing, for pools only ever used from one thread.
 struct null_mutex {
@@ -110,6 +127,12 @@ struct pool_stats {
     std::uint64_t mapper_failures = 0;    ///< mapper commits refused (quota, memory) or failed
     std::uint64_t waits = 0;          ///< times a caller waited for the mapper to finish a unit it needed
     std::uint64_t reclaims = 0;       ///< times another model's pressure made this pool give spares back
+    std::size_t awaiting_gpu_units = 0;   ///< spares whose release waits for GPU work still queued (stream order)
+    std::size_t pending_fences = 0;       ///< fences recorded and not yet seen complete
+    std::uint64_t fences = 0;             ///< fences recorded (record_fence, release with a stream)
+    std::uint64_t decommit_failures = 0;  ///< decommits the backing refused (the unit stayed committed or was retired)
+    std::size_t retired_units = 0;        ///< units taken out of service after a decommit that failed half done
+    std::size_t retired_bytes = 0;        ///< their bytes (still charged: they may still hold memory)
     std::chrono::nanoseconds driver_time{0};  ///< time spent inside the backing's commit/decommit
 };
 
@@ -129,6 +152,22 @@ struct pool_stats {
 /// Quota accounting is exact: the pool charges committed units plus handles its backing keeps
 /// for reuse (vmm_options::max_cached_handles). Under quota pressure it gives back its own
 /// spares and kept handles first, then asks the other models of a shared budget for theirs.
+///
+/// Stream order: the driver unmaps at once, even under a kernel or copy still queued, and that
+/// work then faults and takes the process's CUDA context with it. So memory is given back only
+/// after the GPU work that may touch it has completed: `release(offset, bytes, stream)` (or a
+/// fence from `record_fence`) records an event on that stream, and units released after it stay
+/// committed and charged until the event completes. The caller's thread never waits for the GPU:
+/// the memory goes back on a later call (release, collect, trim, budget pressure) or on the
+/// mapper's thread. `release(offset, bytes)` without a stream says no queued work touches the
+/// range. Fences count in recording order, so a unit also waits for fences recorded before its own.
+///
+/// Failures: when the backing refuses a decommit (cuMemUnmap or cuMemRelease failed) and reports
+/// the unit still committed, it stays a committed spare, usable, still charged, and a later
+/// release or trim tries again. When the backing gave part of it back before failing (an unmap
+/// done, a release refused), the unit is retired: it may still hold device memory, so it stays
+/// charged and is never mapped, handed out or given back again; a hold of its range throws
+/// vmmpp::retired_memory. stats() counts both (decommit_failures, retired_units).
 template <class Config>
 class elastic_pool {
 public:
@@ -153,7 +192,9 @@ public:
           units_((pages_ + unit_pages_ - 1) / unit_pages_),
           page_holds_(pages_, 0),
           unit_held_pages_(units_, 0),
-          unit_state_(units_, unit_state::uncommitted) {
+          unit_state_(units_, unit_state::uncommitted),
+          unit_fence_(units_, 0),
+          fences_(device_of(backing_)) {
         stats_.reserved = backing_.capacity();
         if constexpr (!growth_type::is_elastic) {
             std::vector<std::size_t> all(units_);
@@ -170,6 +211,14 @@ public:
                 throw invalid_argument("mapped_ahead: low_watermark " + std::to_string(growth_.low_watermark) +
                                        " exceeds high_watermark " + std::to_string(growth_.high_watermark));
             }
+            if (growth_.poll_interval.count() <= 0) {
+                throw invalid_argument("mapped_ahead: poll_interval must be positive (" +
+                                       std::to_string(growth_.poll_interval.count()) +
+                                       " us would make the mapper spin)");
+            }
+            // More spares than units cannot exist: "never give spares back" (SIZE_MAX) means all.
+            growth_.high_watermark = std::min(growth_.high_watermark, units_);
+            growth_.low_watermark = std::min(growth_.low_watermark, growth_.high_watermark);
             idle_since_.assign(units_, {});
         }
         if constexpr (can_reclaim) {
@@ -196,8 +245,13 @@ public:
             wake_.notify_all();
             mapper_.join();
         }
+        try {
+            fences_.wait_all();  // never unmap under queued work, even at the end
+        } catch (...) {
+            // the work failed (a lost context): nothing on the GPU can use the memory any more
+        }
         for (std::size_t u = 0; u < units_; ++u) {
-            if (unit_state_[u] == unit_state::committed) {
+            if (unit_state_[u] == unit_state::committed || unit_state_[u] == unit_state::retired) {
                 try {
                     backing_.decommit(unit_offset(u), unit_bytes(u));
                 } catch (...) {
@@ -224,6 +278,12 @@ public:
         const std::size_t last_page = (offset + bytes - 1) / page_bytes_;
         const std::size_t first_unit = first_page / unit_pages_;
         const std::size_t last_unit = last_page / unit_pages_;
+        for (std::size_t u = first_unit; u <= last_unit; ++u) {
+            if (unit_state_[u] == unit_state::retired) {
+                throw retired_memory(unit_offset(u), unit_bytes(u));
+            }
+        }
+        range_hold_guard range_hold(*this, offset, bytes);  // debug builds: counts holds per range
         for (;;) {
             bool all_committed = true;
             bool in_flight = false;
@@ -249,6 +309,7 @@ public:
             stats_.sync_commits += missing.size();
             break;
         }
+        range_hold.keep();
         for (std::size_t p = first_page; p <= last_page; ++p) {
             if (page_holds_[p]++ == 0) {
                 ++held_pages_;
@@ -261,14 +322,32 @@ public:
         }
     }
 
-    /// Lets go of [offset, offset+bytes), held before with ensure_committed. Pages nothing holds
-    /// any more go back as the growth policy says (with a background mapper: later, on its
-    /// thread). Releasing a range that is not held (a double release) is an invalid_argument
-    /// and changes nothing. If the backing fails to decommit, the release has still taken effect
-    /// (the page stays committed as a spare) and the error propagates.
-    void release(std::size_t offset, std::size_t bytes) {
+    /// Lets go of [offset, offset+bytes), held before with ensure_committed, when no GPU work
+    /// queued now may still touch it (otherwise pass the stream, below). Pages nothing holds any
+    /// more go back as the growth policy says (with a background mapper: later, on its thread).
+    /// Releasing a range that is not held (a double release) is an invalid_argument and changes
+    /// nothing: exactly in builds without NDEBUG, otherwise when no other range holds the page.
+    /// If the backing fails to decommit, the release has still taken effect, the unit stays a
+    /// spare or is retired (see the class comment) and the error propagates.
+    void release(std::size_t offset, std::size_t bytes) { release(offset, bytes, pool_fence{}); }
+
+    /// As release(offset, bytes), for memory that work queued on `stream` may still touch: the
+    /// pages go back only once that work has completed. Records a fence on `stream` (an event:
+    /// the caller's thread does not wait for the GPU).
+    void release(std::size_t offset, std::size_t bytes, cudaStream_t stream) {
+        check_range("release", offset, bytes);
+        release(offset, bytes, record_fence(stream));
+    }
+
+    /// As release(offset, bytes), with the pages going back only once `after` has completed. One
+    /// fence can order many releases (kv_cache records one per free or truncate).
+    void release(std::size_t offset, std::size_t bytes, pool_fence after) {
         check_range("release", offset, bytes);
         std::lock_guard lock(mutex_);
+        if (after.value > fences_.newest()) {
+            throw invalid_argument("release after fence " + std::to_string(after.value) +
+                                   ": this pool recorded only " + std::to_string(fences_.newest()) + " fences");
+        }
         const std::size_t first_page = offset / page_bytes_;
         const std::size_t last_page = (offset + bytes - 1) / page_bytes_;
         for (std::size_t p = first_page; p <= last_page; ++p) {
@@ -278,11 +357,14 @@ public:
                                        " is not held (released twice?)");
             }
         }
+        forget_range_hold(offset, bytes);
         for (std::size_t p = first_page; p <= last_page; ++p) {
+            const std::size_t u = p / unit_pages_;
+            unit_fence_[u] = std::max(unit_fence_[u], after.value);
             if (--page_holds_[p] == 0) {
                 --held_pages_;
-                if (--unit_held_pages_[p / unit_pages_] == 0) {
-                    make_idle(p / unit_pages_);
+                if (--unit_held_pages_[u] == 0) {
+                    make_idle(u);
                 }
             }
         }
@@ -291,23 +373,56 @@ public:
                 wake_.notify_one();  // the mapper sleeps without a timer: let it schedule the lazy release
             }
         } else {
-            shrink(growth_.idle_units_to_keep(committed_units_, idle_.size()));
+            (void)shrink(growth_.idle_units_to_keep(committed_units_, idle_.size()));
         }
+    }
+
+    /// Records a fence after the work queued on `stream` so far, for release(offset, bytes,
+    /// fence): e.g. one fence for every block a step frees. Host memory needs none (returns the
+    /// empty fence). The caller's thread does not wait.
+    [[nodiscard]] pool_fence record_fence(cudaStream_t stream) {
+        std::lock_guard lock(mutex_);
+        const pool_fence f{fences_.record(stream)};
+        stats_.fences += f.value != 0 ? 1 : 0;
+        return f;
+    }
+
+    /// Gives back, as the growth policy says, units whose release waited for GPU work that has
+    /// completed since; never waits. Returns the bytes given back. Every release, trim and
+    /// budget reclaim does this too; call it when the engine frees nothing for a while.
+    std::size_t collect() {
+        std::lock_guard lock(mutex_);
+        poll_fences();
+        if constexpr (has_mapper) {
+            return 0;  // the mapper gives spares back on its own thread, after release_delay
+        } else {
+            return shrink(growth_.idle_units_to_keep(committed_units_, idle_.size()));
+        }
+    }
+
+    /// Waits until the GPU work behind every fence recorded so far has completed (blocking the
+    /// caller, as cudaFree would), then collects. Returns the bytes given back.
+    std::size_t synchronize() {
+        {
+            std::lock_guard lock(mutex_);
+            fences_.wait_all();
+        }
+        return collect();
     }
 
     /// Gives back every committed unit nothing holds, spares included, and every kept handle
     /// (e.g. when another model needs the budget). Units the mapper has in flight finish on its
-    /// thread. Returns the bytes given back. A preallocated pool gives nothing back.
+    /// thread; units whose GPU work is still queued stay. Returns the bytes this call gave back
+    /// to the quota. A preallocated pool gives nothing back.
     std::size_t trim() {
         std::lock_guard lock(mutex_);
         if constexpr (!growth_type::is_elastic) {
             return 0;
         } else {
-            const std::size_t before = charged_.load();
             refilling_ = false;
-            shrink(0);
-            drop_kept_handles();
-            return before - charged_.load();
+            poll_fences();
+            const std::size_t freed = shrink(0);
+            return freed + drop_kept_handles();
         }
     }
 
@@ -370,6 +485,10 @@ public:
         s.charged = charged_.load();
         s.cached_bytes = kept_snapshot_.load();
         s.driver_time = std::chrono::nanoseconds(driver_ns_.load());
+        s.pending_fences = fences_.pending();
+        for (std::size_t u : idle_) {
+            s.awaiting_gpu_units += fences_.is_complete(unit_fence_[u]) ? 0 : 1;
+        }
         return s;
     }
 
@@ -388,7 +507,7 @@ public:
     }
 
 private:
-    enum class unit_state : std::uint8_t { uncommitted, committed, committing, decommitting };
+    enum class unit_state : std::uint8_t { uncommitted, committed, committing, decommitting, retired };
     using clock = std::chrono::steady_clock;
     /// Backing calls made outside the pool's lock (by the mapper) serialise on this one.
     using backing_mutex_type = std::conditional_t<has_mapper, std::mutex, null_mutex>;
@@ -405,12 +524,56 @@ private:
                                             { q.reclaim_from_others() } -> std::same_as<std::size_t>;
                                         };
     static constexpr std::size_t max_frontiers = 256;
+    /// Most units the mapper looks at per search for the next one to map (under the lock).
+    static constexpr std::size_t max_scan = 4096;
+    /// How often the mapper looks again at a spare whose GPU work was still queued.
+    static constexpr std::chrono::milliseconds fence_poll_interval{1};
 
     void check_range(const char* operation, std::size_t offset, std::size_t bytes) const {
         if (bytes == 0 || offset >= stats_.reserved || bytes > stats_.reserved - offset) {
             throw invalid_argument(std::string(operation) + " of [" + std::to_string(offset) + ", +" +
                                    std::to_string(bytes) + "): empty or beyond the pool's capacity " +
                                    std::to_string(stats_.reserved) + " bytes");
+        }
+    }
+
+    /// Debug builds count holds per byte, so that releasing a range twice is caught even when
+    /// another range still holds the page (page counts alone cannot tell). Undone unless kept.
+    /// The caller holds mutex_.
+    class range_hold_guard {
+    public:
+        range_hold_guard(elastic_pool& pool, std::size_t offset, std::size_t bytes)
+            : pool_(pool), offset_(offset), bytes_(bytes) {
+            if constexpr (detail::debug_checks) {
+                pool_.range_holds_.add(offset, bytes);  // may throw: nothing changed yet
+            }
+        }
+        range_hold_guard(const range_hold_guard&) = delete;
+        range_hold_guard& operator=(const range_hold_guard&) = delete;
+        ~range_hold_guard() {
+            if constexpr (detail::debug_checks) {
+                if (!kept_) {
+                    pool_.range_holds_.remove(offset_, bytes_);
+                }
+            }
+        }
+        void keep() noexcept { kept_ = true; }
+
+    private:
+        elastic_pool& pool_;
+        std::size_t offset_;
+        std::size_t bytes_;
+        bool kept_ = false;
+    };
+    /// Debug builds: one hold fewer on every byte of [offset, offset+bytes), or invalid_argument
+    /// (and no change) when some byte of it is not held.
+    void forget_range_hold(std::size_t offset, std::size_t bytes) {
+        if constexpr (detail::debug_checks) {
+            if (!range_holds_.covers(offset, bytes)) {
+                throw invalid_argument("release of [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
+                                       "): part of that range is not held (released twice?)");
+            }
+            range_holds_.remove(offset, bytes);
         }
     }
 
@@ -445,23 +608,39 @@ private:
     /// kept, so its second charge goes back. Strong guarantee.
     void backing_commit(std::size_t u) {
         const std::size_t kept_before = kept_bytes();
+        // Kept handles that left the backing's cache, whether the commit mapped them or failed
+        // and released them, are no longer charged as kept: settle that on both paths.
+        struct settle_kept {
+            elastic_pool& pool;
+            std::size_t before;
+            ~settle_kept() {
+                const std::size_t after = pool.kept_bytes();
+                pool.uncharge(before > after ? before - after : 0);
+                pool.kept_snapshot_ = after;
+            }
+        } settle{*this, kept_before};
         timed([&] { backing_.commit(unit_offset(u), unit_bytes(u)); });
-        uncharge(kept_before - kept_bytes());
-        kept_snapshot_ = kept_bytes();
     }
     /// Decommits unit u and gives the quota back what left the device (a handle the backing
-    /// keeps for reuse stays charged).
-    void backing_decommit(std::size_t u) {
+    /// keeps for reuse stays charged); returns the bytes uncharged.
+    std::size_t backing_decommit(std::size_t u) {
         const std::size_t kept_before = kept_bytes();
         timed([&] { backing_.decommit(unit_offset(u), unit_bytes(u)); });
-        uncharge(unit_bytes(u) - (kept_bytes() - kept_before));
+        const std::size_t freed = unit_bytes(u) - (kept_bytes() - kept_before);
+        uncharge(freed);
         kept_snapshot_ = kept_bytes();
+        return freed;
     }
-    void drop_kept_handles() noexcept {
+    /// Releases the backing's kept handles; returns the bytes uncharged.
+    std::size_t drop_kept_handles() noexcept {
         if constexpr (keeps_handles) {
             std::lock_guard backing_lock(backing_mutex_);
-            uncharge(backing_.release_cached());
+            const std::size_t freed = backing_.release_cached();
+            uncharge(freed);
             kept_snapshot_ = 0;
+            return freed;
+        } else {
+            return 0;
         }
     }
 
@@ -563,9 +742,9 @@ private:
             while (done > 0) {
                 const std::size_t u = units[--done];
                 try {
-                    decommit_unit(u);
+                    (void)decommit_unit(u);
                 } catch (...) {
-                    make_idle(u);  // still committed: keep it as a spare, accounted
+                    // a spare again, or retired (decommit_unit says which): accounted either way
                 }
             }
             throw;
@@ -581,7 +760,7 @@ private:
                 charge(bytes);
                 return;
             } catch (const over_quota&) {
-                const bool made_room = (attempt == 0 && give_back_spares(keep_first, keep_last)) ||
+                const bool made_room = (attempt == 0 && give_back_spares(keep_first, keep_last) > 0) ||
                                        (attempt < 2 && reclaim_from_other_models() > 0);
                 if (!made_room) {
                     throw;
@@ -597,61 +776,129 @@ private:
         }
     }
 
-    /// Decommits unit u on the caller's thread (which holds mutex_).
-    void decommit_unit(std::size_t u) {
+    /// Decommits unit u (idle, and no longer in idle_) on the caller's thread, which holds
+    /// mutex_; returns the bytes uncharged. If the backing fails, the unit becomes a spare again
+    /// or is retired (settle_failed_decommit) and the error propagates.
+    std::size_t decommit_unit(std::size_t u) {
+        std::size_t freed = 0;
         {
             std::lock_guard backing_lock(backing_mutex_);
-            backing_decommit(u);
-        }
-        note_decommitted(u);
-    }
-
-    /// Decommits idle units, highest offset first, until at most `keep` remain.
-    void shrink(std::size_t keep) {
-        if constexpr (growth_type::is_elastic) {
-            while (idle_.size() > keep) {
-                const std::size_t u = *idle_.rbegin();
-                decommit_unit(u);
-                idle_.erase(u);
+            const std::size_t backing_before = backing_.committed_bytes();  // to tell what a failure left
+            try {
+                freed = backing_decommit(u);
+            } catch (...) {
+                settle_failed_decommit(u, backing_.committed_bytes() == backing_before);
+                throw;
             }
         }
+        note_decommitted(u);
+        return freed;
+    }
+    /// After the backing threw from decommitting unit u (taken out of idle_, state committed or
+    /// decommitting): if the backing still has all of it committed, nothing was given back and u
+    /// is a spare again, to be tried again later; otherwise part of it went and u is retired.
+    /// The caller holds mutex_.
+    void settle_failed_decommit(std::size_t u, bool still_committed) {
+        ++stats_.decommit_failures;
+        if (still_committed) {
+            unit_state_[u] = unit_state::committed;
+            make_idle(u);
+        } else {
+            retire(u);
+        }
+    }
+    /// Takes committed unit u out of service after a failed decommit: it may still be mapped,
+    /// so it is never mapped, handed out or decommitted again, and stays charged.
+    void retire(std::size_t u) noexcept {  // counted in decommit_failures by the caller
+        unit_state_[u] = unit_state::retired;
+        --committed_units_;
+        stats_.committed -= unit_bytes(u);
+        ++stats_.retired_units;
+        stats_.retired_bytes += unit_bytes(u);
     }
 
-    /// Gives back idle units outside [keep_first, keep_last] and kept handles; true if it gave
-    /// anything back.
-    bool give_back_spares(std::size_t keep_first, std::size_t keep_last) {
+    /// Asks which fences completed (never waits). A fence whose work failed means the context is
+    /// lost; the error propagates and the units behind it stay committed.
+    void poll_fences() {
+        if (fences_.pending() > 0) {
+            (void)fences_.poll();
+        }
+    }
+    /// Whether unit u's memory may go back: no GPU work queued before its releases is pending.
+    [[nodiscard]] bool gpu_done_with(std::size_t u) const noexcept { return fences_.is_complete(unit_fence_[u]); }
+
+    /// Decommits idle units whose GPU work is done, highest offset first, until at most `keep`
+    /// idle units remain (or none is left that may go); returns the bytes uncharged.
+    std::size_t shrink(std::size_t keep) {
+        std::size_t freed = 0;
+        if constexpr (growth_type::is_elastic) {
+            if (idle_.size() <= keep) {
+                return 0;
+            }
+            poll_fences();
+            std::size_t excess = idle_.size() - keep;
+            for (auto it = idle_.end(); excess > 0 && it != idle_.begin();) {
+                --it;
+                const std::size_t u = *it;
+                if (!gpu_done_with(u)) {
+                    continue;  // stays a spare, charged, until its fence completes
+                }
+                it = idle_.erase(it);
+                --excess;
+                freed += decommit_unit(u);
+            }
+        }
+        return freed;
+    }
+
+    /// Gives back idle units outside [keep_first, keep_last] whose GPU work is done, and kept
+    /// handles; returns the bytes uncharged.
+    std::size_t give_back_spares(std::size_t keep_first, std::size_t keep_last) noexcept {
         if constexpr (!growth_type::is_elastic) {
-            return false;
+            return 0;
         } else {
-            const std::size_t before = charged_.load();
+            std::size_t freed = 0;
+            try {
+                poll_fences();
+            } catch (...) {
+                // a lost context: give back only what no fence holds
+            }
             for (auto it = idle_.begin(); it != idle_.end();) {
-                if (*it >= keep_first && *it <= keep_last) {
+                const std::size_t u = *it;
+                if ((u >= keep_first && u <= keep_last) || !gpu_done_with(u)) {
                     ++it;
                     continue;
                 }
-                decommit_unit(*it);
                 it = idle_.erase(it);
+                try {
+                    freed += decommit_unit(u);
+                } catch (...) {
+                    // a spare again or retired, counted in stats(); the other spares still go back
+                }
             }
-            drop_kept_handles();
+            freed += drop_kept_handles();
             refilling_ = false;
-            return charged_.load() < before;
+            return freed;
         }
     }
 
-    /// Another model of the budget was refused: give every spare back, unless this pool is busy
-    /// (then its own thread is using it, and it is skipped rather than waited for).
+    /// How long another model's reclaim waits for this pool's lock before it gives up on it. A
+    /// busy pool is usually busy for microseconds (bookkeeping, one driver call); waiting a
+    /// bounded time keeps two pools that reclaim from each other free of deadlock.
+    static constexpr std::chrono::milliseconds reclaim_wait{20};
+
+    /// Another model of the budget was refused: give every spare back. A busy pool is waited for
+    /// up to reclaim_wait, then skipped (the other model's commit then fails with over_quota).
     std::size_t give_back_for_others() noexcept {
-        std::unique_lock lock(mutex_, std::try_to_lock);
-        if (!lock) {
-            return 0;
+        std::unique_lock lock(mutex_, std::defer_lock);
+        const auto give_up = clock::now() + reclaim_wait;
+        while (!lock.try_lock()) {
+            if (clock::now() > give_up) {
+                return 0;
+            }
+            std::this_thread::sleep_for(std::chrono::microseconds(20));
         }
-        const std::size_t before = charged_.load();
-        try {
-            (void)give_back_spares(units_, units_);
-        } catch (...) {
-            // a unit that failed to decommit stays a spare; what was given back counts
-        }
-        const std::size_t freed = before - charged_.load();
+        const std::size_t freed = give_back_spares(units_, units_);
         stats_.reclaims += freed > 0 ? 1 : 0;
         return freed;
     }
@@ -668,11 +915,25 @@ private:
             refilling_ = false;
             return std::nullopt;
         }
-        for (std::size_t d = 0; d < growth_.high_watermark; ++d) {
+        // Breadth first over the frontiers, within high_watermark units past each (clamped to the
+        // pool), and at most max_scan looks: this runs under the pool's lock.
+        std::size_t looks = 0;
+        for (std::size_t d = 0; d < growth_.high_watermark && looks < max_scan; ++d) {
+            bool any_left = false;
             for (std::size_t f : frontiers_) {
-                if (f + d < units_ && unit_state_[f + d] == unit_state::uncommitted) {
+                if (f + d >= units_) {
+                    continue;
+                }
+                any_left = true;
+                if (unit_state_[f + d] == unit_state::uncommitted) {
                     return f + d;
                 }
+                if (++looks == max_scan) {
+                    break;
+                }
+            }
+            if (!any_left) {
+                break;
             }
         }
         refilling_ = false;  // nothing predicted: wait for demand
@@ -692,6 +953,17 @@ private:
                 continue;
             }
             if (since + growth_.release_delay <= now) {
+                if (!gpu_done_with(u)) {
+                    try {
+                        poll_fences();
+                    } catch (...) {
+                        // a lost context: the unit stays a spare
+                    }
+                    if (!gpu_done_with(u)) {
+                        deadline = now + fence_poll_interval;  // look again soon; the GPU is still on it
+                        return std::nullopt;
+                    }
+                }
                 idle_order_.pop_front();
                 return u;
             }
@@ -755,20 +1027,23 @@ private:
                 idle_.erase(*u);
                 lock.unlock();
                 bool ok = false;
-                try {
+                bool still_committed = true;
+                {
                     std::lock_guard backing_lock(backing_mutex_);
-                    backing_decommit(*u);
-                    ok = true;
-                } catch (...) {
-                    // stays committed, as a spare
+                    const std::size_t backing_before = backing_.committed_bytes();
+                    try {
+                        (void)backing_decommit(*u);
+                        ok = true;
+                    } catch (...) {
+                        still_committed = backing_.committed_bytes() == backing_before;
+                    }
                 }
                 lock_spinning(lock);
                 if (ok) {
                     note_decommitted(*u);
                     ++stats_.mapper_decommits;
                 } else {
-                    unit_state_[*u] = unit_state::committed;
-                    make_idle(*u);
+                    settle_failed_decommit(*u, still_committed);
                     ++stats_.mapper_failures;
                 }
                 settled_.notify_all();
@@ -811,6 +1086,9 @@ private:
     std::vector<std::uint32_t> page_holds_;       // per page: how many holds
     std::vector<std::uint32_t> unit_held_pages_;  // per unit: how many of its pages are held
     std::vector<unit_state> unit_state_;
+    std::vector<std::uint64_t> unit_fence_;       // per unit: the fence its memory waits for before it goes back
+    detail::fence_queue fences_;
+    detail::range_counts range_holds_;            // debug builds: holds per byte
     std::set<std::size_t> idle_;                  // committed units nothing holds (spares)
     std::size_t committed_units_ = 0;
     std::size_t held_pages_ = 0;

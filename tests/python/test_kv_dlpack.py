@@ -285,6 +285,21 @@ class KVDLPackTest(unittest.TestCase):
             with self.assertRaises(vmmpp_kv.VmmppError):
                 cache.write_test_pattern(seq)
 
+    def test_block_tables_whose_size_overflows_are_refused(self):
+        """Review F1: 2 x 2^63 wrapped to 0 in the C ABI and in pack_block_tables, and the rows
+        were written far past the caller's buffer."""
+        with make_cache("layer_major") as cache:
+            seqs = [cache.add_sequence(), cache.add_sequence()]
+            cache.append(seqs[0], 5)
+            ids = (ctypes.c_uint64 * 2)(*seqs)
+            out = (ctypes.c_int32 * 4)(-7, -7, -7, -7)
+            for max_blocks in (1 << 63, MAX_BLOCKS + 1):
+                with self.assertRaises(vmmpp_kv.VmmppError) as e:
+                    vmmpp_kv._check(vmmpp_kv._lib.vmmpp_kv_pack_block_tables(
+                        cache._handle_or_raise(), ids, 2, max_blocks, 0, out))
+                self.assertEqual(e.exception.status, "invalid_argument")
+            self.assertEqual(list(out), [-7, -7, -7, -7])
+
 
 if __name__ == "__main__":
     print(f"numpy {np.__version__}, python {sys.version.split()[0]}")

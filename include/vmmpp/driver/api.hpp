@@ -42,6 +42,14 @@ struct api {
     decltype(&::cuMemGetAllocationGranularity) mem_get_allocation_granularity = nullptr;
     decltype(&::cuMemExportToShareableHandle) mem_export_to_shareable_handle = nullptr;
     decltype(&::cuMemImportFromShareableHandle) mem_import_from_shareable_handle = nullptr;
+    // Stream order: the events that tell when queued work is done, and the cache's own copies.
+    decltype(&::cuEventCreate) event_create = nullptr;
+    decltype(&::cuEventDestroy) event_destroy = nullptr;
+    decltype(&::cuEventRecord) event_record = nullptr;
+    decltype(&::cuEventQuery) event_query = nullptr;
+    decltype(&::cuEventSynchronize) event_synchronize = nullptr;
+    decltype(&::cuMemcpyAsync) memcpy_async = nullptr;
+    decltype(&::cuMemcpyHtoDAsync) memcpy_htod_async = nullptr;
 };
 
 namespace detail {
@@ -103,6 +111,13 @@ inline load_result load() {
     resolve("cuMemGetAllocationGranularity", t.mem_get_allocation_granularity);
     resolve("cuMemExportToShareableHandle", t.mem_export_to_shareable_handle);
     resolve("cuMemImportFromShareableHandle", t.mem_import_from_shareable_handle);
+    resolve("cuEventCreate", t.event_create);
+    resolve("cuEventDestroy", t.event_destroy);
+    resolve("cuEventRecord", t.event_record);
+    resolve("cuEventQuery", t.event_query);
+    resolve("cuEventSynchronize", t.event_synchronize);
+    resolve("cuMemcpyAsync", t.memcpy_async);
+    resolve("cuMemcpyHtoDAsync", t.memcpy_htod_async);
     if (!result.failure.empty()) {
         return result;
     }

@@ -2,10 +2,10 @@
 // free id, so live blocks stay packed at the bottom of the span and the top pages can go back.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
-#include <queue>
 #include <string>
 #include <vector>
 
@@ -16,7 +16,9 @@ namespace vmmpp {
 /// Reference-counted block ids in [0, max_blocks), lowest free first.
 class block_allocator {
 public:
-    explicit block_allocator(std::uint32_t max_blocks) : refs_(max_blocks, 0) {}
+    /// Room for every id's free-list entry is taken here, so release never allocates (and so
+    /// never throws for a live id): free and truncate cannot stop half way.
+    explicit block_allocator(std::uint32_t max_blocks) : refs_(max_blocks, 0) { freed_.reserve(max_blocks); }
 
     [[nodiscard]] std::size_t max_blocks() const noexcept { return refs_.size(); }
     [[nodiscard]] std::size_t used_blocks() const noexcept { return used_; }
@@ -29,8 +31,9 @@ public:
         }
         std::int32_t id;
         if (!freed_.empty()) {
-            id = freed_.top();  // every freed id lies below next_unused_
-            freed_.pop();
+            std::pop_heap(freed_.begin(), freed_.end(), std::greater<>{});  // the lowest freed id;
+            id = freed_.back();                                             // every one lies below next_unused_
+            freed_.pop_back();
         } else {
             id = next_unused_++;
         }
@@ -46,12 +49,14 @@ public:
     }
 
     /// One reference less; returns true when that was the last and the id is free again.
+    /// Throws only for an id that is not live (and then changes nothing).
     bool release(std::int32_t id) {
         check_live(id);
         if (--refs_[static_cast<std::size_t>(id)] > 0) {
             return false;
         }
-        freed_.push(id);
+        freed_.push_back(id);  // within the capacity reserved up front: no allocation
+        std::push_heap(freed_.begin(), freed_.end(), std::greater<>{});
         --used_;
         return true;
     }
@@ -77,7 +82,7 @@ private:
     }
 
     std::vector<std::uint32_t> refs_;
-    std::priority_queue<std::int32_t, std::vector<std::int32_t>, std::greater<>> freed_;
+    std::vector<std::int32_t> freed_;  // a min-heap of freed ids, with room for all of them
     std::int32_t next_unused_ = 0;
     std::size_t used_ = 0;
 };

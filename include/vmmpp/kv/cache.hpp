@@ -13,12 +13,14 @@
 #include <exception>
 #include <limits>
 #include <map>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "vmmpp/backing/concept.hpp"
 #include "vmmpp/driver/api.hpp"
+#include "vmmpp/driver/context.hpp"
 #include "vmmpp/error.hpp"
 #include "vmmpp/kv/block_allocator.hpp"
 #include "vmmpp/kv/geometry.hpp"
@@ -33,7 +35,9 @@ using seq_id = std::uint64_t;
 
 /// Options of a kv_cache beyond its geometry and pool policies.
 struct kv_cache_options {
-    /// Stream for the cache's device work (copy-on-write copies, block-table uploads).
+    /// Stream for the cache's device work (copy-on-write copies), and the stream whose queued
+    /// work free() and truncate() wait for, before memory goes back, when given no other. The
+    /// default, the legacy default stream, also waits for every blocking stream's work.
     cudaStream_t stream = nullptr;
     /// The span is rounded up to a multiple of this (the backing's granularity must divide it).
     std::size_t span_alignment = std::size_t{2} << 20;
@@ -53,8 +57,18 @@ struct token_range {
 /// different threads (their pools and the budget are thread safe).
 ///
 /// Every operation either succeeds or throws and leaves the cache as it was (strong guarantee),
-/// except that spare pages the pool gave back to make room stay given back; the other exception is a CUDA failure while giving memory back in `free`/`truncate`, after
-/// which the sequence change has still taken effect (the page stays committed as a spare).
+/// except that spare pages the pool gave back to make room stay given back; the other exception
+/// is a CUDA failure while giving memory back in `free`/`truncate`, after which the sequence
+/// change has still taken effect (the pool retires that memory: see elastic_pool).
+///
+/// Stream order: memory is never given back under GPU work that may still use it. The cache's
+/// own copies run on `kv_cache_options::stream` and every release waits for them. `free(seq,
+/// stream)` and `truncate(seq, n, stream)` also wait for the work queued on `stream` when they
+/// are called (the engine's kernels that read the sequence's blocks); without a stream they wait
+/// for `kv_cache_options::stream`. The wait is an event: the call returns at once, and the pages
+/// go back on a later call once the event completed (elastic_pool::collect). A block id that is
+/// freed may be handed out again at once: its new owner's writes must be queued after the old
+/// reads (the same stream, or an event between them), as with any caching allocator.
 template <class Config, class Layout = layer_major>
 class kv_cache {
 public:
@@ -79,6 +93,16 @@ public:
 
     kv_cache(const kv_cache&) = delete;
     kv_cache& operator=(const kv_cache&) = delete;
+    /// The pool waits for the cache's queued copies (and every fence recorded) before it unmaps.
+    ~kv_cache() {
+        if (copies_queued_) {
+            try {
+                (void)pool_.record_fence(options_.stream);
+            } catch (...) {
+                // the stream's context is gone: its copies cannot run any more
+            }
+        }
+    }
 
     /// A new, empty sequence.
     [[nodiscard]] seq_id add_sequence() {
@@ -120,9 +144,11 @@ public:
                 copy_block(s.blocks.back(), fresh.front());
             }
         } catch (...) {
+            // Rows of a failed copy may already be queued into the fresh blocks.
+            const pool_fence after = copies_fence_noexcept();
             for (std::int32_t b : fresh) {
                 blocks_.release(b);
-                unhold_block_noexcept(b);
+                unhold_block_noexcept(b, after);
             }
             throw;
         }
@@ -152,31 +178,48 @@ public:
     }
 
     /// Keeps the first `n_tokens` tokens of `seq` (e.g. rejected speculative tokens) and lets
-    /// go of the blocks no longer needed.
-    void truncate(seq_id seq, std::size_t n_tokens) {
+    /// go of the blocks no longer needed, once the cache's own queued copies are done.
+    void truncate(seq_id seq, std::size_t n_tokens) { truncate(seq, n_tokens, options_.stream); }
+
+    /// As truncate(seq, n_tokens), for blocks that work queued on `stream` may still read: their
+    /// memory goes back only once that work (and the cache's own copies) completed.
+    void truncate(seq_id seq, std::size_t n_tokens, cudaStream_t stream) {
         sequence& s = find(seq);
         if (n_tokens > s.tokens) {
             throw invalid_argument("truncate of sequence " + std::to_string(seq) + " to " + std::to_string(n_tokens) +
                                    " tokens: it has only " + std::to_string(s.tokens));
         }
         const std::size_t keep = geometry_.blocks_for(n_tokens);
-        std::vector<std::int32_t> dropped(s.blocks.begin() + static_cast<std::ptrdiff_t>(keep), s.blocks.end());
+        const std::span<const std::int32_t> tail(s.blocks.begin() + static_cast<std::ptrdiff_t>(keep), s.blocks.end());
+        std::vector<std::int32_t> dropped(tail.begin(), tail.end());  // may throw: nothing changed yet
+        const pool_fence after = fence_for_dropping(dropped, stream);  // likewise
         s.blocks.resize(keep);
         s.tokens = n_tokens;
-        drop_blocks(dropped);
+        drop_blocks(dropped, after);
     }
 
     /// Frees `seq`: blocks whose last reference it held are freed, and pages that hold no live
-    /// block go back as the growth policy says. An unknown or already freed id is an error.
-    void free(seq_id seq) {
+    /// block go back as the growth policy says, once the cache's own queued copies are done. An
+    /// unknown or already freed id is an error.
+    void free(seq_id seq) { free(seq, options_.stream); }
+
+    /// As free(seq), for blocks that work queued on `stream` may still read (the engine's last
+    /// step): their memory goes back only once that work (and the cache's own copies) completed.
+    /// The call does not wait for the GPU.
+    void free(seq_id seq, cudaStream_t stream) {
         auto it = sequences_.find(seq);
         if (it == sequences_.end()) {
             throw unknown_sequence(seq);
         }
+        const pool_fence after = fence_for_dropping(it->second.blocks, stream);  // may throw: nothing changed yet
         std::vector<std::int32_t> dropped = std::move(it->second.blocks);
         sequences_.erase(it);
-        drop_blocks(dropped);
+        drop_blocks(dropped, after);
     }
+
+    /// Gives back memory whose release waited for GPU work that has completed since (the pool's
+    /// collect). Never waits; returns the bytes given back.
+    std::size_t collect() { return pool_.collect(); }
 
     // --- questions without side effects ---
 
@@ -229,6 +272,7 @@ public:
     /// row-major matrix, rows padded with `pad`.
     void pack_block_tables(std::span<const seq_id> seqs, std::size_t max_blocks_per_seq, std::span<std::int32_t> out,
                            std::int32_t pad = 0) const {
+        check_table_shape(seqs.size(), max_blocks_per_seq);
         if (out.size() != seqs.size() * max_blocks_per_seq) {
             throw invalid_argument("pack_block_tables: output holds " + std::to_string(out.size()) + " ids, needs " +
                                    std::to_string(seqs.size()) + " x " + std::to_string(max_blocks_per_seq));
@@ -254,11 +298,19 @@ public:
     /// may be reused as soon as this returns.
     void upload_block_tables(std::span<const seq_id> seqs, std::size_t max_blocks_per_seq, std::int32_t* device_out,
                              cudaStream_t stream, std::int32_t pad = 0) {
+        check_table_shape(seqs.size(), max_blocks_per_seq);
         staging_.resize(seqs.size() * max_blocks_per_seq);
         pack_block_tables(seqs, max_blocks_per_seq, staging_, pad);
-        driver::check(::cudaMemcpyAsync(device_out, staging_.data(), staging_.size() * sizeof(std::int32_t),
-                                        cudaMemcpyHostToDevice, stream),
-                      "cudaMemcpyAsync(block tables)");
+        if (pool_.device() < 0) {  // a host cache: the runtime finds the device of `device_out`
+            driver::check(::cudaMemcpyAsync(device_out, staging_.data(), staging_.size() * sizeof(std::int32_t),
+                                            cudaMemcpyHostToDevice, stream),
+                          "cudaMemcpyAsync(block tables)");
+            return;
+        }
+        scoped_context current(device_context());
+        driver::check(driver::get().memcpy_htod_async(reinterpret_cast<CUdeviceptr>(device_out), staging_.data(),
+                                                      staging_.size() * sizeof(std::int32_t), stream),
+                      "cuMemcpyHtoDAsync(block tables)");
     }
 
     /// Address of block `block`'s K (or V) for layer `layer`.
@@ -320,6 +372,16 @@ private:
         }
         return (bytes + alignment - 1) / alignment * alignment;
     }
+    /// A [rows, max_blocks_per_seq] table whose size does not overflow: a row longer than the
+    /// cache's max_blocks is never useful, and bounding it keeps rows * columns in range.
+    void check_table_shape(std::size_t rows, std::size_t max_blocks_per_seq) const {
+        if (max_blocks_per_seq > geometry_.max_blocks ||
+            (max_blocks_per_seq != 0 && rows > std::numeric_limits<std::size_t>::max() / max_blocks_per_seq)) {
+            throw invalid_argument("block tables of " + std::to_string(rows) + " sequences x " +
+                                   std::to_string(max_blocks_per_seq) + " blocks: at most " +
+                                   std::to_string(geometry_.max_blocks) + " blocks per sequence");
+        }
+    }
     static invalid_argument unknown_sequence(seq_id seq) {
         return invalid_argument("unknown sequence " + std::to_string(seq) + " (never added, or already freed)");
     }
@@ -367,9 +429,9 @@ private:
                 if (held > 0) {
                     --held;
                     try {
-                        pool_.release(off, bytes);
+                        pool_.release(off, bytes);  // nothing was queued on this block yet
                     } catch (...) {
-                        // the release took effect; only giving a page back failed: it stays a spare
+                        // the release took effect; only giving a page back failed (the pool retired it)
                     }
                 }
             });
@@ -377,12 +439,13 @@ private:
         }
     }
 
-    /// Releases every piece of block `b`; returns the first error after releasing them all.
-    std::exception_ptr unhold_block(std::int32_t b) {
+    /// Releases every piece of block `b`, to go back after `after`; returns the first error
+    /// after releasing them all.
+    std::exception_ptr unhold_block(std::int32_t b, pool_fence after) {
         std::exception_ptr first;
         Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
             try {
-                pool_.release(off, bytes);
+                pool_.release(off, bytes, after);
             } catch (...) {
                 if (!first) {
                     first = std::current_exception();
@@ -391,14 +454,56 @@ private:
         });
         return first;
     }
-    void unhold_block_noexcept(std::int32_t b) noexcept { (void)unhold_block(b); }
+    void unhold_block_noexcept(std::int32_t b, pool_fence after) noexcept { (void)unhold_block(b, after); }
 
-    /// Drops one reference to each block; frees those that reach zero and releases their memory.
-    void drop_blocks(const std::vector<std::int32_t>& dropped) {
+    /// Whether the pool may ever give memory back under queued device work (then releases need
+    /// fences): device-visible memory with an elastic growth policy.
+    static constexpr bool needs_fences =
+        has_property<backing_type, device_accessible> && Config::growth_type::is_elastic;
+
+    /// The fence that releasing `blocks` must wait for: none if no block loses its last
+    /// reference; else one after the work queued on `stream` and the cache's own copies. Fences
+    /// count in order, so the later of two covers both.
+    pool_fence fence_for_dropping(std::span<const std::int32_t> blocks, cudaStream_t stream) {
+        if constexpr (!needs_fences) {
+            return {};
+        } else {
+            const bool frees_memory =
+                std::any_of(blocks.begin(), blocks.end(), [&](std::int32_t b) { return blocks_.refs(b) == 1; });
+            if (!frees_memory) {
+                return {};
+            }
+            pool_fence after = pool_.record_fence(stream);
+            if (copies_queued_ && stream != options_.stream) {
+                after = pool_.record_fence(options_.stream);
+            }
+            // (copies_queued_ is cleared below: the fence on options_.stream, the first or the
+            // second, covers every copy queued so far.)
+            copies_queued_ = false;  // the fence just recorded on options_.stream covers them
+            return after;
+        }
+    }
+    /// A fence after the cache's own queued copies, or none if that fails (a lost context).
+    pool_fence copies_fence_noexcept() noexcept {
+        if constexpr (needs_fences) {
+            if (copies_queued_) {
+                try {
+                    return pool_.record_fence(options_.stream);
+                } catch (...) {
+                    return {};
+                }
+            }
+        }
+        return {};
+    }
+
+    /// Drops one reference to each block; frees those that reach zero and releases their memory
+    /// after `after`.
+    void drop_blocks(const std::vector<std::int32_t>& dropped, pool_fence after) {
         std::exception_ptr first;
         for (std::int32_t b : dropped) {
             if (blocks_.release(b)) {
-                if (auto e = unhold_block(b); e && !first) {
+                if (auto e = unhold_block(b, after); e && !first) {
                     first = e;
                 }
             }
@@ -408,18 +513,29 @@ private:
         }
     }
 
+    /// The device's primary context, for the driver calls that queue the cache's own copies.
+    const primary_context& device_context() {
+        if (!context_) {
+            context_.emplace(pool_.device());
+        }
+        return *context_;
+    }
+
     /// Copies every layer's K and V of block `from` into block `to`.
     void copy_block(std::int32_t from, std::int32_t to) {
         const auto shape = Layout::copy_shape(geometry_);
         std::byte* src = address(0, kv_part::key, from);
         std::byte* dst = address(0, kv_part::key, to);
         if constexpr (has_property<backing_type, device_accessible>) {
-            // One copy per row, not cudaMemcpy2DAsync: on VMM memory the rows lie in different
-            // physical allocations with unmapped pages between them, which a 2D copy rejects.
+            // One copy per row, not a 2D copy: on VMM memory the rows lie in different physical
+            // allocations with unmapped pages between them, which a 2D copy rejects.
+            scoped_context current(device_context());
+            copies_queued_ = true;  // before the first row: a later row may fail after it is queued
             for (std::size_t r = 0; r < shape.rows; ++r) {
-                driver::check(::cudaMemcpyAsync(dst + r * shape.pitch, src + r * shape.pitch, shape.width,
-                                                cudaMemcpyDefault, options_.stream),
-                              "cudaMemcpyAsync(copy-on-write)");
+                driver::check(driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(dst + r * shape.pitch),
+                                                         reinterpret_cast<CUdeviceptr>(src + r * shape.pitch),
+                                                         shape.width, options_.stream),
+                              "cuMemcpyAsync(copy-on-write)");
             }
         } else {
             for (std::size_t r = 0; r < shape.rows; ++r) {
@@ -436,6 +552,8 @@ private:
     seq_id next_id_ = 0;
     std::uint64_t cow_copies_ = 0;
     std::vector<std::int32_t> staging_;
+    std::optional<primary_context> context_;  // retained on the first device copy
+    bool copies_queued_ = false;              // copies queued on options_.stream since its last fence
 };
 
 } // namespace vmmpp
