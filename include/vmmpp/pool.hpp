@@ -139,7 +139,7 @@ struct pool_stats {
 /// An elastic pool over one backing.
 ///
 /// Thread safety: every member function may be called concurrently from any threads; they
-/// serialise on `Config::mutex_type` (the driver serialises VMM calls anyway: DESIGN.md).
+/// serialise on `Config::mutex_type` (the driver serialises VMM calls anyway).
 /// `base()`, `capacity()` and `page_bytes()` never change and take no lock.
 ///
 /// Background mapping: with a growth policy that models background_growth_policy (mapped_ahead),

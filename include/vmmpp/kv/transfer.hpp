@@ -99,9 +99,10 @@ void check_live_blocks(const Cache& cache, std::span<const std::int32_t> blocks,
 /// block_major); runs of consecutive ids in both lists are copied as one piece per run. Not
 /// cudaMemcpy2DAsync: VMM pieces lie in different physical allocations, which a 2D copy rejects.
 ///
-/// Device copies are asynchronous: the source blocks must stay live and unwritten, and the
-/// destination blocks unread, until `stream` has reached them (`nullptr` is the legacy default
-/// stream of the caller's current device). Between two GPUs the copy engines need the pages of
+/// Device copies are asynchronous: the source blocks must stay unwritten, and the destination
+/// blocks unread, until `stream` (`nullptr`: the legacy default stream of the caller's current
+/// device) has reached them; to free the source sequence before that, free it with
+/// `free(seq, stream)` so that its memory waits for the copy. Between two GPUs the copy engines need the pages of
 /// both caches; give each vmm cache the other device in `vmm_options::peer_devices` (see
 /// can_access_peer) for a direct copy. A CUDA error while issuing the copies throws
 /// vmmpp::cuda_error; the destination blocks' contents are then unspecified (neither cache's
