@@ -511,10 +511,8 @@ private:
     using clock = std::chrono::steady_clock;
     /// Backing calls made outside the pool's lock (by the mapper) serialise on this one.
     using backing_mutex_type = std::conditional_t<has_mapper, std::mutex, null_mutex>;
-    static constexpr bool keeps_handles = requires(backing_type& b) {
-        { b.cached_bytes() } -> std::same_as<std::size_t>;
-        { b.release_cached() } -> std::same_as<std::size_t>;
-    };
+    /// Kept handles occupy the device: charged while kept, dropped under pressure.
+    static constexpr bool keeps_handles = handle_keeping_backing<backing_type>;
     /// Pools that other models' pressure can reclaim spares from (a single-threaded pool cannot
     /// be entered from another thread).
     static constexpr bool can_reclaim = growth_type::is_elastic && !std::is_same_v<mutex_type, null_mutex> &&
@@ -982,7 +980,7 @@ private:
     }
 
     void mapper_loop() {
-        if constexpr (requires { backing_.bind_current_thread(); }) {
+        if constexpr (context_binding_backing<backing_type>) {
             try {
                 backing_.bind_current_thread();
             } catch (...) {

@@ -34,6 +34,30 @@ concept backing =
         { b.decommit(n, n) } -> std::same_as<void>;
     };
 
+// Optional capabilities. A pool (and an adaptor, which forwards them: detail::backing_adaptor)
+// asks for each by name, so one a backing has is never lost on the way.
+
+/// A backing that keeps physical memory after decommit for a later commit to reuse (vmm with
+/// vmm_options::max_cached_handles): `cached_bytes()` says how much it keeps, which still
+/// occupies the device, so a pool charges it to its quota; `release_cached()` gives it all back
+/// and returns the bytes released.
+template <class B>
+concept handle_keeping_backing = backing<B> && requires(B& b, const B& cb) {
+    { cb.cached_bytes() } -> std::same_as<std::size_t>;
+    { b.release_cached() } -> std::same_as<std::size_t>;
+};
+
+/// A backing whose driver calls need a context current: `bind_current_thread()` makes it current
+/// on the calling thread for good (a pool's mapper thread calls it once, then skips the push and
+/// pop on every commit).
+template <class B>
+concept context_binding_backing = backing<B> && requires(const B& cb) { cb.bind_current_thread(); };
+
+/// A backing that can hand its committed physical memory to another process: `export_handles()`
+/// returns one POSIX file descriptor per physical handle (vmmpp/interop/shared_pages.hpp).
+template <class B>
+concept handle_exporting_backing = backing<B> && requires(const B& cb) { cb.export_handles(); };
+
 /// The CUDA device a backing's memory lives on, or -1 for host memory.
 template <backing B>
 [[nodiscard]] int device_of(const B& b) noexcept {

@@ -15,6 +15,7 @@
 #include "vmmpp/backing/concept.hpp"
 #include "vmmpp/detail/backing_adaptor.hpp"
 #include "vmmpp/backing/external.hpp"
+#include "vmmpp/backing/vmm.hpp"
 #include "vmmpp/error.hpp"
 
 namespace vmmpp {
@@ -117,7 +118,8 @@ struct fault_injecting_options {
 /// A planned decommit failure throws vmmpp::error ("fault injection: decommit #N") with nothing
 /// decommitted, as a driver failure in cuMemUnmap would.
 ///
-/// Accessibility properties, `is_elastic` and `device_ordinal()` are those of `Upstream`; the
+/// Accessibility properties, `is_elastic`, `device_ordinal()` and the capabilities (a vmm's
+/// handle cache, thread binding and handle export) are those of `Upstream`; the
 /// adaptor is exactly as thread safe as `Upstream` (the plan itself is thread safe).
 template <class Upstream>
 class fault_injecting : public detail::backing_adaptor<Upstream> {
@@ -177,5 +179,12 @@ static_assert(backing<fault_injecting<external<host_accessible>>>, "vmmpp::fault
 static_assert(has_property<fault_injecting<external<host_accessible>>, host_accessible> &&
                   !has_property<fault_injecting<external<host_accessible>>, device_accessible>,
               "vmmpp::fault_injecting must forward exactly its upstream's accessibility properties");
+static_assert(handle_keeping_backing<fault_injecting<vmm>> && context_binding_backing<fault_injecting<vmm>> &&
+                  handle_exporting_backing<fault_injecting<vmm>>,
+              "vmmpp::fault_injecting<vmm> must forward the handle cache, the thread binding and the handle export");
+static_assert(!handle_keeping_backing<fault_injecting<external<host_accessible>>> &&
+                  !context_binding_backing<fault_injecting<external<host_accessible>>> &&
+                  !handle_exporting_backing<fault_injecting<external<host_accessible>>>,
+              "vmmpp::fault_injecting must add no capability its upstream lacks");
 
 } // namespace vmmpp

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,14 @@ struct vmm_options {
 /// page-granular growth, N pages for chunked<N>: DESIGN.md shows large handles are far cheaper
 /// per byte). A decommit must then cover whole handles. With `handle_bytes > 0` every commit is
 /// cut into handles of exactly that size.
+///
+/// Driver failures when giving memory back are reported, never dropped (see decommit): a range
+/// whose decommit threw may still hold device memory; leaked_bytes() counts handles the driver
+/// would not release.
+///
+/// Capabilities (vmmpp/backing/concept.hpp): handle_keeping_backing (cached_bytes,
+/// release_cached), context_binding_backing (bind_current_thread), handle_exporting_backing
+/// (export_handles); the adaptors forward all three.
 class vmm {
 public:
     using options = vmm_options;
@@ -72,14 +81,19 @@ public:
                 access_.push_back(peer);
             }
         }
-        cache_.reserve(max_cached_handles_);  // put_cached must not allocate (it runs in noexcept paths)
+        cache_.reserve(max_cached_handles_);  // keep() must not allocate (it runs in noexcept paths)
         scoped_context current(context_);
         reservation_ = address_reservation(capacity, pages_.granularity());
     }
     vmm(const vmm&) = delete;
     vmm& operator=(const vmm&) = delete;
     ~vmm() {
-        scoped_context current(context_);
+        std::optional<scoped_context> current;
+        try {
+            current.emplace(context_);
+        } catch (...) {
+            // A lost context (a sticky error) refuses the push: give back what the driver will take.
+        }
         extents_.clear();  // unmap and release before the reservation goes
         cache_.clear();
         reservation_.reset();
@@ -98,24 +112,44 @@ public:
     [[nodiscard]] std::size_t cached_handle_count() const noexcept { return cache_.size(); }
     /// Commits that reused a kept handle instead of creating one.
     [[nodiscard]] std::size_t reused_handles() const noexcept { return reused_; }
+    /// Bytes of handles the driver refused to release (cuMemRelease failed, in decommit or
+    /// release_cached): dropped by this backing, possibly still allocated on the device.
+    [[nodiscard]] std::size_t leaked_bytes() const noexcept { return leaked_bytes_; }
 
     /// Makes this backing's context current on the calling thread for good (a pool's mapper
     /// thread calls it once), so commits there skip the context push and pop.
     void bind_current_thread() const { bind_thread_to(context_); }
 
     /// Releases every kept handle (cuMemRelease); returns the bytes given back to the device.
+    /// A handle the driver refuses to release is dropped all the same and counted in
+    /// leaked_bytes(), not in the result: its memory may still be allocated.
     std::size_t release_cached() noexcept {
-        const std::size_t bytes = cached_bytes_;
+        std::size_t released = 0;
         if (!cache_.empty()) {
-            scoped_context current(context_);
+            std::optional<scoped_context> current;
+            try {
+                current.emplace(context_);
+            } catch (...) {
+                // A lost context refuses the push; the releases report their own failures.
+            }
+            for (auto& memory : cache_) {
+                const std::size_t bytes = memory.bytes();
+                if (memory.release() == CUDA_SUCCESS) {
+                    released += bytes;
+                } else {
+                    leaked_bytes_ += bytes;
+                }
+            }
             cache_.clear();
         }
         cached_bytes_ = 0;
-        return bytes;
+        return released;
     }
 
-    /// Creates, maps and opens physical memory for [offset, offset+bytes). Strong guarantee: a
-    /// failure half way unmaps and releases what this call did, then rethrows.
+    /// Creates (or takes a kept handle), maps and opens physical memory for [offset,
+    /// offset+bytes). Strong guarantee, the handle cache included: a failure half way unmaps
+    /// what this call mapped, puts every kept handle it took back in the cache, releases the
+    /// handles it created, then rethrows.
     void commit(std::size_t offset, std::size_t bytes) {
         pages_.check("commit", offset, bytes, false);
         const std::size_t piece = handle_bytes_ == 0 ? bytes : handle_bytes_;
@@ -124,38 +158,52 @@ public:
                                    ") is not a whole number of " + std::to_string(piece) + "-byte handles");
         }
         scoped_context current(context_);
-        std::map<std::size_t, extent> made;  // destroyed (unmapped, released) if anything throws
-        std::size_t reused = 0;
+        std::map<std::size_t, extent> made;  // rolled back (undo) if anything throws
         try {
             for (std::size_t off = offset; off < offset + bytes; off += piece) {
                 extent e;
                 e.memory = take_cached(piece);
-                if (e.memory) {
-                    ++reused;
-                } else {
+                e.reused = static_cast<bool>(e.memory);
+                if (!e.reused) {
                     e.memory = create(piece, bytes);
                 }
-                e.map = mapping(reservation_.base() + off, e.memory, access_);
-                made.emplace(off, std::move(e));
+                try {
+                    e.map = mapping(reservation_.base() + off, e.memory, access_);
+                    made.emplace(off, std::move(e));  // on bad_alloc `e` is left intact
+                } catch (...) {
+                    undo(e);  // the piece in hand: a kept handle goes back to the cache
+                    throw;
+                }
             }
         } catch (...) {
-            // Give reused handles back to the cache rather than releasing them: the strong
-            // guarantee covers the cache too.
             for (auto& [off, e] : made) {
-                e.map.reset();
-                if (reused > 0) {
-                    --reused;
-                    put_cached(std::move(e.memory));
-                }
+                undo(e);
             }
             throw;
         }
-        reused_ += reused;
+        for (const auto& [off, e] : made) {
+            reused_ += e.reused ? 1 : 0;
+        }
         extents_.merge(made);  // moves nodes: cannot throw
         pages_.mark(offset, bytes, true);
     }
 
-    /// Unmaps and releases [offset, offset+bytes), which must consist of whole handles.
+    /// Unmaps and releases (or keeps, up to max_cached_handles) [offset, offset+bytes), which
+    /// must consist of whole handles; lowest offset first.
+    ///
+    /// A driver failure is reported, and what it touched never serves again:
+    /// - cuMemUnmap of a handle fails: decommit stops there and throws cuda_error (call()
+    ///   "cuMemUnmap", the offset in the message). The handles before it are decommitted as
+    ///   usual; that handle and the ones after it stay exactly as they were (mapped, their pages
+    ///   committed). A handle whose unmap failed is never kept for reuse.
+    /// - cuMemRelease fails after a successful unmap: the handle is dropped (never kept, never
+    ///   mapped again), its bytes are added to leaked_bytes() and its pages are decommitted; the
+    ///   rest of the range is decommitted, then cuda_error ("cuMemRelease") is thrown.
+    /// If both happen, the cuMemUnmap failure is the one thrown. committed_bytes() tells the
+    /// caller what happened: unchanged, nothing was given back and the range is usable as before
+    /// (a pool keeps it as a spare and tries again later); lower, part of it went and the rest
+    /// may still hold device memory (a pool retires the unit: never committed, decommitted or
+    /// handed out again, and still charged).
     void decommit(std::size_t offset, std::size_t bytes) {
         pages_.check("decommit", offset, bytes, true);
         auto first = extents_.lower_bound(offset);
@@ -173,12 +221,33 @@ public:
             ++last;
         }
         scoped_context current(context_);
-        for (auto it = first; it != last; ++it) {
-            it->second.map.reset();  // unmap; the handle is kept or released below
-            put_cached(std::move(it->second.memory));
+        failed_call failed;
+        auto it = first;
+        for (; it != last; ++it) {
+            extent& e = it->second;
+            const std::size_t handle_bytes = e.memory.bytes();
+            if (CUresult rc = e.map.unmap(); rc != CUDA_SUCCESS) {
+                failed = {"cuMemUnmap", rc, it->first, handle_bytes};
+                break;  // this handle and the ones after it stay mapped and committed
+            }
+            if (keep(e.memory)) {
+                continue;
+            }
+            if (CUresult rc = e.memory.release(); rc != CUDA_SUCCESS) {
+                leaked_bytes_ += handle_bytes;
+                if (failed.call == nullptr) {
+                    failed = {"cuMemRelease", rc, it->first, handle_bytes};
+                }
+            }
         }
-        extents_.erase(first, last);
-        pages_.mark(offset, bytes, false);
+        const std::size_t done = (it == last ? end : it->first) - offset;
+        extents_.erase(first, it);
+        if (done > 0) {
+            pages_.mark(offset, done, false);
+        }
+        if (failed.call != nullptr) {
+            throw handle_error(failed);
+        }
     }
 
     /// Every committed physical handle as a POSIX file descriptor, lowest offset first, so another
@@ -204,6 +273,40 @@ public:
     friend constexpr void get_property(const vmm&, device_accessible) noexcept {}
 
 private:
+    struct extent {
+        physical_allocation memory;  // declared first: destroyed after the mapping
+        mapping map;
+        bool reused = false;  // taken from the cache by the commit that made it
+    };
+
+    /// A driver call of decommit that failed, on the handle at `offset`.
+    struct failed_call {
+        const char* call = nullptr;
+        CUresult rc = CUDA_SUCCESS;
+        std::size_t offset = 0;
+        std::size_t bytes = 0;
+    };
+    [[nodiscard]] static cuda_error handle_error(const failed_call& f) {
+        const auto& d = driver::get();
+        const char* name = nullptr;
+        const char* text = nullptr;
+        d.get_error_name(f.rc, &name);
+        d.get_error_string(f.rc, &text);
+        return cuda_error(f.call, static_cast<int>(f.rc), name ? name : "unknown",
+                          std::string(text ? text : "") + " (vmm decommit of the " + std::to_string(f.bytes) +
+                              "-byte handle at offset " + std::to_string(f.offset) + ")");
+    }
+
+    /// Rolls back one piece of a failed commit: unmaps it, then puts a kept handle back in the
+    /// cache (there is room: this commit took it out) and releases a created one. A handle whose
+    /// unmap failed is released, never kept.
+    void undo(extent& e) noexcept {
+        if (e.map.unmap() == CUDA_SUCCESS && e.reused && keep(e.memory)) {
+            return;
+        }
+        e.memory.reset();
+    }
+
     /// A kept handle of exactly `bytes`, or an empty one.
     physical_allocation take_cached(std::size_t bytes) noexcept {
         for (auto it = cache_.rbegin(); it != cache_.rend(); ++it) {
@@ -216,13 +319,15 @@ private:
         }
         return {};
     }
-    /// Keeps an unmapped handle for reuse if there is room; otherwise releases it.
-    void put_cached(physical_allocation&& memory) noexcept {
+    /// Moves a handle into the cache if there is room (true); otherwise leaves it to the caller.
+    /// Only for a handle that is unmapped: the caller has seen its unmap succeed.
+    bool keep(physical_allocation& memory) noexcept {
         if (cache_.size() < max_cached_handles_ && cache_.capacity() > cache_.size()) {
             cached_bytes_ += memory.bytes();
-            cache_.push_back(std::move(memory));
+            cache_.push_back(std::move(memory));  // reserved: cannot throw
+            return true;
         }
-        memory.reset();  // released unless it was moved into the cache
+        return false;
     }
     physical_allocation create(std::size_t piece, std::size_t request) {
         try {
@@ -236,11 +341,6 @@ private:
         }
     }
 
-    struct extent {
-        physical_allocation memory;  // declared first: destroyed after the mapping
-        mapping map;
-    };
-
     primary_context context_;
     detail::commit_map pages_;
     std::size_t handle_bytes_;
@@ -251,8 +351,11 @@ private:
     std::vector<physical_allocation> cache_;  // unmapped handles kept for reuse, newest last
     std::size_t cached_bytes_ = 0;
     std::size_t reused_ = 0;
+    std::size_t leaked_bytes_ = 0;
 };
 
 static_assert(backing<vmm>, "vmmpp::vmm must model vmmpp::backing");
+static_assert(handle_keeping_backing<vmm> && context_binding_backing<vmm> && handle_exporting_backing<vmm>,
+              "vmmpp::vmm keeps handles, binds its context to a thread and exports its handles");
 
 } // namespace vmmpp

@@ -14,6 +14,7 @@
 #include "vmmpp/backing/concept.hpp"
 #include "vmmpp/detail/backing_adaptor.hpp"
 #include "vmmpp/backing/external.hpp"
+#include "vmmpp/backing/vmm.hpp"
 #include "vmmpp/driver/api.hpp"
 #include "vmmpp/driver/context.hpp"
 #include "vmmpp/error.hpp"
@@ -81,7 +82,8 @@ private:
 ///
 /// Strong guarantee: if zeroing fails (a CUDA error), the range is decommitted again and the
 /// error propagates; if that decommit fails too, the upstream keeps the range committed.
-/// Options, properties, `is_elastic` and `device_ordinal()` are `Upstream`'s.
+/// Options, properties, `is_elastic`, `device_ordinal()` and the capabilities (a vmm's handle
+/// cache: a commit that reuses a kept handle is zeroed like any other) are `Upstream`'s.
 template <class Upstream>
 class zeroing : public detail::backing_adaptor<Upstream> {
     using base_type = detail::backing_adaptor<Upstream>;
@@ -136,5 +138,12 @@ static_assert(has_property<zeroing<external<host_accessible>>, host_accessible> 
               "vmmpp::zeroing must forward exactly its upstream's accessibility properties");
 static_assert(backing<zeroing<external<device_accessible>>> && zeroing<external<device_accessible>>::zeroes_on_device,
               "vmmpp::zeroing over device memory must model vmmpp::backing and zero on the device");
+static_assert(handle_keeping_backing<zeroing<vmm>> && context_binding_backing<zeroing<vmm>> &&
+                  handle_exporting_backing<zeroing<vmm>>,
+              "vmmpp::zeroing<vmm> must forward the handle cache, the thread binding and the handle export");
+static_assert(!handle_keeping_backing<zeroing<external<host_accessible>>> &&
+                  !context_binding_backing<zeroing<external<host_accessible>>> &&
+                  !handle_exporting_backing<zeroing<external<host_accessible>>>,
+              "vmmpp::zeroing must add no capability its upstream lacks");
 
 } // namespace vmmpp

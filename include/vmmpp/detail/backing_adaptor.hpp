@@ -6,9 +6,14 @@
 #include <cstddef>
 #include <utility>
 
+#include "vmmpp/backing/concept.hpp"
+
 namespace vmmpp::detail {
 
-/// Holds `Upstream` and forwards its size, address, commitment and device.
+/// Holds `Upstream` and forwards its size, address, commitment and device, and each optional
+/// capability it has (handle_keeping_backing, context_binding_backing, handle_exporting_backing),
+/// so a pool over an adaptor still charges, drops, binds and exports what the upstream does. As
+/// CCCL's cuda::forward_property: a member exists exactly when the upstream's does.
 template <class Upstream>
 class backing_adaptor {
 public:
@@ -23,6 +28,26 @@ public:
         requires requires(const Upstream& u) { u.device_ordinal(); }
     {
         return upstream_.device_ordinal();
+    }
+    [[nodiscard]] std::size_t cached_bytes() const noexcept(noexcept(std::declval<const Upstream&>().cached_bytes()))
+        requires handle_keeping_backing<Upstream>
+    {
+        return upstream_.cached_bytes();
+    }
+    std::size_t release_cached() noexcept(noexcept(std::declval<Upstream&>().release_cached()))
+        requires handle_keeping_backing<Upstream>
+    {
+        return upstream_.release_cached();
+    }
+    void bind_current_thread() const
+        requires context_binding_backing<Upstream>
+    {
+        upstream_.bind_current_thread();
+    }
+    [[nodiscard]] decltype(auto) export_handles() const
+        requires handle_exporting_backing<Upstream>
+    {
+        return upstream_.export_handles();
     }
     /// The wrapped backing (a vmm backing's handle count, say).
     [[nodiscard]] const Upstream& upstream() const noexcept { return upstream_; }

@@ -2,6 +2,8 @@
 // physical allocation (cuMemCreate), a virtual address reservation (cuMemAddressReserve) and a
 // mapping of the one into the other (cuMemMap). Each is move-only and gives its resource back in
 // its destructor, which never throws; so a half-done multi-page commit rolls back by unwinding.
+// Where a failure to give something back matters (vmm::decommit), release() and unmap() say
+// what the driver answered instead.
 #pragma once
 
 #include <cstddef>
@@ -66,13 +68,18 @@ public:
     [[nodiscard]] std::size_t bytes() const noexcept { return bytes_; }
     [[nodiscard]] explicit operator bool() const noexcept { return owned_; }
 
-    /// cuMemRelease now (the memory itself goes back once its last mapping is unmapped).
-    void reset() noexcept {
-        if (owned_) {
-            (void)driver::get().mem_release(handle_);
-            owned_ = false;
+    /// cuMemRelease now, returning the driver's result (CUDA_SUCCESS when empty). The object is
+    /// empty afterwards either way: a handle whose release failed is given up, never retried or
+    /// mapped again. The memory itself goes back once its last mapping is unmapped.
+    [[nodiscard]] CUresult release() noexcept {
+        if (!owned_) {
+            return CUDA_SUCCESS;
         }
+        owned_ = false;
+        return driver::get().mem_release(handle_);
     }
+    /// release(), ignoring the result (destructors, rollback).
+    void reset() noexcept { (void)release(); }
 
 private:
     CUmemGenericAllocationHandle handle_{};
@@ -123,19 +130,22 @@ public:
     /// cuMemMap of all of `memory` at `address`, then cuMemSetAccess for every device in `access`.
     /// If setting access fails the map is undone before the error propagates.
     mapping(CUdeviceptr address, const physical_allocation& memory, std::span<const int> access)
-        : address_(address), bytes_(memory.bytes()) {
+        : bytes_(memory.bytes()) {
         const auto& d = driver::get();
-        driver::check(d.mem_map(address, bytes_, 0, memory.get(), 0), "cuMemMap");
+        // Everything that may throw comes before cuMemMap: once the range is mapped, the only
+        // way out is through this object (or the explicit unmap below).
         std::vector<CUmemAccessDesc> descs(access.size());
         for (std::size_t i = 0; i < access.size(); ++i) {
             descs[i].location.type = CU_MEM_LOCATION_TYPE_DEVICE;
             descs[i].location.id = access[i];
             descs[i].flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
         }
+        driver::check(d.mem_map(address, bytes_, 0, memory.get(), 0), "cuMemMap");
         if (CUresult rc = d.mem_set_access(address, bytes_, descs.data(), descs.size()); rc != CUDA_SUCCESS) {
             (void)d.mem_unmap(address, bytes_);
             driver::check(rc, "cuMemSetAccess");
         }
+        address_ = address;
     }
     mapping(mapping&& other) noexcept
         : address_(std::exchange(other.address_, 0)), bytes_(std::exchange(other.bytes_, 0)) {}
@@ -154,12 +164,22 @@ public:
     [[nodiscard]] CUdeviceptr address() const noexcept { return address_; }
     [[nodiscard]] std::size_t bytes() const noexcept { return bytes_; }
 
-    /// cuMemUnmap now.
-    void reset() noexcept {
-        if (address_ != 0) {
-            (void)driver::get().mem_unmap(address_, bytes_);
+    /// cuMemUnmap now, returning the driver's result (CUDA_SUCCESS when empty). On failure the
+    /// range stays this object's, as mapped as the driver left it, and the destructor tries again.
+    [[nodiscard]] CUresult unmap() noexcept {
+        if (address_ == 0) {
+            return CUDA_SUCCESS;
+        }
+        const CUresult rc = driver::get().mem_unmap(address_, bytes_);
+        if (rc == CUDA_SUCCESS) {
             address_ = 0;
         }
+        return rc;
+    }
+    /// unmap(), ignoring the result: the object is empty afterwards either way (destructors).
+    void reset() noexcept {
+        (void)unmap();
+        address_ = 0;
     }
 
 private:

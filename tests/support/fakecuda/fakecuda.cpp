@@ -1,0 +1,1029 @@
+// tests/support/fakecuda/fakecuda.cpp: a CPU stand-in for the CUDA driver, built as a file named
+// exactly libcuda.so.1, so vmmpp's GPU code paths (the vmm backing, pools over it, stream-ordered
+// release) run, and fail on purpose, on a machine without a GPU.
+//
+// vmmpp resolves every driver entry point through cuGetProcAddress_v2 (vmmpp/driver/api.hpp), so
+// this library exports only that and its control functions (fakecuda_*, reached by tests through
+// tests/support/fakecuda.hpp). It models one device, ordinal 0, that supports VMM:
+//
+// - cuMemAddressReserve reserves PROT_NONE address space; cuMemCreate makes a memfd of the size
+//   (device memory is FAKECUDA_MEMORY bytes, default 1 GiB); cuMemMap maps it there MAP_FIXED |
+//   MAP_SHARED, PROT_NONE until cuMemSetAccess opens it; cuMemUnmap puts PROT_NONE anonymous
+//   memory back. A handle's memory is freed once it is released and unmapped. Exported POSIX
+//   file descriptors are dups of the memfd. The granularity is FAKECUDA_GRANULARITY (default
+//   65536) bytes. As the real driver: mapping at an offset into a handle, mapping part of a
+//   handle, or unmapping (setting access on) part of a mapping is CUDA_ERROR_INVALID_VALUE.
+// - Streams: every operation submitted to any stream goes into one FIFO "GPU", which runs it at
+//   once, or queues it while held (fakecuda_hold_gpu). A copy that runs while its source or
+//   destination, inside a reservation, is not mapped with access copies nothing and makes
+//   CUDA_ERROR_ILLEGAL_ADDRESS sticky: every call returns it, as after a lost context, until
+//   fakecuda_reset. Ranges are checked against the fake's own table, not by faulting; addresses
+//   outside every reservation are host memory.
+// - Any entry point can be made to fail (fakecuda_fail): the call returns the result and does
+//   nothing.
+//
+// One mutex serialises every call (a pool's mapper thread calls in concurrently); contexts are
+// per thread, as the real driver's.
+#include <cuda.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+// The driver's opaque handle types, defined here: this library is the driver.
+struct CUctx_st {
+    int device = 0;
+};
+struct CUstream_st {};
+struct CUevent_st {
+    std::uint64_t last_record = 0;  // sequence number of its last cuEventRecord; 0: never recorded
+};
+
+namespace {
+
+constexpr std::size_t default_granularity = 64 * 1024;
+constexpr std::size_t default_memory = std::size_t{1} << 30;
+
+/// A size from the environment, or `fallback`; a malformed value stops the process, loudly.
+std::size_t size_from_env(const char* name, std::size_t fallback) {
+    const char* text = std::getenv(name);
+    if (text == nullptr || *text == '\0') {
+        return fallback;
+    }
+    char* end = nullptr;
+    const unsigned long long value = std::strtoull(text, &end, 0);
+    if (*end != '\0' || value == 0) {
+        std::fprintf(stderr, "fakecuda: %s=%s is not a positive number of bytes\n", name, text);
+        std::abort();
+    }
+    return static_cast<std::size_t>(value);
+}
+
+/// Physical memory of one cuMemCreate (or import): a memfd. Alive while a handle or a mapping
+/// refers to it; its bytes count against the device's memory until then.
+struct allocation {
+    allocation(int descriptor, std::size_t size, std::size_t& alive) : fd(descriptor), bytes(size), alive_bytes(alive) {
+        alive_bytes += bytes;
+    }
+    allocation(const allocation&) = delete;
+    allocation& operator=(const allocation&) = delete;
+    ~allocation() {
+        ::close(fd);
+        alive_bytes -= bytes;
+    }
+    int fd;
+    std::size_t bytes;
+    std::size_t& alive_bytes;  // the fake's total, updated under its mutex
+};
+
+/// One operation on the GPU's queue.
+struct work {
+    enum class kind { copy, set, record };
+    kind what = kind::record;
+    std::uint64_t seq = 0;
+    std::uintptr_t dst = 0;
+    std::uintptr_t src = 0;
+    std::size_t bytes = 0;
+    unsigned char value = 0;
+};
+
+struct mapped_range {
+    std::size_t bytes = 0;
+    std::shared_ptr<allocation> memory;
+    int prot = PROT_NONE;
+};
+
+/// A planned failure: the call with this number (counted per function, 1-based) returns `result`.
+struct planned_failure {
+    std::uint64_t at = 0;
+    CUresult result = CUDA_SUCCESS;
+};
+
+/// The whole device. Every member is guarded by `mutex`.
+struct device_state {
+    std::mutex mutex;
+    const std::size_t granularity = size_from_env("FAKECUDA_GRANULARITY", default_granularity);
+    const std::size_t memory = size_from_env("FAKECUDA_MEMORY", default_memory);
+    std::size_t alive_bytes = 0;
+
+    CUctx_st primary{};
+    int primary_refs = 0;
+
+    CUmemGenericAllocationHandle next_handle = 1;
+    std::map<CUmemGenericAllocationHandle, std::shared_ptr<allocation>> handles;
+    std::map<std::uintptr_t, std::size_t> reservations;  // base -> bytes
+    std::map<std::uintptr_t, mapped_range> mappings;     // address -> what is mapped there
+
+    std::set<CUstream_st*> streams;
+    std::set<CUevent_st*> events;
+    std::map<CUstream, std::uint64_t> last_on_stream;  // sequence number of each stream's last work
+    std::deque<work> queue;
+    bool held = false;
+    std::uint64_t submitted = 0;
+    std::uint64_t completed = 0;  // every work item up to this sequence number has run
+    CUresult sticky = CUDA_SUCCESS;
+
+    std::map<std::string, std::uint64_t, std::less<>> calls;
+    std::map<std::string, std::vector<planned_failure>, std::less<>> failures;
+
+    /// Counts a call of `function`; returns what it must return without doing anything: a
+    /// planned failure, else the sticky error (unless `sticky_exempt`), else CUDA_SUCCESS.
+    CUresult enter(std::string_view function, bool sticky_exempt) {
+        auto counted = calls.find(function);
+        if (counted == calls.end()) {
+            counted = calls.emplace(std::string(function), 0).first;
+        }
+        const std::uint64_t n = ++counted->second;
+        if (auto planned = failures.find(function); planned != failures.end()) {
+            auto& list = planned->second;
+            for (auto it = list.begin(); it != list.end(); ++it) {
+                if (it->at == n) {
+                    const CUresult result = it->result;
+                    list.erase(it);
+                    return result;
+                }
+            }
+        }
+        return sticky_exempt ? CUDA_SUCCESS : sticky;
+    }
+
+    [[nodiscard]] bool valid_stream(CUstream s) const {
+        return s == nullptr || s == CU_STREAM_LEGACY || s == CU_STREAM_PER_THREAD || streams.contains(s);
+    }
+
+    /// Whether [address, address+bytes) touches a reservation (device memory) at all.
+    [[nodiscard]] bool touches_reservation(std::uintptr_t address, std::size_t bytes) const {
+        auto it = reservations.upper_bound(address + bytes - 1);
+        if (it == reservations.begin()) {
+            return false;
+        }
+        --it;
+        return it->first + it->second > address;
+    }
+    /// Whether [address, address+bytes) lies inside one reservation.
+    [[nodiscard]] bool inside_reservation(std::uintptr_t address, std::size_t bytes) const {
+        auto it = reservations.upper_bound(address);
+        if (it == reservations.begin()) {
+            return false;
+        }
+        --it;
+        return address >= it->first && bytes <= it->second && address - it->first <= it->second - bytes;
+    }
+    /// Whether the GPU may touch [address, address+bytes) with `prot`: host memory, or device
+    /// memory mapped without a gap and opened with at least that access.
+    [[nodiscard]] bool reachable(std::uintptr_t address, std::size_t bytes, int prot) const {
+        if (bytes == 0 || !touches_reservation(address, bytes)) {
+            return true;
+        }
+        auto it = mappings.upper_bound(address);
+        if (it == mappings.begin()) {
+            return false;
+        }
+        --it;
+        std::uintptr_t at = address;
+        const std::uintptr_t end = address + bytes;
+        for (;;) {
+            if (it == mappings.end() || it->first > at || it->first + it->second.bytes <= at ||
+                (it->second.prot & prot) != prot) {
+                return false;
+            }
+            at = it->first + it->second.bytes;
+            if (at >= end) {
+                return true;
+            }
+            ++it;
+        }
+    }
+    /// The mappings that make up exactly [address, address+bytes), as [first, last); first ==
+    /// last when the range is not a run of whole, adjacent mappings.
+    [[nodiscard]] std::pair<decltype(mappings)::iterator, decltype(mappings)::iterator> whole_mappings(
+        std::uintptr_t address, std::size_t bytes) {
+        auto first = mappings.find(address);
+        if (first == mappings.end() || bytes == 0) {
+            return {mappings.end(), mappings.end()};
+        }
+        std::uintptr_t at = address;
+        auto it = first;
+        while (it != mappings.end() && it->first == at && at - address < bytes) {
+            at += it->second.bytes;
+            ++it;
+        }
+        if (at - address != bytes) {
+            return {mappings.end(), mappings.end()};
+        }
+        return {first, it};
+    }
+
+    /// Puts one operation on the GPU's queue; runs it at once unless the GPU is held.
+    std::uint64_t submit(CUstream stream, work w) {
+        w.seq = ++submitted;
+        last_on_stream[stream] = w.seq;
+        queue.push_back(w);
+        if (!held) {
+            run_until(submitted);
+        }
+        return w.seq;
+    }
+    /// The GPU runs queued work in order up to and including sequence number `seq`.
+    void run_until(std::uint64_t seq) {
+        while (!queue.empty() && queue.front().seq <= seq) {
+            execute(queue.front());
+            completed = queue.front().seq;
+            queue.pop_front();
+        }
+    }
+    void execute(const work& w) {
+        if (sticky != CUDA_SUCCESS || w.what == work::kind::record) {
+            return;  // a lost context runs nothing; a record only marks its place
+        }
+        const bool ok = reachable(w.dst, w.bytes, PROT_WRITE) &&
+                        (w.what == work::kind::set || reachable(w.src, w.bytes, PROT_READ));
+        if (!ok) {
+            sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
+            return;
+        }
+        if (w.what == work::kind::copy) {
+            std::memmove(reinterpret_cast<void*>(w.dst), reinterpret_cast<const void*>(w.src), w.bytes);
+        } else {
+            std::memset(reinterpret_cast<void*>(w.dst), w.value, w.bytes);
+        }
+    }
+};
+
+device_state& state() {
+    static device_state* s = new device_state;  // never destroyed: drivers outlive static destructors
+    return *s;
+}
+
+/// Every entry point starts with one: it holds the device's mutex for the whole call.
+class driver_call {
+public:
+    explicit driver_call(std::string_view function, bool sticky_exempt = false) : lock_(state().mutex) {
+        refusal_ = state().enter(function, sticky_exempt);
+    }
+    /// What the call must return without doing anything, or CUDA_SUCCESS.
+    [[nodiscard]] CUresult refusal() const noexcept { return refusal_; }
+
+private:
+    std::lock_guard<std::mutex> lock_;
+    CUresult refusal_ = CUDA_SUCCESS;
+};
+
+// The calling thread's context stack (cuCtxPush/Pop/Set/GetCurrent).
+thread_local std::vector<CUcontext> context_stack;
+
+[[nodiscard]] bool has_current_context() { return !context_stack.empty() && context_stack.back() != nullptr; }
+
+struct error_text {
+    CUresult code;
+    const char* name;
+    const char* text;
+};
+constexpr error_text error_texts[] = {
+    {CUDA_SUCCESS, "CUDA_SUCCESS", "no error"},
+    {CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+    {CUDA_ERROR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {CUDA_ERROR_NOT_INITIALIZED, "CUDA_ERROR_NOT_INITIALIZED", "initialization error"},
+    {CUDA_ERROR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
+    {CUDA_ERROR_INVALID_CONTEXT, "CUDA_ERROR_INVALID_CONTEXT", "invalid device context"},
+    {CUDA_ERROR_INVALID_HANDLE, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
+    {CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+    {CUDA_ERROR_NOT_READY, "CUDA_ERROR_NOT_READY", "device not ready"},
+    {CUDA_ERROR_ILLEGAL_ADDRESS, "CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access was encountered"},
+    {CUDA_ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
+    {CUDA_ERROR_UNKNOWN, "CUDA_ERROR_UNKNOWN", "unknown error"},
+};
+const error_text* find_error(CUresult code) {
+    for (const auto& e : error_texts) {
+        if (e.code == code) {
+            return &e;
+        }
+    }
+    return nullptr;
+}
+
+// --- entry points ----------------------------------------------------------------------------
+
+CUresult init(unsigned int) {
+    driver_call call("cuInit", true);
+    return call.refusal();
+}
+CUresult driver_get_version(int* version) {
+    driver_call call("cuDriverGetVersion", true);
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    *version = CUDA_VERSION;
+    return CUDA_SUCCESS;
+}
+CUresult get_error_name(CUresult code, const char** name) {
+    const error_text* e = find_error(code);
+    *name = e != nullptr ? e->name : nullptr;
+    return e != nullptr ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+CUresult get_error_string(CUresult code, const char** text) {
+    const error_text* e = find_error(code);
+    *text = e != nullptr ? e->text : nullptr;
+    return e != nullptr ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+CUresult device_get_count(int* count) {
+    driver_call call("cuDeviceGetCount");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    *count = 1;
+    return CUDA_SUCCESS;
+}
+CUresult device_get(CUdevice* device, int ordinal) {
+    driver_call call("cuDeviceGet");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (ordinal != 0) {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    *device = 0;
+    return CUDA_SUCCESS;
+}
+CUresult device_get_attribute(int* value, CUdevice_attribute attribute, CUdevice device) {
+    driver_call call("cuDeviceGetAttribute");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (device != 0) {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    switch (attribute) {
+    case CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED:
+    case CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED:
+    case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING: *value = 1; break;
+    case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *value = 9; break;
+    default: *value = 0; break;  // no managed memory, no host page tables
+    }
+    return CUDA_SUCCESS;
+}
+CUresult device_can_access_peer(int* can, CUdevice device, CUdevice peer) {
+    driver_call call("cuDeviceCanAccessPeer");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (device != 0 || peer != 0) {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    *can = 0;
+    return CUDA_SUCCESS;
+}
+
+CUresult primary_ctx_retain(CUcontext* ctx, CUdevice device) {
+    driver_call call("cuDevicePrimaryCtxRetain");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (device != 0) {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    ++state().primary_refs;
+    *ctx = &state().primary;
+    return CUDA_SUCCESS;
+}
+CUresult primary_ctx_release(CUdevice device) {
+    driver_call call("cuDevicePrimaryCtxRelease");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (device != 0) {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    if (state().primary_refs == 0) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    --state().primary_refs;
+    return CUDA_SUCCESS;
+}
+CUresult ctx_push_current(CUcontext ctx) {
+    driver_call call("cuCtxPushCurrent");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (ctx == nullptr) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    context_stack.push_back(ctx);
+    return CUDA_SUCCESS;
+}
+CUresult ctx_pop_current(CUcontext* ctx) {
+    driver_call call("cuCtxPopCurrent");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (context_stack.empty()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    if (ctx != nullptr) {
+        *ctx = context_stack.back();
+    }
+    context_stack.pop_back();
+    return CUDA_SUCCESS;
+}
+CUresult ctx_get_current(CUcontext* ctx) {
+    driver_call call("cuCtxGetCurrent");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    *ctx = context_stack.empty() ? nullptr : context_stack.back();
+    return CUDA_SUCCESS;
+}
+CUresult ctx_set_current(CUcontext ctx) {
+    driver_call call("cuCtxSetCurrent");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (context_stack.empty()) {
+        if (ctx != nullptr) {
+            context_stack.push_back(ctx);
+        }
+    } else {
+        context_stack.back() = ctx;
+    }
+    return CUDA_SUCCESS;
+}
+CUresult ctx_synchronize() {
+    driver_call call("cuCtxSynchronize");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    state().run_until(state().submitted);
+    return state().sticky;
+}
+
+CUresult mem_get_info(std::size_t* free, std::size_t* total) {
+    driver_call call("cuMemGetInfo");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    const device_state& s = state();
+    *total = s.memory;
+    *free = s.alive_bytes < s.memory ? s.memory - s.alive_bytes : 0;
+    return CUDA_SUCCESS;
+}
+CUresult mem_get_allocation_granularity(std::size_t* granularity, const CUmemAllocationProp* prop,
+                                        CUmemAllocationGranularity_flags) {
+    driver_call call("cuMemGetAllocationGranularity");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (prop == nullptr || prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (prop->location.id != 0) {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    *granularity = state().granularity;
+    return CUDA_SUCCESS;
+}
+
+CUresult mem_create(CUmemGenericAllocationHandle* handle, std::size_t bytes, const CUmemAllocationProp* prop,
+                    unsigned long long flags) {
+    driver_call call("cuMemCreate");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (prop == nullptr || prop->type != CU_MEM_ALLOCATION_TYPE_PINNED ||
+        prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE || flags != 0 || bytes == 0 ||
+        bytes % s.granularity != 0) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (prop->location.id != 0) {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    if (bytes > s.memory - std::min(s.alive_bytes, s.memory)) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    const int fd = ::memfd_create("fakecuda", MFD_CLOEXEC);
+    if (fd < 0) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+        ::close(fd);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *handle = s.next_handle++;
+    s.handles.emplace(*handle, std::make_shared<allocation>(fd, bytes, s.alive_bytes));
+    return CUDA_SUCCESS;
+}
+CUresult mem_release(CUmemGenericAllocationHandle handle) {
+    driver_call call("cuMemRelease");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    // The memory goes once no mapping refers to it either (the shared_ptr).
+    return state().handles.erase(handle) == 1 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+CUresult mem_address_reserve(CUdeviceptr* ptr, std::size_t bytes, std::size_t alignment, CUdeviceptr, unsigned long long flags) {
+    driver_call call("cuMemAddressReserve");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    const std::size_t align = std::max(alignment, s.granularity);
+    if (bytes == 0 || bytes % s.granularity != 0 || (align & (align - 1)) != 0 || flags != 0) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // Over-reserve, then trim to the alignment.
+    void* raw = ::mmap(nullptr, bytes + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (raw == MAP_FAILED) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    const auto start = reinterpret_cast<std::uintptr_t>(raw);
+    const std::uintptr_t base = (start + align - 1) & ~(std::uintptr_t{align} - 1);
+    if (base > start) {
+        ::munmap(raw, base - start);
+    }
+    if (const std::uintptr_t tail = start + bytes + align - (base + bytes); tail > 0) {
+        ::munmap(reinterpret_cast<void*>(base + bytes), tail);
+    }
+    s.reservations.emplace(base, bytes);
+    *ptr = base;
+    return CUDA_SUCCESS;
+}
+CUresult mem_address_free(CUdeviceptr ptr, std::size_t bytes) {
+    driver_call call("cuMemAddressFree");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    auto it = s.reservations.find(ptr);
+    if (it == s.reservations.end() || it->second != bytes) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // Refused while anything is still mapped there, so a leaked mapping shows.
+    if (auto m = s.mappings.lower_bound(ptr); m != s.mappings.end() && m->first < ptr + bytes) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    ::munmap(reinterpret_cast<void*>(ptr), bytes);
+    s.reservations.erase(it);
+    return CUDA_SUCCESS;
+}
+
+CUresult mem_map(CUdeviceptr ptr, std::size_t bytes, std::size_t offset, CUmemGenericAllocationHandle handle,
+                 unsigned long long flags) {
+    driver_call call("cuMemMap");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    auto h = s.handles.find(handle);
+    if (h == s.handles.end()) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    if (offset != 0 || bytes != h->second->bytes || flags != 0 || ptr % s.granularity != 0 ||
+        !s.inside_reservation(ptr, bytes)) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (auto next = s.mappings.lower_bound(ptr + bytes); next != s.mappings.begin()) {
+        auto prev = std::prev(next);
+        if (prev->first + prev->second.bytes > ptr) {
+            return CUDA_ERROR_INVALID_VALUE;  // something is mapped there already
+        }
+    }
+    void* at = ::mmap(reinterpret_cast<void*>(ptr), bytes, PROT_NONE, MAP_SHARED | MAP_FIXED, h->second->fd, 0);
+    if (at == MAP_FAILED) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    s.mappings.emplace(ptr, mapped_range{bytes, h->second, PROT_NONE});
+    return CUDA_SUCCESS;
+}
+CUresult mem_unmap(CUdeviceptr ptr, std::size_t bytes) {
+    driver_call call("cuMemUnmap");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    auto [first, last] = s.whole_mappings(ptr, bytes);
+    if (first == last) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    for (auto it = first; it != last; ++it) {
+        // Inaccessible address space again, still reserved.
+        ::mmap(reinterpret_cast<void*>(it->first), it->second.bytes, PROT_NONE,
+               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+    }
+    s.mappings.erase(first, last);
+    return CUDA_SUCCESS;
+}
+CUresult mem_set_access(CUdeviceptr ptr, std::size_t bytes, const CUmemAccessDesc* desc, std::size_t count) {
+    driver_call call("cuMemSetAccess");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (desc == nullptr || count == 0) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    int prot = PROT_NONE;
+    for (std::size_t i = 0; i < count; ++i) {
+        if (desc[i].location.type != CU_MEM_LOCATION_TYPE_DEVICE) {
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        if (desc[i].location.id != 0) {
+            return CUDA_ERROR_INVALID_DEVICE;  // one device: no peer to open the memory to
+        }
+        switch (desc[i].flags) {
+        case CU_MEM_ACCESS_FLAGS_PROT_NONE: prot = PROT_NONE; break;
+        case CU_MEM_ACCESS_FLAGS_PROT_READ: prot = PROT_READ; break;
+        case CU_MEM_ACCESS_FLAGS_PROT_READWRITE: prot = PROT_READ | PROT_WRITE; break;
+        default: return CUDA_ERROR_INVALID_VALUE;
+        }
+    }
+    auto [first, last] = s.whole_mappings(ptr, bytes);
+    if (first == last) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    for (auto it = first; it != last; ++it) {
+        if (::mprotect(reinterpret_cast<void*>(it->first), it->second.bytes, prot) != 0) {
+            return CUDA_ERROR_UNKNOWN;
+        }
+        it->second.prot = prot;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult mem_export_to_shareable_handle(void* shareable, CUmemGenericAllocationHandle handle,
+                                        CUmemAllocationHandleType type, unsigned long long flags) {
+    driver_call call("cuMemExportToShareableHandle");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    auto h = state().handles.find(handle);
+    if (h == state().handles.end()) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    if (type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR || flags != 0 || shareable == nullptr) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    const int fd = ::fcntl(h->second->fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *static_cast<int*>(shareable) = fd;
+    return CUDA_SUCCESS;
+}
+CUresult mem_import_from_shareable_handle(CUmemGenericAllocationHandle* handle, void* os_handle,
+                                          CUmemAllocationHandleType type) {
+    driver_call call("cuMemImportFromShareableHandle");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    const int fd = static_cast<int>(reinterpret_cast<std::intptr_t>(os_handle));
+    struct stat st {};
+    if (type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR || ::fstat(fd, &st) != 0 || st.st_size <= 0) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    // The same memory if this process has it already (a handle or a mapping), as the driver does.
+    std::shared_ptr<allocation> memory;
+    auto same = [&](const std::shared_ptr<allocation>& a) {
+        struct stat other {};
+        return ::fstat(a->fd, &other) == 0 && other.st_dev == st.st_dev && other.st_ino == st.st_ino;
+    };
+    for (const auto& [id, a] : s.handles) {
+        if (!memory && same(a)) {
+            memory = a;
+        }
+    }
+    for (const auto& [address, m] : s.mappings) {
+        if (!memory && same(m.memory)) {
+            memory = m.memory;
+        }
+    }
+    if (!memory) {
+        const int own = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+        if (own < 0) {
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+        memory = std::make_shared<allocation>(own, static_cast<std::size_t>(st.st_size), s.alive_bytes);
+    }
+    *handle = s.next_handle++;
+    s.handles.emplace(*handle, std::move(memory));
+    return CUDA_SUCCESS;
+}
+
+CUresult stream_create(CUstream* stream, unsigned int) {
+    driver_call call("cuStreamCreate");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    *stream = new CUstream_st;
+    state().streams.insert(*stream);
+    return CUDA_SUCCESS;
+}
+CUresult stream_destroy(CUstream stream) {
+    driver_call call("cuStreamDestroy");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (state().streams.erase(stream) == 0) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    state().last_on_stream.erase(stream);
+    delete stream;  // its queued work still runs: the queue does not refer to the stream
+    return CUDA_SUCCESS;
+}
+CUresult stream_synchronize(CUstream stream) {
+    driver_call call("cuStreamSynchronize");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (!s.valid_stream(stream)) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    if (auto it = s.last_on_stream.find(stream); it != s.last_on_stream.end()) {
+        s.run_until(it->second);
+    }
+    return s.sticky;
+}
+
+/// The common part of the copies and the memset: checks, then queues.
+CUresult enqueue(const driver_call& call, CUstream stream, work w) {
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    if (!s.valid_stream(stream)) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    s.submit(stream, w);
+    return CUDA_SUCCESS;
+}
+CUresult memcpy_async(CUdeviceptr dst, CUdeviceptr src, std::size_t bytes, CUstream stream) {
+    driver_call call("cuMemcpyAsync");
+    return enqueue(call, stream, {.what = work::kind::copy, .dst = dst, .src = src, .bytes = bytes});
+}
+CUresult memcpy_htod_async(CUdeviceptr dst, const void* src, std::size_t bytes, CUstream stream) {
+    driver_call call("cuMemcpyHtoDAsync");
+    return enqueue(call, stream,
+                   {.what = work::kind::copy, .dst = dst, .src = reinterpret_cast<std::uintptr_t>(src), .bytes = bytes});
+}
+CUresult memcpy_dtoh_async(void* dst, CUdeviceptr src, std::size_t bytes, CUstream stream) {
+    driver_call call("cuMemcpyDtoHAsync");
+    return enqueue(call, stream,
+                   {.what = work::kind::copy, .dst = reinterpret_cast<std::uintptr_t>(dst), .src = src, .bytes = bytes});
+}
+CUresult memset_d8_async(CUdeviceptr dst, unsigned char value, std::size_t bytes, CUstream stream) {
+    driver_call call("cuMemsetD8Async");
+    return enqueue(call, stream, {.what = work::kind::set, .dst = dst, .bytes = bytes, .value = value});
+}
+
+CUresult event_create(CUevent* event, unsigned int) {
+    driver_call call("cuEventCreate");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    *event = new CUevent_st;
+    state().events.insert(*event);
+    return CUDA_SUCCESS;
+}
+CUresult event_destroy(CUevent event) {
+    driver_call call("cuEventDestroy");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (state().events.erase(event) == 0) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    delete event;  // a queued record of it still runs: the queue does not refer to the event
+    return CUDA_SUCCESS;
+}
+CUresult event_record(CUevent event, CUstream stream) {
+    driver_call call("cuEventRecord");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (!s.events.contains(event) || !s.valid_stream(stream)) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    event->last_record = s.submit(stream, {.what = work::kind::record});
+    return CUDA_SUCCESS;
+}
+CUresult event_query(CUevent event) {
+    driver_call call("cuEventQuery");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    const device_state& s = state();
+    if (!s.events.contains(event)) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    return event->last_record <= s.completed ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
+}
+CUresult event_synchronize(CUevent event) {
+    driver_call call("cuEventSynchronize");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (!s.events.contains(event)) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    s.run_until(event->last_record);  // the GPU finishes everything up to that record
+    return s.sticky;
+}
+
+/// An entry of the table cuGetProcAddress answers from. `as<decltype(&::cuX)>(&x)` only compiles
+/// when the fake's function has exactly the type cuda.h gives the real one.
+struct entry_point {
+    const char* name;
+    void* function;
+};
+template <class Signature>
+void* as(Signature function) {
+    return reinterpret_cast<void*>(function);
+}
+const entry_point entry_points[] = {
+    {"cuInit", as<decltype(&::cuInit)>(&init)},
+    {"cuDriverGetVersion", as<decltype(&::cuDriverGetVersion)>(&driver_get_version)},
+    {"cuGetErrorName", as<decltype(&::cuGetErrorName)>(&get_error_name)},
+    {"cuGetErrorString", as<decltype(&::cuGetErrorString)>(&get_error_string)},
+    {"cuDeviceGetCount", as<decltype(&::cuDeviceGetCount)>(&device_get_count)},
+    {"cuDeviceGet", as<decltype(&::cuDeviceGet)>(&device_get)},
+    {"cuDeviceGetAttribute", as<decltype(&::cuDeviceGetAttribute)>(&device_get_attribute)},
+    {"cuDeviceCanAccessPeer", as<decltype(&::cuDeviceCanAccessPeer)>(&device_can_access_peer)},
+    {"cuDevicePrimaryCtxRetain", as<decltype(&::cuDevicePrimaryCtxRetain)>(&primary_ctx_retain)},
+    {"cuDevicePrimaryCtxRelease", as<decltype(&::cuDevicePrimaryCtxRelease)>(&primary_ctx_release)},
+    {"cuCtxPushCurrent", as<decltype(&::cuCtxPushCurrent)>(&ctx_push_current)},
+    {"cuCtxPopCurrent", as<decltype(&::cuCtxPopCurrent)>(&ctx_pop_current)},
+    {"cuCtxGetCurrent", as<decltype(&::cuCtxGetCurrent)>(&ctx_get_current)},
+    {"cuCtxSetCurrent", as<decltype(&::cuCtxSetCurrent)>(&ctx_set_current)},
+    {"cuCtxSynchronize", as<decltype(&::cuCtxSynchronize)>(&ctx_synchronize)},
+    {"cuMemGetInfo", as<decltype(&::cuMemGetInfo)>(&mem_get_info)},
+    {"cuMemGetAllocationGranularity", as<decltype(&::cuMemGetAllocationGranularity)>(&mem_get_allocation_granularity)},
+    {"cuMemCreate", as<decltype(&::cuMemCreate)>(&mem_create)},
+    {"cuMemRelease", as<decltype(&::cuMemRelease)>(&mem_release)},
+    {"cuMemAddressReserve", as<decltype(&::cuMemAddressReserve)>(&mem_address_reserve)},
+    {"cuMemAddressFree", as<decltype(&::cuMemAddressFree)>(&mem_address_free)},
+    {"cuMemMap", as<decltype(&::cuMemMap)>(&mem_map)},
+    {"cuMemUnmap", as<decltype(&::cuMemUnmap)>(&mem_unmap)},
+    {"cuMemSetAccess", as<decltype(&::cuMemSetAccess)>(&mem_set_access)},
+    {"cuMemExportToShareableHandle", as<decltype(&::cuMemExportToShareableHandle)>(&mem_export_to_shareable_handle)},
+    {"cuMemImportFromShareableHandle",
+     as<decltype(&::cuMemImportFromShareableHandle)>(&mem_import_from_shareable_handle)},
+    {"cuStreamCreate", as<decltype(&::cuStreamCreate)>(&stream_create)},
+    {"cuStreamDestroy", as<decltype(&::cuStreamDestroy)>(&stream_destroy)},
+    {"cuStreamSynchronize", as<decltype(&::cuStreamSynchronize)>(&stream_synchronize)},
+    {"cuMemcpyAsync", as<decltype(&::cuMemcpyAsync)>(&memcpy_async)},
+    {"cuMemcpyHtoDAsync", as<decltype(&::cuMemcpyHtoDAsync)>(&memcpy_htod_async)},
+    {"cuMemcpyDtoHAsync", as<decltype(&::cuMemcpyDtoHAsync)>(&memcpy_dtoh_async)},
+    {"cuMemsetD8Async", as<decltype(&::cuMemsetD8Async)>(&memset_d8_async)},
+    {"cuEventCreate", as<decltype(&::cuEventCreate)>(&event_create)},
+    {"cuEventDestroy", as<decltype(&::cuEventDestroy)>(&event_destroy)},
+    {"cuEventRecord", as<decltype(&::cuEventRecord)>(&event_record)},
+    {"cuEventQuery", as<decltype(&::cuEventQuery)>(&event_query)},
+    {"cuEventSynchronize", as<decltype(&::cuEventSynchronize)>(&event_synchronize)},
+};
+
+} // namespace
+
+// --- exported: everything above has internal linkage ------------------------------------------
+
+extern "C" {
+
+/// The one driver symbol: every entry point by its base name ("cuMemCreate"), whatever version
+/// is asked for. An unknown name is CUDA_ERROR_NOT_FOUND.
+CUresult cuGetProcAddress_v2(const char* symbol, void** function, int, cuuint64_t,
+                             CUdriverProcAddressQueryResult* status) {
+    if (symbol == nullptr || function == nullptr) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    for (const auto& e : entry_points) {
+        if (std::strcmp(e.name, symbol) == 0) {
+            *function = e.function;
+            if (status != nullptr) {
+                *status = CU_GET_PROC_ADDRESS_SUCCESS;
+            }
+            return CUDA_SUCCESS;
+        }
+    }
+    *function = nullptr;
+    if (status != nullptr) {
+        *status = CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
+    }
+    return CUDA_ERROR_NOT_FOUND;
+}
+
+/// Runs the queued work, clears planned failures and the sticky error, and lets the GPU run at
+/// once again. Call counts stay.
+void fakecuda_reset(void) {
+    device_state& s = state();
+    std::lock_guard lock(s.mutex);
+    s.held = false;
+    s.run_until(s.submitted);
+    s.failures.clear();
+    s.sticky = CUDA_SUCCESS;
+}
+/// The `nth` next call (1: the next one) of `function` (a base name, "cuMemMap") returns `result`
+/// and does nothing. Several may be planned; nth <= 0 cancels that function's plans.
+void fakecuda_fail(const char* function, int nth, int result) {
+    device_state& s = state();
+    std::lock_guard lock(s.mutex);
+    auto& plans = s.failures[function];
+    if (nth <= 0) {
+        plans.clear();
+        return;
+    }
+    auto counted = s.calls.find(std::string_view(function));
+    const std::uint64_t so_far = counted == s.calls.end() ? 0 : counted->second;
+    plans.push_back({so_far + static_cast<std::uint64_t>(nth), static_cast<CUresult>(result)});
+}
+/// Nonzero: work submitted to streams queues instead of running. Zero: runs the queue and
+/// returns to running work at once.
+void fakecuda_hold_gpu(int hold) {
+    device_state& s = state();
+    std::lock_guard lock(s.mutex);
+    s.held = hold != 0;
+    if (!s.held) {
+        s.run_until(s.submitted);
+    }
+}
+/// Runs everything queued, in order (the GPU catches up); the GPU stays held if it was.
+void fakecuda_run_gpu(void) {
+    device_state& s = state();
+    std::lock_guard lock(s.mutex);
+    s.run_until(s.submitted);
+}
+/// Operations queued and not yet run.
+std::size_t fakecuda_queued(void) {
+    std::lock_guard lock(state().mutex);
+    return state().queue.size();
+}
+/// The sticky error (CUDA_ERROR_ILLEGAL_ADDRESS after a bad copy), or 0.
+int fakecuda_sticky_error(void) {
+    std::lock_guard lock(state().mutex);
+    return static_cast<int>(state().sticky);
+}
+/// Handles created or imported and not released, and their bytes.
+std::size_t fakecuda_live_handles(void) {
+    std::lock_guard lock(state().mutex);
+    return state().handles.size();
+}
+std::size_t fakecuda_live_handle_bytes(void) {
+    std::lock_guard lock(state().mutex);
+    std::size_t bytes = 0;
+    for (const auto& [id, a] : state().handles) {
+        bytes += a->bytes;
+    }
+    return bytes;
+}
+/// Bytes mapped into reservations now.
+std::size_t fakecuda_mapped_bytes(void) {
+    std::lock_guard lock(state().mutex);
+    std::size_t bytes = 0;
+    for (const auto& [address, m] : state().mappings) {
+        bytes += m.bytes;
+    }
+    return bytes;
+}
+/// Calls of `function` (a base name) so far, failed ones included.
+std::size_t fakecuda_calls(const char* function) {
+    std::lock_guard lock(state().mutex);
+    auto it = state().calls.find(std::string_view(function));
+    return it == state().calls.end() ? 0 : static_cast<std::size_t>(it->second);
+}
+
+} // extern "C"

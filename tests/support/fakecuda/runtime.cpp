@@ -1,0 +1,151 @@
+// tests/support/fakecuda/runtime.cpp: the few CUDA runtime calls vmmpp's headers make around the
+// driver (zeroing's cudaMemsetAsync on a stream of its own), served by the fake driver's streams.
+//
+// libcudart cannot run over the fake (it needs the real driver's private tables), so every test
+// registered with vmmpp_add_fakecuda_test links this object: a function defined in the
+// executable wins over libcudart's, and these forward to the driver that libcuda.so.1 is in the
+// process (the fake, found first through LD_LIBRARY_PATH). Only what vmmpp calls is here.
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+namespace {
+
+/// The fake driver's entry points these need, resolved once as vmmpp resolves its own.
+struct driver_table {
+    decltype(&::cuGetErrorName) get_error_name = nullptr;
+    decltype(&::cuGetErrorString) get_error_string = nullptr;
+    decltype(&::cuStreamCreate) stream_create = nullptr;
+    decltype(&::cuStreamDestroy) stream_destroy = nullptr;
+    decltype(&::cuStreamSynchronize) stream_synchronize = nullptr;
+    decltype(&::cuMemsetD8Async) memset_d8_async = nullptr;
+    bool complete = false;
+};
+
+driver_table load() {
+    driver_table t;
+    void* lib = ::dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    using get_proc_address_t = CUresult (*)(const char*, void**, int, cuuint64_t, CUdriverProcAddressQueryResult*);
+    auto get_proc = lib == nullptr ? nullptr
+                                   : reinterpret_cast<get_proc_address_t>(::dlsym(lib, "cuGetProcAddress_v2"));
+    if (get_proc == nullptr) {
+        return t;
+    }
+    bool complete = true;
+    auto resolve = [&](const char* symbol, auto& slot) {
+        void* fn = nullptr;
+        CUdriverProcAddressQueryResult status{};
+        if (get_proc(symbol, &fn, CUDA_VERSION, CU_GET_PROC_ADDRESS_DEFAULT, &status) != CUDA_SUCCESS || fn == nullptr) {
+            complete = false;
+            return;
+        }
+        slot = reinterpret_cast<std::remove_reference_t<decltype(slot)>>(fn);
+    };
+    resolve("cuGetErrorName", t.get_error_name);
+    resolve("cuGetErrorString", t.get_error_string);
+    resolve("cuStreamCreate", t.stream_create);
+    resolve("cuStreamDestroy", t.stream_destroy);
+    resolve("cuStreamSynchronize", t.stream_synchronize);
+    resolve("cuMemsetD8Async", t.memset_d8_async);
+    t.complete = complete;
+    return t;
+}
+
+const driver_table& driver() {
+    static const driver_table t = load();
+    return t;
+}
+
+thread_local cudaError_t last_error = cudaSuccess;
+
+/// The runtime's code for a driver result: the codes vmmpp's tests meet share their numbers.
+cudaError_t from_driver(CUresult rc) {
+    switch (rc) {
+    case CUDA_SUCCESS: return cudaSuccess;
+    case CUDA_ERROR_INVALID_VALUE: return cudaErrorInvalidValue;
+    case CUDA_ERROR_OUT_OF_MEMORY: return cudaErrorMemoryAllocation;
+    case CUDA_ERROR_INVALID_CONTEXT: return cudaErrorDeviceUninitialized;
+    case CUDA_ERROR_INVALID_HANDLE: return cudaErrorInvalidResourceHandle;
+    case CUDA_ERROR_ILLEGAL_ADDRESS: return cudaErrorIllegalAddress;
+    default: return cudaErrorUnknown;
+    }
+}
+
+cudaError_t result(CUresult rc) {
+    const cudaError_t e = from_driver(rc);
+    if (e != cudaSuccess) {
+        last_error = e;
+    }
+    return e;
+}
+
+/// The driver result behind a runtime code, for its name and text.
+CUresult to_driver(cudaError_t e) {
+    switch (e) {
+    case cudaSuccess: return CUDA_SUCCESS;
+    case cudaErrorInvalidValue: return CUDA_ERROR_INVALID_VALUE;
+    case cudaErrorMemoryAllocation: return CUDA_ERROR_OUT_OF_MEMORY;
+    case cudaErrorDeviceUninitialized: return CUDA_ERROR_INVALID_CONTEXT;
+    case cudaErrorInvalidResourceHandle: return CUDA_ERROR_INVALID_HANDLE;
+    case cudaErrorIllegalAddress: return CUDA_ERROR_ILLEGAL_ADDRESS;
+    case cudaErrorInsufficientDriver: return CUDA_ERROR_NOT_FOUND;
+    default: return CUDA_ERROR_UNKNOWN;
+    }
+}
+
+} // namespace
+
+extern "C" {
+
+cudaError_t cudaGetLastError(void) { return std::exchange(last_error, cudaSuccess); }
+
+const char* cudaGetErrorName(cudaError_t error) {
+    const char* name = nullptr;
+    if (driver().complete) {
+        (void)driver().get_error_name(to_driver(error), &name);
+    }
+    return name != nullptr ? name : "cudaErrorUnknown";
+}
+
+const char* cudaGetErrorString(cudaError_t error) {
+    const char* text = nullptr;
+    if (driver().complete) {
+        (void)driver().get_error_string(to_driver(error), &text);
+    }
+    return text != nullptr ? text : "unknown error";
+}
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
+    if (!driver().complete) {
+        return last_error = cudaErrorInsufficientDriver;
+    }
+    return result(driver().stream_create(stream, flags));
+}
+
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+    if (!driver().complete) {
+        return last_error = cudaErrorInsufficientDriver;
+    }
+    return result(driver().stream_destroy(stream));
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+    if (!driver().complete) {
+        return last_error = cudaErrorInsufficientDriver;
+    }
+    return result(driver().stream_synchronize(stream));
+}
+
+cudaError_t cudaMemsetAsync(void* pointer, int value, size_t bytes, cudaStream_t stream) {
+    if (!driver().complete) {
+        return last_error = cudaErrorInsufficientDriver;
+    }
+    return result(driver().memset_d8_async(reinterpret_cast<CUdeviceptr>(pointer), static_cast<unsigned char>(value),
+                                           bytes, stream));
+}
+
+} // extern "C"
