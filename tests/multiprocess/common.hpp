@@ -34,6 +34,7 @@ namespace vmmpp::detail {
 struct process_budget_access {
     static const pb::segment& segment(const process_budget& b) { return *b.segment_; }
     static std::uint32_t model_index(const process_quota& q) { return q.model_; }
+    static std::uint32_t record_index(const process_quota& q) { return q.record_; }
     /// Registers a model as if `who` had (to fake another process's record).
     static process_quota register_as(process_budget& b, std::string_view name, std::size_t limit,
                                      const process_identity& who) {

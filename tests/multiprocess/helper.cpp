@@ -18,13 +18,17 @@
 //   die_holding_lock <bytes>    takes the segment's lock, adds bytes to the model's and the
 //                               global totals but not to its record (half an update) and
 //                               SIGKILLs itself
+//   exec                        execs itself with the same arguments: the same process (pid and
+//                               start time) in a new image, which attaches again and says "ready"
 //   exit                        destroys the pool, which gives everything back: "bye", exit 0
 // Any failure prints "error <what>" and exits 3.
 #include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <iostream>
 #include <random>
@@ -164,6 +168,10 @@ int run(int argc, char** argv) {
             segment.head().committed += bytes;
             ::kill(::getpid(), SIGKILL);
             ::pause();
+        } else if (command == "exec") {
+            std::cout.flush();
+            ::execv("/proc/self/exe", argv);
+            throw std::runtime_error(std::string("execv: ") + std::strerror(errno));
         } else if (command == "exit") {
             pool.reset();
             std::cout << "bye" << std::endl;

@@ -22,6 +22,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "multiprocess/child_process.hpp"
@@ -106,6 +107,57 @@ void check_invariants(const vmmpp::process_budget_stats& s) {
 bool killed_by(int status, int sig) { return WIFSIGNALED(status) && WTERMSIG(status) == sig; }
 bool exited_ok(int status) { return WIFEXITED(status) && WEXITSTATUS(status) == 0; }
 
+/// A wait status in words, for failure messages.
+std::string describe(int status) {
+    if (WIFEXITED(status)) {
+        return "exited with " + std::to_string(WEXITSTATUS(status));
+    }
+    if (WIFSIGNALED(status)) {
+        return "killed by signal " + std::to_string(WTERMSIG(status)) + " (" + ::strsignal(WTERMSIG(status)) + ")";
+    }
+    return "wait status " + std::to_string(status);
+}
+
+/// A child made by fork and how it ended.
+struct child_result {
+    pid_t pid = -1;
+    int status = 0;
+};
+
+/// Runs `body` in a child made by fork, which exits with what `body` returns (98 if it throws a
+/// vmmpp::error, 99 anything else) without running the parent's destructors or test hooks, and
+/// dies by the signal itself if it faults (Boost.Test's handlers would turn that into an exit).
+template <class Body>
+child_result in_child(Body&& body) {
+    child_result r;
+    r.pid = ::fork();
+    BOOST_REQUIRE(r.pid >= 0);
+    if (r.pid == 0) {
+        ::signal(SIGSEGV, SIG_DFL);
+        ::signal(SIGBUS, SIG_DFL);
+        int code = 99;
+        try {
+            code = body();
+        } catch (const vmmpp::error&) {
+            code = 98;
+        } catch (...) {
+            code = 99;
+        }
+        ::_exit(code);
+    }
+    BOOST_REQUIRE(::waitpid(r.pid, &r.status, 0) == r.pid);
+    return r;
+}
+
+/// The user the tests make foreign segments as (nobody).
+constexpr uid_t other_user = 65534;
+
+boost::test_tools::assertion_result running_as_root(boost::unit_test::test_unit_id) {
+    boost::test_tools::assertion_result root(::geteuid() == 0);
+    root.message() << "needs root: it makes a segment as another user (uid " << other_user << ")";
+    return root;
+}
+
 mode_t mode_of(const std::string& name) {
     const int fd = ::shm_open(name.c_str(), O_RDONLY, 0);
     BOOST_REQUIRE(fd >= 0);
@@ -187,6 +239,24 @@ BOOST_AUTO_TEST_CASE(liveness_checks_pid_start_time_and_zombies) {
     int status = 0;
     BOOST_REQUIRE(::waitpid(child, &status, 0) == child);
     BOOST_TEST(!vmmpp::is_process_running(id));  // gone
+}
+
+BOOST_AUTO_TEST_CASE(the_image_tag_tells_this_image_from_an_earlier_one) {
+    // SipHash-2-4, checked against the reference vector (key 00..0f, message 00..07).
+    unsigned char key[16];
+    for (unsigned char i = 0; i < 16; ++i) {
+        key[i] = i;
+    }
+    BOOST_TEST(vmmpp::detail::proc::siphash24(key, 0x0706050403020100ull) == 0x93f5f5799a932462ull);
+    const auto self = vmmpp::current_process_identity();
+    BOOST_TEST(self.image != 0u);
+    BOOST_TEST(vmmpp::current_process_identity().image == self.image);
+    // This pid and start time under another tag: an image that exec replaced.
+    BOOST_TEST(!vmmpp::is_process_running({self.pid, self.start_time, self.image ^ 1}));
+    BOOST_TEST(vmmpp::is_process_running(self));
+    // A child made by fork keeps the tag (it has a pid of its own).
+    const auto child = in_child([&] { return vmmpp::current_process_identity().image == self.image ? 0 : 1; });
+    BOOST_TEST(exited_ok(child.status), "the child " << describe(child.status));
 }
 
 BOOST_AUTO_TEST_CASE(a_record_with_a_live_pid_but_another_start_time_is_reclaimed) {
@@ -288,9 +358,11 @@ BOOST_AUTO_TEST_CASE(attach_rejects_what_is_not_a_budget_of_this_version) {
         // A budget of another layout version.
         auto b = process_budget::create(name.str(), page);
         auto& head = access::segment(b).head();
-        head.version = 2;
+        head.version = vmmpp::detail::pb::version + 1;
         BOOST_CHECK_EXCEPTION((void)process_budget::open(name.str()), vmmpp::invalid_argument,
-                              [](const vmmpp::invalid_argument& e) { return message_has(e, "layout version 2"); });
+                              [](const vmmpp::invalid_argument& e) {
+                                  return message_has(e, "layout version " + std::to_string(vmmpp::detail::pb::version + 1));
+                              });
         head.version = vmmpp::detail::pb::version;
         BOOST_TEST(process_budget::open(name.str()).limit() == page);
         // One made in another pid namespace, where pids mean something else.
@@ -312,6 +384,179 @@ BOOST_AUTO_TEST_CASE(attach_rejects_what_is_not_a_budget_of_this_version) {
             vmmpp::invalid_argument, [](const vmmpp::invalid_argument& e) { return message_has(e, "initialised"); });
         BOOST_TEST((std::chrono::steady_clock::now() - start >= std::chrono::milliseconds(50)));
     }
+}
+
+// ---- trust: who owns a segment, who may write it, what an attached process reads of it ---------
+// (A segment that someone else may write controls the processes attached to it: review F2.)
+
+BOOST_AUTO_TEST_CASE(a_segment_that_others_may_write_is_refused_unless_accepted) {
+    scratch_name name("shared-write");
+    // Making one takes the opt-in too.
+    BOOST_CHECK_THROW((void)process_budget::create(name.str(), page, {.mode = 0666}), vmmpp::invalid_argument);
+    BOOST_CHECK_THROW((void)process_budget::create(name.str(), page, {.mode = 0620}), vmmpp::invalid_argument);
+    BOOST_TEST(!process_budget::remove(name.str()));
+    {
+        auto made = process_budget::create(name.str(), 4 * page, {.mode = 0666, .allow_shared_write = true});
+        BOOST_TEST(mode_of(name.str()) == 0666u);
+        auto writable = [](const vmmpp::untrusted_segment& e) {
+            return e.mode() == 0666 && e.owner_uid() == ::geteuid() && e.our_uid() == ::geteuid() &&
+                   message_has(e, "may be written by its group or others") && message_has(e, "mode 0666");
+        };
+        BOOST_CHECK_EXCEPTION((void)process_budget::open(name.str()), vmmpp::untrusted_segment, writable);
+        BOOST_CHECK_EXCEPTION((void)process_budget::create_or_open(name.str(), 99 * page), vmmpp::untrusted_segment,
+                              writable);
+        auto accepted = process_budget::open(name.str(), {.allow_shared_write = true});
+        BOOST_TEST(accepted.limit() == 4 * page);
+        auto joined = process_budget::create_or_open(name.str(), 99 * page, {.allow_shared_write = true});
+        BOOST_TEST(!joined.created());
+        BOOST_TEST(joined.limit() == 4 * page);
+        BOOST_TEST(process_budget::remove(name.str()));
+    }
+    // One made 0600 and opened up afterwards (chmod) is refused too.
+    auto made = process_budget::create(name.str(), 4 * page);
+    const int fd = ::shm_open(name.str().c_str(), O_RDONLY, 0);
+    BOOST_REQUIRE(fd >= 0);
+    BOOST_REQUIRE(::fchmod(fd, 0620) == 0);
+    ::close(fd);
+    BOOST_CHECK_EXCEPTION((void)process_budget::open(name.str()), vmmpp::untrusted_segment,
+                          [](const vmmpp::untrusted_segment& e) { return e.mode() == 0620; });
+    BOOST_CHECK_EXCEPTION((void)process_budget::create_or_open(name.str(), page), vmmpp::untrusted_segment,
+                          [](const vmmpp::untrusted_segment& e) { return e.mode() == 0620; });
+    BOOST_TEST(process_budget::open(name.str(), {.allow_shared_write = true}).limit() == 4 * page);
+}
+
+BOOST_AUTO_TEST_CASE(a_segment_of_another_user_is_refused_unless_trusted,
+                     *boost::unit_test::precondition(running_as_root)) {
+    scratch_name name("owner");
+    // Another user gets to the name first, with a limit of its choosing (mode 0600: root can open it).
+    const auto squatter = in_child([&] {
+        if (::setgid(other_user) != 0 || ::setuid(other_user) != 0) {
+            return 10;
+        }
+        (void)process_budget::create(name.str(), page);
+        return 0;
+    });
+    BOOST_REQUIRE_MESSAGE(exited_ok(squatter.status), "the child as uid " << other_user << " " << describe(squatter.status));
+    auto foreign = [](const vmmpp::untrusted_segment& e) {
+        return e.owner_uid() == other_user && e.our_uid() == ::geteuid() && e.mode() == 0600 &&
+               message_has(e, "is owned by another user") && message_has(e, "owner uid 65534");
+    };
+    BOOST_CHECK_EXCEPTION((void)process_budget::open(name.str()), vmmpp::untrusted_segment, foreign);
+    // create_or_open finds the name taken: it refuses instead of joining the squatter's budget.
+    BOOST_CHECK_EXCEPTION((void)process_budget::create_or_open(name.str(), 64 * page), vmmpp::untrusted_segment,
+                          foreign);
+    // Nor does root remove another user's segment by name.
+    BOOST_CHECK_EXCEPTION((void)process_budget::remove(name.str()), vmmpp::untrusted_segment, foreign);
+    BOOST_TEST(mode_of(name.str()) == 0600u);  // still there
+    // Trusted by name, it is a budget like any other.
+    const vmmpp::process_budget_options trusting{.trusted_owners = {other_user}};
+    auto trusted = process_budget::open(name.str(), trusting);
+    BOOST_TEST(trusted.limit() == page);
+    BOOST_TEST(!process_budget::create_or_open(name.str(), 64 * page, trusting).created());
+    BOOST_TEST(process_budget::remove(name.str(), trusting));
+}
+
+BOOST_AUTO_TEST_CASE(a_rewritten_layout_never_moves_reads_or_writes_outside_the_mapping) {
+    scratch_name name("layout");
+    auto budget = process_budget::create(name.str(), 16 * page, {.max_models = 4, .max_records = 8});
+    auto mine = budget.register_model("parent", 8 * page);
+    mine.acquire(page);
+    // A record of a live process (this one's parent) whose model index will be rewritten.
+    const auto parent = vmmpp::detail::proc::read_stat(::getppid());
+    BOOST_REQUIRE(parent.has_value());
+    auto stray = access::register_as(budget, "stray", 8 * page, {::getppid(), parent->start_time});
+    // A second mapping of the object, as another writer of it would have.
+    const std::size_t bytes = vmmpp::detail::pb::total_bytes(4, 8);
+    const int fd = ::shm_open(name.str().c_str(), O_RDWR, 0);
+    BOOST_REQUIRE(fd >= 0);
+    void* raw = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    BOOST_REQUIRE(raw != MAP_FAILED);
+    auto& head = *static_cast<vmmpp::detail::pb::header*>(raw);
+    auto& stray_record = reinterpret_cast<vmmpp::detail::pb::record_slot*>(
+        static_cast<std::byte*>(raw) + vmmpp::detail::pb::records_offset(4))[access::record_index(stray)];
+    const auto honest_head = std::make_tuple(head.max_models, head.max_records, head.models_offset,
+                                             head.records_offset, head.total_bytes);
+    const std::uint64_t honest_model = stray_record.model;
+    auto rewrite = [&] {
+        head.max_models = 0xffffffffu;
+        head.max_records = 0xffffffffu;
+        head.models_offset = std::uint64_t{1} << 40;
+        head.records_offset = std::uint64_t{1} << 41;
+        head.total_bytes = ~std::uint64_t{0};
+        stray_record.model = std::uint64_t{1} << 60;
+    };
+    auto restore = [&] {
+        std::tie(head.max_models, head.max_records, head.models_offset, head.records_offset, head.total_bytes) =
+            honest_head;
+        stray_record.model = honest_model;
+    };
+    // Each victim attaches while the layout is honest and holds a page; then the layout is
+    // rewritten under it and it makes its call. It must end normally, not by SIGSEGV or SIGBUS.
+    auto victim = [&](const char* what, auto call) {
+        const auto r = in_child([&] {
+            auto b = process_budget::open(name.str());
+            auto q = b.register_model("victim", 8 * page);
+            q.acquire(page);
+            rewrite();
+            return call(b, q);
+        });
+        restore();
+        BOOST_TEST(exited_ok(r.status), what << ": the victim " << describe(r.status));
+        budget.reclaim_dead();
+    };
+    victim("stats", [](process_budget& b, vmmpp::process_quota&) {
+        const auto s = b.stats();  // the stray record points at no model: left out
+        return s.max_models == 4 && s.max_records == 8 && s.usage.size() == 2 && s.committed == 2 * page ? 0 : 1;
+    });
+    victim("acquire", [](process_budget&, vmmpp::process_quota& q) {
+        q.acquire(2 * page);
+        q.release(page);
+        return q.process_committed() == 2 * page && q.stats().committed == 2 * page ? 0 : 1;
+    });
+    victim("reclaim_dead", [](process_budget& b, vmmpp::process_quota&) { return b.reclaim_dead() == 0 ? 0 : 1; });
+    victim("register_model", [](process_budget& b, vmmpp::process_quota&) {
+        auto late = b.register_model("late", page);
+        late.acquire(page);
+        return late.process_committed() == page ? 0 : 1;
+    });
+    victim("open", [&](process_budget&, vmmpp::process_quota&) {
+        try {
+            (void)process_budget::open(name.str());  // a new attacher checks the layout it reads
+        } catch (const vmmpp::invalid_argument& e) {
+            return message_has(e, "laid out for another ABI") ? 0 : 1;
+        }
+        return 2;
+    });
+    victim("repair", [](process_budget& b, vmmpp::process_quota&) {
+        // A process dies holding the lock: the next lock repairs the totals over the tables.
+        const pid_t holder = ::fork();
+        if (holder == 0) {
+            (void)access::segment(b).lock();
+            ::raise(SIGKILL);
+        }
+        int status = 0;
+        ::waitpid(holder, &status, 0);
+        const auto s = b.stats();
+        return s.repairs == 1 && s.committed == 2 * page ? 0 : 1;  // the stray record was freed
+    });
+    ::munmap(raw, bytes);
+    const auto s = budget.stats();
+    BOOST_TEST(s.committed == page);
+    BOOST_TEST(mine.process_committed() == page);
+    check_invariants(s);
+}
+
+BOOST_AUTO_TEST_CASE(a_handle_removes_only_its_own_segment) {
+    scratch_name name("unlink");
+    auto first = process_budget::create(name.str(), page);
+    BOOST_TEST(process_budget::remove(name.str()));
+    auto second = process_budget::create(name.str(), 2 * page);  // another segment, the same name
+    BOOST_TEST(!first.remove());                                 // not first's any more: left alone
+    BOOST_TEST(process_budget::open(name.str()).limit() == 2 * page);
+    BOOST_TEST(second.remove());
+    BOOST_TEST(!second.remove());
+    BOOST_CHECK_THROW((void)process_budget::open(name.str()), vmmpp::invalid_argument);
 }
 
 BOOST_AUTO_TEST_CASE(names_and_limits_are_checked) {
@@ -509,6 +754,60 @@ BOOST_AUTO_TEST_CASE(a_forked_child_cannot_charge_its_parent) {
     BOOST_TEST(exited_ok(status));
     BOOST_TEST(budget.stats().committed == page);
     quota.release(page);
+    BOOST_TEST(budget.stats().committed == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(a_forked_child_registers_through_the_inherited_handle) {
+    scratch_name name("fork-register");
+    auto budget = process_budget::create(name.str(), 8 * page);
+    auto quota = budget.register_model("m", 8 * page);
+    quota.acquire(page);
+    const auto child = in_child([&] {
+        auto again = budget.register_model("m", 8 * page);  // a record of its own, not the parent's
+        again.acquire(2 * page);
+        auto only = budget.register_model("child-only", page);
+        only.acquire(page);
+        return again.process_committed() == 2 * page && quota.process_committed() == page ? 0 : 1;
+    });
+    BOOST_TEST(exited_ok(child.status), "the child " << describe(child.status));
+    auto s = budget.stats();  // the child is dead, not yet reclaimed: its records show whose they are
+    BOOST_TEST(usage_of(s, ::getpid()) == page);
+    BOOST_TEST(usage_of(s, child.pid) == 3 * page);
+    for (const auto& u : s.usage) {
+        if (u.model == "child-only") {
+            BOOST_TEST(u.process.pid == child.pid);
+        }
+    }
+    check_invariants(s);
+    BOOST_TEST(budget.reclaim_dead() == 3 * page);
+    BOOST_TEST(quota.process_committed() == page);
+    quota.release(page);
+    BOOST_TEST(budget.stats().committed == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(an_exec_gives_back_what_the_old_image_held) {
+    scratch_name name("exec");
+    auto budget = process_budget::create(name.str(), 8 * page);
+    auto helper = start_helper(name.str(), "m", 8 * page, 8);
+    BOOST_TEST(helper->ask("hold 0 3") == "ok " + std::to_string(3 * page));
+    BOOST_TEST(usage_of(budget.stats(), helper->pid()) == 3 * page);
+    // The helper execs itself: the same pid and start time, a new image (the old one's memory is
+    // gone). Attaching again, the new image takes the old image's charge back.
+    helper->send("exec");
+    BOOST_TEST(helper->read_line() == "ready " + std::to_string(helper->pid()));
+    BOOST_TEST(helper->ask("committed") == "committed 0 0");
+    auto s = budget.stats();
+    BOOST_TEST(s.committed == 0u);
+    BOOST_TEST(s.reclaimed == 3 * page);
+    BOOST_TEST(s.reclaimed_records == 1u);
+    BOOST_TEST(usage_of(s, helper->pid()) == 0u);
+    check_invariants(s);
+    // The new image's own record is that of a live process.
+    BOOST_TEST(helper->ask("hold 0 2") == "ok " + std::to_string(2 * page));
+    BOOST_TEST(budget.reclaim_dead() == 0u);
+    BOOST_TEST(usage_of(budget.stats(), helper->pid()) == 2 * page);
+    BOOST_TEST(helper->ask("exit") == "bye");
+    BOOST_TEST(exited_ok(helper->wait()));
     BOOST_TEST(budget.stats().committed == 0u);
 }
 

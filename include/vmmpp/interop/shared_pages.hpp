@@ -2,19 +2,30 @@
 // decode in another, on one host). The owner exports its vmm pool's physical handles as POSIX
 // file descriptors and sends them over a Unix socket (SCM_RIGHTS); the receiver imports them and
 // maps them at the same offsets of a span of its own, so block ids and offsets mean the same.
+// Whoever is at the other end of the socket gets read/write access to every page (or hands the
+// receiver pages of its choosing): the socket must be private to the two processes (a socket
+// pair, or a path in a directory only their user may enter, not the abstract namespace), and
+// shared_pages_options::peer_uid makes each side check who the other is.
 #pragma once
 
+#include <poll.h>
 #include <sys/socket.h>
+#include <sys/types.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "vmmpp/backing/vmm.hpp"
@@ -23,6 +34,58 @@
 #include "vmmpp/error.hpp"
 
 namespace vmmpp {
+
+/// How shared pages are sent and received.
+struct shared_pages_options {
+    /// The longest the receiver waits for the whole transfer (the header and every page) before
+    /// it throws vmmpp::shared_pages_timeout. The sender does not use it.
+    std::chrono::milliseconds timeout{10000};
+    /// The user the peer must run as, checked by either side before anything is sent or received
+    /// (SO_PEERCRED: the user that made the socket pair or connected). None: no check.
+    std::optional<uid_t> peer_uid{};
+};
+
+/// The peer of a shared-pages socket runs as another user than the one expected.
+class untrusted_socket_peer : public error {
+public:
+    untrusted_socket_peer(uid_t expected, uid_t peer, pid_t peer_pid)
+        : error("shared pages: the peer (pid " + std::to_string(peer_pid) + ") runs as uid " + std::to_string(peer) +
+                ", not the expected uid " + std::to_string(expected) + ": refused"),
+          expected_(expected), peer_(peer), peer_pid_(peer_pid) {}
+
+    [[nodiscard]] uid_t expected_uid() const noexcept { return expected_; }
+    [[nodiscard]] uid_t peer_uid() const noexcept { return peer_; }
+    [[nodiscard]] pid_t peer_pid() const noexcept { return peer_pid_; }
+
+private:
+    uid_t expected_;
+    uid_t peer_;
+    pid_t peer_pid_;
+};
+
+/// The peer did not send all it announced within the receiver's timeout.
+class shared_pages_timeout : public error {
+public:
+    /// `announced` is empty when not even the header came.
+    shared_pages_timeout(std::chrono::milliseconds timeout, std::uint64_t received, std::optional<std::uint64_t> announced)
+        : error("shared pages: " +
+                (announced ? "the peer sent " + std::to_string(received) + " of the " + std::to_string(*announced) +
+                                 " page records it announced"
+                           : std::string("the peer sent no whole header")) +
+                " within the timeout of " + std::to_string(timeout.count()) + " ms"),
+          timeout_(timeout), received_(received), announced_(announced) {}
+
+    [[nodiscard]] std::chrono::milliseconds timeout() const noexcept { return timeout_; }
+    /// Page records received before the time ran out.
+    [[nodiscard]] std::uint64_t received() const noexcept { return received_; }
+    /// Page records the header announced; empty if no header came.
+    [[nodiscard]] std::optional<std::uint64_t> announced() const noexcept { return announced_; }
+
+private:
+    std::chrono::milliseconds timeout_;
+    std::uint64_t received_;
+    std::optional<std::uint64_t> announced_;
+};
 
 namespace detail {
 
@@ -38,6 +101,50 @@ struct shared_page_record {
 
 inline error socket_error(const char* what) {
     return error(std::string("shared pages: ") + what + ": " + std::strerror(errno));
+}
+
+/// A descriptor received from the peer, closed when it goes.
+class received_fd {
+public:
+    received_fd() noexcept = default;
+    explicit received_fd(int fd) noexcept : fd_(fd) {}
+    received_fd(received_fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+    received_fd& operator=(received_fd&& other) noexcept {
+        if (this != &other) {
+            reset();
+            fd_ = std::exchange(other.fd_, -1);
+        }
+        return *this;
+    }
+    received_fd(const received_fd&) = delete;
+    received_fd& operator=(const received_fd&) = delete;
+    ~received_fd() { reset(); }
+
+    [[nodiscard]] int get() const noexcept { return fd_; }
+    void reset() noexcept {
+        if (fd_ >= 0) {
+            ::close(fd_);
+            fd_ = -1;
+        }
+    }
+
+private:
+    int fd_ = -1;
+};
+
+/// Throws vmmpp::untrusted_socket_peer unless the peer of `socket` runs as `expected` (if set).
+inline void check_peer(int socket, const std::optional<uid_t>& expected) {
+    if (!expected) {
+        return;
+    }
+    ucred peer{};
+    socklen_t length = sizeof peer;
+    if (::getsockopt(socket, SOL_SOCKET, SO_PEERCRED, &peer, &length) != 0) {
+        throw socket_error("getsockopt(SO_PEERCRED) (is it a connected Unix socket?)");
+    }
+    if (peer.uid != *expected) {
+        throw untrusted_socket_peer(*expected, peer.uid, peer.pid);
+    }
 }
 
 /// Sends `bytes` of `data`, with `fd` attached when it is not -1.
@@ -61,33 +168,120 @@ inline void send_message(int socket, const void* data, std::size_t bytes, int fd
     }
 }
 
-/// Receives exactly `bytes` into `data`; returns the attached descriptor or -1.
-inline int receive_message(int socket, void* data, std::size_t bytes) {
-    iovec iov{data, bytes};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))]{};
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof control;
-    const ssize_t got = ::recvmsg(socket, &msg, MSG_CMSG_CLOEXEC | MSG_WAITALL);
-    if (got != static_cast<ssize_t>(bytes)) {
-        throw got < 0 ? socket_error("recvmsg") : error("shared pages: the peer closed the socket early");
-    }
-    int fd = -1;
-    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-            std::memcpy(&fd, CMSG_DATA(c), sizeof fd);
+/// Receives exactly `bytes` into `data` and adds every descriptor that comes with them to `fds`,
+/// however many the peer attached (so that none leaks: the caller decides what it expected).
+/// Returns false if `deadline` passes first. Throws if the peer closes the socket early, or if
+/// the descriptors did not fit (MSG_CTRUNC: the kernel closed those that did not).
+inline bool receive_message(int socket, void* data, std::size_t bytes, std::chrono::steady_clock::time_point deadline,
+                            std::vector<received_fd>& fds) {
+    constexpr std::size_t most_fds = 4;  // one is expected; a few more are taken (and closed) to report them
+    std::size_t got = 0;
+    while (got < bytes) {
+        const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+        if (left.count() <= 0) {
+            return false;
         }
+        pollfd p{socket, POLLIN, 0};
+        const int ready = ::poll(&p, 1, static_cast<int>(std::min<std::chrono::milliseconds::rep>(left.count(), INT_MAX)));
+        if (ready < 0 && errno != EINTR) {
+            throw socket_error("poll");
+        }
+        if (ready <= 0) {
+            continue;  // the deadline is checked again
+        }
+        iovec iov{static_cast<std::byte*>(data) + got, bytes - got};
+        msghdr msg{};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        alignas(cmsghdr) char control[CMSG_SPACE(most_fds * sizeof(int))]{};
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof control;
+        const ssize_t n = ::recvmsg(socket, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) {
+                continue;
+            }
+            throw socket_error("recvmsg");
+        }
+        for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+                const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+                for (std::size_t i = 0; i < count; ++i) {
+                    int fd = -1;
+                    std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                    fds.emplace_back(fd);
+                }
+            }
+        }
+        if ((msg.msg_flags & MSG_CTRUNC) != 0) {
+            throw invalid_argument("shared pages: the peer attached more than " + std::to_string(most_fds) +
+                                   " descriptors to one message");
+        }
+        if (n == 0) {
+            throw error("shared pages: the peer closed the socket early");
+        }
+        got += static_cast<std::size_t>(n);
     }
-    return fd;
+    return true;
+}
+
+/// The receiving side of the protocol, with no CUDA in it: checks the peer, receives the header
+/// and passes it to `on_header`, then each page record with its descriptor to `on_page`
+/// (which takes the descriptor; it is closed when dropped). Everything must arrive within
+/// `options.timeout` (else vmmpp::shared_pages_timeout). The header may announce at most
+/// capacity / `page_bytes` records (the smallest page the receiver maps), each record must come
+/// with exactly one descriptor and lie in the span (else vmmpp::invalid_argument); every
+/// descriptor received is closed on every path.
+template <class OnHeader, class OnPage>
+void receive_shared_pages(int socket, const shared_pages_options& options, std::size_t page_bytes,
+                          OnHeader&& on_header, OnPage&& on_page) {
+    check_peer(socket, options.peer_uid);
+    const auto deadline = std::chrono::steady_clock::now() + options.timeout;
+    shared_pages_header header;
+    std::vector<received_fd> fds;
+    if (!receive_message(socket, &header, sizeof header, deadline, fds)) {
+        throw shared_pages_timeout(options.timeout, 0, std::nullopt);
+    }
+    if (!fds.empty()) {
+        throw invalid_argument("shared pages: the peer attached " + std::to_string(fds.size()) +
+                               " descriptors to the header, which carries none");
+    }
+    if (header.magic != shared_pages_header{}.magic) {
+        throw invalid_argument("shared pages: the peer did not send vmmpp shared pages");
+    }
+    const std::uint64_t most = header.capacity / std::max<std::size_t>(page_bytes, 1);
+    if (header.count > most) {
+        throw invalid_argument("shared pages: the peer announced " + std::to_string(header.count) +
+                               " pages, but a span of " + std::to_string(header.capacity) + " bytes holds at most " +
+                               std::to_string(most) + " of " + std::to_string(page_bytes) + " bytes");
+    }
+    on_header(std::as_const(header));
+    for (std::uint64_t i = 0; i < header.count; ++i) {
+        shared_page_record record;
+        fds.clear();
+        if (!receive_message(socket, &record, sizeof record, deadline, fds)) {
+            throw shared_pages_timeout(options.timeout, i, header.count);
+        }
+        if (fds.size() != 1) {
+            throw invalid_argument("shared pages: page record " + std::to_string(i) + " came with " +
+                                   std::to_string(fds.size()) + " descriptors, not 1");
+        }
+        if (record.bytes == 0 || record.offset > header.capacity || record.bytes > header.capacity - record.offset) {
+            throw invalid_argument("shared pages: page record " + std::to_string(i) + " ([" +
+                                   std::to_string(record.offset) + ", +" + std::to_string(record.bytes) +
+                                   ")) lies beyond the span of " + std::to_string(header.capacity) + " bytes");
+        }
+        on_page(std::as_const(record), std::move(fds.front()));
+    }
 }
 
 } // namespace detail
 
 /// Sends a vmm backing's committed pages (its span size and every handle) over a connected Unix
-/// socket. The descriptors it exports are closed here once sent.
-inline void send_shared_pages(int socket, const vmm& backing) {
+/// socket, after checking the peer (`options.peer_uid`): whoever it is gets read/write access to
+/// every page. The descriptors it exports are closed here once sent.
+inline void send_shared_pages(int socket, const vmm& backing, const shared_pages_options& options = {}) {
+    detail::check_peer(socket, options.peer_uid);
     std::vector<exported_handle> handles = backing.export_handles();
     struct closer {
         std::vector<exported_handle>& h;
@@ -109,36 +303,33 @@ inline void send_shared_pages(int socket, const vmm& backing) {
 /// read/write for `device`. Move-only; unmaps, releases and frees the span on destruction.
 class imported_pages {
 public:
-    /// Receives what send_shared_pages sent on `socket` and maps it.
-    imported_pages(int socket, int device) : context_(device) {
-        detail::shared_pages_header header;
-        (void)detail::receive_message(socket, &header, sizeof header);
-        if (header.magic != detail::shared_pages_header{}.magic) {
-            throw invalid_argument("shared pages: the peer did not send vmmpp shared pages");
-        }
+    /// Receives what send_shared_pages sent on `socket` and maps it. Checks the peer
+    /// (`options.peer_uid`, vmmpp::untrusted_socket_peer), gives up after `options.timeout`
+    /// (vmmpp::shared_pages_timeout), refuses a peer that breaks the protocol
+    /// (vmmpp::invalid_argument), and closes every descriptor it receives.
+    imported_pages(int socket, int device, const shared_pages_options& options = {}) : context_(device) {
         scoped_context current(context_);
-        reservation_ = address_reservation(header.capacity, vmm_granularity(device));
+        const std::size_t granularity = vmm_granularity(device);
         const int access[] = {device};
-        for (std::uint64_t i = 0; i < header.count; ++i) {
-            detail::shared_page_record record;
-            const int fd = detail::receive_message(socket, &record, sizeof record);
-            if (fd < 0) {
-                throw error("shared pages: a page record came without its descriptor");
-            }
-            if (record.offset > header.capacity || record.bytes > header.capacity - record.offset) {
-                ::close(fd);
-                throw invalid_argument("shared pages: a page lies beyond the span");
-            }
-            piece p;
-            try {
-                p.memory = physical_allocation::import_fd(fd, record.bytes);
-            } catch (...) {
-                ::close(fd);
-                throw;
-            }
-            ::close(fd);  // the imported handle keeps the memory
-            p.map = mapping(reservation_.base() + record.offset, p.memory, access);
-            pieces_.emplace(record.offset, std::move(p));
+        try {
+            detail::receive_shared_pages(
+                socket, options, vmm_granularity(device, false),
+                [&](const detail::shared_pages_header& header) {
+                    reservation_ = address_reservation(header.capacity, granularity);
+                },
+                [&](const detail::shared_page_record& record, detail::received_fd fd) {
+                    piece p;
+                    p.memory = physical_allocation::import_fd(fd.get(), record.bytes);
+                    fd.reset();  // the imported handle keeps the memory
+                    p.map = mapping(reservation_.base() + record.offset, p.memory, access);
+                    pieces_.emplace(record.offset, std::move(p));
+                });
+        } catch (...) {
+            // Unmapped and freed here, in the context, as the destructor does: the members would
+            // otherwise go after `current` has popped it.
+            pieces_.clear();
+            reservation_.reset();
+            throw;
         }
     }
     imported_pages(const imported_pages&) = delete;

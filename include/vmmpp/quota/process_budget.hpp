@@ -2,7 +2,8 @@
 // on a GPU. It works like vmmpp::budget / vmmpp::shared_budget (a global byte limit, per-model
 // limits, statistics), but its state lives in a named POSIX shared-memory segment, guarded by a
 // process-shared robust mutex, and a process that dies without releasing gives its share back.
-// Linux only (it reads /proc). docs/MULTIPROCESS.md describes the design.
+// Linux only (it reads /proc). docs/MULTIPROCESS.md describes the design, and what a segment's
+// owner and mode must be for a process to attach it (no other user may write it).
 #pragma once
 
 #if !defined(__linux__)
@@ -12,6 +13,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/auxv.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -19,6 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cerrno>
 #include <charconv>
 #include <chrono>
@@ -30,6 +33,7 @@
 #include <memory>
 #include <new>
 #include <optional>
+#include <random>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -42,11 +46,14 @@
 
 namespace vmmpp {
 
-/// A process, told apart from a later one that reuses its pid: the pid and the start time the
-/// kernel reports in /proc/<pid>/stat (field 22, clock ticks after boot).
+/// A process image, told apart from a later process that reuses its pid (the pid and the start
+/// time the kernel reports in /proc/<pid>/stat, field 22, clock ticks after boot) and from the
+/// image it replaces or is replaced by with exec, which keeps both (`image`, a tag that every exec
+/// draws anew; 0: unknown).
 struct process_identity {
     pid_t pid = 0;
     std::uint64_t start_time = 0;
+    std::uint64_t image = 0;
     friend bool operator==(const process_identity&, const process_identity&) = default;
 };
 
@@ -158,6 +165,64 @@ inline long thread_count(pid_t pid) noexcept {
     return std::strtol(line + 9, nullptr, 10);
 }
 
+/// SipHash-2-4 of one 64-bit word under a 128-bit key: a keyed pseudo-random function, whose
+/// value tells nothing about the key.
+inline std::uint64_t siphash24(const unsigned char* key, std::uint64_t word) noexcept {
+    std::uint64_t k0 = 0;
+    std::uint64_t k1 = 0;
+    std::memcpy(&k0, key, 8);
+    std::memcpy(&k1, key + 8, 8);
+    std::uint64_t v0 = k0 ^ 0x736f6d6570736575ull;
+    std::uint64_t v1 = k1 ^ 0x646f72616e646f6dull;
+    std::uint64_t v2 = k0 ^ 0x6c7967656e657261ull;
+    std::uint64_t v3 = k1 ^ 0x7465646279746573ull;
+    auto rounds = [&](int n) {
+        for (int i = 0; i < n; ++i) {
+            v0 += v1;
+            v1 = std::rotl(v1, 13) ^ v0;
+            v0 = std::rotl(v0, 32);
+            v2 += v3;
+            v3 = std::rotl(v3, 16) ^ v2;
+            v0 += v3;
+            v3 = std::rotl(v3, 21) ^ v0;
+            v2 += v1;
+            v1 = std::rotl(v1, 17) ^ v2;
+            v2 = std::rotl(v2, 32);
+        }
+    };
+    const std::uint64_t last = std::uint64_t{8} << 56;  // the message length (8) in the final block
+    for (const std::uint64_t m : {word, last}) {
+        v3 ^= m;
+        rounds(2);
+        v0 ^= m;
+    }
+    v2 ^= 0xff;
+    rounds(4);
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/// A tag of the running process image: drawn anew by every exec, inherited by fork (whose child
+/// has another pid anyway), and the same in every copy of vmmpp linked into the process.
+///
+/// It is derived from the 16 random bytes the kernel puts in every new image (AT_RANDOM), not from
+/// a random number of vmmpp's own: a library with hidden symbols holds its own copy of every
+/// vmmpp static, and two copies with two tags would take each other's records for those of an
+/// image exec replaced. The bytes also seed glibc's stack protector, so they are not stored: the
+/// tag is a keyed hash of a constant under them, which tells nothing about them.
+inline std::uint64_t image_tag() noexcept {
+    static const std::uint64_t tag = [] {
+        std::uint64_t t = 0;
+        if (const auto at_random = ::getauxval(AT_RANDOM); at_random != 0) {
+            t = siphash24(reinterpret_cast<const unsigned char*>(at_random), 0x6567616d69707076ull);  // "vppimage"
+        } else {
+            std::random_device device;  // no auxiliary vector entry (not seen on Linux >= 2.6.29)
+            t = (std::uint64_t{device()} << 32) ^ device();
+        }
+        return t != 0 ? t : 1;  // 0 means "unknown"
+    }();
+    return tag;
+}
+
 } // namespace proc
 } // namespace detail
 
@@ -170,14 +235,15 @@ inline process_identity current_process_identity() {
         throw error("vmmpp process budget: cannot read /proc/" + std::to_string(pid) +
                     "/stat (is /proc mounted?): " + std::strerror(errno));
     }
-    return {pid, fields->start_time};
+    return {pid, fields->start_time, detail::proc::image_tag()};
 }
 
 /// Whether the process `id` may still be running. False only when vmmpp is sure it is not:
 /// no process has the pid, the process with the pid started at another time (the pid was
-/// reused), or it is a zombie (exited, not yet reaped by its parent). When the pid exists but
-/// /proc does not show it (hidepid, another pid namespace), it answers true: a share is never
-/// taken from a process that might be alive.
+/// reused), it is a zombie (exited, not yet reaped by its parent), or it is the calling process
+/// under another image tag (an image that exec has replaced: only the process itself can tell).
+/// When the pid exists but /proc does not show it (hidepid, another pid namespace), it answers
+/// true: a share is never taken from a process that might be alive.
 inline bool is_process_running(const process_identity& id) noexcept {
     if (id.pid <= 0) {
         return false;
@@ -185,6 +251,9 @@ inline bool is_process_running(const process_identity& id) noexcept {
     if (const auto fields = detail::proc::read_stat(id.pid)) {
         if (fields->start_time != id.start_time) {
             return false;  // the pid belongs to a later process now
+        }
+        if (id.pid == ::getpid() && id.image != detail::proc::image_tag()) {
+            return false;  // this process, before an exec: that image's memory is gone
         }
         if (fields->state == 'Z' || fields->state == 'X') {
             // A zombie has released nothing and never will. (A thread-group leader that called
@@ -198,9 +267,17 @@ inline bool is_process_running(const process_identity& id) noexcept {
 }
 
 /// How a process budget's segment is created and attached.
+///
+/// Whoever may write a segment controls every process attached to it: its limits, its lock (a
+/// process-shared robust mutex, whose robust-list links glibc follows), the usage records. So by
+/// default a process attaches only segments owned by its own effective uid that neither group nor
+/// others may write, and creates only such segments. The two opt-ins below widen that for
+/// deployments where several users share one budget; that is at the operator's risk, because a
+/// robust mutex shared with a writer that is not trusted is unsafe whatever vmmpp checks.
 struct process_budget_options {
     /// Permission bits of a segment this process creates, applied exactly (umask does not
-    /// narrow them). 0600: only the creating user's processes may attach.
+    /// narrow them). 0600: only the creating user's processes may attach. Write bits for group
+    /// or others (0020, 0002) need `allow_shared_write`.
     mode_t mode = 0600;
     /// Model table size of a segment this process creates (an attacher reads the creator's).
     std::uint32_t max_models = 64;
@@ -209,6 +286,41 @@ struct process_budget_options {
     std::uint32_t max_records = 1024;
     /// How long an attacher waits for a segment that another process is still initialising.
     std::chrono::milliseconds attach_timeout{5000};
+    /// Owners besides this process's effective uid whose segments open, create_or_open and
+    /// remove accept. Empty: only this process's own.
+    std::vector<uid_t> trusted_owners{};
+    /// Whether open and create_or_open accept a segment that its group or others may write, and
+    /// create may make one (`mode` with 0020 or 0002).
+    bool allow_shared_write = false;
+};
+
+/// A process budget segment that these options do not let this process use: owned by another
+/// user, or writable by group or others. Says whose it is, who this process is and its mode.
+class untrusted_segment : public error {
+public:
+    untrusted_segment(const std::string& name, uid_t owner, uid_t self, mode_t mode, const std::string& why)
+        : error("vmmpp process budget '" + name + "' " + why + " (owner uid " + std::to_string(owner) + ", mode " +
+                octal(mode) + "; this process runs as uid " + std::to_string(self) +
+                "): refused, since whoever writes the segment controls every process attached to it; "
+                "process_budget_options::trusted_owners and allow_shared_write accept it at your own risk"),
+          owner_(owner), self_(self), mode_(mode & 07777) {}
+
+    /// The segment's owner (st_uid).
+    [[nodiscard]] uid_t owner_uid() const noexcept { return owner_; }
+    /// This process's effective uid.
+    [[nodiscard]] uid_t our_uid() const noexcept { return self_; }
+    /// The segment's permission bits.
+    [[nodiscard]] mode_t mode() const noexcept { return mode_; }
+
+private:
+    static std::string octal(mode_t mode) {
+        char text[16];
+        std::snprintf(text, sizeof text, "%04o", static_cast<unsigned>(mode & 07777));
+        return text;
+    }
+    uid_t owner_;
+    uid_t self_;
+    mode_t mode_;
 };
 
 /// One (model, process) usage record, as process_budget::stats() reports it.
@@ -232,8 +344,9 @@ namespace detail::pb {
 
 // The segment, in order: header | model_slot[max_models] | record_slot[max_records].
 // `magic` and `version` are the first 12 bytes in every version of the layout.
+// Version 2 added record_slot::image (version 1 could not tell an exec'd image from its successor).
 inline constexpr std::uint64_t magic = 0x3154454742505056ull;  // "VPPBGET1" read little-endian
-inline constexpr std::uint32_t version = 1;
+inline constexpr std::uint32_t version = 2;
 inline constexpr std::size_t name_capacity = 64;  // bytes, the terminating NUL included
 
 struct model_slot {
@@ -247,7 +360,8 @@ struct model_slot {
 struct record_slot {
     std::int64_t pid;  // 0: a free slot
     std::uint64_t start_time;
-    std::uint64_t model;  // index into the model table
+    std::uint64_t image;  // process_identity::image
+    std::uint64_t model;  // index into the model table (checked against it wherever it is used)
     std::uint64_t bytes;  // what this process holds of this model's budget
 };
 
@@ -296,6 +410,37 @@ inline constexpr std::size_t total_bytes(std::size_t max_models, std::size_t max
     return records_offset(max_models) + max_records * sizeof(record_slot);
 }
 
+/// Where a segment's tables lie, validated once when this process attaches (or made by it when
+/// it creates) and kept here: the copy in the segment is never read again, so whoever writes the
+/// segment later cannot move this process's reads and writes outside its mapping.
+struct layout {
+    std::uint32_t max_models = 0;
+    std::uint32_t max_records = 0;
+    std::size_t models_offset = 0;
+    std::size_t records_offset = 0;
+    std::size_t total_bytes = 0;
+};
+inline constexpr layout layout_of(std::uint32_t max_models, std::uint32_t max_records) noexcept {
+    return {max_models, max_records, models_offset(), records_offset(max_models), total_bytes(max_models, max_records)};
+}
+
+/// Which object a name named when this process opened it (device and inode).
+struct file_id {
+    std::uint64_t dev = 0;
+    std::uint64_t ino = 0;
+    friend bool operator==(const file_id&, const file_id&) = default;
+};
+inline file_id file_of(const struct stat& st) noexcept {
+    return {static_cast<std::uint64_t>(st.st_dev), static_cast<std::uint64_t>(st.st_ino)};
+}
+
+/// Reads a field of the shared header exactly once (a volatile load: the compiler may not read it
+/// again later), so a value that is checked is the value that is used.
+template <class T>
+T read_once(const T& field) noexcept {
+    return *static_cast<const volatile T*>(&field);
+}
+
 /// A namespace's identity: device and inode of its /proc/self/ns entry; {0, 0} where unknown.
 struct namespace_id {
     std::uint64_t dev = 0;
@@ -325,27 +470,39 @@ inline void ordered() noexcept { std::atomic_signal_fence(std::memory_order_seq_
 inline std::string errno_text(int err) { return std::strerror(err); }
 
 /// This process's mapping of one segment. Owned through shared_ptr by every process_budget and
-/// process_quota of this process that uses it; unmapped when the last one goes.
+/// process_quota of this process that uses it; unmapped when the last one goes. Its layout is
+/// this process's copy (see `layout`), and every record's model index is checked against it.
 class segment {
 public:
-    segment(std::string name, void* base, std::size_t bytes, process_identity self, bool created) noexcept
-        : name_(std::move(name)), base_(base), bytes_(bytes), self_(self), created_(created) {}
+    segment(std::string name, void* base, layout l, file_id file, process_identity self, bool created) noexcept
+        : name_(std::move(name)), base_(base), layout_(l), file_(file), self_(self), created_(created) {}
     segment(const segment&) = delete;
     segment& operator=(const segment&) = delete;
-    ~segment() { ::munmap(base_, bytes_); }
+    ~segment() { ::munmap(base_, layout_.total_bytes); }
 
     [[nodiscard]] const std::string& name() const noexcept { return name_; }
-    [[nodiscard]] const process_identity& self() const noexcept { return self_; }
     [[nodiscard]] bool created() const noexcept { return created_; }
+    /// The object this process mapped, as it was named then.
+    [[nodiscard]] const file_id& file() const noexcept { return file_; }
+    /// The calling process: the identity taken when this process attached, or, in a child made
+    /// by fork since, the child's own (read at the call, so the child gets records of its own).
+    [[nodiscard]] process_identity self() const {
+        return ::getpid() == self_.pid ? self_ : current_process_identity();
+    }
     [[nodiscard]] header& head() const noexcept { return *static_cast<header*>(base_); }
     [[nodiscard]] model_slot* models() const noexcept {
-        return reinterpret_cast<model_slot*>(static_cast<std::byte*>(base_) + head().models_offset);
+        return reinterpret_cast<model_slot*>(static_cast<std::byte*>(base_) + layout_.models_offset);
     }
     [[nodiscard]] record_slot* records() const noexcept {
-        return reinterpret_cast<record_slot*>(static_cast<std::byte*>(base_) + head().records_offset);
+        return reinterpret_cast<record_slot*>(static_cast<std::byte*>(base_) + layout_.records_offset);
     }
-    [[nodiscard]] std::uint32_t max_models() const noexcept { return head().max_models; }
-    [[nodiscard]] std::uint32_t max_records() const noexcept { return head().max_records; }
+    [[nodiscard]] std::uint32_t max_models() const noexcept { return layout_.max_models; }
+    [[nodiscard]] std::uint32_t max_records() const noexcept { return layout_.max_records; }
+    /// The model slot a record points at, or nullptr when its index lies outside the table.
+    [[nodiscard]] model_slot* model_of(const record_slot& r) const noexcept {
+        const std::uint64_t i = r.model;  // one read: the check and the use see the same index
+        return i < layout_.max_models ? models() + i : nullptr;
+    }
 
     /// Locks the segment's mutex. If its last owner died holding it, repairs the state first.
     /// Returns 0 or the error of pthread_mutex_lock.
@@ -371,22 +528,23 @@ public:
         header& h = head();
         model_slot* m = models();
         record_slot* r = records();
-        for (std::uint32_t i = 0; i < h.max_models; ++i) {
+        for (std::uint32_t i = 0; i < max_models(); ++i) {
             m[i].name[name_capacity - 1] = '\0';
             m[i].committed = 0;
         }
-        for (std::uint32_t i = 0; i < h.max_records; ++i) {
+        for (std::uint32_t i = 0; i < max_records(); ++i) {
             if (r[i].pid == 0) {
                 continue;
             }
-            if (r[i].model >= h.max_models || m[r[i].model].name[0] == '\0') {
+            model_slot* owner = model_of(r[i]);
+            if (owner == nullptr || owner->name[0] == '\0') {
                 r[i].pid = 0;
                 continue;
             }
-            m[r[i].model].committed += r[i].bytes;
+            owner->committed += r[i].bytes;
         }
         std::uint64_t total = 0;
-        for (std::uint32_t i = 0; i < h.max_models; ++i) {
+        for (std::uint32_t i = 0; i < max_models(); ++i) {
             m[i].peak = std::max(m[i].peak, m[i].committed);
             total += m[i].committed;
         }
@@ -401,7 +559,8 @@ public:
 private:
     std::string name_;
     void* base_;
-    std::size_t bytes_;
+    layout layout_;
+    file_id file_;
     process_identity self_;
     bool created_;
 };
@@ -422,25 +581,31 @@ private:
     const segment& s_;
 };
 
+/// The process a record belongs to.
+inline process_identity identity_of(const record_slot& r) noexcept {
+    return {static_cast<pid_t>(r.pid), r.start_time, r.image};
+}
+
 inline bool owns(const record_slot& r, const process_identity& who, std::uint64_t model) noexcept {
-    return r.pid == who.pid && r.pid != 0 && r.start_time == who.start_time && r.model == model;
+    return r.pid != 0 && identity_of(r) == who && r.model == model;
 }
 
 inline std::size_t segment::reclaim_dead() const {
+    const process_identity me = self();
     std::vector<process_identity> others;
     {
         lock_guard lock(*this);
         const record_slot* r = records();
         for (std::uint32_t i = 0; i < max_records(); ++i) {
-            const process_identity id{static_cast<pid_t>(r[i].pid), r[i].start_time};
-            if (r[i].pid != 0 && id != self_ && std::find(others.begin(), others.end(), id) == others.end()) {
+            const process_identity id = identity_of(r[i]);
+            if (r[i].pid != 0 && id != me && std::find(others.begin(), others.end(), id) == others.end()) {
                 others.push_back(id);
             }
         }
     }
     std::vector<process_identity> dead;
     for (const auto& id : others) {
-        if (!is_process_running(id)) {
+        if (!is_process_running(id)) {  // also this process's records from before an exec
             dead.push_back(id);
         }
     }
@@ -450,11 +615,9 @@ inline std::size_t segment::reclaim_dead() const {
     std::size_t reclaimed = 0;
     lock_guard lock(*this);
     header& h = head();
-    model_slot* m = models();
     record_slot* r = records();
-    for (std::uint32_t i = 0; i < h.max_records; ++i) {
-        const process_identity id{static_cast<pid_t>(r[i].pid), r[i].start_time};
-        if (r[i].pid == 0 || std::find(dead.begin(), dead.end(), id) == dead.end()) {
+    for (std::uint32_t i = 0; i < max_records(); ++i) {
+        if (r[i].pid == 0 || std::find(dead.begin(), dead.end(), identity_of(r[i])) == dead.end()) {
             continue;
         }
         const std::uint64_t bytes = r[i].bytes;
@@ -462,8 +625,8 @@ inline std::size_t segment::reclaim_dead() const {
         ordered();
         r[i].pid = 0;
         ordered();
-        if (r[i].model < h.max_models) {
-            m[r[i].model].committed -= std::min(bytes, m[r[i].model].committed);
+        if (model_slot* m = model_of(r[i])) {
+            m->committed -= std::min(bytes, m->committed);
         }
         h.committed -= std::min<std::uint64_t>(bytes, h.committed);
         h.reclaimed_bytes += bytes;
@@ -497,6 +660,33 @@ struct fd_closer {
     }
 };
 
+/// Throws vmmpp::untrusted_segment unless the object `st` describes is owned by this process's
+/// effective uid or by one of `o.trusted_owners`.
+inline void check_owner(const std::string& name, const struct stat& st, const process_budget_options& o) {
+    const uid_t self = ::geteuid();
+    if (st.st_uid != self && std::find(o.trusted_owners.begin(), o.trusted_owners.end(), st.st_uid) ==
+                                 o.trusted_owners.end()) {
+        throw untrusted_segment(name, st.st_uid, self, st.st_mode, "is owned by another user");
+    }
+}
+
+/// The fstat of the object behind `fd`, once it has passed every check of trust: a regular
+/// object, an accepted owner, and no write permission for group or others unless allowed.
+inline struct stat trusted_stat(const std::string& name, int fd, const process_budget_options& o) {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+        throw error("vmmpp process budget '" + name + "': fstat failed: " + errno_text(errno));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        throw invalid_argument("shared memory object '" + name + "' is not a regular object");
+    }
+    check_owner(name, st, o);
+    if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0 && !o.allow_shared_write) {
+        throw untrusted_segment(name, st.st_uid, ::geteuid(), st.st_mode, "may be written by its group or others");
+    }
+    return st;
+}
+
 /// Creates and initialises the segment `name`; nullptr if it exists already.
 inline std::shared_ptr<segment> create(const std::string& name, std::size_t limit, const process_budget_options& o,
                                        const process_identity& self) {
@@ -509,7 +699,14 @@ inline std::shared_ptr<segment> create(const std::string& name, std::size_t limi
     if ((o.mode & ~mode_t{0777}) != 0) {
         throw invalid_argument("process budget '" + name + "': mode must be permission bits (at most 0777)");
     }
-    const std::size_t bytes = total_bytes(o.max_models, o.max_records);
+    if ((o.mode & (S_IWGRP | S_IWOTH)) != 0 && !o.allow_shared_write) {
+        char mode[16];
+        std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(o.mode));
+        throw invalid_argument("process budget '" + name + "': mode " + mode +
+                               " lets group or others write the segment, and whoever writes it controls every "
+                               "process attached: set process_budget_options::allow_shared_write to make it anyway");
+    }
+    const layout l = layout_of(o.max_models, o.max_records);
     const int fd = ::shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, o.mode);
     if (fd < 0) {
         if (errno == EEXIST) {
@@ -525,10 +722,14 @@ inline std::shared_ptr<segment> create(const std::string& name, std::size_t limi
     if (::fchmod(fd, o.mode) != 0) {  // shm_open's mode went through the umask
         throw fail("fchmod", errno);
     }
-    if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+    if (::ftruncate(fd, static_cast<off_t>(l.total_bytes)) != 0) {
         throw fail("ftruncate", errno);
     }
-    void* base = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+        throw fail("fstat", errno);
+    }
+    void* base = ::mmap(nullptr, l.total_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (base == MAP_FAILED) {
         throw fail("mmap", errno);
     }
@@ -536,14 +737,14 @@ inline std::shared_ptr<segment> create(const std::string& name, std::size_t limi
     header* h = ::new (base) header();
     h->version = version;
     h->header_bytes = sizeof(header);
-    h->total_bytes = bytes;
+    h->total_bytes = l.total_bytes;
     h->model_slot_bytes = sizeof(model_slot);
     h->record_slot_bytes = sizeof(record_slot);
     h->mutex_bytes = sizeof(pthread_mutex_t);
-    h->max_models = o.max_models;
-    h->max_records = o.max_records;
-    h->models_offset = models_offset();
-    h->records_offset = records_offset(o.max_models);
+    h->max_models = l.max_models;
+    h->max_records = l.max_records;
+    h->models_offset = l.models_offset;
+    h->records_offset = l.records_offset;
     h->limit = limit;
     h->creator_pid = self.pid;
     h->creator_start_time = self.start_time;
@@ -566,15 +767,18 @@ inline std::shared_ptr<segment> create(const std::string& name, std::size_t limi
     }
     ::pthread_mutexattr_destroy(&attr);
     if (rc != 0) {
-        ::munmap(base, bytes);
+        ::munmap(base, l.total_bytes);
         throw fail("pthread_mutex_init (process-shared, robust)", rc);
     }
     h->magic.store(magic, std::memory_order_release);  // published: attachers may use it now
-    return std::make_shared<segment>(name, base, bytes, self, true);
+    return std::make_shared<segment>(name, base, l, file_of(st), self, true);
 }
 
-/// Attaches the segment `name`; nullptr if there is none. Waits up to the timeout for a
-/// creator that is still initialising it; checks magic, version, layout and namespaces.
+/// Attaches the segment `name`; nullptr if there is none. Checks, in order: that the object may
+/// be trusted (owner and mode, before anything of it is read); waits up to the timeout for a
+/// creator that is still initialising it (mapping its header alone); reads the header's layout
+/// once and checks magic, version, layout, the object's size (before mapping it whole) and the
+/// namespaces. The layout it checked is the one the segment object keeps.
 inline std::shared_ptr<segment> open(const std::string& name, const process_budget_options& o,
                                      const process_identity& self) {
     const int fd = ::shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0);
@@ -587,33 +791,31 @@ inline std::shared_ptr<segment> open(const std::string& name, const process_budg
                     (err == EACCES ? " (its mode does not let this user attach)" : ""));
     }
     fd_closer closer{fd};
+    struct stat st = trusted_stat(name, fd, o);
     const auto deadline = std::chrono::steady_clock::now() + o.attach_timeout;
-    void* base = MAP_FAILED;
-    std::size_t bytes = 0;
+    void* head_map = MAP_FAILED;
     std::uint64_t seen_magic = 0;
     for (;;) {
-        if (base == MAP_FAILED) {
-            struct stat st {};
+        if (head_map == MAP_FAILED) {
             if (::fstat(fd, &st) != 0) {
                 throw error("vmmpp process budget '" + name + "': fstat failed: " + errno_text(errno));
             }
             if (static_cast<std::size_t>(st.st_size) >= sizeof(header)) {
-                bytes = static_cast<std::size_t>(st.st_size);
-                base = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-                if (base == MAP_FAILED) {
+                head_map = ::mmap(nullptr, sizeof(header), PROT_READ, MAP_SHARED, fd, 0);
+                if (head_map == MAP_FAILED) {
                     throw error("vmmpp process budget '" + name + "': mmap failed: " + errno_text(errno));
                 }
             }
         }
-        if (base != MAP_FAILED) {
-            seen_magic = static_cast<header*>(base)->magic.load(std::memory_order_acquire);
+        if (head_map != MAP_FAILED) {
+            seen_magic = static_cast<const header*>(head_map)->magic.load(std::memory_order_acquire);
             if (seen_magic != 0) {
                 break;
             }
         }
         if (std::chrono::steady_clock::now() >= deadline) {
-            if (base != MAP_FAILED) {
-                ::munmap(base, bytes);
+            if (head_map != MAP_FAILED) {
+                ::munmap(head_map, sizeof(header));
             }
             throw invalid_argument("shared memory object '" + name + "' is not an initialised vmmpp process budget "
                                    "after " + std::to_string(o.attach_timeout.count()) + " ms (its creator died "
@@ -622,35 +824,60 @@ inline std::shared_ptr<segment> open(const std::string& name, const process_budg
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
-    const header& h = *static_cast<header*>(base);
-    auto reject = [&](const std::string& why) -> invalid_argument {
-        ::munmap(base, bytes);
-        return invalid_argument("shared memory object '" + name + "' " + why);
-    };
+    // Each field once: what is checked below is what is used.
+    const header& h = *static_cast<const header*>(head_map);
+    const std::uint32_t seen_version = read_once(h.version);
+    const std::uint32_t header_bytes = read_once(h.header_bytes);
+    const std::uint64_t seen_total = read_once(h.total_bytes);
+    const std::uint32_t model_slot_bytes = read_once(h.model_slot_bytes);
+    const std::uint32_t record_slot_bytes = read_once(h.record_slot_bytes);
+    const std::uint32_t mutex_bytes = read_once(h.mutex_bytes);
+    const std::uint32_t max_models = read_once(h.max_models);
+    const std::uint32_t max_records = read_once(h.max_records);
+    const std::uint64_t seen_models_offset = read_once(h.models_offset);
+    const std::uint64_t seen_records_offset = read_once(h.records_offset);
+    const namespace_id pid_ns{read_once(h.pid_ns_dev), read_once(h.pid_ns_ino)};
+    const namespace_id time_ns{read_once(h.time_ns_dev), read_once(h.time_ns_ino)};
+    ::munmap(head_map, sizeof(header));
+    auto reject = [&](const std::string& why) { return invalid_argument("shared memory object '" + name + "' " + why); };
     if (seen_magic != magic) {
         throw reject("is not a vmmpp process budget (magic " + std::to_string(seen_magic) + ", expected " +
                      std::to_string(magic) + ")");
     }
-    if (h.version != version) {
-        throw reject("is a vmmpp process budget of layout version " + std::to_string(h.version) +
+    if (seen_version != version) {
+        throw reject("is a vmmpp process budget of layout version " + std::to_string(seen_version) +
                      "; this vmmpp reads version " + std::to_string(version) +
                      " (the processes sharing it must use one vmmpp version)");
     }
-    if (h.header_bytes != sizeof(header) || h.model_slot_bytes != sizeof(model_slot) ||
-        h.record_slot_bytes != sizeof(record_slot) || h.mutex_bytes != sizeof(pthread_mutex_t) ||
-        h.max_models == 0 || h.max_records == 0 || h.models_offset != models_offset() ||
-        h.records_offset != records_offset(h.max_models) || h.total_bytes != total_bytes(h.max_models, h.max_records) ||
-        h.total_bytes != bytes) {
-        throw reject("is a vmmpp process budget laid out for another ABI (header " + std::to_string(h.header_bytes) +
-                     " bytes, here " + std::to_string(sizeof(header)) + "; " + std::to_string(bytes) +
-                     " bytes mapped): built with another compiler or architecture?");
+    const layout l = layout_of(max_models, max_records);
+    if (header_bytes != sizeof(header) || model_slot_bytes != sizeof(model_slot) ||
+        record_slot_bytes != sizeof(record_slot) || mutex_bytes != sizeof(pthread_mutex_t) || max_models == 0 ||
+        max_records == 0 || seen_models_offset != l.models_offset || seen_records_offset != l.records_offset ||
+        seen_total != l.total_bytes) {
+        throw reject("is a vmmpp process budget laid out for another ABI (header " + std::to_string(header_bytes) +
+                     " bytes, here " + std::to_string(sizeof(header)) + "; " + std::to_string(seen_total) +
+                     " bytes in all for " + std::to_string(max_models) + " models and " + std::to_string(max_records) +
+                     " records, here " + std::to_string(l.total_bytes) + "): built with another compiler or architecture?");
     }
-    if (differ(h.pid_ns_dev, h.pid_ns_ino, namespace_of("/proc/self/ns/pid")) ||
-        differ(h.time_ns_dev, h.time_ns_ino, namespace_of("/proc/self/ns/time"))) {
+    if (differ(pid_ns.dev, pid_ns.ino, namespace_of("/proc/self/ns/pid")) ||
+        differ(time_ns.dev, time_ns.ino, namespace_of("/proc/self/ns/time"))) {
         throw reject("was created in another pid or time namespace, where pids and start times mean "
                      "something else: the processes sharing a budget must share those namespaces");
     }
-    return std::make_shared<segment>(name, base, bytes, self, false);
+    // The object must hold the whole layout before it is mapped: a shorter one would fault (SIGBUS)
+    // on the first access past its end. (A writer shrinking it later still can: see MULTIPROCESS.md.)
+    if (::fstat(fd, &st) != 0) {
+        throw error("vmmpp process budget '" + name + "': fstat failed: " + errno_text(errno));
+    }
+    if (static_cast<std::uint64_t>(st.st_size) != l.total_bytes) {
+        throw reject("is " + std::to_string(st.st_size) + " bytes long, but its layout needs " +
+                     std::to_string(l.total_bytes));
+    }
+    void* base = ::mmap(nullptr, l.total_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED) {
+        throw error("vmmpp process budget '" + name + "': mmap failed: " + errno_text(errno));
+    }
+    return std::make_shared<segment>(name, base, l, file_of(st), self, false);
 }
 
 } // namespace detail::pb
@@ -773,7 +1000,8 @@ static_assert(quota_policy<process_quota>, "vmmpp::process_quota must model vmmp
 class process_budget {
 public:
     /// Creates the segment `name` with a global limit. Throws vmmpp::invalid_argument if it
-    /// exists already.
+    /// exists already, or if `options.mode` lets group or others write it without
+    /// `options.allow_shared_write`.
     [[nodiscard]] static process_budget create(std::string_view name, std::size_t global_limit,
                                               process_budget_options options = {}) {
         const std::string n = detail::pb::shm_name(name);
@@ -786,9 +1014,11 @@ public:
         return process_budget(std::move(s));
     }
 
-    /// Attaches the existing segment `name` (only `options.attach_timeout` is used). Throws
-    /// vmmpp::invalid_argument if there is none, or if it is not a vmmpp process budget of this
-    /// layout version and ABI. Takes back the shares of dead processes.
+    /// Attaches the existing segment `name` (`options.attach_timeout`, `trusted_owners` and
+    /// `allow_shared_write` are used). Throws vmmpp::untrusted_segment, before reading anything
+    /// of it, if another user owns it or group or others may write it (unless the options accept
+    /// that); vmmpp::invalid_argument if there is none, or if it is not a vmmpp process budget of
+    /// this layout version and ABI. Takes back the shares of dead processes.
     [[nodiscard]] static process_budget open(std::string_view name, process_budget_options options = {}) {
         const std::string n = detail::pb::shm_name(name);
         const process_identity self = current_process_identity();
@@ -803,7 +1033,8 @@ public:
 
     /// Attaches the segment `name`, creating it if there is none. The creator sets the global
     /// limit and the table sizes; an attacher's `global_limit` and table sizes are ignored
-    /// (read limit() and created()).
+    /// (read limit() and created()). An existing segment is checked as `open` checks it: one
+    /// that another user made first is refused, not joined.
     [[nodiscard]] static process_budget create_or_open(std::string_view name, std::size_t global_limit,
                                                       process_budget_options options = {}) {
         const std::string n = detail::pb::shm_name(name);
@@ -823,23 +1054,59 @@ public:
     }
 
     /// Unlinks the segment `name`: later opens no longer find it, while processes attached now
-    /// keep using theirs until they let go. Returns false if there was none.
-    static bool remove(std::string_view name) {
+    /// keep using theirs until they let go. Returns false if there was none. Throws
+    /// vmmpp::untrusted_segment if another user owns it (unless `options.trusted_owners` names
+    /// that user): removing a segment splits the processes using it, so even root removes only
+    /// its own. (The owner is read just before the unlink; /dev/shm is sticky, so only that owner
+    /// or root could replace the object in between.)
+    static bool remove(std::string_view name, const process_budget_options& options = {}) {
         const std::string n = detail::pb::shm_name(name);
-        if (::shm_unlink(n.c_str()) == 0) {
-            return true;
-        }
-        if (errno == ENOENT) {
+        if (const int fd = ::shm_open(n.c_str(), O_RDONLY | O_CLOEXEC, 0); fd >= 0) {
+            detail::pb::fd_closer closer{fd};
+            struct stat st {};
+            if (::fstat(fd, &st) != 0) {
+                throw error("vmmpp process budget '" + n + "': fstat failed: " + detail::pb::errno_text(errno));
+            }
+            detail::pb::check_owner(n, st, options);
+        } else if (errno == ENOENT) {
             return false;
+        } else if (errno != EACCES) {
+            throw error("vmmpp process budget '" + n + "': shm_open failed: " + detail::pb::errno_text(errno));
         }
-        throw error("vmmpp process budget '" + n + "': shm_unlink failed: " + detail::pb::errno_text(errno));
+        // (EACCES: this process is not root, so /dev/shm's sticky bit lets the kernel refuse to
+        // unlink another user's object.)
+        return unlink(n);
+    }
+
+    /// Unlinks this handle's segment, if its name still names it: another process may have
+    /// removed it and created another under the name since, which stays. Returns whether it
+    /// unlinked.
+    bool remove() const {
+        const std::string& n = segment_->name();
+        const int fd = ::shm_open(n.c_str(), O_RDONLY | O_CLOEXEC, 0);
+        if (fd < 0) {
+            if (errno == ENOENT) {
+                return false;
+            }
+            throw error("vmmpp process budget '" + n + "': shm_open failed: " + detail::pb::errno_text(errno));
+        }
+        detail::pb::fd_closer closer{fd};
+        struct stat st {};
+        if (::fstat(fd, &st) != 0) {
+            throw error("vmmpp process budget '" + n + "': fstat failed: " + detail::pb::errno_text(errno));
+        }
+        if (detail::pb::file_of(st) != segment_->file()) {
+            return false;  // another segment under the same name
+        }
+        return unlink(n);
     }
 
     /// Registers model `name` for this process, which may then commit through the returned
     /// quota. The first registration (by any process) creates the model with `limit`; later
     /// ones, from this or other processes, join it and must state the same limit. The model's
     /// limit bounds the sum over all processes. Names are 1 to 63 bytes. Models stay in the
-    /// table as long as the segment exists.
+    /// table as long as the segment exists. The process is the calling one: in a child made by
+    /// fork, registering through the inherited handle gives the child a record of its own.
     [[nodiscard]] process_quota register_model(std::string_view name, std::size_t limit) {
         return register_model_as(name, limit, segment_->self());
     }
@@ -862,18 +1129,18 @@ public:
         s.reclaimed = h.reclaimed_bytes;
         s.reclaimed_records = h.reclaimed_records;
         s.repairs = h.repairs;
-        s.max_models = h.max_models;
-        s.max_records = h.max_records;
-        for (std::uint32_t i = 0; i < h.max_models; ++i) {
+        s.max_models = segment_->max_models();
+        s.max_records = segment_->max_records();
+        for (std::uint32_t i = 0; i < segment_->max_models(); ++i) {
             if (m[i].name[0] != '\0') {
                 s.models.push_back(model_stats{std::string(detail::pb::slot_name(m[i])), m[i].limit, m[i].committed,
                                                m[i].peak, m[i].denied});
             }
         }
-        for (std::uint32_t i = 0; i < h.max_records; ++i) {
-            if (r[i].pid != 0 && r[i].model < h.max_models) {
-                s.usage.push_back(process_usage{std::string(detail::pb::slot_name(m[r[i].model])),
-                                                {static_cast<pid_t>(r[i].pid), r[i].start_time}, r[i].bytes});
+        for (std::uint32_t i = 0; i < segment_->max_records(); ++i) {
+            if (const detail::pb::model_slot* owner = segment_->model_of(r[i]); r[i].pid != 0 && owner != nullptr) {
+                s.usage.push_back(process_usage{std::string(detail::pb::slot_name(*owner)),
+                                                detail::pb::identity_of(r[i]), r[i].bytes});
             }
         }
         return s;
@@ -889,6 +1156,16 @@ public:
 private:
     friend struct detail::process_budget_access;
     explicit process_budget(std::shared_ptr<detail::pb::segment> s) : segment_(std::move(s)) {}
+
+    static bool unlink(const std::string& n) {
+        if (::shm_unlink(n.c_str()) == 0) {
+            return true;
+        }
+        if (errno == ENOENT) {
+            return false;
+        }
+        throw error("vmmpp process budget '" + n + "': shm_unlink failed: " + detail::pb::errno_text(errno));
+    }
 
     process_quota register_model_as(std::string_view name, std::size_t limit, const process_identity& who) {
         if (name.empty() || name.size() >= detail::pb::name_capacity || name.find('\0') != std::string_view::npos) {
@@ -951,6 +1228,7 @@ private:
                         slot.name[0] = name[0];  // the slot is taken from this store on
                     }
                     r[record].start_time = who.start_time;
+                    r[record].image = who.image;
                     r[record].model = model;
                     r[record].bytes = 0;
                     detail::pb::ordered();
