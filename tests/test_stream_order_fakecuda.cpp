@@ -1,0 +1,296 @@
+// Stream order on the fake driver (support/fakecuda; CI runs these for real): memory is never
+// unmapped under queued GPU work. With the fake's GPU held, work queues instead of running, so
+// each test can free, trim and reclaim while a copy is still queued, then let the GPU run and
+// check that nothing faulted (the fake sets CUDA_ERROR_ILLEGAL_ADDRESS when a queued copy meets
+// unmapped memory, as the real driver loses the context) and that the bytes arrived. Review F6.
+#define BOOST_TEST_MODULE stream order on the fake driver
+#include "support/cpu_main.hpp"
+
+#include <boost/mpl/list.hpp>
+
+#include <chrono>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "support/fakecuda.hpp"
+#include "vmmpp/config.hpp"
+#include "vmmpp/kv/cache.hpp"
+
+namespace fakecuda = vmmpp_test::fakecuda;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct the_fake_driver_is_loaded {
+    the_fake_driver_is_loaded() {
+        fakecuda::require();
+        if (vmmpp::driver::device_count() != 1) {
+            throw std::logic_error("fakecuda: expected the fake's one device, found " +
+                                   std::to_string(vmmpp::driver::device_count()));
+        }
+    }
+};
+
+/// A vmm configuration and a layout: the GPU configurations whose backing the fake stands in for.
+template <class Config, class Layout>
+struct kv_case {
+    using config = Config;
+    using cache = vmmpp::kv_cache<Config, Layout>;
+};
+using vmm_chunked4_config = vmmpp::pool_config<vmmpp::vmm, vmmpp::chunked<4>, vmmpp::shared_budget>;
+using kv_cases = boost::mpl::list<kv_case<vmmpp::elastic_config, vmmpp::block_major>,
+                                  kv_case<vmmpp::elastic_config, vmmpp::layer_major>,
+                                  kv_case<vmm_chunked4_config, vmmpp::block_major>>;
+
+// 8 layers, 2 heads of 64, fp16, 16 tokens: a K or V piece is 4 KiB; in block_major a block is
+// 64 KiB, exactly one page of the fake (granularity 64 KiB), so a block's last reference takes
+// its page with it.
+constexpr vmmpp::kv_geometry geom{.layers = 8, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,
+                                  .block_tokens = 16, .max_blocks = 256};
+constexpr std::size_t piece = 16 * 2 * 64 * 2;
+constexpr std::size_t budget_bytes = std::size_t{64} << 20;
+
+/// Whether the case's blocks each fill a whole page (then freeing one must unmap it).
+template <class Case>
+constexpr bool block_is_page = std::is_same_v<typename Case::cache::layout_type, vmmpp::block_major> &&
+                               !std::is_same_v<typename Case::config, vmm_chunked4_config>;
+
+template <class Case>
+struct made_cache {
+    vmmpp::budget budget{budget_bytes};
+    typename Case::cache cache{geom, {}, {}, budget.register_model("kv", budget_bytes)};
+};
+
+/// Fills every K and V piece of `block` with `value`, through the (host-visible) fake mapping.
+template <class Cache>
+void fill_block(Cache& c, std::int32_t block, unsigned char value) {
+    for (std::uint32_t l = 0; l < geom.layers; ++l) {
+        std::memset(c.key(l, block), value, piece);
+        std::memset(c.value(l, block), value, piece);
+    }
+}
+/// Bytes of `block` that differ from `value`.
+template <class Cache>
+std::size_t differing(const Cache& c, std::int32_t block, unsigned char value) {
+    std::size_t bad = 0;
+    for (std::uint32_t l = 0; l < geom.layers; ++l) {
+        for (const std::byte* p : {c.key(l, block), c.value(l, block)}) {
+            for (std::size_t i = 0; i < piece; ++i) {
+                bad += static_cast<unsigned char>(p[i]) != value;
+            }
+        }
+    }
+    return bad;
+}
+
+/// The engine's queued work: device-to-host copies of `bytes` at each source, queued on the
+/// legacy stream with the fake's GPU held (they run at fakecuda::run_gpu).
+struct queued_reads {
+    vmmpp::primary_context context{0};
+    std::vector<std::vector<unsigned char>> out;
+    void read(const std::byte* from, std::size_t bytes) {
+        vmmpp::scoped_context current(context);
+        out.emplace_back(bytes, 0);
+        vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(out.back().data()),
+                                                                reinterpret_cast<CUdeviceptr>(from), bytes, nullptr),
+                             "cuMemcpyAsync(test read)");
+    }
+    [[nodiscard]] std::size_t differing(unsigned char value) const {
+        std::size_t bad = 0;
+        for (const auto& o : out) {
+            for (unsigned char v : o) {
+                bad += v != value;
+            }
+        }
+        return bad;
+    }
+};
+
+/// Polls `done` for up to 5 s.
+template <class F>
+bool eventually(F done) {
+    const auto give_up = std::chrono::steady_clock::now() + 5s;
+    while (!done()) {
+        if (std::chrono::steady_clock::now() > give_up) {
+            return false;
+        }
+        std::this_thread::sleep_for(200us);
+    }
+    return true;
+}
+
+} // namespace
+
+BOOST_TEST_GLOBAL_FIXTURE(the_fake_driver_is_loaded);
+BOOST_FIXTURE_TEST_SUITE(stream_order_on_the_fake_driver, fakecuda::clean_driver)
+
+// The beam-search pattern: fork, an append that copies the shared partial block (queued), then
+// free of the parent, whose last reference to the copy's source goes.
+BOOST_AUTO_TEST_CASE_TEMPLATE(fork_append_free_parent_keeps_the_queued_copy_source, Case, kv_cases) {
+    made_cache<Case> made;
+    auto& c = made.cache;
+    const auto parent = c.add_sequence();
+    c.append(parent, 20);  // blocks 0 and 1, the second partial
+    fill_block(c, 0, 0x50);
+    fill_block(c, 1, 0x51);
+    const auto child = c.fork(parent);
+
+    fakecuda::hold_gpu(true);
+    c.append(child, 1);
+    BOOST_TEST(c.cow_copies() == 1u);
+    BOOST_TEST(fakecuda::queued() > 0u);  // the copy has not run
+    const std::size_t mapped = fakecuda::mapped_bytes();
+    c.free(parent);
+    (void)c.pool().trim();
+    BOOST_TEST(fakecuda::mapped_bytes() == mapped);  // nothing unmapped under the queued copy
+    if constexpr (block_is_page<Case>) {
+        BOOST_TEST(c.pool().stats().awaiting_gpu_units == 1u);
+    }
+    fakecuda::hold_gpu(false);  // the GPU runs the copy
+    BOOST_TEST(fakecuda::sticky_error() == CUDA_SUCCESS);
+    const auto table = c.block_table(child);
+    BOOST_REQUIRE(table.size() == 2u);
+    BOOST_TEST(differing(c, table[1], 0x51) == 0u);
+    BOOST_TEST(differing(c, table[0], 0x50) == 0u);
+    (void)c.collect();
+    BOOST_TEST(c.pool().stats().awaiting_gpu_units == 0u);
+    if constexpr (block_is_page<Case>) {
+        BOOST_TEST(fakecuda::mapped_bytes() < mapped);  // and now the source's page went back
+    }
+}
+
+// The engine frees (or truncates) a sequence while its own work still reads the blocks.
+BOOST_AUTO_TEST_CASE_TEMPLATE(free_and_truncate_on_a_stream_wait_for_its_queued_reads, Case, kv_cases) {
+    made_cache<Case> made;
+    auto& c = made.cache;
+    const auto s = c.add_sequence();
+    c.append(s, 16 * 12);
+    const auto t = c.add_sequence();
+    c.append(t, 16 * 12);
+    for (auto b : c.block_table(s)) {
+        fill_block(c, b, 0x33);
+    }
+    for (auto b : c.block_table(t)) {
+        fill_block(c, b, 0x44);
+    }
+    const std::vector<std::int32_t> s_blocks(c.block_table(s).begin(), c.block_table(s).end());
+    const std::vector<std::int32_t> t_tail(c.block_table(t).begin() + 2, c.block_table(t).end());
+
+    queued_reads s_reads, t_reads;
+    fakecuda::hold_gpu(true);
+    for (auto b : s_blocks) {
+        for (std::uint32_t l = 0; l < geom.layers; ++l) {
+            s_reads.read(c.key(l, b), piece);
+            s_reads.read(c.value(l, b), piece);
+        }
+    }
+    for (auto b : t_tail) {
+        for (std::uint32_t l = 0; l < geom.layers; ++l) {
+            t_reads.read(c.key(l, b), piece);
+        }
+    }
+    const std::size_t mapped = fakecuda::mapped_bytes();
+    const std::size_t charged = made.budget.stats().committed;
+    c.free(s, nullptr);
+    c.truncate(t, 20, nullptr);  // keeps 2 blocks
+    BOOST_TEST(c.pool().trim() == 0u);
+    BOOST_TEST(fakecuda::mapped_bytes() == mapped);
+    BOOST_TEST(made.budget.stats().committed == charged);  // still charged while the GPU may read
+    BOOST_TEST(c.pool().stats().awaiting_gpu_units > 0u);
+    fakecuda::hold_gpu(false);
+    BOOST_TEST(fakecuda::sticky_error() == CUDA_SUCCESS);
+    BOOST_TEST(s_reads.differing(0x33) == 0u);
+    BOOST_TEST(t_reads.differing(0x44) == 0u);
+    BOOST_TEST(c.pool().trim() > 0u);  // the work is done: the memory goes back
+    BOOST_TEST(c.pool().stats().awaiting_gpu_units == 0u);
+    BOOST_TEST(fakecuda::mapped_bytes() < mapped);
+}
+
+// Pages awaiting the GPU stay charged; another model's commit cannot reclaim them until the work
+// is done, and can right after.
+BOOST_AUTO_TEST_CASE(pages_awaiting_the_gpu_are_reclaimed_once_it_is_done) {
+    const std::size_t page = vmmpp::vmm_granularity(0);
+    vmmpp::budget budget(4 * page);
+    vmmpp::elastic_pool<vmmpp::elastic_config> a(16 * page, {}, {}, budget.register_model("a", 4 * page));
+    vmmpp::elastic_pool<vmmpp::elastic_config> b(16 * page, {}, {}, budget.register_model("b", 4 * page));
+    a.ensure_committed(0, 4 * page);
+    std::memset(a.base(), 0x21, 4 * page);
+    queued_reads reads;
+    fakecuda::hold_gpu(true);
+    reads.read(a.base(), 4 * page);
+    a.release(0, 4 * page, cudaStream_t{nullptr});
+    BOOST_TEST(a.stats().awaiting_gpu_units == 4u);
+    BOOST_CHECK_THROW(b.ensure_committed(0, page), vmmpp::over_quota);  // only memory the GPU may read
+    fakecuda::run_gpu();
+    b.ensure_committed(0, page);  // reclaimed from a now
+    BOOST_TEST(a.stats().reclaims == 1u);
+    BOOST_TEST(fakecuda::sticky_error() == CUDA_SUCCESS);
+    BOOST_TEST(reads.differing(0x21) == 0u);
+    fakecuda::hold_gpu(false);
+    b.release(0, page);
+}
+
+// The pool's destructor waits for the work behind every fence before it unmaps.
+BOOST_AUTO_TEST_CASE(a_pool_destroyed_under_queued_work_waits_for_it) {
+    const std::size_t page = vmmpp::vmm_granularity(0);
+    queued_reads reads;
+    {
+        vmmpp::budget budget(8 * page);
+        vmmpp::elastic_pool<vmmpp::elastic_config> pool(8 * page, {}, {}, budget.register_model("m", 8 * page));
+        pool.ensure_committed(0, 2 * page);
+        std::memset(pool.base(), 0x17, 2 * page);
+        fakecuda::hold_gpu(true);
+        reads.read(pool.base(), 2 * page);
+        pool.release(0, page, cudaStream_t{nullptr});
+    }  // the other page is still held: the destructor gives it back too
+    BOOST_TEST(fakecuda::sticky_error() == CUDA_SUCCESS);
+    BOOST_TEST(reads.differing(0x17) == 0u);
+    BOOST_TEST(fakecuda::mapped_bytes() == 0u);
+    fakecuda::hold_gpu(false);
+}
+
+// The background mapper gives idle spares back lazily: never before their fence completed.
+BOOST_AUTO_TEST_CASE(the_mapper_waits_for_the_fence_before_a_lazy_release) {
+    const std::size_t page = vmmpp::vmm_granularity(0);
+    vmmpp::mapped_ahead<vmmpp::page_granular> growth;
+    growth.low_watermark = 0;
+    growth.high_watermark = 0;
+    growth.release_delay = 1ms;
+    vmmpp::budget budget(16 * page);
+    vmmpp::elastic_pool<vmmpp::elastic_mapped_ahead_config> pool(16 * page, {}, growth,
+                                                                 budget.register_model("m", 16 * page));
+    pool.ensure_committed(0, 2 * page);
+    std::memset(pool.base(), 0x66, 2 * page);
+    queued_reads reads;
+    fakecuda::hold_gpu(true);
+    reads.read(pool.base(), 2 * page);
+    pool.release(0, 2 * page, cudaStream_t{nullptr});
+    std::this_thread::sleep_for(50ms);  // 50 release delays
+    BOOST_TEST(pool.committed_bytes() == 2 * page);
+    BOOST_TEST(pool.stats().awaiting_gpu_units == 2u);
+    fakecuda::run_gpu();
+    BOOST_TEST(eventually([&] { return pool.committed_bytes() == 0; }));
+    BOOST_TEST(fakecuda::sticky_error() == CUDA_SUCCESS);
+    BOOST_TEST(reads.differing(0x66) == 0u);
+    fakecuda::hold_gpu(false);
+}
+
+// A release after a fence from another pool (or a made-up one) is refused and changes nothing.
+BOOST_AUTO_TEST_CASE(a_fence_the_pool_never_recorded_is_refused) {
+    const std::size_t page = vmmpp::vmm_granularity(0);
+    vmmpp::budget budget(8 * page);
+    vmmpp::elastic_pool<vmmpp::elastic_config> pool(8 * page, {}, {}, budget.register_model("m", 8 * page));
+    pool.ensure_committed(0, page);
+    BOOST_CHECK_THROW(pool.release(0, page, vmmpp::pool_fence{7}), vmmpp::invalid_argument);
+    BOOST_TEST(pool.stats().held_pages == 1u);
+    const auto f = pool.record_fence(nullptr);
+    BOOST_TEST(f.value == 1u);
+    pool.release(0, page, f);
+    BOOST_TEST(pool.stats().fences == 1u);
+    BOOST_TEST(pool.committed_bytes() == 0u);  // the GPU was idle: the fence had completed
+}
+
+BOOST_AUTO_TEST_SUITE_END()
