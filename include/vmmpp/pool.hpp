@@ -15,6 +15,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <span>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -38,6 +39,12 @@ inline constexpr bool debug_checks = false;
 inline constexpr bool debug_checks = true;
 #endif
 } // namespace detail
+
+/// Bytes [offset, offset + bytes) of a pool's span.
+struct byte_range {
+    std::size_t offset = 0;
+    std::size_t bytes = 0;
+};
 
 /// A fence recorded by elastic_pool::record_fence: memory released "after" it goes back to the
 /// device only once the GPU work queued before it has completed. The default is no fence.
@@ -342,31 +349,25 @@ public:
     /// As release(offset, bytes), with the pages going back only once `after` has completed. One
     /// fence can order many releases (kv_cache records one per free or truncate).
     void release(std::size_t offset, std::size_t bytes, pool_fence after) {
-        check_range("release", offset, bytes);
+        const byte_range range{offset, bytes};
+        release(std::span<const byte_range>(&range, 1), after);
+    }
+
+    /// Releases every range of `ranges` (each held before), to go back after `after`, under one
+    /// lock and with one give-back at the end: what kv_cache's free and truncate use for all the
+    /// pieces of the blocks they drop. Ranges are checked one by one: at the first one not held
+    /// the call throws invalid_argument with the earlier ones released.
+    void release(std::span<const byte_range> ranges, pool_fence after) {
+        for (const byte_range& r : ranges) {
+            check_range("release", r.offset, r.bytes);
+        }
         std::lock_guard lock(mutex_);
         if (after.value > fences_.newest()) {
             throw invalid_argument("release after fence " + std::to_string(after.value) +
                                    ": this pool recorded only " + std::to_string(fences_.newest()) + " fences");
         }
-        const std::size_t first_page = offset / page_bytes_;
-        const std::size_t last_page = (offset + bytes - 1) / page_bytes_;
-        for (std::size_t p = first_page; p <= last_page; ++p) {
-            if (page_holds_[p] == 0) {
-                throw invalid_argument("release of [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
-                                       "): the page at offset " + std::to_string(p * page_bytes_) +
-                                       " is not held (released twice?)");
-            }
-        }
-        forget_range_hold(offset, bytes);
-        for (std::size_t p = first_page; p <= last_page; ++p) {
-            const std::size_t u = p / unit_pages_;
-            unit_fence_[u] = std::max(unit_fence_[u], after.value);
-            if (--page_holds_[p] == 0) {
-                --held_pages_;
-                if (--unit_held_pages_[u] == 0) {
-                    make_idle(u);
-                }
-            }
+        for (const byte_range& r : ranges) {
+            release_locked(r.offset, r.bytes, after);
         }
         if constexpr (has_mapper) {
             if (idle_.size() > growth_.high_watermark && mapper_waiting_ && !mapper_has_deadline_) {
@@ -572,6 +573,30 @@ private:
                                        "): part of that range is not held (released twice?)");
             }
             range_holds_.remove(offset, bytes);
+        }
+    }
+
+    /// One range's release, without giving anything back yet: the caller holds mutex_.
+    void release_locked(std::size_t offset, std::size_t bytes, pool_fence after) {
+        const std::size_t first_page = offset / page_bytes_;
+        const std::size_t last_page = (offset + bytes - 1) / page_bytes_;
+        for (std::size_t p = first_page; p <= last_page; ++p) {
+            if (page_holds_[p] == 0) {
+                throw invalid_argument("release of [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
+                                       "): the page at offset " + std::to_string(p * page_bytes_) +
+                                       " is not held (released twice?)");
+            }
+        }
+        forget_range_hold(offset, bytes);
+        for (std::size_t p = first_page; p <= last_page; ++p) {
+            const std::size_t u = p / unit_pages_;
+            unit_fence_[u] = std::max(unit_fence_[u], after.value);
+            if (--page_holds_[p] == 0) {
+                --held_pages_;
+                if (--unit_held_pages_[u] == 0) {
+                    make_idle(u);
+                }
+            }
         }
     }
 

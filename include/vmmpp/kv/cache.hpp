@@ -192,7 +192,7 @@ public:
         const std::size_t keep = geometry_.blocks_for(n_tokens);
         const std::span<const std::int32_t> tail(s.blocks.begin() + static_cast<std::ptrdiff_t>(keep), s.blocks.end());
         std::vector<std::int32_t> dropped(tail.begin(), tail.end());  // may throw: nothing changed yet
-        const pool_fence after = fence_for_dropping(dropped, stream);  // likewise
+        const pool_fence after = prepare_drop(dropped, stream);          // likewise
         s.blocks.resize(keep);
         s.tokens = n_tokens;
         drop_blocks(dropped, after);
@@ -211,7 +211,7 @@ public:
         if (it == sequences_.end()) {
             throw unknown_sequence(seq);
         }
-        const pool_fence after = fence_for_dropping(it->second.blocks, stream);  // may throw: nothing changed yet
+        const pool_fence after = prepare_drop(it->second.blocks, stream);  // may throw: nothing changed yet
         std::vector<std::int32_t> dropped = std::move(it->second.blocks);
         sequences_.erase(it);
         drop_blocks(dropped, after);
@@ -461,15 +461,28 @@ private:
     static constexpr bool needs_fences =
         has_property<backing_type, device_accessible> && Config::growth_type::is_elastic;
 
-    /// The fence that releasing `blocks` must wait for: none if no block loses its last
-    /// reference; else one after the work queued on `stream` and the cache's own copies. Fences
-    /// count in order, so the later of two covers both.
-    pool_fence fence_for_dropping(std::span<const std::int32_t> blocks, cudaStream_t stream) {
+    /// Before dropping one reference to each of `blocks`, without changing anything the caller
+    /// can see: lists the pieces of the blocks that lose their last reference (released_pieces_)
+    /// and returns the fence their release must wait for (see fence_for_dropping).
+    pool_fence prepare_drop(std::span<const std::int32_t> blocks, cudaStream_t stream) {
+        released_pieces_.clear();
+        for (std::int32_t b : blocks) {
+            if (blocks_.refs(b) == 1) {
+                Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
+                    released_pieces_.push_back({off, bytes});
+                });
+            }
+        }
+        return fence_for_dropping(!released_pieces_.empty(), stream);
+    }
+
+    /// The fence that releasing memory must wait for: none if nothing `frees_memory`; else one
+    /// after the work queued on `stream` and the cache's own copies. Fences count in order, so
+    /// the later of two covers both.
+    pool_fence fence_for_dropping(bool frees_memory, cudaStream_t stream) {
         if constexpr (!needs_fences) {
             return {};
         } else {
-            const bool frees_memory =
-                std::any_of(blocks.begin(), blocks.end(), [&](std::int32_t b) { return blocks_.refs(b) == 1; });
             if (!frees_memory) {
                 return {};
             }
@@ -497,19 +510,14 @@ private:
         return {};
     }
 
-    /// Drops one reference to each block; frees those that reach zero and releases their memory
-    /// after `after`.
+    /// Drops one reference to each block (prepare_drop listed the pieces of those that reach
+    /// zero) and releases that memory after `after`, in one pool call: one lock, one give-back.
     void drop_blocks(const std::vector<std::int32_t>& dropped, pool_fence after) {
-        std::exception_ptr first;
         for (std::int32_t b : dropped) {
-            if (blocks_.release(b)) {
-                if (auto e = unhold_block(b, after); e && !first) {
-                    first = e;
-                }
-            }
+            (void)blocks_.release(b);  // live ids: never throws
         }
-        if (first) {
-            std::rethrow_exception(first);
+        if (!released_pieces_.empty()) {
+            pool_.release(std::span<const byte_range>(released_pieces_), after);
         }
     }
 
@@ -552,6 +560,7 @@ private:
     seq_id next_id_ = 0;
     std::uint64_t cow_copies_ = 0;
     std::vector<std::int32_t> staging_;
+    std::vector<byte_range> released_pieces_;  // what the free or truncate in progress releases
     std::optional<primary_context> context_;  // retained on the first device copy
     bool copies_queued_ = false;              // copies queued on options_.stream since its last fence
 };
