@@ -102,6 +102,35 @@ std::vector<unsigned char*> pieces_of(const Cache& c, vmmpp::seq_id s) {
     return out;
 }
 
+/// A kernel still at work on `pieces` when the test frees them: it spins ~300 ms on `stream`,
+/// then sums every byte of them; sum() waits for it.
+class slow_reader {
+public:
+    slow_reader(const std::vector<unsigned char*>& pieces, std::size_t bytes, cudaStream_t stream) {
+        cuda_check(cudaMalloc(&pieces_, pieces.size() * sizeof(void*)));
+        cuda_check(cudaMalloc(&sum_, sizeof(unsigned long long)));
+        cuda_check(cudaMemcpy(pieces_, pieces.data(), pieces.size() * sizeof(void*), cudaMemcpyHostToDevice));
+        cuda_check(cudaMemsetAsync(sum_, 0, sizeof(unsigned long long), stream));
+        spin_then_sum<<<64, 256, 0, stream>>>(pieces_, static_cast<int>(pieces.size()), bytes, spin_cycles(), sum_);
+        cuda_check(cudaGetLastError());
+    }
+    slow_reader(const slow_reader&) = delete;
+    slow_reader& operator=(const slow_reader&) = delete;
+    ~slow_reader() {
+        (void)cudaFree(pieces_);
+        (void)cudaFree(sum_);
+    }
+    [[nodiscard]] unsigned long long sum() const {
+        unsigned long long sum = 0;
+        cuda_check(cudaMemcpy(&sum, sum_, sizeof(sum), cudaMemcpyDeviceToHost));
+        return sum;
+    }
+
+private:
+    const unsigned char** pieces_ = nullptr;
+    unsigned long long* sum_ = nullptr;
+};
+
 void check_stream(cudaStream_t stream) {
     cuda_check(cudaStreamSynchronize(stream));
     cuda_check(cudaGetLastError());
@@ -121,15 +150,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(a_kernel_still_reading_a_freed_sequence_reads_it_w
         for (auto* p : pieces) {
             cuda_check(cudaMemsetAsync(p, 3, piece_bytes, engine));
         }
-        const unsigned char** d_pieces = nullptr;
-        unsigned long long* d_sum = nullptr;
-        cuda_check(cudaMalloc(&d_pieces, pieces.size() * sizeof(void*)));
-        cuda_check(cudaMalloc(&d_sum, sizeof(unsigned long long)));
-        cuda_check(cudaMemcpy(d_pieces, pieces.data(), pieces.size() * sizeof(void*), cudaMemcpyHostToDevice));
-        cuda_check(cudaMemsetAsync(d_sum, 0, sizeof(unsigned long long), engine));
-        spin_then_sum<<<64, 256, 0, engine>>>(d_pieces, static_cast<int>(pieces.size()), piece_bytes, spin_cycles(),
-                                              d_sum);
-        cuda_check(cudaGetLastError());
+        const slow_reader reader(pieces, piece_bytes, engine);
 
         c.free(s, engine);     // while the kernel runs: must not unmap under it
         (void)c.pool().trim();  // nor when the engine asks for everything back at once
@@ -138,9 +159,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(a_kernel_still_reading_a_freed_sequence_reads_it_w
             BOOST_TEST(c.pool().stats().awaiting_gpu_units > 0u);  // still committed: the kernel is on it
         }
         check_stream(engine);
-        unsigned long long sum = 0;
-        cuda_check(cudaMemcpy(&sum, d_sum, sizeof(sum), cudaMemcpyDeviceToHost));
-        BOOST_TEST(sum == 3ull * piece_bytes * pieces.size());
+        BOOST_TEST(reader.sum() == 3ull * piece_bytes * pieces.size());
         (void)c.pool().trim();  // the kernel is done: now it all goes back
         if constexpr (gives_memory_back<typename Case::config>) {
             BOOST_TEST(c.pool().stats().awaiting_gpu_units == 0u);
@@ -148,8 +167,6 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(a_kernel_still_reading_a_freed_sequence_reads_it_w
                 BOOST_TEST(c.pool().committed_bytes() == 0u);
             }
         }
-        cuda_check(cudaFree(d_pieces));
-        cuda_check(cudaFree(d_sum));
     }
     cuda_check(cudaStreamDestroy(engine));
 }
@@ -203,27 +220,16 @@ BOOST_AUTO_TEST_CASE(pool_release_on_a_stream_waits_for_the_kernel) {
         for (std::size_t i = 0; i < 8; ++i) {
             pieces.push_back(reinterpret_cast<unsigned char*>(pool.base() + i * page));
         }
-        const unsigned char** d_pieces = nullptr;
-        unsigned long long* d_sum = nullptr;
-        cuda_check(cudaMalloc(&d_pieces, pieces.size() * sizeof(void*)));
-        cuda_check(cudaMalloc(&d_sum, sizeof(unsigned long long)));
-        cuda_check(cudaMemcpy(d_pieces, pieces.data(), pieces.size() * sizeof(void*), cudaMemcpyHostToDevice));
-        cuda_check(cudaMemsetAsync(d_sum, 0, sizeof(unsigned long long), engine));
-        spin_then_sum<<<64, 256, 0, engine>>>(d_pieces, 8, page, spin_cycles(), d_sum);
-        cuda_check(cudaGetLastError());
+        const slow_reader reader(pieces, page, engine);
         pool.release(0, 8 * page, engine);
         BOOST_TEST(pool.trim() == 0u);  // nothing may go back yet
         BOOST_TEST(pool.committed_bytes() == 8 * page);
         BOOST_TEST(budget.stats().committed == 8 * page);  // still charged
         check_stream(engine);
-        unsigned long long sum = 0;
-        cuda_check(cudaMemcpy(&sum, d_sum, sizeof(sum), cudaMemcpyDeviceToHost));
-        BOOST_TEST(sum == 8ull * page);
+        BOOST_TEST(reader.sum() == 8ull * page);
         BOOST_TEST(pool.collect() == 8 * page);  // done: the release completes on the next call
         BOOST_TEST(pool.committed_bytes() == 0u);
         BOOST_TEST(budget.stats().committed == 0u);
-        cuda_check(cudaFree(d_pieces));
-        cuda_check(cudaFree(d_sum));
     }
     cuda_check(cudaStreamDestroy(engine));
 }

@@ -24,15 +24,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-struct the_fake_driver_is_loaded {
-    the_fake_driver_is_loaded() {
-        fakecuda::require();
-        if (vmmpp::driver::device_count() != 1) {
-            throw std::logic_error("fakecuda: expected the fake's one device, found " +
-                                   std::to_string(vmmpp::driver::device_count()));
-        }
-    }
-};
 
 /// A vmm configuration and a layout: the GPU configurations whose backing the fake stands in for.
 template <class Config, class Layout>
@@ -124,6 +115,7 @@ bool eventually(F done) {
 
 } // namespace
 
+using fakecuda::the_fake_driver_is_loaded;
 BOOST_TEST_GLOBAL_FIXTURE(the_fake_driver_is_loaded);
 BOOST_FIXTURE_TEST_SUITE(stream_order_on_the_fake_driver, fakecuda::clean_driver)
 

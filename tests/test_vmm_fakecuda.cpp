@@ -25,16 +25,6 @@ namespace fakecuda = vmmpp_test::fakecuda;
 
 namespace {
 
-/// Every test here needs the fake, not a real driver and not none: say so once, loudly.
-struct the_fake_driver_is_loaded {
-    the_fake_driver_is_loaded() {
-        fakecuda::require();
-        if (vmmpp::driver::device_count() != 1) {
-            throw std::logic_error("fakecuda: expected the fake's one device, found " +
-                                   std::to_string(vmmpp::driver::device_count()));
-        }
-    }
-};
 
 /// The fake's allocation granularity (FAKECUDA_GRANULARITY, 64 KiB by default): one handle.
 std::size_t granule() { return vmmpp::vmm_granularity(0); }
@@ -71,6 +61,7 @@ using cache_states = boost::mpl::list<cold_cache, warm_cache>;
 
 } // namespace
 
+using fakecuda::the_fake_driver_is_loaded;
 BOOST_TEST_GLOBAL_FIXTURE(the_fake_driver_is_loaded);
 BOOST_FIXTURE_TEST_SUITE(vmm_on_the_fake_driver, fakecuda::clean_driver)
 

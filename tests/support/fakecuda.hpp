@@ -14,6 +14,8 @@
 #include <string>
 #include <type_traits>
 
+#include "vmmpp/driver/api.hpp"
+
 namespace vmmpp_test::fakecuda {
 
 namespace detail {
@@ -97,6 +99,18 @@ inline void run_gpu() { detail::get().run_gpu(); }
 [[nodiscard]] inline std::size_t mapped_bytes() { return detail::get().mapped_bytes(); }
 /// Calls of driver function `function` so far, failed ones included.
 [[nodiscard]] inline std::size_t calls(const char* function) { return detail::get().calls(function); }
+
+/// A global fixture for a test module that needs the fake, not a real driver and not none: it
+/// says so once, loudly, before any test runs.
+struct the_fake_driver_is_loaded {
+    the_fake_driver_is_loaded() {
+        require();
+        if (vmmpp::driver::device_count() != 1) {
+            throw std::logic_error("fakecuda: expected the fake's one device, found " +
+                                   std::to_string(vmmpp::driver::device_count()));
+        }
+    }
+};
 
 /// A test fixture: the fake starts and ends each test case clean (nothing planned or held), so
 /// a failure planned by one case never fires in the next.
