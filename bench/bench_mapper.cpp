@@ -242,7 +242,7 @@ void BM_fill(benchmark::State& state) {
             growth.release_delay = std::chrono::hours(1);
             vmmpp::elastic_pool<Config> pool(bytes, {}, growth, bench_quota<typename Config::quota_type>(bytes));
             const auto start = clock::now();
-            pool.expect(0, 1);
+            pool.will_need(0, 1);
             while (pool.stats().idle_units < units) {
                 std::this_thread::sleep_for(std::chrono::microseconds(50));
             }

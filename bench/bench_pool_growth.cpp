@@ -3,7 +3,7 @@
 // measured in the same run.
 //
 // Why: growth sits on an engine's critical path (a sequence needs a new KV block now), so the
-// pool must add nothing noticeable to what the driver itself costs (DESIGN.md: about 40 us per
+// pool must add nothing noticeable to what the driver itself costs (docs/ARCHITECTURE.md: about 40 us per
 // 2 MiB handle on an H100, about 3 us per 2 MiB with 32 MiB handles).
 //
 // Every benchmark is one "grow then release" pair per iteration, both timed with steady_clock
@@ -39,7 +39,7 @@ namespace {
 using namespace vmmpp_bench;
 
 /// Pool capacity: enough that the pool is not trivially small; growth cost does not depend on it.
-/// Also keeps gh200_config's managed allocation at 1 GiB (see DESIGN.md's safety rules).
+/// Also keeps gh200_config's managed allocation at 1 GiB (see docs/ARCHITECTURE.md, "Managed memory").
 constexpr std::size_t pool_capacity = GiB;
 
 /// Grows a pool of `Config` by one page and gives it back.

@@ -109,7 +109,7 @@ BOOST_AUTO_TEST_CASE(the_mapper_maps_ahead_on_the_gpu_and_accounts_exactly) {
     {
         vmmpp::elastic_pool<vmmpp::elastic_mapped_ahead_config> pool(GiB, vmmpp::vmm_options{.max_cached_handles = 2},
                                                                      growth, budget.register_model("m", GiB));
-        pool.expect(0, 1);
+        pool.will_need(0, 1);
         for (int i = 0; i < 5000 && pool.stats().idle_units < 8; ++i) {
             std::this_thread::sleep_for(std::chrono::milliseconds(1));
         }

@@ -120,7 +120,7 @@ BOOST_AUTO_TEST_CASE(watermarks_are_checked) {
 BOOST_AUTO_TEST_CASE(spares_are_mapped_ahead_and_holds_find_them_committed) {
     vmmpp::budget b(64 * page);
     mapped_pool pool(32 * page, {}, make_mapped(2, 4, 10s), b.register_model("m", 64 * page));
-    pool.expect(0, 1);
+    pool.will_need(0, 1);
     BOOST_TEST(eventually([&] { return pool.stats().idle_units == 4; }));
     BOOST_TEST(pool.is_committed(0, 4 * page));  // from the announced unit on
     // A steady stream of holds, one page at a time, each after the mapper caught up: no hold
@@ -167,7 +167,7 @@ BOOST_AUTO_TEST_CASE(releases_never_call_the_backing_on_the_caller_thread_and_go
 BOOST_AUTO_TEST_CASE(budget_pressure_takes_other_models_spares_first) {
     vmmpp::budget b(10 * page);
     mapped_pool spender(32 * page, {}, make_mapped(4, 8, 10s), b.register_model("spender", 10 * page));
-    spender.expect(0, 1);
+    spender.will_need(0, 1);
     BOOST_TEST(eventually([&] { return spender.stats().idle_units == 8; }));
     BOOST_TEST(b.stats().committed == 8 * page);
     vmmpp::elastic_pool<vmmpp_test::host_chunked_budget_config> needy(32 * page, {}, {},
@@ -188,7 +188,7 @@ BOOST_AUTO_TEST_CASE(shutdown_joins_the_mapper_with_everything_accounted) {
     vmmpp::budget b(256 * page);
     for (int round = 0; round < 20; ++round) {
         mapped_pool pool(128 * page, {}, make_mapped(8, 64, 1ms), b.register_model("m" + std::to_string(round), 256 * page));
-        pool.expect(0, 1);  // the mapper is busy mapping 64 units while the pool goes
+        pool.will_need(0, 1);  // the mapper is busy mapping 64 units while the pool goes
         pool.ensure_committed(0, 3 * page);
     }
     BOOST_TEST(b.stats().committed == 0u);
@@ -368,7 +368,7 @@ struct slow_dropping_host : keeping_host {
 BOOST_AUTO_TEST_CASE(trim_reports_what_it_gave_back_while_the_mapper_charges) {
     using config = vmmpp::pool_config<slow_dropping_host, mapped, slow_quota>;
     vmmpp::elastic_pool<config> pool(16 * page, keeping_host_options{.max_kept = 0}, make_mapped(2, 4, 1000ms));
-    pool.expect(0, 1);                  // the mapper starts refilling: its charge takes 50 ms
+    pool.will_need(0, 1);                  // the mapper starts refilling: its charge takes 50 ms
     std::this_thread::sleep_for(10ms);  // inside that charge now
     const std::size_t given = pool.trim();
     BOOST_TEST(given == 0u);  // nothing was idle, nothing kept
@@ -403,4 +403,119 @@ BOOST_AUTO_TEST_CASE(a_failed_commit_of_a_kept_handle_leaves_the_charge_exact) {
     BOOST_TEST(s.cached_bytes == 0u);
     BOOST_TEST(s.charged == 0u);
     BOOST_TEST(b.stats().committed == 0u);
+}
+
+// --- the mapper's decisions, on a clock the test moves (no thread, no sleep) ---
+
+namespace {
+/// A clock that only moves when a test says so.
+struct manual_clock {
+    using duration = std::chrono::nanoseconds;
+    using rep = duration::rep;
+    using period = duration::period;
+    using time_point = std::chrono::time_point<manual_clock>;
+    static constexpr bool is_steady = true;
+};
+using plan_type = vmmpp::detail::mapper_plan<manual_clock>;
+using vmmpp::detail::unit_state;
+
+/// Marks unit u committed and idle, as the pool does when the mapper has mapped it.
+void map_spare(vmmpp::detail::unit_table& t, plan_type& plan, std::size_t u, manual_clock::time_point now) {
+    t.state[u] = unit_state::committed;
+    ++t.committed;
+    t.idle.insert(u);
+    plan.on_idle(t, u, now);
+}
+} // namespace
+
+BOOST_AUTO_TEST_CASE(the_mapper_maps_breadth_first_from_the_newest_frontier_up_to_the_high_watermark) {
+    vmmpp::detail::unit_table t(64);
+    plan_type plan(make_mapped(2, 4, 100ms), t.size());
+    const manual_clock::time_point now{};
+    BOOST_TEST(!plan.next_to_map(t).has_value());  // nothing predicted, nothing wanted
+    plan.will_need(40, 40);
+    plan.will_need(0, 0);  // the newest frontier comes first
+    std::vector<std::size_t> order;
+    while (auto u = plan.next_to_map(t)) {
+        order.push_back(*u);
+        map_spare(t, plan, *u, now);
+    }
+    BOOST_TEST(order == (std::vector<std::size_t>{0, 40, 1, 41}), boost::test_tools::per_element());
+    BOOST_TEST(!plan.refilling());  // at the high watermark: refilling stops
+    // A caller takes two spares: below the low watermark a refill starts, once.
+    for (std::size_t u : {std::size_t{0}, std::size_t{1}}) {
+        t.idle.erase(u);
+        t.held_pages[u] = 1;
+    }
+    BOOST_TEST(!plan.on_taken(t, 0, now));  // spares 40 and 41 left: not below the low watermark
+    BOOST_TEST(!plan.on_taken(t, 1, now));  // the frontier at 0 advanced to 1, then to 2
+    t.idle.erase(40);
+    t.held_pages[40] = 1;
+    BOOST_TEST(plan.on_taken(t, 40, now));   // 1 spare left, below 2: a refill starts
+    BOOST_TEST(!plan.on_taken(t, 40, now));  // once
+    std::vector<std::size_t> refill;
+    while (auto u = plan.next_to_map(t)) {
+        refill.push_back(*u);
+        map_spare(t, plan, *u, now);
+    }
+    // Frontiers 2 and 41 (41 committed), breadth first: 2; then 3 (2 + 1) before 42 (41 + 1); up
+    // to 4 spares (41 and three new).
+    BOOST_TEST(refill == (std::vector<std::size_t>{2, 3, 42}), boost::test_tools::per_element());
+}
+
+BOOST_AUTO_TEST_CASE(the_mapper_search_is_bounded_when_everything_ahead_is_committed) {
+    vmmpp::detail::unit_table t(100000);
+    plan_type plan(make_mapped(1, std::numeric_limits<std::size_t>::max(), 100ms), t.size());
+    BOOST_TEST(plan.high_watermark() == t.size());  // clamped: "never give spares back" means all
+    for (std::size_t u = 0; u < t.size(); ++u) {
+        t.state[u] = unit_state::committed;
+        t.held_pages[u] = 1;
+    }
+    t.committed = t.size();
+    for (std::size_t f = 0; f < plan_type::max_frontiers; ++f) {
+        plan.will_need(f * 300, f * 300);
+    }
+    BOOST_TEST(!plan.next_to_map(t).has_value());  // max_scan looks at most, then it waits for demand
+    BOOST_TEST(!plan.refilling());
+    auto bad = make_mapped(5, 4, 100ms);
+    BOOST_CHECK_THROW(plan_type(bad, 8), vmmpp::invalid_argument);
+    auto spinning = make_mapped(1, 4, 100ms);
+    spinning.poll_interval = 0us;
+    BOOST_CHECK_THROW(plan_type(spinning, 8), vmmpp::invalid_argument);
+}
+
+BOOST_AUTO_TEST_CASE(spares_above_the_high_watermark_go_back_oldest_first_after_the_delay_and_the_gpu) {
+    vmmpp::detail::unit_table t(16);
+    plan_type plan(make_mapped(0, 2, 100ms), t.size());
+    const manual_clock::time_point start{};
+    for (std::size_t u = 0; u < 5; ++u) {
+        map_spare(t, plan, u, start + std::chrono::milliseconds(10 * u));  // unit u idle since 10u ms
+    }
+    bool gpu_busy_on_1 = true;
+    const auto gpu_done = [&](std::size_t u) { return u != 1 || !gpu_busy_on_1; };
+    std::optional<manual_clock::time_point> deadline;
+    BOOST_TEST(!plan.next_to_release(t, start + 99ms, deadline, gpu_done).has_value());
+    BOOST_REQUIRE(deadline.has_value());
+    BOOST_TEST((*deadline == start + 100ms));  // unit 0 is due then
+    deadline.reset();
+    auto u = plan.next_to_release(t, start + 100ms, deadline, gpu_done);
+    BOOST_REQUIRE(u.has_value());
+    BOOST_TEST(*u == 0u);
+    t.idle.erase(0);
+    t.state[0] = unit_state::uncommitted;
+    deadline.reset();
+    BOOST_TEST(!plan.next_to_release(t, start + 200ms, deadline, gpu_done).has_value());  // 1 waits for the GPU
+    BOOST_REQUIRE(deadline.has_value());
+    BOOST_TEST((*deadline == start + 200ms + plan_type::fence_poll_interval));
+    gpu_busy_on_1 = false;
+    u = plan.next_to_release(t, start + 201ms, deadline, gpu_done);
+    BOOST_REQUIRE(u.has_value());
+    BOOST_TEST(*u == 1u);
+    t.idle.erase(1);
+    t.state[1] = unit_state::uncommitted;
+    // Unit 2 is taken again: that leaves 2 spares, the high watermark, so nothing more goes back.
+    t.idle.erase(2);
+    t.held_pages[2] = 1;
+    BOOST_TEST(!plan.next_to_release(t, start + 500ms, deadline, gpu_done).has_value());  // 2 spares = high
+    BOOST_TEST(t.idle.size() == 2u);
 }

@@ -7,10 +7,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -24,9 +22,11 @@
 #include "vmmpp/backing/concept.hpp"
 #include "vmmpp/detail/fence_queue.hpp"
 #include "vmmpp/detail/range_counts.hpp"
+#include "vmmpp/detail/unit_table.hpp"
 #include "vmmpp/error.hpp"
 #include "vmmpp/growth/concept.hpp"
 #include "vmmpp/growth/mapped_ahead.hpp"
+#include "vmmpp/growth/mapper.hpp"
 #include "vmmpp/quota/concept.hpp"
 
 namespace vmmpp {
@@ -50,6 +50,12 @@ struct byte_range {
 /// device only once the GPU work queued before it has completed. The default is no fence.
 struct pool_fence {
     std::uint64_t value = 0;
+};
+
+/// What a pool without a background mapper holds in its place: nothing.
+struct no_mapper {
+    template <class... Args>
+    explicit no_mapper(Args&&...) noexcept {}
 };
 
 /// A mutex that does nothing, for pools only ever used from one thread.
@@ -198,10 +204,9 @@ public:
           unit_pages_(std::min(growth_.unit_pages(), pages_)),
           units_((pages_ + unit_pages_ - 1) / unit_pages_),
           page_holds_(pages_, 0),
-          unit_held_pages_(units_, 0),
-          unit_state_(units_, unit_state::uncommitted),
-          unit_fence_(units_, 0),
-          fences_(device_of(backing_)) {
+          table_(units_),
+          fences_(device_of(backing_)),
+          mapper_(growth_, units_) {
         stats_.reserved = backing_.capacity();
         if constexpr (!growth_type::is_elastic) {
             std::vector<std::size_t> all(units_);
@@ -213,26 +218,11 @@ public:
                 make_idle(u);
             }
         }
-        if constexpr (has_mapper) {
-            if (growth_.low_watermark > growth_.high_watermark) {
-                throw invalid_argument("mapped_ahead: low_watermark " + std::to_string(growth_.low_watermark) +
-                                       " exceeds high_watermark " + std::to_string(growth_.high_watermark));
-            }
-            if (growth_.poll_interval.count() <= 0) {
-                throw invalid_argument("mapped_ahead: poll_interval must be positive (" +
-                                       std::to_string(growth_.poll_interval.count()) +
-                                       " us would make the mapper spin)");
-            }
-            // More spares than units cannot exist: "never give spares back" (SIZE_MAX) means all.
-            growth_.high_watermark = std::min(growth_.high_watermark, units_);
-            growth_.low_watermark = std::min(growth_.low_watermark, growth_.high_watermark);
-            idle_since_.assign(units_, {});
-        }
         if constexpr (can_reclaim) {
             quota_.set_reclaimer([this] { return give_back_for_others(); });
         }
         if constexpr (has_mapper) {
-            mapper_ = std::thread([this] { mapper_loop(); });  // last: everything it reads exists
+            mapper_.thread = std::thread([this] { mapper_loop(); });  // last: everything it reads exists
         }
     }
     elastic_pool(const elastic_pool&) = delete;
@@ -245,12 +235,7 @@ public:
             quota_.clear_reclaimer();
         }
         if constexpr (has_mapper) {
-            {
-                std::lock_guard lock(mutex_);
-                stop_ = true;
-            }
-            wake_.notify_all();
-            mapper_.join();
+            mapper_.stop([this] { return std::unique_lock(mutex_); });
         }
         try {
             fences_.wait_all();  // never unmap under queued work, even at the end
@@ -258,7 +243,7 @@ public:
             // the work failed (a lost context): nothing on the GPU can use the memory any more
         }
         for (std::size_t u = 0; u < units_; ++u) {
-            if (unit_state_[u] == unit_state::committed || unit_state_[u] == unit_state::retired) {
+            if (table_.state[u] == detail::unit_state::committed || table_.state[u] == detail::unit_state::retired) {
                 try {
                     backing_.decommit(unit_offset(u), unit_bytes(u));
                 } catch (...) {
@@ -274,10 +259,11 @@ public:
 
     /// Holds [offset, offset+bytes): commits every page under it that is not committed yet.
     /// The range need not be page aligned; pages are held by count, so ranges may share pages.
-    /// Strong guarantee: if a commit or the quota fails, every unit this call committed is
-    /// decommitted again and nothing is held; the error (out_of_memory, over_quota, cuda_error)
-    /// propagates. One exception: spare units the pool gave back to make room under quota
-    /// pressure stay given back (nothing held them).
+    /// Throws: invalid_argument (range outside the pool), retired_memory, over_quota,
+    /// out_of_memory, cuda_error.
+    /// Guarantee: strong; every unit this call committed is decommitted again and nothing is
+    /// held. Except: spares the pool gave back to make room under quota pressure stay given back.
+    /// Waits: for a unit the mapper has in flight; for the driver when it commits.
     void ensure_committed(std::size_t offset, std::size_t bytes) {
         check_range("ensure_committed", offset, bytes);
         std::unique_lock lock(mutex_);
@@ -286,7 +272,7 @@ public:
         const std::size_t first_unit = first_page / unit_pages_;
         const std::size_t last_unit = last_page / unit_pages_;
         for (std::size_t u = first_unit; u <= last_unit; ++u) {
-            if (unit_state_[u] == unit_state::retired) {
+            if (table_.state[u] == detail::unit_state::retired) {
                 throw retired_memory(unit_offset(u), unit_bytes(u));
             }
         }
@@ -295,20 +281,22 @@ public:
             bool all_committed = true;
             bool in_flight = false;
             for (std::size_t u = first_unit; u <= last_unit; ++u) {
-                all_committed = all_committed && unit_state_[u] == unit_state::committed;
-                in_flight = in_flight || is_in_flight(u);
+                all_committed = all_committed && table_.state[u] == detail::unit_state::committed;
+                in_flight = in_flight || table_.is_in_flight(u);
             }
             if (all_committed) {
                 break;  // the common case (a block on a committed page) allocates nothing
             }
             if (in_flight) {
                 ++stats_.waits;  // the mapper is mapping or unmapping one of them: never map twice
-                settled_.wait(lock);
+                if constexpr (has_mapper) {
+                    mapper_.settled.wait(lock);
+                }
                 continue;
             }
             std::vector<std::size_t> missing;
             for (std::size_t u = first_unit; u <= last_unit; ++u) {
-                if (unit_state_[u] == unit_state::uncommitted) {
+                if (table_.state[u] == detail::unit_state::uncommitted) {
                     missing.push_back(u);
                 }
             }
@@ -321,8 +309,8 @@ public:
             if (page_holds_[p]++ == 0) {
                 ++held_pages_;
                 const std::size_t u = p / unit_pages_;
-                if (unit_held_pages_[u]++ == 0) {
-                    idle_.erase(u);
+                if (table_.held_pages[u]++ == 0) {
+                    table_.idle.erase(u);
                     note_taken(u);
                 }
             }
@@ -334,20 +322,23 @@ public:
     /// more go back as the growth policy says (with a background mapper: later, on its thread).
     /// Releasing a range that is not held (a double release) is an invalid_argument and changes
     /// nothing: exactly in builds without NDEBUG, otherwise when no other range holds the page.
-    /// If the backing fails to decommit, the release has still taken effect, the unit stays a
-    /// spare or is retired (see the class comment) and the error propagates.
+    /// Throws: invalid_argument (not held, outside the pool; nothing changed); cuda_error when the
+    /// backing fails to decommit (the release has taken effect; the unit stays a spare or is
+    /// retired, see the class comment).
     void release(std::size_t offset, std::size_t bytes) { release(offset, bytes, pool_fence{}); }
 
     /// As release(offset, bytes), for memory that work queued on `stream` may still touch: the
     /// pages go back only once that work has completed. Records a fence on `stream` (an event:
-    /// the caller's thread does not wait for the GPU).
+    /// the caller's thread does not wait for the GPU). Throws: as release(offset, bytes), and
+    /// cuda_error when the event cannot be recorded (then nothing was released).
     void release(std::size_t offset, std::size_t bytes, cudaStream_t stream) {
         check_range("release", offset, bytes);
         release(offset, bytes, record_fence(stream));
     }
 
     /// As release(offset, bytes), with the pages going back only once `after` has completed. One
-    /// fence can order many releases (kv_cache records one per free or truncate).
+    /// fence can order many releases (kv_cache records one per free or truncate). Throws: as
+    /// release(offset, bytes), and invalid_argument for a fence this pool never recorded.
     void release(std::size_t offset, std::size_t bytes, pool_fence after) {
         const byte_range range{offset, bytes};
         release(std::span<const byte_range>(&range, 1), after);
@@ -370,17 +361,17 @@ public:
             release_locked(r.offset, r.bytes, after);
         }
         if constexpr (has_mapper) {
-            if (idle_.size() > growth_.high_watermark && mapper_waiting_ && !mapper_has_deadline_) {
-                wake_.notify_one();  // the mapper sleeps without a timer: let it schedule the lazy release
+            if (table_.idle.size() > mapper_.plan.high_watermark() && mapper_.waiting && !mapper_.has_deadline) {
+                mapper_.wake.notify_one();  // the mapper sleeps without a timer: let it schedule the lazy release
             }
         } else {
-            (void)shrink(growth_.idle_units_to_keep(committed_units_, idle_.size()));
+            (void)shrink(growth_.idle_units_to_keep(table_.committed, table_.idle.size()));
         }
     }
 
     /// Records a fence after the work queued on `stream` so far, for release(offset, bytes,
     /// fence): e.g. one fence for every block a step frees. Host memory needs none (returns the
-    /// empty fence). The caller's thread does not wait.
+    /// empty fence). The caller's thread does not wait. Throws: cuda_error (nothing recorded).
     [[nodiscard]] pool_fence record_fence(cudaStream_t stream) {
         std::lock_guard lock(mutex_);
         const pool_fence f{fences_.record(stream)};
@@ -391,18 +382,20 @@ public:
     /// Gives back, as the growth policy says, units whose release waited for GPU work that has
     /// completed since; never waits. Returns the bytes given back. Every release, trim and
     /// budget reclaim does this too; call it when the engine frees nothing for a while.
+    /// Throws: cuda_error when the driver fails (a fenced work's failure, a decommit).
     std::size_t collect() {
         std::lock_guard lock(mutex_);
         poll_fences();
         if constexpr (has_mapper) {
             return 0;  // the mapper gives spares back on its own thread, after release_delay
         } else {
-            return shrink(growth_.idle_units_to_keep(committed_units_, idle_.size()));
+            return shrink(growth_.idle_units_to_keep(table_.committed, table_.idle.size()));
         }
     }
 
     /// Waits until the GPU work behind every fence recorded so far has completed (blocking the
     /// caller, as cudaFree would), then collects. Returns the bytes given back.
+    /// Throws: cuda_error, as collect.
     std::size_t synchronize() {
         {
             std::lock_guard lock(mutex_);
@@ -414,32 +407,29 @@ public:
     /// Gives back every committed unit nothing holds, spares included, and every kept handle
     /// (e.g. when another model needs the budget). Units the mapper has in flight finish on its
     /// thread; units whose GPU work is still queued stay. Returns the bytes this call gave back
-    /// to the quota. A preallocated pool gives nothing back.
+    /// to the quota. A preallocated pool gives nothing back. Throws: cuda_error, as collect.
     std::size_t trim() {
         std::lock_guard lock(mutex_);
         if constexpr (!growth_type::is_elastic) {
             return 0;
         } else {
-            refilling_ = false;
+            stop_refilling();
             poll_fences();
             const std::size_t freed = shrink(0);
             return freed + drop_kept_handles();
         }
     }
 
-    /// Tells the background mapper that [offset, offset+bytes) will be needed soon: it maps the
-    /// units there (and then the ones after them) into its spares. Without a mapper it does
-    /// nothing. kv_cache announces the first block of each of its regions this way.
-    void expect(std::size_t offset, std::size_t bytes) {
-        check_range("expect", offset, bytes);
+    /// A hint that [offset, offset+bytes) will be needed soon: a background mapper maps the units
+    /// there (and then the ones after them) into its spares. Without a mapper it does nothing.
+    /// kv_cache gives this hint for the first block of each of its regions.
+    /// Throws: invalid_argument for a range outside the pool. Thread safety: any thread.
+    void will_need(std::size_t offset, std::size_t bytes) {
+        check_range("will_need", offset, bytes);
         if constexpr (has_mapper) {
             std::lock_guard lock(mutex_);
-            for (std::size_t u = offset / page_bytes_ / unit_pages_; u <= (offset + bytes - 1) / page_bytes_ / unit_pages_;
-                 ++u) {
-                add_frontier(u);
-            }
-            refilling_ = true;
-            wake_.notify_one();
+            mapper_.plan.will_need(offset / page_bytes_ / unit_pages_, (offset + bytes - 1) / page_bytes_ / unit_pages_);
+            mapper_.wake.notify_one();
         }
     }
 
@@ -457,7 +447,7 @@ public:
     [[nodiscard]] std::size_t unit_count() const noexcept { return units_; }
     [[nodiscard]] bool is_unit_committed(std::size_t u) const {
         std::lock_guard lock(mutex_);
-        return u < units_ && unit_state_[u] == unit_state::committed;
+        return u < units_ && table_.state[u] == detail::unit_state::committed;
     }
     /// Byte offset and length of unit `u` within the span.
     [[nodiscard]] std::size_t unit_offset_of(std::size_t u) const noexcept { return unit_offset(u); }
@@ -472,7 +462,7 @@ public:
         check_range("is_committed", offset, bytes);
         std::lock_guard lock(mutex_);
         for (std::size_t p = offset / page_bytes_; p <= (offset + bytes - 1) / page_bytes_; ++p) {
-            if (unit_state_[p / unit_pages_] != unit_state::committed) {
+            if (table_.state[p / unit_pages_] != detail::unit_state::committed) {
                 return false;
             }
         }
@@ -482,13 +472,13 @@ public:
         std::lock_guard lock(mutex_);
         pool_stats s = stats_;
         s.held_pages = held_pages_;
-        s.idle_units = idle_.size();
+        s.idle_units = table_.idle.size();
         s.charged = charged_.load();
         s.cached_bytes = kept_snapshot_.load();
         s.driver_time = std::chrono::nanoseconds(driver_ns_.load());
         s.pending_fences = fences_.pending();
-        for (std::size_t u : idle_) {
-            s.awaiting_gpu_units += fences_.is_complete(unit_fence_[u]) ? 0 : 1;
+        for (std::size_t u : table_.idle) {
+            s.awaiting_gpu_units += fences_.is_complete(table_.fence[u]) ? 0 : 1;
         }
         return s;
     }
@@ -516,17 +506,8 @@ private:
     static constexpr bool keeps_handles = handle_keeping_backing<backing_type>;
     /// Pools that other models' pressure can reclaim spares from (a single-threaded pool cannot
     /// be entered from another thread).
-    static constexpr bool can_reclaim = growth_type::is_elastic && !std::is_same_v<mutex_type, null_mutex> &&
-                                        requires(quota_type& q) {
-                                            q.set_reclaimer(std::function<std::size_t()>{});
-                                            q.clear_reclaimer();
-                                            { q.reclaim_from_others() } -> std::same_as<std::size_t>;
-                                        };
-    static constexpr std::size_t max_frontiers = 256;
-    /// Most units the mapper looks at per search for the next one to map (under the lock).
-    static constexpr std::size_t max_scan = 4096;
-    /// How often the mapper looks again at a spare whose GPU work was still queued.
-    static constexpr std::chrono::milliseconds fence_poll_interval{1};
+    static constexpr bool can_reclaim =
+        growth_type::is_elastic && !std::is_same_v<mutex_type, null_mutex> && reclaiming_quota<quota_type>;
 
     void check_range(const char* operation, std::size_t offset, std::size_t bytes) const {
         if (bytes == 0 || offset >= stats_.reserved || bytes > stats_.reserved - offset) {
@@ -590,10 +571,10 @@ private:
         forget_range_hold(offset, bytes);
         for (std::size_t p = first_page; p <= last_page; ++p) {
             const std::size_t u = p / unit_pages_;
-            unit_fence_[u] = std::max(unit_fence_[u], after.value);
+            table_.fence[u] = std::max(table_.fence[u], after.value);
             if (--page_holds_[p] == 0) {
                 --held_pages_;
-                if (--unit_held_pages_[u] == 0) {
+                if (--table_.held_pages[u] == 0) {
                     make_idle(u);
                 }
             }
@@ -603,9 +584,6 @@ private:
     [[nodiscard]] std::size_t unit_offset(std::size_t u) const noexcept { return u * unit_pages_ * page_bytes_; }
     [[nodiscard]] std::size_t unit_bytes(std::size_t u) const noexcept {
         return (std::min(pages_, (u + 1) * unit_pages_) - u * unit_pages_) * page_bytes_;
-    }
-    [[nodiscard]] bool is_in_flight(std::size_t u) const noexcept {
-        return unit_state_[u] == unit_state::committing || unit_state_[u] == unit_state::decommitting;
     }
     [[nodiscard]] std::size_t kept_bytes() const noexcept {
         if constexpr (keeps_handles) {
@@ -681,66 +659,40 @@ private:
     // --- bookkeeping: the caller holds mutex_ ---
 
     void make_idle(std::size_t u) {
-        idle_.insert(u);
+        table_.idle.insert(u);
         if constexpr (has_mapper) {
-            const auto now = clock::now();
-            idle_since_[u] = now;
-            idle_order_.emplace_back(u, now);
-            if (idle_order_.size() > 2 * idle_.size() + 64) {
-                std::erase_if(idle_order_, [&](const auto& e) { return !is_idle_since(e.first, e.second); });
-            }
+            mapper_.plan.on_idle(table_, u, clock::now());
         }
     }
-    /// Whether an idle_order_ entry is current: u is idle and became so at `since`.
-    [[nodiscard]] bool is_idle_since(std::size_t u, clock::time_point since) const noexcept {
-        return unit_state_[u] == unit_state::committed && unit_held_pages_[u] == 0 && idle_since_[u] == since;
-    }
     void note_committed(std::size_t u, bool by_mapper) {
-        unit_state_[u] = unit_state::committed;
-        ++committed_units_;
+        table_.state[u] = detail::unit_state::committed;
+        ++table_.committed;
         ++stats_.commits;
         stats_.mapper_commits += by_mapper ? 1 : 0;
         stats_.committed += unit_bytes(u);
         stats_.peak_committed = std::max(stats_.peak_committed, stats_.committed);
     }
     void note_decommitted(std::size_t u) {
-        unit_state_[u] = unit_state::uncommitted;
-        --committed_units_;
+        table_.state[u] = detail::unit_state::uncommitted;
+        --table_.committed;
         ++stats_.decommits;
         stats_.committed -= unit_bytes(u);
     }
 
-    /// The mapper predicts demand from where units were taken last: the unit after a taken one
-    /// is where a lowest-first allocator goes next.
+    /// A caller took unit u: the mapper learns where demand goes. A polling mapper finds a refill
+    /// by itself; waking one costs this (critical) path a system call, so only a mapper asleep
+    /// for good is woken.
     void note_taken(std::size_t u) {
         if constexpr (has_mapper) {
-            if (u + 1 < units_) {
-                auto it = std::find(frontiers_.begin(), frontiers_.end(), u);
-                if (it != frontiers_.end()) {
-                    *it = u + 1;  // that frontier advanced
-                } else {
-                    add_frontier(u + 1);
-                }
-            }
-            last_taken_ = clock::now();
-            if (!refilling_ && idle_.size() + in_flight_commits_ < growth_.low_watermark) {
-                refilling_ = true;
-                // A polling mapper finds out by itself; waking one costs this (critical) path a
-                // system call, so only a mapper asleep for good is woken.
-                if (mapper_waiting_) {
-                    wake_.notify_one();
-                }
+            if (mapper_.plan.on_taken(table_, u, clock::now()) && mapper_.waiting) {
+                mapper_.wake.notify_one();
             }
         }
     }
-    void add_frontier(std::size_t u) {
-        if (std::find(frontiers_.begin(), frontiers_.end(), u) != frontiers_.end()) {
-            return;
+    void stop_refilling() noexcept {
+        if constexpr (has_mapper) {
+            mapper_.plan.stop_refilling();
         }
-        if (frontiers_.size() == max_frontiers) {
-            frontiers_.pop_back();
-        }
-        frontiers_.push_front(u);
     }
 
     /// Commits every unit in `units` on the caller's thread, or none of them. Under quota
@@ -799,7 +751,7 @@ private:
         }
     }
 
-    /// Decommits unit u (idle, and no longer in idle_) on the caller's thread, which holds
+    /// Decommits unit u (idle, and no longer in table_.idle) on the caller's thread, which holds
     /// mutex_; returns the bytes uncharged. If the backing fails, the unit becomes a spare again
     /// or is retired (settle_failed_decommit) and the error propagates.
     std::size_t decommit_unit(std::size_t u) {
@@ -817,14 +769,14 @@ private:
         note_decommitted(u);
         return freed;
     }
-    /// After the backing threw from decommitting unit u (taken out of idle_, state committed or
+    /// After the backing threw from decommitting unit u (taken out of table_.idle, state committed or
     /// decommitting): if the backing still has all of it committed, nothing was given back and u
     /// is a spare again, to be tried again later; otherwise part of it went and u is retired.
     /// The caller holds mutex_.
     void settle_failed_decommit(std::size_t u, bool still_committed) {
         ++stats_.decommit_failures;
         if (still_committed) {
-            unit_state_[u] = unit_state::committed;
+            table_.state[u] = detail::unit_state::committed;
             make_idle(u);
         } else {
             retire(u);
@@ -833,8 +785,8 @@ private:
     /// Takes committed unit u out of service after a failed decommit: it may still be mapped,
     /// so it is never mapped, handed out or decommitted again, and stays charged.
     void retire(std::size_t u) noexcept {  // counted in decommit_failures by the caller
-        unit_state_[u] = unit_state::retired;
-        --committed_units_;
+        table_.state[u] = detail::unit_state::retired;
+        --table_.committed;
         stats_.committed -= unit_bytes(u);
         ++stats_.retired_units;
         stats_.retired_bytes += unit_bytes(u);
@@ -848,25 +800,25 @@ private:
         }
     }
     /// Whether unit u's memory may go back: no GPU work queued before its releases is pending.
-    [[nodiscard]] bool gpu_done_with(std::size_t u) const noexcept { return fences_.is_complete(unit_fence_[u]); }
+    [[nodiscard]] bool gpu_done_with(std::size_t u) const noexcept { return fences_.is_complete(table_.fence[u]); }
 
     /// Decommits idle units whose GPU work is done, highest offset first, until at most `keep`
     /// idle units remain (or none is left that may go); returns the bytes uncharged.
     std::size_t shrink(std::size_t keep) {
         std::size_t freed = 0;
         if constexpr (growth_type::is_elastic) {
-            if (idle_.size() <= keep) {
+            if (table_.idle.size() <= keep) {
                 return 0;
             }
             poll_fences();
-            std::size_t excess = idle_.size() - keep;
-            for (auto it = idle_.end(); excess > 0 && it != idle_.begin();) {
+            std::size_t excess = table_.idle.size() - keep;
+            for (auto it = table_.idle.end(); excess > 0 && it != table_.idle.begin();) {
                 --it;
                 const std::size_t u = *it;
                 if (!gpu_done_with(u)) {
                     continue;  // stays a spare, charged, until its fence completes
                 }
-                it = idle_.erase(it);
+                it = table_.idle.erase(it);
                 --excess;
                 freed += decommit_unit(u);
             }
@@ -886,13 +838,13 @@ private:
             } catch (...) {
                 // a lost context: give back only what no fence holds
             }
-            for (auto it = idle_.begin(); it != idle_.end();) {
+            for (auto it = table_.idle.begin(); it != table_.idle.end();) {
                 const std::size_t u = *it;
                 if ((u >= keep_first && u <= keep_last) || !gpu_done_with(u)) {
                     ++it;
                     continue;
                 }
-                it = idle_.erase(it);
+                it = table_.idle.erase(it);
                 try {
                     freed += decommit_unit(u);
                 } catch (...) {
@@ -900,7 +852,7 @@ private:
                 }
             }
             freed += drop_kept_handles();
-            refilling_ = false;
+            stop_refilling();
             return freed;
         }
     }
@@ -926,75 +878,7 @@ private:
         return freed;
     }
 
-    // --- the background mapper ---
-
-    /// The next unit to map ahead of demand, or none. Refills from below the low watermark up
-    /// to the high one, breadth first over the frontiers (the newest first).
-    std::optional<std::size_t> next_unit_to_map() {
-        if (!refilling_) {
-            return std::nullopt;
-        }
-        if (idle_.size() + in_flight_commits_ >= growth_.high_watermark) {
-            refilling_ = false;
-            return std::nullopt;
-        }
-        // Breadth first over the frontiers, within high_watermark units past each (clamped to the
-        // pool), and at most max_scan looks: this runs under the pool's lock.
-        std::size_t looks = 0;
-        for (std::size_t d = 0; d < growth_.high_watermark && looks < max_scan; ++d) {
-            bool any_left = false;
-            for (std::size_t f : frontiers_) {
-                if (f + d >= units_) {
-                    continue;
-                }
-                any_left = true;
-                if (unit_state_[f + d] == unit_state::uncommitted) {
-                    return f + d;
-                }
-                if (++looks == max_scan) {
-                    break;
-                }
-            }
-            if (!any_left) {
-                break;
-            }
-        }
-        refilling_ = false;  // nothing predicted: wait for demand
-        return std::nullopt;
-    }
-
-    /// The oldest spare above the high watermark idle for release_delay, or none; `deadline`
-    /// becomes when the next one will be due.
-    std::optional<std::size_t> next_unit_to_release(clock::time_point now, std::optional<clock::time_point>& deadline) {
-        if (idle_.size() <= growth_.high_watermark) {
-            return std::nullopt;
-        }
-        while (!idle_order_.empty()) {
-            const auto [u, since] = idle_order_.front();
-            if (!is_idle_since(u, since)) {
-                idle_order_.pop_front();  // taken again since, or already given back
-                continue;
-            }
-            if (since + growth_.release_delay <= now) {
-                if (!gpu_done_with(u)) {
-                    try {
-                        poll_fences();
-                    } catch (...) {
-                        // a lost context: the unit stays a spare
-                    }
-                    if (!gpu_done_with(u)) {
-                        deadline = now + fence_poll_interval;  // look again soon; the GPU is still on it
-                        return std::nullopt;
-                    }
-                }
-                idle_order_.pop_front();
-                return u;
-            }
-            deadline = since + growth_.release_delay;
-            return std::nullopt;
-        }
-        return std::nullopt;
-    }
+    // --- the background mapper (its decisions: vmmpp/growth/mapper.hpp) ---
 
     /// The mapper takes the pool's lock by spinning on try_lock: a thread blocked on a mutex
     /// makes its owner's unlock a system call, and the owner is a caller on its critical path.
@@ -1012,11 +896,12 @@ private:
                 // each backing call then pushes and pops the context itself
             }
         }
+        auto& plan = mapper_.plan;
         std::unique_lock lock(mutex_);
-        while (!stop_) {
-            if (const auto u = next_unit_to_map()) {
-                unit_state_[*u] = unit_state::committing;
-                ++in_flight_commits_;
+        while (!mapper_.stopping) {
+            if (const auto u = plan.next_to_map(table_)) {
+                table_.state[*u] = detail::unit_state::committing;
+                plan.commit_started();
                 lock.unlock();
                 bool ok = false;
                 try {
@@ -1032,22 +917,32 @@ private:
                     // over quota or out of memory: stop refilling until demand comes back
                 }
                 lock_spinning(lock);
-                --in_flight_commits_;
+                plan.commit_finished();
                 if (ok) {
                     note_committed(*u, true);
                     make_idle(*u);
                 } else {
-                    unit_state_[*u] = unit_state::uncommitted;
+                    table_.state[*u] = detail::unit_state::uncommitted;
                     ++stats_.mapper_failures;
-                    refilling_ = false;
+                    plan.stop_refilling();
                 }
-                settled_.notify_all();
+                mapper_.settled.notify_all();
                 continue;
             }
             std::optional<clock::time_point> deadline;
-            if (const auto u = next_unit_to_release(clock::now(), deadline)) {
-                unit_state_[*u] = unit_state::decommitting;
-                idle_.erase(*u);
+            const auto gpu_done = [this](std::size_t unit) {
+                if (!gpu_done_with(unit)) {
+                    try {
+                        poll_fences();
+                    } catch (...) {
+                        // a lost context: the unit stays a spare
+                    }
+                }
+                return gpu_done_with(unit);
+            };
+            if (const auto u = plan.next_to_release(table_, clock::now(), deadline, gpu_done)) {
+                table_.state[*u] = detail::unit_state::decommitting;
+                table_.idle.erase(*u);
                 lock.unlock();
                 bool ok = false;
                 bool still_committed = true;
@@ -1069,31 +964,31 @@ private:
                     settle_failed_decommit(*u, still_committed);
                     ++stats_.mapper_failures;
                 }
-                settled_.notify_all();
+                mapper_.settled.notify_all();
                 continue;
             }
             const auto now = clock::now();
-            if (now - last_taken_ < growth_.release_delay) {
+            if (plan.growing(now)) {
                 // Growing lately: poll without the lock (callers never meet the mapper on it and
                 // never wake it), until a refill is wanted, a release is due, or a while passed.
-                const auto look_again = std::min(deadline.value_or(clock::time_point::max()), now + growth_.release_delay);
+                const auto look_again = std::min(deadline.value_or(clock::time_point::max()), now + plan.release_delay());
                 lock.unlock();
                 do {
                     std::this_thread::sleep_for(growth_.poll_interval);
-                } while (!stop_.load(std::memory_order_relaxed) && !refilling_.load(std::memory_order_relaxed) &&
+                } while (!mapper_.stopping.load(std::memory_order_relaxed) && !plan.refilling() &&
                          clock::now() < look_again);
                 lock_spinning(lock);
                 continue;
             }
             // Quiet: sleep until woken (demand, shutdown) or the next lazy release is due.
-            mapper_waiting_ = true;
-            mapper_has_deadline_ = deadline.has_value();
+            mapper_.waiting = true;
+            mapper_.has_deadline = deadline.has_value();
             if (deadline) {
-                wake_.wait_until(lock, *deadline);
+                mapper_.wake.wait_until(lock, *deadline);
             } else {
-                wake_.wait(lock);
+                mapper_.wake.wait(lock);
             }
-            mapper_waiting_ = false;
+            mapper_.waiting = false;
         }
     }
 
@@ -1106,32 +1001,17 @@ private:
     const std::size_t pages_;
     const std::size_t unit_pages_;
     const std::size_t units_;
-    std::vector<std::uint32_t> page_holds_;       // per page: how many holds
-    std::vector<std::uint32_t> unit_held_pages_;  // per unit: how many of its pages are held
-    std::vector<unit_state> unit_state_;
-    std::vector<std::uint64_t> unit_fence_;       // per unit: the fence its memory waits for before it goes back
+    std::vector<std::uint32_t> page_holds_;  // per page: how many holds
+    detail::unit_table table_;               // per unit: state, held pages, fence; the idle set
     detail::fence_queue fences_;
-    detail::range_counts range_holds_;            // debug builds: holds per byte
-    std::set<std::size_t> idle_;                  // committed units nothing holds (spares)
-    std::size_t committed_units_ = 0;
+    detail::range_counts range_holds_;       // debug builds: holds per byte
     std::size_t held_pages_ = 0;
-    std::atomic<std::size_t> charged_{0};         // bytes acquired from the quota
-    std::atomic<std::size_t> kept_snapshot_{0};   // the backing's kept handle bytes, after its last call
+    std::atomic<std::size_t> charged_{0};        // bytes acquired from the quota
+    std::atomic<std::size_t> kept_snapshot_{0};  // the backing's kept handle bytes, after its last call
     std::atomic<std::int64_t> driver_ns_{0};
     pool_stats stats_;
-    // The background mapper's state (unused without one).
-    std::condition_variable_any wake_;     // wakes the mapper
-    std::condition_variable_any settled_;  // a unit in flight settled
-    std::thread mapper_;
-    std::atomic<bool> stop_{false};
-    std::atomic<bool> refilling_{false};       // read without the lock by the polling mapper
-    bool mapper_waiting_ = false;
-    bool mapper_has_deadline_ = false;
-    clock::time_point last_taken_{};       // when a caller last took a unit (growth activity)
-    std::size_t in_flight_commits_ = 0;
-    std::deque<std::size_t> frontiers_;    // units expected to be needed next, newest first
-    std::vector<clock::time_point> idle_since_;
-    std::deque<std::pair<std::size_t, clock::time_point>> idle_order_;  // idle units, oldest first (lazily pruned)
+    /// The background mapper's decisions and thread state; nothing at all without one.
+    [[no_unique_address]] std::conditional_t<has_mapper, detail::background_mapper<clock>, no_mapper> mapper_;
 };
 
 } // namespace vmmpp

@@ -107,7 +107,7 @@ BOOST_AUTO_TEST_CASE(a_pool_over_zeroing_external_device_memory) {
 }
 
 BOOST_AUTO_TEST_CASE(zeroing_managed_memory_on_the_device) {
-    constexpr std::size_t bytes = 16 * MiB;  // managed memory: keep it small (DESIGN.md)
+    constexpr std::size_t bytes = 16 * MiB;  // managed memory: keep it small (docs/ARCHITECTURE.md, "Managed memory")
     using config = vmmpp::pool_config<vmmpp::zeroing<vmmpp::managed_prefetch<>>, vmmpp::chunked<2>, vmmpp::unlimited>;
     vmmpp::elastic_pool<config> pool(bytes);
     pool.ensure_committed(0, 4 * MiB);

@@ -36,7 +36,7 @@ struct vmm_options {
     std::vector<int> peer_devices{};
     /// Physical handles kept after decommit (unmapped, still allocated) and mapped again by a
     /// later commit of the same size, which then skips cuMemCreate, and the decommit skips
-    /// cuMemRelease (DESIGN.md: 10 and 15 us of a 2 MiB page's 39 + 36 us). Kept handles still
+    /// cuMemRelease (about a quarter of a page's map and unmap cost: docs/ARCHITECTURE.md). Kept handles still
     /// occupy device memory: a pool charges them to its quota and drops them under pressure.
     std::size_t max_cached_handles = 0;
 };
@@ -45,8 +45,8 @@ struct vmm_options {
 ///
 /// Handle size: with `handle_bytes == 0` (the default) each commit call creates one physical
 /// handle for its whole range, so the pool's growth unit decides it (2 MiB pages for
-/// page-granular growth, N pages for chunked<N>: DESIGN.md shows large handles are far cheaper
-/// per byte). A decommit must then cover whole handles. With `handle_bytes > 0` every commit is
+/// page-granular growth, N pages for chunked<N>: large handles are far cheaper per byte, see
+/// docs/ARCHITECTURE.md). A decommit must then cover whole handles. With `handle_bytes > 0` every commit is
 /// cut into handles of exactly that size.
 ///
 /// Driver failures when giving memory back are reported, never dropped (see decommit): a range

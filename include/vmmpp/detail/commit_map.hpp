@@ -78,6 +78,6 @@ private:
     std::vector<bool> committed_;
 };
 
-inline constexpr std::size_t default_page_bytes = std::size_t{2} << 20;  // 2 MiB, the H100's VMM granule
+inline constexpr std::size_t default_page_bytes = std::size_t{2} << 20;  // 2 MiB, the VMM granularity of current NVIDIA GPUs
 
 } // namespace vmmpp::detail

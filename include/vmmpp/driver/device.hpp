@@ -55,7 +55,7 @@ namespace vmmpp {
 
 /// The allocation granularity (bytes) of device memory on `device`: the unit every size and
 /// offset of a vmm backing must be a multiple of. `recommended` picks the driver's recommended
-/// granularity instead of the minimum (both 2 MiB on an H100).
+/// granularity instead of the minimum (both 2 MiB on Hopper GPUs).
 [[nodiscard]] inline std::size_t vmm_granularity(int device, bool recommended = true) {
     (void)cuda_device(device);
     CUmemAllocationProp prop = device_allocation_prop(device);

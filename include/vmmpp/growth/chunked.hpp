@@ -1,6 +1,6 @@
 // vmmpp/growth/chunked.hpp: growth in chunks of N pages, each one physical handle on the vmm
-// backing. On an H100 a 32 MiB handle costs about 3 us per 2 MiB against about 49 us for 2 MiB
-// handles (DESIGN.md), so chunks trade elasticity for much cheaper growth.
+// backing. The driver's cost is per handle, not per byte (docs/ARCHITECTURE.md has the
+// measurements), so chunks trade elasticity for much cheaper growth.
 #pragma once
 
 #include <algorithm>

@@ -1,8 +1,9 @@
 // vmmpp/growth/mapped_ahead.hpp: growth off the critical path. A pool whose growth policy is
 // mapped_ahead<Inner> runs a background mapper thread that keeps a few committed-but-unused units
 // ahead of demand, so the call that needs new memory usually finds it mapped already, and gives
-// empty units back lazily. On an H100 one 2 MiB page costs about 39 us to map and 36 us to unmap
-// (DESIGN.md); with the mapper an append pays neither.
+// empty units back lazily: mapping and unmapping cost tens of microseconds per handle (measured
+// in docs/ARCHITECTURE.md), and with the mapper an append pays neither. The mapper's decisions
+// live in vmmpp/growth/mapper.hpp.
 #pragma once
 
 #include <chrono>

@@ -87,7 +87,7 @@ public:
           blocks_(geometry_.max_blocks) {
         if constexpr (pool_type::has_mapper) {
             // Where the first blocks go: the background mapper starts its spares there.
-            Layout::for_each_piece(geometry_, 0, [&](std::size_t off, std::size_t bytes) { pool_.expect(off, bytes); });
+            Layout::for_each_piece(geometry_, 0, [&](std::size_t off, std::size_t bytes) { pool_.will_need(off, bytes); });
         }
     }
 
@@ -116,6 +116,8 @@ public:
     /// their memory in the pool. If the last block is shared (after a fork) and partly filled,
     /// it is first copied to a block of the sequence's own (copy-on-write). Returns the new
     /// tokens' range; their slots come from slot_mapping.
+    /// Throws: invalid_argument (unknown sequence), out_of_blocks, over_quota, out_of_memory,
+    /// retired_memory, cuda_error. Guarantee: strong (see the class comment).
     token_range append(seq_id seq, std::size_t n_tokens) {
         sequence& s = find(seq);
         const token_range added{s.tokens, n_tokens};
@@ -165,6 +167,7 @@ public:
     }
 
     /// A new sequence sharing every block of `seq` (reference counted, no copy).
+    /// Throws: invalid_argument (unknown sequence). Guarantee: strong.
     [[nodiscard]] seq_id fork(seq_id seq) {
         const sequence& parent = find(seq);
         sequence child{parent.blocks, parent.tokens};  // may throw: nothing changed yet
@@ -183,6 +186,9 @@ public:
 
     /// As truncate(seq, n_tokens), for blocks that work queued on `stream` may still read: their
     /// memory goes back only once that work (and the cache's own copies) completed.
+    /// Throws: invalid_argument (unknown sequence, more tokens than it has; nothing changed);
+    /// cuda_error recording the fence (nothing changed) or giving memory back (the truncate has
+    /// taken effect).
     void truncate(seq_id seq, std::size_t n_tokens, cudaStream_t stream) {
         sequence& s = find(seq);
         if (n_tokens > s.tokens) {
@@ -206,6 +212,8 @@ public:
     /// As free(seq), for blocks that work queued on `stream` may still read (the engine's last
     /// step): their memory goes back only once that work (and the cache's own copies) completed.
     /// The call does not wait for the GPU.
+    /// Throws: invalid_argument (unknown or freed sequence; nothing changed); cuda_error recording
+    /// the fence (nothing changed) or giving memory back (the free has taken effect).
     void free(seq_id seq, cudaStream_t stream) {
         auto it = sequences_.find(seq);
         if (it == sequences_.end()) {

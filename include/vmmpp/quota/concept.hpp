@@ -4,6 +4,7 @@
 
 #include <concepts>
 #include <cstddef>
+#include <functional>
 
 namespace vmmpp {
 
@@ -13,6 +14,18 @@ template <class Q>
 concept quota_policy = std::copy_constructible<Q> && requires(Q& q, std::size_t n) {
     { q.acquire(n) } -> std::same_as<void>;
     { q.release(n) } noexcept -> std::same_as<void>;
+};
+
+/// An optional capability of a quota shared by several pools: a pool registers how to give its
+/// spare memory back (`set_reclaimer`, undone by `clear_reclaimer`, which waits for a call in
+/// progress), and a pool refused by the quota asks every other registered pool to give theirs
+/// back (`reclaim_from_others`, returning the bytes they gave back). A pool uses it when its
+/// quota models this and its mutex is real.
+template <class Q>
+concept reclaiming_quota = quota_policy<Q> && requires(Q& q) {
+    q.set_reclaimer(std::function<std::size_t()>{});
+    { q.clear_reclaimer() } noexcept;
+    { q.reclaim_from_others() } -> std::same_as<std::size_t>;
 };
 
 } // namespace vmmpp

@@ -218,5 +218,6 @@ inline shared_budget budget::register_model(std::string name, std::size_t limit)
 }
 
 static_assert(quota_policy<shared_budget>, "vmmpp::shared_budget must model vmmpp::quota_policy");
+static_assert(reclaiming_quota<shared_budget>, "vmmpp::shared_budget lets pools reclaim each other's spares");
 
 } // namespace vmmpp
