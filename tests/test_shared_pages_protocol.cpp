@@ -115,7 +115,7 @@ received receive(int socket, const vmmpp::shared_pages_options& options = {}) {
     received r;
     vmmpp::detail::receive_shared_pages(
         socket, options, page, [&](const shared_pages_header& h) { r.header = h; },
-        [&](const shared_page_record& record, vmmpp::detail::received_fd fd) {
+        [&](const shared_page_record& record, vmmpp::detail::unique_fd fd) {
             r.records.push_back(record);
             r.inodes.push_back(inode_of(fd.get()));
         });

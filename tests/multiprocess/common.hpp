@@ -1,16 +1,21 @@
 // What test_process_budget and vmmpp_mp_helper share: the page size, the pool configuration,
-// and the test-only door into a process budget's segment.
+// and a second mapping of a budget's segment through the detail layer, for what only tests do to
+// a segment (lock it and die, rewrite its header, act for a made-up process).
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <string_view>
+#include <stdexcept>
+#include <string>
 #include <utility>
 
 #include "vmmpp/backing/host.hpp"
 #include "vmmpp/growth/page_granular.hpp"
 #include "vmmpp/pool.hpp"
+#include "vmmpp/quota/detail/budget_share.hpp"
+#include "vmmpp/quota/detail/shared_segment.hpp"
 #include "vmmpp/quota/process_budget.hpp"
 
 namespace vmmpp_mp {
@@ -26,20 +31,18 @@ inline std::unique_ptr<pool> make_pool(std::size_t pages, vmmpp::process_quota q
                                   std::move(quota));
 }
 
-} // namespace vmmpp_mp
-
-namespace vmmpp::detail {
-
-/// Declared by process_budget.hpp, defined here: what only tests do to a segment.
-struct process_budget_access {
-    static const pb::segment& segment(const process_budget& b) { return *b.segment_; }
-    static std::uint32_t model_index(const process_quota& q) { return q.model_; }
-    static std::uint32_t record_index(const process_quota& q) { return q.record_; }
-    /// Registers a model as if `who` had (to fake another process's record).
-    static process_quota register_as(process_budget& b, std::string_view name, std::size_t limit,
-                                     const process_identity& who) {
-        return b.register_model_as(name, limit, who);
+/// This process's own mapping of the segment `name` ("/name", as process_budget::name() gives
+/// it), attached through the detail layer as process_budget::open does, minus the trust opt-ins
+/// and the reclaim. Its lock, header and tables are the budget's: the mutex lives in the segment.
+inline std::shared_ptr<vmmpp::detail::pb::segment> attach_segment(const std::string& name) {
+    auto s = vmmpp::detail::pb::attach(name, {}, std::chrono::milliseconds(5000), vmmpp::current_process_identity(),
+                                       [](const vmmpp::detail::pb::trust_refusal& r) {
+                                           return std::runtime_error(std::string("untrusted segment: ") + r.why);
+                                       });
+    if (!s) {
+        throw std::runtime_error("no segment " + name);
     }
-};
+    return s;
+}
 
-} // namespace vmmpp::detail
+} // namespace vmmpp_mp

@@ -31,7 +31,7 @@
 namespace {
 
 using vmmpp_mp::page;
-using access = vmmpp::detail::process_budget_access;
+using vmmpp::detail::pb::register_share;
 using vmmpp::process_budget;
 
 /// A segment name no other test or test run uses; unlinked before and after.
@@ -267,7 +267,7 @@ BOOST_AUTO_TEST_CASE(a_record_with_a_live_pid_but_another_start_time_is_reclaime
     real.acquire(page);
     // A record of an earlier process that had this very pid: the pid is alive, the process is not.
     const vmmpp::process_identity ghost{self.pid, self.start_time + 1};
-    auto fake = access::register_as(budget, "ghost", 8 * page, ghost);
+    auto fake = register_share(vmmpp_mp::attach_segment(budget.name()), "ghost", 8 * page, ghost);
     fake.acquire(3 * page);
     auto s = budget.stats();
     BOOST_TEST(s.committed == 4 * page);
@@ -357,7 +357,8 @@ BOOST_AUTO_TEST_CASE(attach_rejects_what_is_not_a_budget_of_this_version) {
     {
         // A budget of another layout version.
         auto b = process_budget::create(name.str(), page);
-        auto& head = access::segment(b).head();
+        const auto segment = vmmpp_mp::attach_segment(b.name());  // a second mapping, to rewrite it
+        auto& head = segment->head();
         head.version = vmmpp::detail::pb::version + 1;
         BOOST_CHECK_EXCEPTION((void)process_budget::open(name.str()), vmmpp::invalid_argument,
                               [](const vmmpp::invalid_argument& e) {
@@ -464,7 +465,8 @@ BOOST_AUTO_TEST_CASE(a_rewritten_layout_never_moves_reads_or_writes_outside_the_
     // A record of a live process (this one's parent) whose model index will be rewritten.
     const auto parent = vmmpp::detail::proc::read_stat(::getppid());
     BOOST_REQUIRE(parent.has_value());
-    auto stray = access::register_as(budget, "stray", 8 * page, {::getppid(), parent->start_time});
+    auto stray = register_share(vmmpp_mp::attach_segment(budget.name()), "stray", 8 * page,
+                                {::getppid(), parent->start_time});
     // A second mapping of the object, as another writer of it would have.
     const std::size_t bytes = vmmpp::detail::pb::total_bytes(4, 8);
     const int fd = ::shm_open(name.str().c_str(), O_RDWR, 0);
@@ -474,7 +476,7 @@ BOOST_AUTO_TEST_CASE(a_rewritten_layout_never_moves_reads_or_writes_outside_the_
     BOOST_REQUIRE(raw != MAP_FAILED);
     auto& head = *static_cast<vmmpp::detail::pb::header*>(raw);
     auto& stray_record = reinterpret_cast<vmmpp::detail::pb::record_slot*>(
-        static_cast<std::byte*>(raw) + vmmpp::detail::pb::records_offset(4))[access::record_index(stray)];
+        static_cast<std::byte*>(raw) + vmmpp::detail::pb::records_offset(4))[stray.record()];
     const auto honest_head = std::make_tuple(head.max_models, head.max_records, head.models_offset,
                                              head.records_offset, head.total_bytes);
     const std::uint64_t honest_model = stray_record.model;
@@ -528,11 +530,13 @@ BOOST_AUTO_TEST_CASE(a_rewritten_layout_never_moves_reads_or_writes_outside_the_
         }
         return 2;
     });
-    victim("repair", [](process_budget& b, vmmpp::process_quota&) {
-        // A process dies holding the lock: the next lock repairs the totals over the tables.
+    victim("repair", [&](process_budget& b, vmmpp::process_quota&) {
+        // A process dies holding the lock (taken through the raw mapping, whose header holds the
+        // mutex): the next lock repairs the totals over the tables.
         const pid_t holder = ::fork();
         if (holder == 0) {
-            (void)access::segment(b).lock();
+            vmmpp::detail::robust_mutex<> lock(head.mutex, {}, "the test's mapping");
+            lock.lock();
             ::raise(SIGKILL);
         }
         int status = 0;
@@ -596,8 +600,9 @@ BOOST_AUTO_TEST_CASE(full_tables_refuse_and_dead_records_make_room) {
     const auto parent = vmmpp::detail::proc::read_stat(::getppid());
     BOOST_REQUIRE(parent.has_value());
     auto a = budget.register_model("a", 4 * page);                                               // record 1
-    auto live = access::register_as(budget, "b", 4 * page, {::getppid(), parent->start_time});  // record 2
-    auto ghost = access::register_as(budget, "a", 4 * page, {self.pid, self.start_time + 7});   // record 3
+    const auto segment = vmmpp_mp::attach_segment(budget.name());
+    auto live = register_share(segment, "b", 4 * page, {::getppid(), parent->start_time});  // record 2
+    auto ghost = register_share(segment, "a", 4 * page, {self.pid, self.start_time + 7});   // record 3
     ghost.acquire(page);
     BOOST_CHECK_EXCEPTION((void)budget.register_model("c", page), vmmpp::error,
                           [](const vmmpp::error& e) { return message_has(e, "model slots"); });
@@ -608,7 +613,7 @@ BOOST_AUTO_TEST_CASE(full_tables_refuse_and_dead_records_make_room) {
     BOOST_TEST(s.committed == 0u);
     BOOST_TEST(s.usage.size() == 3u);
     // Full of live processes: refused.
-    BOOST_CHECK_EXCEPTION((void)access::register_as(budget, "a", 4 * page, {self.pid, self.start_time + 8}),
+    BOOST_CHECK_EXCEPTION((void)register_share(segment, "a", 4 * page, {self.pid, self.start_time + 8}),
                           vmmpp::error, [](const vmmpp::error& e) { return message_has(e, "no free usage record"); });
     BOOST_TEST(budget.stats().usage.size() == 3u);
 }

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "vmmpp/backing/vmm.hpp"
+#include "vmmpp/detail/unique_fd.hpp"
 #include "vmmpp/driver/context.hpp"
 #include "vmmpp/driver/handles.hpp"
 #include "vmmpp/error.hpp"
@@ -103,35 +104,6 @@ inline error socket_error(const char* what) {
     return error(std::string("shared pages: ") + what + ": " + std::strerror(errno));
 }
 
-/// A descriptor received from the peer, closed when it goes.
-class received_fd {
-public:
-    received_fd() noexcept = default;
-    explicit received_fd(int fd) noexcept : fd_(fd) {}
-    received_fd(received_fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-    received_fd& operator=(received_fd&& other) noexcept {
-        if (this != &other) {
-            reset();
-            fd_ = std::exchange(other.fd_, -1);
-        }
-        return *this;
-    }
-    received_fd(const received_fd&) = delete;
-    received_fd& operator=(const received_fd&) = delete;
-    ~received_fd() { reset(); }
-
-    [[nodiscard]] int get() const noexcept { return fd_; }
-    void reset() noexcept {
-        if (fd_ >= 0) {
-            ::close(fd_);
-            fd_ = -1;
-        }
-    }
-
-private:
-    int fd_ = -1;
-};
-
 /// Throws vmmpp::untrusted_socket_peer unless the peer of `socket` runs as `expected` (if set).
 inline void check_peer(int socket, const std::optional<uid_t>& expected) {
     if (!expected) {
@@ -173,7 +145,7 @@ inline void send_message(int socket, const void* data, std::size_t bytes, int fd
 /// Returns false if `deadline` passes first. Throws if the peer closes the socket early, or if
 /// the descriptors did not fit (MSG_CTRUNC: the kernel closed those that did not).
 inline bool receive_message(int socket, void* data, std::size_t bytes, std::chrono::steady_clock::time_point deadline,
-                            std::vector<received_fd>& fds) {
+                            std::vector<unique_fd>& fds) {
     constexpr std::size_t most_fds = 4;  // one is expected; a few more are taken (and closed) to report them
     std::size_t got = 0;
     while (got < bytes) {
@@ -194,6 +166,7 @@ inline bool receive_message(int socket, void* data, std::size_t bytes, std::chro
         msg.msg_iov = &iov;
         msg.msg_iovlen = 1;
         alignas(cmsghdr) char control[CMSG_SPACE(most_fds * sizeof(int))]{};
+        fds.reserve(fds.size() + most_fds);  // so that taking what arrives cannot throw
         msg.msg_control = control;
         msg.msg_controllen = sizeof control;
         const ssize_t n = ::recvmsg(socket, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
@@ -238,7 +211,7 @@ void receive_shared_pages(int socket, const shared_pages_options& options, std::
     check_peer(socket, options.peer_uid);
     const auto deadline = std::chrono::steady_clock::now() + options.timeout;
     shared_pages_header header;
-    std::vector<received_fd> fds;
+    std::vector<unique_fd> fds;
     if (!receive_message(socket, &header, sizeof header, deadline, fds)) {
         throw shared_pages_timeout(options.timeout, 0, std::nullopt);
     }
@@ -282,15 +255,19 @@ void receive_shared_pages(int socket, const shared_pages_options& options, std::
 /// every page. The descriptors it exports are closed here once sent.
 inline void send_shared_pages(int socket, const vmm& backing, const shared_pages_options& options = {}) {
     detail::check_peer(socket, options.peer_uid);
-    std::vector<exported_handle> handles = backing.export_handles();
-    struct closer {
-        std::vector<exported_handle>& h;
-        ~closer() {
-            for (const auto& e : h) {
-                ::close(e.fd);
-            }
+    const std::vector<exported_handle> handles = backing.export_handles();
+    std::vector<detail::unique_fd> owned;  // every exported descriptor, closed on every path
+    try {
+        owned.reserve(handles.size());
+    } catch (...) {
+        for (const auto& h : handles) {
+            detail::unique_fd(h.fd).reset();  // closed at once
         }
-    } close_all{handles};
+        throw;
+    }
+    for (const auto& h : handles) {
+        owned.emplace_back(h.fd);
+    }
     const detail::shared_pages_header header{0x766d6d7070736870ull, backing.capacity(), handles.size()};
     detail::send_message(socket, &header, sizeof header, -1);
     for (const auto& h : handles) {
@@ -317,7 +294,7 @@ public:
                 [&](const detail::shared_pages_header& header) {
                     reservation_ = address_reservation(header.capacity, granularity);
                 },
-                [&](const detail::shared_page_record& record, detail::received_fd fd) {
+                [&](const detail::shared_page_record& record, detail::unique_fd fd) {
                     piece p;
                     p.memory = physical_allocation::import_fd(fd.get(), record.bytes);
                     fd.reset();  // the imported handle keeps the memory

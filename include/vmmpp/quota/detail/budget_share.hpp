@@ -1,0 +1,276 @@
+// vmmpp/quota/detail/budget_share.hpp: what a process budget does in its segment. Registers a
+// (model, process) share (taking a model slot and a usage record), acquires and releases bytes
+// through it against the model's and the global limit, and takes back the shares of processes
+// that died. Each operation is one critical section under the segment's robust lock; every store
+// is ordered so that the lock's repair (segment::repair) can rebuild the totals from the records
+// after a process dies half way. vmmpp::process_quota and vmmpp::process_budget are thin layers
+// over these. Linux only.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "vmmpp/error.hpp"
+#include "vmmpp/quota/detail/budget_layout.hpp"
+#include "vmmpp/quota/detail/process_identity.hpp"
+#include "vmmpp/quota/detail/shared_segment.hpp"
+#include "vmmpp/quota/shared_budget.hpp"  // model_stats
+
+namespace vmmpp::detail::pb {
+
+/// Frees the records of every dead process (is_process_running, which also catches this
+/// process's records from before an exec) and gives their bytes back. Returns the bytes.
+/// Liveness is read from /proc without the lock (a dead identity never comes back to life).
+/// Throws: vmmpp::error if the lock cannot be taken; std::bad_alloc.
+/// Thread safety: any threads of any processes at once.
+inline std::size_t reclaim_dead(const segment& s) {
+    const process_identity me = s.self();
+    std::vector<process_identity> others;
+    {
+        std::lock_guard lock(s.mutex());
+        const record_slot* r = s.records();
+        for (std::uint32_t i = 0; i < s.max_records(); ++i) {
+            const process_identity id = identity_of(r[i]);
+            if (r[i].pid != 0 && id != me && std::find(others.begin(), others.end(), id) == others.end()) {
+                others.push_back(id);
+            }
+        }
+    }
+    std::vector<process_identity> dead;
+    for (const auto& id : others) {
+        if (!is_process_running(id)) {
+            dead.push_back(id);
+        }
+    }
+    if (dead.empty()) {
+        return 0;
+    }
+    std::size_t reclaimed = 0;
+    std::lock_guard lock(s.mutex());
+    header& h = s.head();
+    record_slot* r = s.records();
+    for (std::uint32_t i = 0; i < s.max_records(); ++i) {
+        if (r[i].pid == 0 || std::find(dead.begin(), dead.end(), identity_of(r[i])) == dead.end()) {
+            continue;
+        }
+        const std::uint64_t bytes = r[i].bytes;
+        r[i].bytes = 0;
+        ordered();
+        r[i].pid = 0;
+        ordered();
+        if (model_slot* m = s.model_of(r[i])) {
+            m->committed -= std::min(bytes, m->committed);
+        }
+        h.committed -= std::min<std::uint64_t>(bytes, h.committed);
+        h.reclaimed_bytes += bytes;
+        ++h.reclaimed_records;
+        reclaimed += bytes;
+    }
+    return reclaimed;
+}
+
+/// One process's share of one model in a segment: its model slot and usage record, the process
+/// (image) it is charged to, and the model's name. Copies charge the same record.
+///
+/// Nothing here checks which process calls: a share acts for `who()` wherever it is used
+/// (vmmpp::process_quota adds that check; tests use shares to act for made-up processes).
+/// Thread safety: every member function may be called at once from any threads of any processes;
+/// each is one critical section of the segment's lock.
+class share {
+public:
+    /// The share of `who` in model slot `model`, record slot `record` of `s`, for model `name`.
+    share(std::shared_ptr<const segment> s, std::uint32_t model, std::uint32_t record, process_identity who,
+          std::string name) noexcept
+        : segment_(std::move(s)), model_(model), record_(record), who_(who), name_(std::move(name)) {}
+
+    /// Takes `bytes` from this model's limit and the global limit together. Before refusing, it
+    /// takes back the shares of dead processes and tries once more.
+    /// Throws: vmmpp::over_quota naming the limit that refused ("model <name>" or "global"), with
+    /// nothing changed but the denied counters; vmmpp::error if the record was freed (its process
+    /// was taken for dead) or the lock cannot be taken.
+    void acquire(std::size_t bytes) const {
+        const segment& s = *segment_;
+        for (int attempt = 0;; ++attempt) {
+            {
+                std::lock_guard lock(s.mutex());
+                header& h = s.head();
+                model_slot& m = s.models()[model_];
+                record_slot& r = s.records()[record_];
+                if (!owns(r, who_, model_)) {
+                    throw error("vmmpp process budget '" + s.name() + "': the usage record of model '" + name_ +
+                                "' in this process was freed (was this process taken for dead?)");
+                }
+                const std::uint64_t model_left = m.limit > m.committed ? m.limit - m.committed : 0;
+                const std::uint64_t global_left = h.limit > h.committed ? h.limit - h.committed : 0;
+                if (bytes <= model_left && bytes <= global_left) {
+                    r.bytes += bytes;  // the record first: repair() rebuilds the rest from it
+                    ordered();
+                    m.committed += bytes;
+                    m.peak = std::max(m.peak, m.committed);
+                    h.committed += bytes;
+                    h.peak = std::max(h.peak, h.committed);
+                    return;
+                }
+                if (attempt > 0) {
+                    ++m.denied;
+                    ++h.denied;
+                    if (bytes > model_left) {
+                        throw over_quota("model " + name_, bytes, m.committed, m.limit);
+                    }
+                    throw over_quota("global", bytes, h.committed, h.limit);
+                }
+            }
+            reclaim_dead(s);
+        }
+    }
+
+    /// Gives `bytes` back to both limits (at most what the record holds). Does nothing if the
+    /// record was freed or the lock cannot be taken.
+    /// Throws: nothing.
+    void release(std::size_t bytes) const noexcept {
+        const segment& s = *segment_;
+        if (s.mutex().lock_or_error() != 0) {
+            return;
+        }
+        std::lock_guard lock(s.mutex(), std::adopt_lock);
+        header& h = s.head();
+        model_slot& m = s.models()[model_];
+        record_slot& r = s.records()[record_];
+        if (owns(r, who_, model_)) {
+            const std::uint64_t n = std::min<std::uint64_t>(bytes, r.bytes);  // never underflow on misuse
+            r.bytes -= n;
+            ordered();
+            m.committed -= std::min(n, m.committed);
+            h.committed -= std::min(n, h.committed);
+        }
+    }
+
+    /// This model's statistics now, over every process.
+    /// Throws: vmmpp::error if the lock cannot be taken; std::bad_alloc.
+    [[nodiscard]] model_stats stats() const {
+        std::lock_guard lock(segment_->mutex());
+        const model_slot& m = segment_->models()[model_];
+        return model_stats{name_, m.limit, m.committed, m.peak, m.denied};
+    }
+
+    /// The bytes the record holds now (0 once it was freed).
+    /// Throws: vmmpp::error if the lock cannot be taken.
+    [[nodiscard]] std::size_t process_committed() const {
+        std::lock_guard lock(segment_->mutex());
+        const record_slot& r = segment_->records()[record_];
+        return owns(r, who_, model_) ? r.bytes : 0;
+    }
+
+    /// The model's slot index.
+    [[nodiscard]] std::uint32_t model() const noexcept { return model_; }
+    /// The usage record's slot index.
+    [[nodiscard]] std::uint32_t record() const noexcept { return record_; }
+    /// The process the share is charged to.
+    [[nodiscard]] const process_identity& who() const noexcept { return who_; }
+    /// The model's name.
+    [[nodiscard]] const std::string& name() const noexcept { return name_; }
+
+private:
+    std::shared_ptr<const segment> segment_;
+    std::uint32_t model_;
+    std::uint32_t record_;
+    process_identity who_;
+    std::string name_;
+};
+
+/// Registers model `name` for process `who` in `s` and returns its share. The first registration
+/// (by any process) creates the model with `limit`; later ones join it and must state the same
+/// limit. A process that registers a model twice gets its one record again. When the record table
+/// is full, the records of dead processes are freed and it tries once more.
+/// Throws: vmmpp::invalid_argument for a name that is not 1 to 63 bytes without NUL, a zero limit,
+/// or a limit other than the model's; vmmpp::error when the model table or the record table is
+/// full, or the lock cannot be taken.
+/// Thread safety: any threads of any processes at once.
+inline share register_share(std::shared_ptr<const segment> segment_ptr, std::string_view name, std::size_t limit,
+                            const process_identity& who) {
+    if (name.empty() || name.size() >= name_capacity || name.find('\0') != std::string_view::npos) {
+        throw invalid_argument("model name '" + std::string(name) + "' must be 1 to " +
+                               std::to_string(name_capacity - 1) + " bytes without NUL");
+    }
+    if (limit == 0) {
+        throw invalid_argument("model '" + std::string(name) + "' needs a non-zero limit");
+    }
+    const segment& s = *segment_ptr;
+    for (int attempt = 0;; ++attempt) {
+        {
+            std::lock_guard lock(s.mutex());
+            model_slot* m = s.models();
+            record_slot* r = s.records();
+            std::uint32_t model = s.max_models();
+            std::uint32_t free_model = s.max_models();
+            for (std::uint32_t i = 0; i < s.max_models(); ++i) {
+                if (m[i].name[0] == '\0') {
+                    free_model = std::min(free_model, i);
+                } else if (name == slot_name(m[i])) {
+                    model = i;
+                    break;
+                }
+            }
+            if (model < s.max_models()) {
+                if (m[model].limit != limit) {
+                    throw invalid_argument("model '" + std::string(name) + "' is registered with limit " +
+                                           std::to_string(m[model].limit) + " bytes in process budget '" + s.name() +
+                                           "', not " + std::to_string(limit));
+                }
+                for (std::uint32_t i = 0; i < s.max_records(); ++i) {
+                    if (owns(r[i], who, model)) {
+                        return share(segment_ptr, model, i, who, std::string(name));
+                    }
+                }
+            } else if (free_model == s.max_models()) {
+                throw error("vmmpp process budget '" + s.name() + "' has no room for model '" + std::string(name) +
+                            "': all " + std::to_string(s.max_models()) +
+                            " model slots are taken (process_budget_options::max_models)");
+            }
+            std::uint32_t record = s.max_records();
+            for (std::uint32_t i = 0; i < s.max_records(); ++i) {
+                if (r[i].pid == 0) {
+                    record = i;
+                    break;
+                }
+            }
+            if (record < s.max_records()) {
+                if (model == s.max_models()) {
+                    model = free_model;
+                    model_slot& slot = m[model];
+                    slot.limit = limit;
+                    slot.committed = 0;
+                    slot.peak = 0;
+                    slot.denied = 0;
+                    std::memset(slot.name, 0, sizeof slot.name);
+                    std::memcpy(slot.name + 1, name.data() + 1, name.size() - 1);
+                    ordered();
+                    slot.name[0] = name[0];  // the slot is taken from this store on
+                }
+                r[record].start_time = who.start_time;
+                r[record].image = who.image;
+                r[record].model = model;
+                r[record].bytes = 0;
+                ordered();
+                r[record].pid = who.pid;  // the record is taken from this store on
+                return share(segment_ptr, model, record, who, std::string(name));
+            }
+            if (attempt > 0) {
+                throw error("vmmpp process budget '" + s.name() + "' has no free usage record for model '" +
+                            std::string(name) + "': all " + std::to_string(s.max_records()) +
+                            " are held by live processes (process_budget_options::max_records)");
+            }
+        }
+        reclaim_dead(s);
+    }
+}
+
+} // namespace vmmpp::detail::pb
