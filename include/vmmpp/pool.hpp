@@ -140,7 +140,7 @@ struct pool_stats {
     std::uint64_t mapper_failures = 0;    ///< mapper commits refused (quota, memory) or failed
     std::uint64_t waits = 0;          ///< times a caller waited for the mapper to finish a unit it needed
     std::uint64_t reclaims = 0;       ///< times another model's pressure made this pool give spares back
-    std::size_t awaiting_gpu_units = 0;   ///< spares whose release waits for GPU work still queued (stream order)
+    std::size_t awaiting_gpu_units = 0;   ///< spares whose release waits for GPU work still queued (as of the pool's last look)
     std::size_t pending_fences = 0;       ///< fences recorded and not yet seen complete
     std::uint64_t fences = 0;             ///< fences recorded (record_fence, release with a stream)
     std::uint64_t decommit_failures = 0;  ///< decommits the backing refused (the unit stayed committed or was retired)
