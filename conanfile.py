@@ -13,6 +13,10 @@ vmmpp needs two things at build time that are not Conan packages here:
   (vmmpp's own CMake package, installed with `cmake --install`, does that for you; the one
   Conan's CMakeDeps writes cannot.) The CUDA driver (libcuda.so.1) is never linked: vmmpp
   loads it at run time with dlopen, hence the system library `dl`.
+* C++20 in CUDA translation units too. vmmpp::vmmpp asks for it through a CMake build module
+  (cmake/vmmppCudaDialect.cmake, run by the consumer's CMake: CMake 3.25 needs another way to
+  say it than later versions), so an engine's .cu files that include vmmpp/vmmpp.hpp compile.
+  Conan's cppstd setting covers C++ only.
 * range-v3 0.12, a Conan requirement like any other; a profile may satisfy it from the system
   with `[platform_requires] range-v3/0.12.0` (see .ci/conan/profile).
 """
@@ -22,7 +26,7 @@ import re
 from conan import ConanFile
 from conan.errors import ConanException, ConanInvalidConfiguration
 from conan.tools.build import check_min_cppstd
-from conan.tools.files import copy, load
+from conan.tools.files import copy, load, save
 from conan.tools.layout import basic_layout
 
 required_conan_version = ">=2.0"
@@ -37,8 +41,12 @@ class VmmppConan(ConanFile):
     topics = ("cuda", "gpu", "kv-cache", "llm", "inference", "virtual-memory", "header-only")
     package_type = "header-library"
     settings = "os", "arch", "compiler", "build_type"
-    exports_sources = "include/*", "LICENSE"
+    exports_sources = "include/*", "LICENSE", "cmake/vmmppCudaDialect.cmake"
     no_copy_source = True
+
+    # Where the package keeps the CMake build module that gives CUDA sources C++20.
+    _cmake_dir = os.path.join("lib", "cmake", "vmmpp")
+    _cuda_dialect_module = "conan-vmmpp-cuda-dialect.cmake"
 
     def set_version(self):
         # One source of truth: the version in project() of the top-level CMakeLists.txt.
@@ -76,11 +84,21 @@ class VmmppConan(ConanFile):
         for pattern in ("*.hpp", "*.h"):
             copy(self, pattern, src=os.path.join(self.source_folder, "include"),
                  dst=os.path.join(self.package_folder, "include"))
+        # The CUDA dialect (see the docstring), applied by a build module that CMakeDeps includes
+        # once it has made the vmmpp::vmmpp target.
+        cmake_dir = os.path.join(self.package_folder, self._cmake_dir)
+        copy(self, "vmmppCudaDialect.cmake", src=os.path.join(self.source_folder, "cmake"), dst=cmake_dir)
+        save(self, os.path.join(cmake_dir, self._cuda_dialect_module),
+             "# C++20 for the consumer's CUDA sources too (see vmmppCudaDialect.cmake).\n"
+             "include(\"${CMAKE_CURRENT_LIST_DIR}/vmmppCudaDialect.cmake\")\n"
+             "vmmpp_cuda_dialect(vmmpp::vmmpp)\n")
 
     def package_info(self):
         self.cpp_info.set_property("cmake_file_name", "vmmpp")
         self.cpp_info.set_property("cmake_target_name", "vmmpp::vmmpp")
         self.cpp_info.set_property("pkg_config_name", "vmmpp")
+        self.cpp_info.set_property("cmake_build_modules",
+                                   [os.path.join(self._cmake_dir, self._cuda_dialect_module)])
         self.cpp_info.bindirs = []
         self.cpp_info.libdirs = []
         # cudart is the CUDA toolkit's, not Conan's: the consumer finds CUDAToolkit and links

@@ -23,5 +23,5 @@ class TestPackageConan(ConanFile):
 
     def test(self):
         if can_run(self):
-            bin_path = os.path.join(self.cpp.build.bindir, "test_package")
-            self.run(bin_path, env="conanrun")
+            for name in ("test_package", "test_package_cu"):
+                self.run(os.path.join(self.cpp.build.bindir, name), env="conanrun")

@@ -1,5 +1,5 @@
-# cmake -DMODE=find_package|add_subdirectory -DSETTINGS=<file> -DCONFIG=<cfg> -DWORK_DIR=<dir>
-#       -P run_consumer.cmake
+# cmake -DMODE=find_package|add_subdirectory|fetchcontent -DSETTINGS=<file> -DCONFIG=<cfg>
+#       -DWORK_DIR=<dir> -P run_consumer.cmake
 # One packaging test (see CMakeLists.txt beside this file). Everything it makes lies under
 # WORK_DIR, which it empties first, so each run starts from scratch.
 cmake_minimum_required(VERSION 3.25)
@@ -44,18 +44,83 @@ endif()
 if(RANGE_V3_DIR)
   list(APPEND configure_args "-Drange-v3_DIR=${RANGE_V3_DIR}")
 endif()
+# The consumers' own options: compile_commands.json, to check the -std flags nvcc got, and the
+# CUDA consumer (consumer.cu) where this build has a CUDA compiler, built with that one.
+set(consumer_args -DCMAKE_EXPORT_COMPILE_COMMANDS=ON)
+set(consumers_built vmmpp_consumer)
+if(CUDA_COMPILER)
+  list(APPEND configure_args "-DCMAKE_CUDA_COMPILER=${CUDA_COMPILER}" "-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}")
+  list(APPEND consumer_args -DVMMPP_CONSUMER_CUDA=ON)
+  list(APPEND consumers_built vmmpp_consumer_cu)
+else()
+  list(APPEND consumer_args -DVMMPP_CONSUMER_CUDA=OFF)
+endif()
 
 # build_and_run(<source dir> <build dir> <extra configure args>...): configures, builds and runs
-# the consumer, whose one line of output must be OK.
+# the consumers (C++, and CUDA where there is a CUDA compiler), whose output must begin with a
+# line OK, and checks what they were built with.
 function(build_and_run source build)
-  run("configure consumer" ${CMAKE_COMMAND} -S "${source}" -B "${build}" ${configure_args} ${ARGN})
+  run("configure consumer" ${CMAKE_COMMAND} -S "${source}" -B "${build}" ${configure_args} ${consumer_args} ${ARGN})
   run("build consumer" ${CMAKE_COMMAND} --build "${build}" --config "${CONFIG}")
-  file(GLOB_RECURSE exe LIST_DIRECTORIES false "${build}/vmmpp_consumer" "${build}/vmmpp_consumer.exe")
-  if(NOT exe)
-    message(FATAL_ERROR "FAILED: the build made no vmmpp_consumer under ${build}")
+  foreach(name IN LISTS consumers_built)
+    file(GLOB_RECURSE exe LIST_DIRECTORIES false "${build}/${name}" "${build}/${name}.exe")
+    if(NOT exe)
+      message(FATAL_ERROR "FAILED: the build made no ${name} under ${build}")
+    endif()
+    list(GET exe 0 exe)
+    check_runs_ok("${exe}")
+  endforeach()
+  check_toolkit("${build}")
+  if(CUDA_COMPILER)
+    check_cuda_dialect("${build}")
   endif()
-  list(GET exe 0 exe)
-  check_runs_ok("${exe}")
+endfunction()
+
+# check_toolkit(<build dir>): the consumer found the CUDA toolkit this build found (its headers),
+# not another one on the machine (FindCUDAToolkit falls back to /usr/local/cuda).
+function(check_toolkit build)
+  file(STRINGS "${build}/CMakeCache.txt" found REGEX "^FIND_PACKAGE_MESSAGE_DETAILS_CUDAToolkit:")
+  # [include dir(s)][cudart][bin][version]; from CMake 3.31 the first is a list (include, cccl).
+  if(NOT found MATCHES "=\\[([^];\\]*)")
+    message(FATAL_ERROR "FAILED: the consumer's cache does not say which CUDA toolkit it found")
+  endif()
+  get_filename_component(found_include "${CMAKE_MATCH_1}" REALPATH)
+  get_filename_component(root "${CUDA_TOOLKIT_ROOT}" REALPATH)
+  string(FIND "${found_include}/" "${root}/" at)
+  if(NOT at EQUAL 0)
+    message(FATAL_ERROR "FAILED: the consumer found CUDA headers in ${found_include}, not under ${root}")
+  endif()
+  message(STATUS "the consumer found the CUDA toolkit under ${root}: ${found}")
+endfunction()
+
+# check_cuda_dialect(<build dir>): every CUDA source was compiled with exactly one -std, and it
+# was -std=c++20 (from vmmpp::vmmpp, whatever the consumer asked for).
+function(check_cuda_dialect build)
+  if(NOT EXISTS "${build}/compile_commands.json")
+    message(STATUS "no compile_commands.json (generator ${GENERATOR}): -std not checked")
+    return()
+  endif()
+  file(READ "${build}/compile_commands.json" commands)
+  string(JSON count LENGTH "${commands}")
+  math(EXPR last "${count} - 1")
+  set(checked 0)
+  foreach(i RANGE ${last})
+    string(JSON file GET "${commands}" ${i} file)
+    if(NOT file MATCHES "\\.cu$")
+      continue()
+    endif()
+    string(JSON command GET "${commands}" ${i} command)
+    string(REGEX MATCHALL "(^| )-std=[^ ]+" stds "${command}")
+    list(TRANSFORM stds STRIP)
+    if(NOT stds STREQUAL "-std=c++20")
+      message(FATAL_ERROR "FAILED: ${file} was compiled with [${stds}], not one -std=c++20:\n${command}")
+    endif()
+    math(EXPR checked "${checked} + 1")
+  endforeach()
+  if(checked EQUAL 0)
+    message(FATAL_ERROR "FAILED: compile_commands.json lists no CUDA source")
+  endif()
+  message(STATUS "nvcc got one -std=c++20 for each of ${checked} CUDA source(s)")
 endfunction()
 
 function(check_runs_ok exe)
@@ -121,24 +186,44 @@ if(MODE STREQUAL "find_package")
   endif()
   run("pkg-config libs" "${PKG_CONFIG}" --libs vmmpp)
   string(STRIP "${run_output}" libs)
+  # Compile, link and run the consumers with those flags and nothing else (plus an rpath for the
+  # -L directories, as the CUDA runtime's need not be on the loader's path).
+  separate_arguments(cflags UNIX_COMMAND "${cflags}")
+  separate_arguments(libs UNIX_COMMAND "${libs}")
+  set(rpath_dirs "")
+  foreach(flag IN LISTS libs)
+    if(flag MATCHES "^-L(.+)")
+      list(APPEND rpath_dirs "${CMAKE_MATCH_1}")
+    endif()
+  endforeach()
   if(CXX_COMPILER_ID MATCHES "GNU|Clang")
-    # Compile, link and run the consumer with those flags and nothing else (plus an rpath for
-    # the -L directories, as the CUDA runtime's need not be on the loader's path).
-    separate_arguments(cflags UNIX_COMMAND "${cflags}")
-    separate_arguments(libs UNIX_COMMAND "${libs}")
-    set(rpaths "")
-    foreach(flag IN LISTS libs)
-      if(flag MATCHES "^-L(.+)")
-        list(APPEND rpaths "-Wl,-rpath,${CMAKE_MATCH_1}")
-      endif()
-    endforeach()
+    list(TRANSFORM rpath_dirs PREPEND "-Wl,-rpath," OUTPUT_VARIABLE rpaths)
     run("compile with pkg-config flags" "${CXX_COMPILER}" ${cflags} "${consumers}/consumer.cpp"
         -o "${WORK_DIR}/vmmpp_consumer_pc" ${libs} ${rpaths})
     check_runs_ok("${WORK_DIR}/vmmpp_consumer_pc")
   endif()
+  if(CUDA_COMPILER)
+    # The same flags are nvcc's: -std=c++20 and -I name the dialect and the headers, -L/-l the
+    # runtime.
+    list(TRANSFORM rpath_dirs PREPEND "-Xlinker=-rpath," OUTPUT_VARIABLE rpaths)
+    run("compile consumer.cu with pkg-config flags" "${CUDA_COMPILER}" ${cflags} "${consumers}/consumer.cu"
+        -o "${WORK_DIR}/vmmpp_consumer_cu_pc" ${libs} ${rpaths})
+    check_runs_ok("${WORK_DIR}/vmmpp_consumer_cu_pc")
+  endif()
 elseif(MODE STREQUAL "add_subdirectory")
   build_and_run("${consumers}/add_subdirectory" "${WORK_DIR}/consumer-build"
                 "-DVMMPP_SOURCE_DIR=${VMMPP_SOURCE_DIR}" "-DCMAKE_PREFIX_PATH=${PREFIX_PATH}")
+elseif(MODE STREQUAL "fetchcontent")
+  # A source archive of what a vendored vmmpp needs (a release archive has more; vmmpp must not
+  # need it when it is not the top-level project), fetched by URL as FetchContent users do.
+  set(archive "${WORK_DIR}/vmmpp-${VMMPP_VERSION}.tar.gz")
+  execute_process(COMMAND ${CMAKE_COMMAND} -E tar czf "${archive}" CMakeLists.txt LICENSE cmake include
+                  WORKING_DIRECTORY "${VMMPP_SOURCE_DIR}" RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "FAILED: could not archive ${VMMPP_SOURCE_DIR} (exit ${rc})")
+  endif()
+  build_and_run("${consumers}/fetchcontent" "${WORK_DIR}/consumer-build"
+                "-DVMMPP_URL=${archive}" "-DCMAKE_PREFIX_PATH=${PREFIX_PATH}")
 else()
   message(FATAL_ERROR "run_consumer.cmake: unknown MODE ${MODE}")
 endif()

@@ -17,6 +17,25 @@
 
 namespace vmmpp {
 
+namespace detail {
+// CUDA 13 gives cudaMemAdvise and cudaMemPrefetchAsync a cudaMemLocation; CUDA 12 has that form
+// (from 12.2) as cudaMemAdvise_v2 and cudaMemPrefetchAsync_v2, the plain names taking a device id.
+inline cudaError_t mem_advise(const void* p, std::size_t bytes, cudaMemoryAdvise advice, cudaMemLocation where) {
+#if CUDART_VERSION >= 13000
+    return ::cudaMemAdvise(p, bytes, advice, where);
+#else
+    return ::cudaMemAdvise_v2(p, bytes, advice, where);
+#endif
+}
+inline cudaError_t mem_prefetch_async(const void* p, std::size_t bytes, cudaMemLocation to, cudaStream_t stream) {
+#if CUDART_VERSION >= 13000
+    return ::cudaMemPrefetchAsync(p, bytes, to, 0, stream);
+#else
+    return ::cudaMemPrefetchAsync_v2(p, bytes, to, 0, stream);
+#endif
+}
+} // namespace detail
+
 /// Construction options of vmmpp::managed.
 struct managed_prefetch_options {
     int device = 0;
@@ -55,9 +74,9 @@ public:
         driver::check(::cudaMallocManaged(&p, capacity, cudaMemAttachGlobal), "cudaMallocManaged");
         base_ = static_cast<std::byte*>(p);
         try {
-            driver::check(::cudaMemAdvise(base_, capacity, cudaMemAdviseSetPreferredLocation, device_location()),
+            driver::check(detail::mem_advise(base_, capacity, cudaMemAdviseSetPreferredLocation, device_location()),
                           "cudaMemAdvise(SetPreferredLocation)");
-            driver::check(::cudaMemAdvise(base_, capacity, cudaMemAdviseSetAccessedBy, host_location()),
+            driver::check(detail::mem_advise(base_, capacity, cudaMemAdviseSetAccessedBy, host_location()),
                           "cudaMemAdvise(SetAccessedBy)");
             driver::check(::cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
         } catch (...) {
@@ -113,7 +132,7 @@ private:
     }
     void migrate(std::size_t offset, std::size_t bytes, cudaMemLocation to, const char* call) {
         scoped_context current(context_);
-        driver::check(::cudaMemPrefetchAsync(base_ + offset, bytes, to, 0, stream_), call);
+        driver::check(detail::mem_prefetch_async(base_ + offset, bytes, to, stream_), call);
         driver::check(::cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     }
 

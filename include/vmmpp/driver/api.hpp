@@ -14,6 +14,13 @@
 
 #include "vmmpp/error.hpp"
 
+// The oldest CUDA these headers compile against is 12.2 (cudaMemAdvise_v2 and
+// cudaMemPrefetchAsync_v2 in backing/managed_prefetch.hpp; cuGetProcAddress_v2 below is 12.0);
+// CI builds them with 12.9, 13.0 and the newest 13.x (README, Requirements).
+#if !defined(CUDART_VERSION) || CUDART_VERSION < 12020
+#error "vmmpp needs the CUDA 12.2 toolkit headers or newer (12.9 and 13.x are tested)"
+#endif
+
 namespace vmmpp::driver {
 
 /// The driver functions vmmpp calls, as function pointers resolved at run time.
@@ -74,10 +81,25 @@ inline load_result load() {
         result.failure = "libcuda.so.1 has no cuGetProcAddress_v2: the driver is older than CUDA 12";
         return result;
     }
+    // Ask for each entry point as of the older of these headers and the driver: a program built
+    // with a newer toolkit (13.5) than the driver (580: 13.0) runs on it (CUDA's minor-version
+    // compatibility), and every entry point vmmpp uses has kept its signature since 12.2.
+    constexpr int oldest_supported = 12020;  // every driver vmmpp runs on has this version of it
+    void* version_fn = nullptr;
+    CUdriverProcAddressQueryResult version_status{};
+    int driver_version = 0;
+    if (get_proc("cuDriverGetVersion", &version_fn, oldest_supported, CU_GET_PROC_ADDRESS_DEFAULT, &version_status) !=
+            CUDA_SUCCESS ||
+        version_fn == nullptr ||
+        reinterpret_cast<decltype(&::cuDriverGetVersion)>(version_fn)(&driver_version) != CUDA_SUCCESS) {
+        result.failure = "libcuda.so.1 does not say its version (cuDriverGetVersion)";
+        return result;
+    }
+    const int version = driver_version < CUDA_VERSION ? driver_version : CUDA_VERSION;
     auto resolve = [&](const char* symbol, auto& slot) {
         void* fn = nullptr;
         CUdriverProcAddressQueryResult status{};
-        if (get_proc(symbol, &fn, CUDA_VERSION, CU_GET_PROC_ADDRESS_DEFAULT, &status) != CUDA_SUCCESS ||
+        if (get_proc(symbol, &fn, version, CU_GET_PROC_ADDRESS_DEFAULT, &status) != CUDA_SUCCESS ||
             fn == nullptr) {
             if (result.failure.empty()) {
                 result.failure = std::string("the CUDA driver does not provide ") + symbol;
