@@ -1,6 +1,6 @@
-// kv_cache on the GPU configurations: a kernel writes K/V through slot_mapping, another reads
-// them back through the packed block tables (fork and copy-on-write included), and the result
-// must equal a host reference.
+// kv_cache on the GPU configurations and every layout: a kernel writes K/V through slot_mapping
+// and the tensor descriptors' strides, another reads them back through the packed block tables
+// (fork and copy-on-write included), and the result must equal a host reference.
 #define VMMPP_GPU_TEST_NAME "gpu kv cache"
 #include "support/gpu_main.hpp"
 #include "support/gpu.hpp"
@@ -18,19 +18,31 @@ using namespace vmmpp_test;
 
 namespace {
 
-using gpu_kv_cases = boost::mpl::list<kv_case<vmmpp::elastic_config>, kv_case<vmmpp::elastic_config, vmmpp::block_major>,
-                                      kv_case<vmmpp::static_config>, kv_case<vmmpp::gh200_config>,
-                                      kv_case<vmm_chunked_config, vmmpp::block_major>>;
+using gpu_kv_cases = boost::mpl::list<
+    kv_case<vmmpp::elastic_config>, kv_case<vmmpp::elastic_config, vmmpp::block_major>,
+    kv_case<vmmpp::elastic_config, vmmpp::layer_major_hnd>, kv_case<vmmpp::elastic_config, vmmpp::block_major_hnd>,
+    kv_case<vmmpp::elastic_config, vmmpp::packed_kv>, kv_case<vmmpp::elastic_config, vmmpp::mla>,
+    kv_case<vmmpp::static_config>, kv_case<vmmpp::static_config, vmmpp::layer_major_hnd>, kv_case<vmmpp::gh200_config>,
+    kv_case<vmmpp::gh200_config, vmmpp::packed_kv>, kv_case<vmm_chunked_config, vmmpp::block_major>,
+    kv_case<vmm_chunked_config, vmmpp::mla>>;
 
+// mla caches get one head of 64 (kv_factory's fit_geometry).
 constexpr vmmpp::kv_geometry geom{.layers = 3, .kv_heads = 2, .head_dim = 32, .type = vmmpp::dtype::f16,
                                   .block_tokens = 16, .max_blocks = 4096};
-constexpr int elems = 2 * 3 * 2 * 32;  // per token: K/V x layers x heads x dims
+constexpr int max_tensors = 2 * 3;
 
+/// Every layer's K and V (mla: the latent) as a kernel reads them: pointers and the strides of
+/// the cache's tensor descriptors, the same for each tensor of a cache.
 struct kv_view {
-    std::uint16_t* tensors[2 * 3];  // layer-major order: K0, V0, K1, V1, ...
-    long long block_stride;         // elements
-    int heads, dim, block_tokens;
+    std::uint16_t* tensors[max_tensors];  // K0, V0, K1, V1, ... (mla: L0, L1, L2)
+    long long block_stride, token_stride, head_stride;  // elements (the dim stride is 1)
+    int count, heads, dim, block_tokens;
+    int elems;  // per token: count x heads x dim
 };
+
+__host__ __device__ long long element_index(const kv_view& kv, long long block, long long offset, int h, int d) {
+    return block * kv.block_stride + offset * kv.token_stride + h * kv.head_stride + d;
+}
 
 __host__ __device__ std::uint16_t expected_value(std::uint16_t token, int tensor, int h, int d) {
     return static_cast<std::uint16_t>(token * 7u + tensor * 131u + h * 17u + d * 3u);
@@ -43,12 +55,11 @@ __global__ void write_through_slots(kv_view kv, const std::int64_t* slots, const
     }
     const long long block = slots[t] / kv.block_tokens;
     const long long offset = slots[t] % kv.block_tokens;
-    for (int i = threadIdx.x; i < elems; i += blockDim.x) {
+    for (int i = threadIdx.x; i < kv.elems; i += blockDim.x) {
         const int tensor = i / (kv.heads * kv.dim);
         const int h = (i / kv.dim) % kv.heads;
         const int d = i % kv.dim;
-        kv.tensors[tensor][block * kv.block_stride + (offset * kv.heads + h) * kv.dim + d] =
-            expected_value(tokens[t], tensor, h, d);
+        kv.tensors[tensor][element_index(kv, block, offset, h, d)] = expected_value(tokens[t], tensor, h, d);
     }
 }
 
@@ -61,12 +72,12 @@ __global__ void read_through_tables(kv_view kv, const std::int32_t* tables, int 
     }
     const long long block = tables[row * max_blocks + t / kv.block_tokens];
     const long long offset = t % kv.block_tokens;
-    for (int i = threadIdx.x; i < elems; i += blockDim.x) {
+    for (int i = threadIdx.x; i < kv.elems; i += blockDim.x) {
         const int tensor = i / (kv.heads * kv.dim);
         const int h = (i / kv.dim) % kv.heads;
         const int d = i % kv.dim;
-        out[(static_cast<long long>(row) * max_tokens + t) * elems + i] =
-            kv.tensors[tensor][block * kv.block_stride + (offset * kv.heads + h) * kv.dim + d];
+        out[(static_cast<long long>(row) * max_tokens + t) * kv.elems + i] =
+            kv.tensors[tensor][element_index(kv, block, offset, h, d)];
     }
 }
 
@@ -84,18 +95,28 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(kernels_write_by_slot_and_read_by_block_table, Cas
     kv_factory<Case> factory;
     auto cache = factory.make(geom);
     auto& c = *cache;
+    const vmmpp::kv_geometry& g = c.geometry();
+    constexpr unsigned parts = Case::layout::parts;
     kv_view kv{};
-    for (std::uint32_t l = 0; l < geom.layers; ++l) {
-        for (auto part : {vmmpp::kv_part::key, vmmpp::kv_part::value}) {
-            const auto t = c.tensor(l, part);
-            kv.tensors[2 * l + static_cast<int>(part)] = static_cast<std::uint16_t*>(t.data);
+    for (std::uint32_t l = 0; l < g.layers; ++l) {
+        for (unsigned p = 0; p < parts; ++p) {
+            const auto t = c.tensor(l, static_cast<vmmpp::kv_part>(p));
+            kv.tensors[parts * l + p] = static_cast<std::uint16_t*>(t.data);
             kv.block_stride = t.strides[0];
+            kv.token_stride = t.strides[1];
+            kv.head_stride = t.strides[2];
+            BOOST_TEST(t.strides[3] == 1);
+            BOOST_TEST(t.shape[2] == static_cast<std::int64_t>(g.kv_heads));
+            BOOST_TEST(t.shape[3] == static_cast<std::int64_t>(g.head_dim));
             BOOST_TEST(t.device == 0);
         }
     }
-    kv.heads = geom.kv_heads;
-    kv.dim = geom.head_dim;
-    kv.block_tokens = geom.block_tokens;
+    kv.count = static_cast<int>(parts * g.layers);
+    kv.heads = static_cast<int>(g.kv_heads);
+    kv.dim = static_cast<int>(g.head_dim);
+    kv.block_tokens = static_cast<int>(g.block_tokens);
+    kv.elems = kv.count * kv.heads * kv.dim;
+    const int elems = kv.elems;
 
     std::map<vmmpp::seq_id, std::vector<std::uint16_t>> model;
     std::uint16_t next = 1;
@@ -145,7 +166,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(kernels_write_by_slot_and_read_by_block_table, Cas
     }
     auto* d_lengths = device_copy(lengths);
     std::uint16_t* d_out = nullptr;
-    const std::size_t out_elems = rows.size() * max_tokens * elems;
+    const std::size_t out_elems = rows.size() * max_tokens * static_cast<std::size_t>(elems);
     cuda_check(cudaMalloc(&d_out, out_elems * sizeof(std::uint16_t)));
     read_through_tables<<<dim3(max_tokens, static_cast<unsigned>(rows.size())), 128>>>(kv, d_tables, max_blocks,
                                                                                         d_lengths, max_tokens, d_out);
@@ -158,9 +179,9 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(kernels_write_by_slot_and_read_by_block_table, Cas
         BOOST_TEST(tokens.size() == static_cast<std::size_t>(lengths[r]));
         for (std::size_t t = 0; t < tokens.size(); ++t) {
             for (int i = 0; i < elems; ++i) {
-                const int tensor = i / (geom.kv_heads * geom.head_dim);
-                const int h = (i / geom.head_dim) % geom.kv_heads;
-                const int dd = i % geom.head_dim;
+                const int tensor = i / (kv.heads * kv.dim);
+                const int h = (i / kv.dim) % kv.heads;
+                const int dd = i % kv.dim;
                 bad += out[(r * max_tokens + t) * elems + i] != expected_value(tokens[t], tensor, h, dd);
                 ++checked;
             }

@@ -5,12 +5,15 @@
 
 #include <boost/mpl/list.hpp>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <new>
 #include <random>
+#include <type_traits>
 #include <unordered_map>
 
 #include "support/kv_factories.hpp"
@@ -22,9 +25,15 @@ using vmmpp::kv_part;
 
 namespace {
 
-using kv_cases = boost::mpl::list<kv_case<vmmpp::host_config>, kv_case<vmmpp::host_config, vmmpp::block_major>,
-                                  kv_case<host_chunked_budget_config>, kv_case<host_external_config>,
-                                  kv_case<host_preallocated_config, vmmpp::block_major>>;
+using kv_cases = boost::mpl::list<
+    kv_case<vmmpp::host_config>, kv_case<vmmpp::host_config, vmmpp::block_major>,
+    kv_case<vmmpp::host_config, vmmpp::layer_major_hnd>, kv_case<vmmpp::host_config, vmmpp::block_major_hnd>,
+    kv_case<vmmpp::host_config, vmmpp::packed_kv>, kv_case<vmmpp::host_config, vmmpp::mla>,
+    kv_case<host_chunked_budget_config>, kv_case<host_chunked_budget_config, vmmpp::packed_kv>,
+    kv_case<host_chunked_budget_config, vmmpp::mla>, kv_case<host_external_config>,
+    kv_case<host_external_config, vmmpp::layer_major_hnd>, kv_case<host_external_config, vmmpp::mla>,
+    kv_case<host_preallocated_config, vmmpp::block_major>, kv_case<host_preallocated_config, vmmpp::block_major_hnd>,
+    kv_case<host_preallocated_config, vmmpp::packed_kv>>;
 
 // 2 layers, 2 heads, 64 dims, fp16, 16 tokens: a block tensor is 4 KiB, a block 16 KiB.
 constexpr vmmpp::kv_geometry small{.layers = 2, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,
@@ -45,24 +54,61 @@ struct snapshot {
     bool operator==(const snapshot&) const = default;
 };
 
-/// Writes a value into the K of layer 0 and the V of the last layer at a token's slot.
+/// The last of a layer's parts: V, or K (the latent) for mla.
+template <class Cache>
+constexpr kv_part last_part = Cache::layout_type::parts == 2 ? kv_part::value : kv_part::key;
+
+/// Element [slot's block, slot's token, last head, last dim] of a layer's K or V, found through
+/// the cache's tensor descriptor (its strides).
+template <class Cache>
+std::byte* element_at(const Cache& c, std::uint32_t layer, kv_part part, std::int64_t slot) {
+    const auto& g = c.geometry();
+    const vmmpp::kv_tensor t = c.tensor(layer, part);
+    const std::int64_t index = slot / g.block_tokens * t.strides[0] + slot % g.block_tokens * t.strides[1] +
+                               (t.shape[2] - 1) * t.strides[2] + (t.shape[3] - 1) * t.strides[3];
+    return static_cast<std::byte*>(t.data) + index * 2;
+}
+
+/// Writes a value into the K of layer 0 and the V (mla: the latent) of the last layer at a
+/// token's slot, through the tensor descriptors.
 template <class Cache>
 void write_token(Cache& c, std::int64_t slot, std::uint16_t value) {
-    const auto& g = c.geometry();
-    const auto block = static_cast<std::int32_t>(slot / g.block_tokens);
-    const auto offset = static_cast<std::size_t>(slot % g.block_tokens) * g.kv_heads * g.head_dim * 2;
-    std::memcpy(c.key(0, block) + offset, &value, 2);
-    std::memcpy(c.value(g.layers - 1, block) + offset, &value, 2);
+    std::memcpy(element_at(c, 0, kv_part::key, slot), &value, 2);
+    std::memcpy(element_at(c, c.geometry().layers - 1, last_part<Cache>, slot), &value, 2);
 }
 template <class Cache>
 std::pair<std::uint16_t, std::uint16_t> read_token(const Cache& c, std::int64_t slot) {
-    const auto& g = c.geometry();
-    const auto block = static_cast<std::int32_t>(slot / g.block_tokens);
-    const auto offset = static_cast<std::size_t>(slot % g.block_tokens) * g.kv_heads * g.head_dim * 2;
     std::uint16_t k = 0, v = 0;
-    std::memcpy(&k, c.key(0, block) + offset, 2);
-    std::memcpy(&v, c.value(g.layers - 1, block) + offset, 2);
+    std::memcpy(&k, element_at(c, 0, kv_part::key, slot), 2);
+    std::memcpy(&v, element_at(c, c.geometry().layers - 1, last_part<Cache>, slot), 2);
     return {k, v};
+}
+
+/// Element offset of [token, head, dim] from a block's K (or V) address, from the layout's
+/// definition (written out here, independently of the library's strides).
+template <class Layout>
+std::int64_t in_block_offset(const vmmpp::kv_geometry& g, std::int64_t t, std::int64_t h, std::int64_t d) {
+    const std::int64_t tokens = g.block_tokens, heads = g.kv_heads, dim = g.head_dim;
+    if constexpr (std::is_same_v<Layout, vmmpp::layer_major> || std::is_same_v<Layout, vmmpp::block_major> ||
+                  std::is_same_v<Layout, vmmpp::mla>) {
+        return (t * heads + h) * dim + d;
+    } else if constexpr (std::is_same_v<Layout, vmmpp::packed_kv>) {
+        return (h * tokens + t) * 2 * dim + d;  // K|V rows of 2 x head_dim, heads before tokens
+    } else {
+        return (h * tokens + t) * dim + d;  // HND
+    }
+}
+
+/// Bytes from one block to the next in a layer's tensor, from the layout's definition.
+template <class Layout>
+std::size_t expected_block_stride(const vmmpp::kv_geometry& g) {
+    if constexpr (std::is_same_v<Layout, vmmpp::block_major> || std::is_same_v<Layout, vmmpp::block_major_hnd>) {
+        return g.block_bytes();
+    } else if constexpr (std::is_same_v<Layout, vmmpp::packed_kv>) {
+        return 2 * g.block_tensor_bytes();
+    } else {
+        return g.block_tensor_bytes();
+    }
 }
 
 } // namespace
@@ -212,6 +258,31 @@ BOOST_AUTO_TEST_CASE(geometry_is_validated) {
             BOOST_TEST(std::string(e.what()).find(needle) != std::string::npos, e.what());
         }
     };
+    auto rejects_mla = [](const vmmpp::kv_geometry& g, const char* needle) {
+        try {
+            vmmpp::kv_cache<vmmpp::host_config, vmmpp::mla> c(g);
+            BOOST_ERROR("mla accepted: " << needle);
+        } catch (const vmmpp::invalid_argument& e) {
+            BOOST_TEST(std::string(e.what()).find(needle) != std::string::npos, e.what());
+        }
+    };
+    rejects_mla(small, "kv_heads is 2: the mla layout");  // one latent per token
+    rejects_mla(with([](auto& g) {
+                    g.kv_heads = 1;
+                    g.head_dim = 0;  // a latent of size 0
+                }),
+                "head_dim must not be zero");
+    rejects_mla(with([](auto& g) {
+                    g.kv_heads = 1;
+                    g.layers = 0xffffffffu;
+                    g.head_dim = 0xffffffffu;
+                }),
+                "overflows");
+    vmmpp::kv_cache<vmmpp::host_config, vmmpp::mla> fits(with([](auto& g) {
+        g.kv_heads = 1;
+        g.head_dim = 576;  // DeepSeek V3: kv_lora_rank 512 + rope 64
+    }));
+    BOOST_TEST(fits.geometry().head_dim == 576u);
     rejects(with([](auto& g) { g.layers = 0; }), "layers");
     rejects(with([](auto& g) { g.kv_heads = 0; }), "kv_heads");
     rejects(with([](auto& g) { g.head_dim = 0; }), "head_dim");
@@ -234,27 +305,133 @@ BOOST_AUTO_TEST_CASE(geometry_is_validated) {
 }
 
 BOOST_AUTO_TEST_CASE_TEMPLATE(tensors_describe_the_layout, Case, kv_cases) {
+    using layout = typename Case::layout;
     kv_factory<Case> factory;
     auto cache = factory.make(small);
     auto& c = *cache;
-    for (std::uint32_t l = 0; l < small.layers; ++l) {
-        for (auto part : {kv_part::key, kv_part::value}) {
+    const vmmpp::kv_geometry& g = c.geometry();
+    const auto seq = c.add_sequence();
+    c.append(seq, 8 * 16);  // blocks 0..7 held: their memory may be written
+    std::vector<kv_part> parts{kv_part::key};
+    if (layout::parts == 2) {
+        parts.push_back(kv_part::value);
+    }
+    std::uint16_t next = 1;
+    for (std::uint32_t l = 0; l < g.layers; ++l) {
+        for (auto part : parts) {
             const auto t = c.tensor(l, part);
             BOOST_TEST(t.shape[0] == 512);
             BOOST_TEST(t.shape[1] == 16);
-            BOOST_TEST(t.shape[2] == 2);
-            BOOST_TEST(t.shape[3] == 64);
-            BOOST_TEST(t.strides[3] == 1);
-            BOOST_TEST(t.strides[2] == 64);
-            BOOST_TEST(t.strides[1] == 128);
-            // element [b, 0, 0, 0] is the block's address in that tensor
-            for (std::int32_t b : {0, 1, 7, 511}) {
-                auto* elem = static_cast<std::byte*>(t.data) + t.strides[0] * b * 2;
-                BOOST_TEST((elem == c.address(l, part, b)));
-            }
+            BOOST_TEST(t.shape[2] == static_cast<std::int64_t>(g.kv_heads));
+            BOOST_TEST(t.shape[3] == static_cast<std::int64_t>(g.head_dim));
+            BOOST_TEST(t.strides[0] * 2 == static_cast<std::int64_t>(expected_block_stride<layout>(g)));
             BOOST_TEST(t.device == -1);
+            BOOST_TEST(t.data == static_cast<void*>(c.address(l, part, 0)));
+            for (std::int32_t b : {0, 1, 7, 511}) {
+                for (std::int64_t tok : {0, 5, 15}) {
+                    for (std::int64_t h = 0; h < t.shape[2]; ++h) {
+                        for (std::int64_t d : {std::int64_t{0}, std::int64_t{3}, t.shape[3] - 1}) {
+                            // the descriptor's element [b, tok, h, d] is where address() and the
+                            // layout's definition put it
+                            const std::int64_t index =
+                                t.strides[0] * b + t.strides[1] * tok + t.strides[2] * h + d * t.strides[3];
+                            auto* elem = static_cast<std::byte*>(t.data) + index * 2;
+                            auto* expected = c.address(l, part, b) + in_block_offset<layout>(g, tok, h, d) * 2;
+                            BOOST_TEST((elem == expected));
+                            if (b < 8) {  // a value written through the strides reads back at address()
+                                const std::uint16_t v = next++;
+                                std::memcpy(elem, &v, 2);
+                                std::uint16_t back = 0;
+                                std::memcpy(&back, expected, 2);
+                                BOOST_TEST(back == v);
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
+    // Every element of a block lies in one of its pieces, and no two elements share a byte.
+    std::vector<std::pair<std::size_t, std::size_t>> pieces;
+    layout::for_each_piece(g, 3, [&](std::size_t off, std::size_t bytes) { pieces.emplace_back(off, bytes); });
+    std::size_t piece_bytes = 0;
+    for (auto [off, bytes] : pieces) {
+        piece_bytes += bytes;
+    }
+    std::vector<std::size_t> offsets;
+    for (std::uint32_t l = 0; l < g.layers; ++l) {
+        for (auto part : parts) {
+            const std::size_t at = layout::offset(g, l, part, 3);
+            for (std::int64_t tok = 0; tok < g.block_tokens; ++tok) {
+                for (std::int64_t h = 0; h < g.kv_heads; ++h) {
+                    for (std::int64_t d = 0; d < g.head_dim; ++d) {
+                        const std::size_t o = at + static_cast<std::size_t>(in_block_offset<layout>(g, tok, h, d)) * 2;
+                        const bool inside = std::any_of(pieces.begin(), pieces.end(), [&](auto p) {
+                            return o >= p.first && o + 2 <= p.first + p.second;
+                        });
+                        if (!inside) {
+                            BOOST_ERROR("layer " << l << " element outside block 3's pieces");
+                            return;
+                        }
+                        offsets.push_back(o);
+                    }
+                }
+            }
+        }
+    }
+    std::sort(offsets.begin(), offsets.end());
+    BOOST_TEST((std::adjacent_find(offsets.begin(), offsets.end()) == offsets.end()));
+    BOOST_TEST(offsets.size() * 2 == piece_bytes);  // the pieces hold exactly the block's elements
+    // copy_shape's rows are the pieces
+    const auto shape = layout::copy_shape(g);
+    BOOST_TEST(shape.rows == pieces.size());
+    for (std::size_t r = 0; r < pieces.size(); ++r) {
+        BOOST_TEST(pieces[r].first == layout::offset(g, 0, kv_part::key, 3) + r * shape.pitch);
+        BOOST_TEST(pieces[r].second == shape.width);
+    }
+    // the last block's last piece ends the span
+    std::size_t end = 0;
+    layout::for_each_piece(g, g.max_blocks - 1,
+                           [&](std::size_t off, std::size_t bytes) { end = std::max(end, off + bytes); });
+    BOOST_TEST(end == layout::span_bytes(g));
+}
+
+BOOST_AUTO_TEST_CASE(packed_kv_views_and_the_packed_tensor) {
+    vmmpp::kv_cache<vmmpp::host_config, vmmpp::packed_kv> c(small);
+    for (std::uint32_t l = 0; l < small.layers; ++l) {
+        const auto p = c.packed_tensor(l);
+        const auto k = c.tensor(l, kv_part::key);
+        const auto v = c.tensor(l, kv_part::value);
+        BOOST_TEST((p.shape == std::array<std::int64_t, 4>{512, 16, 2, 128}), boost::test_tools::per_element());
+        // vLLM's [blocks, heads, tokens, 2 x head_dim], contiguous, read in [b, t, h, d] order
+        BOOST_TEST((p.strides == std::array<std::int64_t, 4>{2 * 16 * 128, 128, 16 * 128, 1}),
+                   boost::test_tools::per_element());
+        BOOST_TEST(k.strides == p.strides, boost::test_tools::per_element());
+        BOOST_TEST(v.strides == p.strides, boost::test_tools::per_element());
+        BOOST_TEST(k.data == p.data);
+        BOOST_TEST(static_cast<std::byte*>(v.data) == static_cast<std::byte*>(p.data) + 64 * 2);  // V: [..., 64:]
+        BOOST_TEST(static_cast<std::byte*>(p.data) == c.pool().base() + l * 512 * 2 * small.block_tensor_bytes());
+    }
+    BOOST_CHECK_THROW((void)c.packed_tensor(small.layers), vmmpp::invalid_argument);
+}
+
+BOOST_AUTO_TEST_CASE(mla_has_one_latent_and_no_value) {
+    const vmmpp::kv_geometry g{.layers = 3, .kv_heads = 1, .head_dim = 576, .type = vmmpp::dtype::bf16,
+                               .block_tokens = 64, .max_blocks = 32};
+    vmmpp::kv_cache<vmmpp::host_config, vmmpp::mla> c(g);
+    BOOST_TEST(vmmpp::mla::span_bytes(g) == std::size_t{3} * 32 * 64 * 576 * 2);  // half of K + V
+    const auto t = c.tensor(1, kv_part::key);
+    BOOST_TEST((t.shape == std::array<std::int64_t, 4>{32, 64, 1, 576}), boost::test_tools::per_element());
+    BOOST_TEST((t.strides == std::array<std::int64_t, 4>{64 * 576, 576, 576, 1}), boost::test_tools::per_element());
+    BOOST_TEST(static_cast<std::byte*>(t.data) == c.pool().base() + std::size_t{32} * 64 * 576 * 2);
+    try {
+        (void)c.tensor(1, kv_part::value);
+        BOOST_ERROR("mla gave a value tensor");
+    } catch (const vmmpp::invalid_argument& e) {
+        BOOST_TEST(std::string(e.what()).find("the mla layout has 1 part") != std::string::npos, e.what());
+    }
+    BOOST_CHECK_THROW((void)c.value(0, 0), vmmpp::invalid_argument);
+    BOOST_CHECK_THROW((void)c.address(0, static_cast<kv_part>(7), 0), vmmpp::invalid_argument);
 }
 
 BOOST_AUTO_TEST_CASE_TEMPLATE(block_tables_and_views, Case, kv_cases) {

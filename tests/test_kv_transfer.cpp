@@ -1,5 +1,5 @@
 // copy_blocks between host caches (CI runs these for real): bytes land where the block lists
-// say, in both layouts and across configurations; every refused call leaves the destination's
+// say, in every layout and across configurations; every refused call leaves the destination's
 // bytes and bookkeeping as they were.
 #define BOOST_TEST_MODULE kv transfer
 #include "support/cpu_main.hpp"
@@ -22,43 +22,49 @@ using vmmpp::kv_part;
 
 namespace {
 
-using layouts = boost::mpl::list<vmmpp::layer_major, vmmpp::block_major>;
+using layouts = boost::mpl::list<vmmpp::layer_major, vmmpp::block_major, vmmpp::layer_major_hnd, vmmpp::block_major_hnd,
+                                 vmmpp::packed_kv, vmmpp::mla>;
 
 // 2 layers, 2 heads, 64 dims, fp16, 16 tokens: a block tensor is 4 KiB, a block 16 KiB.
 constexpr vmmpp::kv_geometry small{.layers = 2, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,
                                    .block_tokens = 16, .max_blocks = 512};
 
-std::uint8_t pattern_byte(unsigned tag, std::int32_t block, std::uint32_t layer, kv_part part, std::size_t i) {
-    return static_cast<std::uint8_t>(tag * 31u + static_cast<unsigned>(block) * 7u + layer * 13u +
-                                     static_cast<unsigned>(part) * 101u + i * 3u + i / 251u);
+std::uint8_t pattern_byte(unsigned tag, std::int32_t block, std::size_t piece, std::size_t i) {
+    return static_cast<std::uint8_t>(tag * 31u + static_cast<unsigned>(block) * 7u + piece * 13u + i * 3u + i / 251u);
 }
 
-/// Writes a pattern (depending on the tag, the block, the layer, K/V and the byte) into every
-/// layer's K and V of `block`, through the cache's own addresses.
+/// Writes a pattern (depending on the tag, the block, the piece and the byte) into every
+/// contiguous piece of `block` (every layer's K and V, packed K/V or latent) the layout names.
 template <class Cache>
 void fill_block(Cache& c, std::int32_t block, unsigned tag) {
-    const auto& g = c.geometry();
-    for (std::uint32_t l = 0; l < g.layers; ++l) {
-        for (auto part : {kv_part::key, kv_part::value}) {
-            std::byte* p = c.address(l, part, block);
-            for (std::size_t i = 0; i < g.block_tensor_bytes(); ++i) {
-                p[i] = static_cast<std::byte>(pattern_byte(tag, block, l, part, i));
-            }
-        }
-    }
+    std::size_t piece = 0;
+    Cache::layout_type::for_each_piece(c.geometry(), static_cast<std::uint32_t>(block),
+                                       [&](std::size_t off, std::size_t bytes) {
+                                           std::byte* p = c.pool().base() + off;
+                                           for (std::size_t i = 0; i < bytes; ++i) {
+                                               p[i] = static_cast<std::byte>(pattern_byte(tag, block, piece, i));
+                                           }
+                                           ++piece;
+                                       });
 }
 
-/// Every byte of `block`, layer by layer, K then V.
+/// Every byte of `block`, piece by piece.
 template <class Cache>
 std::vector<std::byte> block_bytes(const Cache& c, std::int32_t block) {
-    const auto& g = c.geometry();
     std::vector<std::byte> out;
-    for (std::uint32_t l = 0; l < g.layers; ++l) {
-        for (auto part : {kv_part::key, kv_part::value}) {
-            const std::byte* p = c.address(l, part, block);
-            out.insert(out.end(), p, p + g.block_tensor_bytes());
-        }
-    }
+    Cache::layout_type::for_each_piece(c.geometry(), static_cast<std::uint32_t>(block),
+                                       [&](std::size_t off, std::size_t bytes) {
+                                           const std::byte* p = c.pool().base() + off;
+                                           out.insert(out.end(), p, p + bytes);
+                                       });
+    // every part of every layer, through address(), lies in those bytes: K of the last layer
+    const auto& g = c.geometry();
+    const std::byte* last = c.address(g.layers - 1, kv_part::key, block);
+    bool inside = false;
+    Cache::layout_type::for_each_piece(g, static_cast<std::uint32_t>(block), [&](std::size_t off, std::size_t bytes) {
+        inside = inside || (last >= c.pool().base() + off && last < c.pool().base() + off + bytes);
+    });
+    BOOST_TEST(inside);
     return out;
 }
 
@@ -232,7 +238,9 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(refused_copies_leave_the_destination_unchanged, La
     filled_sequence(*odd, 4, 11);
     m = invalid_argument_of([&] { vmmpp::copy_blocks(*odd, ids{0}, *dst, ids{1}); });
     BOOST_TEST(mentions(m, "geometries differ"), m);
-    BOOST_TEST(mentions(m, "head_dim 32 (source) vs 64 (destination)"), m);
+    BOOST_TEST(mentions(m, "head_dim " + std::to_string(odd->geometry().head_dim) + " (source) vs " +
+                               std::to_string(dst->geometry().head_dim) + " (destination)"),
+               m);
     BOOST_TEST(mentions(m, "type bf16 (source) vs f16 (destination)"), m);
     BOOST_TEST(!mentions(m, "max_blocks"), m);
     BOOST_TEST(unchanged());

@@ -1,6 +1,6 @@
 // vmmpp/interop/dlpack.hpp without a GPU: the DLPack structure of a host_config cache's K/V
-// (both layouts), dtype codes, the device every kind of backing maps to, versioned exports, the
-// deleter and the keep-alive, refusals.
+// (every layout: NHD, HND, packed K/V, MLA), dtype codes, the device every kind of backing maps
+// to, versioned exports, the deleter and the keep-alive, refusals.
 #define BOOST_TEST_MODULE dlpack export
 #include "support/cpu_main.hpp"
 
@@ -80,6 +80,76 @@ BOOST_AUTO_TEST_CASE(values_written_through_slots_read_through_the_export) {
                     2);
         BOOST_TEST(v == 100 + i);
     }
+}
+
+/// Element [b, t, h, d] of `t` through its strides.
+std::byte* element_of(const DLTensor& t, std::int64_t b, std::int64_t o, std::int64_t h, std::int64_t d) {
+    const std::int64_t* s = t.strides;
+    return static_cast<std::byte*>(t.data) + (b * s[0] + o * s[1] + h * s[2] + d * s[3]) * 2;
+}
+
+BOOST_AUTO_TEST_CASE(hnd_exports_put_heads_before_tokens) {
+    vmmpp::kv_cache<vmmpp::host_config, vmmpp::layer_major_hnd> lm(geom);
+    dlpack_ptr t(vmmpp::to_dlpack(lm, 1, vmmpp::kv_part::value));
+    const std::vector<std::int64_t> shape(t->dl_tensor.shape, t->dl_tensor.shape + 4);
+    const std::vector<std::int64_t> strides(t->dl_tensor.strides, t->dl_tensor.strides + 4);
+    BOOST_TEST(shape == (std::vector<std::int64_t>{64, 4, 2, 8}), boost::test_tools::per_element());
+    // [blocks, tokens, heads, dim] read over memory laid out [blocks, heads, tokens, dim]
+    BOOST_TEST(strides == (std::vector<std::int64_t>{4 * 2 * 8, 8, 4 * 8, 1}), boost::test_tools::per_element());
+    BOOST_TEST(element_of(t->dl_tensor, 5, 3, 1, 7) ==
+               lm.address(1, vmmpp::kv_part::value, 5) + ((1 * 4 + 3) * 8 + 7) * 2);
+
+    vmmpp::kv_cache<vmmpp::host_config, vmmpp::block_major_hnd> bm(geom);
+    dlpack_ptr u(vmmpp::to_dlpack(bm, 2, vmmpp::kv_part::key));
+    const std::vector<std::int64_t> bstrides(u->dl_tensor.strides, u->dl_tensor.strides + 4);
+    BOOST_TEST(bstrides == (std::vector<std::int64_t>{2 * 3 * 4 * 2 * 8, 8, 4 * 8, 1}),
+               boost::test_tools::per_element());
+    BOOST_TEST(element_of(u->dl_tensor, 9, 2, 1, 4) ==
+               bm.address(2, vmmpp::kv_part::key, 9) + ((1 * 4 + 2) * 8 + 4) * 2);
+}
+
+BOOST_AUTO_TEST_CASE(packed_kv_exports_views_into_the_packed_tensor) {
+    vmmpp::kv_cache<vmmpp::host_config, vmmpp::packed_kv> cache(geom);
+    dlpack_ptr k(vmmpp::to_dlpack(cache, 2, vmmpp::kv_part::key));
+    dlpack_versioned_ptr v(vmmpp::to_dlpack_versioned(cache, 2, vmmpp::kv_part::value));
+    dlpack_ptr p(vmmpp::to_dlpack(cache.packed_tensor(2), vmmpp::dlpack_device(cache)));
+    const std::vector<std::int64_t> kv_strides{4 * 2 * 16, 16, 4 * 16, 1};  // rows of K|V: 2 x 8
+    for (const DLTensor* t : {&k->dl_tensor, &v->dl_tensor, &p->dl_tensor}) {
+        BOOST_TEST(std::vector<std::int64_t>(t->strides, t->strides + 4) == kv_strides,
+                   boost::test_tools::per_element());
+        BOOST_TEST(t->device.device_type == kDLCPU);
+    }
+    BOOST_TEST(std::vector<std::int64_t>(k->dl_tensor.shape, k->dl_tensor.shape + 4) ==
+                   (std::vector<std::int64_t>{64, 4, 2, 8}),
+               boost::test_tools::per_element());
+    BOOST_TEST(std::vector<std::int64_t>(p->dl_tensor.shape, p->dl_tensor.shape + 4) ==
+                   (std::vector<std::int64_t>{64, 4, 2, 16}),
+               boost::test_tools::per_element());
+    // V's [b, t, h, d] is the packed tensor's [b, t, h, 8 + d]; K's is its [b, t, h, d]
+    BOOST_TEST(element_of(v->dl_tensor, 7, 1, 1, 2) == element_of(p->dl_tensor, 7, 1, 1, 8 + 2));
+    BOOST_TEST(element_of(k->dl_tensor, 7, 1, 1, 2) == element_of(p->dl_tensor, 7, 1, 1, 2));
+    BOOST_TEST(element_of(v->dl_tensor, 7, 1, 1, 2) ==
+               cache.address(2, vmmpp::kv_part::value, 7) + ((1 * 4 + 1) * 16 + 2) * 2);
+}
+
+BOOST_AUTO_TEST_CASE(mla_exports_one_latent_per_layer) {
+    const vmmpp::kv_geometry latent{.layers = 2, .kv_heads = 1, .head_dim = 576, .type = vmmpp::dtype::bf16,
+                                    .block_tokens = 64, .max_blocks = 16};
+    vmmpp::kv_cache<vmmpp::host_config, vmmpp::mla> cache(latent);
+    dlpack_ptr t(vmmpp::to_dlpack(cache, 1, vmmpp::kv_part::key));
+    BOOST_TEST(t->dl_tensor.dtype.code == kDLBfloat);
+    // FlashMLA's k_cache: (num_blocks, page_block_size, 1, 576)
+    BOOST_TEST(std::vector<std::int64_t>(t->dl_tensor.shape, t->dl_tensor.shape + 4) ==
+                   (std::vector<std::int64_t>{16, 64, 1, 576}),
+               boost::test_tools::per_element());
+    BOOST_TEST(std::vector<std::int64_t>(t->dl_tensor.strides, t->dl_tensor.strides + 4) ==
+                   (std::vector<std::int64_t>{64 * 576, 576, 576, 1}),
+               boost::test_tools::per_element());
+    BOOST_TEST(element_of(t->dl_tensor, 3, 5, 0, 9) == cache.address(1, vmmpp::kv_part::key, 3) + (5 * 576 + 9) * 2);
+    auto owner = std::make_shared<int>(1);
+    BOOST_CHECK_THROW((void)vmmpp::to_dlpack(cache, 0, vmmpp::kv_part::value, {.keep_alive = owner}),
+                      vmmpp::invalid_argument);
+    BOOST_TEST(owner.use_count() == 1);
 }
 
 BOOST_AUTO_TEST_CASE(dtype_codes) {

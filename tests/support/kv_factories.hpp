@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "support/pool_factories.hpp"
@@ -17,10 +18,22 @@ struct kv_case {
     using cache = vmmpp::kv_cache<Config, Layout>;
 };
 
+/// `g` as `Layout` can hold it: for mla, one head of kv_heads x head_dim (the latent); the
+/// same geometry for every other layout.
+template <class Layout>
+constexpr vmmpp::kv_geometry fit_geometry(vmmpp::kv_geometry g) {
+    if constexpr (std::is_same_v<Layout, vmmpp::mla>) {
+        g.head_dim *= g.kv_heads;
+        g.kv_heads = 1;
+    }
+    return g;
+}
+
+/// Builds a cache of `Case` for a geometry (fitted to the layout by fit_geometry).
 template <class Case, class Config = typename Case::config>
 struct kv_factory {
     std::unique_ptr<typename Case::cache> make(const vmmpp::kv_geometry& g) {
-        return std::make_unique<typename Case::cache>(g);
+        return std::make_unique<typename Case::cache>(fit_geometry<typename Case::layout>(g));
     }
 };
 
@@ -28,8 +41,9 @@ template <class Case, class Backing, class Growth, class Mutex>
 struct kv_factory<Case, vmmpp::pool_config<Backing, Growth, vmmpp::shared_budget, Mutex>> {
     std::unique_ptr<vmmpp::budget> budget;
     std::size_t limit = 0;  // 0: the whole span
-    std::unique_ptr<typename Case::cache> make(const vmmpp::kv_geometry& g) {
-        const std::size_t bytes = limit != 0 ? limit : (g.total_bytes() / page + 1) * page;
+    std::unique_ptr<typename Case::cache> make(const vmmpp::kv_geometry& given) {
+        const vmmpp::kv_geometry g = fit_geometry<typename Case::layout>(given);
+        const std::size_t bytes = limit != 0 ? limit : (Case::layout::span_bytes(g) / page + 1) * page;
         budget = std::make_unique<vmmpp::budget>(bytes);
         return std::make_unique<typename Case::cache>(g, typename Backing::options{}, Growth{},
                                                       budget->register_model("kv", bytes));
@@ -39,8 +53,9 @@ struct kv_factory<Case, vmmpp::pool_config<Backing, Growth, vmmpp::shared_budget
 template <class Case>
 struct kv_factory<Case, host_external_config> {
     std::vector<std::byte> buffer;
-    std::unique_ptr<typename Case::cache> make(const vmmpp::kv_geometry& g) {
-        buffer.assign((g.total_bytes() / page + 1) * page, std::byte{0});
+    std::unique_ptr<typename Case::cache> make(const vmmpp::kv_geometry& given) {
+        const vmmpp::kv_geometry g = fit_geometry<typename Case::layout>(given);
+        buffer.assign((Case::layout::span_bytes(g) / page + 1) * page, std::byte{0});
         return std::make_unique<typename Case::cache>(g, vmmpp::external_options{.pointer = buffer.data()});
     }
 };

@@ -4,9 +4,12 @@
 //   DLManagedTensor* k = vmmpp::to_dlpack(cache, layer, vmmpp::kv_part::key);
 //   // hand `k` to a consumer (in Python: a PyCapsule named "dltensor"); it calls k->deleter(k)
 //
-// The tensor is [max_blocks, block_tokens, kv_heads, head_dim] with the layout's strides in
-// elements (block stride = one block tensor for layer_major, the whole block for block_major),
-// byte_offset 0 (PyTorch ignores byte_offset, so the data pointer is the tensor's first byte).
+// The tensor is kv_cache::tensor's: [max_blocks, block_tokens, kv_heads, head_dim] in every
+// layout, with the layout's strides in elements (block stride = one block tensor for layer_major,
+// the whole block for block_major; heads before tokens for the _hnd layouts; K and V strided
+// views into the per-layer packed tensor for packed_kv; [max_blocks, block_tokens, 1, latent] and
+// no V for mla), byte_offset 0 (PyTorch ignores byte_offset, so the data pointer is the tensor's
+// first byte). A packed_kv layer's whole tensor: to_dlpack(cache.packed_tensor(layer), device).
 //
 // Lifetime: an export borrows the cache's memory. Its deleter frees only the DLPack structure
 // and drops `dlpack_options::keep_alive`; it never frees KV memory. So either the cache outlives

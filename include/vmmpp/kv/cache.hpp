@@ -49,8 +49,9 @@ struct token_range {
     std::size_t count = 0;
 };
 
-/// A paged KV cache over an elastic_pool<Config>, laid out by `Layout` (layer_major or
-/// block_major).
+/// A paged KV cache over an elastic_pool<Config>, laid out by `Layout`, a kv_layout
+/// (vmmpp/kv/layout.hpp: layer_major, layer_major_hnd, block_major, block_major_hnd, packed_kv,
+/// mla).
 ///
 /// Thread safety: like a standard container: concurrent const calls are safe, anything else
 /// needs external synchronisation. Several caches on one shared budget may be used from
@@ -71,12 +72,15 @@ struct token_range {
 /// reads (the same stream, or an event between them), as with any caching allocator.
 template <class Config, class Layout = layer_major>
 class kv_cache {
+    static_assert(kv_layout<Layout>, "vmmpp::kv_cache: Layout does not model vmmpp::kv_layout");
+
 public:
     using pool_type = elastic_pool<Config>;
     using backing_type = typename Config::backing_type;
     using layout_type = Layout;
 
-    /// Builds the pool for `geometry` (validated first) with the given policies' arguments.
+    /// Builds the pool for `geometry` (validated first, by kv_geometry::validate and the
+    /// layout's validate: invalid_argument naming what does not fit) with the given policies' arguments.
     explicit kv_cache(const kv_geometry& geometry, typename backing_type::options backing_options = {},
                       typename Config::growth_type growth = {}, typename Config::quota_type quota = {},
                       kv_cache_options options = {})
@@ -321,8 +325,16 @@ public:
                       "cuMemcpyHtoDAsync(block tables)");
     }
 
-    /// Address of block `block`'s K (or V) for layer `layer`.
+    /// Address of block `block`'s K (or V) for layer `layer`: its element [token 0, head 0, 0].
+    /// Throws invalid_argument for a layer or block outside the cache, or a part the layout does
+    /// not have (V of mla).
     [[nodiscard]] std::byte* address(std::uint32_t layer, kv_part part, std::int32_t block) const {
+        if (static_cast<unsigned>(part) >= Layout::parts) {
+            throw invalid_argument("KV address of part " + std::to_string(static_cast<unsigned>(part)) + " of layer " +
+                                   std::to_string(layer) + ": the " + Layout::name + " layout has " +
+                                   std::to_string(Layout::parts) +
+                                   (Layout::parts == 1 ? " part (the key: a latent, no value)" : " parts (key, value)"));
+        }
         if (layer >= geometry_.layers || block < 0 || static_cast<std::uint32_t>(block) >= geometry_.max_blocks) {
             throw invalid_argument("KV address of layer " + std::to_string(layer) + ", block " + std::to_string(block) +
                                    " outside " + std::to_string(geometry_.layers) + " layers x " +
@@ -335,18 +347,24 @@ public:
         return address(layer, kv_part::value, block);
     }
 
-    /// Layer `layer`'s K or V as a strided [max_blocks, block_tokens, kv_heads, head_dim] tensor.
+    /// Layer `layer`'s K or V as a strided [max_blocks, block_tokens, kv_heads, head_dim] tensor,
+    /// for every layout: the strides (Layout::strides) say the order in memory (HND layouts:
+    /// head stride block_tokens x head_dim; packed_kv: a view into packed_tensor(layer); mla:
+    /// [max_blocks, block_tokens, 1, latent], the key only). Element [b, t, h, d] lies at
+    /// address(layer, part, b) + (t * strides[1] + h * strides[2] + d) elements.
+    /// Throws invalid_argument as address() does.
     [[nodiscard]] kv_tensor tensor(std::uint32_t layer, kv_part part) const {
-        kv_tensor t;
-        t.data = address(layer, part, 0);
-        t.type = geometry_.type;
-        t.device = pool_.device();
-        const auto h = static_cast<std::int64_t>(geometry_.kv_heads);
-        const auto d = static_cast<std::int64_t>(geometry_.head_dim);
-        t.shape = {static_cast<std::int64_t>(geometry_.max_blocks), static_cast<std::int64_t>(geometry_.block_tokens), h, d};
-        const auto block_stride = static_cast<std::int64_t>(Layout::block_stride_bytes(geometry_) / size_of(geometry_.type));
-        t.strides = {block_stride, h * d, d, 1};
-        return t;
+        return describe(layer, part, geometry_.head_dim);
+    }
+
+    /// packed_kv layouts: layer `layer`'s K and V together as one strided
+    /// [max_blocks, block_tokens, kv_heads, 2 x head_dim] tensor (K in [..., :head_dim], V in
+    /// [..., head_dim:]); permute(0, 2, 1, 3) gives vLLM's [blocks, heads, tokens, 2 x head_dim]
+    /// as it lies in memory. Throws invalid_argument for a layer outside the cache.
+    [[nodiscard]] kv_tensor packed_tensor(std::uint32_t layer) const
+        requires(Layout::packs_kv)
+    {
+        return describe(layer, kv_part::key, 2 * std::int64_t{geometry_.head_dim});
     }
 
     [[nodiscard]] const kv_geometry& geometry() const noexcept { return geometry_; }
@@ -368,7 +386,20 @@ private:
 
     static const kv_geometry& validated(const kv_geometry& g) {
         g.validate();
+        Layout::validate(g);
         return g;
+    }
+
+    /// The tensor of layer `layer`'s `part` whose last dimension holds `last` elements.
+    kv_tensor describe(std::uint32_t layer, kv_part part, std::int64_t last) const {
+        kv_tensor t;
+        t.data = address(layer, part, 0);
+        t.type = geometry_.type;
+        t.device = pool_.device();
+        t.shape = {static_cast<std::int64_t>(geometry_.max_blocks), static_cast<std::int64_t>(geometry_.block_tokens),
+                   static_cast<std::int64_t>(geometry_.kv_heads), last};
+        t.strides = Layout::strides(geometry_);
+        return t;
     }
     static std::size_t span_bytes(const kv_geometry& g, std::size_t alignment) {
         if (alignment == 0) {
@@ -537,7 +568,7 @@ private:
         return *context_;
     }
 
-    /// Copies every layer's K and V of block `from` into block `to`.
+    /// Copies every layer's K and V of block `from` into block `to` (Layout::copy_shape's rows).
     void copy_block(std::int32_t from, std::int32_t to) {
         const auto shape = Layout::copy_shape(geometry_);
         std::byte* src = address(0, kv_part::key, from);

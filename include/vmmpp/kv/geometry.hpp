@@ -27,7 +27,8 @@ enum class dtype : std::uint8_t { f32, f16, bf16, fp8_e4m3, fp8_e5m2 };
     return 0;
 }
 
-/// The geometry of a paged KV cache.
+/// The geometry of a paged KV cache. For the mla layout, kv_heads is 1 and head_dim is the
+/// latent's size (kv_lora_rank + rope dim).
 struct kv_geometry {
     std::uint32_t layers = 0;
     std::uint32_t kv_heads = 0;
@@ -42,7 +43,8 @@ struct kv_geometry {
     [[nodiscard]] constexpr std::size_t block_tensor_bytes() const noexcept {
         return std::size_t{block_tokens} * kv_heads * head_dim * size_of(type);
     }
-    /// Bytes of one block across every layer, K and V.
+    /// Bytes of one block across every layer, K and V (the mla layout, without V, needs half:
+    /// its Layout::span_bytes says what a span takes).
     [[nodiscard]] constexpr std::size_t block_bytes() const noexcept { return 2 * std::size_t{layers} * block_tensor_bytes(); }
     /// Bytes of the whole cache at max_blocks.
     [[nodiscard]] constexpr std::size_t total_bytes() const noexcept { return block_bytes() * max_blocks; }

@@ -1,5 +1,6 @@
 // vmmpp/kv/tensor.hpp: a description of one layer's K or V as a strided 4-D tensor
-// [blocks, block_tokens, kv_heads, head_dim], what a kernel or DLPack needs to read it.
+// [blocks, block_tokens, kv_heads, head_dim] (in every layout; the strides say the order in
+// memory), what a kernel or DLPack needs to read it.
 #pragma once
 
 #include <array>

@@ -80,7 +80,7 @@ void check_live_blocks(const Cache& cache, std::span<const std::int32_t> blocks,
 /// go to block `dst_blocks[i]` of `dst`, for every i.
 ///
 /// The caches may differ in configuration (backing, growth, quota), device and `max_blocks`, but
-/// not in layout (the template argument) nor in the shape of a block (layers, kv_heads,
+/// not in layout (the template argument, any kv_layout) nor in the shape of a block (layers, kv_heads,
 /// head_dim, type, block_tokens). Every check happens before any copy, and a refused call copies
 /// nothing (vmmpp::invalid_argument, naming what is wrong):
 /// - the block shapes differ (every differing field is named);
@@ -95,7 +95,8 @@ void check_live_blocks(const Cache& cache, std::span<const std::int32_t> blocks,
 /// - both on devices, different ones: cudaMemcpyPeerAsync on `stream`;
 /// - otherwise (one device, or host and device memory mixed): cudaMemcpyAsync with
 ///   cudaMemcpyDefault on `stream`.
-/// Each layer's K and V of a block is a separate contiguous piece (one piece per block in
+/// A block is copied as its layout's contiguous pieces (Layout::copy_shape: each layer's K and V
+/// in layer_major, each layer's packed K/V or latent in packed_kv and mla, one piece per block in
 /// block_major); runs of consecutive ids in both lists are copied as one piece per run. Not
 /// cudaMemcpy2DAsync: VMM pieces lie in different physical allocations, which a 2D copy rejects.
 ///
