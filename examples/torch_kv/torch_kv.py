@@ -179,11 +179,13 @@ def run_case(torch, vmmpp_kv, config, layout, dtype, check):
         check(worst < tol, f"{name}: layer {l} causal prefill over gathered blocks matches plain tensors "
                            f"(max error {worst:.2e})")
 
-    # 7. Free everything: the memory goes back. The views stay valid objects (the exports keep
-    #    the cache alive) but must not be read any more.
-    torch.cuda.synchronize()
+    # 7. Free everything, ordered after the work queued on PyTorch's stream (the free does not
+    #    wait for it); then wait, so the memory has gone back. The views stay valid objects (the
+    #    exports keep the cache alive) but must not be read any more.
+    stream = torch.cuda.current_stream().cuda_stream
     for seq in seqs:
-        cache.free(seq)
+        cache.free(seq, stream=stream)
+    cache.synchronize()
     stats = cache.stats()
     if config == "static":  # one cudaMalloc, committed up front and kept
         check(stats["used_blocks"] == 0 and stats["committed_bytes"] == stats["reserved_bytes"],

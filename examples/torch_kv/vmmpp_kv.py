@@ -66,6 +66,8 @@ def load_library(path=None):
         "vmmpp_kv_fork": ([handle, u64, ctypes.POINTER(u64)], ctypes.c_int),
         "vmmpp_kv_truncate": ([handle, u64, u64], ctypes.c_int),
         "vmmpp_kv_free": ([handle, u64], ctypes.c_int),
+        "vmmpp_kv_truncate_on_stream": ([handle, u64, u64, ctypes.c_void_p], ctypes.c_int),
+        "vmmpp_kv_free_on_stream": ([handle, u64, ctypes.c_void_p], ctypes.c_int),
         "vmmpp_kv_tokens": ([handle, u64, ctypes.POINTER(u64)], ctypes.c_int),
         "vmmpp_kv_stats_get": ([handle, ctypes.POINTER(Stats)], ctypes.c_int),
         "vmmpp_kv_slot_mapping": ([handle, u64, u64, u64, ctypes.POINTER(i64)], ctypes.c_int),
@@ -209,11 +211,21 @@ class KVCache:
         _check(_lib.vmmpp_kv_fork(self._handle_or_raise(), seq, ctypes.byref(child)))
         return child.value
 
-    def truncate(self, seq, n_tokens):
-        _check(_lib.vmmpp_kv_truncate(self._handle_or_raise(), seq, n_tokens))
+    def truncate(self, seq, n_tokens, stream=None):
+        """Keeps the first n_tokens tokens. `stream` (a cudaStream_t as an int, e.g.
+        torch.cuda.current_stream().cuda_stream): the dropped blocks' memory goes back only once the
+        work queued on it has completed; None: the legacy default stream's work."""
+        if stream is None:
+            _check(_lib.vmmpp_kv_truncate(self._handle_or_raise(), seq, n_tokens))
+        else:
+            _check(_lib.vmmpp_kv_truncate_on_stream(self._handle_or_raise(), seq, n_tokens, ctypes.c_void_p(stream)))
 
-    def free(self, seq):
-        _check(_lib.vmmpp_kv_free(self._handle_or_raise(), seq))
+    def free(self, seq, stream=None):
+        """Frees the sequence; `stream` as for truncate (the kernels that still read its blocks)."""
+        if stream is None:
+            _check(_lib.vmmpp_kv_free(self._handle_or_raise(), seq))
+        else:
+            _check(_lib.vmmpp_kv_free_on_stream(self._handle_or_raise(), seq, ctypes.c_void_p(stream)))
 
     def tokens(self, seq):
         n = ctypes.c_uint64()
@@ -262,6 +274,8 @@ class KVCache:
         return out.value or 0
 
     def synchronize(self):
+        """Waits for the cache's own device work and for the GPU work that freed memory waits
+        for; that memory goes back (blocks, as cudaFree would)."""
         _check(_lib.vmmpp_kv_synchronize(self._handle_or_raise()))
 
     def dlpack_device(self, managed_as_cuda=False):

@@ -33,8 +33,8 @@ public:
     virtual vmmpp::seq_id add_sequence() = 0;
     virtual vmmpp::token_range append(vmmpp::seq_id seq, std::size_t n) = 0;
     virtual vmmpp::seq_id fork(vmmpp::seq_id seq) = 0;
-    virtual void truncate(vmmpp::seq_id seq, std::size_t n) = 0;
-    virtual void free(vmmpp::seq_id seq) = 0;
+    virtual void truncate(vmmpp::seq_id seq, std::size_t n, cudaStream_t stream) = 0;
+    virtual void free(vmmpp::seq_id seq, cudaStream_t stream) = 0;
     virtual std::size_t tokens(vmmpp::seq_id seq) const = 0;
     virtual vmmpp_kv_stats stats() const = 0;
     virtual void slot_mapping(vmmpp::seq_id seq, std::size_t first, std::span<std::int64_t> out) const = 0;
@@ -62,8 +62,8 @@ public:
     vmmpp::seq_id add_sequence() override { return cache_.add_sequence(); }
     vmmpp::token_range append(vmmpp::seq_id seq, std::size_t n) override { return cache_.append(seq, n); }
     vmmpp::seq_id fork(vmmpp::seq_id seq) override { return cache_.fork(seq); }
-    void truncate(vmmpp::seq_id seq, std::size_t n) override { cache_.truncate(seq, n); }
-    void free(vmmpp::seq_id seq) override { cache_.free(seq); }
+    void truncate(vmmpp::seq_id seq, std::size_t n, cudaStream_t stream) override { cache_.truncate(seq, n, stream); }
+    void free(vmmpp::seq_id seq, cudaStream_t stream) override { cache_.free(seq, stream); }
     std::size_t tokens(vmmpp::seq_id seq) const override { return cache_.tokens(seq); }
     vmmpp_kv_stats stats() const override {
         vmmpp_kv_stats s{};
@@ -91,6 +91,7 @@ public:
         if constexpr (vmmpp::has_property<typename Config::backing_type, vmmpp::device_accessible>) {
             vmmpp::driver::check(::cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
         }
+        (void)cache_.pool().synchronize();  // and memory whose release waited for the GPU goes back
     }
     DLDevice dlpack_device(bool managed_as_cuda) const override { return vmmpp::dlpack_device(cache_, managed_as_cuda); }
     vmmpp::kv_tensor tensor(std::uint32_t layer, vmmpp::kv_part part) const override {
@@ -282,18 +283,24 @@ vmmpp_kv_status vmmpp_kv_fork(vmmpp_kv* kv, uint64_t seq, uint64_t* child) {
 }
 
 vmmpp_kv_status vmmpp_kv_truncate(vmmpp_kv* kv, uint64_t seq, uint64_t n_tokens) {
+    return vmmpp_kv_truncate_on_stream(kv, seq, n_tokens, nullptr);
+}
+
+vmmpp_kv_status vmmpp_kv_truncate_on_stream(vmmpp_kv* kv, uint64_t seq, uint64_t n_tokens, void* stream) {
     return guarded([&] {
         require(kv != nullptr, "vmmpp_kv_truncate: null handle");
         std::lock_guard lock(kv->cache->mutex);
-        kv->cache->truncate(seq, n_tokens);
+        kv->cache->truncate(seq, n_tokens, static_cast<cudaStream_t>(stream));
     });
 }
 
-vmmpp_kv_status vmmpp_kv_free(vmmpp_kv* kv, uint64_t seq) {
+vmmpp_kv_status vmmpp_kv_free(vmmpp_kv* kv, uint64_t seq) { return vmmpp_kv_free_on_stream(kv, seq, nullptr); }
+
+vmmpp_kv_status vmmpp_kv_free_on_stream(vmmpp_kv* kv, uint64_t seq, void* stream) {
     return guarded([&] {
         require(kv != nullptr, "vmmpp_kv_free: null handle");
         std::lock_guard lock(kv->cache->mutex);
-        kv->cache->free(seq);
+        kv->cache->free(seq, static_cast<cudaStream_t>(stream));
     });
 }
 

@@ -76,8 +76,16 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_kv_add_sequence(vmmpp_kv* kv, uint64_t* seq);
 /** Appends n_tokens tokens; *first (may be NULL) gets the index of the first new one. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_append(vmmpp_kv* kv, uint64_t seq, uint64_t n_tokens, uint64_t* first);
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_fork(vmmpp_kv* kv, uint64_t seq, uint64_t* child);
+/** Keeps the first n_tokens tokens. Memory of dropped blocks goes back once the work queued on the
+ *  legacy default stream (which waits for every blocking stream) has completed. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_truncate(vmmpp_kv* kv, uint64_t seq, uint64_t n_tokens);
+/** As vmmpp_kv_truncate, waiting for the work queued on `stream` (a cudaStream_t, e.g. PyTorch's
+ *  torch.cuda.current_stream().cuda_stream) instead: the caller does not wait for the GPU. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_truncate_on_stream(vmmpp_kv* kv, uint64_t seq, uint64_t n_tokens, void* stream);
+/** Frees the sequence; its memory goes back as for vmmpp_kv_truncate. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_free(vmmpp_kv* kv, uint64_t seq);
+/** As vmmpp_kv_free, for blocks that work queued on `stream` (a cudaStream_t) may still read. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_free_on_stream(vmmpp_kv* kv, uint64_t seq, void* stream);
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tokens(vmmpp_kv* kv, uint64_t seq, uint64_t* n_tokens);
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_stats_get(vmmpp_kv* kv, vmmpp_kv_stats* out);
 
@@ -92,7 +100,8 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_kv_pack_block_tables(vmmpp_kv* kv, const uint
                                                         uint64_t max_blocks_per_seq, int32_t pad, int32_t* out);
 /** Address of block `block`'s K (part 0) or V (part 1) of layer `layer`. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_address(vmmpp_kv* kv, uint32_t layer, int32_t part, int32_t block, void** out);
-/** Waits for the cache's own device work (copy-on-write copies); a no-op on host memory. */
+/** Waits for the cache's own device work (copy-on-write copies) and for the GPU work that freed
+ *  memory waits for, then gives that memory back; on host memory it only gives back. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_synchronize(vmmpp_kv* kv);
 
 /** The DLPack device (DLDeviceType, device_id) of the cache's exports. */

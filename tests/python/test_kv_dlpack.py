@@ -254,6 +254,17 @@ class KVDLPackTest(unittest.TestCase):
             cache.free(seq)
             self.assertEqual(cache.stats()["committed_bytes"], 0)  # the pages went back
             del view
+            # The stream-ordered forms (a host cache has no GPU work to wait for: stream 0 is fine).
+            seq = cache.add_sequence()
+            cache.append(seq, 300 * BLOCK_TOKENS)
+            cache.truncate(seq, 100 * BLOCK_TOKENS, stream=0)
+            self.assertEqual(cache.tokens(seq), 100 * BLOCK_TOKENS)
+            cache.free(seq, stream=0)
+            cache.synchronize()  # nothing was waiting on a host cache
+            self.assertEqual(cache.stats()["committed_bytes"], 0)
+            with self.assertRaises(vmmpp_kv.VmmppError) as e:
+                cache.free(seq, stream=0)
+            self.assertEqual(e.exception.status, "invalid_argument")
 
     def test_refusals(self):
         with make_cache("layer_major") as cache:
