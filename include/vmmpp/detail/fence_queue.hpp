@@ -48,7 +48,9 @@ public:
         } else {
             e = stream_event::create();
         }
-        pending_.reserve(pending_.size() + 1);  // the push below must not throw after the record
+        if (pending_.size() == pending_.capacity()) {  // the push below must not throw after the record
+            pending_.reserve(2 * pending_.size() + 8);
+        }
         e.record(stream);                       // on failure `e` is dropped; no fence was made
         pending_.push_back({++recorded_, std::move(e)});
         return recorded_;
