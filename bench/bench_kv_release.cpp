@@ -43,6 +43,17 @@ std::unique_ptr<typename Case::cache> make_cache(benchmark::State& state) {
     }
 }
 
+/// A new 2,048-token sequence, the GPU idle after it; not timed.
+template <class Cache>
+vmmpp::seq_id add_sequence_untimed(benchmark::State& state, Cache& cache) {
+    state.PauseTiming();
+    const auto seq = cache.add_sequence();
+    cache.append(seq, sequence_tokens);
+    vmmpp::driver::check(::cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    state.ResumeTiming();
+    return seq;
+}
+
 /// Frees a 2,048-token sequence (rebuilt untimed each iteration) and times the call and the
 /// return of its memory.
 template <class Case>
@@ -54,11 +65,7 @@ void free_sequence(benchmark::State& state) {
     init_cuda_runtime();
     samples free_us(state), back_us(state);
     for (auto _ : state) {
-        state.PauseTiming();
-        const auto seq = cache->add_sequence();
-        cache->append(seq, sequence_tokens);
-        vmmpp::driver::check(::cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-        state.ResumeTiming();
+        const auto seq = add_sequence_untimed(state, *cache);
         const auto start = clock_type::now();
         cache->free(seq);
         const auto freed = clock_type::now();
@@ -99,11 +106,7 @@ void free_sequence_gpu_busy(benchmark::State& state) {
         vmmpp::driver::check(::cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
         samples free_us(state), back_us(state);
         for (auto _ : state) {
-            state.PauseTiming();
-            const auto seq = cache->add_sequence();
-            cache->append(seq, sequence_tokens);
-            vmmpp::driver::check(::cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-            state.ResumeTiming();
+            const auto seq = add_sequence_untimed(state, *cache);
             vmmpp::driver::check(::cudaMemsetAsync(scratch, 1, scratch_bytes, stream), "cudaMemsetAsync");
             const auto start = clock_type::now();
             cache->free(seq, stream);

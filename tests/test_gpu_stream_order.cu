@@ -131,6 +131,19 @@ private:
     unsigned long long* sum_ = nullptr;
 };
 
+/// A non-blocking stream of the test's own, destroyed at the end of the test.
+class test_stream {
+public:
+    test_stream() { cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+    test_stream(const test_stream&) = delete;
+    test_stream& operator=(const test_stream&) = delete;
+    ~test_stream() { (void)cudaStreamDestroy(stream_); }
+    [[nodiscard]] cudaStream_t get() const noexcept { return stream_; }
+
+private:
+    cudaStream_t stream_ = nullptr;
+};
+
 void check_stream(cudaStream_t stream) {
     cuda_check(cudaStreamSynchronize(stream));
     cuda_check(cudaGetLastError());
@@ -139,8 +152,8 @@ void check_stream(cudaStream_t stream) {
 } // namespace
 
 BOOST_AUTO_TEST_CASE_TEMPLATE(a_kernel_still_reading_a_freed_sequence_reads_it_whole, Case, gpu_kv_cases) {
-    cudaStream_t engine = nullptr;
-    cuda_check(cudaStreamCreateWithFlags(&engine, cudaStreamNonBlocking));
+    const test_stream owned_engine;
+    const cudaStream_t engine = owned_engine.get();
     {
         cache_on_stream<Case> made(engine);
         auto& c = *made.cache;
@@ -168,12 +181,11 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(a_kernel_still_reading_a_freed_sequence_reads_it_w
             }
         }
     }
-    cuda_check(cudaStreamDestroy(engine));
 }
 
 BOOST_AUTO_TEST_CASE_TEMPLATE(fork_append_free_parent_keeps_the_queued_copy_source, Case, gpu_kv_cases) {
-    cudaStream_t cache_stream = nullptr;
-    cuda_check(cudaStreamCreateWithFlags(&cache_stream, cudaStreamNonBlocking));
+    const test_stream owned_cache_stream;
+    const cudaStream_t cache_stream = owned_cache_stream.get();
     {
         cache_on_stream<Case> made(cache_stream);
         auto& c = *made.cache;
@@ -205,12 +217,11 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(fork_append_free_parent_keeps_the_queued_copy_sour
         BOOST_TEST(bad == 0u, bad << " bytes of the copied block differ from its source");
         c.free(child);
     }
-    cuda_check(cudaStreamDestroy(cache_stream));
 }
 
 BOOST_AUTO_TEST_CASE(pool_release_on_a_stream_waits_for_the_kernel) {
-    cudaStream_t engine = nullptr;
-    cuda_check(cudaStreamCreateWithFlags(&engine, cudaStreamNonBlocking));
+    const test_stream owned_engine;
+    const cudaStream_t engine = owned_engine.get();
     {
         vmmpp::budget budget(64 * page);
         vmmpp::elastic_pool<vmmpp::elastic_config> pool(64 * page, {}, {}, budget.register_model("m", 64 * page));
@@ -231,5 +242,4 @@ BOOST_AUTO_TEST_CASE(pool_release_on_a_stream_waits_for_the_kernel) {
         BOOST_TEST(pool.committed_bytes() == 0u);
         BOOST_TEST(budget.stats().committed == 0u);
     }
-    cuda_check(cudaStreamDestroy(engine));
 }
