@@ -11,8 +11,10 @@
 
 #include "support/pool_factories.hpp"
 
-using pool_configs = boost::mpl::list<vmmpp::elastic_config, vmmpp::static_config, vmmpp::gh200_config,
-                                      vmmpp_test::vmm_chunked_config>;
+using pool_configs = boost::mpl::list<vmmpp::elastic_config, vmmpp::elastic_page_config, vmmpp::static_config,
+                                      vmmpp::gh200_config, vmmpp_test::vmm_chunked_config>;
+/// The mapper over one 2 MiB handle per unit, for exact per-page accounting.
+using mapped_page_config = vmmpp::pool_config<vmmpp::vmm, vmmpp::mapped_ahead<vmmpp::page_granular>, vmmpp::shared_budget>;
 #include "support/pool_suite.hpp"
 
 namespace {
@@ -50,7 +52,7 @@ BOOST_AUTO_TEST_CASE(elastic_pool_returns_device_memory) {
     cuda_check(cudaSetDevice(0));
     cuda_check(cudaFree(nullptr));
     vmmpp::budget budget(8 * GiB);
-    vmmpp::elastic_pool<vmmpp::elastic_config> pool(8 * GiB, {}, {}, budget.register_model("m", 8 * GiB));
+    vmmpp::elastic_pool<vmmpp::elastic_page_config> pool(8 * GiB, {}, {}, budget.register_model("m", 8 * GiB));
     const std::size_t start = free_device_bytes();
     pool.ensure_committed(0, GiB);
     BOOST_TEST(pool.stats().commits == 512u);  // 2 MiB pages
@@ -68,8 +70,8 @@ BOOST_AUTO_TEST_CASE(vmm_keeps_handles_for_reuse_and_the_pool_charges_them) {
     cuda_check(cudaSetDevice(0));
     cuda_check(cudaFree(nullptr));
     vmmpp::budget budget(GiB);
-    vmmpp::elastic_pool<vmmpp::elastic_config> pool(GiB, vmmpp::vmm_options{.max_cached_handles = 4}, {},
-                                                    budget.register_model("m", GiB));
+    vmmpp::elastic_pool<vmmpp::elastic_page_config> pool(GiB, vmmpp::vmm_options{.max_cached_handles = 4}, {},
+                                                         budget.register_model("m", GiB));
     const std::size_t start = free_device_bytes();
     pool.ensure_committed(0, 8 * page);
     pool.release(0, 8 * page);
@@ -101,14 +103,14 @@ BOOST_AUTO_TEST_CASE(the_mapper_maps_ahead_on_the_gpu_and_accounts_exactly) {
     cuda_check(cudaSetDevice(0));
     cuda_check(cudaFree(nullptr));
     vmmpp::budget budget(GiB);
-    vmmpp::mapped_ahead<> growth;
+    vmmpp::mapped_ahead<vmmpp::page_granular> growth;
     growth.low_watermark = 4;
     growth.high_watermark = 8;
     growth.release_delay = std::chrono::milliseconds(20);
     const std::size_t start = free_device_bytes();
     {
-        vmmpp::elastic_pool<vmmpp::elastic_mapped_ahead_config> pool(GiB, vmmpp::vmm_options{.max_cached_handles = 2},
-                                                                     growth, budget.register_model("m", GiB));
+        vmmpp::elastic_pool<mapped_page_config> pool(GiB, vmmpp::vmm_options{.max_cached_handles = 2}, growth,
+                                                     budget.register_model("m", GiB));
         pool.will_need(0, 1);
         for (int i = 0; i < 5000 && pool.stats().idle_units < 8; ++i) {
             std::this_thread::sleep_for(std::chrono::milliseconds(1));

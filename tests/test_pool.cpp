@@ -7,13 +7,16 @@
 
 #include <atomic>
 #include <cstring>
+#include <random>
 #include <thread>
 
 #include "support/pool_factories.hpp"
+#include "vmmpp/backing/fault_injecting.hpp"
 #include "vmmpp/detail/backing_adaptor.hpp"
 
 using pool_configs = boost::mpl::list<vmmpp::host_config, vmmpp_test::host_chunked_budget_config,
-                                      vmmpp_test::host_external_config, vmmpp_test::host_preallocated_config>;
+                                      vmmpp_test::host_external_config, vmmpp_test::host_preallocated_config,
+                                      vmmpp_test::host_adaptive_config>;
 #include "support/pool_suite.hpp"
 
 using vmmpp_test::page;
@@ -331,4 +334,191 @@ BOOST_AUTO_TEST_CASE(a_refused_decommit_keeps_the_unit_and_a_half_done_one_retir
     pool.release(0, page);
     BOOST_TEST(pool.committed_bytes() == 0u);
     BOOST_TEST(budget.stats().committed == page);         // the retired unit
+}
+
+// --- adaptive_extents: commits that grow while the pool grows fast, memory that goes back whole ---
+
+namespace {
+using adaptive_host = vmmpp::pool_config<vmmpp::host, vmmpp::adaptive_extents, vmmpp::unlimited>;
+/// Every commit within an hour of the last one: extents double deterministically, up to 8 pages.
+constexpr vmmpp::adaptive_extents bursting{.max_extent_pages = 8, .burst_window = std::chrono::hours(1), .spare_pages = 0};
+} // namespace
+
+BOOST_AUTO_TEST_CASE(extent_sizes_double_in_a_burst_and_halve_when_quiet) {
+    using clock = std::chrono::steady_clock;
+    vmmpp::detail::extent_sizer<clock> sizer(8, std::chrono::milliseconds(10));
+    const auto t0 = clock::time_point{} + std::chrono::hours(1);
+    BOOST_TEST(sizer.size_at(t0) == 1u);  // the first commit
+    sizer.committed(t0);
+    std::size_t sizes[5];
+    auto t = t0;
+    for (std::size_t& size : sizes) {
+        t += std::chrono::milliseconds(1);
+        size = sizer.size_at(t);
+        sizer.committed(t);
+    }
+    BOOST_TEST(sizes[0] == 2u);
+    BOOST_TEST(sizes[1] == 4u);
+    BOOST_TEST(sizes[2] == 8u);
+    BOOST_TEST(sizes[4] == 8u);  // at most max_extent
+    BOOST_TEST(sizer.size_at(t + std::chrono::milliseconds(15)) == 8u);  // within two windows: kept
+    BOOST_TEST(sizer.size_at(t + std::chrono::milliseconds(25)) == 4u);  // one more window: halved
+    BOOST_TEST(sizer.size_at(t + std::chrono::milliseconds(35)) == 2u);
+    BOOST_TEST(sizer.size_at(t + std::chrono::hours(1)) == 1u);          // a long quiet: one page again
+    BOOST_TEST(sizer.current() == 8u);                                    // asking changed nothing
+    vmmpp::detail::extent_sizer<clock> off(8, std::chrono::microseconds(0));
+    off.committed(t0);
+    BOOST_TEST(off.size_at(t0) == 1u);  // no window: always one
+}
+
+BOOST_AUTO_TEST_CASE(adaptive_extents_grow_ahead_in_a_burst_and_go_back_whole) {
+    vmmpp::elastic_pool<adaptive_host> pool(64 * page, {}, bursting);
+    pool.ensure_committed(0, page);  // [0]
+    BOOST_TEST(pool.committed_bytes() == page);
+    pool.ensure_committed(page, page);  // [1, 2]: page 2 ahead of demand
+    BOOST_TEST(pool.committed_bytes() == 3 * page);
+    BOOST_TEST(pool.stats().idle_units == 1u);
+    pool.ensure_committed(2 * page, page);  // a spare: no commit
+    BOOST_TEST(pool.stats().commits == 2u);
+    pool.ensure_committed(3 * page, page);   // [3, 6]
+    pool.ensure_committed(7 * page, page);   // [7, 14]
+    pool.ensure_committed(15 * page, page);  // [15, 22]: at most 8
+    BOOST_TEST(pool.committed_bytes() == 23 * page);
+    BOOST_TEST(pool.stats().commits == 5u);
+    BOOST_TEST(pool.stats().held_pages == 6u);
+    std::memset(pool.base(), 7, 23 * page);  // all of it is usable memory
+
+    pool.release(15 * page, page);  // [15, 22] is idle as a whole: back at once
+    BOOST_TEST(pool.committed_bytes() == 15 * page);
+    pool.release(page, page);  // [1, 2]: page 2 is still held, so both stay
+    BOOST_TEST(pool.committed_bytes() == 15 * page);
+    BOOST_TEST(pool.is_committed(page, page));
+    pool.release(2 * page, page);
+    BOOST_TEST(pool.committed_bytes() == 13 * page);
+    BOOST_TEST(!pool.is_committed(page, 2 * page));
+    pool.release(7 * page, page);
+    pool.release(3 * page, page);
+    pool.release(0, page);
+    BOOST_TEST(pool.committed_bytes() == 0u);
+    BOOST_TEST(pool.stats().decommits == 5u);  // one per extent
+}
+
+BOOST_AUTO_TEST_CASE(adaptive_extents_keep_spares_in_whole_extents) {
+    vmmpp::adaptive_extents growth = bursting;
+    growth.spare_pages = 4;
+    vmmpp::elastic_pool<adaptive_host> pool(64 * page, {}, growth);
+    for (std::size_t p = 0; p < 15; ++p) {
+        pool.ensure_committed(p * page, page);  // extents [0] [1,2] [3,6] [7,14]
+    }
+    pool.release(7 * page, 8 * page);  // [7, 14] idle: 8 idle pages > 4 spares, and it goes whole
+    BOOST_TEST(pool.committed_bytes() == 7 * page);
+    pool.release(3 * page, 4 * page);  // [3, 6] idle: 4 spares may stay
+    BOOST_TEST(pool.committed_bytes() == 7 * page);
+    BOOST_TEST(pool.stats().idle_units == 4u);
+    BOOST_TEST(pool.trim() == 4 * page);
+}
+
+BOOST_AUTO_TEST_CASE(an_extent_the_quota_cannot_take_shrinks_to_what_is_needed) {
+    using config = vmmpp::pool_config<vmmpp::host, vmmpp::adaptive_extents, vmmpp::shared_budget>;
+    vmmpp::budget budget(5 * page);
+    vmmpp::elastic_pool<config> pool(64 * page, {}, bursting, budget.register_model("m", 5 * page));
+    pool.ensure_committed(0, page);     // [0]
+    pool.ensure_committed(page, page);  // [1, 2]
+    pool.ensure_committed(3 * page, page);  // wants [3, 6]: 4 pages, 2 left under the limit: [3] alone
+    BOOST_TEST(pool.committed_bytes() == 4 * page);
+    BOOST_TEST(budget.stats().committed == 4 * page);
+    pool.ensure_committed(4 * page, page);
+    BOOST_CHECK_THROW(pool.ensure_committed(5 * page, page), vmmpp::over_quota);  // a real refusal
+    BOOST_TEST(pool.committed_bytes() == 5 * page);
+}
+
+BOOST_AUTO_TEST_CASE(a_failed_extent_rolls_back_the_whole_hold) {
+    using config = vmmpp::pool_config<vmmpp::fault_injecting<vmmpp::host>, vmmpp::adaptive_extents, vmmpp::unlimited>;
+    vmmpp::elastic_pool<config> pool(64 * page, vmmpp::fault_injecting_options<vmmpp::host>{.byte_limit = 4 * page},
+                                     bursting);
+    pool.ensure_committed(2 * page, page);  // [2]
+    // [0, 1] fits; then [3, 6] ahead of demand does not, nor does [3, 4] alone: all of it undone.
+    BOOST_CHECK_THROW(pool.ensure_committed(0, 5 * page), vmmpp::out_of_memory);
+    BOOST_TEST(pool.committed_bytes() == page);
+    BOOST_TEST(pool.stats().held_pages == 1u);
+    BOOST_TEST(pool.stats().idle_units == 0u);
+    BOOST_TEST(pool.backing().committed_bytes() == page);
+    pool.ensure_committed(0, 2 * page);  // within the limit: [0, 1]
+    BOOST_TEST(pool.committed_bytes() == 3 * page);
+    pool.release(0, 2 * page);
+    pool.release(2 * page, page);
+    BOOST_TEST(pool.committed_bytes() == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(random_holds_on_adaptive_extents_keep_held_pages_committed_and_give_all_back) {
+    using config = vmmpp::pool_config<vmmpp::host, vmmpp::adaptive_extents, vmmpp::shared_budget>;
+    constexpr std::size_t pages = 256;
+    vmmpp::budget budget(pages * page);
+    vmmpp::adaptive_extents growth{.max_extent_pages = 16, .burst_window = std::chrono::microseconds(200), .spare_pages = 3};
+    vmmpp::elastic_pool<config> pool(pages * page, {}, growth, budget.register_model("m", pages * page));
+    std::mt19937_64 rng(12345);
+    std::vector<std::pair<std::size_t, std::size_t>> held;  // ranges, in pages
+    std::vector<unsigned> holds(pages, 0);
+    for (int step = 0; step < 20000; ++step) {
+        if (held.empty() || rng() % 100 < 55) {
+            const std::size_t first = rng() % pages;
+            const std::size_t n = 1 + rng() % std::min<std::size_t>(6, pages - first);
+            pool.ensure_committed(first * page, n * page);
+            held.emplace_back(first, n);
+            for (std::size_t p = first; p < first + n; ++p) {
+                ++holds[p];
+            }
+        } else {
+            const std::size_t i = rng() % held.size();
+            const auto [first, n] = held[i];
+            held[i] = held.back();
+            held.pop_back();
+            pool.release(first * page, n * page);
+            for (std::size_t p = first; p < first + n; ++p) {
+                --holds[p];
+            }
+        }
+        if (step % 97 == 0) {
+            std::this_thread::sleep_for(std::chrono::microseconds(300));  // quiet spells: extents shrink again
+        }
+        std::size_t held_pages = 0;
+        for (std::size_t p = 0; p < pages; ++p) {
+            if (holds[p] > 0) {
+                ++held_pages;
+                BOOST_REQUIRE(pool.is_committed(p * page, page));
+            }
+        }
+        const auto s = pool.stats();
+        BOOST_REQUIRE(s.held_pages == held_pages);
+        BOOST_REQUIRE(s.committed == (held_pages + s.idle_units) * page);
+        BOOST_REQUIRE(budget.stats().committed == s.committed);
+    }
+    for (const auto& [first, n] : held) {
+        pool.release(first * page, n * page);
+    }
+    (void)pool.trim();
+    BOOST_TEST(pool.committed_bytes() == 0u);
+    BOOST_TEST(budget.stats().committed == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(the_mapper_maps_extents_ahead_and_gives_them_back) {
+    using config = vmmpp::pool_config<vmmpp::host, vmmpp::mapped_ahead<vmmpp::adaptive_extents>, vmmpp::unlimited>;
+    vmmpp::mapped_ahead<vmmpp::adaptive_extents> growth{.inner = bursting};
+    growth.low_watermark = 2;
+    growth.high_watermark = 6;
+    growth.release_delay = std::chrono::milliseconds(20);
+    vmmpp::elastic_pool<config> pool(128 * page, {}, growth);
+    for (std::size_t p = 0; p < 40; ++p) {
+        pool.ensure_committed(p * page, page);
+    }
+    const auto s = pool.stats();
+    BOOST_TEST(s.commits < 40u);  // extents, by the caller or the mapper
+    BOOST_TEST(s.held_pages == 40u);
+    pool.release(0, 40 * page);
+    for (int i = 0; i < 2000 && pool.stats().idle_units > 6; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    BOOST_TEST(pool.stats().idle_units <= 14u);  // above the high watermark only what an extent still pins
+    (void)pool.trim();
+    BOOST_TEST(pool.committed_bytes() == 0u);
 }

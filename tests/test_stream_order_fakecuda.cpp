@@ -32,8 +32,9 @@ struct kv_case {
     using cache = vmmpp::kv_cache<Config, Layout>;
 };
 using vmm_chunked4_config = vmmpp::pool_config<vmmpp::vmm, vmmpp::chunked<4>, vmmpp::shared_budget>;
-using kv_cases = boost::mpl::list<kv_case<vmmpp::elastic_config, vmmpp::block_major>,
-                                  kv_case<vmmpp::elastic_config, vmmpp::layer_major>,
+using kv_cases = boost::mpl::list<kv_case<vmmpp::elastic_page_config, vmmpp::block_major>,
+                                  kv_case<vmmpp::elastic_page_config, vmmpp::layer_major>,
+                                  kv_case<vmmpp::elastic_config, vmmpp::block_major>,
                                   kv_case<vmm_chunked4_config, vmmpp::block_major>>;
 
 // 8 layers, 2 heads of 64, fp16, 16 tokens: a K or V piece is 4 KiB; in block_major a block is
@@ -44,10 +45,11 @@ constexpr vmmpp::kv_geometry geom{.layers = 8, .kv_heads = 2, .head_dim = 64, .t
 constexpr std::size_t piece = 16 * 2 * 64 * 2;
 constexpr std::size_t budget_bytes = std::size_t{64} << 20;
 
-/// Whether the case's blocks each fill a whole page (then freeing one must unmap it).
+/// Whether the case's blocks each fill a whole page that goes back when they empty (then
+/// freeing one must unmap it): not for chunks, nor for elastic_config's extents and spares.
 template <class Case>
 constexpr bool block_is_page = std::is_same_v<typename Case::cache::layout_type, vmmpp::block_major> &&
-                               !std::is_same_v<typename Case::config, vmm_chunked4_config>;
+                               std::is_same_v<typename Case::config, vmmpp::elastic_page_config>;
 
 template <class Case>
 struct made_cache {
@@ -206,8 +208,8 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(free_and_truncate_on_a_stream_wait_for_its_queued_
 BOOST_AUTO_TEST_CASE(pages_awaiting_the_gpu_are_reclaimed_once_it_is_done) {
     const std::size_t page = vmmpp::vmm_granularity(0);
     vmmpp::budget budget(4 * page);
-    vmmpp::elastic_pool<vmmpp::elastic_config> a(16 * page, {}, {}, budget.register_model("a", 4 * page));
-    vmmpp::elastic_pool<vmmpp::elastic_config> b(16 * page, {}, {}, budget.register_model("b", 4 * page));
+    vmmpp::elastic_pool<vmmpp::elastic_page_config> a(16 * page, {}, {}, budget.register_model("a", 4 * page));
+    vmmpp::elastic_pool<vmmpp::elastic_page_config> b(16 * page, {}, {}, budget.register_model("b", 4 * page));
     a.ensure_committed(0, 4 * page);
     std::memset(a.base(), 0x21, 4 * page);
     queued_reads reads;
@@ -231,7 +233,7 @@ BOOST_AUTO_TEST_CASE(a_pool_destroyed_under_queued_work_waits_for_it) {
     queued_reads reads;
     {
         vmmpp::budget budget(8 * page);
-        vmmpp::elastic_pool<vmmpp::elastic_config> pool(8 * page, {}, {}, budget.register_model("m", 8 * page));
+        vmmpp::elastic_pool<vmmpp::elastic_page_config> pool(8 * page, {}, {}, budget.register_model("m", 8 * page));
         pool.ensure_committed(0, 2 * page);
         std::memset(pool.base(), 0x17, 2 * page);
         fakecuda::hold_gpu(true);
@@ -252,8 +254,8 @@ BOOST_AUTO_TEST_CASE(the_mapper_waits_for_the_fence_before_a_lazy_release) {
     growth.high_watermark = 0;
     growth.release_delay = 1ms;
     vmmpp::budget budget(16 * page);
-    vmmpp::elastic_pool<vmmpp::elastic_mapped_ahead_config> pool(16 * page, {}, growth,
-                                                                 budget.register_model("m", 16 * page));
+    using config = vmmpp::pool_config<vmmpp::vmm, vmmpp::mapped_ahead<vmmpp::page_granular>, vmmpp::shared_budget>;
+    vmmpp::elastic_pool<config> pool(16 * page, {}, growth, budget.register_model("m", 16 * page));
     pool.ensure_committed(0, 2 * page);
     std::memset(pool.base(), 0x66, 2 * page);
     queued_reads reads;
@@ -274,7 +276,7 @@ BOOST_AUTO_TEST_CASE(the_mapper_waits_for_the_fence_before_a_lazy_release) {
 BOOST_AUTO_TEST_CASE(a_fence_the_pool_never_recorded_is_refused) {
     const std::size_t page = vmmpp::vmm_granularity(0);
     vmmpp::budget budget(8 * page);
-    vmmpp::elastic_pool<vmmpp::elastic_config> pool(8 * page, {}, {}, budget.register_model("m", 8 * page));
+    vmmpp::elastic_pool<vmmpp::elastic_page_config> pool(8 * page, {}, {}, budget.register_model("m", 8 * page));
     pool.ensure_committed(0, page);
     BOOST_CHECK_THROW(pool.release(0, page, vmmpp::pool_fence{7}), vmmpp::invalid_argument);
     BOOST_TEST(pool.stats().held_pages == 1u);

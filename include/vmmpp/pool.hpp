@@ -24,6 +24,7 @@
 #include "vmmpp/detail/range_counts.hpp"
 #include "vmmpp/detail/unit_table.hpp"
 #include "vmmpp/error.hpp"
+#include "vmmpp/growth/adaptive_extents.hpp"
 #include "vmmpp/growth/concept.hpp"
 #include "vmmpp/growth/mapped_ahead.hpp"
 #include "vmmpp/growth/mapper.hpp"
@@ -206,14 +207,11 @@ public:
           page_holds_(pages_, 0),
           table_(units_),
           fences_(device_of(backing_)),
-          mapper_(growth_, units_) {
+          mapper_(growth_, units_),
+          sizer_(max_extent_units_of(growth_), extent_burst_window_of(growth_)) {
         stats_.reserved = backing_.capacity();
         if constexpr (!growth_type::is_elastic) {
-            std::vector<std::size_t> all(units_);
-            for (std::size_t u = 0; u < units_; ++u) {
-                all[u] = u;
-            }
-            commit_units(all, 0, 0);
+            (void)commit_range(0, units_ - 1);
             for (std::size_t u = 0; u < units_; ++u) {
                 make_idle(u);
             }
@@ -243,9 +241,11 @@ public:
             // the work failed (a lost context): nothing on the GPU can use the memory any more
         }
         for (std::size_t u = 0; u < units_; ++u) {
-            if (table_.state[u] == detail::unit_state::committed || table_.state[u] == detail::unit_state::retired) {
+            const bool backed =
+                table_.state[u] == detail::unit_state::committed || table_.state[u] == detail::unit_state::retired;
+            if (backed && table_.extent_first[u] == u) {
                 try {
-                    backing_.decommit(unit_offset(u), unit_bytes(u));
+                    backing_.decommit(unit_offset(u), extent_bytes(u, table_.extent_units[u]));
                 } catch (...) {
                     // The backing frees everything in its own destructor; only the quota matters here.
                 }
@@ -294,14 +294,7 @@ public:
                 }
                 continue;
             }
-            std::vector<std::size_t> missing;
-            for (std::size_t u = first_unit; u <= last_unit; ++u) {
-                if (table_.state[u] == detail::unit_state::uncommitted) {
-                    missing.push_back(u);
-                }
-            }
-            commit_units(missing, first_unit, last_unit);
-            stats_.sync_commits += missing.size();
+            stats_.sync_commits += commit_range(first_unit, last_unit);
             break;
         }
         range_hold.keep();
@@ -310,7 +303,7 @@ public:
                 ++held_pages_;
                 const std::size_t u = p / unit_pages_;
                 if (table_.held_pages[u]++ == 0) {
-                    table_.idle.erase(u);
+                    forget_idle(u);
                     note_taken(u);
                 }
             }
@@ -582,8 +575,27 @@ private:
     }
 
     [[nodiscard]] std::size_t unit_offset(std::size_t u) const noexcept { return u * unit_pages_ * page_bytes_; }
-    [[nodiscard]] std::size_t unit_bytes(std::size_t u) const noexcept {
-        return (std::min(pages_, (u + 1) * unit_pages_) - u * unit_pages_) * page_bytes_;
+    [[nodiscard]] std::size_t unit_bytes(std::size_t u) const noexcept { return extent_bytes(u, 1); }
+    /// Bytes of units [first, first + n).
+    [[nodiscard]] std::size_t extent_bytes(std::size_t first, std::size_t n) const noexcept {
+        return (std::min(pages_, (first + n) * unit_pages_) - first * unit_pages_) * page_bytes_;
+    }
+    [[nodiscard]] std::size_t extent_bytes_of(std::size_t first) const noexcept {
+        return extent_bytes(first, table_.extent_units[first]);
+    }
+    static std::size_t max_extent_units_of(const growth_type& growth) noexcept {
+        if constexpr (extent_growth_policy<growth_type>) {
+            return growth.max_extent_units();
+        } else {
+            return 1;
+        }
+    }
+    static std::chrono::microseconds extent_burst_window_of(const growth_type& growth) noexcept {
+        if constexpr (extent_growth_policy<growth_type>) {
+            return growth.extent_burst_window();
+        } else {
+            return std::chrono::microseconds(0);
+        }
     }
     [[nodiscard]] std::size_t kept_bytes() const noexcept {
         if constexpr (keeps_handles) {
@@ -605,9 +617,9 @@ private:
         } add{driver_ns_, start};
         std::forward<F>(f)();
     }
-    /// Commits unit u, already charged to the quota; a reused kept handle was charged while
-    /// kept, so its second charge goes back. Strong guarantee.
-    void backing_commit(std::size_t u) {
+    /// Commits units [first, first + n) as one extent, already charged to the quota; a reused
+    /// kept handle was charged while kept, so its second charge goes back. Strong guarantee.
+    void backing_commit(std::size_t first, std::size_t n) {
         const std::size_t kept_before = kept_bytes();
         // Kept handles that left the backing's cache, whether the commit mapped them or failed
         // and released them, are no longer charged as kept: settle that on both paths.
@@ -620,14 +632,15 @@ private:
                 pool.kept_snapshot_ = after;
             }
         } settle{*this, kept_before};
-        timed([&] { backing_.commit(unit_offset(u), unit_bytes(u)); });
+        timed([&] { backing_.commit(unit_offset(first), extent_bytes(first, n)); });
     }
-    /// Decommits unit u and gives the quota back what left the device (a handle the backing
-    /// keeps for reuse stays charged); returns the bytes uncharged.
-    std::size_t backing_decommit(std::size_t u) {
+    /// Decommits the extent that starts at unit `first` and gives the quota back what left the
+    /// device (a handle the backing keeps for reuse stays charged); returns the bytes uncharged.
+    std::size_t backing_decommit(std::size_t first) {
         const std::size_t kept_before = kept_bytes();
-        timed([&] { backing_.decommit(unit_offset(u), unit_bytes(u)); });
-        const std::size_t freed = unit_bytes(u) - (kept_bytes() - kept_before);
+        const std::size_t bytes = extent_bytes_of(first);
+        timed([&] { backing_.decommit(unit_offset(first), bytes); });
+        const std::size_t freed = bytes - (kept_bytes() - kept_before);
         uncharge(freed);
         kept_snapshot_ = kept_bytes();
         return freed;
@@ -658,25 +671,52 @@ private:
 
     // --- bookkeeping: the caller holds mutex_ ---
 
+    /// Committed unit u, held by nothing now, becomes a spare. Throws bad_alloc (nothing changed).
     void make_idle(std::size_t u) {
-        table_.idle.insert(u);
+        const bool inserted = table_.idle.insert(u).second;
+        try {
+            table_.note_idle(u);
+        } catch (...) {
+            if (inserted) {
+                table_.idle.erase(u);
+            }
+            throw;
+        }
         if constexpr (has_mapper) {
             mapper_.plan.on_idle(table_, u, clock::now());
         }
     }
-    void note_committed(std::size_t u, bool by_mapper) {
-        table_.state[u] = detail::unit_state::committed;
-        ++table_.committed;
+    /// Unit u is no spare any more (held again, or going back with its extent).
+    void forget_idle(std::size_t u) noexcept {
+        if (table_.idle.erase(u) != 0) {
+            table_.note_not_idle(u);
+        }
+    }
+    /// Every unit of the extent that starts at `first` leaves the spares (it is going back).
+    void forget_extent_idle(std::size_t first) noexcept {
+        for (std::size_t u = first; u < first + table_.extent_units[first]; ++u) {
+            forget_idle(u);
+        }
+    }
+    void set_extent_state(std::size_t first, detail::unit_state state) noexcept {
+        for (std::size_t u = first; u < first + table_.extent_units[first]; ++u) {
+            table_.state[u] = state;
+        }
+    }
+    void note_committed(std::size_t first, std::size_t n, bool by_mapper) {
+        table_.set_extent(first, n);
+        set_extent_state(first, detail::unit_state::committed);
+        table_.committed += n;
         ++stats_.commits;
         stats_.mapper_commits += by_mapper ? 1 : 0;
-        stats_.committed += unit_bytes(u);
+        stats_.committed += extent_bytes(first, n);
         stats_.peak_committed = std::max(stats_.peak_committed, stats_.committed);
     }
-    void note_decommitted(std::size_t u) {
-        table_.state[u] = detail::unit_state::uncommitted;
-        --table_.committed;
+    void note_decommitted(std::size_t first) {
+        set_extent_state(first, detail::unit_state::uncommitted);
+        table_.committed -= table_.extent_units[first];
         ++stats_.decommits;
-        stats_.committed -= unit_bytes(u);
+        stats_.committed -= extent_bytes_of(first);
     }
 
     /// A caller took unit u: the mapper learns where demand goes. A polling mapper finds a refill
@@ -695,35 +735,90 @@ private:
         }
     }
 
-    /// Commits every unit in `units` on the caller's thread, or none of them. Under quota
-    /// pressure it first gives back this pool's own spares outside [keep_first, keep_last] and
-    /// its kept handles, then asks the budget's other models for theirs.
-    void commit_units(const std::vector<std::size_t>& units, std::size_t keep_first, std::size_t keep_last) {
-        std::size_t done = 0;
+    /// Commits the uncommitted units of [first_unit, last_unit] on the caller's thread, or none
+    /// of them; returns the backing commits made. A run of them is one extent (one handle) with
+    /// an extent growth policy, and the last run reaches past last_unit as far as the growth rate
+    /// says (extent_sizer): those units become spares. Units in flight or committed are skipped.
+    /// Under quota pressure it first gives back this pool's own spares outside
+    /// [first_unit, last_unit] and its kept handles, then asks the budget's other models.
+    std::size_t commit_range(std::size_t first_unit, std::size_t last_unit) {
+        const std::size_t most = max_extent_units_of(growth_);
+        const auto sizer_before = sizer_;
+        std::vector<std::size_t> done;  // first units of the extents this call committed
         try {
-            for (std::size_t u : units) {
-                charge_making_room(unit_bytes(u), keep_first, keep_last);
-                try {
-                    std::lock_guard backing_lock(backing_mutex_);
-                    backing_commit(u);
-                } catch (...) {
-                    uncharge(unit_bytes(u));
-                    throw;
+            for (std::size_t u = first_unit; u <= last_unit;) {
+                if (table_.state[u] != detail::unit_state::uncommitted) {
+                    ++u;
+                    continue;
                 }
-                note_committed(u, false);
-                ++done;
+                std::size_t needed = 1;
+                while (needed < most && u + needed <= last_unit &&
+                       table_.state[u + needed] == detail::unit_state::uncommitted) {
+                    ++needed;
+                }
+                std::size_t n = needed;
+                const auto now = clock::now();
+                if (most > 1 && u + needed > last_unit) {  // the end of the range: grow ahead as fast as demand comes
+                    const std::size_t want = sizer_.size_at(now);
+                    while (n < want && u + n < units_ && table_.state[u + n] == detail::unit_state::uncommitted) {
+                        ++n;
+                    }
+                }
+                n = commit_extent(u, n, needed, first_unit, last_unit);
+                sizer_.committed(now);
+                done.push_back(u);
+                for (std::size_t a = std::max(u, last_unit + 1); a < u + n; ++a) {
+                    make_idle(a);  // committed ahead: spares
+                }
+                u += n;
             }
         } catch (...) {
-            while (done > 0) {
-                const std::size_t u = units[--done];
+            sizer_ = sizer_before;
+            while (!done.empty()) {
+                const std::size_t f = done.back();
+                done.pop_back();
+                forget_extent_idle(f);
                 try {
-                    (void)decommit_unit(u);
+                    (void)decommit_extent(f);
                 } catch (...) {
-                    // a spare again, or retired (decommit_unit says which): accounted either way
+                    // a spare again, or retired (decommit_extent says which): accounted either way
                 }
             }
             throw;
         }
+        return done.size();
+    }
+
+    /// Commits units [u, u + n) as one extent; when a quota or the device refuses more than the
+    /// `needed` first units, commits just those (making room for them). Returns the units committed.
+    std::size_t commit_extent(std::size_t u, std::size_t n, std::size_t needed, std::size_t keep_first,
+                              std::size_t keep_last) {
+        if (n > needed) {
+            try {
+                charge(extent_bytes(u, n));  // units ahead of demand never push other memory out
+                try {
+                    std::lock_guard backing_lock(backing_mutex_);
+                    backing_commit(u, n);
+                } catch (...) {
+                    uncharge(extent_bytes(u, n));
+                    throw;
+                }
+                note_committed(u, n, false);
+                return n;
+            } catch (const over_quota&) {
+            } catch (const out_of_memory&) {
+            }
+        }
+        charge_making_room(extent_bytes(u, needed), keep_first, keep_last);
+        try {
+            std::lock_guard backing_lock(backing_mutex_);
+            backing_commit(u, needed);
+        } catch (...) {
+            uncharge(extent_bytes(u, needed));
+            throw;
+        }
+        note_committed(u, needed, false);
+        return needed;
     }
 
     /// Charges `bytes`; when the quota refuses, makes room and tries again: first with this
@@ -751,45 +846,48 @@ private:
         }
     }
 
-    /// Decommits unit u (idle, and no longer in table_.idle) on the caller's thread, which holds
-    /// mutex_; returns the bytes uncharged. If the backing fails, the unit becomes a spare again
-    /// or is retired (settle_failed_decommit) and the error propagates.
-    std::size_t decommit_unit(std::size_t u) {
+    /// Decommits the extent that starts at unit `first` (idle, its units no longer in
+    /// table_.idle) on the caller's thread, which holds mutex_; returns the bytes uncharged. If
+    /// the backing fails, the extent becomes spares again or is retired (settle_failed_decommit)
+    /// and the error propagates.
+    std::size_t decommit_extent(std::size_t first) {
         std::size_t freed = 0;
         {
             std::lock_guard backing_lock(backing_mutex_);
             const std::size_t backing_before = backing_.committed_bytes();  // to tell what a failure left
             try {
-                freed = backing_decommit(u);
+                freed = backing_decommit(first);
             } catch (...) {
-                settle_failed_decommit(u, backing_.committed_bytes() == backing_before);
+                settle_failed_decommit(first, backing_.committed_bytes() == backing_before);
                 throw;
             }
         }
-        note_decommitted(u);
+        note_decommitted(first);
         return freed;
     }
-    /// After the backing threw from decommitting unit u (taken out of table_.idle, state committed or
-    /// decommitting): if the backing still has all of it committed, nothing was given back and u
-    /// is a spare again, to be tried again later; otherwise part of it went and u is retired.
-    /// The caller holds mutex_.
-    void settle_failed_decommit(std::size_t u, bool still_committed) {
+    /// After the backing threw from decommitting the extent at `first` (out of table_.idle, state
+    /// committed or decommitting): if the backing still has all of it committed, nothing was
+    /// given back and its units are spares again, to be tried again later; otherwise part of it
+    /// went and it is retired. The caller holds mutex_.
+    void settle_failed_decommit(std::size_t first, bool still_committed) {
         ++stats_.decommit_failures;
         if (still_committed) {
-            table_.state[u] = detail::unit_state::committed;
-            make_idle(u);
+            set_extent_state(first, detail::unit_state::committed);
+            for (std::size_t u = first; u < first + table_.extent_units[first]; ++u) {
+                make_idle(u);
+            }
         } else {
-            retire(u);
+            retire(first);
         }
     }
-    /// Takes committed unit u out of service after a failed decommit: it may still be mapped,
-    /// so it is never mapped, handed out or decommitted again, and stays charged.
-    void retire(std::size_t u) noexcept {  // counted in decommit_failures by the caller
-        table_.state[u] = detail::unit_state::retired;
-        --table_.committed;
-        stats_.committed -= unit_bytes(u);
-        ++stats_.retired_units;
-        stats_.retired_bytes += unit_bytes(u);
+    /// Takes the committed extent at `first` out of service after a failed decommit: it may
+    /// still be mapped, so it is never mapped, handed out or decommitted again, and stays charged.
+    void retire(std::size_t first) noexcept {  // counted in decommit_failures by the caller
+        set_extent_state(first, detail::unit_state::retired);
+        table_.committed -= table_.extent_units[first];
+        stats_.committed -= extent_bytes_of(first);
+        stats_.retired_units += table_.extent_units[first];
+        stats_.retired_bytes += extent_bytes_of(first);
     }
 
     /// Asks which fences completed (never waits). A fence whose work failed means the context is
@@ -801,9 +899,19 @@ private:
     }
     /// Whether unit u's memory may go back: no GPU work queued before its releases is pending.
     [[nodiscard]] bool gpu_done_with(std::size_t u) const noexcept { return fences_.is_complete(table_.fence[u]); }
+    /// The same for every unit of the extent that starts at `first`.
+    [[nodiscard]] bool gpu_done_with_extent(std::size_t first) const noexcept {
+        for (std::size_t u = first; u < first + table_.extent_units[first]; ++u) {
+            if (!gpu_done_with(u)) {
+                return false;
+            }
+        }
+        return true;
+    }
 
-    /// Decommits idle units whose GPU work is done, highest offset first, until at most `keep`
-    /// idle units remain (or none is left that may go); returns the bytes uncharged.
+    /// Decommits extents that are idle as a whole and whose GPU work is done, highest offset
+    /// first, until at most `keep` idle units remain (or none is left that may go); returns the
+    /// bytes uncharged.
     std::size_t shrink(std::size_t keep) {
         std::size_t freed = 0;
         if constexpr (growth_type::is_elastic) {
@@ -811,23 +919,22 @@ private:
                 return 0;
             }
             poll_fences();
-            std::size_t excess = table_.idle.size() - keep;
-            for (auto it = table_.idle.end(); excess > 0 && it != table_.idle.begin();) {
+            for (auto it = table_.idle_extents.end(); table_.idle.size() > keep && it != table_.idle_extents.begin();) {
                 --it;
-                const std::size_t u = *it;
-                if (!gpu_done_with(u)) {
-                    continue;  // stays a spare, charged, until its fence completes
+                const std::size_t f = *it;
+                if (!gpu_done_with_extent(f)) {
+                    continue;  // stays spares, charged, until its fences complete
                 }
-                it = table_.idle.erase(it);
-                --excess;
-                freed += decommit_unit(u);
+                it = table_.idle_extents.erase(it);
+                forget_extent_idle(f);
+                freed += decommit_extent(f);
             }
         }
         return freed;
     }
 
-    /// Gives back idle units outside [keep_first, keep_last] whose GPU work is done, and kept
-    /// handles; returns the bytes uncharged.
+    /// Gives back extents idle as a whole outside [keep_first, keep_last] whose GPU work is done,
+    /// and kept handles; returns the bytes uncharged.
     std::size_t give_back_spares(std::size_t keep_first, std::size_t keep_last) noexcept {
         if constexpr (!growth_type::is_elastic) {
             return 0;
@@ -838,17 +945,19 @@ private:
             } catch (...) {
                 // a lost context: give back only what no fence holds
             }
-            for (auto it = table_.idle.begin(); it != table_.idle.end();) {
-                const std::size_t u = *it;
-                if ((u >= keep_first && u <= keep_last) || !gpu_done_with(u)) {
+            for (auto it = table_.idle_extents.begin(); it != table_.idle_extents.end();) {
+                const std::size_t f = *it;
+                const std::size_t end = f + table_.extent_units[f];  // one past its last unit
+                if ((f <= keep_last && end > keep_first) || !gpu_done_with_extent(f)) {
                     ++it;
                     continue;
                 }
-                it = table_.idle.erase(it);
+                it = table_.idle_extents.erase(it);
+                forget_extent_idle(f);
                 try {
-                    freed += decommit_unit(u);
+                    freed += decommit_extent(f);
                 } catch (...) {
-                    // a spare again or retired, counted in stats(); the other spares still go back
+                    // spares again or retired, counted in stats(); the other spares still go back
                 }
             }
             freed += drop_kept_handles();
@@ -900,29 +1009,42 @@ private:
         std::unique_lock lock(mutex_);
         while (!mapper_.stopping) {
             if (const auto u = plan.next_to_map(table_)) {
-                table_.state[*u] = detail::unit_state::committing;
-                plan.commit_started();
+                const auto started = clock::now();
+                const std::size_t want = sizer_.size_at(started);
+                std::size_t n = 1;
+                while (n < want && *u + n < units_ && table_.state[*u + n] == detail::unit_state::uncommitted) {
+                    ++n;
+                }
+                for (std::size_t a = *u; a < *u + n; ++a) {
+                    table_.state[a] = detail::unit_state::committing;
+                }
+                plan.commit_started(n);
                 lock.unlock();
                 bool ok = false;
                 try {
-                    charge(unit_bytes(*u));  // no room made: spares never push other memory out
+                    charge(extent_bytes(*u, n));  // no room made: spares never push other memory out
                     try {
                         std::lock_guard backing_lock(backing_mutex_);
-                        backing_commit(*u);
+                        backing_commit(*u, n);
                         ok = true;
                     } catch (...) {
-                        uncharge(unit_bytes(*u));
+                        uncharge(extent_bytes(*u, n));
                     }
                 } catch (...) {
                     // over quota or out of memory: stop refilling until demand comes back
                 }
                 lock_spinning(lock);
-                plan.commit_finished();
+                plan.commit_finished(n);
                 if (ok) {
-                    note_committed(*u, true);
-                    make_idle(*u);
+                    note_committed(*u, n, true);
+                    sizer_.committed(started);
+                    for (std::size_t a = *u; a < *u + n; ++a) {
+                        make_idle(a);
+                    }
                 } else {
-                    table_.state[*u] = detail::unit_state::uncommitted;
+                    for (std::size_t a = *u; a < *u + n; ++a) {
+                        table_.state[a] = detail::unit_state::uncommitted;
+                    }
                     ++stats_.mapper_failures;
                     plan.stop_refilling();
                 }
@@ -931,18 +1053,23 @@ private:
             }
             std::optional<clock::time_point> deadline;
             const auto gpu_done = [this](std::size_t unit) {
-                if (!gpu_done_with(unit)) {
+                const std::size_t first = table_.extent_first[unit];
+                if (!gpu_done_with_extent(first)) {
                     try {
                         poll_fences();
                     } catch (...) {
                         // a lost context: the unit stays a spare
                     }
                 }
-                return gpu_done_with(unit);
+                return gpu_done_with_extent(first);
             };
             if (const auto u = plan.next_to_release(table_, clock::now(), deadline, gpu_done)) {
-                table_.state[*u] = detail::unit_state::decommitting;
-                table_.idle.erase(*u);
+                const std::size_t first = table_.extent_first[*u];
+                if (!table_.idle_extents.contains(first)) {
+                    continue;  // part of its extent is held: it goes back with the last of them
+                }
+                forget_extent_idle(first);
+                set_extent_state(first, detail::unit_state::decommitting);
                 lock.unlock();
                 bool ok = false;
                 bool still_committed = true;
@@ -950,7 +1077,7 @@ private:
                     std::lock_guard backing_lock(backing_mutex_);
                     const std::size_t backing_before = backing_.committed_bytes();
                     try {
-                        (void)backing_decommit(*u);
+                        (void)backing_decommit(first);
                         ok = true;
                     } catch (...) {
                         still_committed = backing_.committed_bytes() == backing_before;
@@ -958,10 +1085,10 @@ private:
                 }
                 lock_spinning(lock);
                 if (ok) {
-                    note_decommitted(*u);
+                    note_decommitted(first);
                     ++stats_.mapper_decommits;
                 } else {
-                    settle_failed_decommit(*u, still_committed);
+                    settle_failed_decommit(first, still_committed);
                     ++stats_.mapper_failures;
                 }
                 mapper_.settled.notify_all();
@@ -1012,6 +1139,7 @@ private:
     pool_stats stats_;
     /// The background mapper's decisions and thread state; nothing at all without one.
     [[no_unique_address]] std::conditional_t<has_mapper, detail::background_mapper<clock>, no_mapper> mapper_;
+    detail::extent_sizer<clock> sizer_;  // how many units the next commit covers (one, without extents)
 };
 
 } // namespace vmmpp

@@ -39,7 +39,7 @@ void check_tensor(const DLTensor& t, const Cache& cache, std::uint32_t layer, vm
 } // namespace
 
 BOOST_AUTO_TEST_CASE(layer_major_export) {
-    vmmpp::kv_cache<vmmpp::host_config> cache(geom);
+    vmmpp::kv_cache<vmmpp::host_config, vmmpp::layer_major> cache(geom);
     for (std::uint32_t layer = 0; layer < geom.layers; ++layer) {
         for (auto part : {vmmpp::kv_part::key, vmmpp::kv_part::value}) {
             dlpack_ptr t(vmmpp::to_dlpack(cache, layer, part));
@@ -200,7 +200,7 @@ BOOST_AUTO_TEST_CASE(device_memory_cache_exports_kdlcuda) {
 }
 
 BOOST_AUTO_TEST_CASE(versioned_export) {
-    vmmpp::kv_cache<vmmpp::host_config> cache(geom);
+    vmmpp::kv_cache<vmmpp::host_config, vmmpp::layer_major> cache(geom);
     dlpack_versioned_ptr t(vmmpp::to_dlpack_versioned(cache, 1, vmmpp::kv_part::value));
     BOOST_TEST(t->version.major == 1u);
     BOOST_TEST(t->version.minor == 1u);
@@ -211,7 +211,7 @@ BOOST_AUTO_TEST_CASE(versioned_export) {
 }
 
 BOOST_AUTO_TEST_CASE(deleter_drops_the_keep_alive_and_never_the_memory) {
-    auto cache = std::make_shared<vmmpp::kv_cache<vmmpp::host_config>>(geom);
+    auto cache = std::make_shared<vmmpp::kv_cache<vmmpp::host_config, vmmpp::layer_major>>(geom);
     const auto seq = cache->add_sequence();
     cache->append(seq, 1);
     std::weak_ptr<const void> watch = cache;
@@ -228,7 +228,7 @@ BOOST_AUTO_TEST_CASE(deleter_drops_the_keep_alive_and_never_the_memory) {
 }
 
 BOOST_AUTO_TEST_CASE(refusals_leave_nothing_behind) {
-    vmmpp::kv_cache<vmmpp::host_config> cache(geom);
+    vmmpp::kv_cache<vmmpp::host_config, vmmpp::layer_major> cache(geom);
     auto owner = std::make_shared<int>(1);
     BOOST_CHECK_THROW((void)vmmpp::to_dlpack(cache, geom.layers, vmmpp::kv_part::key, {.keep_alive = owner}),
                       vmmpp::invalid_argument);

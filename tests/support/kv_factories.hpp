@@ -45,7 +45,7 @@ struct kv_factory<Case, vmmpp::pool_config<Backing, Growth, vmmpp::shared_budget
         const vmmpp::kv_geometry g = fit_geometry<typename Case::layout>(given);
         const std::size_t bytes = limit != 0 ? limit : (Case::layout::span_bytes(g) / page + 1) * page;
         budget = std::make_unique<vmmpp::budget>(bytes);
-        return std::make_unique<typename Case::cache>(g, typename Backing::options{}, Growth{},
+        return std::make_unique<typename Case::cache>(g, typename Backing::options{}, suite_growth<Growth>(),
                                                       budget->register_model("kv", bytes));
     }
 };

@@ -2,8 +2,10 @@
 // whatever the pool needs beside it (a budget, a borrowed buffer).
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "vmmpp/config.hpp"
@@ -18,6 +20,21 @@ using host_external_config =
     vmmpp::pool_config<vmmpp::external<vmmpp::host_accessible>, vmmpp::preallocated, vmmpp::unlimited>;
 using host_preallocated_config = vmmpp::pool_config<vmmpp::host, vmmpp::preallocated, vmmpp::unlimited>;
 using vmm_chunked_config = vmmpp::pool_config<vmmpp::vmm, vmmpp::chunked<8>, vmmpp::unlimited>;
+/// elastic_config's growth on the host backing.
+using host_adaptive_config = vmmpp::pool_config<vmmpp::host, vmmpp::adaptive_extents, vmmpp::shared_budget>;
+
+/// The growth policy the behaviour suites build pools with: the policy's defaults, except that
+/// adaptive_extents commits one page per extent and keeps no spares there, so the suites' exact
+/// page accounting (expected_committed) holds for it too. Its extents have tests of their own
+/// (test_pool.cpp, test_kv_cache.cpp, the stress test).
+template <class Growth>
+Growth suite_growth() {
+    if constexpr (std::is_same_v<Growth, vmmpp::adaptive_extents>) {
+        return vmmpp::adaptive_extents{.max_extent_pages = 1, .burst_window = std::chrono::microseconds(0), .spare_pages = 0};
+    } else {
+        return Growth{};
+    }
+}
 
 template <class Config>
 struct pool_factory {
@@ -34,7 +51,7 @@ struct pool_factory<vmmpp::pool_config<Backing, Growth, vmmpp::shared_budget, Mu
     std::unique_ptr<vmmpp::budget> budget;
     std::unique_ptr<vmmpp::elastic_pool<config>> make(std::size_t capacity) {
         budget = std::make_unique<vmmpp::budget>(2 * capacity);
-        return std::make_unique<vmmpp::elastic_pool<config>>(capacity, typename Backing::options{}, Growth{},
+        return std::make_unique<vmmpp::elastic_pool<config>>(capacity, typename Backing::options{}, suite_growth<Growth>(),
                                                              budget->register_model("test", capacity));
     }
 };

@@ -1,6 +1,7 @@
 // vmmpp/detail/unit_table.hpp: a pool's bookkeeping of its growth units (what is committed, held,
-// idle, in flight, retired, and which fence each waits for), shared by the pool and its background
-// mapper's decisions (vmmpp/growth/mapper.hpp). Plain data: whoever uses it holds the pool's lock.
+// idle, in flight, retired, and which fence each waits for) and of the extents they were
+// committed in, shared by the pool and its background mapper's decisions
+// (vmmpp/growth/mapper.hpp). Plain data: whoever uses it holds the pool's lock.
 #pragma once
 
 #include <cstddef>
@@ -21,15 +22,53 @@ enum class unit_state : std::uint8_t {
 };
 
 /// The units of one pool. Not thread safe: the pool's lock guards it.
+///
+/// Extents: one backing commit covers a run of consecutive units, an extent (one physical
+/// handle on the vmm backing, which the driver maps and unmaps only whole). Its units are held
+/// and counted one by one, but they go back together, once all of them are idle.
 struct unit_table {
     /// `units` uncommitted units.
-    explicit unit_table(std::size_t units) : state(units, unit_state::uncommitted), held_pages(units, 0), fence(units, 0) {}
+    explicit unit_table(std::size_t units)
+        : state(units, unit_state::uncommitted), held_pages(units, 0), fence(units, 0), extent_first(units, 0),
+          extent_units(units, 0), extent_idle(units, 0) {}
 
     std::vector<unit_state> state;
     std::vector<std::uint32_t> held_pages;  ///< per unit: how many of its pages something holds
     std::vector<std::uint64_t> fence;       ///< per unit: the fence its memory waits for before it goes back
     std::set<std::size_t> idle;             ///< committed units nothing holds (spares), by offset
     std::size_t committed = 0;              ///< units committed (idle or held)
+    std::vector<std::uint32_t> extent_first;  ///< per unit (not uncommitted): the first unit of its extent
+    std::vector<std::uint32_t> extent_units;  ///< per extent's first unit: how many units it covers
+    std::vector<std::uint32_t> extent_idle;   ///< per extent's first unit: how many of them are idle
+    std::set<std::size_t> idle_extents;       ///< first units of committed extents all of whose units are idle
+
+    /// Records units [first, first + n) as one extent, none of them idle yet.
+    void set_extent(std::size_t first, std::size_t n) noexcept {
+        for (std::size_t u = first; u < first + n; ++u) {
+            extent_first[u] = static_cast<std::uint32_t>(first);
+        }
+        extent_units[first] = static_cast<std::uint32_t>(n);
+        extent_idle[first] = 0;
+    }
+    /// Unit u joined `idle`: its extent may now be idle as a whole. Allocates (a set node).
+    void note_idle(std::size_t u) {
+        const std::size_t f = extent_first[u];
+        if (++extent_idle[f] == extent_units[f]) {
+            try {
+                idle_extents.insert(f);
+            } catch (...) {
+                --extent_idle[f];
+                throw;
+            }
+        }
+    }
+    /// Unit u left `idle` (taken, or going back with its extent).
+    void note_not_idle(std::size_t u) noexcept {
+        const std::size_t f = extent_first[u];
+        if (extent_idle[f]-- == extent_units[f]) {
+            idle_extents.erase(f);
+        }
+    }
 
     [[nodiscard]] std::size_t size() const noexcept { return state.size(); }
     [[nodiscard]] bool is_in_flight(std::size_t u) const noexcept {

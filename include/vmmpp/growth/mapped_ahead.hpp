@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstddef>
 
+#include "vmmpp/growth/adaptive_extents.hpp"
 #include "vmmpp/growth/concept.hpp"
 #include "vmmpp/growth/page_granular.hpp"
 
@@ -42,6 +43,17 @@ struct mapped_ahead {
     std::chrono::microseconds poll_interval{100};
 
     [[nodiscard]] std::size_t unit_pages() const noexcept { return inner.unit_pages(); }
+    /// Over adaptive_extents, the mapper's commits (and a caller's) cover extents as its do.
+    [[nodiscard]] std::size_t max_extent_units() const noexcept
+        requires extent_growth_policy<Inner>
+    {
+        return inner.max_extent_units();
+    }
+    [[nodiscard]] std::chrono::microseconds extent_burst_window() const noexcept
+        requires extent_growth_policy<Inner>
+    {
+        return inner.extent_burst_window();
+    }
     /// Releases keep every idle unit: the mapper decides what goes back, on its own thread.
     [[nodiscard]] std::size_t idle_units_to_keep(std::size_t, std::size_t idle_units) const noexcept {
         return idle_units;

@@ -109,9 +109,9 @@ public:
     /// Whether a refill is wanted; read without the lock by a polling mapper.
     [[nodiscard]] bool refilling() const noexcept { return refilling_.load(std::memory_order_relaxed); }
 
-    /// The mapper started mapping a unit (it is `committing`), and finished (either way).
-    void commit_started() noexcept { ++in_flight_commits_; }
-    void commit_finished() noexcept { --in_flight_commits_; }
+    /// The mapper started mapping `units` units (they are `committing`), and finished (either way).
+    void commit_started(std::size_t units = 1) noexcept { in_flight_commits_ += units; }
+    void commit_finished(std::size_t units = 1) noexcept { in_flight_commits_ -= units; }
 
     /// Whether callers took units within the last release_delay (the pool is growing).
     [[nodiscard]] bool growing(time_point now) const noexcept { return now - last_taken_ < release_delay_; }
