@@ -158,7 +158,8 @@ BOOST_AUTO_TEST_CASE(releases_never_call_the_backing_on_the_caller_thread_and_go
     std::this_thread::sleep_for(100ms);
     const auto s = pool.stats();
     BOOST_TEST(s.committed == 3 * page);  // the high watermark stays
-    BOOST_TEST(s.mapper_decommits == 9u);
+    // 9, and the units the mapper mapped ahead of the caller's own commit if it got to them first
+    BOOST_TEST(s.mapper_decommits >= 9u);
     BOOST_TEST(b.stats().committed == 3 * page);
     BOOST_TEST(pool.trim() == 3 * page);
     BOOST_TEST(b.stats().committed == 0u);
@@ -518,4 +519,32 @@ BOOST_AUTO_TEST_CASE(spares_above_the_high_watermark_go_back_oldest_first_after_
     t.held_pages[2] = 1;
     BOOST_TEST(!plan.next_to_release(t, start + 500ms, deadline, gpu_done).has_value());  // 2 spares = high
     BOOST_TEST(t.idle.size() == 2u);
+}
+
+BOOST_AUTO_TEST_CASE(a_commit_the_caller_made_itself_sends_the_mapper_after_the_demand) {
+    vmmpp::detail::unit_table t(128);
+    plan_type plan(make_mapped(2, 4, 100ms), t.size());
+    const manual_clock::time_point now{};
+    for (std::size_t u = 100; u < 104; ++u) {
+        map_spare(t, plan, u, now);  // spares kept where the cache stopped before it emptied
+    }
+    // The allocator starts again at the bottom: unit 0, committed by the caller.
+    t.state[0] = unit_state::committed;
+    t.held_pages[0] = 1;
+    ++t.committed;
+    BOOST_TEST(!plan.on_taken(t, 0, now));  // four spares: by the count, no refill
+    BOOST_TEST(!plan.next_to_map(t).has_value());
+    plan.on_missed();
+    std::vector<std::size_t> mapped;
+    while (auto u = plan.next_to_map(t)) {
+        mapped.push_back(*u);
+        map_spare(t, plan, *u, now);
+    }
+    BOOST_TEST(mapped == (std::vector<std::size_t>{1, 2, 3, 4}), boost::test_tools::per_element());  // high_watermark of them
+    // The misplaced spares are now above the high watermark: they go back after the delay.
+    std::optional<manual_clock::time_point> deadline;
+    const auto gpu_done = [](std::size_t) { return true; };
+    const auto u = plan.next_to_release(t, now + 100ms, deadline, gpu_done);
+    BOOST_REQUIRE(u.has_value());
+    BOOST_TEST(*u == 100u);
 }

@@ -295,6 +295,12 @@ public:
                 continue;
             }
             stats_.sync_commits += commit_range(first_unit, last_unit);
+            if constexpr (has_mapper) {
+                mapper_.plan.on_missed();  // the spares were elsewhere: map ahead of this demand
+                if (mapper_.waiting) {
+                    mapper_.wake.notify_one();
+                }
+            }
             break;
         }
         range_hold.keep();

@@ -104,8 +104,21 @@ public:
         refilling_ = true;
     }
 
+    /// A caller had to commit memory itself: the spares were not where demand went (say, after
+    /// the cache emptied and its allocator started again at the bottom, while the spares kept
+    /// sit where it stopped). Map up to high_watermark units ahead of the newest frontier
+    /// whatever the spare count; the misplaced spares, now above the high watermark, go back
+    /// after release_delay.
+    void on_missed() noexcept {
+        missed_budget_ = high_;
+        refilling_ = true;
+    }
+
     /// Stop refilling until demand comes back (the pool gave its spares back, or a map failed).
-    void stop_refilling() noexcept { refilling_ = false; }
+    void stop_refilling() noexcept {
+        refilling_ = false;
+        missed_budget_ = 0;
+    }
     /// Whether a refill is wanted; read without the lock by a polling mapper.
     [[nodiscard]] bool refilling() const noexcept { return refilling_.load(std::memory_order_relaxed); }
 
@@ -126,7 +139,7 @@ public:
         if (!refilling_) {
             return std::nullopt;
         }
-        if (t.idle.size() + in_flight_commits_ >= high_) {
+        if (missed_budget_ == 0 && t.idle.size() + in_flight_commits_ >= high_) {
             refilling_ = false;
             return std::nullopt;
         }
@@ -139,6 +152,7 @@ public:
                 }
                 any_left = true;
                 if (t.state[f + d] == unit_state::uncommitted) {
+                    missed_budget_ -= missed_budget_ > 0 ? 1 : 0;
                     return f + d;
                 }
                 if (++looks == max_scan) {
@@ -150,6 +164,7 @@ public:
             }
         }
         refilling_ = false;  // nothing predicted: wait for demand
+        missed_budget_ = 0;
         return std::nullopt;
     }
 
@@ -201,6 +216,7 @@ private:
     std::chrono::milliseconds release_delay_;
     std::atomic<bool> refilling_{false};
     std::size_t in_flight_commits_ = 0;
+    std::size_t missed_budget_ = 0;  // units still to map past the watermark check after a miss
     time_point last_taken_{};
     std::deque<std::size_t> frontiers_;                       // units expected next, newest first
     std::vector<time_point> idle_since_;                      // per unit: when it last became idle
