@@ -718,3 +718,27 @@ BOOST_AUTO_TEST_CASE(releasing_blocks_never_allocates) {
     BOOST_TEST(blocks.allocate() == 0);  // lowest first, every id back
     BOOST_TEST(blocks.allocate() == 1);
 }
+
+// elastic_config's growth (adaptive_extents) on the host: a prompt's blocks, appended in one
+// call, are committed as one extent, and go back when its sequence ends.
+BOOST_AUTO_TEST_CASE(a_prompt_is_committed_in_one_extent_that_leaves_with_its_sequence) {
+    // block_major, one block = 2 layers x K/V x 16 tokens x 64 heads x 64 dims x 2 bytes = 512 KiB.
+    constexpr vmmpp::kv_geometry g{.layers = 2, .kv_heads = 64, .head_dim = 64, .type = vmmpp::dtype::f16,
+                                   .block_tokens = 16, .max_blocks = 256};
+    vmmpp::budget budget(std::size_t{1} << 30);
+    vmmpp::kv_cache<host_adaptive_config> cache(g, {}, vmmpp::adaptive_extents{.spare_pages = 0},
+                                                budget.register_model("m", std::size_t{1} << 30));
+    const auto first = cache.add_sequence();
+    cache.append(first, 16 * 40);  // 40 blocks, 20 MiB: ten pages
+    BOOST_TEST(cache.pool().stats().commits == 1u);
+    BOOST_TEST(cache.pool().committed_bytes() == 10 * page);
+    const auto second = cache.add_sequence();
+    cache.append(second, 16 * 24);  // 24 blocks from block 40 on: pages 10 to 15, one more extent
+    BOOST_TEST(cache.pool().stats().commits == 2u);
+    BOOST_TEST(cache.pool().committed_bytes() == 16 * page);
+    cache.free(second);
+    BOOST_TEST(cache.pool().committed_bytes() == 10 * page);  // its extent went with it
+    BOOST_TEST(budget.stats().committed == 10 * page);
+    cache.free(first);
+    BOOST_TEST(cache.pool().committed_bytes() == 0u);
+}

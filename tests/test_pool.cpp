@@ -366,6 +366,10 @@ BOOST_AUTO_TEST_CASE(extent_sizes_double_in_a_burst_and_halve_when_quiet) {
     BOOST_TEST(sizer.size_at(t + std::chrono::milliseconds(35)) == 2u);
     BOOST_TEST(sizer.size_at(t + std::chrono::hours(1)) == 1u);          // a long quiet: one page again
     BOOST_TEST(sizer.current() == 8u);                                    // asking changed nothing
+    sizer.gave_back();  // churn, not growth: one page again, then doubling from there
+    BOOST_TEST(sizer.size_at(t + std::chrono::milliseconds(1)) == 1u);
+    sizer.committed(t + std::chrono::milliseconds(1));
+    BOOST_TEST(sizer.size_at(t + std::chrono::milliseconds(2)) == 2u);
     vmmpp::detail::extent_sizer<clock> off(8, std::chrono::microseconds(0));
     off.committed(t0);
     BOOST_TEST(off.size_at(t0) == 1u);  // no window: always one

@@ -211,7 +211,7 @@ public:
           sizer_(max_extent_units_of(growth_), extent_burst_window_of(growth_)) {
         stats_.reserved = backing_.capacity();
         if constexpr (!growth_type::is_elastic) {
-            (void)commit_range(0, units_ - 1);
+            (void)commit_range(0, units_ - 1, commit_mode::for_holds);
             for (std::size_t u = 0; u < units_; ++u) {
                 make_idle(u);
             }
@@ -294,7 +294,7 @@ public:
                 }
                 continue;
             }
-            stats_.sync_commits += commit_range(first_unit, last_unit);
+            stats_.sync_commits += commit_range(first_unit, last_unit, commit_mode::for_holds);
             if constexpr (has_mapper) {
                 mapper_.plan.on_missed();  // the spares were elsewhere: map ahead of this demand
                 if (mapper_.waiting) {
@@ -431,6 +431,40 @@ public:
             mapper_.wake.notify_one();
         }
     }
+
+    /// Commits every uncommitted unit under `ranges` now, as spares, in as few extents as the
+    /// growth policy allows (with adaptive_extents: runs of up to max_extent_pages, one handle
+    /// each), so the holds that follow find them committed. What kv_cache does for the blocks
+    /// of one append: a prompt's blocks then share extents, which empty when its sequence ends.
+    /// Units in flight are left to the mapper.
+    /// Throws: as ensure_committed. Guarantee: strong (nothing stays committed on failure).
+    void commit_ahead(std::span<const byte_range> ranges) {
+        for (const byte_range& r : ranges) {
+            check_range("commit_ahead", r.offset, r.bytes);
+        }
+        std::lock_guard lock(mutex_);
+        for (const byte_range& r : ranges) {
+            for (std::size_t u = r.offset / page_bytes_ / unit_pages_; u <= (r.offset + r.bytes - 1) / page_bytes_ / unit_pages_; ++u) {
+                if (table_.state[u] == detail::unit_state::retired) {
+                    throw retired_memory(unit_offset(u), unit_bytes(u));
+                }
+            }
+        }
+        std::vector<std::size_t> done;  // extents committed by earlier ranges, for the rollback
+        try {
+            for (const byte_range& r : ranges) {
+                stats_.sync_commits += commit_range(r.offset / page_bytes_ / unit_pages_,
+                                                    (r.offset + r.bytes - 1) / page_bytes_ / unit_pages_,
+                                                    commit_mode::ahead, &done);
+            }
+        } catch (...) {
+            roll_back(done);
+            throw;
+        }
+    }
+
+    /// Whether a commit may cover several units (the growth policy models extent_growth_policy).
+    static constexpr bool commits_extents = extent_growth_policy<growth_type>;
 
     [[nodiscard]] std::byte* base() const noexcept { return backing_.base(); }
     [[nodiscard]] std::size_t capacity() const noexcept { return stats_.reserved; }
@@ -719,6 +753,7 @@ private:
         stats_.peak_committed = std::max(stats_.peak_committed, stats_.committed);
     }
     void note_decommitted(std::size_t first) {
+        sizer_.gave_back();
         set_extent_state(first, detail::unit_state::uncommitted);
         table_.committed -= table_.extent_units[first];
         ++stats_.decommits;
@@ -741,13 +776,21 @@ private:
         }
     }
 
+    /// What a caller's commit is for: holds that follow at once (the range's units are taken by
+    /// the caller; the last run may reach ahead as the growth rate says, and counts as growth),
+    /// or spares committed ahead of holds (exactly the range; all of it spares).
+    enum class commit_mode { for_holds, ahead };
+
     /// Commits the uncommitted units of [first_unit, last_unit] on the caller's thread, or none
     /// of them; returns the backing commits made. A run of them is one extent (one handle) with
-    /// an extent growth policy, and the last run reaches past last_unit as far as the growth rate
-    /// says (extent_sizer): those units become spares. Units in flight or committed are skipped.
-    /// Under quota pressure it first gives back this pool's own spares outside
-    /// [first_unit, last_unit] and its kept handles, then asks the budget's other models.
-    std::size_t commit_range(std::size_t first_unit, std::size_t last_unit) {
+    /// an extent growth policy; for holds, the last run reaches past last_unit as far as the
+    /// growth rate says (extent_sizer) and those units become spares. Units in flight or
+    /// committed are skipped. Under quota pressure it first gives back this pool's own spares
+    /// outside [first_unit, last_unit] and its kept handles, then asks the budget's other models.
+    /// `committed`, when given, gets the extents this call committed appended (a caller that
+    /// commits several ranges rolls them all back on a later failure).
+    std::size_t commit_range(std::size_t first_unit, std::size_t last_unit, commit_mode mode,
+                             std::vector<std::size_t>* committed = nullptr) {
         const std::size_t most = max_extent_units_of(growth_);
         const auto sizer_before = sizer_;
         std::vector<std::size_t> done;  // first units of the extents this call committed
@@ -764,35 +807,45 @@ private:
                 }
                 std::size_t n = needed;
                 const auto now = clock::now();
-                if (most > 1 && u + needed > last_unit) {  // the end of the range: grow ahead as fast as demand comes
+                const bool for_holds = mode == commit_mode::for_holds;
+                if (for_holds && most > 1 && u + needed > last_unit) {  // the end of the range: grow ahead as fast as demand comes
                     const std::size_t want = sizer_.size_at(now);
                     while (n < want && u + n < units_ && table_.state[u + n] == detail::unit_state::uncommitted) {
                         ++n;
                     }
                 }
                 n = commit_extent(u, n, needed, first_unit, last_unit);
-                sizer_.committed(now);
+                if (for_holds) {
+                    sizer_.committed(now);  // growth one hold at a time: what the sizer follows
+                }
                 done.push_back(u);
-                for (std::size_t a = std::max(u, last_unit + 1); a < u + n; ++a) {
+                for (std::size_t a = for_holds ? std::max(u, last_unit + 1) : u; a < u + n; ++a) {
                     make_idle(a);  // committed ahead: spares
                 }
                 u += n;
             }
-        } catch (...) {
-            sizer_ = sizer_before;
-            while (!done.empty()) {
-                const std::size_t f = done.back();
-                done.pop_back();
-                forget_extent_idle(f);
-                try {
-                    (void)decommit_extent(f);
-                } catch (...) {
-                    // a spare again, or retired (decommit_extent says which): accounted either way
-                }
+            if (committed != nullptr) {
+                committed->insert(committed->end(), done.begin(), done.end());
             }
+        } catch (...) {
+            roll_back(done);
+            sizer_ = sizer_before;  // after the rollback's decommits, which are no churn
             throw;
         }
         return done.size();
+    }
+    /// Decommits the extents in `done` (committed by the failing call, held by nothing), newest first.
+    void roll_back(std::vector<std::size_t>& done) noexcept {
+        while (!done.empty()) {
+            const std::size_t f = done.back();
+            done.pop_back();
+            forget_extent_idle(f);
+            try {
+                (void)decommit_extent(f);
+            } catch (...) {
+                // a spare again, or retired (decommit_extent says which): accounted either way
+            }
+        }
     }
 
     /// Commits units [u, u + n) as one extent; when a quota or the device refuses more than the

@@ -21,7 +21,9 @@ namespace vmmpp {
 ///
 /// A commit that comes within `burst_window` of the previous one covers twice as many units as
 /// that one (at most `max_extent_pages`), one within two windows as many, and each further
-/// window of quiet halves the size, down to one. The units past the ones a caller needs become spares (committed, idle);
+/// window of quiet halves the size, down to one. A commit after the pool gave memory back
+/// covers one unit: under churn (sequences ending while others start) large extents would stay
+/// pinned by a few live blocks, so only uninterrupted growth earns them. The units past the ones a caller needs become spares (committed, idle);
 /// a lowest-first block allocator (kv_cache's) takes them next. At most `spare_pages` idle
 /// units stay committed after a release; an extent that is idle as a whole goes back
 /// (highest first) beyond that, one that still holds a block stays.
@@ -58,7 +60,8 @@ namespace detail {
 
 /// The size of a pool's next commit, in units, for an extent growth policy: doubles while
 /// commits come within one burst window of each other, stays within two, and halves for each
-/// further window of quiet (a steady stream settles on one size instead of see-sawing).
+/// further window of quiet (a steady stream settles on one size instead of see-sawing); after
+/// the pool gave memory back, one unit again (growth, not churn, earns large extents).
 /// Takes the time as an argument, so tests drive it with a clock of their own.
 template <class Clock = std::chrono::steady_clock>
 class extent_sizer {
@@ -71,7 +74,7 @@ public:
     /// Units a commit starting at `now` should cover (at least one). Changes nothing: a commit
     /// that fails leaves the sizer as it was.
     [[nodiscard]] std::size_t size_at(time_point now) const noexcept {
-        if (!started_ || window_.count() <= 0) {
+        if (!started_ || shrunk_ || window_.count() <= 0) {
             return 1;
         }
         if (now - last_ < window_) {
@@ -85,8 +88,13 @@ public:
     void committed(time_point now) noexcept {
         size_ = size_at(now);
         started_ = true;
+        shrunk_ = false;
         last_ = now;
     }
+    /// The pool gave memory back: it is not growing but churning (sequences end while others
+    /// start), where large extents would stay pinned by a few live blocks. The next commit
+    /// covers one unit, and doubling starts again from there.
+    void gave_back() noexcept { shrunk_ = true; }
     /// The size the last commit was given (1 before any).
     [[nodiscard]] std::size_t current() const noexcept { return size_; }
 
@@ -95,6 +103,7 @@ private:
     std::chrono::microseconds window_;
     std::size_t size_ = 1;
     bool started_ = false;
+    bool shrunk_ = false;
     time_point last_{};
 };
 

@@ -142,16 +142,14 @@ public:
         s.blocks.reserve(p.total_blocks);  // may throw: nothing changed yet
         std::vector<std::int32_t> fresh;
         fresh.reserve(p.new_blocks);
+        std::size_t held = 0;  // fresh blocks whose pieces are held
         try {
             while (fresh.size() < p.new_blocks) {
-                const std::int32_t b = blocks_.allocate();
-                try {
-                    hold_block(b);
-                } catch (...) {
-                    blocks_.release(b);
-                    throw;
-                }
-                fresh.push_back(b);
+                fresh.push_back(blocks_.allocate());
+            }
+            commit_ahead(fresh);
+            for (; held < fresh.size(); ++held) {
+                hold_block(fresh[held]);
             }
             if (p.copy_on_write) {
                 copy_block(s.blocks.back(), fresh.front());
@@ -159,9 +157,11 @@ public:
         } catch (...) {
             // Rows of a failed copy may already be queued into the fresh blocks.
             const pool_fence after = copies_fence_noexcept();
-            for (std::int32_t b : fresh) {
-                blocks_.release(b);
-                unhold_block_noexcept(b, after);
+            for (std::size_t i = 0; i < fresh.size(); ++i) {
+                blocks_.release(fresh[i]);
+                if (i < held) {
+                    unhold_block_noexcept(fresh[i], after);
+                }
             }
             throw;
         }
@@ -462,6 +462,37 @@ private:
     }
 
     /// Holds every piece of block `b`'s memory in the pool, or none.
+    /// With a pool that commits extents: commits the pages under the fresh blocks of one append
+    /// ahead of their holds, adjacent pieces merged, so a prompt's blocks share extents (one
+    /// handle per run instead of one per block) that empty when its sequence ends.
+    void commit_ahead(const std::vector<std::int32_t>& fresh) {
+        if constexpr (pool_type::commits_extents) {
+            if (fresh.size() < 2) {
+                return;  // one block: the pool's own growth rule decides
+            }
+            std::vector<byte_range> pieces;
+            for (std::int32_t b : fresh) {
+                Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b),
+                                       [&](std::size_t off, std::size_t bytes) { pieces.push_back({off, bytes}); });
+            }
+            std::sort(pieces.begin(), pieces.end(), [](const byte_range& a, const byte_range& b) { return a.offset < b.offset; });
+            std::vector<byte_range> runs;  // adjacent pieces merged; single pages left to the holds
+            for (const byte_range& piece : pieces) {
+                if (!runs.empty() && piece.offset == runs.back().offset + runs.back().bytes) {
+                    runs.back().bytes += piece.bytes;
+                } else {
+                    runs.push_back(piece);
+                }
+            }
+            std::erase_if(runs, [&](const byte_range& r) { return r.bytes <= pool_.page_bytes(); });
+            try {
+                pool_.commit_ahead(runs);
+            } catch (...) {
+                // Strong: nothing committed. The holds that follow commit block by block and
+                // report what refuses them, as without this step.
+            }
+        }
+    }
     void hold_block(std::int32_t b) {
         std::size_t held = 0;
         try {
