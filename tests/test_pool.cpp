@@ -340,20 +340,22 @@ BOOST_AUTO_TEST_CASE(a_refused_decommit_keeps_the_unit_and_a_half_done_one_retir
 
 namespace {
 using adaptive_host = vmmpp::pool_config<vmmpp::host, vmmpp::adaptive_extents, vmmpp::unlimited>;
-/// Every commit within an hour of the last one: extents double deterministically, up to 8 pages.
-constexpr vmmpp::adaptive_extents bursting{.max_extent_pages = 8, .burst_window = std::chrono::hours(1), .spare_pages = 0};
+/// Any growth faster than a byte per second is fast: extents double deterministically, up to 8 pages.
+constexpr vmmpp::adaptive_extents bursting{.max_extent_pages = 8, .fast_growth_bytes_per_second = 1, .spare_pages = 0};
 } // namespace
 
-BOOST_AUTO_TEST_CASE(extent_sizes_double_in_a_burst_and_halve_when_quiet) {
+BOOST_AUTO_TEST_CASE(extent_sizes_double_while_growth_is_fast_and_halve_as_it_slows) {
     using clock = std::chrono::steady_clock;
-    vmmpp::detail::extent_sizer<clock> sizer(8, std::chrono::milliseconds(10));
+    using std::chrono::microseconds;
+    // Units of 1 MB, fast growth 1 GB/s: one unit per millisecond.
+    vmmpp::detail::extent_sizer<clock> sizer(8, 1'000'000, 1'000'000'000);
     const auto t0 = clock::time_point{} + std::chrono::hours(1);
     BOOST_TEST(sizer.size_at(t0) == 1u);  // the first commit
     sizer.committed(t0);
-    std::size_t sizes[5];
     auto t = t0;
+    std::size_t sizes[5];
     for (std::size_t& size : sizes) {
-        t += std::chrono::milliseconds(1);
+        t += microseconds(100);  // ten times the fast rate
         size = sizer.size_at(t);
         sizer.committed(t);
     }
@@ -361,18 +363,20 @@ BOOST_AUTO_TEST_CASE(extent_sizes_double_in_a_burst_and_halve_when_quiet) {
     BOOST_TEST(sizes[1] == 4u);
     BOOST_TEST(sizes[2] == 8u);
     BOOST_TEST(sizes[4] == 8u);  // at most max_extent
-    BOOST_TEST(sizer.size_at(t + std::chrono::milliseconds(15)) == 8u);  // within two windows: kept
-    BOOST_TEST(sizer.size_at(t + std::chrono::milliseconds(25)) == 4u);  // one more window: halved
-    BOOST_TEST(sizer.size_at(t + std::chrono::milliseconds(35)) == 2u);
-    BOOST_TEST(sizer.size_at(t + std::chrono::hours(1)) == 1u);          // a long quiet: one page again
-    BOOST_TEST(sizer.current() == 8u);                                    // asking changed nothing
-    sizer.gave_back();  // churn, not growth: one page again, then doubling from there
-    BOOST_TEST(sizer.size_at(t + std::chrono::milliseconds(1)) == 1u);
-    sizer.committed(t + std::chrono::milliseconds(1));
-    BOOST_TEST(sizer.size_at(t + std::chrono::milliseconds(2)) == 2u);
-    vmmpp::detail::extent_sizer<clock> off(8, std::chrono::microseconds(0));
+    // 8 units used up in 8 ms: the fast rate, doubling (capped); in 12 ms: above half, kept.
+    BOOST_TEST(sizer.size_at(t + microseconds(8'000)) == 8u);
+    BOOST_TEST(sizer.size_at(t + microseconds(12'000)) == 8u);
+    BOOST_TEST(sizer.size_at(t + microseconds(20'000)) == 4u);   // 0.4 GB/s: halved
+    BOOST_TEST(sizer.size_at(t + microseconds(40'000)) == 2u);   // 0.2 GB/s: twice
+    BOOST_TEST(sizer.size_at(t + std::chrono::hours(1)) == 1u);  // a long quiet: one unit again
+    BOOST_TEST(sizer.current() == 8u);                           // asking changed nothing
+    sizer.gave_back();  // churn, not growth: one unit again, then doubling from there
+    BOOST_TEST(sizer.size_at(t + microseconds(100)) == 1u);
+    sizer.committed(t + microseconds(100));
+    BOOST_TEST(sizer.size_at(t + microseconds(200)) == 2u);
+    vmmpp::detail::extent_sizer<clock> off(8, 1'000'000, 0);
     off.committed(t0);
-    BOOST_TEST(off.size_at(t0) == 1u);  // no window: always one
+    BOOST_TEST(off.size_at(t0 + microseconds(1)) == 1u);  // no fast rate: always one
 }
 
 BOOST_AUTO_TEST_CASE(adaptive_extents_grow_ahead_in_a_burst_and_go_back_whole) {
@@ -458,7 +462,8 @@ BOOST_AUTO_TEST_CASE(random_holds_on_adaptive_extents_keep_held_pages_committed_
     using config = vmmpp::pool_config<vmmpp::host, vmmpp::adaptive_extents, vmmpp::shared_budget>;
     constexpr std::size_t pages = 256;
     vmmpp::budget budget(pages * page);
-    vmmpp::adaptive_extents growth{.max_extent_pages = 16, .burst_window = std::chrono::microseconds(200), .spare_pages = 3};
+    // 2 MiB pages: 10 GB/s is one page per 200 us, so the quiet spells below halve the extents.
+    vmmpp::adaptive_extents growth{.max_extent_pages = 16, .fast_growth_bytes_per_second = 10'000'000'000, .spare_pages = 3};
     vmmpp::elastic_pool<config> pool(pages * page, {}, growth, budget.register_model("m", pages * page));
     std::mt19937_64 rng(12345);
     std::vector<std::pair<std::size_t, std::size_t>> held;  // ranges, in pages

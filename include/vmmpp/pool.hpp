@@ -208,7 +208,7 @@ public:
           table_(units_),
           fences_(device_of(backing_)),
           mapper_(growth_, units_),
-          sizer_(max_extent_units_of(growth_), extent_burst_window_of(growth_)) {
+          sizer_(max_extent_units_of(growth_), unit_pages_ * page_bytes_, extent_fast_growth_rate_of(growth_)) {
         stats_.reserved = backing_.capacity();
         if constexpr (!growth_type::is_elastic) {
             (void)commit_range(0, units_ - 1, commit_mode::for_holds);
@@ -630,11 +630,11 @@ private:
             return 1;
         }
     }
-    static std::chrono::microseconds extent_burst_window_of(const growth_type& growth) noexcept {
+    static std::uint64_t extent_fast_growth_rate_of(const growth_type& growth) noexcept {
         if constexpr (extent_growth_policy<growth_type>) {
-            return growth.extent_burst_window();
+            return growth.extent_fast_growth_rate();
         } else {
-            return std::chrono::microseconds(0);
+            return 0;
         }
     }
     [[nodiscard]] std::size_t kept_bytes() const noexcept {

@@ -30,7 +30,7 @@ using host_adaptive_config = vmmpp::pool_config<vmmpp::host, vmmpp::adaptive_ext
 template <class Growth>
 Growth suite_growth() {
     if constexpr (std::is_same_v<Growth, vmmpp::adaptive_extents>) {
-        return vmmpp::adaptive_extents{.max_extent_pages = 1, .burst_window = std::chrono::microseconds(0), .spare_pages = 0};
+        return vmmpp::adaptive_extents{.max_extent_pages = 1, .fast_growth_bytes_per_second = 0, .spare_pages = 0};
     } else {
         return Growth{};
     }

@@ -49,10 +49,10 @@ struct mapped_ahead {
     {
         return inner.max_extent_units();
     }
-    [[nodiscard]] std::chrono::microseconds extent_burst_window() const noexcept
+    [[nodiscard]] std::uint64_t extent_fast_growth_rate() const noexcept
         requires extent_growth_policy<Inner>
     {
-        return inner.extent_burst_window();
+        return inner.extent_fast_growth_rate();
     }
     /// Releases keep every idle unit: the mapper decides what goes back, on its own thread.
     [[nodiscard]] std::size_t idle_units_to_keep(std::size_t, std::size_t idle_units) const noexcept {
