@@ -97,7 +97,7 @@ struct layout_entry {
     static std::string name() { return Name.chars; }
 };
 
-/// Every layout each configuration is measured in (layer_major is kv_cache's default).
+/// Every layout each configuration is measured in (block_major is kv_cache's default).
 using peer_layouts = std::tuple<layout_entry<vmmpp::layer_major, "layer_major">, layout_entry<vmmpp::block_major, "block_major">>;
 
 /// Whether `Layout` is what kv_cache<Config> uses when given none.
