@@ -20,9 +20,10 @@
 template class vmmpp::kv_cache<vmmpp::static_config>;
 template class vmmpp::kv_cache<vmmpp::elastic_config>;
 template class vmmpp::kv_cache<vmmpp::elastic_mapped_ahead_config>;
+template class vmmpp::kv_cache<vmmpp::elastic_page_config>;
 template class vmmpp::kv_cache<vmmpp::gh200_config>;
 template class vmmpp::kv_cache<vmmpp::host_config>;
-template class vmmpp::kv_cache<vmmpp::host_config, vmmpp::block_major>;
+template class vmmpp::kv_cache<vmmpp::host_config, vmmpp::layer_major>;
 
 namespace {
 
