@@ -153,7 +153,9 @@ BOOST_AUTO_TEST_CASE(releases_never_call_the_backing_on_the_caller_thread_and_go
     BOOST_TEST(pool.stats().sync_commits == 12u);
     pool.release(0, 12 * page);
     BOOST_TEST(pool.stats().decommits == 0u);  // nothing given back on this thread
-    BOOST_TEST(pool.committed_bytes() == 12 * page);
+    // 12, and up to the high watermark mapped ahead after the caller's own commit
+    BOOST_TEST(pool.committed_bytes() >= 12 * page);
+    BOOST_TEST(pool.committed_bytes() <= 15 * page);
     BOOST_TEST(eventually([&] { return pool.committed_bytes() == 3 * page; }));
     std::this_thread::sleep_for(100ms);
     const auto s = pool.stats();
