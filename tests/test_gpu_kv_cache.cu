@@ -1,6 +1,8 @@
 // kv_cache on the GPU configurations and every layout: a kernel writes K/V through slot_mapping
 // and the tensor descriptors' strides, another reads them back through the packed block tables
-// (fork and copy-on-write included), and the result must equal a host reference.
+// (fork and copy-on-write included; sequence_contiguous refuses fork, and a third kernel reads
+// each sequence through its dense sequence_tensor, as a non-paged kernel does), and the result
+// must equal a host reference.
 #define VMMPP_GPU_TEST_NAME "gpu kv cache"
 #include "support/gpu_main.hpp"
 #include "support/gpu.hpp"
@@ -24,11 +26,15 @@ using gpu_kv_cases = boost::mpl::list<
     kv_case<vmmpp::elastic_config, vmmpp::packed_kv>, kv_case<vmmpp::elastic_config, vmmpp::mla>,
     kv_case<vmmpp::static_config>, kv_case<vmmpp::static_config, vmmpp::layer_major_hnd>, kv_case<vmmpp::gh200_config>,
     kv_case<vmmpp::gh200_config, vmmpp::packed_kv>, kv_case<vmm_chunked_config, vmmpp::block_major>,
-    kv_case<vmm_chunked_config, vmmpp::mla>>;
+    kv_case<vmm_chunked_config, vmmpp::mla>, kv_case<vmmpp::elastic_config, vmmpp::sequence_contiguous>,
+    kv_case<vmmpp::elastic_mapped_ahead_config, vmmpp::sequence_contiguous>,
+    kv_case<vmmpp::static_config, vmmpp::sequence_contiguous>, kv_case<vmmpp::gh200_config, vmmpp::sequence_contiguous>,
+    kv_case<vmm_chunked_config, vmmpp::sequence_contiguous>>;
 
 // mla caches get one head of 64 (kv_factory's fit_geometry).
 constexpr vmmpp::kv_geometry geom{.layers = 3, .kv_heads = 2, .head_dim = 32, .type = vmmpp::dtype::f16,
-                                  .block_tokens = 16, .max_blocks = 4096};
+                                  .block_tokens = 16, .max_blocks = 4096,
+                                  .max_tokens_per_sequence = 128};  // sequence_contiguous: 8 blocks a slot
 constexpr int max_tensors = 2 * 3;
 
 /// Every layer's K and V (mla: the latent) as a kernel reads them: pointers and the strides of
@@ -78,6 +84,21 @@ __global__ void read_through_tables(kv_view kv, const std::int32_t* tables, int 
         const int d = i % kv.dim;
         out[(static_cast<long long>(row) * max_tokens + t) * kv.elems + i] =
             kv.tensors[tensor][element_index(kv, block, offset, h, d)];
+    }
+}
+
+/// Reads tokens [0, length) of one sequence through its dense [tokens, heads, dim] runs (one
+/// pointer per layer and K/V, token stride heads x dim): no block table, as a non-paged kernel.
+__global__ void read_dense_runs(kv_view runs, int length, std::uint16_t* out) {
+    const int t = blockIdx.x;
+    if (t >= length) {
+        return;
+    }
+    for (int i = threadIdx.x; i < runs.elems; i += blockDim.x) {
+        const int tensor = i / (runs.heads * runs.dim);
+        const int h = (i / runs.dim) % runs.heads;
+        const int d = i % runs.dim;
+        out[static_cast<long long>(t) * runs.elems + i] = runs.tensors[tensor][element_index(runs, 0, t, h, d)];
     }
 }
 
@@ -142,12 +163,20 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(kernels_write_by_slot_and_read_by_block_table, Cas
     const auto b = c.add_sequence();
     append(a, 37);
     append(b, 20);
-    const auto fork = c.fork(a);
-    model[fork] = model[a];
-    append(fork, 3);  // a's last block is shared and partial: copied on the device first
-    BOOST_TEST(c.cow_copies() == 1u);
-    append(a, 2);     // a's block is its own again: no copy
-    BOOST_TEST(c.cow_copies() == 1u);
+    vmmpp::seq_id fork = 0;
+    if constexpr (vmmpp::sequence_slot_layout<typename Case::layout>) {
+        BOOST_CHECK_THROW((void)c.fork(a), vmmpp::invalid_argument);  // slots cannot share blocks
+        fork = c.add_sequence();  // a copy, made by appending
+        append(fork, 40);
+        append(a, 2);
+    } else {
+        fork = c.fork(a);
+        model[fork] = model[a];
+        append(fork, 3);  // a's last block is shared and partial: copied on the device first
+        BOOST_TEST(c.cow_copies() == 1u);
+        append(a, 2);     // a's block is its own again: no copy
+        BOOST_TEST(c.cow_copies() == 1u);
+    }
     c.free(b);
     model.erase(b);
     const auto d = c.add_sequence();
@@ -188,6 +217,42 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(kernels_write_by_slot_and_read_by_block_table, Cas
         }
     }
     BOOST_TEST(bad == 0u, bad << " of " << checked << " values differ");
+    if constexpr (vmmpp::sequence_slot_layout<typename Case::layout>) {
+        // The same tokens through each sequence's dense runs.
+        std::size_t dense_bad = 0, dense_checked = 0;
+        for (auto s : rows) {
+            kv_view runs = kv;
+            for (std::uint32_t l = 0; l < g.layers; ++l) {
+                for (unsigned p = 0; p < parts; ++p) {
+                    const auto t = c.sequence_tensor(s, l, static_cast<vmmpp::kv_part>(p));
+                    BOOST_TEST(t.shape[1] == static_cast<std::int64_t>(c.tokens(s)));
+                    BOOST_TEST(t.strides[1] == static_cast<std::int64_t>(g.kv_heads * g.head_dim));  // dense
+                    BOOST_TEST(t.strides[2] == static_cast<std::int64_t>(g.head_dim));
+                    runs.tensors[parts * l + p] = static_cast<std::uint16_t*>(t.data);
+                    runs.token_stride = t.strides[1];
+                    runs.head_stride = t.strides[2];
+                }
+            }
+            const int length = static_cast<int>(c.tokens(s));
+            std::uint16_t* d_run = nullptr;
+            cuda_check(cudaMalloc(&d_run, static_cast<std::size_t>(length) * elems * sizeof(std::uint16_t)));
+            read_dense_runs<<<static_cast<unsigned>(length), 128>>>(runs, length, d_run);
+            cuda_check(cudaGetLastError());
+            std::vector<std::uint16_t> run(static_cast<std::size_t>(length) * elems);
+            cuda_check(cudaMemcpy(run.data(), d_run, run.size() * sizeof(std::uint16_t), cudaMemcpyDeviceToHost));
+            cuda_check(cudaFree(d_run));
+            const auto& tokens = model[s];
+            for (std::size_t t = 0; t < tokens.size(); ++t) {
+                for (int i = 0; i < elems; ++i) {
+                    dense_bad += run[t * elems + i] != expected_value(tokens[t], i / (kv.heads * kv.dim),
+                                                                       (i / kv.dim) % kv.heads, i % kv.dim);
+                    ++dense_checked;
+                }
+            }
+        }
+        BOOST_TEST(dense_checked > 0u);
+        BOOST_TEST(dense_bad == 0u, dense_bad << " of " << dense_checked << " values differ in the dense runs");
+    }
     cuda_check(cudaFree(d_tables));
     cuda_check(cudaFree(d_lengths));
     cuda_check(cudaFree(d_out));

@@ -22,7 +22,9 @@ KEY, VALUE = 0, 1
 # DLPack device types (DLDeviceType)
 KDL_CPU, KDL_CUDA, KDL_CUDA_HOST, KDL_CUDA_MANAGED = 1, 2, 3, 13
 STATUS = {0: "ok", 1: "invalid_argument", 2: "out_of_memory", 3: "over_quota", 4: "out_of_blocks",
-          5: "cuda_error", 6: "cuda_unavailable", 7: "error"}
+          5: "cuda_error", 6: "cuda_unavailable", 7: "error", 8: "out_of_sequence_slots"}
+LAYOUTS = ("layer_major", "layer_major_hnd", "block_major", "block_major_hnd", "packed_kv", "mla",
+           "sequence_contiguous")
 
 
 class VmmppError(RuntimeError):
@@ -35,12 +37,17 @@ class VmmppError(RuntimeError):
 
 class Geometry(ctypes.Structure):
     _fields_ = [("layers", ctypes.c_uint32), ("kv_heads", ctypes.c_uint32), ("head_dim", ctypes.c_uint32),
-                ("dtype", ctypes.c_int32), ("block_tokens", ctypes.c_uint32), ("max_blocks", ctypes.c_uint32)]
+                ("dtype", ctypes.c_int32), ("block_tokens", ctypes.c_uint32), ("max_blocks", ctypes.c_uint32),
+                ("max_tokens_per_sequence", ctypes.c_uint32)]
 
 
 class Stats(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in (
         "reserved_bytes", "committed_bytes", "used_blocks", "free_blocks", "sequences", "cow_copies")]
+
+
+class BudgetStats(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("limit", "committed", "peak", "denied")]
 
 
 _lib = None
@@ -78,10 +85,19 @@ def load_library(path=None):
         "vmmpp_kv_synchronize": ([handle], ctypes.c_int),
         "vmmpp_kv_dlpack_device": ([handle, ctypes.c_int, ctypes.POINTER(i32), ctypes.POINTER(i32)], ctypes.c_int),
         "vmmpp_kv_export": ([handle, u32, i32, ctypes.c_int, ctypes.c_int, ctypes.POINTER(p)], ctypes.c_int),
+        "vmmpp_kv_sequence_tensor": ([handle, u64, u32, i32, ctypes.POINTER(p), ctypes.POINTER(i64),
+                                      ctypes.POINTER(i64)], ctypes.c_int),
+        "vmmpp_kv_export_sequence": ([handle, u64, u32, i32, ctypes.c_int, ctypes.c_int, ctypes.POINTER(p)],
+                                     ctypes.c_int),
         "vmmpp_dlpack_release": ([p, ctypes.c_int], None),
         "vmmpp_dlpack_capsule_name": ([ctypes.c_int], p),  # the static C string itself, not a copy
         "vmmpp_kv_live_exports": ([], u64),
         "vmmpp_kv_write_test_pattern": ([handle, u64, u64, u64], ctypes.c_int),
+        "vmmpp_kv_create_in_process_budget": ([ctypes.POINTER(Geometry), ctypes.c_char_p, ctypes.c_char_p,
+                                               ctypes.c_int, ctypes.c_char_p, u64, ctypes.c_char_p, u64,
+                                               ctypes.POINTER(handle)], ctypes.c_int),
+        "vmmpp_kv_process_budget_stats": ([ctypes.c_char_p, ctypes.POINTER(BudgetStats)], ctypes.c_int),
+        "vmmpp_kv_process_budget_remove": ([ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -146,23 +162,42 @@ class KVTensor:
             self._cache.synchronize()
         versioned = max_version is not None and tuple(max_version)[0] >= 1
         pointer = ctypes.c_void_p()
-        _check(_lib.vmmpp_kv_export(self._cache._handle_or_raise(), self.layer, self.part, 1 if versioned else 0,
-                                    1 if self.managed_as_cuda else 0, ctypes.byref(pointer)))
+        self._export(versioned, pointer)
         capsule = _capsule(pointer, versioned)
         self.last_capsule_versioned = versioned
         return capsule
 
+    def _export(self, versioned, pointer):
+        _check(_lib.vmmpp_kv_export(self._cache._handle_or_raise(), self.layer, self.part, 1 if versioned else 0,
+                                    1 if self.managed_as_cuda else 0, ctypes.byref(pointer)))
+
+
+class SequenceTensor(KVTensor):
+    """sequence_contiguous: one sequence's K or V of a layer as a dense [1, tokens, kv_heads,
+    head_dim] run (a DLPack producer like KVTensor). The shape is the sequence's token count when
+    __dlpack__ is called: export again after appending."""
+
+    def __init__(self, cache, seq, layer, part, managed_as_cuda=False):
+        super().__init__(cache, layer, part, managed_as_cuda)
+        self.seq = seq
+
+    def _export(self, versioned, pointer):
+        _check(_lib.vmmpp_kv_export_sequence(self._cache._handle_or_raise(), self.seq, self.layer, self.part,
+                                             1 if versioned else 0, 1 if self.managed_as_cuda else 0,
+                                             ctypes.byref(pointer)))
+
 
 class KVCache:
     """A vmmpp::kv_cache. config: "host" (no GPU), "elastic" (vmm, budget_bytes), "static",
-    "gh200" (managed); layout: "layer_major" or "block_major"."""
+    "gh200" (managed); layout: one of LAYOUTS (sequence_contiguous needs max_tokens_per_sequence)."""
 
     def __init__(self, *, layers, kv_heads, head_dim, max_blocks, dtype="f16", block_tokens=16, config="host",
-                 layout="layer_major", device=0, budget_bytes=0, library=None):
+                 layout="layer_major", device=0, budget_bytes=0, max_tokens_per_sequence=0, library=None):
         lib = load_library(library)
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-        self.geometry = Geometry(layers, kv_heads, head_dim, DTYPES[dtype], block_tokens, max_blocks)
+        self.geometry = Geometry(layers, kv_heads, head_dim, DTYPES[dtype], block_tokens, max_blocks,
+                                 max_tokens_per_sequence)
         self.dtype = dtype
         self.config = config
         self.layout = layout
@@ -293,11 +328,63 @@ class KVCache:
     def value(self, layer, managed_as_cuda=False):
         return KVTensor(self, layer, VALUE, managed_as_cuda)
 
+    def sequence(self, seq, layer, part, managed_as_cuda=False):
+        """sequence_contiguous: seq's K (part 0) or V (part 1) of `layer` as a dense run (DLPack)."""
+        return SequenceTensor(self, seq, layer, part, managed_as_cuda)
+
+    def sequence_tensor(self, seq, layer, part):
+        """sequence_contiguous: (address, shape, strides in elements) of seq's dense run."""
+        data = ctypes.c_void_p()
+        shape, strides = (ctypes.c_int64 * 4)(), (ctypes.c_int64 * 4)()
+        _check(_lib.vmmpp_kv_sequence_tensor(self._handle_or_raise(), seq, layer, part, ctypes.byref(data),
+                                             shape, strides))
+        return data.value or 0, tuple(shape), tuple(strides)
+
     def write_test_pattern(self, seq, first=0, count=None):
         """Writes test_pattern values for tokens [first, first + count) (host-accessible caches)."""
         if count is None:
             count = self.tokens(seq) - first
         _check(_lib.vmmpp_kv_write_test_pattern(self._handle_or_raise(), seq, first, count))
+
+
+class ProcessBudgetCache(KVCache):
+    """A KVCache whose memory is charged to model `model` (limit model_limit_bytes) of the
+    cross-process budget `budget_name` (created with global_limit_bytes if none exists, joined
+    otherwise). config: "elastic", "elastic_pages" (vmm) or "host"; a refused commit raises
+    VmmppError with status "over_quota"."""
+
+    def __init__(self, *, layers, kv_heads, head_dim, max_blocks, budget_name, model, model_limit_bytes,
+                 global_limit_bytes=0, dtype="f16", block_tokens=16, config="elastic", layout="block_major",
+                 device=0, library=None):
+        lib = load_library(library)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        self.geometry = Geometry(layers, kv_heads, head_dim, DTYPES[dtype], block_tokens, max_blocks, 0)
+        self.dtype = dtype
+        self.config = config
+        self.layout = layout
+        self._handle = None
+        handle = ctypes.c_void_p()
+        _check(lib.vmmpp_kv_create_in_process_budget(ctypes.byref(self.geometry), config.encode(), layout.encode(),
+                                                     device, budget_name.encode(), global_limit_bytes or model_limit_bytes,
+                                                     model.encode(), model_limit_bytes, ctypes.byref(handle)))
+        self._handle = handle
+
+
+def process_budget_stats(budget_name):
+    """{"limit", "committed", "peak", "denied"} of the process budget `budget_name`, over every process."""
+    lib = load_library()
+    s = BudgetStats()
+    _check(lib.vmmpp_kv_process_budget_stats(budget_name.encode(), ctypes.byref(s)))
+    return {name: getattr(s, name) for name, _ in BudgetStats._fields_}
+
+
+def remove_process_budget(budget_name):
+    """Unlinks the process budget `budget_name`; True if there was one."""
+    lib = load_library()
+    removed = ctypes.c_int()
+    _check(lib.vmmpp_kv_process_budget_remove(budget_name.encode(), ctypes.byref(removed)))
+    return bool(removed.value)
 
 
 def live_exports():

@@ -20,6 +20,7 @@
 #include "vmmpp/config.hpp"
 #include "vmmpp/interop/dlpack.hpp"
 #include "vmmpp/kv/cache.hpp"
+#include "vmmpp/quota/process_budget.hpp"
 
 namespace {
 
@@ -45,8 +46,12 @@ public:
     virtual void synchronize() = 0;
     virtual DLDevice dlpack_device(bool managed_as_cuda) const = 0;
     virtual vmmpp::kv_tensor tensor(std::uint32_t layer, vmmpp::kv_part part) const = 0;
+    /// sequence_contiguous: the dense run of a sequence; other layouts throw invalid_argument.
+    virtual vmmpp::kv_tensor sequence_tensor(vmmpp::seq_id seq, std::uint32_t layer, vmmpp::kv_part part) const = 0;
     virtual bool host_accessible() const noexcept = 0;
     virtual const vmmpp::kv_geometry& geometry() const noexcept = 0;
+    /// 2 (K and V) or 1 (mla: the latent only).
+    virtual unsigned parts() const noexcept = 0;
 
     /// Serialises the calls made through handles (the cache is not thread safe by itself).
     std::mutex mutex;
@@ -97,10 +102,19 @@ public:
     vmmpp::kv_tensor tensor(std::uint32_t layer, vmmpp::kv_part part) const override {
         return cache_.tensor(layer, part);
     }
+    vmmpp::kv_tensor sequence_tensor(vmmpp::seq_id seq, std::uint32_t layer, vmmpp::kv_part part) const override {
+        if constexpr (vmmpp::sequence_slot_layout<Layout>) {
+            return cache_.sequence_tensor(seq, layer, part);
+        } else {
+            throw vmmpp::invalid_argument(std::string("the ") + Layout::name +
+                                          " layout keeps no sequence contiguous: use sequence_contiguous");
+        }
+    }
     bool host_accessible() const noexcept override {
         return vmmpp::has_property<typename Config::backing_type, vmmpp::host_accessible>;
     }
     const vmmpp::kv_geometry& geometry() const noexcept override { return cache_.geometry(); }
+    unsigned parts() const noexcept override { return Layout::parts; }
 
 private:
     cache_type cache_;
@@ -118,7 +132,19 @@ std::shared_ptr<cache_base> make_cache(std::string_view config, const vmmpp::kv_
         const std::size_t limit = budget_bytes != 0 ? budget_bytes : (Layout::span_bytes(g) + page - 1) / page * page;
         vmmpp::budget budget(limit);
         return std::make_shared<cache_impl<vmmpp::elastic_config, Layout>>(
-            g, vmmpp::vmm_options{.device = device}, vmmpp::page_granular{}, budget.register_model("kv", limit));
+            g, vmmpp::vmm_options{.device = device}, typename vmmpp::elastic_config::growth_type{},
+            budget.register_model("kv", limit));
+    }
+    if (config == "elastic_pages") {
+        // vmm with 2 MiB growth: committed memory is exactly the pages under live tokens (the
+        // examples check it to the byte).
+        using pages_config = vmmpp::pool_config<vmmpp::vmm, vmmpp::page_granular, vmmpp::shared_budget>;
+        constexpr std::size_t page = std::size_t{2} << 20;
+        const std::size_t limit = budget_bytes != 0 ? budget_bytes : (Layout::span_bytes(g) + page - 1) / page * page;
+        vmmpp::budget budget(limit);
+        return std::make_shared<cache_impl<pages_config, Layout>>(g, vmmpp::vmm_options{.device = device},
+                                                                  vmmpp::page_granular{},
+                                                                  budget.register_model("kv", limit));
     }
     if (config == "static") {
         return std::make_shared<cache_impl<vmmpp::static_config, Layout>>(g, vmmpp::device_options{.device = device});
@@ -128,7 +154,7 @@ std::shared_ptr<cache_base> make_cache(std::string_view config, const vmmpp::kv_
             g, vmmpp::managed_prefetch_options{.device = device});
     }
     throw vmmpp::invalid_argument("unknown configuration '" + std::string(config) +
-                                  "' (host, elastic, static or gh200)");
+                                  "' (host, elastic, elastic_pages, static or gh200)");
 }
 
 /// Runs `f`, turning every exception into a status and this thread's last error.
@@ -137,6 +163,9 @@ vmmpp_kv_status guarded(F&& f) noexcept {
     try {
         f();
         return VMMPP_KV_OK;
+    } catch (const vmmpp::out_of_sequence_slots& e) {
+        last_error = e.what();
+        return VMMPP_KV_OUT_OF_SEQUENCE_SLOTS;
     } catch (const vmmpp::out_of_blocks& e) {
         last_error = e.what();
         return VMMPP_KV_OUT_OF_BLOCKS;
@@ -239,15 +268,28 @@ vmmpp_kv_status vmmpp_kv_create(const vmmpp_kv_geometry* geometry, const char* c
         g.type = static_cast<vmmpp::dtype>(geometry->dtype);
         g.block_tokens = geometry->block_tokens;
         g.max_blocks = geometry->max_blocks;
+        g.max_tokens_per_sequence = geometry->max_tokens_per_sequence;
         g.validate();
         auto handle = std::make_unique<vmmpp_kv>();
         const std::string_view l(layout);
         if (l == "layer_major") {
             handle->cache = make_cache<vmmpp::layer_major>(config, g, device, budget_bytes);
+        } else if (l == "layer_major_hnd") {
+            handle->cache = make_cache<vmmpp::layer_major_hnd>(config, g, device, budget_bytes);
         } else if (l == "block_major") {
             handle->cache = make_cache<vmmpp::block_major>(config, g, device, budget_bytes);
+        } else if (l == "block_major_hnd") {
+            handle->cache = make_cache<vmmpp::block_major_hnd>(config, g, device, budget_bytes);
+        } else if (l == "packed_kv") {
+            handle->cache = make_cache<vmmpp::packed_kv>(config, g, device, budget_bytes);
+        } else if (l == "mla") {
+            handle->cache = make_cache<vmmpp::mla>(config, g, device, budget_bytes);
+        } else if (l == "sequence_contiguous") {
+            handle->cache = make_cache<vmmpp::sequence_contiguous>(config, g, device, budget_bytes);
         } else {
-            throw vmmpp::invalid_argument("unknown layout '" + std::string(l) + "' (layer_major or block_major)");
+            throw vmmpp::invalid_argument("unknown layout '" + std::string(l) +
+                                          "' (layer_major, layer_major_hnd, block_major, block_major_hnd, packed_kv, "
+                                          "mla or sequence_contiguous)");
         }
         *out = handle.release();
     });
@@ -400,6 +442,38 @@ vmmpp_kv_status vmmpp_kv_export(vmmpp_kv* kv, uint32_t layer, int32_t part, int 
     });
 }
 
+vmmpp_kv_status vmmpp_kv_sequence_tensor(vmmpp_kv* kv, uint64_t seq, uint32_t layer, int32_t part, void** data,
+                                         int64_t* shape, int64_t* strides) {
+    return guarded([&] {
+        require(kv != nullptr && data != nullptr && shape != nullptr && strides != nullptr,
+                "vmmpp_kv_sequence_tensor: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        const vmmpp::kv_tensor t = kv->cache->sequence_tensor(seq, layer, to_part(part));
+        *data = t.data;
+        std::copy(t.shape.begin(), t.shape.end(), shape);
+        std::copy(t.strides.begin(), t.strides.end(), strides);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_export_sequence(vmmpp_kv* kv, uint64_t seq, uint32_t layer, int32_t part, int versioned,
+                                         int managed_as_cuda, void** out) {
+    return guarded([&] {
+        require(kv != nullptr && out != nullptr, "vmmpp_kv_export_sequence: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        const vmmpp::kv_tensor t = kv->cache->sequence_tensor(seq, layer, to_part(part));
+        const DLDevice device = kv->cache->dlpack_device(managed_as_cuda != 0);
+        live_exports.fetch_add(1);
+        std::shared_ptr<const void> keep_alive(kv->cache.get(), [cache = kv->cache](const void*) noexcept {
+            live_exports.fetch_sub(1);
+        });
+        if (versioned != 0) {
+            *out = vmmpp::to_dlpack_versioned(t, device, std::move(keep_alive));
+        } else {
+            *out = vmmpp::to_dlpack(t, device, std::move(keep_alive));
+        }
+    });
+}
+
 void vmmpp_dlpack_release(void* managed, int versioned) {
     if (versioned != 0) {
         vmmpp::dlpack_deleter{}(static_cast<DLManagedTensorVersioned*>(managed));
@@ -458,20 +532,117 @@ vmmpp_kv_status vmmpp_kv_write_test_pattern(vmmpp_kv* kv, uint64_t seq, uint64_t
             const auto block = static_cast<std::int32_t>(slot / g.block_tokens);
             const auto offset = static_cast<std::size_t>(slot % g.block_tokens);
             for (std::uint32_t layer = 0; layer < g.layers; ++layer) {
-                for (unsigned part = 0; part < 2; ++part) {
+                for (unsigned part = 0; part < c.parts(); ++part) {
+                    // Through the layout's strides: NHD, HND and packed rows alike.
+                    const auto strides = c.tensor(layer, static_cast<vmmpp::kv_part>(part)).strides;
                     std::byte* row = c.address(layer, static_cast<vmmpp::kv_part>(part), block) +
-                                     offset * std::size_t{g.kv_heads} * g.head_dim * element;
+                                     offset * static_cast<std::size_t>(strides[1]) * element;
                     for (std::uint32_t h = 0; h < g.kv_heads; ++h) {
                         for (std::uint32_t d = 0; d < g.head_dim; ++d) {
                             const auto value = static_cast<unsigned>(
                                 (seq * 37 + t * 7 + std::uint64_t{layer} * 131 + part * 61 + std::uint64_t{h} * 17 +
                                  std::uint64_t{d} * 3) %
                                 251);
-                            store_integer(row + (std::size_t{h} * g.head_dim + d) * element, g.type, value);
+                            store_integer(row + (std::size_t{h} * static_cast<std::size_t>(strides[2]) + d) * element,
+                                          g.type, value);
                         }
                     }
                 }
             }
+        }
+    });
+}
+
+} // extern "C"
+
+// --- cross-process budgets (examples/serving: several engine processes, one budget) ---
+
+namespace {
+
+template <class Layout>
+std::shared_ptr<cache_base> make_process_cache(std::string_view config, const vmmpp::kv_geometry& g, int device,
+                                               vmmpp::process_quota quota) {
+    if (config == "elastic") {
+        using c = vmmpp::pool_config<vmmpp::vmm, vmmpp::adaptive_extents, vmmpp::process_quota>;
+        return std::make_shared<cache_impl<c, Layout>>(g, vmmpp::vmm_options{.device = device},
+                                                       vmmpp::adaptive_extents{}, std::move(quota));
+    }
+    if (config == "elastic_pages") {
+        using c = vmmpp::pool_config<vmmpp::vmm, vmmpp::page_granular, vmmpp::process_quota>;
+        return std::make_shared<cache_impl<c, Layout>>(g, vmmpp::vmm_options{.device = device}, vmmpp::page_granular{},
+                                                       std::move(quota));
+    }
+    if (config == "host") {
+        using c = vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::process_quota>;
+        return std::make_shared<cache_impl<c, Layout>>(g, vmmpp::host_options{}, vmmpp::page_granular{},
+                                                       std::move(quota));
+    }
+    throw vmmpp::invalid_argument("unknown configuration '" + std::string(config) +
+                                  "' for a process budget (elastic, elastic_pages or host)");
+}
+
+} // namespace
+
+extern "C" {
+
+vmmpp_kv_status vmmpp_kv_create_in_process_budget(const vmmpp_kv_geometry* geometry, const char* config,
+                                                  const char* layout, int device, const char* budget_name,
+                                                  uint64_t global_limit_bytes, const char* model,
+                                                  uint64_t model_limit_bytes, vmmpp_kv** out) {
+    return guarded([&] {
+        require(geometry != nullptr && config != nullptr && layout != nullptr && budget_name != nullptr &&
+                    model != nullptr && out != nullptr,
+                "vmmpp_kv_create_in_process_budget: null argument");
+        require(geometry->dtype >= 0 && geometry->dtype <= static_cast<int>(vmmpp::dtype::fp8_e5m2),
+                "vmmpp_kv_create_in_process_budget: dtype must be 0 to 4");
+        vmmpp::kv_geometry g;
+        g.layers = geometry->layers;
+        g.kv_heads = geometry->kv_heads;
+        g.head_dim = geometry->head_dim;
+        g.type = static_cast<vmmpp::dtype>(geometry->dtype);
+        g.block_tokens = geometry->block_tokens;
+        g.max_blocks = geometry->max_blocks;
+        g.max_tokens_per_sequence = geometry->max_tokens_per_sequence;
+        g.validate();
+        // The quota keeps the segment mapped in this process, so the budget handle may go.
+        vmmpp::process_budget budget = vmmpp::process_budget::create_or_open(budget_name, global_limit_bytes);
+        vmmpp::process_quota quota = budget.register_model(model, model_limit_bytes);
+        auto handle = std::make_unique<vmmpp_kv>();
+        const std::string_view l(layout);
+        if (l == "layer_major") {
+            handle->cache = make_process_cache<vmmpp::layer_major>(config, g, device, std::move(quota));
+        } else if (l == "layer_major_hnd") {
+            handle->cache = make_process_cache<vmmpp::layer_major_hnd>(config, g, device, std::move(quota));
+        } else if (l == "block_major") {
+            handle->cache = make_process_cache<vmmpp::block_major>(config, g, device, std::move(quota));
+        } else if (l == "block_major_hnd") {
+            handle->cache = make_process_cache<vmmpp::block_major_hnd>(config, g, device, std::move(quota));
+        } else {
+            throw vmmpp::invalid_argument("unknown layout '" + std::string(l) +
+                                          "' for a process budget (layer_major, layer_major_hnd, block_major or "
+                                          "block_major_hnd)");
+        }
+        *out = handle.release();
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_process_budget_stats(const char* budget_name, vmmpp_kv_budget_stats* out) {
+    return guarded([&] {
+        require(budget_name != nullptr && out != nullptr, "vmmpp_kv_process_budget_stats: null argument");
+        const vmmpp::process_budget_stats s = vmmpp::process_budget::open(budget_name).stats();
+        out->limit = s.limit;
+        out->committed = s.committed;
+        out->peak = s.peak;
+        out->denied = s.denied;
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_process_budget_remove(const char* budget_name, int* removed) {
+    return guarded([&] {
+        require(budget_name != nullptr, "vmmpp_kv_process_budget_remove: null argument");
+        const bool r = vmmpp::process_budget::remove(budget_name);
+        if (removed != nullptr) {
+            *removed = r ? 1 : 0;
         }
     });
 }

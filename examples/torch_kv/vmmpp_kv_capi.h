@@ -35,7 +35,8 @@ typedef enum {
     VMMPP_KV_OUT_OF_BLOCKS = 4,    /* vmmpp::out_of_blocks */
     VMMPP_KV_CUDA_ERROR = 5,       /* vmmpp::cuda_error */
     VMMPP_KV_CUDA_UNAVAILABLE = 6, /* vmmpp::cuda_unavailable: no driver or no device */
-    VMMPP_KV_ERROR = 7             /* anything else */
+    VMMPP_KV_ERROR = 7,            /* anything else */
+    VMMPP_KV_OUT_OF_SEQUENCE_SLOTS = 8 /* vmmpp::out_of_sequence_slots (sequence_contiguous) */
 } vmmpp_kv_status;
 
 /** The shape of a cache (vmmpp::kv_geometry). dtype: 0 f32, 1 f16, 2 bf16, 3 fp8_e4m3, 4 fp8_e5m2. */
@@ -46,6 +47,7 @@ typedef struct {
     int32_t dtype;
     uint32_t block_tokens;
     uint32_t max_blocks;
+    uint32_t max_tokens_per_sequence; /* sequence_contiguous: tokens of address space per sequence; else 0 */
 } vmmpp_kv_geometry;
 
 /** A snapshot of a cache's use. */
@@ -64,8 +66,10 @@ typedef struct vmmpp_kv vmmpp_kv;
 VMMPP_KV_API const char* vmmpp_kv_last_error(void);
 
 /** A new cache. config: "host" (CPU memory, no GPU needed), "elastic" (vmm, shared budget of
- *  budget_bytes, 0 for the whole span), "static" (one cudaMalloc) or "gh200" (managed memory).
- *  layout: "layer_major" or "block_major". device: the CUDA device (ignored by "host"). */
+ *  budget_bytes, 0 for the whole span), "elastic_pages" (the same, growing 2 MiB at a time),
+ *  "static" (one cudaMalloc) or "gh200" (managed memory).
+ *  layout: "layer_major", "layer_major_hnd", "block_major", "block_major_hnd", "packed_kv", "mla"
+ *  or "sequence_contiguous". device: the CUDA device (ignored by "host"). */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_create(const vmmpp_kv_geometry* geometry, const char* config,
                                              const char* layout, int device, uint64_t budget_bytes,
                                              vmmpp_kv** out);
@@ -113,6 +117,15 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_kv_dlpack_device(vmmpp_kv* kv, int managed_as
  *  or give it back with vmmpp_dlpack_release. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_export(vmmpp_kv* kv, uint32_t layer, int32_t part, int versioned,
                                              int managed_as_cuda, void** out);
+/** sequence_contiguous only: seq's K (part 0) or V (part 1) of layer `layer` as one dense
+ *  [1, tokens, kv_heads, head_dim] tensor (no gather): *data, shape[4] and strides[4] (elements).
+ *  Other layouts: VMMPP_KV_INVALID_ARGUMENT. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_sequence_tensor(vmmpp_kv* kv, uint64_t seq, uint32_t layer, int32_t part,
+                                                      void** data, int64_t* shape, int64_t* strides);
+/** The same run as a DLPack export (as vmmpp_kv_export): valid while seq lives, and it grows in
+ *  place, but an export's shape is the token count when it was made. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_export_sequence(vmmpp_kv* kv, uint64_t seq, uint32_t layer, int32_t part,
+                                                      int versioned, int managed_as_cuda, void** out);
 /** Calls the deleter of an export that no consumer took (NULL is ignored). */
 VMMPP_KV_API void vmmpp_dlpack_release(void* managed, int versioned);
 /** "dltensor" or "dltensor_versioned": static strings, safe to give PyCapsule_New. */
@@ -128,6 +141,34 @@ VMMPP_KV_API uint64_t vmmpp_kv_live_exports(void);
  *  (seq * 37 + token * 7 + layer * 131 + part * 61 + head * 17 + dim * 3) % 251 (exact in f32,
  *  f16 and bf16; fp8 is refused). */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_write_test_pattern(vmmpp_kv* kv, uint64_t seq, uint64_t first, uint64_t count);
+
+/* Cross-process budgets (vmmpp::process_budget): several processes' caches share one limit. */
+
+/** Budget figures of a process budget (vmmpp::process_budget_stats), over every process. */
+typedef struct {
+    uint64_t limit;     /* the global limit in bytes */
+    uint64_t committed; /* bytes charged now, all models and processes */
+    uint64_t peak;      /* the most ever charged */
+    uint64_t denied;    /* refused acquires */
+} vmmpp_kv_budget_stats;
+
+/** As vmmpp_kv_create, but the cache's memory is charged to model `model` (limit
+ *  model_limit_bytes, the same in every process that registers it) of the process budget
+ *  `budget_name` (a POSIX shared-memory segment; created with global_limit_bytes if there is
+ *  none, joined otherwise: vmmpp::process_budget::create_or_open). config: "elastic" (vmm,
+ *  adaptive extents), "elastic_pages" (vmm, 2 MiB pages) or "host" (CPU memory, for tests).
+ *  layout: "layer_major", "layer_major_hnd", "block_major" or "block_major_hnd". A refused commit
+ *  is VMMPP_KV_OVER_QUOTA, as with the per-process budget. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_create_in_process_budget(const vmmpp_kv_geometry* geometry, const char* config,
+                                                               const char* layout, int device,
+                                                               const char* budget_name, uint64_t global_limit_bytes,
+                                                               const char* model, uint64_t model_limit_bytes,
+                                                               vmmpp_kv** out);
+/** The process budget `budget_name`'s figures now (attaching it; VMMPP_KV_INVALID_ARGUMENT if none). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_process_budget_stats(const char* budget_name, vmmpp_kv_budget_stats* out);
+/** Unlinks the process budget `budget_name` (attached processes keep theirs); *removed (may be
+ *  NULL) gets 1 if there was one. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_process_budget_remove(const char* budget_name, int* removed);
 
 #ifdef __cplusplus
 }

@@ -13,3 +13,4 @@
 #include "vmmpp/config.hpp"
 #include "vmmpp/kv/cache.hpp"
 #include "vmmpp/kv/transfer.hpp"
+#include "vmmpp/stats.hpp"

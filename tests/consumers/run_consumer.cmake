@@ -139,10 +139,16 @@ if(MODE STREQUAL "find_package")
   run("configure vmmpp for install" ${CMAKE_COMMAND} -S "${VMMPP_SOURCE_DIR}" -B "${WORK_DIR}/vmmpp-build"
       ${configure_args} "-DCMAKE_INSTALL_PREFIX=${prefix}" -DVMMPP_INSTALL=ON -DVMMPP_BUILD_TESTS=OFF
       -DVMMPP_BUILD_BENCHMARKS=OFF -DVMMPP_BUILD_EXAMPLES=OFF)
+  # The headers need no build; the vmmpp-budget tool (installed to bin/ on Linux) does.
+  run("build vmmpp" ${CMAKE_COMMAND} --build "${WORK_DIR}/vmmpp-build" --config "${CONFIG}")
   run("install vmmpp" ${CMAKE_COMMAND} --install "${WORK_DIR}/vmmpp-build" --config "${CONFIG}")
+  set(installed_tool)
+  if(CMAKE_HOST_SYSTEM_NAME STREQUAL "Linux")
+    set(installed_tool bin/vmmpp-budget)
+  endif()
   foreach(file IN ITEMS include/vmmpp/backing/host.hpp share/vmmpp/cmake/vmmppConfig.cmake
                         share/vmmpp/cmake/vmmppConfigVersion.cmake share/vmmpp/cmake/vmmppTargets.cmake
-                        share/pkgconfig/vmmpp.pc share/licenses/vmmpp/LICENSE)
+                        share/pkgconfig/vmmpp.pc share/licenses/vmmpp/LICENSE ${installed_tool})
     if(NOT EXISTS "${prefix}/${file}")
       message(FATAL_ERROR "FAILED: the install has no ${file}")
     endif()

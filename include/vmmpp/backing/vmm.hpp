@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,7 @@
 #include "vmmpp/detail/commit_map.hpp"
 #include "vmmpp/driver/context.hpp"
 #include "vmmpp/driver/device.hpp"
+#include "vmmpp/driver/event.hpp"
 #include "vmmpp/driver/handles.hpp"
 #include "vmmpp/error.hpp"
 
@@ -28,6 +30,23 @@ struct exported_handle {
     int fd = -1;
 };
 
+/// What an access to reserved address space with nothing committed under it does (a kernel
+/// reading a padded or stale block id, for instance).
+enum class unbacked_access {
+    /// Nothing is mapped there: any access faults, and the fault (cudaErrorIllegalAddress) ends
+    /// the process's CUDA context. Costs nothing.
+    fault,
+    /// One zero-filled page of the granularity is mapped read-only under every uncommitted page:
+    /// reads return zeros; a stray write still faults (it is caught, as without the option, and
+    /// never changes what other reads see). The recommended form.
+    zeros,
+    /// The same page mapped read-write: reads return zeros and a stray write does not fault, but
+    /// it lands in the one shared page, so from then on every unbacked address reads what was
+    /// written there (garbage instead of zeros) until the backing is destroyed. For kernels that
+    /// write padded slots on purpose and never read unbacked memory back.
+    zeros_writable,
+};
+
 /// Construction options of vmmpp::vmm.
 struct vmm_options {
     int device = 0;
@@ -39,6 +58,11 @@ struct vmm_options {
     /// cuMemRelease (about a quarter of a page's map and unmap cost: docs/ARCHITECTURE.md). Kept handles still
     /// occupy device memory: a pool charges them to its quota and drops them under pressure.
     std::size_t max_cached_handles = 0;
+    /// Whether reads of uncommitted address space fault (the default) or return zeros (a zero
+    /// page mapped under it: one granularity page of device memory, a cuMemMap per page of the
+    /// span at construction, then per page of growth one extra cuMemUnmap on commit and one
+    /// cuMemMap on decommit, plus a cuMemSetAccess per decommitted handle; docs/ARCHITECTURE.md).
+    unbacked_access unbacked = unbacked_access::fault;
 };
 
 /// VMM backing (cuMemAddressReserve + cuMemCreate/cuMemMap/cuMemSetAccess).
@@ -65,7 +89,8 @@ public:
         : context_(opts.device),
           pages_(capacity, vmm_granularity(opts.device)),
           handle_bytes_(opts.handle_bytes),
-          max_cached_handles_(opts.max_cached_handles) {
+          max_cached_handles_(opts.max_cached_handles),
+          unbacked_(opts.unbacked) {
         if (!is_vmm_supported(opts.device)) {
             throw invalid_argument("CUDA device " + std::to_string(opts.device) +
                                    " does not support virtual memory management");
@@ -84,6 +109,9 @@ public:
         cache_.reserve(max_cached_handles_);  // keep() must not allocate (it runs in noexcept paths)
         scoped_context current(context_);
         reservation_ = address_reservation(capacity, pages_.granularity());
+        if (unbacked_ != unbacked_access::fault) {
+            map_zero_page_everywhere();  // on failure unmaps what it mapped; the members unwind
+        }
     }
     vmm(const vmm&) = delete;
     vmm& operator=(const vmm&) = delete;
@@ -96,6 +124,8 @@ public:
         }
         extents_.clear();  // unmap and release before the reservation goes
         cache_.clear();
+        unmap_zero_pages(0, zero_mapped_.size());
+        zero_page_.reset();
         reservation_.reset();
     }
 
@@ -115,6 +145,15 @@ public:
     /// Bytes of handles the driver refused to release (cuMemRelease failed, in decommit or
     /// release_cached): dropped by this backing, possibly still allocated on the device.
     [[nodiscard]] std::size_t leaked_bytes() const noexcept { return leaked_bytes_; }
+    /// What reads of uncommitted address space do (vmm_options::unbacked).
+    [[nodiscard]] unbacked_access unbacked() const noexcept { return unbacked_; }
+    /// Device memory of the zero page (one granularity page with unbacked_access::zeros or
+    /// zeros_writable, else 0); not counted in committed_bytes().
+    [[nodiscard]] std::size_t zero_page_bytes() const noexcept { return zero_page_ ? zero_page_.bytes() : 0; }
+    /// Bytes of uncommitted address space where the zero page is missing because mapping it back
+    /// failed (in a decommit, or in a commit's rollback): reads there fault as without the option.
+    /// Each commit and decommit first tries to map them again. 0 without the option.
+    [[nodiscard]] std::size_t unzeroed_bytes() const noexcept { return holes_.size() * pages_.granularity(); }
 
     /// Makes this backing's context current on the calling thread for good (a pool's mapper
     /// thread calls it once), so commits there skip the context push and pop.
@@ -158,6 +197,7 @@ public:
                                    ") is not a whole number of " + std::to_string(piece) + "-byte handles");
         }
         scoped_context current(context_);
+        repair_zero_pages();
         std::map<std::size_t, extent> made;  // rolled back (undo) if anything throws
         try {
             for (std::size_t off = offset; off < offset + bytes; off += piece) {
@@ -165,25 +205,31 @@ public:
                 e.memory = take_cached(piece);
                 e.reused = static_cast<bool>(e.memory);
                 if (!e.reused) {
-                    e.memory = create(piece, bytes);
+                    e.memory = create(piece, bytes);  // before the zero page goes: the likely failure
                 }
                 try {
+                    // The zero page leaves the piece only once its handle exists (creation is
+                    // the likely failure), and comes back if anything after that fails.
+                    take_zero_page_away(off, piece);
                     e.map = mapping(reservation_.base() + off, e.memory, access_);
                     made.emplace(off, std::move(e));  // on bad_alloc `e` is left intact
                 } catch (...) {
                     undo(e);  // the piece in hand: a kept handle goes back to the cache
+                    put_zero_page_back(off, piece);
                     throw;
                 }
             }
         } catch (...) {
             for (auto& [off, e] : made) {
                 undo(e);
+                put_zero_page_back(off, piece);
             }
             throw;
         }
         for (const auto& [off, e] : made) {
             reused_ += e.reused ? 1 : 0;
         }
+        forget_holes(offset, bytes);  // committed now: no zero page is owed there
         extents_.merge(made);  // moves nodes: cannot throw
         pages_.mark(offset, bytes, true);
     }
@@ -221,6 +267,7 @@ public:
             ++last;
         }
         scoped_context current(context_);
+        repair_zero_pages();
         failed_call failed;
         auto it = first;
         for (; it != last; ++it) {
@@ -230,6 +277,7 @@ public:
                 failed = {"cuMemUnmap", rc, it->first, handle_bytes};
                 break;  // this handle and the ones after it stay mapped and committed
             }
+            put_zero_page_back(it->first, handle_bytes);  // a failure leaves a hole, counted, retried
             if (keep(e.memory)) {
                 continue;
             }
@@ -307,6 +355,158 @@ private:
         e.memory.reset();
     }
 
+    // The zero page (vmm_options::unbacked). zero_mapped_[p] says whether it is mapped at page p;
+    // holes_ lists uncommitted pages where mapping it back failed (retried by the next commit or
+    // decommit). The driver calls go straight through the table: one mapping object per page of
+    // a large reservation would cost host memory for nothing.
+
+    [[nodiscard]] CUmemAccess_flags zero_page_flags() const noexcept {
+        return unbacked_ == unbacked_access::zeros ? CU_MEM_ACCESS_FLAGS_PROT_READ : CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    }
+    [[nodiscard]] std::vector<CUmemAccessDesc> access_descs(CUmemAccess_flags flags, bool own_device_only) const {
+        std::vector<CUmemAccessDesc> descs(own_device_only ? 1 : access_.size());
+        for (std::size_t i = 0; i < descs.size(); ++i) {
+            descs[i].location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+            descs[i].location.id = access_[i];
+            descs[i].flags = flags;
+        }
+        return descs;
+    }
+
+    /// Creates the zero page, fills it with zeros through a read-write mapping at page 0, then
+    /// maps it under every page and sets the final access over the whole span in one call. On
+    /// failure every zero mapping made is undone and the error propagates.
+    void map_zero_page_everywhere() {
+        const std::size_t g = pages_.granularity();
+        const std::size_t n = pages_.capacity() / g;
+        const auto& d = driver::get();
+        zero_page_ = physical_allocation(device_ordinal(), g);
+        zero_mapped_.assign(n, false);
+        try {
+            driver::check(d.mem_map(reservation_.base(), g, 0, zero_page_.get(), 0), "cuMemMap");
+            zero_mapped_[0] = true;
+            const auto fill = access_descs(CU_MEM_ACCESS_FLAGS_PROT_READWRITE, true);
+            driver::check(d.mem_set_access(reservation_.base(), g, fill.data(), fill.size()), "cuMemSetAccess");
+            // Physical memory from cuMemCreate is not guaranteed to be zero.
+            const std::vector<std::byte> zeros(g);
+            driver::check(d.memcpy_htod_async(reservation_.base(), zeros.data(), g, nullptr), "cuMemcpyHtoDAsync");
+            stream_event done = stream_event::create();
+            done.record(nullptr);
+            done.synchronize();
+            for (std::size_t p = 1; p < n; ++p) {
+                driver::check(d.mem_map(reservation_.base() + p * g, g, 0, zero_page_.get(), 0), "cuMemMap");
+                zero_mapped_[p] = true;
+            }
+            const auto descs = access_descs(zero_page_flags(), false);
+            driver::check(d.mem_set_access(reservation_.base(), n * g, descs.data(), descs.size()), "cuMemSetAccess");
+        } catch (...) {
+            unmap_zero_pages(0, n);
+            zero_page_.reset();
+            throw;
+        }
+    }
+
+    /// Unmaps the zero page from pages [first, first+count) where it is mapped; never throws
+    /// (destructor, construction rollback).
+    void unmap_zero_pages(std::size_t first, std::size_t count) noexcept {
+        const std::size_t g = pages_.granularity();
+        for (std::size_t p = first; p < first + count && p < zero_mapped_.size(); ++p) {
+            if (zero_mapped_[p] && driver::get().mem_unmap(reservation_.base() + p * g, g) == CUDA_SUCCESS) {
+                zero_mapped_[p] = false;
+            }
+        }
+    }
+
+    /// Unmaps the zero page from [offset, offset+bytes) so a handle can be mapped there; throws
+    /// cuda_error ("cuMemUnmap") at the first page the driver refuses, the pages before it
+    /// unmapped (the caller puts them back).
+    void take_zero_page_away(std::size_t offset, std::size_t bytes) {
+        if (!zero_page_) {
+            return;
+        }
+        const std::size_t g = pages_.granularity();
+        for (std::size_t p = offset / g; p < (offset + bytes) / g; ++p) {
+            if (zero_mapped_[p]) {
+                driver::check(driver::get().mem_unmap(reservation_.base() + p * g, g), "cuMemUnmap");
+                zero_mapped_[p] = false;
+            }
+        }
+    }
+
+    /// Maps the zero page at every page of [offset, offset+bytes) that lacks it (nothing else is
+    /// mapped there), with one cuMemSetAccess per run of pages mapped. Never throws: a page it
+    /// cannot map is a hole (unzeroed_bytes()), retried later.
+    void put_zero_page_back(std::size_t offset, std::size_t bytes) noexcept {
+        if (!zero_page_) {
+            return;
+        }
+        const auto& d = driver::get();
+        const std::size_t g = pages_.granularity();
+        const std::size_t end = (offset + bytes) / g;
+        std::vector<CUmemAccessDesc> descs;
+        try {
+            descs = access_descs(zero_page_flags(), false);
+        } catch (...) {
+            // Out of host memory for a handful of descriptors: every page becomes a hole.
+        }
+        std::size_t p = offset / g;
+        while (p < end) {
+            if (zero_mapped_[p]) {
+                ++p;
+                continue;
+            }
+            const std::size_t run = p;  // map a run of missing pages, then open it in one call
+            while (p < end && !zero_mapped_[p] && !descs.empty() &&
+                   d.mem_map(reservation_.base() + p * g, g, 0, zero_page_.get(), 0) == CUDA_SUCCESS) {
+                zero_mapped_[p] = true;
+                ++p;
+            }
+            if (p > run &&
+                d.mem_set_access(reservation_.base() + run * g, (p - run) * g, descs.data(), descs.size()) != CUDA_SUCCESS) {
+                for (std::size_t q = run; q < p; ++q) {
+                    (void)d.mem_unmap(reservation_.base() + q * g, g);
+                    zero_mapped_[q] = false;
+                }
+            }
+            for (std::size_t q = run; q < p; ++q) {
+                if (zero_mapped_[q]) {
+                    holes_.erase(q);
+                } else {
+                    note_hole(q);
+                }
+            }
+            if (p < end && !zero_mapped_[p]) {
+                note_hole(p);  // the page whose cuMemMap failed
+                ++p;
+            }
+        }
+    }
+    void note_hole(std::size_t page) noexcept {
+        try {
+            holes_.insert(page);
+        } catch (...) {
+            // Out of host memory: the hole is not remembered; reads there fault as without the option.
+        }
+    }
+    /// Pages now committed are no longer holes.
+    void forget_holes(std::size_t offset, std::size_t bytes) noexcept {
+        const std::size_t g = pages_.granularity();
+        holes_.erase(holes_.lower_bound(offset / g), holes_.lower_bound((offset + bytes) / g));
+    }
+    /// Tries again to map the zero page at every hole.
+    void repair_zero_pages() noexcept {
+        const std::vector<std::size_t> pages = [&]() noexcept {
+            try {
+                return std::vector<std::size_t>(holes_.begin(), holes_.end());
+            } catch (...) {
+                return std::vector<std::size_t>{};
+            }
+        }();
+        for (std::size_t p : pages) {
+            put_zero_page_back(p * pages_.granularity(), pages_.granularity());
+        }
+    }
+
     /// A kept handle of exactly `bytes`, or an empty one.
     physical_allocation take_cached(std::size_t bytes) noexcept {
         for (auto it = cache_.rbegin(); it != cache_.rend(); ++it) {
@@ -345,8 +545,12 @@ private:
     detail::commit_map pages_;
     std::size_t handle_bytes_;
     std::size_t max_cached_handles_;
+    unbacked_access unbacked_;
     std::vector<int> access_;
     address_reservation reservation_;
+    physical_allocation zero_page_;   // empty with unbacked_access::fault
+    std::vector<bool> zero_mapped_;   // per page: the zero page is mapped there
+    std::set<std::size_t> holes_;     // uncommitted pages missing the zero page
     std::map<std::size_t, extent> extents_;
     std::vector<physical_allocation> cache_;  // unmapped handles kept for reuse, newest last
     std::size_t cached_bytes_ = 0;

@@ -16,6 +16,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "vmmpp/backing/concept.hpp"
@@ -25,6 +26,8 @@
 #include "vmmpp/kv/block_allocator.hpp"
 #include "vmmpp/kv/geometry.hpp"
 #include "vmmpp/kv/layout.hpp"
+#include "vmmpp/kv/sequence_slots.hpp"
+#include "vmmpp/kv/sleep.hpp"
 #include "vmmpp/kv/tensor.hpp"
 #include "vmmpp/pool.hpp"
 
@@ -51,7 +54,7 @@ struct token_range {
 
 /// A paged KV cache over an elastic_pool<Config>, laid out by `Layout`, a kv_layout
 /// (vmmpp/kv/layout.hpp: layer_major, layer_major_hnd, block_major, block_major_hnd, packed_kv,
-/// mla).
+/// mla, sequence_contiguous: block ids by sequence slot, see sequence_tensor).
 ///
 /// The default layout is block_major: all layers of a block lie together, so a new block is one
 /// range of the pool and its growth one commit. Under layer_major a block is one piece per layer
@@ -95,7 +98,7 @@ public:
           options_(options),
           pool_(span_bytes(geometry_, options.span_alignment), std::move(backing_options), std::move(growth),
                 std::move(quota)),
-          blocks_(geometry_.max_blocks) {
+          blocks_(make_block_allocator(geometry_)) {
         if constexpr (pool_type::has_mapper) {
             // Where the first blocks go: the background mapper starts its spares there.
             Layout::for_each_piece(geometry_, 0, [&](std::size_t off, std::size_t bytes) { pool_.will_need(off, bytes); });
@@ -118,7 +121,8 @@ public:
     /// A new, empty sequence.
     [[nodiscard]] seq_id add_sequence() {
         const seq_id id = next_id_;
-        sequences_.emplace(id, sequence{});
+        const auto it = sequences_.emplace(id, sequence{}).first;
+        take_sequence_slot(it);  // sequence-slot layouts; out_of_sequence_slots leaves nothing behind
         ++next_id_;
         return id;
     }
@@ -130,12 +134,14 @@ public:
     /// Throws: invalid_argument (unknown sequence), out_of_blocks, over_quota, out_of_memory,
     /// retired_memory, cuda_error. Guarantee: strong (see the class comment).
     token_range append(seq_id seq, std::size_t n_tokens) {
+        refuse_while_asleep("append");  // sleep and wake: no memory to append into
         sequence& s = find(seq);
         const token_range added{s.tokens, n_tokens};
         if (n_tokens == 0) {
             return added;
         }
         const plan p = plan_append(s, n_tokens);
+        check_slot_room(seq, s, n_tokens);  // sequence-slot layouts: the slot must hold them
         if (p.new_blocks > blocks_.free_blocks()) {
             throw out_of_blocks(p.new_blocks, blocks_.free_blocks(), blocks_.max_blocks());
         }
@@ -145,7 +151,7 @@ public:
         std::size_t held = 0;  // fresh blocks whose pieces are held
         try {
             while (fresh.size() < p.new_blocks) {
-                fresh.push_back(blocks_.allocate());
+                fresh.push_back(allocate_block(s, fresh.size()));
             }
             commit_ahead(fresh);
             for (; held < fresh.size(); ++held) {
@@ -181,6 +187,7 @@ public:
     /// Throws: invalid_argument (unknown sequence). Guarantee: strong.
     [[nodiscard]] seq_id fork(seq_id seq) {
         const sequence& parent = find(seq);
+        refuse_fork_of_slot(seq);  // sequence-slot layouts cannot share blocks
         sequence child{parent.blocks, parent.tokens};  // may throw: nothing changed yet
         const seq_id id = next_id_;
         sequences_.emplace(id, std::move(child));
@@ -201,6 +208,7 @@ public:
     /// cuda_error recording the fence (nothing changed) or giving memory back (the truncate has
     /// taken effect).
     void truncate(seq_id seq, std::size_t n_tokens, cudaStream_t stream) {
+        refuse_while_asleep("truncate");  // sleep and wake: the blocks hold no memory
         sequence& s = find(seq);
         if (n_tokens > s.tokens) {
             throw invalid_argument("truncate of sequence " + std::to_string(seq) + " to " + std::to_string(n_tokens) +
@@ -226,13 +234,20 @@ public:
     /// Throws: invalid_argument (unknown or freed sequence; nothing changed); cuda_error recording
     /// the fence (nothing changed) or giving memory back (the free has taken effect).
     void free(seq_id seq, cudaStream_t stream) {
+        refuse_while_asleep("free");  // sleep and wake: the blocks hold no memory
         auto it = sequences_.find(seq);
         if (it == sequences_.end()) {
             throw unknown_sequence(seq);
         }
         const pool_fence after = prepare_drop(it->second.blocks, stream);  // may throw: nothing changed yet
         std::vector<std::int32_t> dropped = std::move(it->second.blocks);
+        const std::uint32_t slot = it->second.slot;
         sequences_.erase(it);
+        struct slot_back {  // the slot is free once its blocks are, even if giving memory back throws
+            kv_cache& c;
+            std::uint32_t slot;
+            ~slot_back() { c.give_sequence_slot(slot); }
+        } give_back{*this, slot};
         drop_blocks(dropped, after);
     }
 
@@ -249,6 +264,11 @@ public:
         const std::size_t max_tokens = std::size_t{geometry_.max_blocks} * geometry_.block_tokens;
         if (n_tokens > max_tokens - s.tokens) {
             return false;
+        }
+        if constexpr (sequence_slot_layout<Layout>) {
+            if (s.tokens + n_tokens > geometry_.max_tokens_per_sequence) {
+                return false;
+            }
         }
         return n_tokens == 0 || plan_append(s, n_tokens).new_blocks <= blocks_.free_blocks();
     }
@@ -374,17 +394,328 @@ public:
         return describe(layer, kv_part::key, 2 * std::int64_t{geometry_.head_dim});
     }
 
+    // --- sequence-slot layouts (sequence_contiguous): a contiguous run per sequence ---
+
+    /// Sequence `seq`'s K or V of layer `layer` as one contiguous tensor [1, tokens(seq),
+    /// kv_heads, head_dim] (dense and row-major: strides Layout::sequence_strides, after a
+    /// leading dimension of one "block" holding the whole sequence, so indexing matches
+    /// tensor()'s), what a standard non-paged attention kernel takes: no gather. Its memory is
+    /// the sequence's blocks in order; the pointer stays valid (and the run grows in place) while
+    /// the sequence lives. Throws invalid_argument as address() does, or for an unknown sequence.
+    [[nodiscard]] kv_tensor sequence_tensor(seq_id seq, std::uint32_t layer, kv_part part) const
+        requires sequence_slot_layout<Layout>
+    {
+        const sequence& s = find(seq);
+        const auto strides = Layout::sequence_strides(geometry_);
+        kv_tensor t;
+        t.data = address(layer, part, static_cast<std::int32_t>(std::size_t{s.slot} * blocks_.slot_blocks()));
+        t.type = geometry_.type;
+        t.device = pool_.device();
+        t.shape = {1, static_cast<std::int64_t>(s.tokens), static_cast<std::int64_t>(geometry_.kv_heads),
+                   static_cast<std::int64_t>(geometry_.head_dim)};
+        // The leading stride: one slot (where the next sequence slot's run begins).
+        t.strides = {strides[0] * static_cast<std::int64_t>(blocks_.slot_blocks()) * geometry_.block_tokens, strides[0],
+                     strides[1], strides[2]};
+        return t;
+    }
+    /// The slot of `seq`: its blocks are slot * slot_blocks() + 0, 1, ...
+    [[nodiscard]] std::uint32_t sequence_slot(seq_id seq) const
+        requires sequence_slot_layout<Layout>
+    {
+        return find(seq).slot;
+    }
+    /// Blocks per slot (max_tokens_per_sequence in whole blocks), slots in all and free ones.
+    [[nodiscard]] std::uint32_t slot_blocks() const noexcept
+        requires sequence_slot_layout<Layout>
+    {
+        return blocks_.slot_blocks();
+    }
+    [[nodiscard]] std::size_t slot_count() const noexcept
+        requires sequence_slot_layout<Layout>
+    {
+        return blocks_.slot_count();
+    }
+    [[nodiscard]] std::size_t free_slots() const noexcept
+        requires sequence_slot_layout<Layout>
+    {
+        return blocks_.free_slots();
+    }
+
     [[nodiscard]] const kv_geometry& geometry() const noexcept { return geometry_; }
     [[nodiscard]] const pool_type& pool() const noexcept { return pool_; }
     [[nodiscard]] pool_type& pool() noexcept { return pool_; }
     /// The live sequences by id, ascending (see vmmpp/kv/views.hpp for views over them).
     [[nodiscard]] const auto& sequence_map() const noexcept { return sequences_; }
 
+    // --- sleep and wake (vmmpp/kv/sleep.hpp): one block of members, public then private ---
+
+    /// Whether the cache sleeps: its live blocks are in a host buffer and its pool gave its
+    /// device memory back. Sequences, block tables, addresses and tensors stay as they were.
+    [[nodiscard]] bool asleep() const noexcept { return sleep_.asleep; }
+
+    /// Bytes sleep() would copy now: the live blocks' pieces (Layout::for_each_piece), merged
+    /// into contiguous ranges. The host buffer given to sleep must hold at least this.
+    /// Throws: std::bad_alloc.
+    [[nodiscard]] std::size_t sleep_bytes() const {
+        std::size_t total = 0;
+        for (const byte_range& r : merged_pieces(live_blocks())) {
+            total += r.bytes;
+        }
+        return total;
+    }
+
+    /// sleep(host, kv_cache_options::stream).
+    sleep_result sleep(std::span<std::byte> host)
+        requires Config::growth_type::is_elastic
+    {
+        return sleep(host, options_.stream);
+    }
+
+    /// Puts the cache to sleep: copies every live block to `host` (sleep_bytes() bytes, ranges
+    /// back to back in offset order), waits for the copies, then releases every block's memory
+    /// and gives back all of the pool's memory (pool synchronize and trim: spares and kept
+    /// handles too), keeping the address reservation and every sequence. `host` must stay
+    /// untouched until wake(). Pinned host memory (cudaMallocHost) copies at full speed; the
+    /// engine's work on the blocks must be queued on `stream` (or finished) before the call.
+    /// Calls that need memory (append, truncate, free, sleep) throw vmmpp::cache_asleep until
+    /// wake(); reads (block tables, slot mapping, addresses, tensors) and fork stay valid.
+    /// Throws: cache_asleep (sleeping already), invalid_argument (`host` too small), cuda_error
+    /// (a copy failed): all with the cache awake and unchanged. cuda_error or retired_memory
+    /// while the memory goes back: the cache sleeps all the same (the data is in `host`).
+    /// Waits: for `stream`, the cache's own copies and every fence of the pool.
+    sleep_result sleep(std::span<std::byte> host, cudaStream_t stream)
+        requires Config::growth_type::is_elastic
+    {
+        if (sleep_.asleep) {
+            throw cache_asleep("sleep");
+        }
+        sleep_state next;
+        next.blocks = live_blocks();
+        next.ranges = merged_pieces(next.blocks);
+        std::size_t total = 0;
+        for (const byte_range& r : next.ranges) {
+            total += r.bytes;
+        }
+        if (host.size() < total) {
+            throw invalid_argument("kv_cache::sleep: the host buffer holds " + std::to_string(host.size()) +
+                                   " bytes; the " + std::to_string(next.blocks.size()) + " live blocks need " +
+                                   std::to_string(total));
+        }
+        next.asleep = true;
+        next.host = host.data();
+        wait_for_device(options_.stream);  // the cache's own copies write into live blocks
+        sleep_result result{total, next.ranges.size(), next.blocks.size(), 0};
+        try {
+            copy_sleeping_ranges(next, /*to_host=*/true, stream);
+            wait_for_device(stream);
+        } catch (...) {
+            try {
+                wait_for_device(stream);  // copies queued before the failure still read the blocks
+            } catch (...) {
+                // the context is gone: nothing queued runs any more
+            }
+            throw;
+        }
+        // Commit point: the data is in `host`; from here on the cache sleeps, whatever fails.
+        const std::size_t before = pool_.committed_bytes();
+        sleep_ = std::move(next);
+        std::exception_ptr first;
+        for (std::int32_t b : sleep_.blocks) {
+            if (auto e = unhold_block(b, pool_fence{})) {  // every fence waited for above
+                first = first ? first : e;
+            }
+        }
+        try {
+            (void)pool_.trim();
+        } catch (...) {
+            first = first ? first : std::current_exception();
+        }
+        const std::size_t after = pool_.committed_bytes();
+        result.pool_bytes = before > after ? before - after : 0;
+        if (first) {
+            std::rethrow_exception(first);
+        }
+        return result;
+    }
+
+    /// wake(kv_cache_options::stream).
+    sleep_result wake()
+        requires Config::growth_type::is_elastic
+    {
+        return wake(options_.stream);
+    }
+
+    /// Wakes the cache: holds every live block's memory again at the same offsets (committing
+    /// it), copies the blocks back from the host buffer given to sleep() and waits for the
+    /// copies. Block ids, tables, addresses and tensors are as before the sleep. A cache that is
+    /// awake is left as it is (the result is all zeros).
+    /// Throws: over_quota, out_of_memory, retired_memory, cuda_error: the cache still sleeps,
+    /// with its data in the host buffer and the memory this call committed given back, so wake()
+    /// may be called again.
+    /// Waits: for the copies on `stream`.
+    sleep_result wake(cudaStream_t stream)
+        requires Config::growth_type::is_elastic
+    {
+        if (!sleep_.asleep) {
+            return {};
+        }
+        const std::size_t before = pool_.committed_bytes();
+        std::size_t held = 0;
+        try {
+            for (std::int32_t b : sleep_.blocks) {
+                hold_block(b);
+                ++held;
+            }
+            copy_sleeping_ranges(sleep_, /*to_host=*/false, stream);
+            wait_for_device(stream);
+        } catch (...) {
+            try {
+                wait_for_device(stream);  // copies queued before the failure still write the blocks
+            } catch (...) {
+                // the context is gone: nothing queued runs any more
+            }
+            for (std::size_t i = 0; i < held; ++i) {
+                unhold_block_noexcept(sleep_.blocks[i], pool_fence{});
+            }
+            try {
+                (void)pool_.trim();
+            } catch (...) {
+                // what stays committed is counted in the pool's statistics
+            }
+            throw;
+        }
+        sleep_result result{0, sleep_.ranges.size(), sleep_.blocks.size(), 0};
+        for (const byte_range& r : sleep_.ranges) {
+            result.bytes_copied += r.bytes;
+        }
+        const std::size_t after = pool_.committed_bytes();
+        result.pool_bytes = after > before ? after - before : 0;
+        sleep_ = sleep_state{};
+        return result;
+    }
+
+private:
+    /// While asleep: the host buffer, the live blocks and their merged ranges (offset order).
+    struct sleep_state {
+        bool asleep = false;
+        std::byte* host = nullptr;
+        std::vector<std::int32_t> blocks;
+        std::vector<byte_range> ranges;
+    };
+    /// Throws cache_asleep for `operation` while the cache sleeps.
+    void refuse_while_asleep(const char* operation) const {
+        if (sleep_.asleep) {
+            throw cache_asleep(operation);
+        }
+    }
+    /// Every block some sequence references, ascending, once each.
+    std::vector<std::int32_t> live_blocks() const {
+        std::vector<std::int32_t> blocks;
+        for (const auto& [id, s] : sequences_) {
+            blocks.insert(blocks.end(), s.blocks.begin(), s.blocks.end());
+        }
+        std::sort(blocks.begin(), blocks.end());
+        blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
+        return blocks;
+    }
+    /// Copies `st`'s ranges between the pool and its host buffer: queued on `stream` with
+    /// cuMemcpyAsync for device-visible memory (one call per range; a range may span several
+    /// physical allocations), std::memcpy for host memory.
+    void copy_sleeping_ranges(const sleep_state& st, bool to_host, cudaStream_t stream) {
+        std::byte* host = st.host;
+        if constexpr (has_property<backing_type, device_accessible>) {
+            scoped_context current(device_context());
+            for (const byte_range& r : st.ranges) {
+                std::byte* dev = pool_.base() + r.offset;
+                const auto from = reinterpret_cast<CUdeviceptr>(to_host ? dev : host);
+                const auto to = reinterpret_cast<CUdeviceptr>(to_host ? host : dev);
+                driver::check(driver::get().memcpy_async(to, from, r.bytes, stream),
+                              to_host ? "cuMemcpyAsync(kv_cache::sleep)" : "cuMemcpyAsync(kv_cache::wake)");
+                host += r.bytes;
+            }
+        } else {
+            for (const byte_range& r : st.ranges) {
+                std::byte* dev = pool_.base() + r.offset;
+                std::memcpy(to_host ? host : dev, to_host ? dev : host, r.bytes);
+                host += r.bytes;
+            }
+        }
+    }
+    /// Device-visible memory: waits for the work queued on `stream` so far (and every fence of
+    /// the pool), through a pool fence. Host memory: nothing to wait for.
+    void wait_for_device(cudaStream_t stream) {
+        if constexpr (has_property<backing_type, device_accessible>) {
+            (void)pool_.record_fence(stream);
+            if (stream == options_.stream) {
+                copies_queued_ = false;  // the fence covers the cache's own copies
+            }
+            (void)pool_.synchronize();
+        }
+    }
+    sleep_state sleep_;
+
+public:
+    // --- end of sleep and wake ---
+
 private:
     struct sequence {
         std::vector<std::int32_t> blocks;
         std::size_t tokens = 0;
+        std::uint32_t slot = 0;  // sequence-slot layouts only
     };
+    // Block ids: lowest free first (paged layouts), or by sequence slot (sequence_slot_layout).
+    static constexpr bool slotted = sequence_slot_layout<Layout>;
+    using block_allocator_type = std::conditional_t<slotted, slot_block_allocator, block_allocator>;
+    static block_allocator_type make_block_allocator(const kv_geometry& g) {
+        if constexpr (slotted) {
+            return slot_block_allocator(g.max_blocks, Layout::slot_blocks(g));
+        } else {
+            return block_allocator(g.max_blocks);
+        }
+    }
+    /// Gives the new sequence at `it` its slot, or erases it and rethrows out_of_sequence_slots.
+    void take_sequence_slot(typename std::map<seq_id, sequence>::iterator it) {
+        if constexpr (slotted) {
+            try {
+                it->second.slot = blocks_.take_slot(geometry_.max_tokens_per_sequence);
+            } catch (...) {
+                sequences_.erase(it);
+                throw;
+            }
+        }
+    }
+    void give_sequence_slot(std::uint32_t slot) noexcept {
+        if constexpr (slotted) {
+            blocks_.give_slot(slot);  // a taken slot: never throws
+        }
+    }
+    /// Sequence-slot layouts: invalid_argument (nothing changed) when `s` would outgrow its slot.
+    void check_slot_room(seq_id seq, const sequence& s, std::size_t n_tokens) const {
+        if constexpr (slotted) {
+            if (n_tokens > geometry_.max_tokens_per_sequence - s.tokens) {
+                throw invalid_argument("append of " + std::to_string(n_tokens) + " tokens to sequence " +
+                                       std::to_string(seq) + " (" + std::to_string(s.tokens) +
+                                       " tokens): more than max_tokens_per_sequence " +
+                                       std::to_string(geometry_.max_tokens_per_sequence) + " of the " + Layout::name +
+                                       " layout");
+            }
+        }
+    }
+    /// The next block of `s`: the lowest free id, or the next id of its slot (the k-th new one).
+    std::int32_t allocate_block(const sequence& s, std::size_t k) {
+        if constexpr (slotted) {
+            return blocks_.allocate_in(s.slot, s.blocks.size() + k);
+        } else {
+            return blocks_.allocate();
+        }
+    }
+    void refuse_fork_of_slot(seq_id seq) const {
+        if constexpr (slotted) {
+            throw invalid_argument("fork of sequence " + std::to_string(seq) + ": the " + Layout::name +
+                                   " layout gives each sequence its own contiguous slot of block ids, so a fork "
+                                   "cannot share blocks; add a sequence and append (copy) instead");
+        }
+    }
     struct plan {
         std::size_t total_blocks;  // blocks the sequence will have
         std::size_t new_blocks;    // fresh blocks to take (including a copy-on-write target)
@@ -462,6 +793,25 @@ private:
     }
 
     /// Holds every piece of block `b`'s memory in the pool, or none.
+    /// The pieces of `blocks`, sorted by offset, adjacent ones merged (sleep copies them, an
+    /// append commits them ahead).
+    std::vector<byte_range> merged_pieces(const std::vector<std::int32_t>& blocks) const {
+        std::vector<byte_range> pieces;
+        for (std::int32_t b : blocks) {
+            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b),
+                                   [&](std::size_t off, std::size_t bytes) { pieces.push_back({off, bytes}); });
+        }
+        std::sort(pieces.begin(), pieces.end(), [](const byte_range& a, const byte_range& b) { return a.offset < b.offset; });
+        std::vector<byte_range> merged;
+        for (const byte_range& p : pieces) {
+            if (!merged.empty() && merged.back().offset + merged.back().bytes == p.offset) {
+                merged.back().bytes += p.bytes;
+            } else {
+                merged.push_back(p);
+            }
+        }
+        return merged;
+    }
     /// With a pool that commits extents: commits the pages under the fresh blocks of one append
     /// ahead of their holds, adjacent pieces merged, so a prompt's blocks share extents (one
     /// handle per run instead of one per block) that empty when its sequence ends.
@@ -470,20 +820,7 @@ private:
             if (fresh.size() < 2) {
                 return;  // one block: the pool's own growth rule decides
             }
-            std::vector<byte_range> pieces;
-            for (std::int32_t b : fresh) {
-                Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b),
-                                       [&](std::size_t off, std::size_t bytes) { pieces.push_back({off, bytes}); });
-            }
-            std::sort(pieces.begin(), pieces.end(), [](const byte_range& a, const byte_range& b) { return a.offset < b.offset; });
-            std::vector<byte_range> runs;  // adjacent pieces merged; single pages left to the holds
-            for (const byte_range& piece : pieces) {
-                if (!runs.empty() && piece.offset == runs.back().offset + runs.back().bytes) {
-                    runs.back().bytes += piece.bytes;
-                } else {
-                    runs.push_back(piece);
-                }
-            }
+            std::vector<byte_range> runs = merged_pieces(fresh);  // single pages are left to the holds
             std::erase_if(runs, [&](const byte_range& r) { return r.bytes <= pool_.page_bytes(); });
             try {
                 pool_.commit_ahead(runs);
@@ -632,7 +969,7 @@ private:
     kv_geometry geometry_;
     kv_cache_options options_;
     pool_type pool_;
-    block_allocator blocks_;
+    block_allocator_type blocks_;
     std::map<seq_id, sequence> sequences_;
     seq_id next_id_ = 0;
     std::uint64_t cow_copies_ = 0;

@@ -38,6 +38,10 @@ struct kv_geometry {
     /// Most blocks the cache can hold at once (all sequences together); at most INT32_MAX so
     /// block ids fit the int32 block tables kernels read.
     std::uint32_t max_blocks = 0;
+    /// Longest sequence the engine allows, in tokens: the sequence_contiguous layout reserves
+    /// this much address space per sequence (kv/layout.hpp). 0: not set; the paged layouts
+    /// ignore it.
+    std::uint32_t max_tokens_per_sequence = 0;
 
     /// Bytes of one block of one layer's K (or V): block_tokens * kv_heads * head_dim * size.
     [[nodiscard]] constexpr std::size_t block_tensor_bytes() const noexcept {

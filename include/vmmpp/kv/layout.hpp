@@ -14,6 +14,8 @@
 //   block_major_hnd  [heads, tokens, dim]; all layers adjacent      1
 //   packed_kv        [heads, tokens, K dim | V dim]; a tensor per l layers            vLLM >= 0.26
 //   mla              [tokens, latent]; a latent tensor per l, no V  layers            DeepSeek V2/V3 (FlashMLA)
+//   sequence_contiguous  layer_major's memory; each sequence owns a slot of consecutive block ids,
+//                    so its K (V) of a layer is one [tokens, heads, dim] run      2 x layers   non-paged kernels (vAttention)
 #pragma once
 
 #include <array>
@@ -274,5 +276,71 @@ struct mla {
     }
 };
 static_assert(kv_layout<mla>);
+
+/// Sequence-contiguous (vAttention style): layer_major's memory (a [max_blocks, block_tokens,
+/// kv_heads, head_dim] NHD tensor per layer and K/V), with block ids handed out by sequence
+/// slot. The geometry's max_tokens_per_sequence, rounded up to whole blocks, is a slot of
+/// slot_blocks(g) consecutive ids; sequence s (in slot k) gets ids k * slot_blocks(g) + 0, 1, ...
+/// in token order. Consecutive NHD blocks of one region are adjacent in memory with block stride
+/// block_tokens x token stride, so a sequence's K (or V) of a layer is one contiguous
+/// [tokens, kv_heads, head_dim] tensor (kv_cache::sequence_tensor) that a standard non-paged
+/// attention kernel reads as it is, while paged kernels still read it through block tables.
+/// Memory follows the tokens: a slot is address space only, and pages are committed as the
+/// sequence grows and given back when it shrinks (truncate) or ends (free).
+///
+/// Why a layout and not a cache option: it decides what block ids mean and what kernels read
+/// (a dense per-sequence view), and refuses fork (below); a type makes that visible where the
+/// cache is declared and in every test over layouts. Why over layer_major NHD only: it is the
+/// one memory order whose token stride is uniform across block boundaries of a region (HND and
+/// block_major interleave other heads or layers between a sequence's blocks; packed K|V would
+/// give a strided, not dense, view).
+///
+/// Fork is refused (invalid_argument saying why): a block id names a position in one slot, so
+/// two sequences cannot share blocks, and an eager copy of every layer would hide a large device
+/// copy behind a call that is O(1) in the paged layouts. Copy by appending to a new sequence.
+struct sequence_contiguous : basic_layer_major<token_order::nhd> {
+    static constexpr const char* name = "sequence_contiguous";
+    /// kv_cache hands out block ids by sequence slot (vmmpp/kv/sequence_slots.hpp).
+    static constexpr bool sequence_slots = true;
+    /// Blocks of one slot: max_tokens_per_sequence rounded up to whole blocks.
+    [[nodiscard]] static constexpr std::uint32_t slot_blocks(const kv_geometry& g) noexcept {
+        return static_cast<std::uint32_t>(g.blocks_for(g.max_tokens_per_sequence));
+    }
+    /// Sequences the cache can hold at once: max_blocks / slot_blocks.
+    [[nodiscard]] static constexpr std::uint32_t slot_count(const kv_geometry& g) noexcept {
+        return g.max_blocks / slot_blocks(g);
+    }
+    /// Element strides of a sequence's [tokens, kv_heads, head_dim] run.
+    [[nodiscard]] static constexpr std::array<std::int64_t, 3> sequence_strides(const kv_geometry& g) noexcept {
+        const kv_strides s = strides(g);
+        return {s[1], s[2], s[3]};
+    }
+    /// Throws invalid_argument unless max_tokens_per_sequence is set and at least one slot fits.
+    static void validate(const kv_geometry& g) {
+        if (g.max_tokens_per_sequence == 0) {
+            throw invalid_argument("kv_geometry.max_tokens_per_sequence is 0: the sequence_contiguous layout "
+                                   "reserves that many tokens of address space per sequence, so it must be set");
+        }
+        const std::size_t slot = g.blocks_for(g.max_tokens_per_sequence);
+        if (slot > g.max_blocks) {
+            throw invalid_argument("kv_geometry.max_tokens_per_sequence " + std::to_string(g.max_tokens_per_sequence) +
+                                   " needs " + std::to_string(slot) + " blocks of " + std::to_string(g.block_tokens) +
+                                   " tokens per sequence: more than max_blocks " + std::to_string(g.max_blocks));
+        }
+    }
+};
+static_assert(kv_layout<sequence_contiguous>);
+
+/// A layout whose block ids kv_cache hands out by sequence slot: each sequence's blocks are
+/// consecutive ids of its own slot (see sequence_contiguous).
+template <class L>
+concept sequence_slot_layout = kv_layout<L> && requires(const kv_geometry& g) {
+    requires L::sequence_slots;
+    { L::slot_blocks(g) } -> std::same_as<std::uint32_t>;
+    { L::slot_count(g) } -> std::same_as<std::uint32_t>;
+    { L::sequence_strides(g) } -> std::same_as<std::array<std::int64_t, 3>>;
+};
+static_assert(sequence_slot_layout<sequence_contiguous>);
+static_assert(!sequence_slot_layout<layer_major> && !sequence_slot_layout<mla>);
 
 } // namespace vmmpp

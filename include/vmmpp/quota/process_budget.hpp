@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -33,7 +34,9 @@
 #include <vector>
 
 #include "vmmpp/error.hpp"
+#include "vmmpp/quota/budget_errors.hpp"
 #include "vmmpp/quota/concept.hpp"
+#include "vmmpp/quota/limit_change.hpp"
 #include "vmmpp/quota/detail/budget_layout.hpp"
 #include "vmmpp/quota/detail/budget_share.hpp"
 #include "vmmpp/quota/detail/process_identity.hpp"
@@ -68,6 +71,11 @@ struct process_budget_options {
     /// Whether open and create_or_open accept a segment that its group or others may write, and
     /// create may make one (`mode` with 0020 or 0002).
     bool allow_shared_write = false;
+    /// When not zero, this process runs a thread that looks this often at whether another process
+    /// lowered a limit below what is charged (vmmpp-budget limit, set_model_limit), and then gives
+    /// back the spares and kept handles of this process's pools of that model (honour_limits).
+    /// Zero: no thread; call process_budget::honour_limits yourself (say once per engine step).
+    std::chrono::milliseconds limit_watch{0};
 };
 
 /// A process budget segment that these options do not let this process use: owned by another
@@ -125,6 +133,26 @@ struct process_budget_stats : budget_stats {
 /// exec), acquire throws vmmpp::invalid_argument and release does nothing; register again there.
 class process_quota {
 public:
+    /// A copy charges the same model and process but does not inherit a registered reclaimer.
+    process_quota(const process_quota& other) : share_(other.share_) {}
+    process_quota& operator=(const process_quota& other) {
+        if (this != &other) {
+            clear_reclaimer();
+            share_ = other.share_;
+        }
+        return *this;
+    }
+    process_quota(process_quota&&) noexcept = default;
+    process_quota& operator=(process_quota&& other) noexcept {
+        if (this != &other) {
+            clear_reclaimer();
+            share_ = std::move(other.share_);
+            reclaimer_ = std::move(other.reclaimer_);
+        }
+        return *this;
+    }
+    ~process_quota() { clear_reclaimer(); }
+
     /// Takes `bytes` from this model's limit and the global limit together, or throws
     /// vmmpp::over_quota naming the limit that refused it ("model <name>" or "global") and
     /// changes nothing but the denied counters. Before refusing, it takes back the shares of dead
@@ -144,6 +172,53 @@ public:
 
     /// This model's statistics now, over every process.
     [[nodiscard]] model_stats stats() const { return share_.stats(); }
+
+    /// Reports the spare bytes (committed or kept, held by nothing) of this process's pools of
+    /// the model, for statistics and vmmpp-budget: one figure per (model, process), the last
+    /// report wins (vmmpp::report_spares(pool) reads it from a pool).
+    void report_spares(std::size_t bytes) const noexcept {
+        if (::getpid() == share_.who().pid) {
+            share_.report_spares(bytes);
+        }
+    }
+
+    /// Registers `give_back` (returns the bytes it released) as this quota's way to free its
+    /// pool's spares: called when another pool of this process is refused (reclaim_from_others),
+    /// when a limit of its model or the global one is lowered below what is charged, by this
+    /// process at once and, from other processes, through honour_limits or the limit watcher.
+    /// One per quota object; a pool registers its own copy and clears it before it goes.
+    void set_reclaimer(std::function<std::size_t()> give_back) {
+        clear_reclaimer();
+        auto r = std::make_shared<detail::pb::local_reclaimer>();
+        r->give_back = std::move(give_back);
+        r->model = share_.model();
+        detail::pb::local_registry& reg = share_.seg().local();
+        std::lock_guard lock(reg.mutex);
+        reg.reclaimers.push_back(r);
+        reclaimer_ = std::move(r);
+    }
+    /// Unregisters this quota's reclaimer; waits for a call of it in progress to finish.
+    void clear_reclaimer() noexcept {
+        if (!reclaimer_) {
+            return;
+        }
+        const std::shared_ptr<detail::pb::local_reclaimer> mine = std::move(reclaimer_);
+        {
+            detail::pb::local_registry& reg = share_.seg().local();
+            std::lock_guard lock(reg.mutex);
+            std::erase(reg.reclaimers, mine);
+        }
+        std::lock_guard running(mine->mutex);
+        mine->give_back = nullptr;
+    }
+    /// Asks every other pool of this process registered with this budget to give its spares back
+    /// now (pools of other processes are out of reach; a refused acquire also takes back the
+    /// shares of dead processes). A busy pool is skipped. Returns the bytes given back.
+    std::size_t reclaim_from_others() noexcept {
+        const detail::pb::local_reclaimer* self = reclaimer_.get();
+        return detail::pb::run_local_reclaimers(share_.seg(),
+                                                [self](const detail::pb::local_reclaimer& r) { return &r != self; });
+    }
 
     /// The bytes this process holds of this model now.
     [[nodiscard]] std::size_t process_committed() const { return share_.process_committed(); }
@@ -165,9 +240,11 @@ private:
     }
 
     detail::pb::share share_;
+    std::shared_ptr<detail::pb::local_reclaimer> reclaimer_;  // this copy's registration, if any
 };
 
 static_assert(quota_policy<process_quota>, "vmmpp::process_quota must model vmmpp::quota_policy");
+static_assert(reclaiming_quota<process_quota>, "vmmpp::process_quota lets a process's pools reclaim each other's spares");
 
 /// A global byte limit shared by the pools of several processes, held in the POSIX
 /// shared-memory segment `/name` (on Linux, /dev/shm/name). Models register with
@@ -190,21 +267,22 @@ public:
             throw invalid_argument("process budget '" + n +
                                    "' exists already (remove it, or use open or create_or_open)");
         }
-        return process_budget(std::move(s));
+        return process_budget(std::move(s), options);
     }
 
     /// Attaches the existing segment `name` (`options.attach_timeout`, `trusted_owners` and
     /// `allow_shared_write` are used). Throws vmmpp::untrusted_segment, before reading anything
     /// of it, if another user owns it or group or others may write it (unless the options accept
-    /// that); vmmpp::invalid_argument if there is none, or if it is not a vmmpp process budget of
-    /// this layout version and ABI. Takes back the shares of dead processes.
+    /// that); vmmpp::no_such_segment if there is none; vmmpp::incompatible_segment if it is not a
+    /// vmmpp process budget of this layout version and ABI (both are invalid_arguments). Takes
+    /// back the shares of dead processes.
     [[nodiscard]] static process_budget open(std::string_view name, process_budget_options options = {}) {
         const std::string n = detail::pb::shm_name(name);
         auto s = attach_segment(n, options, current_process_identity());
         if (!s) {
-            throw invalid_argument("process budget '" + n + "' does not exist");
+            throw no_such_segment("process budget '" + n + "' does not exist");
         }
-        process_budget b(std::move(s));
+        process_budget b(std::move(s), options);
         b.reclaim_dead();
         return b;
     }
@@ -219,10 +297,10 @@ public:
         const process_identity self = current_process_identity();
         for (int attempt = 0; attempt < 100; ++attempt) {
             if (auto s = create_segment(n, global_limit, options, self)) {
-                return process_budget(std::move(s));
+                return process_budget(std::move(s), options);
             }
             if (auto s = attach_segment(n, options, self)) {
-                process_budget b(std::move(s));
+                process_budget b(std::move(s), options);
                 b.reclaim_dead();
                 return b;
             }
@@ -249,7 +327,8 @@ public:
 
     /// Registers model `name` for this process, which may then commit through the returned
     /// quota. The first registration (by any process) creates the model with `limit`; later
-    /// ones, from this or other processes, join it and must state the same limit. The model's
+    /// ones, from this or other processes, join it and must state the same limit (the one it was
+    /// created with, even after set_model_limit changed the limit in force). The model's
     /// limit bounds the sum over all processes. Names are 1 to 63 bytes. Models stay in the
     /// table as long as the segment exists. The process is the calling one: in a child made by
     /// fork, registering through the inherited handle gives the child a record of its own.
@@ -260,6 +339,49 @@ public:
     /// Takes back the bytes of every process that has died without releasing them and frees
     /// their usage records. Returns the bytes taken back.
     std::size_t reclaim_dead() { return detail::pb::reclaim_dead(*segment_); }
+
+    /// Sets the global limit at run time, for every process. Raising it takes effect at once.
+    /// Lowering it below what is charged refuses commits above it from then on, gives back this
+    /// process's pools' spares at once, and asks the other processes for theirs (they give them
+    /// back through honour_limits or their limit watcher); what live blocks hold stays, and the
+    /// result says how much is still over.
+    /// Throws: vmmpp::invalid_argument for a zero limit (nothing changed); vmmpp::error if the
+    /// lock cannot be taken.
+    limit_change set_limit(std::size_t global_limit) { return detail::pb::set_limit(*segment_, nullptr, global_limit); }
+
+    /// Sets model `name`'s limit at run time, as set_limit does the global one.
+    /// Throws: vmmpp::unknown_model for a name not registered, vmmpp::invalid_argument for a zero
+    /// limit (nothing changed); vmmpp::error if the lock cannot be taken.
+    limit_change set_model_limit(std::string_view name, std::size_t limit) {
+        return detail::pb::set_limit(*segment_, &name, limit);
+    }
+
+    /// Where model `name` (or, without one, the budget) stands against its limit now: applied
+    /// when what is charged fits, pending with the bytes over otherwise (`reclaimed` is 0).
+    /// Throws: vmmpp::unknown_model; vmmpp::error if the lock cannot be taken.
+    [[nodiscard]] limit_change limit_status(std::string_view name = {}) const {
+        const process_budget_stats s = stats();
+        if (name.empty()) {
+            return detail::make_limit_change(s.limit, s.limit, s.committed, 0);
+        }
+        for (const auto& m : s.models) {
+            if (m.name == name) {
+                return detail::make_limit_change(m.limit, m.limit, m.committed, 0);
+            }
+        }
+        throw unknown_model("process budget '" + segment_->name() + "' has no model '" + std::string(name) + "'");
+    }
+
+    /// Removes model `name` from the table (after taking back the shares of dead processes).
+    /// Returns false if there was none.
+    /// Throws: vmmpp::model_in_use while live processes still hold a share of it (nothing
+    /// changed); vmmpp::error if the lock cannot be taken.
+    bool remove_model(std::string_view name) { return detail::pb::remove_model(*segment_, name); }
+
+    /// Gives back the spares of this process's pools of every model whose limit another process
+    /// lowered below what was charged since this process last looked. Cheap when nothing
+    /// changed (one lock of the segment). Returns the bytes given back.
+    std::size_t honour_limits() noexcept { return detail::pb::honour_limits(*segment_); }
 
     /// A consistent snapshot of the budget, every model and every usage record.
     [[nodiscard]] process_budget_stats stats() const {
@@ -280,8 +402,7 @@ public:
         s.max_records = seg.max_records();
         for (std::uint32_t i = 0; i < seg.max_models(); ++i) {
             if (m[i].name[0] != '\0') {
-                s.models.push_back(model_stats{std::string(detail::pb::slot_name(m[i])), m[i].limit, m[i].committed,
-                                               m[i].peak, m[i].denied});
+                s.models.push_back(detail::pb::stats_of_locked(seg, i));
             }
         }
         for (std::uint32_t i = 0; i < seg.max_records(); ++i) {
@@ -293,15 +414,20 @@ public:
         return s;
     }
 
-    /// The global limit (set by the creator; never changes).
-    [[nodiscard]] std::size_t limit() const noexcept { return segment_->head().limit; }
+    /// The global limit now (set by the creator, changed by set_limit).
+    [[nodiscard]] std::size_t limit() const noexcept { return detail::pb::read_once(segment_->head().limit); }
     /// The segment's name, as shm_open sees it ("/name").
     [[nodiscard]] const std::string& name() const noexcept { return segment_->name(); }
     /// Whether this handle created the segment (false: it attached to an existing one).
     [[nodiscard]] bool created() const noexcept { return segment_->created(); }
 
 private:
-    explicit process_budget(std::shared_ptr<detail::pb::segment> s) noexcept : segment_(std::move(s)) {}
+    process_budget(std::shared_ptr<detail::pb::segment> s, const process_budget_options& o) : segment_(std::move(s)) {
+        if (o.limit_watch.count() > 0) {
+            const detail::pb::segment* seg = segment_.get();  // the watcher lives inside it
+            segment_->start_watcher(o.limit_watch, [seg] { (void)detail::pb::honour_limits(*seg); });
+        }
+    }
 
     /// How the detail layer reports a segment these options do not let this process use.
     struct untrusted {

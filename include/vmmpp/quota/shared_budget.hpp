@@ -4,15 +4,20 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "vmmpp/error.hpp"
+#include "vmmpp/quota/budget_errors.hpp"
 #include "vmmpp/quota/concept.hpp"
+#include "vmmpp/quota/limit_change.hpp"
 
 namespace vmmpp {
 
@@ -25,6 +30,16 @@ struct model_stats {
     /// given back (a pool charges the quota before it commits).
     std::size_t peak = 0;
     std::size_t denied = 0;  ///< requests refused (by this model's limit or the global one)
+    /// Times one of the model's pools gave memory back when asked (another model's pressure, a
+    /// lowered limit) and gave back something.
+    std::uint64_t reclaims = 0;
+    std::size_t reclaimed = 0;  ///< bytes those reclaims gave back
+    /// Spare bytes (committed or kept, held by nothing) its pools last reported
+    /// (vmmpp::report_spares): reclaimable at once, as of each pool's last report.
+    std::size_t spares = 0;
+
+    /// Bytes charged above the limit (after a lowered limit, until live blocks fit), else 0.
+    [[nodiscard]] std::size_t over() const noexcept { return committed > limit ? committed - limit : 0; }
 };
 
 /// Statistics of a whole budget.
@@ -34,6 +49,9 @@ struct budget_stats {
     std::size_t peak = 0;
     std::size_t denied = 0;
     std::vector<model_stats> models;
+
+    /// Bytes charged above the global limit, else 0.
+    [[nodiscard]] std::size_t over() const noexcept { return committed > limit ? committed - limit : 0; }
 };
 
 class shared_budget;
@@ -41,6 +59,11 @@ class shared_budget;
 /// A global byte limit shared by several models. Thread safe. Models register with
 /// `register_model`, which returns the quota policy their pool is built with. The budget's
 /// state lives as long as any of those shares, so destruction order does not matter.
+///
+/// Limits change at run time (set_limit, set_model_limit, shared_budget::set_limit): raising one
+/// takes effect at once; lowering one asks the pools charged to it for their spares and kept
+/// handles at once, refuses commits above it from then on, and reports what live blocks still
+/// hold above it (vmmpp::limit_change).
 class budget {
 public:
     explicit budget(std::size_t global_limit) : state_(std::make_shared<state>()) {
@@ -54,43 +77,155 @@ public:
     /// limit leaves). Names are unique.
     [[nodiscard]] shared_budget register_model(std::string name, std::size_t limit);
 
+    /// Sets the global limit. Lowering it below what is charged asks every model's pools for
+    /// their spares and kept handles before it returns.
+    /// Throws: vmmpp::invalid_argument for a zero limit (nothing changed).
+    /// Waits: for each pool's lock, up to the pool's reclaim wait (a busy pool is skipped).
+    limit_change set_limit(std::size_t global_limit) {
+        if (global_limit == 0) {
+            throw invalid_argument("a budget's global limit must not be zero");
+        }
+        return change_limit(*state_, no_model, global_limit);
+    }
+
+    /// Sets model `name`'s limit, as set_limit does the global one (only that model's pools are
+    /// asked for spares).
+    /// Throws: vmmpp::invalid_argument for a zero limit, vmmpp::unknown_model for a model not
+    /// registered (nothing changed).
+    /// Waits: as set_limit.
+    limit_change set_model_limit(std::string_view name, std::size_t limit) {
+        if (limit == 0) {
+            throw invalid_argument("model '" + std::string(name) + "' needs a non-zero limit");
+        }
+        std::size_t index = no_model;
+        {
+            std::lock_guard lock(state_->mutex);
+            for (std::size_t i = 0; i < state_->models.size(); ++i) {
+                if (state_->models[i].name == name) {
+                    index = i;
+                }
+            }
+        }
+        if (index == no_model) {
+            throw unknown_model("model '" + std::string(name) + "' is not registered with this budget");
+        }
+        return change_limit(*state_, index, limit);
+    }
+
     /// A consistent snapshot of the budget and every model.
     [[nodiscard]] budget_stats stats() const {
         std::lock_guard lock(state_->mutex);
         budget_stats s{state_->limit, state_->committed, state_->peak, state_->denied, state_->models};
+        for (const auto& r : state_->spare_reports) {
+            s.models[r->model].spares += r->bytes.load(std::memory_order_relaxed);
+        }
         return s;
     }
 
 private:
     friend class shared_budget;
+    static constexpr std::size_t no_model = static_cast<std::size_t>(-1);
+    /// The spare bytes one share last reported.
+    struct spare_report {
+        std::size_t model = 0;
+        std::atomic<std::size_t> bytes{0};
+    };
     /// A pool's way to give its spare memory back when another model is refused.
     struct reclaimer {
         std::mutex mutex;  // held while `give_back` runs, so unregistering waits for a running call
         std::function<std::size_t()> give_back;
+        std::size_t model = 0;
+        std::shared_ptr<spare_report> spares;  // its share's report: none left after a reclaim
     };
     struct state {
         mutable std::mutex mutex;
         std::vector<std::shared_ptr<reclaimer>> reclaimers;
+        std::vector<std::shared_ptr<spare_report>> spare_reports;
         std::size_t limit = 0;
         std::size_t committed = 0;
         std::size_t peak = 0;
         std::size_t denied = 0;
         std::vector<model_stats> models;
     };
+
+    /// Calls every registered reclaimer that `pick` accepts and is not busy (its pool is being
+    /// reclaimed already, or is unregistering), credits each model with what its pools gave
+    /// back, and returns the bytes. The budget's lock is not held during the calls: a pool gives
+    /// back through release(), which takes it.
+    template <class Pick>
+    static std::size_t run_reclaimers(state& st, Pick pick) noexcept {
+        std::vector<std::shared_ptr<reclaimer>> chosen;
+        try {
+            std::lock_guard lock(st.mutex);
+            for (const auto& r : st.reclaimers) {
+                if (pick(*r)) {
+                    chosen.push_back(r);
+                }
+            }
+        } catch (...) {
+            return 0;  // no memory for the list: nothing asked, nothing changed
+        }
+        std::size_t freed = 0;
+        for (const auto& r : chosen) {
+            std::unique_lock running(r->mutex, std::try_to_lock);
+            if (!running || !r->give_back) {
+                continue;
+            }
+            const std::size_t bytes = r->give_back();
+            if (bytes > 0) {
+                if (r->spares) {
+                    r->spares->bytes.store(0, std::memory_order_relaxed);  // a reclaim gives every spare back
+                }
+                std::lock_guard lock(st.mutex);
+                model_stats& m = st.models[r->model];
+                ++m.reclaims;
+                m.reclaimed += bytes;
+                freed += bytes;
+            }
+        }
+        return freed;
+    }
+
+    /// Sets the limit of model `index` (no_model: the global one), reclaims when it went below
+    /// what is charged, and says where that left it.
+    static limit_change change_limit(state& st, std::size_t index, std::size_t limit) {
+        std::size_t previous = 0;
+        std::size_t committed = 0;
+        {
+            std::lock_guard lock(st.mutex);
+            std::size_t& target = index == no_model ? st.limit : st.models[index].limit;
+            previous = target;
+            target = limit;
+            committed = index == no_model ? st.committed : st.models[index].committed;
+        }
+        std::size_t reclaimed = 0;
+        if (committed > limit) {
+            reclaimed = run_reclaimers(st, [&](const reclaimer& r) { return index == no_model || r.model == index; });
+        }
+        std::lock_guard lock(st.mutex);
+        committed = index == no_model ? st.committed : st.models[index].committed;
+        return detail::make_limit_change(previous, limit, committed, reclaimed);
+    }
+
     std::shared_ptr<state> state_;
 };
 
 /// One model's share of a budget: the quota policy of its pool. Copies charge the same model.
 class shared_budget {
 public:
-    /// A copy charges the same model but does not inherit a registered reclaimer.
-    shared_budget(const shared_budget& other) : state_(other.state_), index_(other.index_), name_(other.name_) {}
+    /// A copy charges the same model but does not inherit a registered reclaimer, and reports
+    /// spares of its own.
+    shared_budget(const shared_budget& other)
+        : state_(other.state_), index_(other.index_), name_(other.name_), spares_(make_spare_report(state_, index_)) {}
     shared_budget& operator=(const shared_budget& other) {
         if (this != &other) {
+            auto report = make_spare_report(other.state_, other.index_);  // may throw: nothing changed yet
             clear_reclaimer();
+            drop_spare_report();
             state_ = other.state_;
             index_ = other.index_;
             name_ = other.name_;
+            spares_ = std::move(report);
         }
         return *this;
     }
@@ -98,26 +233,34 @@ public:
     shared_budget& operator=(shared_budget&& other) noexcept {
         if (this != &other) {
             clear_reclaimer();
+            drop_spare_report();
             state_ = std::move(other.state_);
             index_ = other.index_;
             name_ = std::move(other.name_);
             reclaimer_ = std::move(other.reclaimer_);
+            spares_ = std::move(other.spares_);
         }
         return *this;
     }
-    ~shared_budget() { clear_reclaimer(); }
+    ~shared_budget() {
+        clear_reclaimer();
+        drop_spare_report();
+    }
 
     /// Takes `bytes` from this model's limit and the global limit together, or throws
-    /// vmmpp::over_quota naming the limit that refused it and changes nothing.
+    /// vmmpp::over_quota naming the limit that refused it and changes nothing. A limit lowered
+    /// below what is charged refuses every request until enough is released.
     void acquire(std::size_t bytes) {
         std::lock_guard lock(state_->mutex);
         model_stats& m = state_->models[index_];
-        if (bytes > m.limit - m.committed) {
+        const std::size_t model_left = m.limit > m.committed ? m.limit - m.committed : 0;
+        const std::size_t global_left = state_->limit > state_->committed ? state_->limit - state_->committed : 0;
+        if (bytes > model_left) {
             ++m.denied;
             ++state_->denied;
             throw over_quota("model " + m.name, bytes, m.committed, m.limit);
         }
-        if (bytes > state_->limit - state_->committed) {
+        if (bytes > global_left) {
             ++m.denied;
             ++state_->denied;
             throw over_quota("global", bytes, state_->committed, state_->limit);
@@ -137,13 +280,34 @@ public:
         state_->committed -= n;
     }
 
+    /// Sets this model's limit at run time: budget::set_model_limit for this share's model.
+    /// Throws: vmmpp::invalid_argument for a zero limit (nothing changed).
+    limit_change set_limit(std::size_t limit) {
+        if (limit == 0) {
+            throw invalid_argument("model '" + name_ + "' needs a non-zero limit");
+        }
+        return budget::change_limit(*state_, index_, limit);
+    }
+
+    /// Reports the spare bytes (committed or kept, held by nothing) of the pool charging this
+    /// share, for statistics and the budget tool; the model's spares are the sum over its shares'
+    /// last reports. vmmpp::report_spares(pool) reads them from the pool.
+    void report_spares(std::size_t bytes) const noexcept {
+        if (spares_) {
+            spares_->bytes.store(bytes, std::memory_order_relaxed);
+        }
+    }
+
     /// Registers `give_back` (returns the bytes it released to this budget) as this share's way
-    /// to free spare memory when another share is refused: reclaim_from_others calls it. One per
-    /// share object; a pool registers its own copy and clears it before it goes.
+    /// to free spare memory when another share is refused or a limit is lowered: reclaim_from_others
+    /// and the limit setters call it. One per share object; a pool registers its own copy and
+    /// clears it before it goes.
     void set_reclaimer(std::function<std::size_t()> give_back) {
         clear_reclaimer();
         auto r = std::make_shared<budget::reclaimer>();
         r->give_back = std::move(give_back);
+        r->model = index_;
+        r->spares = spares_;
         std::lock_guard lock(state_->mutex);
         state_->reclaimers.push_back(r);
         reclaimer_ = std::move(r);
@@ -166,28 +330,18 @@ public:
     /// waited for, so two pools reclaiming from each other cannot deadlock. Returns the bytes
     /// given back.
     std::size_t reclaim_from_others() noexcept {
-        std::vector<std::shared_ptr<budget::reclaimer>> others;
-        {
-            std::lock_guard lock(state_->mutex);
-            others = state_->reclaimers;  // NOLINT: a few pointers; copying keeps the budget lock a leaf
-        }
-        std::size_t freed = 0;
-        for (const auto& r : others) {
-            if (r == reclaimer_) {
-                continue;
-            }
-            std::unique_lock running(r->mutex, std::try_to_lock);
-            if (running && r->give_back) {
-                freed += r->give_back();
-            }
-        }
-        return freed;
+        const budget::reclaimer* self = reclaimer_.get();
+        return budget::run_reclaimers(*state_, [self](const budget::reclaimer& r) { return &r != self; });
     }
 
     /// This model's statistics now.
     [[nodiscard]] model_stats stats() const {
         std::lock_guard lock(state_->mutex);
-        return state_->models[index_];
+        model_stats s = state_->models[index_];
+        for (const auto& r : state_->spare_reports) {
+            s.spares += r->model == index_ ? r->bytes.load(std::memory_order_relaxed) : 0;
+        }
+        return s;
     }
 
     [[nodiscard]] const std::string& name() const noexcept { return name_; }
@@ -195,26 +349,50 @@ public:
 private:
     friend class budget;
     shared_budget(std::shared_ptr<budget::state> s, std::size_t index, std::string name)
-        : state_(std::move(s)), index_(index), name_(std::move(name)) {}
+        : state_(std::move(s)), index_(index), name_(std::move(name)), spares_(make_spare_report(state_, index_)) {}
+
+    static std::shared_ptr<budget::spare_report> make_spare_report(const std::shared_ptr<budget::state>& st,
+                                                                   std::size_t index) {
+        auto r = std::make_shared<budget::spare_report>();
+        r->model = index;
+        std::lock_guard lock(st->mutex);
+        st->spare_reports.push_back(r);
+        return r;
+    }
+    void drop_spare_report() noexcept {
+        if (spares_ && state_) {
+            std::lock_guard lock(state_->mutex);
+            std::erase(state_->spare_reports, spares_);
+        }
+        spares_.reset();
+    }
 
     std::shared_ptr<budget::state> state_;
     std::size_t index_;
     std::string name_;
     std::shared_ptr<budget::reclaimer> reclaimer_;  // this copy's registration, if any
+    std::shared_ptr<budget::spare_report> spares_;  // this copy's spare report
 };
 
 inline shared_budget budget::register_model(std::string name, std::size_t limit) {
     if (limit == 0) {
         throw invalid_argument("model '" + name + "' needs a non-zero limit");
     }
-    std::lock_guard lock(state_->mutex);
-    for (const auto& m : state_->models) {
-        if (m.name == name) {
-            throw invalid_argument("model '" + name + "' is already registered with this budget");
+    std::size_t index = 0;
+    {
+        std::lock_guard lock(state_->mutex);
+        for (const auto& m : state_->models) {
+            if (m.name == name) {
+                throw invalid_argument("model '" + name + "' is already registered with this budget");
+            }
         }
+        model_stats m;
+        m.name = name;
+        m.limit = limit;
+        state_->models.push_back(std::move(m));
+        index = state_->models.size() - 1;
     }
-    state_->models.push_back(model_stats{name, limit, 0, 0, 0});
-    return shared_budget(state_, state_->models.size() - 1, std::move(name));
+    return shared_budget(state_, index, std::move(name));
 }
 
 static_assert(quota_policy<shared_budget>, "vmmpp::shared_budget must model vmmpp::quota_policy");

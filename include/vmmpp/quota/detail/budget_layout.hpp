@@ -16,6 +16,7 @@
 #include <string_view>
 
 #include "vmmpp/error.hpp"
+#include "vmmpp/quota/budget_errors.hpp"
 #include "vmmpp/quota/detail/process_identity.hpp"
 
 namespace vmmpp::detail::pb {
@@ -24,18 +25,24 @@ namespace vmmpp::detail::pb {
 /// little-endian). `magic` and `version` are the first 12 bytes in every version of the layout.
 inline constexpr std::uint64_t magic = 0x3154454742505056ull;
 /// The layout version. Version 2 added record_slot::image (version 1 could not tell an exec'd
-/// image from its successor).
-inline constexpr std::uint32_t version = 2;
+/// image from its successor). Version 3 made limits changeable at run time: model_slot gained
+/// registered_limit, generation, reclaims and reclaimed, record_slot gained spares, and the
+/// header gained generation.
+inline constexpr std::uint32_t version = 3;
 /// Bytes of a model name in its slot, the terminating NUL included.
 inline constexpr std::size_t name_capacity = 64;
 
 /// One model: its name, limit and totals over every process.
 struct model_slot {
     char name[name_capacity];  // NUL-terminated; empty: a free slot
-    std::uint64_t limit;
-    std::uint64_t committed;  // = the sum of its records' bytes
+    std::uint64_t limit;             // in force now (changed at run time by set_model_limit)
+    std::uint64_t committed;         // = the sum of its records' bytes
     std::uint64_t peak;
     std::uint64_t denied;
+    std::uint64_t registered_limit;  // the limit it was created with: what joining processes state
+    std::uint64_t generation;        // bumped when its limit is lowered below committed: reclaim now
+    std::uint64_t reclaims;          // times a process's pools gave memory back for it when asked
+    std::uint64_t reclaimed;         // the bytes they gave back
 };
 
 /// One (model, process image) usage record: the one source of truth the totals are rebuilt from.
@@ -45,6 +52,7 @@ struct record_slot {
     std::uint64_t image;  // process_identity::image
     std::uint64_t model;  // index into the model table (checked against it wherever it is used)
     std::uint64_t bytes;  // what this process holds of this model's budget
+    std::uint64_t spares; // spare bytes this process's pools of the model last reported
 };
 
 /// The segment's header: its self-description, the lock, the global totals and the creator.
@@ -69,6 +77,7 @@ struct header {
     std::uint64_t reclaimed_bytes;
     std::uint64_t reclaimed_records;
     std::uint64_t repairs;
+    std::uint64_t generation;  // bumped when the global limit is lowered below committed: reclaim now
     std::int64_t creator_pid;
     std::uint64_t creator_start_time;
     // The creator's pid and time namespaces (device and inode of /proc/self/ns/{pid,time}; 0
@@ -152,7 +161,7 @@ inline header* write_header(void* at, const layout& l, std::uint64_t limit, cons
 /// field once (what is checked is what is used), and returns the layout it describes. Checks, in
 /// order: magic, version, every size and offset (another compiler or architecture), and that the
 /// creator's pid and time namespaces are this process's.
-/// Throws: vmmpp::invalid_argument saying what is wrong.
+/// Throws: vmmpp::incompatible_segment saying what is wrong.
 inline layout validate_header(const std::string& name, const header& h, std::uint64_t seen_magic) {
     const std::uint32_t seen_version = read_once(h.version);
     const std::uint32_t header_bytes = read_once(h.header_bytes);
@@ -166,7 +175,7 @@ inline layout validate_header(const std::string& name, const header& h, std::uin
     const std::uint64_t seen_records_offset = read_once(h.records_offset);
     const proc::namespace_id pid_ns{read_once(h.pid_ns_dev), read_once(h.pid_ns_ino)};
     const proc::namespace_id time_ns{read_once(h.time_ns_dev), read_once(h.time_ns_ino)};
-    auto reject = [&](const std::string& why) { return invalid_argument("shared memory object '" + name + "' " + why); };
+    auto reject = [&](const std::string& why) { return incompatible_segment("shared memory object '" + name + "' " + why); };
     if (seen_magic != magic) {
         throw reject("is not a vmmpp process budget (magic " + std::to_string(seen_magic) + ", expected " +
                      std::to_string(magic) + ")");

@@ -19,6 +19,8 @@
 #include <vector>
 
 #include "vmmpp/error.hpp"
+#include "vmmpp/quota/budget_errors.hpp"
+#include "vmmpp/quota/limit_change.hpp"
 #include "vmmpp/quota/detail/budget_layout.hpp"
 #include "vmmpp/quota/detail/process_identity.hpp"
 #include "vmmpp/quota/detail/shared_segment.hpp"
@@ -75,6 +77,209 @@ inline std::size_t reclaim_dead(const segment& s) {
         reclaimed += bytes;
     }
     return reclaimed;
+}
+
+/// Model slot `i`'s statistics, its spares summed over its records. Call with the lock held.
+/// Throws: std::bad_alloc.
+inline model_stats stats_of_locked(const segment& s, std::uint32_t i) {
+    const model_slot& m = s.models()[i];
+    model_stats st;
+    st.name = std::string(slot_name(m));
+    st.limit = m.limit;
+    st.committed = m.committed;
+    st.peak = m.peak;
+    st.denied = m.denied;
+    st.reclaims = m.reclaims;
+    st.reclaimed = m.reclaimed;
+    const record_slot* r = s.records();
+    for (std::uint32_t k = 0; k < s.max_records(); ++k) {
+        if (r[k].pid != 0 && r[k].model == i) {
+            st.spares += r[k].spares;
+        }
+    }
+    return st;
+}
+
+/// Calls this process's reclaimers of `s` that `pick` accepts and that are not busy (being
+/// called already, or unregistering), credits each model slot with what its pools gave back, and
+/// returns the bytes. The segment's lock is not held during the calls: a pool gives back through
+/// release(), which takes it.
+/// Throws: nothing (a lock that cannot be taken leaves the credit out).
+template <class Pick>
+std::size_t run_local_reclaimers(const segment& s, Pick pick) noexcept {
+    std::vector<std::shared_ptr<local_reclaimer>> chosen;
+    try {
+        local_registry& reg = s.local();
+        std::lock_guard lock(reg.mutex);
+        for (const auto& r : reg.reclaimers) {
+            if (pick(*r)) {
+                chosen.push_back(r);
+            }
+        }
+    } catch (...) {
+        return 0;
+    }
+    std::size_t freed = 0;
+    for (const auto& r : chosen) {
+        std::unique_lock running(r->mutex, std::try_to_lock);
+        if (!running || !r->give_back) {
+            continue;
+        }
+        const std::size_t bytes = r->give_back();
+        if (bytes == 0) {
+            continue;
+        }
+        freed += bytes;
+        process_identity self{};
+        try {
+            self = s.self();
+        } catch (...) {
+            // a forked child that cannot read /proc: its record's spares stay as reported
+        }
+        if (s.mutex().lock_or_error() == 0) {
+            std::lock_guard lock(s.mutex(), std::adopt_lock);
+            model_slot& m = s.models()[r->model];
+            ++m.reclaims;
+            m.reclaimed += bytes;
+            record_slot* rec = s.records();
+            for (std::uint32_t k = 0; k < s.max_records(); ++k) {
+                if (owns(rec[k], self, r->model)) {
+                    rec[k].spares = 0;  // a reclaim gives every spare of the pool back
+                }
+            }
+        }
+    }
+    return freed;
+}
+
+/// Gives back the spares of this process's pools of every model whose limit (or the global
+/// limit) was lowered below what it held since this process last looked: how a lowered limit
+/// reaches other processes (process_budget::honour_limits, and the limit watcher thread).
+/// Returns the bytes given back.
+/// Throws: nothing.
+inline std::size_t honour_limits(const segment& s) noexcept {
+    std::vector<std::uint64_t> generations;
+    std::uint64_t global = 0;
+    try {
+        generations.resize(s.max_models());
+        if (s.mutex().lock_or_error() != 0) {
+            return 0;
+        }
+        std::lock_guard lock(s.mutex(), std::adopt_lock);
+        global = s.head().generation;
+        for (std::uint32_t i = 0; i < s.max_models(); ++i) {
+            generations[i] = s.models()[i].generation;
+        }
+    } catch (...) {
+        return 0;
+    }
+    std::vector<bool> due(s.max_models(), false);
+    bool any = false;
+    {
+        local_registry& reg = s.local();
+        std::lock_guard lock(reg.mutex);
+        reg.seen_model_generation.resize(s.max_models(), 0);
+        const bool all = global != reg.seen_global_generation;
+        reg.seen_global_generation = global;
+        for (std::uint32_t i = 0; i < s.max_models(); ++i) {
+            due[i] = all || generations[i] != reg.seen_model_generation[i];
+            reg.seen_model_generation[i] = generations[i];
+            any = any || due[i];
+        }
+    }
+    if (!any) {
+        return 0;
+    }
+    return run_local_reclaimers(s, [&](const local_reclaimer& r) { return r.model < due.size() && due[r.model]; });
+}
+
+/// Sets the limit of model `name` (or, without one, the global limit) to `limit`. Lowering it
+/// below what is charged bumps its generation (so other processes' watchers and honour_limits
+/// give their spares back) and gives back this process's spares at once. Returns the change,
+/// as seen after this process's reclaim.
+/// Throws: vmmpp::invalid_argument for a zero limit, vmmpp::unknown_model for a name no slot
+/// has (nothing changed); vmmpp::error if the lock cannot be taken.
+inline limit_change set_limit(const segment& s, const std::string_view* name, std::uint64_t limit) {
+    if (limit == 0) {
+        throw invalid_argument("process budget '" + s.name() + "': a limit must not be zero");
+    }
+    std::uint32_t index = s.max_models();
+    std::uint64_t previous = 0;
+    bool lowered_below = false;
+    {
+        std::lock_guard lock(s.mutex());
+        header& h = s.head();
+        if (name == nullptr) {
+            previous = h.limit;
+            h.limit = limit;
+            lowered_below = h.committed > limit;
+            h.generation += lowered_below ? 1 : 0;
+        } else {
+            for (std::uint32_t i = 0; i < s.max_models(); ++i) {
+                if (s.models()[i].name[0] != '\0' && *name == slot_name(s.models()[i])) {
+                    index = i;
+                }
+            }
+            if (index == s.max_models()) {
+                throw unknown_model("process budget '" + s.name() + "' has no model '" + std::string(*name) + "'");
+            }
+            model_slot& m = s.models()[index];
+            previous = m.limit;
+            m.limit = limit;
+            lowered_below = m.committed > limit;
+            m.generation += lowered_below ? 1 : 0;
+        }
+    }
+    std::size_t reclaimed = 0;
+    if (lowered_below) {
+        reclaimed = run_local_reclaimers(s, [&](const local_reclaimer& r) { return name == nullptr || r.model == index; });
+        // This process acted on its own change: its honour_limits need not do it again.
+        local_registry& reg = s.local();
+        std::lock_guard lock(reg.mutex);
+        std::lock_guard seg_lock(s.mutex());
+        reg.seen_model_generation.resize(s.max_models(), 0);
+        if (name == nullptr) {
+            reg.seen_global_generation = s.head().generation;
+        } else {
+            reg.seen_model_generation[index] = s.models()[index].generation;
+        }
+    }
+    std::lock_guard lock(s.mutex());
+    const std::uint64_t committed = name == nullptr ? s.head().committed : s.models()[index].committed;
+    return detail::make_limit_change(previous, limit, committed, reclaimed);
+}
+
+/// Removes model `name` from the table, after freeing the records of dead processes. Returns
+/// false if there was none.
+/// Throws: vmmpp::model_in_use, naming the processes, while live processes hold records of it
+/// (nothing changed); vmmpp::error if the lock cannot be taken.
+inline bool remove_model(const segment& s, std::string_view name) {
+    reclaim_dead(s);
+    std::lock_guard lock(s.mutex());
+    model_slot* m = s.models();
+    for (std::uint32_t i = 0; i < s.max_models(); ++i) {
+        if (m[i].name[0] == '\0' || name != slot_name(m[i])) {
+            continue;
+        }
+        std::string holders;
+        const record_slot* r = s.records();
+        for (std::uint32_t k = 0; k < s.max_records(); ++k) {
+            if (r[k].pid != 0 && r[k].model == i) {
+                holders += (holders.empty() ? "" : ", ") + std::to_string(r[k].pid) + " (" +
+                           std::to_string(r[k].bytes) + " bytes)";
+            }
+        }
+        if (!holders.empty()) {
+            throw model_in_use("model '" + std::string(name) + "' of process budget '" + s.name() +
+                               "' is still registered by processes " + holders +
+                               ": stop them first");
+        }
+        m[i].name[0] = '\0';  // the slot is free from this store on
+        ordered();
+        std::memset(&m[i], 0, sizeof m[i]);
+        return true;
+    }
+    return false;
 }
 
 /// One process's share of one model in a segment: its model slot and usage record, the process
@@ -157,9 +362,26 @@ public:
     /// Throws: vmmpp::error if the lock cannot be taken; std::bad_alloc.
     [[nodiscard]] model_stats stats() const {
         std::lock_guard lock(segment_->mutex());
-        const model_slot& m = segment_->models()[model_];
-        return model_stats{name_, m.limit, m.committed, m.peak, m.denied};
+        return stats_of_locked(*segment_, model_);
     }
+
+    /// Sets the spare bytes this process's pools of the model last reported (the record's).
+    /// Does nothing if the record was freed or the lock cannot be taken.
+    /// Throws: nothing.
+    void report_spares(std::size_t bytes) const noexcept {
+        const segment& s = *segment_;
+        if (s.mutex().lock_or_error() != 0) {
+            return;
+        }
+        std::lock_guard lock(s.mutex(), std::adopt_lock);
+        record_slot& r = s.records()[record_];
+        if (owns(r, who_, model_)) {
+            r.spares = bytes;
+        }
+    }
+
+    /// The segment.
+    [[nodiscard]] const segment& seg() const noexcept { return *segment_; }
 
     /// The bytes the record holds now (0 once it was freed).
     /// Throws: vmmpp::error if the lock cannot be taken.
@@ -220,9 +442,9 @@ inline share register_share(std::shared_ptr<const segment> segment_ptr, std::str
                 }
             }
             if (model < s.max_models()) {
-                if (m[model].limit != limit) {
+                if (m[model].registered_limit != limit) {
                     throw invalid_argument("model '" + std::string(name) + "' is registered with limit " +
-                                           std::to_string(m[model].limit) + " bytes in process budget '" + s.name() +
+                                           std::to_string(m[model].registered_limit) + " bytes in process budget '" + s.name() +
                                            "', not " + std::to_string(limit));
                 }
                 for (std::uint32_t i = 0; i < s.max_records(); ++i) {
@@ -250,6 +472,10 @@ inline share register_share(std::shared_ptr<const segment> segment_ptr, std::str
                     slot.committed = 0;
                     slot.peak = 0;
                     slot.denied = 0;
+                    slot.registered_limit = limit;
+                    slot.generation = 0;
+                    slot.reclaims = 0;
+                    slot.reclaimed = 0;
                     std::memset(slot.name, 0, sizeof slot.name);
                     std::memcpy(slot.name + 1, name.data() + 1, name.size() - 1);
                     ordered();
@@ -259,6 +485,7 @@ inline share register_share(std::shared_ptr<const segment> segment_ptr, std::str
                 r[record].image = who.image;
                 r[record].model = model;
                 r[record].bytes = 0;
+                r[record].spares = 0;
                 ordered();
                 r[record].pid = who.pid;  // the record is taken from this store on
                 return share(segment_ptr, model, record, who, std::string(name));

@@ -15,17 +15,22 @@
 #include <algorithm>
 #include <chrono>
 #include <cerrno>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
+#include <stop_token>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "vmmpp/detail/unique_fd.hpp"
 #include "vmmpp/error.hpp"
@@ -104,6 +109,22 @@ inline file_id file_of(const struct stat& st) noexcept {
     return {static_cast<std::uint64_t>(st.st_dev), static_cast<std::uint64_t>(st.st_ino)};
 }
 
+/// A pool of this process that gives its spares back on request: registered through a
+/// process_quota (set_reclaimer), called under budget pressure and when a limit is lowered.
+struct local_reclaimer {
+    std::mutex mutex;  // held while `give_back` runs, so unregistering waits for a running call
+    std::function<std::size_t()> give_back;
+    std::uint32_t model = 0;
+};
+
+/// This process's reclaimers of one segment, and the limit generations it has acted on.
+struct local_registry {
+    std::mutex mutex;
+    std::vector<std::shared_ptr<local_reclaimer>> reclaimers;
+    std::vector<std::uint64_t> seen_model_generation;  // by model slot; grown on first use
+    std::uint64_t seen_global_generation = 0;
+};
+
 /// This process's mapping of one segment. Owned through shared_ptr by every process_budget and
 /// process_quota of this process that uses it; unmapped when the last one goes. Its layout is
 /// this process's copy (see `layout`), and every record's model index is checked against it.
@@ -129,6 +150,37 @@ public:
           created_(created), mutex_(head().mutex, repair_hook{this}, "vmmpp process budget '" + name_ + "'") {}
     segment(const segment&) = delete;
     segment& operator=(const segment&) = delete;
+    /// Stops the limit watcher, if this process started one.
+    ~segment() {
+        if (watcher_.joinable() && watcher_pid_ != ::getpid()) {
+            watcher_.detach();  // a forked child's copy: the thread lives in the parent only
+        }
+    }
+
+    /// This process's reclaimers and the limit generations it has acted on.
+    [[nodiscard]] local_registry& local() const noexcept { return local_; }
+
+    /// Starts a thread that calls `tick` every `every` until the segment goes (once per process;
+    /// later calls do nothing): the limit watcher, which gives this process's spares back soon
+    /// after another process lowers a limit.
+    /// Throws: std::system_error if no thread can be started.
+    void start_watcher(std::chrono::milliseconds every, std::function<void()> tick) const {
+        std::lock_guard lock(local_.mutex);
+        if (watcher_.joinable()) {
+            return;
+        }
+        watcher_pid_ = ::getpid();
+        watcher_ = std::jthread([every, tick = std::move(tick), this](const std::stop_token& stop) {
+            std::mutex m;
+            std::unique_lock lock(m);
+            while (!stop.stop_requested()) {
+                (void)watcher_wake_.wait_for(lock, stop, every, [] { return false; });
+                if (!stop.stop_requested()) {
+                    tick();
+                }
+            }
+        });
+    }
 
     /// The name, as shm_open sees it ("/name").
     [[nodiscard]] const std::string& name() const noexcept { return name_; }
@@ -205,7 +257,11 @@ private:
     file_id file_;
     process_identity self_;
     bool created_;
-    mutable mutex_type mutex_;  // last: it refers to the mapping
+    mutable mutex_type mutex_;  // refers to the mapping
+    mutable local_registry local_;
+    mutable std::condition_variable_any watcher_wake_;
+    mutable pid_t watcher_pid_ = 0;
+    mutable std::jthread watcher_;  // last: stopped and joined first, before what it uses goes
 };
 
 inline void segment::repair_hook::operator()() const noexcept {
@@ -262,7 +318,7 @@ inline std::optional<trust_refusal> owner_refusal(const struct stat& st, std::sp
 inline std::optional<trust_refusal> trust_refusal_of(const std::string& name, const struct stat& st,
                                                      const trust_policy& policy) {
     if (!S_ISREG(st.st_mode)) {
-        throw invalid_argument("shared memory object '" + name + "' is not a regular object");
+        throw incompatible_segment("shared memory object '" + name + "' is not a regular object");
     }
     if (auto refusal = owner_refusal(st, policy.trusted_owners)) {
         return refusal;
@@ -395,7 +451,7 @@ std::shared_ptr<segment> attach(const std::string& name, const trust_policy& tru
             }
         }
         if (std::chrono::steady_clock::now() >= deadline) {
-            throw invalid_argument("shared memory object '" + name + "' is not an initialised vmmpp process budget "
+            throw incompatible_segment("shared memory object '" + name + "' is not an initialised vmmpp process budget "
                                    "after " + std::to_string(timeout.count()) + " ms (its creator died "
                                    "while creating it, or it is something else): remove it with "
                                    "vmmpp::process_budget::remove");
@@ -408,7 +464,7 @@ std::shared_ptr<segment> attach(const std::string& name, const trust_policy& tru
     // on the first access past its end. (A writer shrinking it later still can.)
     fstat_now();
     if (static_cast<std::uint64_t>(st.st_size) != l.total_bytes) {
-        throw invalid_argument("shared memory object '" + name + "' is " + std::to_string(st.st_size) +
+        throw incompatible_segment("shared memory object '" + name + "' is " + std::to_string(st.st_size) +
                                " bytes long, but its layout needs " + std::to_string(l.total_bytes));
     }
     shared_mapping mapping(fd.get(), l.total_bytes, PROT_READ | PROT_WRITE);

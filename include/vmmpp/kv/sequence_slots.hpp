@@ -1,0 +1,122 @@
+// vmmpp/kv/sequence_slots.hpp: block ids for sequence-slot layouts (sequence_contiguous,
+// vmmpp/kv/layout.hpp). Each live sequence owns one slot of `slot_blocks` consecutive block
+// ids, [slot * slot_blocks, (slot + 1) * slot_blocks), and its i-th block is always id
+// slot * slot_blocks + i, so its K (or V) of a layer is one contiguous run of memory. kv_cache
+// uses this allocator instead of block_allocator for such layouts; the interface it shares with
+// block_allocator (retain, release, refs, counts) behaves the same.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "vmmpp/error.hpp"
+#include "vmmpp/kv/block_allocator.hpp"
+
+namespace vmmpp {
+
+/// Every sequence slot of a sequence-slot layout is taken: `in_use` slots of `slots`, each
+/// `slot_blocks` blocks (the geometry's max_tokens_per_sequence rounded up to whole blocks).
+class out_of_sequence_slots : public error {
+public:
+    out_of_sequence_slots(std::size_t slots, std::size_t slot_blocks, std::size_t max_tokens_per_sequence)
+        : error("out of sequence slots: all " + std::to_string(slots) + " are in use (max_blocks / " +
+                std::to_string(slot_blocks) + " blocks per sequence, for max_tokens_per_sequence " +
+                std::to_string(max_tokens_per_sequence) + "); free a sequence first"),
+          slots_(slots), slot_blocks_(slot_blocks) {}
+    /// Slots of the cache (all in use).
+    [[nodiscard]] std::size_t slots() const noexcept { return slots_; }
+    /// Blocks per slot.
+    [[nodiscard]] std::size_t slot_blocks() const noexcept { return slot_blocks_; }
+
+private:
+    std::size_t slots_;
+    std::size_t slot_blocks_;
+};
+
+/// Reference-counted block ids handed out by slot: lowest free slot first (so live sequences
+/// pack at the bottom of each region and emptied pages sit at the top, as block_allocator's
+/// lowest-first does), a given id within it.
+class slot_block_allocator {
+public:
+    /// `max_blocks / slot_blocks` slots; blocks beyond the last whole slot are never handed out.
+    slot_block_allocator(std::uint32_t max_blocks, std::uint32_t slot_blocks)
+        : refs_(max_blocks, 0), slot_blocks_(slot_blocks), slots_(max_blocks / slot_blocks) {}
+
+    [[nodiscard]] std::size_t max_blocks() const noexcept { return refs_.size(); }
+    [[nodiscard]] std::size_t used_blocks() const noexcept { return used_; }
+    /// Blocks not in use (those of live sequences' slots that are not yet taken included).
+    [[nodiscard]] std::size_t free_blocks() const noexcept { return refs_.size() - used_; }
+    [[nodiscard]] std::uint32_t slot_blocks() const noexcept { return slot_blocks_; }
+    [[nodiscard]] std::size_t slot_count() const noexcept { return slots_.max_blocks(); }
+    [[nodiscard]] std::size_t free_slots() const noexcept { return slots_.free_blocks(); }
+
+    /// The lowest free slot. Throws out_of_sequence_slots (naming the numbers) when none is
+    /// free; then nothing changed.
+    [[nodiscard]] std::uint32_t take_slot(std::size_t max_tokens_per_sequence) {
+        if (slots_.free_blocks() == 0) {
+            throw out_of_sequence_slots(slots_.max_blocks(), slot_blocks_, max_tokens_per_sequence);
+        }
+        return static_cast<std::uint32_t>(slots_.allocate());
+    }
+    /// Gives a slot back; its blocks must all be free already. Never throws for a taken slot.
+    void give_slot(std::uint32_t slot) { (void)slots_.release(static_cast<std::int32_t>(slot)); }
+
+    /// Id `index` of slot `slot`, with one reference (it must be free: kv_cache asks only for a
+    /// sequence's next index).
+    [[nodiscard]] std::int32_t allocate_in(std::uint32_t slot, std::size_t index) {
+        if (index >= slot_blocks_) {
+            throw invalid_argument("block " + std::to_string(index) + " of a sequence slot of " +
+                                   std::to_string(slot_blocks_) + " blocks");
+        }
+        const std::size_t id = std::size_t{slot} * slot_blocks_ + index;
+        if (refs_[id] != 0) {
+            throw invalid_argument("block " + std::to_string(id) + " of slot " + std::to_string(slot) +
+                                   " is already in use");
+        }
+        refs_[id] = 1;
+        ++used_;
+        return static_cast<std::int32_t>(id);
+    }
+    /// One more reference to a live block.
+    void retain(std::int32_t id) {
+        check_live(id);
+        ++refs_[static_cast<std::size_t>(id)];
+    }
+    /// One reference less; true when that was the last. Throws only for an id that is not live.
+    bool release(std::int32_t id) {
+        check_live(id);
+        if (--refs_[static_cast<std::size_t>(id)] > 0) {
+            return false;
+        }
+        --used_;
+        return true;
+    }
+    /// References to `id` (0 when free).
+    [[nodiscard]] std::uint32_t refs(std::int32_t id) const {
+        check_id(id);
+        return refs_[static_cast<std::size_t>(id)];
+    }
+
+private:
+    void check_id(std::int32_t id) const {
+        if (id < 0 || static_cast<std::size_t>(id) >= refs_.size()) {
+            throw invalid_argument("block id " + std::to_string(id) + " out of range [0, " +
+                                   std::to_string(refs_.size()) + ")");
+        }
+    }
+    void check_live(std::int32_t id) const {
+        check_id(id);
+        if (refs_[static_cast<std::size_t>(id)] == 0) {
+            throw invalid_argument("block " + std::to_string(id) + " is free (double free?)");
+        }
+    }
+
+    std::vector<std::uint32_t> refs_;
+    std::uint32_t slot_blocks_;
+    block_allocator slots_;  // slot ids, lowest free first
+    std::size_t used_ = 0;
+};
+
+} // namespace vmmpp
