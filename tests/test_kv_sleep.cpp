@@ -17,6 +17,7 @@
 #include "vmmpp/backing/fault_injecting.hpp"
 #include "vmmpp/config.hpp"
 #include "vmmpp/kv/cache.hpp"
+#include "vmmpp/kv/transfer.hpp"
 #include "vmmpp/quota/shared_budget.hpp"
 #include "vmmpp/stats.hpp"
 
@@ -188,6 +189,23 @@ BOOST_AUTO_TEST_CASE(an_empty_cache_sleeps_and_wakes) {
     (void)c->wake();
     (void)c->append(s, 1);
     BOOST_TEST(c->pool().committed_bytes() > 0u);
+}
+
+// copy_blocks refuses a sleeping cache on either side: its blocks have no memory until wake().
+BOOST_AUTO_TEST_CASE(copy_blocks_refuses_a_sleeping_cache) {
+    auto a = sleep_case<vmmpp::host_config, vmmpp::layer_major>::make();
+    auto b = sleep_case<vmmpp::host_config, vmmpp::layer_major>::make();
+    const auto sa = a->add_sequence();
+    (void)a->append(sa, geometry.block_tokens);
+    const auto sb = b->add_sequence();
+    (void)b->append(sb, geometry.block_tokens);
+    const std::int32_t src = a->block_table(sa)[0], dst = b->block_table(sb)[0];
+    std::vector<std::byte> host(a->sleep_bytes());
+    (void)a->sleep(host);
+    BOOST_CHECK_THROW(vmmpp::copy_blocks(*a, std::span(&src, 1), *b, std::span(&dst, 1)), vmmpp::cache_asleep);
+    BOOST_CHECK_THROW(vmmpp::copy_blocks(*b, std::span(&dst, 1), *a, std::span(&src, 1)), vmmpp::cache_asleep);
+    (void)a->wake();
+    vmmpp::copy_blocks(*a, std::span(&src, 1), *b, std::span(&dst, 1));  // awake: copies
 }
 
 // A budget lowered while the cache slept refuses the wake: it stays asleep, charges nothing, and

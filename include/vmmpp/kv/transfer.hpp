@@ -107,7 +107,8 @@ void check_live_blocks(const Cache& cache, std::span<const std::int32_t> blocks,
 /// both caches; give each vmm cache the other device in `vmm_options::peer_devices` (see
 /// can_access_peer) for a direct copy. A CUDA error while issuing the copies throws
 /// vmmpp::cuda_error; the destination blocks' contents are then unspecified (neither cache's
-/// bookkeeping changes in any case).
+/// bookkeeping changes in any case). A cache that sleeps (kv_cache::sleep) is refused with
+/// vmmpp::cache_asleep.
 template <class SrcConfig, class DstConfig, class Layout>
 void copy_blocks(const kv_cache<SrcConfig, Layout>& src, std::span<const std::int32_t> src_blocks,
                  kv_cache<DstConfig, Layout>& dst, std::span<const std::int32_t> dst_blocks,
@@ -122,6 +123,9 @@ void copy_blocks(const kv_cache<SrcConfig, Layout>& src, std::span<const std::in
                   "vmmpp::copy_blocks: the destination backing is neither device_accessible nor host_accessible");
 
     // --- every check first: nothing is copied unless all pass ---
+    if (src.asleep() || dst.asleep()) {  // its blocks have no memory until wake()
+        throw cache_asleep(src.asleep() ? "copy_blocks (source)" : "copy_blocks (destination)");
+    }
     detail::check_same_block_shape(src.geometry(), dst.geometry());
     if (src_blocks.size() != dst_blocks.size()) {
         throw invalid_argument("copy_blocks: " + std::to_string(src_blocks.size()) + " source blocks but " +
