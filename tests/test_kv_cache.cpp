@@ -742,3 +742,58 @@ BOOST_AUTO_TEST_CASE(a_prompt_is_committed_in_one_extent_that_leaves_with_its_se
     cache.free(first);
     BOOST_TEST(cache.pool().committed_bytes() == 0u);
 }
+
+// Regression (found by the serving engine of issue 17): under a budget that refuses commits, an
+// append's commit-ahead made room by giving back the extents it had just committed for the same
+// append, and its rollback then "decommitted" them twice; the pool took them for committed
+// spares and a later free failed in the backing ("granule ... is not committed"). Churn under a
+// tight budget, refusals included, with the budget and the pool agreeing after every step.
+BOOST_AUTO_TEST_CASE(adaptive_extents_under_a_refusing_budget_stay_consistent) {
+    constexpr vmmpp::kv_geometry g{.layers = 8, .kv_heads = 8, .head_dim = 128, .type = vmmpp::dtype::bf16,
+                                   .block_tokens = 16, .max_blocks = 2048};  // 512 KiB blocks
+    constexpr std::size_t limit = std::size_t{64} << 20;
+    vmmpp::budget budget(limit);
+    for (unsigned seed = 1; seed <= 3; ++seed) {
+        vmmpp::kv_cache<host_adaptive_config> cache(g, {}, {}, budget.register_model("m" + std::to_string(seed), limit));
+        std::mt19937 rng(seed);
+        std::vector<vmmpp::seq_id> seqs;
+        std::size_t refused = 0;
+        for (int step = 0; step < 3000; ++step) {
+            const unsigned op = rng() % 10;
+            if (op < 3 || seqs.empty()) {
+                const auto s = cache.add_sequence();
+                try {
+                    (void)cache.append(s, 16 + rng() % 1500);
+                    seqs.push_back(s);
+                } catch (const vmmpp::over_quota&) {
+                    cache.free(s);
+                    ++refused;
+                }
+            } else if (op < 8) {
+                try {
+                    (void)cache.append(seqs[rng() % seqs.size()], 1 + rng() % 64);
+                } catch (const vmmpp::over_quota&) {
+                    ++refused;
+                }
+            } else if (op == 8) {
+                const auto k = rng() % seqs.size();
+                cache.free(seqs[k]);
+                seqs.erase(seqs.begin() + static_cast<std::ptrdiff_t>(k));
+            } else {
+                const auto s = seqs[rng() % seqs.size()];
+                cache.truncate(s, cache.tokens(s) / 2);
+            }
+            const auto st = cache.pool().stats();
+            BOOST_REQUIRE_MESSAGE(st.charged == st.committed && st.committed == cache.pool().backing().committed_bytes(),
+                                  "seed " << seed << " step " << step << ": charged " << st.charged << ", committed "
+                                          << st.committed << ", backing " << cache.pool().backing().committed_bytes());
+        }
+        BOOST_TEST(refused > 0u);  // the budget did refuse
+        for (const auto s : seqs) {
+            cache.free(s);
+        }
+        (void)cache.pool().trim();
+        BOOST_TEST(cache.pool().committed_bytes() == 0u);
+    }
+    BOOST_TEST(budget.stats().committed == 0u);
+}

@@ -450,12 +450,18 @@ public:
                 }
             }
         }
+        // Room made under quota pressure never takes what this call committed: keep all of it.
+        std::size_t keep_first = units_, keep_last = 0;
+        for (const byte_range& r : ranges) {
+            keep_first = std::min(keep_first, r.offset / page_bytes_ / unit_pages_);
+            keep_last = std::max(keep_last, (r.offset + r.bytes - 1) / page_bytes_ / unit_pages_);
+        }
         std::vector<std::size_t> done;  // extents committed by earlier ranges, for the rollback
         try {
             for (const byte_range& r : ranges) {
                 stats_.sync_commits += commit_range(r.offset / page_bytes_ / unit_pages_,
                                                     (r.offset + r.bytes - 1) / page_bytes_ / unit_pages_,
-                                                    commit_mode::ahead, &done);
+                                                    commit_mode::ahead, &done, keep_first, keep_last);
             }
         } catch (...) {
             roll_back(done);
@@ -788,9 +794,16 @@ private:
     /// committed are skipped. Under quota pressure it first gives back this pool's own spares
     /// outside [first_unit, last_unit] and its kept handles, then asks the budget's other models.
     /// `committed`, when given, gets the extents this call committed appended (a caller that
-    /// commits several ranges rolls them all back on a later failure).
+    /// commits several ranges rolls them all back on a later failure). Room made under quota
+    /// pressure spares [keep_first, keep_last] (default: the range), so it never gives back
+    /// what the same call committed.
     std::size_t commit_range(std::size_t first_unit, std::size_t last_unit, commit_mode mode,
-                             std::vector<std::size_t>* committed = nullptr) {
+                             std::vector<std::size_t>* committed = nullptr, std::size_t keep_first = SIZE_MAX,
+                             std::size_t keep_last = 0) {
+        if (keep_first == SIZE_MAX) {
+            keep_first = first_unit;
+            keep_last = last_unit;
+        }
         const std::size_t most = max_extent_units_of(growth_);
         const auto sizer_before = sizer_;
         std::vector<std::size_t> done;  // first units of the extents this call committed
@@ -814,7 +827,7 @@ private:
                         ++n;
                     }
                 }
-                n = commit_extent(u, n, needed, first_unit, last_unit);
+                n = commit_extent(u, n, needed, keep_first, keep_last);
                 if (for_holds) {
                     sizer_.committed(now);  // growth one hold at a time: what the sizer follows
                 }
@@ -839,6 +852,9 @@ private:
         while (!done.empty()) {
             const std::size_t f = done.back();
             done.pop_back();
+            if (table_.state[f] != detail::unit_state::committed || table_.extent_first[f] != f) {
+                continue;  // not this call's extent any more (given back meanwhile): nothing to undo
+            }
             forget_extent_idle(f);
             try {
                 (void)decommit_extent(f);
