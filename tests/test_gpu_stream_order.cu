@@ -224,7 +224,7 @@ BOOST_AUTO_TEST_CASE(pool_release_on_a_stream_waits_for_the_kernel) {
     const cudaStream_t engine = owned_engine.get();
     {
         vmmpp::budget budget(64 * page);
-        vmmpp::elastic_pool<vmmpp::elastic_config> pool(64 * page, {}, {}, budget.register_model("m", 64 * page));
+        vmmpp::elastic_pool<vmmpp::elastic_page_config> pool(64 * page, {}, {}, budget.register_model("m", 64 * page));
         pool.ensure_committed(0, 8 * page);
         cuda_check(cudaMemsetAsync(pool.base(), 1, 8 * page, engine));
         std::vector<unsigned char*> pieces;

@@ -83,6 +83,7 @@ def load_library(path=None):
                                        ctypes.c_int),
         "vmmpp_kv_address": ([handle, u32, i32, i32, ctypes.POINTER(p)], ctypes.c_int),
         "vmmpp_kv_synchronize": ([handle], ctypes.c_int),
+        "vmmpp_kv_trim": ([handle, ctypes.POINTER(ctypes.c_uint64)], ctypes.c_int),
         "vmmpp_kv_dlpack_device": ([handle, ctypes.c_int, ctypes.POINTER(i32), ctypes.POINTER(i32)], ctypes.c_int),
         "vmmpp_kv_export": ([handle, u32, i32, ctypes.c_int, ctypes.c_int, ctypes.POINTER(p)], ctypes.c_int),
         "vmmpp_kv_sequence_tensor": ([handle, u64, u32, i32, ctypes.POINTER(p), ctypes.POINTER(i64),
@@ -312,6 +313,13 @@ class KVCache:
         """Waits for the cache's own device work and for the GPU work that freed memory waits
         for; that memory goes back (blocks, as cudaFree would)."""
         _check(_lib.vmmpp_kv_synchronize(self._handle_or_raise()))
+
+    def trim(self):
+        """Gives back every committed page no block holds, the spares an elastic cache keeps for
+        its next growth included; returns the bytes."""
+        freed = ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_trim(self._handle_or_raise(), ctypes.byref(freed)))
+        return freed.value
 
     def dlpack_device(self, managed_as_cuda=False):
         device_type, device_id = ctypes.c_int32(), ctypes.c_int32()

@@ -44,6 +44,7 @@ public:
                                    std::span<std::int32_t> out, std::int32_t pad) const = 0;
     virtual std::byte* address(std::uint32_t layer, vmmpp::kv_part part, std::int32_t block) const = 0;
     virtual void synchronize() = 0;
+    virtual std::size_t trim() = 0;
     virtual DLDevice dlpack_device(bool managed_as_cuda) const = 0;
     virtual vmmpp::kv_tensor tensor(std::uint32_t layer, vmmpp::kv_part part) const = 0;
     /// sequence_contiguous: the dense run of a sequence; other layouts throw invalid_argument.
@@ -98,6 +99,7 @@ public:
         }
         (void)cache_.pool().synchronize();  // and memory whose release waited for the GPU goes back
     }
+    std::size_t trim() override { return cache_.pool().trim(); }
     DLDevice dlpack_device(bool managed_as_cuda) const override { return vmmpp::dlpack_device(cache_, managed_as_cuda); }
     vmmpp::kv_tensor tensor(std::uint32_t layer, vmmpp::kv_part part) const override {
         return cache_.tensor(layer, part);
@@ -410,6 +412,17 @@ vmmpp_kv_status vmmpp_kv_synchronize(vmmpp_kv* kv) {
         require(kv != nullptr, "vmmpp_kv_synchronize: null handle");
         std::lock_guard lock(kv->cache->mutex);
         kv->cache->synchronize();
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_trim(vmmpp_kv* kv, uint64_t* freed_bytes) {
+    return guarded([&] {
+        require(kv != nullptr, "vmmpp_kv_trim: null handle");
+        std::lock_guard lock(kv->cache->mutex);
+        const std::size_t freed = kv->cache->trim();
+        if (freed_bytes != nullptr) {
+            *freed_bytes = freed;
+        }
     });
 }
 

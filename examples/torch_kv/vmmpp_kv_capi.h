@@ -107,6 +107,10 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_kv_address(vmmpp_kv* kv, uint32_t layer, int3
 /** Waits for the cache's own device work (copy-on-write copies) and for the GPU work that freed
  *  memory waits for, then gives that memory back; on host memory it only gives back. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_synchronize(vmmpp_kv* kv);
+/** Gives back every committed page no block holds, spares included (elastic configurations
+ *  keep a few for the next growth), and kept handles; *freed_bytes (may be null) gets the
+ *  bytes. Memory whose GPU work is still queued stays (synchronize first). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_trim(vmmpp_kv* kv, uint64_t* freed_bytes);
 
 /** The DLPack device (DLDeviceType, device_id) of the cache's exports. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_dlpack_device(vmmpp_kv* kv, int managed_as_cuda, int32_t* device_type,
