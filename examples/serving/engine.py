@@ -1,0 +1,327 @@
+"""A small continuous-batching engine over a vmmpp KV cache (examples/serving).
+
+Requests are admitted first come, first served; each step runs one packed batch: the prompts
+admitted this step (prefill, causal attention over their own new K and V) and one token of every
+running request (decode, attention over its paged blocks). K and V are written at the slots of
+the cache's slot mapping and read back through its block tables (gather, then attention), on the
+cache's own memory through DLPack. When the cache refuses a decode token's `append`
+(over_quota, out_of_blocks, out_of_memory) the youngest running request is preempted: its
+sequence freed, the request put back at the head of the queue, its prompt and the tokens it
+generated recomputed when it is admitted again (vLLM's recompute preemption).
+
+Sequences that finish with a step are freed right after the step is queued, before the engine
+waits for its tokens: `free(seq, stream=...)` gives their memory back only once the GPU has
+finished that step (the stream-ordered release), so the engine never waits for the GPU to free.
+
+Two KV stores: PagedKV (a vmmpp cache: the engine) and DenseKV (contiguous per-sequence tensors,
+no vmmpp: the reference). Both hand the attention the same padded [batch, tokens] K and V, so
+under the same schedule the engine's tokens must equal the reference's bit for bit.
+"""
+import collections
+import time
+
+import torch
+
+import vmmpp_kv
+from model import causal_attention as _causal
+
+REFUSED = ("over_quota", "out_of_blocks", "out_of_memory")
+
+
+class Refused(Exception):
+    """The KV store has no room for an append (the engine preempts or waits)."""
+
+
+def _refusal(error):
+    if isinstance(error, vmmpp_kv.VmmppError) and error.status in REFUSED:
+        return Refused(str(error))
+    return None
+
+
+class PagedKV:
+    """K and V in a vmmpp cache (any configuration and paged layout): per-layer views
+    [max_blocks, block_tokens, kv_heads, head_dim] through DLPack."""
+
+    def __init__(self, cache, device):
+        self.cache = cache
+        self.device = device
+        g = cache.geometry
+        self.block_tokens = g.block_tokens
+        self.k = [torch.from_dlpack(cache.key(layer)) for layer in range(g.layers)]
+        self.v = [torch.from_dlpack(cache.value(layer)) for layer in range(g.layers)]
+        self.stream = torch.cuda.current_stream().cuda_stream if device.type == "cuda" else None
+
+    def new_sequence(self):
+        return self.cache.add_sequence()
+
+    def append(self, seq, n):
+        try:
+            self.cache.append(seq, n)
+        except vmmpp_kv.VmmppError as e:
+            raise (_refusal(e) or e) from None
+
+    def free(self, seq):
+        # Stream-ordered: the step just queued may still read these blocks.
+        self.cache.free(seq, stream=self.stream)
+
+    def committed_bytes(self):
+        return self.cache.stats()["committed_bytes"]
+
+    def capacity_tokens(self):
+        return self.cache.geometry.max_blocks * self.block_tokens
+
+    def prepare(self, rows, decode_seqs, decode_lengths):
+        """The step's KV plan. rows: (seq, first, count) in packed-batch order."""
+        slots = []
+        for seq, first, count in rows:
+            slots.extend(self.cache.slot_mapping(seq, first, count))
+        slots = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+        plan = {"block": slots // self.block_tokens, "offset": slots % self.block_tokens}
+        if decode_seqs:
+            blocks = max(-(-n // self.block_tokens) for n in decode_lengths)
+            # Padding points at a live block (mapped on every backing); the mask hides it.
+            pad = self.cache.block_table(decode_seqs[0])[0]
+            table = self.cache.pack_block_tables(decode_seqs, blocks, pad)
+            plan["table"] = torch.frombuffer(table, dtype=torch.int32).view(len(decode_seqs), blocks).to(
+                self.device, dtype=torch.int64, non_blocking=True)
+            plan["tokens"] = blocks * self.block_tokens
+        return plan
+
+    def write(self, plan, layer, k, v):
+        self.k[layer][plan["block"], plan["offset"]] = k
+        self.v[layer][plan["block"], plan["offset"]] = v
+
+    def gather(self, plan, layer):
+        """Decode rows' K and V, [batch, tokens, kv_heads, head_dim] (unmasked)."""
+        t = plan["table"]
+        k = self.k[layer][t].flatten(1, 2)
+        v = self.v[layer][t].flatten(1, 2)
+        return k, v
+
+
+class DenseKV:
+    """The reference store: one contiguous [layers, capacity, kv_heads, head_dim] K and V per
+    sequence, plain torch tensors, no vmmpp. Never refuses (capacity: max_tokens)."""
+
+    def __init__(self, config, device, dtype, max_tokens, block_tokens=16):
+        self.config, self.device, self.dtype = config, device, dtype
+        self.block_tokens = block_tokens
+        self.capacity = -(-max_tokens // block_tokens) * block_tokens
+        self.seqs = {}
+        self.next_id = 0
+
+    def new_sequence(self):
+        c = self.config
+        shape = (c.layers, self.capacity, c.kv_heads, c.head_dim)
+        self.seqs[self.next_id] = [torch.zeros(shape, device=self.device, dtype=self.dtype),
+                                   torch.zeros(shape, device=self.device, dtype=self.dtype), 0]
+        self.next_id += 1
+        return self.next_id - 1
+
+    def append(self, seq, n):
+        if self.seqs[seq][2] + n > self.capacity:
+            raise Refused(f"dense sequence {seq} holds at most {self.capacity} tokens")
+        self.seqs[seq][2] += n
+
+    def free(self, seq):
+        del self.seqs[seq]
+
+    def capacity_tokens(self):
+        return self.capacity
+
+    def committed_bytes(self):
+        return sum(2 * s[0].numel() * s[0].element_size() for s in self.seqs.values())
+
+    def prepare(self, rows, decode_seqs, decode_lengths):
+        plan = {"rows": rows, "decode": decode_seqs}
+        if decode_seqs:
+            blocks = max(-(-n // self.block_tokens) for n in decode_lengths)
+            plan["tokens"] = blocks * self.block_tokens
+        return plan
+
+    def write(self, plan, layer, k, v):
+        at = 0
+        for seq, first, count in plan["rows"]:
+            self.seqs[seq][0][layer, first:first + count] = k[at:at + count]
+            self.seqs[seq][1][layer, first:first + count] = v[at:at + count]
+            at += count
+
+    def gather(self, plan, layer):
+        t = plan["tokens"]
+        k = torch.stack([self.seqs[s][0][layer, :t] for s in plan["decode"]])
+        v = torch.stack([self.seqs[s][1][layer, :t] for s in plan["decode"]])
+        return k, v
+
+
+def decode_attention(q, k, v, valid):
+    """One query per sequence over its gathered K and V: q [B, H, D], k and v [B, T, KV, D],
+    valid [B, T] (False past each sequence's length). Grouped-query heads without repeating K and
+    V: [B, KV, group, D] @ [B, KV, D, T]."""
+    b, h, d = q.shape
+    kv = k.shape[2]
+    mask = valid[:, :, None, None]
+    # Positions past a sequence's end hold stale or uninitialised data (NaN included): zero them.
+    k = k.masked_fill(~mask, 0).permute(0, 2, 3, 1)  # [B, KV, D, T]
+    v = v.masked_fill(~mask, 0).transpose(1, 2)  # [B, KV, T, D]
+    scores = (q.view(b, kv, h // kv, d) @ k).float() * d ** -0.5  # [B, KV, G, T]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(v.dtype)
+    return (p @ v).reshape(b, h, d)
+
+
+class Request:
+    """One request: prompt token ids, how many tokens to generate, arrival time (seconds)."""
+
+    def __init__(self, rid, prompt, max_new, arrival=0.0):
+        self.rid, self.prompt, self.max_new, self.arrival = rid, list(prompt), max_new, arrival
+        self.output = []
+        self.seq = None
+        self.first_token_at = None
+        self.finished_at = None
+        self.preemptions = 0
+
+    def context(self):
+        return self.prompt + self.output
+
+
+class Engine:
+    """FCFS continuous batching, prefill and decode in one packed step, recompute preemption.
+    max_batch: running requests at most; max_prefill_tokens: prompt tokens admitted per step
+    (at least one request)."""
+
+    def __init__(self, model, kv, max_batch=256, max_prefill_tokens=8192, clock=time.perf_counter):
+        self.model, self.kv = model, kv
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.clock = clock
+        self.waiting = collections.deque()
+        self.running = []
+        self.finished = []
+        self.rejected = []
+        self.preemptions = 0
+        self.steps = 0
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+
+    def submit(self, request):
+        self.waiting.append(request)
+
+    def idle(self):
+        return not self.waiting and not self.running
+
+    def _preempt(self, request):
+        self.running.remove(request)
+        self.kv.free(request.seq)
+        request.seq = None
+        request.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _schedule(self):
+        """Decode room for the running requests (preempting the youngest when refused), then,
+        if nothing was preempted, admission of waiting requests in order."""
+        decode, preempted = [], False
+        while len(decode) < len(self.running):
+            r = self.running[len(decode)]
+            try:
+                self.kv.append(r.seq, 1)
+                decode.append(r)
+            except Refused:
+                self._preempt(self.running[-1])
+                preempted = True
+        admitted = []
+        budget = self.max_prefill_tokens
+        while not preempted and self.waiting and len(self.running) + len(admitted) < self.max_batch:
+            r = self.waiting[0]
+            n = len(r.prompt) + len(r.output)
+            if admitted and n > budget:
+                break
+            seq = self.kv.new_sequence()
+            try:
+                self.kv.append(seq, n)
+            except Refused:
+                self.kv.free(seq)
+                if n > self.kv.capacity_tokens():  # can never fit, whatever frees
+                    self.rejected.append(self.waiting.popleft())
+                    continue
+                break  # wait: this engine's or (shared budget) another's requests free memory
+            self.waiting.popleft()
+            r.seq = seq
+            admitted.append(r)
+            budget -= n
+        return admitted, decode
+
+    def step(self):
+        """One engine step; returns the number of tokens it generated (0: nothing to do)."""
+        admitted, decode = self._schedule()
+        if not admitted and not decode:
+            return 0
+        model, device = self.model, self.model.device
+        rows, tokens, positions, segments = [], [], [], []
+        at = 0
+        for r in admitted:
+            ctx = r.context()
+            rows.append((r.seq, 0, len(ctx)))
+            tokens.extend(ctx)
+            positions.extend(range(len(ctx)))
+            segments.append((at, at + len(ctx)))
+            at += len(ctx)
+        first_decode = at
+        lengths = []
+        for r in decode:
+            n = len(r.prompt) + len(r.output)  # tokens in the cache, this step's included
+            rows.append((r.seq, n - 1, 1))
+            tokens.append(r.output[-1])
+            positions.append(n - 1)
+            lengths.append(n)
+        plan = self.kv.prepare(rows, [r.seq for r in decode], lengths)
+        tokens_t = torch.tensor(tokens, dtype=torch.int64).to(device, non_blocking=True)
+        positions_t = torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True)
+        if decode:
+            valid = (torch.arange(plan["tokens"], device=device)[None, :] <
+                     torch.tensor(lengths, dtype=torch.int64).to(device, non_blocking=True)[:, None])
+
+        def store(layer, k, v):
+            self.kv.write(plan, layer, k, v)
+
+        def attend(layer, q, k, v):
+            out = torch.empty_like(q)
+            for a, b in segments:
+                out[a:b] = _causal(q[a:b], k[a:b], v[a:b])
+            if decode:
+                kk, vv = self.kv.gather(plan, layer)
+                out[first_decode:] = decode_attention(q[first_decode:], kk, vv, valid)
+            return out
+
+        with torch.inference_mode():
+            hidden = model.forward(tokens_t, positions_t, attend, store)
+            last = [b - 1 for _, b in segments] + list(range(first_decode, len(tokens)))
+            next_tokens = model.logits(hidden[torch.tensor(last, device=device)]).argmax(-1)
+        batch = admitted + decode
+        # Free what finishes with this step while the GPU may still run it (stream-ordered).
+        done = [r for r in batch if len(r.output) + 1 >= r.max_new]
+        self.running = [r for r in self.running if r not in done]
+        for r in done:
+            self.kv.free(r.seq)
+            r.seq = None
+        new_tokens = next_tokens.tolist()  # waits for the step
+        now = self.clock()
+        for r, t in zip(batch, new_tokens):
+            r.output.append(t)
+            if r.first_token_at is None:
+                r.first_token_at = now
+        for r in admitted:
+            if r not in done:
+                self.running.append(r)
+        for r in done:
+            r.finished_at = now
+            self.finished.append(r)
+        self.steps += 1
+        self.prefill_tokens += first_decode
+        self.decode_tokens += len(decode)
+        return len(batch)
+
+    def run(self):
+        """Steps until every submitted request is finished (or rejected)."""
+        while not self.idle():
+            if self.step() == 0:  # refused with nothing running, and nothing else frees here
+                raise RuntimeError(f"{len(self.waiting)} requests wait for memory that no one will free")
