@@ -13,54 +13,38 @@
 
 namespace vmmpp {
 
-/// Reference-counted block ids in [0, max_blocks), lowest free first.
-class block_allocator {
+namespace detail {
+
+/// Reference counts of block ids [0, size): what block_allocator and slot_block_allocator share.
+/// Which free id comes next is theirs to say.
+class block_refs {
 public:
-    /// Room for every id's free-list entry is taken here, so release never allocates (and so
-    /// never throws for a live id): free and truncate cannot stop half way.
-    explicit block_allocator(std::uint32_t max_blocks) : refs_(max_blocks, 0) { freed_.reserve(max_blocks); }
+    explicit block_refs(std::uint32_t max_blocks) : refs_(max_blocks, 0) {}
 
-    [[nodiscard]] std::size_t max_blocks() const noexcept { return refs_.size(); }
-    [[nodiscard]] std::size_t used_blocks() const noexcept { return used_; }
-    [[nodiscard]] std::size_t free_blocks() const noexcept { return refs_.size() - used_; }
+    [[nodiscard]] std::size_t size() const noexcept { return refs_.size(); }
+    [[nodiscard]] std::size_t used() const noexcept { return used_; }
+    [[nodiscard]] bool is_free(std::size_t id) const noexcept { return refs_[id] == 0; }
 
-    /// The lowest free id, with one reference. out_of_blocks when none is free.
-    [[nodiscard]] std::int32_t allocate() {
-        if (free_blocks() == 0) {
-            throw out_of_blocks(1, 0, refs_.size());
-        }
-        std::int32_t id;
-        if (!freed_.empty()) {
-            std::pop_heap(freed_.begin(), freed_.end(), std::greater<>{});  // the lowest freed id;
-            id = freed_.back();                                             // every one lies below next_unused_
-            freed_.pop_back();
-        } else {
-            id = next_unused_++;
-        }
-        refs_[static_cast<std::size_t>(id)] = 1;
+    /// Free id `id` (in range) gets its first reference.
+    void take(std::size_t id) noexcept {
+        refs_[id] = 1;
         ++used_;
-        return id;
     }
-
     /// One more reference to a live block.
     void retain(std::int32_t id) {
         check_live(id);
         ++refs_[static_cast<std::size_t>(id)];
     }
-
-    /// One reference less; returns true when that was the last and the id is free again.
-    /// Throws only for an id that is not live (and then changes nothing).
+    /// One reference less; true when that was the last and the id is free again. Throws only
+    /// for an id that is not live (and then changes nothing).
     bool release(std::int32_t id) {
         check_live(id);
         if (--refs_[static_cast<std::size_t>(id)] > 0) {
             return false;
         }
-        freed_.push_back(id);  // within the capacity reserved up front: no allocation
-        std::push_heap(freed_.begin(), freed_.end(), std::greater<>{});
         --used_;
         return true;
     }
-
     /// References to `id` (0 when free).
     [[nodiscard]] std::uint32_t refs(std::int32_t id) const {
         check_id(id);
@@ -82,9 +66,60 @@ private:
     }
 
     std::vector<std::uint32_t> refs_;
+    std::size_t used_ = 0;
+};
+
+} // namespace detail
+
+/// Reference-counted block ids in [0, max_blocks), lowest free first.
+class block_allocator {
+public:
+    /// Room for every id's free-list entry is taken here, so release never allocates (and so
+    /// never throws for a live id): free and truncate cannot stop half way.
+    explicit block_allocator(std::uint32_t max_blocks) : refs_(max_blocks) { freed_.reserve(max_blocks); }
+
+    [[nodiscard]] std::size_t max_blocks() const noexcept { return refs_.size(); }
+    [[nodiscard]] std::size_t used_blocks() const noexcept { return refs_.used(); }
+    [[nodiscard]] std::size_t free_blocks() const noexcept { return refs_.size() - refs_.used(); }
+
+    /// The lowest free id, with one reference. out_of_blocks when none is free.
+    [[nodiscard]] std::int32_t allocate() {
+        if (free_blocks() == 0) {
+            throw out_of_blocks(1, 0, refs_.size());
+        }
+        std::int32_t id;
+        if (!freed_.empty()) {
+            std::pop_heap(freed_.begin(), freed_.end(), std::greater<>{});  // the lowest freed id;
+            id = freed_.back();                                             // every one lies below next_unused_
+            freed_.pop_back();
+        } else {
+            id = next_unused_++;
+        }
+        refs_.take(static_cast<std::size_t>(id));
+        return id;
+    }
+
+    /// One more reference to a live block.
+    void retain(std::int32_t id) { refs_.retain(id); }
+
+    /// One reference less; returns true when that was the last and the id is free again.
+    /// Throws only for an id that is not live (and then changes nothing).
+    bool release(std::int32_t id) {
+        if (!refs_.release(id)) {
+            return false;
+        }
+        freed_.push_back(id);  // within the capacity reserved up front: no allocation
+        std::push_heap(freed_.begin(), freed_.end(), std::greater<>{});
+        return true;
+    }
+
+    /// References to `id` (0 when free).
+    [[nodiscard]] std::uint32_t refs(std::int32_t id) const { return refs_.refs(id); }
+
+private:
+    detail::block_refs refs_;
     std::vector<std::int32_t> freed_;  // a min-heap of freed ids, with room for all of them
     std::int32_t next_unused_ = 0;
-    std::size_t used_ = 0;
 };
 
 } // namespace vmmpp

@@ -42,12 +42,12 @@ class slot_block_allocator {
 public:
     /// `max_blocks / slot_blocks` slots; blocks beyond the last whole slot are never handed out.
     slot_block_allocator(std::uint32_t max_blocks, std::uint32_t slot_blocks)
-        : refs_(max_blocks, 0), slot_blocks_(slot_blocks), slots_(max_blocks / slot_blocks) {}
+        : refs_(max_blocks), slot_blocks_(slot_blocks), slots_(max_blocks / slot_blocks) {}
 
     [[nodiscard]] std::size_t max_blocks() const noexcept { return refs_.size(); }
-    [[nodiscard]] std::size_t used_blocks() const noexcept { return used_; }
+    [[nodiscard]] std::size_t used_blocks() const noexcept { return refs_.used(); }
     /// Blocks not in use (those of live sequences' slots that are not yet taken included).
-    [[nodiscard]] std::size_t free_blocks() const noexcept { return refs_.size() - used_; }
+    [[nodiscard]] std::size_t free_blocks() const noexcept { return refs_.size() - refs_.used(); }
     [[nodiscard]] std::uint32_t slot_blocks() const noexcept { return slot_blocks_; }
     [[nodiscard]] std::size_t slot_count() const noexcept { return slots_.max_blocks(); }
     [[nodiscard]] std::size_t free_slots() const noexcept { return slots_.free_blocks(); }
@@ -71,52 +71,24 @@ public:
                                    std::to_string(slot_blocks_) + " blocks");
         }
         const std::size_t id = std::size_t{slot} * slot_blocks_ + index;
-        if (refs_[id] != 0) {
+        if (!refs_.is_free(id)) {
             throw invalid_argument("block " + std::to_string(id) + " of slot " + std::to_string(slot) +
                                    " is already in use");
         }
-        refs_[id] = 1;
-        ++used_;
+        refs_.take(id);
         return static_cast<std::int32_t>(id);
     }
     /// One more reference to a live block.
-    void retain(std::int32_t id) {
-        check_live(id);
-        ++refs_[static_cast<std::size_t>(id)];
-    }
+    void retain(std::int32_t id) { refs_.retain(id); }
     /// One reference less; true when that was the last. Throws only for an id that is not live.
-    bool release(std::int32_t id) {
-        check_live(id);
-        if (--refs_[static_cast<std::size_t>(id)] > 0) {
-            return false;
-        }
-        --used_;
-        return true;
-    }
+    bool release(std::int32_t id) { return refs_.release(id); }
     /// References to `id` (0 when free).
-    [[nodiscard]] std::uint32_t refs(std::int32_t id) const {
-        check_id(id);
-        return refs_[static_cast<std::size_t>(id)];
-    }
+    [[nodiscard]] std::uint32_t refs(std::int32_t id) const { return refs_.refs(id); }
 
 private:
-    void check_id(std::int32_t id) const {
-        if (id < 0 || static_cast<std::size_t>(id) >= refs_.size()) {
-            throw invalid_argument("block id " + std::to_string(id) + " out of range [0, " +
-                                   std::to_string(refs_.size()) + ")");
-        }
-    }
-    void check_live(std::int32_t id) const {
-        check_id(id);
-        if (refs_[static_cast<std::size_t>(id)] == 0) {
-            throw invalid_argument("block " + std::to_string(id) + " is free (double free?)");
-        }
-    }
-
-    std::vector<std::uint32_t> refs_;
+    detail::block_refs refs_;
     std::uint32_t slot_blocks_;
     block_allocator slots_;  // slot ids, lowest free first
-    std::size_t used_ = 0;
 };
 
 } // namespace vmmpp
