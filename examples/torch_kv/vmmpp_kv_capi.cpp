@@ -252,6 +252,26 @@ struct vmmpp_kv {
     std::shared_ptr<cache_base> cache;
 };
 
+namespace {
+/// The C geometry as vmmpp's, validated; `who` names the call in the errors.
+vmmpp::kv_geometry to_geometry(const vmmpp_kv_geometry& in, const char* who) {
+    if (in.dtype < 0 || in.dtype > static_cast<int>(vmmpp::dtype::fp8_e5m2)) {
+        throw vmmpp::invalid_argument(std::string(who) +
+                                      ": dtype must be 0 (f32), 1 (f16), 2 (bf16), 3 (fp8_e4m3) or 4 (fp8_e5m2)");
+    }
+    vmmpp::kv_geometry g;
+    g.layers = in.layers;
+    g.kv_heads = in.kv_heads;
+    g.head_dim = in.head_dim;
+    g.type = static_cast<vmmpp::dtype>(in.dtype);
+    g.block_tokens = in.block_tokens;
+    g.max_blocks = in.max_blocks;
+    g.max_tokens_per_sequence = in.max_tokens_per_sequence;
+    g.validate();
+    return g;
+}
+} // namespace
+
 extern "C" {
 
 const char* vmmpp_kv_last_error(void) { return last_error.c_str(); }
@@ -261,17 +281,7 @@ vmmpp_kv_status vmmpp_kv_create(const vmmpp_kv_geometry* geometry, const char* c
     return guarded([&] {
         require(geometry != nullptr && config != nullptr && layout != nullptr && out != nullptr,
                 "vmmpp_kv_create: null argument");
-        require(geometry->dtype >= 0 && geometry->dtype <= static_cast<int>(vmmpp::dtype::fp8_e5m2),
-                "vmmpp_kv_create: dtype must be 0 (f32), 1 (f16), 2 (bf16), 3 (fp8_e4m3) or 4 (fp8_e5m2)");
-        vmmpp::kv_geometry g;
-        g.layers = geometry->layers;
-        g.kv_heads = geometry->kv_heads;
-        g.head_dim = geometry->head_dim;
-        g.type = static_cast<vmmpp::dtype>(geometry->dtype);
-        g.block_tokens = geometry->block_tokens;
-        g.max_blocks = geometry->max_blocks;
-        g.max_tokens_per_sequence = geometry->max_tokens_per_sequence;
-        g.validate();
+        const vmmpp::kv_geometry g = to_geometry(*geometry, "vmmpp_kv_create");
         auto handle = std::make_unique<vmmpp_kv>();
         const std::string_view l(layout);
         if (l == "layer_major") {
@@ -606,17 +616,7 @@ vmmpp_kv_status vmmpp_kv_create_in_process_budget(const vmmpp_kv_geometry* geome
         require(geometry != nullptr && config != nullptr && layout != nullptr && budget_name != nullptr &&
                     model != nullptr && out != nullptr,
                 "vmmpp_kv_create_in_process_budget: null argument");
-        require(geometry->dtype >= 0 && geometry->dtype <= static_cast<int>(vmmpp::dtype::fp8_e5m2),
-                "vmmpp_kv_create_in_process_budget: dtype must be 0 to 4");
-        vmmpp::kv_geometry g;
-        g.layers = geometry->layers;
-        g.kv_heads = geometry->kv_heads;
-        g.head_dim = geometry->head_dim;
-        g.type = static_cast<vmmpp::dtype>(geometry->dtype);
-        g.block_tokens = geometry->block_tokens;
-        g.max_blocks = geometry->max_blocks;
-        g.max_tokens_per_sequence = geometry->max_tokens_per_sequence;
-        g.validate();
+        const vmmpp::kv_geometry g = to_geometry(*geometry, "vmmpp_kv_create_in_process_budget");
         // The quota keeps the segment mapped in this process, so the budget handle may go.
         vmmpp::process_budget budget = vmmpp::process_budget::create_or_open(budget_name, global_limit_bytes);
         vmmpp::process_quota quota = budget.register_model(model, model_limit_bytes);
