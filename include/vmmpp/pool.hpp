@@ -516,8 +516,8 @@ public:
         s.cached_bytes = kept_snapshot_.load();
         s.driver_time = std::chrono::nanoseconds(driver_ns_.load());
         s.pending_fences = fences_.pending();
-        for (std::size_t u : table_.idle) {
-            s.awaiting_gpu_units += fences_.is_complete(table_.fence[u]) ? 0 : 1;
+        if (fences_.pending() > 0) {  // otherwise every fence has completed
+            table_.idle.for_each([&](std::size_t u) { s.awaiting_gpu_units += fences_.is_complete(table_.fence[u]) ? 0 : 1; });
         }
         return s;
     }

@@ -21,6 +21,48 @@ enum class unit_state : std::uint8_t {
     retired,       ///< out of service after a decommit the backing left half done
 };
 
+/// A set of unit numbers below a fixed bound: a flag per unit and a count, so that taking a
+/// unit out and putting it back (every block an engine frees and takes) allocates nothing.
+class unit_set {
+public:
+    explicit unit_set(std::size_t units) : member_(units, 0) {}
+
+    /// Adds u; .second is whether it was not in the set before (as std::set::insert).
+    struct insert_result {
+        std::size_t unit;
+        bool second;
+    };
+    insert_result insert(std::size_t u) noexcept {
+        const bool added = member_[u] == 0;
+        member_[u] = 1;
+        count_ += added ? 1 : 0;
+        return {u, added};
+    }
+    /// Removes u; returns 1 if it was in the set, else 0 (as std::set::erase).
+    std::size_t erase(std::size_t u) noexcept {
+        const bool had = member_[u] != 0;
+        member_[u] = 0;
+        count_ -= had ? 1 : 0;
+        return had ? 1 : 0;
+    }
+    [[nodiscard]] bool contains(std::size_t u) const noexcept { return member_[u] != 0; }
+    [[nodiscard]] std::size_t size() const noexcept { return count_; }
+    [[nodiscard]] bool empty() const noexcept { return count_ == 0; }
+    /// Calls f(u) for every member, ascending (a walk over all units: for statistics).
+    template <class F>
+    void for_each(F&& f) const {
+        for (std::size_t u = 0; u < member_.size(); ++u) {
+            if (member_[u] != 0) {
+                f(u);
+            }
+        }
+    }
+
+private:
+    std::vector<std::uint8_t> member_;
+    std::size_t count_ = 0;
+};
+
 /// The units of one pool. Not thread safe: the pool's lock guards it.
 ///
 /// Extents: one backing commit covers a run of consecutive units, an extent (one physical
@@ -30,17 +72,17 @@ struct unit_table {
     /// `units` uncommitted units.
     explicit unit_table(std::size_t units)
         : state(units, unit_state::uncommitted), held_pages(units, 0), fence(units, 0), extent_first(units, 0),
-          extent_units(units, 0), extent_idle(units, 0) {}
+          extent_units(units, 0), extent_idle(units, 0), idle(units) {}
 
     std::vector<unit_state> state;
     std::vector<std::uint32_t> held_pages;  ///< per unit: how many of its pages something holds
     std::vector<std::uint64_t> fence;       ///< per unit: the fence its memory waits for before it goes back
-    std::set<std::size_t> idle;             ///< committed units nothing holds (spares), by offset
     std::size_t committed = 0;              ///< units committed (idle or held)
     std::vector<std::uint32_t> extent_first;  ///< per unit (not uncommitted): the first unit of its extent
     std::vector<std::uint32_t> extent_units;  ///< per extent's first unit: how many units it covers
     std::vector<std::uint32_t> extent_idle;   ///< per extent's first unit: how many of them are idle
     std::set<std::size_t> idle_extents;       ///< first units of committed extents all of whose units are idle
+    unit_set idle;                            ///< committed units nothing holds (spares)
 
     /// Records units [first, first + n) as one extent, none of them idle yet.
     void set_extent(std::size_t first, std::size_t n) noexcept {
