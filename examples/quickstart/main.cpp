@@ -55,7 +55,7 @@ void run(Cache& cache) {
 
 int main() {
     if (vmmpp::driver::device_count() > 0 && vmmpp::is_vmm_supported(0)) {
-        std::printf("CUDA device found: elastic_config (CUDA VMM, 2 MiB pages, shared budget)\n");
+        std::printf("CUDA device found: elastic_config (CUDA VMM, 2 MiB pages committed in extents, shared budget)\n");
         vmmpp::budget budget(std::size_t{4} << 30);
         vmmpp::kv_cache<vmmpp::elastic_config> cache(geometry, {}, {}, budget.register_model("llama-8b", std::size_t{3} << 30));
         run(cache);
