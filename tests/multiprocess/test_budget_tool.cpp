@@ -363,10 +363,9 @@ BOOST_AUTO_TEST_CASE(process_budget_limits_change_under_concurrent_commits) {
     BOOST_TEST(refusals.load() > 0u);
     const vmmpp::process_budget_stats s = budget.stats();
     BOOST_TEST(s.committed == 0u);  // every pool gave everything back
-    std::uint64_t reclaims = 0;
     for (const auto& m : s.models) {
         BOOST_TEST(m.committed == 0u);
-        reclaims += m.reclaims;
     }
-    BOOST_TEST(reclaims > 0u);
+    // How many reclaims the watcher made depends on the threads' timing (none under a slow
+    // sanitizer run is possible): counted exactly in the single-threaded cases above.
 }
