@@ -32,7 +32,7 @@ namespace vmmpp {
 /// The static layout: one cudaMalloc of the whole capacity, committed up front.
 using static_config = pool_config<device, preallocated, unlimited>;
 /// Physical memory follows the live blocks under a budget shared by models: held and given back
-/// in 2 MiB pages, committed in extents that grow up to 256 MiB (one handle each) while the
+/// in 2 MiB pages, committed in extents that grow up to 512 MiB (one handle each) while the
 /// cache grows fast, so a burst costs the driver per large handle, not per page
 /// (vmmpp/growth/adaptive_extents.hpp).
 using elastic_config = pool_config<vmm, adaptive_extents, shared_budget>;
