@@ -253,6 +253,20 @@ struct vmmpp_kv {
 };
 
 namespace {
+/// `t` of kv's cache as a DLPack capsule (versioned or not). The keep-alive owns a reference to
+/// the cache and counts the export until its deleter runs. The caller holds the cache's mutex.
+void* export_tensor(vmmpp_kv& kv, const vmmpp::kv_tensor& t, bool versioned, bool managed_as_cuda) {
+    const DLDevice device = kv.cache->dlpack_device(managed_as_cuda);
+    live_exports.fetch_add(1);
+    std::shared_ptr<const void> keep_alive(kv.cache.get(), [cache = kv.cache](const void*) noexcept {
+        live_exports.fetch_sub(1);
+    });
+    if (versioned) {
+        return vmmpp::to_dlpack_versioned(t, device, std::move(keep_alive));
+    }
+    return vmmpp::to_dlpack(t, device, std::move(keep_alive));
+}
+
 /// The C geometry as vmmpp's, validated; `who` names the call in the errors.
 vmmpp::kv_geometry to_geometry(const vmmpp_kv_geometry& in, const char* who) {
     if (in.dtype < 0 || in.dtype > static_cast<int>(vmmpp::dtype::fp8_e5m2)) {
@@ -451,17 +465,7 @@ vmmpp_kv_status vmmpp_kv_export(vmmpp_kv* kv, uint32_t layer, int32_t part, int 
         require(kv != nullptr && out != nullptr, "vmmpp_kv_export: null argument");
         std::lock_guard lock(kv->cache->mutex);
         const vmmpp::kv_tensor t = kv->cache->tensor(layer, to_part(part));
-        const DLDevice device = kv->cache->dlpack_device(managed_as_cuda != 0);
-        // The keep-alive owns a reference to the cache and counts the export until its deleter.
-        live_exports.fetch_add(1);
-        std::shared_ptr<const void> keep_alive(kv->cache.get(), [cache = kv->cache](const void*) noexcept {
-            live_exports.fetch_sub(1);
-        });
-        if (versioned != 0) {
-            *out = vmmpp::to_dlpack_versioned(t, device, std::move(keep_alive));
-        } else {
-            *out = vmmpp::to_dlpack(t, device, std::move(keep_alive));
-        }
+        *out = export_tensor(*kv, t, versioned != 0, managed_as_cuda != 0);
     });
 }
 
@@ -484,16 +488,7 @@ vmmpp_kv_status vmmpp_kv_export_sequence(vmmpp_kv* kv, uint64_t seq, uint32_t la
         require(kv != nullptr && out != nullptr, "vmmpp_kv_export_sequence: null argument");
         std::lock_guard lock(kv->cache->mutex);
         const vmmpp::kv_tensor t = kv->cache->sequence_tensor(seq, layer, to_part(part));
-        const DLDevice device = kv->cache->dlpack_device(managed_as_cuda != 0);
-        live_exports.fetch_add(1);
-        std::shared_ptr<const void> keep_alive(kv->cache.get(), [cache = kv->cache](const void*) noexcept {
-            live_exports.fetch_sub(1);
-        });
-        if (versioned != 0) {
-            *out = vmmpp::to_dlpack_versioned(t, device, std::move(keep_alive));
-        } else {
-            *out = vmmpp::to_dlpack(t, device, std::move(keep_alive));
-        }
+        *out = export_tensor(*kv, t, versioned != 0, managed_as_cuda != 0);
     });
 }
 
