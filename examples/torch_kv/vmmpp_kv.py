@@ -50,6 +50,18 @@ class BudgetStats(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in ("limit", "committed", "peak", "denied")]
 
 
+class Extent(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("commit", ctypes.c_uint64)]
+
+
+class Range(ctypes.Structure):
+    _fields_ = [("offset", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+class PiecePair(ctypes.Structure):
+    _fields_ = [("local_offset", ctypes.c_uint64), ("remote_offset", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
 _lib = None
 
 
@@ -99,6 +111,21 @@ def load_library(path=None):
                                                ctypes.POINTER(handle)], ctypes.c_int),
         "vmmpp_kv_process_budget_stats": ([ctypes.c_char_p, ctypes.POINTER(BudgetStats)], ctypes.c_int),
         "vmmpp_kv_process_budget_remove": ([ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
+        "vmmpp_kv_create_with_peers": ([ctypes.POINTER(Geometry), ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, u64,
+                                        ctypes.POINTER(ctypes.c_int), u64, ctypes.POINTER(handle)], ctypes.c_int),
+        "vmmpp_kv_span": ([handle, ctypes.POINTER(p), ctypes.POINTER(u64), ctypes.POINTER(i32)], ctypes.c_int),
+        "vmmpp_kv_committed_extents": ([handle, ctypes.POINTER(Extent), u64, ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_block_pieces": ([handle, ctypes.POINTER(i32), u64, ctypes.POINTER(Range), u64, ctypes.POINTER(u64)],
+                                  ctypes.c_int),
+        "vmmpp_pair_pieces": ([ctypes.POINTER(Range), u64, ctypes.POINTER(Range), u64, ctypes.POINTER(PiecePair), u64,
+                               ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_copy_blocks": ([handle, ctypes.POINTER(i32), handle, ctypes.POINTER(i32), u64, p], ctypes.c_int),
+        "vmmpp_kv_send_shared_pages": ([handle, ctypes.c_int], ctypes.c_int),
+        "vmmpp_import_pages": ([ctypes.c_int, ctypes.c_int, ctypes.POINTER(handle)], ctypes.c_int),
+        "vmmpp_imported_pages_span": ([handle, ctypes.POINTER(p), ctypes.POINTER(u64), ctypes.POINTER(u64)],
+                                      ctypes.c_int),
+        "vmmpp_imported_pages_destroy": ([handle], None),
+        "vmmpp_copy_piece_pairs": ([p, p, ctypes.POINTER(PiecePair), u64, p, ctypes.c_int], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -193,7 +220,7 @@ class KVCache:
     "gh200" (managed); layout: one of LAYOUTS (sequence_contiguous needs max_tokens_per_sequence)."""
 
     def __init__(self, *, layers, kv_heads, head_dim, max_blocks, dtype="f16", block_tokens=16, config="host",
-                 layout="layer_major", device=0, budget_bytes=0, max_tokens_per_sequence=0, library=None):
+                 layout="layer_major", device=0, budget_bytes=0, max_tokens_per_sequence=0, peers=(), library=None):
         lib = load_library(library)
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -204,8 +231,9 @@ class KVCache:
         self.layout = layout
         self._handle = None
         handle = ctypes.c_void_p()
-        _check(lib.vmmpp_kv_create(ctypes.byref(self.geometry), config.encode(), layout.encode(), device,
-                                   budget_bytes, ctypes.byref(handle)))
+        peer_ids = (ctypes.c_int * max(1, len(peers)))(*peers)
+        _check(lib.vmmpp_kv_create_with_peers(ctypes.byref(self.geometry), config.encode(), layout.encode(), device,
+                                              budget_bytes, peer_ids, len(peers), ctypes.byref(handle)))
         self._handle = handle
 
     # --- lifetime ---
@@ -348,6 +376,30 @@ class KVCache:
                                              shape, strides))
         return data.value or 0, tuple(shape), tuple(strides)
 
+    # --- moving blocks (vmmpp/interop/nixl.hpp) ---
+    def span(self):
+        """(base address, capacity in bytes, device; -1 for host memory) of the cache's span."""
+        base, capacity, device = ctypes.c_void_p(), ctypes.c_uint64(), ctypes.c_int32()
+        _check(_lib.vmmpp_kv_span(self._handle_or_raise(), ctypes.byref(base), ctypes.byref(capacity),
+                                  ctypes.byref(device)))
+        return base.value or 0, capacity.value, device.value
+
+    def committed_extents(self):
+        """[(offset, bytes, commit)] of the pool's committed extents, lowest offset first: the
+        regions a transfer engine registers (one physical handle each on vmm)."""
+        return [(e.offset, e.bytes, e.commit) for e in _read_list(Extent, lambda out, cap, count: _lib.vmmpp_kv_committed_extents(
+            self._handle_or_raise(), out, cap, count))]
+
+    def block_pieces(self, blocks):
+        """[(offset, bytes)] holding `blocks` (live ids), in list order, each inside one extent."""
+        ids = (ctypes.c_int32 * max(1, len(blocks)))(*blocks)
+        return [(r.offset, r.bytes) for r in _read_list(Range, lambda out, cap, count: _lib.vmmpp_kv_block_pieces(
+            self._handle_or_raise(), ids, len(blocks), out, cap, count))]
+
+    def send_shared_pages(self, socket_fd):
+        """vmm configurations: sends every committed handle over a connected Unix socket."""
+        _check(_lib.vmmpp_kv_send_shared_pages(self._handle_or_raise(), socket_fd))
+
     def write_test_pattern(self, seq, first=0, count=None):
         """Writes test_pattern values for tokens [first, first + count) (host-accessible caches)."""
         if count is None:
@@ -393,6 +445,80 @@ def remove_process_budget(budget_name):
     removed = ctypes.c_int()
     _check(lib.vmmpp_kv_process_budget_remove(budget_name.encode(), ctypes.byref(removed)))
     return bool(removed.value)
+
+
+def _read_list(struct, call):
+    """Items of a C call that fills out[capacity] and reports *count (asked twice if needed)."""
+    count = ctypes.c_uint64()
+    capacity = 64
+    while True:
+        out = (struct * capacity)()
+        _check(call(out, capacity, ctypes.byref(count)))
+        if count.value <= capacity:
+            return list(out[:count.value])
+        capacity = count.value
+
+
+def pair_pieces(local, remote):
+    """[(local_offset, remote_offset, bytes)]: two piece lists of the same bytes lined up."""
+    a = (Range * max(1, len(local)))(*local)
+    b = (Range * max(1, len(remote)))(*remote)
+    return [(q.local_offset, q.remote_offset, q.bytes) for q in _read_list(
+        PiecePair, lambda out, cap, count: load_library().vmmpp_pair_pieces(a, len(local), b, len(remote), out, cap,
+                                                                            count))]
+
+
+def copy_blocks(src, src_blocks, dst, dst_blocks, stream=None):
+    """vmmpp::copy_blocks between two caches of one configuration and layout, on `stream`."""
+    n = len(src_blocks)
+    a = (ctypes.c_int32 * max(1, n))(*src_blocks)
+    b = (ctypes.c_int32 * max(1, len(dst_blocks)))(*dst_blocks)
+    if len(dst_blocks) != n:
+        raise ValueError(f"{n} source blocks but {len(dst_blocks)} destination blocks")
+    _check(load_library().vmmpp_kv_copy_blocks(src._handle_or_raise(), a, dst._handle_or_raise(), b, n,
+                                               ctypes.c_void_p(stream)))
+
+
+COPY_ONE_BY_ONE = 1
+
+
+def copy_piece_pairs(local_base, remote_base, pairs, stream=None, one_by_one=False):
+    """Queues the copies of [(local_offset, remote_offset, bytes)] on `stream`: one batch
+    (cudaMemcpyBatchAsync), or one cudaMemcpyAsync each."""
+    array_ = (PiecePair * max(1, len(pairs)))(*pairs)
+    _check(load_library().vmmpp_copy_piece_pairs(ctypes.c_void_p(local_base), ctypes.c_void_p(remote_base), array_,
+                                                 len(pairs), ctypes.c_void_p(stream),
+                                                 COPY_ONE_BY_ONE if one_by_one else 0))
+
+
+class ImportedPages:
+    """Another process's vmm pages (sent by KVCache.send_shared_pages) mapped here for `device`,
+    at the owner's offsets. close() unmaps them, so the owner's memory can go back."""
+
+    def __init__(self, socket_fd, device):
+        lib = load_library()
+        self._handle = None
+        handle = ctypes.c_void_p()
+        _check(lib.vmmpp_import_pages(socket_fd, device, ctypes.byref(handle)))
+        self._handle = handle
+        base, capacity, mapped = ctypes.c_void_p(), ctypes.c_uint64(), ctypes.c_uint64()
+        _check(lib.vmmpp_imported_pages_span(handle, ctypes.byref(base), ctypes.byref(capacity), ctypes.byref(mapped)))
+        self.base, self.capacity, self.mapped_bytes = base.value or 0, capacity.value, mapped.value
+
+    def close(self):
+        if self._handle is not None:
+            _lib.vmmpp_imported_pages_destroy(self._handle)
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_handle", None) is not None and _lib is not None:
+            self.close()
 
 
 def live_exports():

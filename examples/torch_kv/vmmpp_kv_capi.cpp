@@ -19,7 +19,10 @@
 
 #include "vmmpp/config.hpp"
 #include "vmmpp/interop/dlpack.hpp"
+#include "vmmpp/interop/nixl.hpp"
+#include "vmmpp/interop/shared_pages.hpp"
 #include "vmmpp/kv/cache.hpp"
+#include "vmmpp/kv/transfer.hpp"
 #include "vmmpp/quota/process_budget.hpp"
 
 namespace {
@@ -53,6 +56,19 @@ public:
     virtual const vmmpp::kv_geometry& geometry() const noexcept = 0;
     /// 2 (K and V) or 1 (mla: the latent only).
     virtual unsigned parts() const noexcept = 0;
+    /// The span: its first byte, its size, its device (-1: host memory).
+    virtual std::byte* base() const noexcept = 0;
+    virtual std::size_t capacity() const noexcept = 0;
+    virtual int device() const noexcept = 0;
+    /// The pool's committed extents (what a transfer engine registers).
+    virtual std::vector<vmmpp::committed_extent> committed_extents() const = 0;
+    /// vmmpp::block_pieces of `blocks`.
+    virtual std::vector<vmmpp::byte_range> block_pieces(std::span<const std::int32_t> blocks) const = 0;
+    /// vmm configurations: sends every committed handle over `socket` (vmmpp::send_shared_pages).
+    virtual void send_shared_pages(int socket) const = 0;
+    /// vmmpp::copy_blocks from this cache into `dst`, which has the same configuration and layout.
+    virtual void copy_blocks_to(std::span<const std::int32_t> src_blocks, cache_base& dst,
+                                std::span<const std::int32_t> dst_blocks, cudaStream_t stream) const = 0;
 
     /// Serialises the calls made through handles (the cache is not thread safe by itself).
     std::mutex mutex;
@@ -117,6 +133,30 @@ public:
     }
     const vmmpp::kv_geometry& geometry() const noexcept override { return cache_.geometry(); }
     unsigned parts() const noexcept override { return Layout::parts; }
+    std::byte* base() const noexcept override { return cache_.pool().base(); }
+    std::size_t capacity() const noexcept override { return cache_.pool().capacity(); }
+    int device() const noexcept override { return cache_.pool().device(); }
+    std::vector<vmmpp::committed_extent> committed_extents() const override {
+        return cache_.pool().committed_extents();
+    }
+    std::vector<vmmpp::byte_range> block_pieces(std::span<const std::int32_t> blocks) const override {
+        return vmmpp::block_pieces(cache_, blocks);
+    }
+    void send_shared_pages(int socket) const override {
+        if constexpr (std::is_same_v<typename Config::backing_type, vmmpp::vmm>) {
+            cache_.pool().with_backing([&](const vmmpp::vmm& b) { vmmpp::send_shared_pages(socket, b); });
+        } else {
+            throw vmmpp::invalid_argument("shared pages need a vmm configuration (elastic or elastic_pages)");
+        }
+    }
+    void copy_blocks_to(std::span<const std::int32_t> src_blocks, cache_base& dst,
+                        std::span<const std::int32_t> dst_blocks, cudaStream_t stream) const override {
+        auto* same = dynamic_cast<cache_impl*>(&dst);
+        if (same == nullptr) {
+            throw vmmpp::invalid_argument("copy_blocks: the caches differ in configuration or layout");
+        }
+        vmmpp::copy_blocks(cache_, src_blocks, same->cache_, dst_blocks, stream);
+    }
 
 private:
     cache_type cache_;
@@ -124,7 +164,11 @@ private:
 
 template <class Layout>
 std::shared_ptr<cache_base> make_cache(std::string_view config, const vmmpp::kv_geometry& g, int device,
-                                       std::uint64_t budget_bytes) {
+                                       std::uint64_t budget_bytes, const std::vector<int>& peers) {
+    if (!peers.empty() && config != "elastic" && config != "elastic_pages") {
+        throw vmmpp::invalid_argument("peer devices are given to vmm configurations only (elastic, elastic_pages), not '" +
+                                      std::string(config) + "'");
+    }
     if (config == "host") {
         return std::make_shared<cache_impl<vmmpp::host_config, Layout>>(g);
     }
@@ -134,7 +178,7 @@ std::shared_ptr<cache_base> make_cache(std::string_view config, const vmmpp::kv_
         const std::size_t limit = budget_bytes != 0 ? budget_bytes : (Layout::span_bytes(g) + page - 1) / page * page;
         vmmpp::budget budget(limit);
         return std::make_shared<cache_impl<vmmpp::elastic_config, Layout>>(
-            g, vmmpp::vmm_options{.device = device}, typename vmmpp::elastic_config::growth_type{},
+            g, vmmpp::vmm_options{.device = device, .peer_devices = peers}, typename vmmpp::elastic_config::growth_type{},
             budget.register_model("kv", limit));
     }
     if (config == "elastic_pages") {
@@ -144,7 +188,7 @@ std::shared_ptr<cache_base> make_cache(std::string_view config, const vmmpp::kv_
         constexpr std::size_t page = std::size_t{2} << 20;
         const std::size_t limit = budget_bytes != 0 ? budget_bytes : (Layout::span_bytes(g) + page - 1) / page * page;
         vmmpp::budget budget(limit);
-        return std::make_shared<cache_impl<pages_config, Layout>>(g, vmmpp::vmm_options{.device = device},
+        return std::make_shared<cache_impl<pages_config, Layout>>(g, vmmpp::vmm_options{.device = device, .peer_devices = peers},
                                                                   vmmpp::page_granular{},
                                                                   budget.register_model("kv", limit));
     }
@@ -292,26 +336,34 @@ const char* vmmpp_kv_last_error(void) { return last_error.c_str(); }
 
 vmmpp_kv_status vmmpp_kv_create(const vmmpp_kv_geometry* geometry, const char* config, const char* layout, int device,
                                 uint64_t budget_bytes, vmmpp_kv** out) {
+    return vmmpp_kv_create_with_peers(geometry, config, layout, device, budget_bytes, nullptr, 0, out);
+}
+
+vmmpp_kv_status vmmpp_kv_create_with_peers(const vmmpp_kv_geometry* geometry, const char* config, const char* layout,
+                                           int device, uint64_t budget_bytes, const int* peers, uint64_t n_peers,
+                                           vmmpp_kv** out) {
     return guarded([&] {
-        require(geometry != nullptr && config != nullptr && layout != nullptr && out != nullptr,
+        require(geometry != nullptr && config != nullptr && layout != nullptr && out != nullptr &&
+                    (peers != nullptr || n_peers == 0),
                 "vmmpp_kv_create: null argument");
+        const std::vector<int> peer_list(peers, peers + n_peers);
         const vmmpp::kv_geometry g = to_geometry(*geometry, "vmmpp_kv_create");
         auto handle = std::make_unique<vmmpp_kv>();
         const std::string_view l(layout);
         if (l == "layer_major") {
-            handle->cache = make_cache<vmmpp::layer_major>(config, g, device, budget_bytes);
+            handle->cache = make_cache<vmmpp::layer_major>(config, g, device, budget_bytes, peer_list);
         } else if (l == "layer_major_hnd") {
-            handle->cache = make_cache<vmmpp::layer_major_hnd>(config, g, device, budget_bytes);
+            handle->cache = make_cache<vmmpp::layer_major_hnd>(config, g, device, budget_bytes, peer_list);
         } else if (l == "block_major") {
-            handle->cache = make_cache<vmmpp::block_major>(config, g, device, budget_bytes);
+            handle->cache = make_cache<vmmpp::block_major>(config, g, device, budget_bytes, peer_list);
         } else if (l == "block_major_hnd") {
-            handle->cache = make_cache<vmmpp::block_major_hnd>(config, g, device, budget_bytes);
+            handle->cache = make_cache<vmmpp::block_major_hnd>(config, g, device, budget_bytes, peer_list);
         } else if (l == "packed_kv") {
-            handle->cache = make_cache<vmmpp::packed_kv>(config, g, device, budget_bytes);
+            handle->cache = make_cache<vmmpp::packed_kv>(config, g, device, budget_bytes, peer_list);
         } else if (l == "mla") {
-            handle->cache = make_cache<vmmpp::mla>(config, g, device, budget_bytes);
+            handle->cache = make_cache<vmmpp::mla>(config, g, device, budget_bytes, peer_list);
         } else if (l == "sequence_contiguous") {
-            handle->cache = make_cache<vmmpp::sequence_contiguous>(config, g, device, budget_bytes);
+            handle->cache = make_cache<vmmpp::sequence_contiguous>(config, g, device, budget_bytes, peer_list);
         } else {
             throw vmmpp::invalid_argument("unknown layout '" + std::string(l) +
                                           "' (layer_major, layer_major_hnd, block_major, block_major_hnd, packed_kv, "
@@ -651,6 +703,163 @@ vmmpp_kv_status vmmpp_kv_process_budget_remove(const char* budget_name, int* rem
         const bool r = vmmpp::process_budget::remove(budget_name);
         if (removed != nullptr) {
             *removed = r ? 1 : 0;
+        }
+    });
+}
+
+} // extern "C"
+
+// --- moving blocks between caches and processes (examples/nixl_transfer) ---
+
+struct vmmpp_imported_pages {
+    vmmpp::imported_pages pages;
+};
+
+namespace {
+/// Copies min(count, capacity) items of `items` to `out` and sets *count to how many there are.
+template <class T, class U, class F>
+void copy_out(const std::vector<T>& items, U* out, uint64_t capacity, uint64_t* count, F&& convert) {
+    *count = items.size();
+    const std::size_t n = std::min<std::size_t>(items.size(), capacity);
+    for (std::size_t i = 0; i < n; ++i) {
+        out[i] = convert(items[i]);
+    }
+}
+
+std::vector<vmmpp::byte_range> to_ranges(const vmmpp_kv_range* in, uint64_t n) {
+    std::vector<vmmpp::byte_range> out(n);
+    for (uint64_t i = 0; i < n; ++i) {
+        out[i] = {in[i].offset, in[i].bytes};
+    }
+    return out;
+}
+} // namespace
+
+extern "C" {
+
+vmmpp_kv_status vmmpp_kv_span(vmmpp_kv* kv, void** base, uint64_t* capacity, int32_t* device) {
+    return guarded([&] {
+        require(kv != nullptr && base != nullptr && capacity != nullptr && device != nullptr,
+                "vmmpp_kv_span: null argument");
+        *base = kv->cache->base();  // fixed for the cache's life: no lock
+        *capacity = kv->cache->capacity();
+        *device = kv->cache->device();
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_committed_extents(vmmpp_kv* kv, vmmpp_kv_extent* out, uint64_t capacity, uint64_t* count) {
+    return guarded([&] {
+        require(kv != nullptr && count != nullptr && (out != nullptr || capacity == 0),
+                "vmmpp_kv_committed_extents: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        copy_out(kv->cache->committed_extents(), out, capacity, count, [](const vmmpp::committed_extent& e) {
+            return vmmpp_kv_extent{e.offset, e.bytes, e.commit};
+        });
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_block_pieces(vmmpp_kv* kv, const int32_t* blocks, uint64_t n_blocks, vmmpp_kv_range* out,
+                                      uint64_t capacity, uint64_t* count) {
+    return guarded([&] {
+        require(kv != nullptr && count != nullptr && (blocks != nullptr || n_blocks == 0) &&
+                    (out != nullptr || capacity == 0),
+                "vmmpp_kv_block_pieces: null argument");
+        std::lock_guard lock(kv->cache->mutex);
+        copy_out(kv->cache->block_pieces(std::span<const std::int32_t>(blocks, n_blocks)), out, capacity, count,
+                 [](const vmmpp::byte_range& r) { return vmmpp_kv_range{r.offset, r.bytes}; });
+    });
+}
+
+vmmpp_kv_status vmmpp_pair_pieces(const vmmpp_kv_range* local, uint64_t n_local, const vmmpp_kv_range* remote,
+                                  uint64_t n_remote, vmmpp_kv_piece_pair* out, uint64_t capacity, uint64_t* count) {
+    return guarded([&] {
+        require(count != nullptr && (local != nullptr || n_local == 0) && (remote != nullptr || n_remote == 0) &&
+                    (out != nullptr || capacity == 0),
+                "vmmpp_pair_pieces: null argument");
+        copy_out(vmmpp::pair_pieces(to_ranges(local, n_local), to_ranges(remote, n_remote)), out, capacity, count,
+                 [](const vmmpp::piece_pair& p) {
+                     return vmmpp_kv_piece_pair{p.local_offset, p.remote_offset, p.bytes};
+                 });
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_copy_blocks(vmmpp_kv* src, const int32_t* src_blocks, vmmpp_kv* dst,
+                                     const int32_t* dst_blocks, uint64_t n_blocks, void* stream) {
+    return guarded([&] {
+        require(src != nullptr && dst != nullptr && ((src_blocks != nullptr && dst_blocks != nullptr) || n_blocks == 0),
+                "vmmpp_kv_copy_blocks: null argument");
+        // Both caches' locks, in one order whatever the argument order (one lock if one cache).
+        std::unique_lock first(std::less<>{}(src->cache.get(), dst->cache.get()) ? src->cache->mutex : dst->cache->mutex);
+        std::unique_lock<std::mutex> second;
+        if (src->cache != dst->cache) {
+            second = std::unique_lock(std::less<>{}(src->cache.get(), dst->cache.get()) ? dst->cache->mutex
+                                                                                        : src->cache->mutex);
+        }
+        src->cache->copy_blocks_to(std::span<const std::int32_t>(src_blocks, n_blocks), *dst->cache,
+                                   std::span<const std::int32_t>(dst_blocks, n_blocks), static_cast<cudaStream_t>(stream));
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_send_shared_pages(vmmpp_kv* kv, int socket) {
+    return guarded([&] {
+        require(kv != nullptr, "vmmpp_kv_send_shared_pages: null handle");
+        std::lock_guard lock(kv->cache->mutex);
+        kv->cache->send_shared_pages(socket);
+    });
+}
+
+vmmpp_kv_status vmmpp_import_pages(int socket, int device, vmmpp_imported_pages** out) {
+    return guarded([&] {
+        require(out != nullptr, "vmmpp_import_pages: null argument");
+        *out = new vmmpp_imported_pages{vmmpp::imported_pages(socket, device)};
+    });
+}
+
+vmmpp_kv_status vmmpp_imported_pages_span(vmmpp_imported_pages* pages, void** base, uint64_t* capacity,
+                                          uint64_t* mapped_bytes) {
+    return guarded([&] {
+        require(pages != nullptr && base != nullptr && capacity != nullptr && mapped_bytes != nullptr,
+                "vmmpp_imported_pages_span: null argument");
+        *base = pages->pages.base();
+        *capacity = pages->pages.capacity();
+        *mapped_bytes = pages->pages.mapped_bytes();
+    });
+}
+
+void vmmpp_imported_pages_destroy(vmmpp_imported_pages* pages) { delete pages; }
+
+vmmpp_kv_status vmmpp_copy_piece_pairs(void* local_base, const void* remote_base, const vmmpp_kv_piece_pair* pairs,
+                                       uint64_t n_pairs, void* stream, int flags) {
+    return guarded([&] {
+        require(local_base != nullptr && remote_base != nullptr && (pairs != nullptr || n_pairs == 0),
+                "vmmpp_copy_piece_pairs: null argument");
+        require((flags & ~VMMPP_COPY_ONE_BY_ONE) == 0, "vmmpp_copy_piece_pairs: unknown flags");
+        auto* to = static_cast<std::byte*>(local_base);
+        const auto* from = static_cast<const std::byte*>(remote_base);
+        // The batch API refuses the legacy default stream (cudaErrorInvalidValue): copy one by one there.
+        if (n_pairs > 1 && stream != nullptr && (flags & VMMPP_COPY_ONE_BY_ONE) == 0) {
+            // One submission for the whole list: a few microseconds per copy less than one
+            // cudaMemcpyAsync each, which is most of a 2 MiB copy's time over NVLink.
+            std::vector<void*> dsts(n_pairs);
+            std::vector<const void*> srcs(n_pairs);
+            std::vector<std::size_t> sizes(n_pairs);
+            for (uint64_t i = 0; i < n_pairs; ++i) {
+                dsts[i] = to + pairs[i].local_offset;
+                srcs[i] = from + pairs[i].remote_offset;
+                sizes[i] = pairs[i].bytes;
+            }
+            cudaMemcpyAttributes attributes{};
+            attributes.srcAccessOrder = cudaMemcpySrcAccessOrderStream;  // the source is read in stream order
+            std::size_t attribute_index = 0;
+            vmmpp::driver::check(::cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), n_pairs, &attributes,
+                                                        &attribute_index, 1, static_cast<cudaStream_t>(stream)),
+                                 "cudaMemcpyBatchAsync(vmmpp_copy_piece_pairs)");
+            return;
+        }
+        for (uint64_t i = 0; i < n_pairs; ++i) {
+            vmmpp::driver::check(::cudaMemcpyAsync(to + pairs[i].local_offset, from + pairs[i].remote_offset,
+                                                   pairs[i].bytes, cudaMemcpyDefault, static_cast<cudaStream_t>(stream)),
+                                 "cudaMemcpyAsync(vmmpp_copy_piece_pairs)");
         }
     });
 }

@@ -73,6 +73,12 @@ VMMPP_KV_API const char* vmmpp_kv_last_error(void);
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_create(const vmmpp_kv_geometry* geometry, const char* config,
                                              const char* layout, int device, uint64_t budget_bytes,
                                              vmmpp_kv** out);
+/** As vmmpp_kv_create, and devices peers[n_peers] may read and write the cache's memory too
+ *  (vmmpp::vmm_options::peer_devices: copies between GPUs go direct). vmm configurations only
+ *  ("elastic", "elastic_pages"); others refuse peers with VMMPP_KV_INVALID_ARGUMENT. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_create_with_peers(const vmmpp_kv_geometry* geometry, const char* config,
+                                                        const char* layout, int device, uint64_t budget_bytes,
+                                                        const int* peers, uint64_t n_peers, vmmpp_kv** out);
 /** Drops the handle (NULL is ignored). Exports still alive keep the cache. */
 VMMPP_KV_API void vmmpp_kv_destroy(vmmpp_kv* kv);
 
@@ -173,6 +179,70 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_kv_process_budget_stats(const char* budget_na
 /** Unlinks the process budget `budget_name` (attached processes keep theirs); *removed (may be
  *  NULL) gets 1 if there was one. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_process_budget_remove(const char* budget_name, int* removed);
+
+/* Moving blocks between caches, processes and GPUs (vmmpp/interop/nixl.hpp; examples/nixl_transfer). */
+
+/** A committed extent of the cache's pool: one backing commit (one physical handle on vmm), the
+ *  unit a transfer engine registers. commit numbers the commit that made it (a new one when
+ *  memory given back is committed again at the same offset). */
+typedef struct {
+    uint64_t offset;
+    uint64_t bytes;
+    uint64_t commit;
+} vmmpp_kv_extent;
+/** Bytes [offset, offset + bytes) of a cache's span. */
+typedef struct {
+    uint64_t offset;
+    uint64_t bytes;
+} vmmpp_kv_range;
+/** One transfer of `bytes` bytes between offset local_offset here and remote_offset there. */
+typedef struct {
+    uint64_t local_offset;
+    uint64_t remote_offset;
+    uint64_t bytes;
+} vmmpp_kv_piece_pair;
+typedef struct vmmpp_imported_pages vmmpp_imported_pages;
+
+/** The cache's span: *base (offsets count from it), *capacity bytes, *device (-1: host memory). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_span(vmmpp_kv* kv, void** base, uint64_t* capacity, int32_t* device);
+/** The committed extents, lowest offset first: *count gets how many, the first min(capacity,
+ *  count) go to out. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_committed_extents(vmmpp_kv* kv, vmmpp_kv_extent* out, uint64_t capacity,
+                                                        uint64_t* count);
+/** vmmpp::block_pieces: the byte pieces of blocks[n_blocks] (live ids), in list order, adjacent
+ *  ones merged, cut where an extent ends; *count and out as for vmmpp_kv_committed_extents. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_block_pieces(vmmpp_kv* kv, const int32_t* blocks, uint64_t n_blocks,
+                                                   vmmpp_kv_range* out, uint64_t capacity, uint64_t* count);
+/** vmmpp::pair_pieces: two piece lists of the same bytes lined up into pairs of equal length;
+ *  VMMPP_KV_INVALID_ARGUMENT if their totals differ. *count and out as above. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_pair_pieces(const vmmpp_kv_range* local, uint64_t n_local,
+                                               const vmmpp_kv_range* remote, uint64_t n_remote,
+                                               vmmpp_kv_piece_pair* out, uint64_t capacity, uint64_t* count);
+/** vmmpp::copy_blocks: blocks src_blocks[i] of src into dst_blocks[i] of dst, queued on `stream`
+ *  (a cudaStream_t; NULL: the legacy default stream). The caches must share configuration and
+ *  layout; between GPUs, create them with each other's device as a peer. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_copy_blocks(vmmpp_kv* src, const int32_t* src_blocks, vmmpp_kv* dst,
+                                                  const int32_t* dst_blocks, uint64_t n_blocks, void* stream);
+/** vmm configurations: sends every committed physical handle over the connected Unix socket
+ *  `socket` (vmmpp::send_shared_pages); the receiver gets read/write access to them. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_send_shared_pages(vmmpp_kv* kv, int socket);
+/** Receives what vmmpp_kv_send_shared_pages sent on `socket` and maps it at the same offsets of
+ *  a span reserved here, read/write for `device` (another GPU than the owner's: a peer mapping). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_import_pages(int socket, int device, vmmpp_imported_pages** out);
+VMMPP_KV_API vmmpp_kv_status vmmpp_imported_pages_span(vmmpp_imported_pages* pages, void** base,
+                                                       uint64_t* capacity, uint64_t* mapped_bytes);
+/** Unmaps and releases the imported pages (NULL is ignored); the owner's memory can then go back. */
+VMMPP_KV_API void vmmpp_imported_pages_destroy(vmmpp_imported_pages* pages);
+/** flags of vmmpp_copy_piece_pairs: one cudaMemcpyAsync per pair instead of one batch. */
+#define VMMPP_COPY_ONE_BY_ONE 1
+/** Queues the copies of pairs[n_pairs], (local_base + local_offset) <- (remote_base +
+ *  remote_offset), `bytes` each, on `stream`: blocks pulled from imported pages into this
+ *  process's cache. One cudaMemcpyBatchAsync for the list (flags 0; on a stream other than the
+ *  legacy default one, which the batch API refuses), or one cudaMemcpyAsync per pair
+ *  (VMMPP_COPY_ONE_BY_ONE, or stream NULL). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_copy_piece_pairs(void* local_base, const void* remote_base,
+                                                    const vmmpp_kv_piece_pair* pairs, uint64_t n_pairs, void* stream,
+                                                    int flags);
 
 #ifdef __cplusplus
 }

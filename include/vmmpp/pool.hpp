@@ -47,6 +47,16 @@ struct byte_range {
     std::size_t bytes = 0;
 };
 
+/// A committed extent of a pool (elastic_pool::committed_extents): where it lies in the span,
+/// and `commit`, the number of the commit that made it (it grows with every commit, so an extent
+/// given back and committed again at the same offset is told apart from the old one).
+struct committed_extent {
+    std::size_t offset = 0;
+    std::size_t bytes = 0;
+    std::uint64_t commit = 0;
+    friend bool operator==(const committed_extent&, const committed_extent&) = default;
+};
+
 /// A fence recorded by elastic_pool::record_fence: memory released "after" it goes back to the
 /// device only once the GPU work queued before it has completed. The default is no fence.
 struct pool_fence {
@@ -496,6 +506,22 @@ public:
         std::lock_guard lock(mutex_);
         return stats_.committed;
     }
+    /// The committed extents, lowest offset first: each is what one backing commit mapped (one
+    /// physical handle on the vmm backing), the regions a transfer engine registers, since NIXL
+    /// and UCX export and import a handle whole (vmmpp/interop/nixl.hpp).
+    [[nodiscard]] std::vector<committed_extent> committed_extents() const {
+        std::lock_guard lock(mutex_);
+        std::vector<committed_extent> out;
+        for (std::size_t u = 0; u < units_;) {
+            if (table_.state[u] != detail::unit_state::committed || table_.extent_first[u] != u) {
+                ++u;  // uncommitted, retired or on its way (the mapper's): not memory to hand out
+                continue;
+            }
+            out.push_back({unit_offset(u), extent_bytes_of(u), table_.extent_commit[u]});
+            u += table_.extent_units[u];
+        }
+        return out;
+    }
     /// Whether every page under [offset, offset+bytes) is committed.
     [[nodiscard]] bool is_committed(std::size_t offset, std::size_t bytes) const {
         check_range("is_committed", offset, bytes);
@@ -754,6 +780,7 @@ private:
         set_extent_state(first, detail::unit_state::committed);
         table_.committed += n;
         ++stats_.commits;
+        table_.extent_commit[first] = stats_.commits;
         stats_.mapper_commits += by_mapper ? 1 : 0;
         stats_.committed += extent_bytes(first, n);
         stats_.peak_committed = std::max(stats_.peak_committed, stats_.committed);

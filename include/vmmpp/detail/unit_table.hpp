@@ -72,7 +72,7 @@ struct unit_table {
     /// `units` uncommitted units.
     explicit unit_table(std::size_t units)
         : state(units, unit_state::uncommitted), held_pages(units, 0), fence(units, 0), extent_first(units, 0),
-          extent_units(units, 0), extent_idle(units, 0), idle(units) {}
+          extent_units(units, 0), extent_idle(units, 0), extent_commit(units, 0), idle(units) {}
 
     std::vector<unit_state> state;
     std::vector<std::uint32_t> held_pages;  ///< per unit: how many of its pages something holds
@@ -81,6 +81,7 @@ struct unit_table {
     std::vector<std::uint32_t> extent_first;  ///< per unit (not uncommitted): the first unit of its extent
     std::vector<std::uint32_t> extent_units;  ///< per extent's first unit: how many units it covers
     std::vector<std::uint32_t> extent_idle;   ///< per extent's first unit: how many of them are idle
+    std::vector<std::uint64_t> extent_commit; ///< per extent's first unit: the number of the commit that made it
     std::set<std::size_t> idle_extents;       ///< first units of committed extents all of whose units are idle
     unit_set idle;                            ///< committed units nothing holds (spares)
 
