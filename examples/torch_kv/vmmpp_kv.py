@@ -215,7 +215,28 @@ class SequenceTensor(KVTensor):
                                              ctypes.byref(pointer)))
 
 
-class KVCache:
+class _OwnedHandle:
+    """A C handle freed once, by `_destroy` (a C ABI function's name): on close(), on leaving a
+    `with` block, or when the object is collected."""
+    _destroy = None
+
+    def close(self):
+        if self._handle is not None:
+            getattr(_lib, self._destroy)(self._handle)
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_handle", None) is not None and _lib is not None:
+            self.close()
+
+
+class KVCache(_OwnedHandle):
     """A vmmpp::kv_cache. config: "host" (no GPU), "elastic" (vmm, budget_bytes), "static",
     "gh200" (managed); layout: one of LAYOUTS (sequence_contiguous needs max_tokens_per_sequence)."""
 
@@ -236,22 +257,8 @@ class KVCache:
                                               budget_bytes, peer_ids, len(peers), ctypes.byref(handle)))
         self._handle = handle
 
-    # --- lifetime ---
-    def close(self):
-        """Drops the handle; exports still alive keep the cache's memory."""
-        if self._handle is not None:
-            _lib.vmmpp_kv_destroy(self._handle)
-            self._handle = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        if getattr(self, "_handle", None) is not None and _lib is not None:
-            self.close()
+    # close() drops the handle; exports still alive keep the cache's memory.
+    _destroy = "vmmpp_kv_destroy"
 
     def _handle_or_raise(self):
         if self._handle is None:
@@ -387,8 +394,9 @@ class KVCache:
     def committed_extents(self):
         """[(offset, bytes, commit)] of the pool's committed extents, lowest offset first: the
         regions a transfer engine registers (one physical handle each on vmm)."""
-        return [(e.offset, e.bytes, e.commit) for e in _read_list(Extent, lambda out, cap, count: _lib.vmmpp_kv_committed_extents(
-            self._handle_or_raise(), out, cap, count))]
+        handle = self._handle_or_raise()
+        extents = _read_list(Extent, lambda out, cap, count: _lib.vmmpp_kv_committed_extents(handle, out, cap, count))
+        return [(e.offset, e.bytes, e.commit) for e in extents]
 
     def block_pieces(self, blocks):
         """[(offset, bytes)] holding `blocks` (live ids), in list order, each inside one extent."""
@@ -491,7 +499,7 @@ def copy_piece_pairs(local_base, remote_base, pairs, stream=None, one_by_one=Fal
                                                  COPY_ONE_BY_ONE if one_by_one else 0))
 
 
-class ImportedPages:
+class ImportedPages(_OwnedHandle):
     """Another process's vmm pages (sent by KVCache.send_shared_pages) mapped here for `device`,
     at the owner's offsets. close() unmaps them, so the owner's memory can go back."""
 
@@ -505,20 +513,7 @@ class ImportedPages:
         _check(lib.vmmpp_imported_pages_span(handle, ctypes.byref(base), ctypes.byref(capacity), ctypes.byref(mapped)))
         self.base, self.capacity, self.mapped_bytes = base.value or 0, capacity.value, mapped.value
 
-    def close(self):
-        if self._handle is not None:
-            _lib.vmmpp_imported_pages_destroy(self._handle)
-            self._handle = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        if getattr(self, "_handle", None) is not None and _lib is not None:
-            self.close()
+    _destroy = "vmmpp_imported_pages_destroy"
 
 
 def live_exports():
