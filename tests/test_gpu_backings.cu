@@ -6,6 +6,8 @@
 
 #include <boost/mpl/list.hpp>
 
+#include <dlfcn.h>
+
 #include <vector>
 
 #include "vmmpp/backing/device.hpp"
@@ -103,6 +105,31 @@ BOOST_AUTO_TEST_CASE(decommit_returns_device_memory) {
     const std::size_t back = free_device_bytes();
     BOOST_TEST(back + 4 * MiB >= start, "free after decommit " << back << ", at start " << start);
     BOOST_TEST(b.handle_count() == 0u);
+}
+
+// vmm_options::gpu_direct_rdma: the driver reports committed pages GPUDirect RDMA capable only
+// when asked (what UCX checks before registering them with an RDMA NIC, docs/NIXL.md).
+BOOST_AUTO_TEST_CASE(gpu_direct_rdma_pages_say_so) {
+    cuda_check(cudaSetDevice(0));
+    if (!vmmpp::supports_gpu_direct_rdma_with_vmm(0)) {
+        BOOST_CHECK_THROW(vmmpp::vmm(4 * MiB, {.gpu_direct_rdma = true}), vmmpp::invalid_argument);
+        return;
+    }
+    using pointer_attribute = CUresult (*)(void*, CUpointer_attribute, CUdeviceptr);
+    void* libcuda = ::dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    BOOST_TEST_REQUIRE(libcuda != nullptr);
+    const auto get = reinterpret_cast<pointer_attribute>(::dlsym(libcuda, "cuPointerGetAttribute"));
+    BOOST_TEST_REQUIRE(get != nullptr);
+    for (const bool rdma : {false, true}) {
+        vmmpp::vmm b(64 * MiB, {.gpu_direct_rdma = rdma});
+        b.commit(0, 4 * MiB);
+        int capable = -1;
+        BOOST_TEST(get(&capable, CU_POINTER_ATTRIBUTE_IS_GPU_DIRECT_RDMA_CAPABLE,
+                       reinterpret_cast<CUdeviceptr>(b.base())) == CUDA_SUCCESS);
+        BOOST_TEST(capable == (rdma ? 1 : 0), "gpu_direct_rdma " << rdma);
+        BOOST_TEST(write_and_verify(b.base(), 4 * MiB, 3u) == 0u);
+    }
+    ::dlclose(libcuda);
 }
 
 BOOST_AUTO_TEST_CASE(fixed_handle_size_splits_commits) {

@@ -413,3 +413,34 @@ BOOST_AUTO_TEST_CASE(a_failed_release_is_counted_as_leaked) {
 }
 
 BOOST_AUTO_TEST_SUITE_END()
+
+// vmm_options::gpu_direct_rdma: every handle, fresh or kept and reused, is created GPUDirect RDMA
+// capable (what an RDMA NIC needs to register it); without the option none is; a device without
+// GPUDirect RDMA on VMM memory refuses the option, naming the device.
+BOOST_AUTO_TEST_CASE(gpu_direct_rdma_handles_only_when_asked) {
+    const std::size_t g = granule();
+    const std::size_t before = fakecuda::gpu_direct_rdma_handles();
+    {
+        vmmpp::vmm rdma(8 * g, {.handle_bytes = g, .max_cached_handles = 2, .gpu_direct_rdma = true});
+        rdma.commit(0, 3 * g);
+        BOOST_TEST(fakecuda::gpu_direct_rdma_handles() == before + 3);
+        rdma.decommit(0, g);  // kept, then reused by the next commit
+        rdma.commit(4 * g, g);
+        BOOST_TEST(rdma.reused_handles() == 1u);
+        BOOST_TEST(fakecuda::gpu_direct_rdma_handles() == before + 3);
+
+        vmmpp::vmm plain(8 * g, {.handle_bytes = g});
+        plain.commit(0, 2 * g);
+        BOOST_TEST(fakecuda::gpu_direct_rdma_handles() == before + 3);
+    }
+    BOOST_TEST(fakecuda::gpu_direct_rdma_handles() == before);
+
+    ::setenv("FAKECUDA_GDR_WITH_VMM", "0", 1);
+    try {
+        vmmpp::vmm refused(8 * g, {.gpu_direct_rdma = true});
+        BOOST_FAIL("expected invalid_argument");
+    } catch (const vmmpp::invalid_argument& e) {
+        BOOST_TEST(std::string(e.what()).find("CUDA device 0") != std::string::npos, e.what());
+    }
+    ::unsetenv("FAKECUDA_GDR_WITH_VMM");
+}

@@ -848,12 +848,8 @@ vmmpp_kv_status vmmpp_copy_piece_pairs(void* local_base, const void* remote_base
                 srcs[i] = from + pairs[i].remote_offset;
                 sizes[i] = pairs[i].bytes;
             }
-            cudaMemcpyAttributes attributes{};
-            attributes.srcAccessOrder = cudaMemcpySrcAccessOrderStream;  // the source is read in stream order
-            std::size_t attribute_index = 0;
-            vmmpp::driver::check(::cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), n_pairs, &attributes,
-                                                        &attribute_index, 1, static_cast<cudaStream_t>(stream)),
-                                 "cudaMemcpyBatchAsync(vmmpp_copy_piece_pairs)");
+            vmmpp::detail::copy_batch_async(dsts, srcs, sizes, static_cast<cudaStream_t>(stream),
+                                            "cudaMemcpyBatchAsync(vmmpp_copy_piece_pairs)");
             return;
         }
         for (uint64_t i = 0; i < n_pairs; ++i) {

@@ -32,6 +32,7 @@ struct control {
     std::size_t (*live_handle_bytes)() = nullptr;
     std::size_t (*mapped_bytes)() = nullptr;
     std::size_t (*calls)(const char*) = nullptr;
+    std::size_t (*gpu_direct_rdma_handles)() = nullptr;
 };
 
 inline control load() {
@@ -65,6 +66,7 @@ inline control load() {
     resolve("fakecuda_live_handle_bytes", c.live_handle_bytes);
     resolve("fakecuda_mapped_bytes", c.mapped_bytes);
     resolve("fakecuda_calls", c.calls);
+    resolve("fakecuda_gpu_direct_rdma_handles", c.gpu_direct_rdma_handles);
     return c;
 }
 
@@ -99,6 +101,8 @@ inline void run_gpu() { detail::get().run_gpu(); }
 [[nodiscard]] inline std::size_t mapped_bytes() { return detail::get().mapped_bytes(); }
 /// Calls of driver function `function` so far, failed ones included.
 [[nodiscard]] inline std::size_t calls(const char* function) { return detail::get().calls(function); }
+/// Live handles created with allocFlags.gpuDirectRDMACapable.
+[[nodiscard]] inline std::size_t gpu_direct_rdma_handles() { return detail::get().gpu_direct_rdma_handles(); }
 
 /// A global fixture for a test module that needs the fake, not a real driver and not none: it
 /// says so once, loudly, before any test runs.

@@ -5,6 +5,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <map>
 #include <optional>
@@ -63,6 +64,11 @@ struct vmm_options {
     /// span at construction, then per page of growth one extra cuMemUnmap on commit and one
     /// cuMemMap on decommit, plus a cuMemSetAccess per decommitted handle; docs/ARCHITECTURE.md).
     unbacked_access unbacked = unbacked_access::fault;
+    /// Physical handles created GPUDirect RDMA capable (allocFlags.gpuDirectRDMACapable), so that
+    /// an RDMA NIC can register the committed pages (NIXL/UCX between nodes, docs/NIXL.md).
+    /// A device without CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED refuses it
+    /// at construction (vmmpp::invalid_argument).
+    bool gpu_direct_rdma = false;
 };
 
 /// VMM backing (cuMemAddressReserve + cuMemCreate/cuMemMap/cuMemSetAccess).
@@ -90,10 +96,15 @@ public:
           pages_(capacity, vmm_granularity(opts.device)),
           handle_bytes_(opts.handle_bytes),
           max_cached_handles_(opts.max_cached_handles),
-          unbacked_(opts.unbacked) {
+          unbacked_(opts.unbacked),
+          gpu_direct_rdma_(opts.gpu_direct_rdma) {
         if (!is_vmm_supported(opts.device)) {
             throw invalid_argument("CUDA device " + std::to_string(opts.device) +
                                    " does not support virtual memory management");
+        }
+        if (gpu_direct_rdma_ && !supports_gpu_direct_rdma_with_vmm(opts.device)) {
+            throw invalid_argument("CUDA device " + std::to_string(opts.device) +
+                                   " cannot allocate GPUDirect RDMA capable VMM memory (vmm_options::gpu_direct_rdma)");
         }
         if (handle_bytes_ % pages_.granularity() != 0) {
             throw invalid_argument("vmm handle_bytes " + std::to_string(handle_bytes_) +
@@ -296,6 +307,12 @@ public:
         if (failed.call != nullptr) {
             throw handle_error(failed);
         }
+    }
+
+    /// Whether `device` may read and write the span (the backing's device, or one of
+    /// vmm_options::peer_devices): copies from another GPU can go direct.
+    [[nodiscard]] bool grants_access(int device) const noexcept {
+        return std::find(access_.begin(), access_.end(), device) != access_.end();
     }
 
     /// Every committed physical handle as a POSIX file descriptor, lowest offset first, so another
@@ -531,7 +548,7 @@ private:
     }
     physical_allocation create(std::size_t piece, std::size_t request) {
         try {
-            return physical_allocation(device_ordinal(), piece);
+            return physical_allocation(device_ordinal(), piece, gpu_direct_rdma_);
         } catch (const cuda_error& err) {
             if (err.code() == CUDA_ERROR_OUT_OF_MEMORY) {
                 throw out_of_memory("device " + std::to_string(device_ordinal()) + " physical memory (cuMemCreate)",
@@ -546,6 +563,7 @@ private:
     std::size_t handle_bytes_;
     std::size_t max_cached_handles_;
     unbacked_access unbacked_;
+    bool gpu_direct_rdma_;  // handles are created GPUDirect RDMA capable
     std::vector<int> access_;
     address_reservation reservation_;
     physical_allocation zero_page_;   // empty with unbacked_access::fault

@@ -43,14 +43,22 @@ namespace vmmpp {
     return can != 0;
 }
 
-/// Allocation properties of pinned device memory on `device`, as cuMemCreate takes them.
-[[nodiscard]] inline CUmemAllocationProp device_allocation_prop(int device) {
+/// Allocation properties of pinned device memory on `device`, as cuMemCreate takes them;
+/// `gpu_direct_rdma` asks for memory an RDMA NIC can register (allocFlags.gpuDirectRDMACapable).
+[[nodiscard]] inline CUmemAllocationProp device_allocation_prop(int device, bool gpu_direct_rdma = false) {
     CUmemAllocationProp prop{};
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
     prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     prop.location.id = device;
     prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;  // exportable later
+    prop.allocFlags.gpuDirectRDMACapable = gpu_direct_rdma ? 1 : 0;
     return prop;
+}
+
+/// Whether `device` can allocate VMM memory that GPUDirect RDMA can reach
+/// (CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED).
+[[nodiscard]] inline bool supports_gpu_direct_rdma_with_vmm(int device) {
+    return device_attribute(device, CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED) != 0;
 }
 
 /// The allocation granularity (bytes) of device memory on `device`: the unit every size and

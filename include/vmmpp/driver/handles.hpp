@@ -21,9 +21,10 @@ namespace vmmpp {
 class physical_allocation {
 public:
     physical_allocation() noexcept = default;
-    /// cuMemCreate of `bytes` (a multiple of the device's granularity) on `device`.
-    physical_allocation(int device, std::size_t bytes) : bytes_(bytes) {
-        CUmemAllocationProp prop = device_allocation_prop(device);
+    /// cuMemCreate of `bytes` (a multiple of the device's granularity) on `device`, GPUDirect
+    /// RDMA capable if asked.
+    physical_allocation(int device, std::size_t bytes, bool gpu_direct_rdma = false) : bytes_(bytes) {
+        CUmemAllocationProp prop = device_allocation_prop(device, gpu_direct_rdma);
         driver::check(driver::get().mem_create(&handle_, bytes, &prop, 0), "cuMemCreate");
         owned_ = true;
     }

@@ -91,6 +91,7 @@ struct allocation {
     int fd;
     std::size_t bytes;
     std::size_t& alive_bytes;  // the fake's total, updated under its mutex
+    bool gpu_direct_rdma = false;  // created with allocFlags.gpuDirectRDMACapable
 };
 
 /// One operation on the GPU's queue.
@@ -376,6 +377,10 @@ CUresult device_get_attribute(int* value, CUdevice_attribute attribute, CUdevice
     case CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED:
     case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING: *value = 1; break;
     case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *value = 9; break;
+    case CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED:
+        // As an H100 by default; FAKECUDA_GDR_WITH_VMM=0 plays a device without it.
+        *value = std::getenv("FAKECUDA_GDR_WITH_VMM") == nullptr || std::string_view(std::getenv("FAKECUDA_GDR_WITH_VMM")) != "0";
+        break;
     default: *value = 0; break;  // no managed memory, no host page tables
     }
     return CUDA_SUCCESS;
@@ -533,7 +538,9 @@ CUresult mem_create(CUmemGenericAllocationHandle* handle, std::size_t bytes, con
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     *handle = s.next_handle++;
-    s.handles.emplace(*handle, std::make_shared<allocation>(fd, bytes, s.alive_bytes));
+    auto created = std::make_shared<allocation>(fd, bytes, s.alive_bytes);
+    created->gpu_direct_rdma = prop->allocFlags.gpuDirectRDMACapable != 0;
+    s.handles.emplace(*handle, std::move(created));
     return CUDA_SUCCESS;
 }
 CUresult mem_release(CUmemGenericAllocationHandle handle) {
@@ -1001,6 +1008,15 @@ int fakecuda_sticky_error(void) {
 std::size_t fakecuda_live_handles(void) {
     std::lock_guard lock(state().mutex);
     return state().handles.size();
+}
+/// Live handles created GPUDirect RDMA capable.
+std::size_t fakecuda_gpu_direct_rdma_handles(void) {
+    std::lock_guard lock(state().mutex);
+    std::size_t n = 0;
+    for (const auto& [id, a] : state().handles) {
+        n += a->gpu_direct_rdma ? 1 : 0;
+    }
+    return n;
 }
 std::size_t fakecuda_live_handle_bytes(void) {
     std::lock_guard lock(state().mutex);
