@@ -7,6 +7,10 @@ path in one run:
   shared-pages-1by1 the same, one cudaMemcpyAsync per piece
   copy_blocks       vmmpp::copy_blocks between two caches of one process (peer copy)
   peer-cudamalloc   one cudaMemcpyPeerAsync between two cudaMalloc buffers (the link's rate)
+  nixl-torch_expandable, nixl-torch_cudaMallocAsync
+                    the same NIXL READ between buffers of PyTorch's other allocators (expandable
+                    segments, cudaMallocAsync), what an engine on them would move (PyTorch's
+                    default allocator is nixl-cudamalloc: a large torch.empty is one cudaMalloc)
 
 Two-process paths run a "owner" process (GPU 0) and a "reader" (GPU 1); each batch is timed from
 post to completion, `--reps` times after warm-up; the table reports the median. Writes JSON
@@ -193,19 +197,101 @@ def local_paths(args):
         record(args.out, rows, "peer-cudamalloc", n, n * BLOCK_BYTES, median, best, reps, args.label)
 
 
+# --- the peers: buffers from PyTorch's other allocators, moved by NIXL ---
+
+PEER_ALLOCATORS = {"torch_expandable": "expandable_segments:True", "torch_cudaMallocAsync": "backend:cudaMallocAsync"}
+
+
+def allocator_buffer(device):
+    """A span-sized buffer from the allocator PYTORCH_CUDA_ALLOC_CONF picked, with a pattern."""
+    import torch
+    torch.cuda.set_device(device)
+    nbytes = (LIVE_BLOCKS + 1) * BLOCK_BYTES
+    buffer = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{device}")
+    buffer.copy_((torch.arange(nbytes, device=f"cuda:{device}") * (device + 7) % 251).to(torch.uint8))
+    torch.cuda.synchronize(device)
+    return buffer
+
+
+def peer_owner(args, ctl, pages):
+    buffer = allocator_buffer(0)
+    agent = NixlKV.make_agent("peer-owner")
+    registration = agent.register_memory(agent.get_reg_descs([(buffer.data_ptr(), buffer.numel(), 0, "")], "VRAM"))
+    ctl.send({"metadata": agent.get_agent_metadata(), "base": buffer.data_ptr()})
+    ctl.recv()  # the reader is done
+    agent.deregister_memory(registration)
+    return 0
+
+
+def peer_reader(args, ctl, pages):
+    import torch
+    buffer = allocator_buffer(1)
+    agent = NixlKV.make_agent("peer-reader")
+    registration = agent.register_memory(agent.get_reg_descs([(buffer.data_ptr(), buffer.numel(), 1, "")], "VRAM"))
+    message = ctl.recv()
+    owner_name = agent.add_remote_agent(message["metadata"])
+    owner_name = owner_name.decode() if isinstance(owner_name, bytes) else owner_name
+    rows = []
+    for n in BATCHES:
+        # Block k of the sequence at k * BLOCK_BYTES on both sides, as in the vmmpp paths.
+        spans = [(p * BLOCK_BYTES, BLOCK_BYTES) for p in batch_positions(n)]
+        local = agent.get_xfer_descs([(buffer.data_ptr() + o, b, 1) for o, b in spans], "VRAM")
+        far = agent.get_xfer_descs([(message["base"] + o, b, 0) for o, b in spans], "VRAM")
+        request = agent.initialize_xfer("READ", local, far, owner_name)
+
+        def run():
+            state = agent.transfer(request)
+            while state == "PROC":
+                state = agent.check_xfer_state(request)
+            if state != "DONE":
+                raise RuntimeError(f"transfer ended in state {state}")
+        median, best, reps = timed(run, args.reps)
+        agent.release_xfer_handle(request)
+        # The owner's bytes arrived: its pattern is (i * 7) % 251, the reader's own was (i * 8) % 251.
+        differ = sum(int(not torch.equal(buffer[o:o + b],
+                                         (torch.arange(o, o + b, device=buffer.device) * 7 % 251).to(torch.uint8)))
+                     for o, b in spans)
+        record(args.out, rows, f"nixl-{args.peer_allocator}", n, n * BLOCK_BYTES, median, best, reps, args.label,
+               {"descriptors": len(spans), "blocks_differ": differ})
+    agent.remove_remote_agent(owner_name)
+    agent.deregister_memory(registration)
+    ctl.send({"done": True})
+    return 0
+
+
+def peer_paths(args):
+    """The peer allocators' runs: one process pair each, the allocator set before CUDA starts."""
+    codes = []
+    for name, conf in PEER_ALLOCATORS.items():
+        env_before = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf
+        try:
+            codes += tc.run_roles(os.path.abspath(__file__), ["peer-owner", "peer-reader"],
+                                  sys.argv[1:] + ["--peer-allocator", name])
+        finally:
+            if env_before is None:
+                del os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+            else:
+                os.environ["PYTORCH_CUDA_ALLOC_CONF"] = env_before
+    return codes
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=".")
     parser.add_argument("--label", default="")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--only-nixl", action="store_true", help="skip the one-process paths")
-    parser.add_argument("--role", choices=["owner", "reader"])
+    parser.add_argument("--skip-peers", action="store_true", help="skip PyTorch's other allocators")
+    parser.add_argument("--role", choices=["owner", "reader", "peer-owner", "peer-reader"])
+    parser.add_argument("--peer-allocator", choices=sorted(PEER_ALLOCATORS))
     parser.add_argument("--ctl-fd", type=int)
     parser.add_argument("--pages-fd", type=int)
     args = parser.parse_args()
     if args.role is not None:
         ctl, pages = tc.Channel(args.ctl_fd), tc.Channel(args.pages_fd)
-        return (owner if args.role == "owner" else reader)(args, ctl, pages)
+        roles = {"owner": owner, "reader": reader, "peer-owner": peer_owner, "peer-reader": peer_reader}
+        return roles[args.role](args, ctl, pages)
     import_nixl()
     import torch
     if torch.cuda.device_count() < 2:
@@ -215,7 +301,9 @@ def main():
     if not args.only_nixl:
         local_paths(args)
     codes = tc.run_roles(os.path.abspath(__file__), ["owner", "reader"], sys.argv[1:])
-    return 0 if codes == [0, 0] else 1
+    if not args.skip_peers:
+        codes += peer_paths(args)
+    return 0 if all(c == 0 for c in codes) else 1
 
 
 if __name__ == "__main__":

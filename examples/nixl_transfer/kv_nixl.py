@@ -48,16 +48,21 @@ class NixlKV:
     """A KVCache whose blocks a NIXL agent named `name` can send and receive."""
 
     def __init__(self, cache, name, backends=("UCX",)):
-        nixl_agent, nixl_agent_config = import_nixl()
         self.cache = cache
         self.name = name
         self.base, self.capacity, self.device = cache.span()
         self.mem_type = "VRAM" if self.device >= 0 else "DRAM"
-        self.agent = nixl_agent(name, nixl_agent_config(backends=list(backends)))
+        self.agent = self.make_agent(name, backends)
         self._registered = {}  # (offset, bytes, commit) -> the agent's registration
         self._remotes = {}  # peer agent name -> the metadata loaded for it
         self.registrations = 0
         self.deregistrations = 0
+
+    @staticmethod
+    def make_agent(name, backends=("UCX",)):
+        """A NIXL agent named `name` with `backends`."""
+        nixl_agent, nixl_agent_config = import_nixl()
+        return nixl_agent(name, nixl_agent_config(backends=list(backends)))
 
     # --- registration ---
     def sync_registration(self):
