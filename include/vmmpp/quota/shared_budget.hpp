@@ -54,6 +54,44 @@ struct budget_stats {
     [[nodiscard]] std::size_t over() const noexcept { return committed > limit ? committed - limit : 0; }
 };
 
+namespace detail {
+
+/// Calls the reclaimers of `registered` (shared_ptrs to records with a `mutex` and a
+/// `give_back` function) that `pick` accepts and that are not busy (being called already, or
+/// unregistering: their own mutex is held). `registry_mutex` guards the list while the choice is
+/// made and is not held during the calls: a pool gives back through release(), which takes the
+/// budget's lock. Calls credit(reclaimer, bytes) for each that gave bytes back; returns the bytes.
+/// Throws: nothing (with no memory for the list of chosen ones, nothing is called).
+template <class Mutex, class Reclaimers, class Pick, class Credit>
+std::size_t call_reclaimers(Mutex& registry_mutex, const Reclaimers& registered, Pick pick, Credit credit) noexcept {
+    std::vector<typename Reclaimers::value_type> chosen;
+    try {
+        std::lock_guard lock(registry_mutex);
+        for (const auto& r : registered) {
+            if (pick(*r)) {
+                chosen.push_back(r);
+            }
+        }
+    } catch (...) {
+        return 0;  // nothing asked, nothing changed
+    }
+    std::size_t freed = 0;
+    for (const auto& r : chosen) {
+        std::unique_lock running(r->mutex, std::try_to_lock);
+        if (!running || !r->give_back) {
+            continue;
+        }
+        const std::size_t bytes = r->give_back();
+        if (bytes > 0) {
+            freed += bytes;
+            credit(*r, bytes);
+        }
+    }
+    return freed;
+}
+
+} // namespace detail
+
 class shared_budget;
 
 /// A global byte limit shared by several models. Thread safe. Models register with
@@ -154,36 +192,15 @@ private:
     /// back through release(), which takes it.
     template <class Pick>
     static std::size_t run_reclaimers(state& st, Pick pick) noexcept {
-        std::vector<std::shared_ptr<reclaimer>> chosen;
-        try {
+        return detail::call_reclaimers(st.mutex, st.reclaimers, pick, [&](reclaimer& r, std::size_t bytes) {
+            if (r.spares) {
+                r.spares->bytes.store(0, std::memory_order_relaxed);  // a reclaim gives every spare back
+            }
             std::lock_guard lock(st.mutex);
-            for (const auto& r : st.reclaimers) {
-                if (pick(*r)) {
-                    chosen.push_back(r);
-                }
-            }
-        } catch (...) {
-            return 0;  // no memory for the list: nothing asked, nothing changed
-        }
-        std::size_t freed = 0;
-        for (const auto& r : chosen) {
-            std::unique_lock running(r->mutex, std::try_to_lock);
-            if (!running || !r->give_back) {
-                continue;
-            }
-            const std::size_t bytes = r->give_back();
-            if (bytes > 0) {
-                if (r->spares) {
-                    r->spares->bytes.store(0, std::memory_order_relaxed);  // a reclaim gives every spare back
-                }
-                std::lock_guard lock(st.mutex);
-                model_stats& m = st.models[r->model];
-                ++m.reclaims;
-                m.reclaimed += bytes;
-                freed += bytes;
-            }
-        }
-        return freed;
+            model_stats& m = st.models[r.model];
+            ++m.reclaims;
+            m.reclaimed += bytes;
+        });
     }
 
     /// Sets the limit of model `index` (no_model: the global one), reclaims when it went below

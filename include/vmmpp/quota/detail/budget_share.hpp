@@ -107,29 +107,13 @@ inline model_stats stats_of_locked(const segment& s, std::uint32_t i) {
 /// Throws: nothing (a lock that cannot be taken leaves the credit out).
 template <class Pick>
 std::size_t run_local_reclaimers(const segment& s, Pick pick) noexcept {
-    std::vector<std::shared_ptr<local_reclaimer>> chosen;
+    local_registry* reg = nullptr;
     try {
-        local_registry& reg = s.local();
-        std::lock_guard lock(reg.mutex);
-        for (const auto& r : reg.reclaimers) {
-            if (pick(*r)) {
-                chosen.push_back(r);
-            }
-        }
+        reg = &s.local();
     } catch (...) {
         return 0;
     }
-    std::size_t freed = 0;
-    for (const auto& r : chosen) {
-        std::unique_lock running(r->mutex, std::try_to_lock);
-        if (!running || !r->give_back) {
-            continue;
-        }
-        const std::size_t bytes = r->give_back();
-        if (bytes == 0) {
-            continue;
-        }
-        freed += bytes;
+    return call_reclaimers(reg->mutex, reg->reclaimers, pick, [&](local_reclaimer& r, std::size_t bytes) {
         process_identity self{};
         try {
             self = s.self();
@@ -138,18 +122,17 @@ std::size_t run_local_reclaimers(const segment& s, Pick pick) noexcept {
         }
         if (s.mutex().lock_or_error() == 0) {
             std::lock_guard lock(s.mutex(), std::adopt_lock);
-            model_slot& m = s.models()[r->model];
+            model_slot& m = s.models()[r.model];
             ++m.reclaims;
             m.reclaimed += bytes;
             record_slot* rec = s.records();
             for (std::uint32_t k = 0; k < s.max_records(); ++k) {
-                if (owns(rec[k], self, r->model)) {
+                if (owns(rec[k], self, r.model)) {
                     rec[k].spares = 0;  // a reclaim gives every spare of the pool back
                 }
             }
         }
-    }
-    return freed;
+    });
 }
 
 /// Gives back the spares of this process's pools of every model whose limit (or the global
