@@ -21,6 +21,7 @@
 
 #include "vmmpp/backing/concept.hpp"
 #include "vmmpp/detail/fence_queue.hpp"
+#include "vmmpp/detail/release_agent.hpp"
 #include "vmmpp/detail/range_counts.hpp"
 #include "vmmpp/detail/unit_table.hpp"
 #include "vmmpp/error.hpp"
@@ -58,9 +59,14 @@ struct committed_extent {
 };
 
 /// A fence recorded by elastic_pool::record_fence: memory released "after" it goes back to the
-/// device only once the GPU work queued before it has completed. The default is no fence.
+/// device only once the GPU work queued before it on its stream has completed. It names its pool
+/// (a fence of another pool is refused), its stream's lane in that pool, and its number on that
+/// lane. The default, value 0, is no fence.
 struct pool_fence {
+    std::uint64_t pool = 0;
+    std::uint32_t lane = 0;
     std::uint64_t value = 0;
+    friend bool operator==(const pool_fence&, const pool_fence&) = default;
 };
 
 /// What a pool without a background mapper holds in its place: nothing.
@@ -154,6 +160,8 @@ struct pool_stats {
     std::size_t awaiting_gpu_units = 0;   ///< spares whose release waits for GPU work still queued (as of the pool's last look)
     std::size_t pending_fences = 0;       ///< fences recorded and not yet seen complete
     std::uint64_t fences = 0;             ///< fences recorded (record_fence, release with a stream)
+    std::uint64_t agent_wakeups = 0;      ///< host functions queued so that the release agent gives memory back when the GPU is done
+    std::size_t agent_released = 0;       ///< bytes the release agent gave back (the GPU finished after the release; no call came)
     std::uint64_t decommit_failures = 0;  ///< decommits the backing refused (the unit stayed committed or was retired)
     std::size_t retired_units = 0;        ///< units taken out of service after a decommit that failed half done
     std::size_t retired_bytes = 0;        ///< their bytes (still charged: they may still hold memory)
@@ -239,6 +247,11 @@ public:
     /// Stops the mapper (it finishes the unit in flight), then gives every committed unit and
     /// kept handle back, to the backing and the quota.
     ~elastic_pool() {
+        if constexpr (uses_agent) {
+            if (agent_client_ != 0) {
+                detail::release_agent::instance().remove(agent_client_);  // waits for a call in progress
+            }
+        }
         if constexpr (can_reclaim) {
             quota_.clear_reclaimer();
         }
@@ -350,21 +363,25 @@ public:
     /// release(offset, bytes), and invalid_argument for a fence this pool never recorded.
     void release(std::size_t offset, std::size_t bytes, pool_fence after) {
         const byte_range range{offset, bytes};
-        release(std::span<const byte_range>(&range, 1), after);
+        release(std::span<const byte_range>(&range, 1), std::span<const pool_fence>(&after, 1));
+    }
+    void release(std::span<const byte_range> ranges, pool_fence after) {
+        release(ranges, std::span<const pool_fence>(&after, 1));
     }
 
-    /// Releases every range of `ranges` (each held before), to go back after `after`, under one
-    /// lock and with one give-back at the end: what kv_cache's free and truncate use for all the
-    /// pieces of the blocks they drop. Ranges are checked one by one: at the first one not held
-    /// the call throws invalid_argument with the earlier ones released.
-    void release(std::span<const byte_range> ranges, pool_fence after) {
+    /// Releases every range of `ranges` (each held before), to go back once every fence of
+    /// `after` has completed (memory read on several streams waits for a fence on each), under
+    /// one lock and with one give-back at the end: what kv_cache's free and truncate use for all
+    /// the pieces of the blocks they drop. Ranges are checked one by one: at the first one not
+    /// held the call throws invalid_argument with the earlier ones released. A fence this pool
+    /// did not record (another pool's, say) is an invalid_argument, and nothing is released.
+    void release(std::span<const byte_range> ranges, std::span<const pool_fence> after) {
         for (const byte_range& r : ranges) {
             check_range("release", r.offset, r.bytes);
         }
         std::lock_guard lock(mutex_);
-        if (after.value > fences_.newest()) {
-            throw invalid_argument("release after fence " + std::to_string(after.value) +
-                                   ": this pool recorded only " + std::to_string(fences_.newest()) + " fences");
+        for (const pool_fence& f : after) {
+            check_fence("release", f);
         }
         for (const byte_range& r : ranges) {
             release_locked(r.offset, r.bytes, after);
@@ -374,7 +391,11 @@ public:
                 mapper_.wake.notify_one();  // the mapper sleeps without a timer: let it schedule the lazy release
             }
         } else {
-            (void)shrink(growth_.idle_units_to_keep(table_.committed, table_.idle.size()));
+            const std::size_t keep = growth_.idle_units_to_keep(table_.committed, table_.idle.size());
+            (void)shrink(keep);
+            if (table_.idle.size() > keep && idle_memory_awaits_gpu()) {
+                call_agent_when_done(after);
+            }
         }
     }
 
@@ -383,9 +404,43 @@ public:
     /// empty fence). The caller's thread does not wait. Throws: cuda_error (nothing recorded).
     [[nodiscard]] pool_fence record_fence(cudaStream_t stream) {
         std::lock_guard lock(mutex_);
-        const pool_fence f{fences_.record(stream)};
-        stats_.fences += f.value != 0 ? 1 : 0;
-        return f;
+        const detail::fence f = fences_.record(stream);
+        stats_.fences += f.seq != 0 ? 1 : 0;
+        return f.seq == 0 ? pool_fence{} : pool_fence{id_, f.lane, f.seq};
+    }
+
+    /// Whether the GPU work before every fence of `fences` has completed (asks the driver, never
+    /// waits). Throws: invalid_argument for a fence this pool did not record; cuda_error.
+    [[nodiscard]] bool is_complete(std::span<const pool_fence> fences) {
+        std::lock_guard lock(mutex_);
+        bool polled = false;
+        for (const pool_fence& f : fences) {
+            check_fence("is_complete", f);
+            if (!fences_.is_complete(detail::fence{f.lane, f.value}) && !std::exchange(polled, true)) {
+                fences_.poll();
+            }
+            if (!fences_.is_complete(detail::fence{f.lane, f.value})) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    /// Makes `stream` wait for the work before each fence of `fences` that has not completed
+    /// (cuStreamWaitEvent), so that work queued there afterwards, a write into memory those
+    /// fences guard, runs after it, and drops the fences that have completed from `fences`. The
+    /// caller's thread does not wait. Throws: invalid_argument for a fence this pool did not
+    /// record (nothing done); cuda_error (fences dropped only if complete).
+    void make_wait(cudaStream_t stream, std::vector<pool_fence>& fences) {
+        std::lock_guard lock(mutex_);
+        for (const pool_fence& f : fences) {
+            check_fence("make_wait", f);
+        }
+        fences_.poll();
+        std::erase_if(fences, [&](const pool_fence& f) { return fences_.is_complete(detail::fence{f.lane, f.value}); });
+        for (const pool_fence& f : fences) {
+            fences_.make_wait(stream, detail::fence{f.lane, f.value});
+        }
     }
 
     /// Gives back, as the growth policy says, units whose release waited for GPU work that has
@@ -543,7 +598,7 @@ public:
         s.driver_time = std::chrono::nanoseconds(driver_ns_.load());
         s.pending_fences = fences_.pending();
         if (fences_.pending() > 0) {  // otherwise every fence has completed
-            table_.idle.for_each([&](std::size_t u) { s.awaiting_gpu_units += fences_.is_complete(table_.fence[u]) ? 0 : 1; });
+            table_.idle.for_each([&](std::size_t u) { s.awaiting_gpu_units += gpu_done_with(u) ? 0 : 1; });
         }
         return s;
     }
@@ -571,6 +626,14 @@ private:
     static constexpr bool keeps_handles = handle_keeping_backing<backing_type>;
     /// Pools that other models' pressure can reclaim spares from (a single-threaded pool cannot
     /// be entered from another thread).
+    static std::uint64_t next_pool_id() noexcept {
+        static std::atomic<std::uint64_t> last{0};
+        return ++last;
+    }
+    /// Pools that the release agent serves: elastic, thread safe (the agent calls from its own
+    /// thread), and without a mapper thread of their own (which gives spares back itself).
+    static constexpr bool uses_agent =
+        growth_type::is_elastic && !has_mapper && !std::is_same_v<mutex_type, null_mutex>;
     static constexpr bool can_reclaim =
         growth_type::is_elastic && !std::is_same_v<mutex_type, null_mutex> && reclaiming_quota<quota_type>;
 
@@ -622,8 +685,63 @@ private:
         }
     }
 
+    /// Memory of this release waits for `after` and no later call may come: the release agent
+    /// gives it back when the GPU gets there, woken by a host function behind each fence not
+    /// complete (one per stream at a time: if one is outstanding, the agent polls for the rest
+    /// after it fired). A failure to queue one leaves the memory to the next call.
+    void call_agent_when_done(std::span<const pool_fence> after) noexcept {
+        if constexpr (uses_agent) {
+            for (const pool_fence& f : after) {
+                const detail::fence fence{f.lane, f.value};
+                if (!fences_.needs_host_function(fence)) {
+                    continue;
+                }
+                try {
+                    auto& agent = detail::release_agent::instance();
+                    if (agent_client_ == 0) {
+                        agent_client_ = agent.add([this](std::uint32_t lane) { return collect_for_agent(lane); });
+                    }
+                    fences_.on_stream_of(fence.lane,
+                                         [&](CUstream stream) { agent.call_when_reached(stream, agent_client_, fence.lane); });
+                    ++stats_.agent_wakeups;
+                } catch (...) {
+                    fences_.host_function_done(fence.lane);  // none queued: the memory goes back on the next call
+                }
+            }
+        }
+    }
+    /// The release agent's call, on its thread: the host function behind lane `lane` has run
+    /// (or, with release_agent::no_tag, a poll). Gives back what may go; returns whether idle
+    /// memory still waits for the GPU (the agent then polls again shortly).
+    bool collect_for_agent(std::uint32_t lane) noexcept {
+        if constexpr (uses_agent) {
+            try {
+                std::lock_guard lock(mutex_);
+                if (lane != detail::release_agent::no_tag) {
+                    fences_.host_function_done(lane);
+                }
+                const std::size_t keep = growth_.idle_units_to_keep(table_.committed, table_.idle.size());
+                stats_.agent_released += shrink(keep);
+                return table_.idle.size() > keep && idle_memory_awaits_gpu();
+            } catch (...) {
+                return false;  // a lost context or a failed decommit: counted in stats(); the next call tries again
+            }
+        }
+        return false;
+    }
+
+    /// invalid_argument unless `f` is no fence or one this pool recorded. The caller holds mutex_.
+    void check_fence(const char* operation, const pool_fence& f) const {
+        if (f.value != 0 && (f.pool != id_ || !fences_.recorded(detail::fence{f.lane, f.value}))) {
+            throw invalid_argument(std::string(operation) + " with fence " + std::to_string(f.value) + " of lane " +
+                                   std::to_string(f.lane) + (f.pool != id_ ? " recorded by another pool (pool " +
+                                   std::to_string(f.pool) + ", this is pool " + std::to_string(id_) + ")"
+                                                           : ": this pool never recorded it"));
+        }
+    }
+
     /// One range's release, without giving anything back yet: the caller holds mutex_.
-    void release_locked(std::size_t offset, std::size_t bytes, pool_fence after) {
+    void release_locked(std::size_t offset, std::size_t bytes, std::span<const pool_fence> after) {
         const std::size_t first_page = offset / page_bytes_;
         const std::size_t last_page = (offset + bytes - 1) / page_bytes_;
         for (std::size_t p = first_page; p <= last_page; ++p) {
@@ -633,10 +751,15 @@ private:
                                        " is not held (released twice?)");
             }
         }
+        // A fence more than needed only delays a give-back: added first, as they may allocate.
+        for (std::size_t u = first_page / unit_pages_; u <= last_page / unit_pages_; ++u) {
+            for (const pool_fence& f : after) {
+                table_.fences[u].add(detail::fence{f.lane, f.value});
+            }
+        }
         forget_range_hold(offset, bytes);
         for (std::size_t p = first_page; p <= last_page; ++p) {
             const std::size_t u = p / unit_pages_;
-            table_.fence[u] = std::max(table_.fence[u], after.value);
             if (--page_holds_[p] == 0) {
                 --held_pages_;
                 if (--table_.held_pages[u] == 0) {
@@ -787,6 +910,9 @@ private:
     }
     void note_decommitted(std::size_t first) {
         sizer_.gave_back();
+        for (std::size_t u = first; u < first + table_.extent_units[first]; ++u) {
+            table_.fences[u].clear();  // its memory is gone: nothing to wait for any more
+        }
         set_extent_state(first, detail::unit_state::uncommitted);
         table_.committed -= table_.extent_units[first];
         ++stats_.decommits;
@@ -1000,7 +1126,7 @@ private:
         }
     }
     /// Whether unit u's memory may go back: no GPU work queued before its releases is pending.
-    [[nodiscard]] bool gpu_done_with(std::size_t u) const noexcept { return fences_.is_complete(table_.fence[u]); }
+    [[nodiscard]] bool gpu_done_with(std::size_t u) const noexcept { return fences_.is_complete(table_.fences[u]); }
     /// The same for every unit of the extent that starts at `first`.
     [[nodiscard]] bool gpu_done_with_extent(std::size_t first) const noexcept {
         for (std::size_t u = first; u < first + table_.extent_units[first]; ++u) {
@@ -1009,6 +1135,12 @@ private:
             }
         }
         return true;
+    }
+
+    /// Whether an extent idle as a whole stays committed only because its GPU work is pending.
+    [[nodiscard]] bool idle_memory_awaits_gpu() const noexcept {
+        return std::any_of(table_.idle_extents.begin(), table_.idle_extents.end(),
+                           [&](std::size_t f) { return !gpu_done_with_extent(f); });
     }
 
     /// Decommits extents that are idle as a whole and whose GPU work is done, highest offset
@@ -1091,11 +1223,18 @@ private:
 
     // --- the background mapper (its decisions: vmmpp/growth/mapper.hpp) ---
 
-    /// The mapper takes the pool's lock by spinning on try_lock: a thread blocked on a mutex
-    /// makes its owner's unlock a system call, and the owner is a caller on its critical path.
+    /// The mapper takes the pool's lock by spinning on try_lock for a while: a thread blocked on
+    /// a mutex makes its owner's unlock a system call, and the owner is usually a caller on its
+    /// critical path, done in about a microsecond. A holder that keeps it longer (synchronize,
+    /// with_backing, a quota's reclaim) is waited for asleep, not at 100 % of a core.
     static void lock_spinning(std::unique_lock<mutex_type>& lock) {
-        while (!lock.try_lock()) {
+        const auto give_up = clock::now() + std::chrono::microseconds(50);
+        for (unsigned i = 1; !lock.try_lock(); ++i) {
             adaptive_mutex::cpu_relax();
+            if (i % 64 == 0 && clock::now() > give_up) {
+                lock.lock();
+                return;
+            }
         }
     }
 
@@ -1233,6 +1372,8 @@ private:
     std::vector<std::uint32_t> page_holds_;  // per page: how many holds
     detail::unit_table table_;               // per unit: state, held pages, fence; the idle set
     detail::fence_queue fences_;
+    const std::uint64_t id_ = next_pool_id();  // names this pool's fences
+    std::uint64_t agent_client_ = 0;           // this pool's id with the release agent, once it needed it
     detail::range_counts range_holds_;       // debug builds: holds per byte
     std::size_t held_pages_ = 0;
     std::atomic<std::size_t> charged_{0};        // bytes acquired from the quota

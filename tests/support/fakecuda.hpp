@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "vmmpp/driver/api.hpp"
+#include "vmmpp/driver/context.hpp"
 
 namespace vmmpp_test::fakecuda {
 
@@ -33,6 +34,8 @@ struct control {
     std::size_t (*mapped_bytes)() = nullptr;
     std::size_t (*calls)(const char*) = nullptr;
     std::size_t (*gpu_direct_rdma_handles)() = nullptr;
+    void (*run_stream)(CUstream) = nullptr;
+    std::size_t (*queued_on)(CUstream) = nullptr;
 };
 
 inline control load() {
@@ -67,6 +70,8 @@ inline control load() {
     resolve("fakecuda_mapped_bytes", c.mapped_bytes);
     resolve("fakecuda_calls", c.calls);
     resolve("fakecuda_gpu_direct_rdma_handles", c.gpu_direct_rdma_handles);
+    resolve("fakecuda_run_stream", c.run_stream);
+    resolve("fakecuda_queued_on", c.queued_on);
     return c;
 }
 
@@ -87,11 +92,16 @@ inline void reset() { detail::get().reset(); }
 inline void fail(const char* function, int nth, CUresult result) {
     detail::get().fail(function, nth, static_cast<int>(result));
 }
-/// While held, stream work (copies, memsets, event records) queues instead of running.
+/// While held, stream work (copies, memsets, event records, waits, host functions) queues
+/// instead of running, each stream in its own queue.
 inline void hold_gpu(bool hold) { detail::get().hold_gpu(hold ? 1 : 0); }
-/// The GPU runs everything queued, in order.
+/// The GPU runs everything queued, oldest first.
 inline void run_gpu() { detail::get().run_gpu(); }
+/// The GPU runs the queued work of `stream` only (nullptr: the legacy default stream), as far
+/// as it may without another stream's work: a fast stream next to a slow one.
+inline void run_stream(CUstream stream) { detail::get().run_stream(stream); }
 [[nodiscard]] inline std::size_t queued() { return detail::get().queued(); }
+[[nodiscard]] inline std::size_t queued_on(CUstream stream) { return detail::get().queued_on(stream); }
 /// CUDA_ERROR_ILLEGAL_ADDRESS once a copy touched unmapped memory (every call fails then).
 [[nodiscard]] inline CUresult sticky_error() { return static_cast<CUresult>(detail::get().sticky_error()); }
 /// Physical handles created or imported and not released, and their bytes.
@@ -103,6 +113,42 @@ inline void run_gpu() { detail::get().run_gpu(); }
 [[nodiscard]] inline std::size_t calls(const char* function) { return detail::get().calls(function); }
 /// Live handles created with allocFlags.gpuDirectRDMACapable.
 [[nodiscard]] inline std::size_t gpu_direct_rdma_handles() { return detail::get().gpu_direct_rdma_handles(); }
+
+/// A stream of the fake's device, created with the primary context current and destroyed with
+/// it (vmmpp's driver table has no stream calls: engines bring their own streams). Non-blocking
+/// by default: not ordered with the legacy default stream, as engines' streams usually are.
+class stream {
+public:
+    explicit stream(bool non_blocking = true) {
+        vmmpp::scoped_context current(context_);
+        vmmpp::driver::check(entry<decltype(&::cuStreamCreate)>("cuStreamCreate")(
+                                 &stream_, non_blocking ? CU_STREAM_NON_BLOCKING : CU_STREAM_DEFAULT),
+                             "cuStreamCreate");
+    }
+    stream(const stream&) = delete;
+    stream& operator=(const stream&) = delete;
+    ~stream() {
+        vmmpp::scoped_context current(context_);
+        (void)entry<decltype(&::cuStreamDestroy)>("cuStreamDestroy")(stream_);
+    }
+    [[nodiscard]] CUstream get() const noexcept { return stream_; }
+    operator CUstream() const noexcept { return stream_; }  // NOLINT: a stream handle where one is asked for
+
+private:
+    template <class F>
+    static F entry(const char* name) {
+        using get_proc_t = CUresult (*)(const char*, void**, int, cuuint64_t, CUdriverProcAddressQueryResult*);
+        static void* lib = ::dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+        auto get_proc = reinterpret_cast<get_proc_t>(::dlsym(lib, "cuGetProcAddress_v2"));
+        void* fn = nullptr;
+        if (get_proc == nullptr || get_proc(name, &fn, CUDA_VERSION, CU_GET_PROC_ADDRESS_DEFAULT, nullptr) != CUDA_SUCCESS) {
+            throw std::logic_error(std::string("fakecuda: no ") + name);
+        }
+        return reinterpret_cast<F>(fn);
+    }
+    vmmpp::primary_context context_{0};
+    CUstream stream_ = nullptr;
+};
 
 /// A global fixture for a test module that needs the fake, not a real driver and not none: it
 /// says so once, loudly, before any test runs.

@@ -9,6 +9,8 @@
 #include <set>
 #include <vector>
 
+#include "vmmpp/detail/fence_queue.hpp"
+
 namespace vmmpp::detail {
 
 /// Where a growth unit is in its life. A unit the mapper maps or unmaps outside the pool's lock
@@ -71,12 +73,12 @@ private:
 struct unit_table {
     /// `units` uncommitted units.
     explicit unit_table(std::size_t units)
-        : state(units, unit_state::uncommitted), held_pages(units, 0), fence(units, 0), extent_first(units, 0),
+        : state(units, unit_state::uncommitted), held_pages(units, 0), fences(units), extent_first(units, 0),
           extent_units(units, 0), extent_idle(units, 0), extent_commit(units, 0), idle(units) {}
 
     std::vector<unit_state> state;
     std::vector<std::uint32_t> held_pages;  ///< per unit: how many of its pages something holds
-    std::vector<std::uint64_t> fence;       ///< per unit: the fence its memory waits for before it goes back
+    std::vector<fence_set> fences;          ///< per unit: the fences (one per stream) its memory waits for before it goes back
     std::size_t committed = 0;              ///< units committed (idle or held)
     std::vector<std::uint32_t> extent_first;  ///< per unit (not uncommitted): the first unit of its extent
     std::vector<std::uint32_t> extent_units;  ///< per extent's first unit: how many units it covers

@@ -57,6 +57,10 @@ struct api {
     decltype(&::cuEventSynchronize) event_synchronize = nullptr;
     decltype(&::cuMemcpyAsync) memcpy_async = nullptr;
     decltype(&::cuMemcpyHtoDAsync) memcpy_htod_async = nullptr;
+    // A block handed out again is written only after the reads queued before its free (a stream
+    // waits on their events); memory goes back when the GPU reaches a release (a host function).
+    decltype(&::cuStreamWaitEvent) stream_wait_event = nullptr;
+    decltype(&::cuLaunchHostFunc) launch_host_func = nullptr;
 };
 
 namespace detail {
@@ -140,6 +144,8 @@ inline load_result load() {
     resolve("cuEventSynchronize", t.event_synchronize);
     resolve("cuMemcpyAsync", t.memcpy_async);
     resolve("cuMemcpyHtoDAsync", t.memcpy_htod_async);
+    resolve("cuStreamWaitEvent", t.stream_wait_event);
+    resolve("cuLaunchHostFunc", t.launch_host_func);
     if (!result.failure.empty()) {
         return result;
     }

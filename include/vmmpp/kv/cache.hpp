@@ -24,6 +24,7 @@
 #include "vmmpp/driver/context.hpp"
 #include "vmmpp/error.hpp"
 #include "vmmpp/kv/block_allocator.hpp"
+#include "vmmpp/kv/block_fences.hpp"
 #include "vmmpp/kv/geometry.hpp"
 #include "vmmpp/kv/layout.hpp"
 #include "vmmpp/kv/sequence_slots.hpp"
@@ -72,14 +73,18 @@ struct token_range {
 /// is a CUDA failure while giving memory back in `free`/`truncate`, after which the sequence
 /// change has still taken effect (the pool retires that memory: see elastic_pool).
 ///
-/// Stream order: memory is never given back under GPU work that may still use it. The cache's
-/// own copies run on `kv_cache_options::stream` and every release waits for them. `free(seq,
-/// stream)` and `truncate(seq, n, stream)` also wait for the work queued on `stream` when they
-/// are called (the engine's kernels that read the sequence's blocks); without a stream they wait
-/// for `kv_cache_options::stream`. The wait is an event: the call returns at once, and the pages
-/// go back on a later call once the event completed (elastic_pool::collect). A block id that is
-/// freed may be handed out again at once: its new owner's writes must be queued after the old
-/// reads (the same stream, or an event between them), as with any caching allocator.
+/// Stream order: memory is never given back, and a block is never written again, under GPU work
+/// that may still read it. The cache's own copies run on `kv_cache_options::stream`. `free(seq,
+/// stream)` and `truncate(seq, n, stream)` record an event after the work queued on `stream`
+/// (the engine's kernels that read the sequence's blocks; without a stream,
+/// `kv_cache_options::stream`) on every block they let go of, shared ones included: a block read
+/// from several streams (forks freed on different streams) waits for each of them. Its memory
+/// goes back once all of them completed, on a later call or, for a pool that is idle, without
+/// one. A freed block id may be handed out again at once; `append(seq, n, stream)` then makes
+/// `stream` wait (cuStreamWaitEvent) for the reads queued before the block's free, so the
+/// block's new tokens may be written by work queued on `stream` after the append (by default
+/// `kv_cache_options::stream`: an engine that writes on another stream orders it after that
+/// one, or passes its own). The caller's thread never waits.
 template <class Config, class Layout = block_major>
 class kv_cache {
     static_assert(kv_layout<Layout>, "vmmpp::kv_cache: Layout does not model vmmpp::kv_layout");
@@ -133,7 +138,13 @@ public:
     /// tokens' range; their slots come from slot_mapping.
     /// Throws: invalid_argument (unknown sequence), out_of_blocks, over_quota, out_of_memory,
     /// retired_memory, cuda_error. Guarantee: strong (see the class comment).
-    token_range append(seq_id seq, std::size_t n_tokens) {
+    token_range append(seq_id seq, std::size_t n_tokens) { return append(seq, n_tokens, options_.stream); }
+
+    /// As append(seq, n_tokens), for new tokens written by work queued on `stream` after the
+    /// call: a block handed out again while reads queued before its free may still run makes
+    /// `stream` wait for them first (see the class comment), and a copy-on-write of a shared
+    /// partial block is queued on `stream`, after the work there that wrote its tokens.
+    token_range append(seq_id seq, std::size_t n_tokens, cudaStream_t stream) {
         refuse_while_asleep("append");  // sleep and wake: no memory to append into
         sequence& s = find(seq);
         const token_range added{s.tokens, n_tokens};
@@ -157,8 +168,9 @@ public:
             for (; held < fresh.size(); ++held) {
                 hold_block(fresh[held]);
             }
+            order_writes_after_reads(fresh, stream);
             if (p.copy_on_write) {
-                copy_block(s.blocks.back(), fresh.front());
+                copy_block(s.blocks.back(), fresh.front(), stream);
             }
         } catch (...) {
             // Rows of a failed copy may already be queued into the fresh blocks.
@@ -217,10 +229,10 @@ public:
         const std::size_t keep = geometry_.blocks_for(n_tokens);
         const std::span<const std::int32_t> tail(s.blocks.begin() + static_cast<std::ptrdiff_t>(keep), s.blocks.end());
         std::vector<std::int32_t> dropped(tail.begin(), tail.end());  // may throw: nothing changed yet
-        const pool_fence after = prepare_drop(dropped, stream);          // likewise
+        prepare_drop(dropped, stream);                                   // likewise
         s.blocks.resize(keep);
         s.tokens = n_tokens;
-        drop_blocks(dropped, after);
+        drop_blocks(dropped);
     }
 
     /// Frees `seq`: blocks whose last reference it held are freed, and pages that hold no live
@@ -239,7 +251,7 @@ public:
         if (it == sequences_.end()) {
             throw unknown_sequence(seq);
         }
-        const pool_fence after = prepare_drop(it->second.blocks, stream);  // may throw: nothing changed yet
+        prepare_drop(it->second.blocks, stream);  // may throw: nothing changed yet
         std::vector<std::int32_t> dropped = std::move(it->second.blocks);
         const std::uint32_t slot = it->second.slot;
         sequences_.erase(it);
@@ -248,7 +260,7 @@ public:
             std::uint32_t slot;
             ~slot_back() { c.give_sequence_slot(slot); }
         } give_back{*this, slot};
-        drop_blocks(dropped, after);
+        drop_blocks(dropped);
     }
 
     /// Gives back memory whose release waited for GPU work that has completed since (the pool's
@@ -870,49 +882,46 @@ private:
     }
     void unhold_block_noexcept(std::int32_t b, pool_fence after) noexcept { (void)unhold_block(b, after); }
 
-    /// Whether the pool may ever give memory back under queued device work (then releases need
-    /// fences): device-visible memory with an elastic growth policy.
-    static constexpr bool needs_fences =
-        has_property<backing_type, device_accessible> && Config::growth_type::is_elastic;
+    /// Whether GPU work may read the blocks (device-visible memory): then every block let go of
+    /// carries the fences of its readers, its memory goes back after them, and its next writer
+    /// waits for them.
+    static constexpr bool stream_ordered = has_property<backing_type, device_accessible>;
 
     /// Before dropping one reference to each of `blocks`, without changing anything the caller
-    /// can see: lists the pieces of the blocks that lose their last reference (released_pieces_)
-    /// and returns the fence their release must wait for (see fence_for_dropping).
-    pool_fence prepare_drop(std::span<const std::int32_t> blocks, cudaStream_t stream) {
+    /// can see (a failure leaves at most an extra fence on a block, which only delays it):
+    /// records a fence after the work queued on `stream` (and the cache's own copies), adds it
+    /// to every block, shared or not, and lists the pieces of the blocks that lose their last
+    /// reference (released_pieces_) and the fences their memory waits for (released_fences_:
+    /// those of all of them, one release call).
+    void prepare_drop(std::span<const std::int32_t> blocks, cudaStream_t stream) {
         released_pieces_.clear();
+        released_fences_.clear();
+        if constexpr (stream_ordered) {
+            if (!blocks.empty()) {
+                const pool_fence read = pool_.record_fence(stream);
+                const pool_fence copied =
+                    copies_queued_ && stream != options_.stream ? pool_.record_fence(options_.stream) : pool_fence{};
+                copies_queued_ = false;  // the fence on options_.stream (one of the two) covers every copy so far
+                for (std::int32_t b : blocks) {
+                    fences_.add(b, read);
+                    fences_.add(b, copied);
+                }
+            }
+        }
         for (std::int32_t b : blocks) {
             if (blocks_.refs(b) == 1) {
                 Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
                     released_pieces_.push_back({off, bytes});
                 });
+                for (const pool_fence& f : fences_.of(b)) {
+                    block_fences::add_to(released_fences_, f);
+                }
             }
-        }
-        return fence_for_dropping(!released_pieces_.empty(), stream);
-    }
-
-    /// The fence that releasing memory must wait for: none if nothing `frees_memory`; else one
-    /// after the work queued on `stream` and the cache's own copies. Fences count in order, so
-    /// the later of two covers both.
-    pool_fence fence_for_dropping(bool frees_memory, cudaStream_t stream) {
-        if constexpr (!needs_fences) {
-            return {};
-        } else {
-            if (!frees_memory) {
-                return {};
-            }
-            pool_fence after = pool_.record_fence(stream);
-            if (copies_queued_ && stream != options_.stream) {
-                after = pool_.record_fence(options_.stream);
-            }
-            // (copies_queued_ is cleared below: the fence on options_.stream, the first or the
-            // second, covers every copy queued so far.)
-            copies_queued_ = false;  // the fence just recorded on options_.stream covers them
-            return after;
         }
     }
     /// A fence after the cache's own queued copies, or none if that fails (a lost context).
     pool_fence copies_fence_noexcept() noexcept {
-        if constexpr (needs_fences) {
+        if constexpr (stream_ordered) {
             if (copies_queued_) {
                 try {
                     return pool_.record_fence(options_.stream);
@@ -923,15 +932,29 @@ private:
         }
         return {};
     }
+    /// Fresh blocks of an append, some perhaps freed while reads queued before their free may
+    /// still run: `stream`, which writes them next (the engine's tokens, a copy-on-write), waits
+    /// for those reads. The fences stay with the block (completed ones are dropped): memory goes
+    /// back only after its old readers too, whatever stream frees it next.
+    void order_writes_after_reads(const std::vector<std::int32_t>& fresh, cudaStream_t stream) {
+        if constexpr (stream_ordered) {
+            for (std::int32_t b : fresh) {
+                if (!fences_.of(b).empty()) {
+                    pool_.make_wait(stream, fences_.of_mutable(b));
+                }
+            }
+        }
+    }
 
     /// Drops one reference to each block (prepare_drop listed the pieces of those that reach
-    /// zero) and releases that memory after `after`, in one pool call: one lock, one give-back.
-    void drop_blocks(const std::vector<std::int32_t>& dropped, pool_fence after) {
+    /// zero and their fences) and releases that memory after those fences, in one pool call:
+    /// one lock, one give-back.
+    void drop_blocks(const std::vector<std::int32_t>& dropped) {
         for (std::int32_t b : dropped) {
             (void)blocks_.release(b);  // live ids: never throws
         }
         if (!released_pieces_.empty()) {
-            pool_.release(std::span<const byte_range>(released_pieces_), after);
+            pool_.release(std::span<const byte_range>(released_pieces_), std::span<const pool_fence>(released_fences_));
         }
     }
 
@@ -943,8 +966,10 @@ private:
         return *context_;
     }
 
-    /// Copies every layer's K and V of block `from` into block `to` (Layout::copy_shape's rows).
-    void copy_block(std::int32_t from, std::int32_t to) {
+    /// Copies every layer's K and V of block `from` into block `to` (Layout::copy_shape's rows),
+    /// queued on `stream` after the work there (the engine's writes of `from`'s tokens); whoever
+    /// lets go of either block last waits for the copy too.
+    void copy_block(std::int32_t from, std::int32_t to, cudaStream_t stream) {
         const auto shape = Layout::copy_shape(geometry_);
         std::byte* src = address(0, kv_part::key, from);
         std::byte* dst = address(0, kv_part::key, to);
@@ -952,13 +977,16 @@ private:
             // One copy per row, not a 2D copy: on VMM memory the rows lie in different physical
             // allocations with unmapped pages between them, which a 2D copy rejects.
             scoped_context current(device_context());
-            copies_queued_ = true;  // before the first row: a later row may fail after it is queued
+            copies_queued_ = copies_queued_ || stream == options_.stream;  // a later row may fail after one is queued
             for (std::size_t r = 0; r < shape.rows; ++r) {
                 driver::check(driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(dst + r * shape.pitch),
                                                          reinterpret_cast<CUdeviceptr>(src + r * shape.pitch),
-                                                         shape.width, options_.stream),
+                                                         shape.width, stream),
                               "cuMemcpyAsync(copy-on-write)");
             }
+            const pool_fence copied = pool_.record_fence(stream);
+            fences_.add(from, copied);
+            fences_.add(to, copied);
         } else {
             for (std::size_t r = 0; r < shape.rows; ++r) {
                 std::memcpy(dst + r * shape.pitch, src + r * shape.pitch, shape.width);
@@ -970,11 +998,13 @@ private:
     kv_cache_options options_;
     pool_type pool_;
     block_allocator_type blocks_;
+    block_fences fences_{geometry_.max_blocks};  // per block: the streams that may still read it
     std::map<seq_id, sequence> sequences_;
     seq_id next_id_ = 0;
     std::uint64_t cow_copies_ = 0;
     std::vector<std::int32_t> staging_;
     std::vector<byte_range> released_pieces_;  // what the free or truncate in progress releases
+    std::vector<pool_fence> released_fences_;  // and the fences that memory waits for
     std::optional<primary_context> context_;  // retained on the first device copy
     bool copies_queued_ = false;              // copies queued on options_.stream since its last fence
 };

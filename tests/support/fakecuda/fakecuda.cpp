@@ -13,8 +13,14 @@
 //   file descriptors are dups of the memfd. The granularity is FAKECUDA_GRANULARITY (default
 //   65536) bytes. As the real driver: mapping at an offset into a handle, mapping part of a
 //   handle, or unmapping (setting access on) part of a mapping is CUDA_ERROR_INVALID_VALUE.
-// - Streams: every operation submitted to any stream goes into one FIFO "GPU", which runs it at
-//   once, or queues it while held (fakecuda_hold_gpu). A copy that runs while its source or
+// - Streams: each stream is its own queue, as on the real GPU: work runs in order within a
+//   stream, in any order across streams, except that the legacy default stream waits for every
+//   blocking stream's earlier work and they for its (as the real driver's), and cuStreamWaitEvent
+//   holds a stream until the event's record has run. The GPU runs work at once, or queues it
+//   while held (fakecuda_hold_gpu); a test then runs one stream (fakecuda_run_stream) or all
+//   (fakecuda_run_gpu), so work on one stream can finish while another's is still queued.
+//   cuLaunchHostFunc's function runs when its place in the stream is reached, on the thread
+//   that makes the GPU run (the real driver uses a thread of its own). A copy that runs while its source or
 //   destination, inside a reservation, is not mapped with access copies nothing and makes
 //   CUDA_ERROR_ILLEGAL_ADDRESS sticky: every call returns it, as after a lost context, until
 //   fakecuda_reset. Ranges are checked against the fake's own table, not by faulting; addresses
@@ -51,7 +57,9 @@
 struct CUctx_st {
     int device = 0;
 };
-struct CUstream_st {};
+struct CUstream_st {
+    bool blocking = true;  // not CU_STREAM_NON_BLOCKING: ordered with the legacy default stream
+};
 struct CUevent_st {
     std::uint64_t last_record = 0;  // sequence number of its last cuEventRecord; 0: never recorded
 };
@@ -96,9 +104,13 @@ struct allocation {
 
 /// One operation on the GPU's queue.
 struct work {
-    enum class kind { copy, set, record };
+    enum class kind { copy, set, record, wait, host };
     kind what = kind::record;
     std::uint64_t seq = 0;
+    CUstream stream = nullptr;
+    std::uint64_t after = 0;  // wait: the sequence number of the event record it waits for
+    CUhostFn host = nullptr;  // host: the function and its argument
+    void* host_data = nullptr;
     std::uintptr_t dst = 0;
     std::uintptr_t src = 0;
     std::size_t bytes = 0;
@@ -135,10 +147,9 @@ struct device_state {
     std::set<CUstream_st*> streams;
     std::set<CUevent_st*> events;
     std::map<CUstream, std::uint64_t> last_on_stream;  // sequence number of each stream's last work
-    std::deque<work> queue;
+    std::deque<work> queue;  // submitted and not yet run, by sequence number
     bool held = false;
     std::uint64_t submitted = 0;
-    std::uint64_t completed = 0;  // every work item up to this sequence number has run
     CUresult sticky = CUDA_SUCCESS;
 
     std::map<std::string, std::uint64_t, std::less<>> calls;
@@ -232,27 +243,84 @@ struct device_state {
         return {first, it};
     }
 
-    /// Puts one operation on the GPU's queue; runs it at once unless the GPU is held.
+    /// Puts one operation on its stream's queue; runs it at once unless the GPU is held.
     std::uint64_t submit(CUstream stream, work w) {
         w.seq = ++submitted;
+        w.stream = stream;
         last_on_stream[stream] = w.seq;
         queue.push_back(w);
         if (!held) {
-            run_until(submitted);
+            run_all();
         }
         return w.seq;
     }
-    /// The GPU runs queued work in order up to and including sequence number `seq`.
+    [[nodiscard]] static bool is_legacy(CUstream s) noexcept { return s == nullptr || s == CU_STREAM_LEGACY; }
+    [[nodiscard]] bool is_blocking(CUstream s) const noexcept {
+        return s == CU_STREAM_PER_THREAD || (streams.contains(s) && s->blocking);
+    }
+    /// Whether work item `seq` has run (every submitted item not in the queue has).
+    [[nodiscard]] bool has_run(std::uint64_t seq) const noexcept {
+        if (seq > submitted) {
+            return false;
+        }
+        return std::none_of(queue.begin(), queue.end(), [&](const work& w) { return w.seq == seq; });
+    }
+    /// Whether queue[i] may run now: nothing earlier on its stream is queued, nor earlier work
+    /// the legacy stream orders it after, and the event it waits for has been recorded.
+    [[nodiscard]] bool runnable(std::size_t i) const {
+        const work& w = queue[i];
+        for (std::size_t j = 0; j < i; ++j) {
+            const CUstream e = queue[j].stream;
+            if (e == w.stream || (is_legacy(w.stream) && is_blocking(e)) || (is_legacy(e) && is_blocking(w.stream))) {
+                return false;
+            }
+        }
+        return w.what != work::kind::wait || has_run(w.after);
+    }
+    /// Runs queue[i] and takes it off the queue.
+    void run_at(std::size_t i) {
+        const work w = queue[i];
+        queue.erase(queue.begin() + static_cast<std::ptrdiff_t>(i));
+        execute(w);
+    }
+    /// Runs the oldest item that may run; false when the queue is empty. (The oldest queued item
+    /// can always run: everything it may wait for is older.)
+    bool run_one() {
+        for (std::size_t i = 0; i < queue.size(); ++i) {
+            if (runnable(i)) {
+                run_at(i);
+                return true;
+            }
+        }
+        return false;
+    }
+    /// The GPU runs work, oldest first, until item `seq` has run.
     void run_until(std::uint64_t seq) {
-        while (!queue.empty() && queue.front().seq <= seq) {
-            execute(queue.front());
-            completed = queue.front().seq;
-            queue.pop_front();
+        while (!has_run(seq) && run_one()) {
+        }
+    }
+    void run_all() {
+        while (run_one()) {
+        }
+    }
+    /// Runs the queued work of `stream` that may run, in order, and nothing else: other streams'
+    /// work stays queued (a slow stream). Stops at an item that must wait for another stream.
+    void run_stream(CUstream stream) {
+        for (;;) {
+            const auto it = std::find_if(queue.begin(), queue.end(), [&](const work& w) { return w.stream == stream; });
+            if (it == queue.end() || !runnable(static_cast<std::size_t>(it - queue.begin()))) {
+                return;
+            }
+            run_at(static_cast<std::size_t>(it - queue.begin()));
         }
     }
     void execute(const work& w) {
-        if (sticky != CUDA_SUCCESS || w.what == work::kind::record) {
-            return;  // a lost context runs nothing; a record only marks its place
+        if (sticky != CUDA_SUCCESS || w.what == work::kind::record || w.what == work::kind::wait) {
+            return;  // a lost context runs nothing; a record or a wait only marks its place
+        }
+        if (w.what == work::kind::host) {
+            w.host(w.host_data);  // under the driver's mutex: it must not call the driver (as documented)
+            return;
         }
         const bool ok = reachable(w.dst, w.bytes, PROT_WRITE) &&
                         (w.what == work::kind::set || reachable(w.src, w.bytes, PROT_READ));
@@ -478,7 +546,7 @@ CUresult ctx_synchronize() {
     if (!has_current_context()) {
         return CUDA_ERROR_INVALID_CONTEXT;
     }
-    state().run_until(state().submitted);
+    state().run_all();
     return state().sticky;
 }
 
@@ -741,7 +809,7 @@ CUresult mem_import_from_shareable_handle(CUmemGenericAllocationHandle* handle, 
     return CUDA_SUCCESS;
 }
 
-CUresult stream_create(CUstream* stream, unsigned int) {
+CUresult stream_create(CUstream* stream, unsigned int flags) {
     driver_call call("cuStreamCreate");
     if (call.refusal() != CUDA_SUCCESS) {
         return call.refusal();
@@ -749,7 +817,7 @@ CUresult stream_create(CUstream* stream, unsigned int) {
     if (!has_current_context()) {
         return CUDA_ERROR_INVALID_CONTEXT;
     }
-    *stream = new CUstream_st;
+    *stream = new CUstream_st{.blocking = (flags & CU_STREAM_NON_BLOCKING) == 0};
     state().streams.insert(*stream);
     return CUDA_SUCCESS;
 }
@@ -858,7 +926,7 @@ CUresult event_query(CUevent event) {
     if (!s.events.contains(event)) {
         return CUDA_ERROR_INVALID_HANDLE;
     }
-    return event->last_record <= s.completed ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
+    return s.has_run(event->last_record) ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
 }
 CUresult event_synchronize(CUevent event) {
     driver_call call("cuEventSynchronize");
@@ -871,6 +939,34 @@ CUresult event_synchronize(CUevent event) {
     }
     s.run_until(event->last_record);  // the GPU finishes everything up to that record
     return s.sticky;
+}
+
+CUresult stream_wait_event(CUstream stream, CUevent event, unsigned int) {
+    driver_call call("cuStreamWaitEvent");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (!s.events.contains(event) || !s.valid_stream(stream)) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    (void)s.submit(stream, {.what = work::kind::wait, .after = event->last_record});  // never recorded: no wait
+    return CUDA_SUCCESS;
+}
+CUresult launch_host_func(CUstream stream, CUhostFn fn, void* data) {
+    driver_call call("cuLaunchHostFunc");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    if (fn == nullptr || !s.valid_stream(stream)) {
+        return fn == nullptr ? CUDA_ERROR_INVALID_VALUE : CUDA_ERROR_INVALID_HANDLE;
+    }
+    (void)s.submit(stream, {.what = work::kind::host, .host = fn, .host_data = data});
+    return CUDA_SUCCESS;
 }
 
 /// An entry of the table cuGetProcAddress answers from. `as<decltype(&::cuX)>(&x)` only compiles
@@ -923,6 +1019,8 @@ const entry_point entry_points[] = {
     {"cuEventRecord", as<decltype(&::cuEventRecord)>(&event_record)},
     {"cuEventQuery", as<decltype(&::cuEventQuery)>(&event_query)},
     {"cuEventSynchronize", as<decltype(&::cuEventSynchronize)>(&event_synchronize)},
+    {"cuStreamWaitEvent", as<decltype(&::cuStreamWaitEvent)>(&stream_wait_event)},
+    {"cuLaunchHostFunc", as<decltype(&::cuLaunchHostFunc)>(&launch_host_func)},
 };
 
 } // namespace
@@ -960,7 +1058,7 @@ void fakecuda_reset(void) {
     device_state& s = state();
     std::lock_guard lock(s.mutex);
     s.held = false;
-    s.run_until(s.submitted);
+    s.run_all();
     s.failures.clear();
     s.sticky = CUDA_SUCCESS;
 }
@@ -985,14 +1083,27 @@ void fakecuda_hold_gpu(int hold) {
     std::lock_guard lock(s.mutex);
     s.held = hold != 0;
     if (!s.held) {
-        s.run_until(s.submitted);
+        s.run_all();
     }
 }
-/// Runs everything queued, in order (the GPU catches up); the GPU stays held if it was.
+/// Runs everything queued, oldest first (the GPU catches up); the GPU stays held if it was.
 void fakecuda_run_gpu(void) {
     device_state& s = state();
     std::lock_guard lock(s.mutex);
-    s.run_until(s.submitted);
+    s.run_all();
+}
+/// Runs the queued work of one stream (0: the legacy default stream) as far as it may run
+/// without another stream's work; the rest stays queued. The GPU stays held.
+void fakecuda_run_stream(CUstream stream) {
+    device_state& s = state();
+    std::lock_guard lock(s.mutex);
+    s.run_stream(stream);
+}
+/// Operations queued on one stream and not yet run.
+std::size_t fakecuda_queued_on(CUstream stream) {
+    std::lock_guard lock(state().mutex);
+    const auto& q = state().queue;
+    return static_cast<std::size_t>(std::count_if(q.begin(), q.end(), [&](const work& w) { return w.stream == stream; }));
 }
 /// Operations queued and not yet run.
 std::size_t fakecuda_queued(void) {
