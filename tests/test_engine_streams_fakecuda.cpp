@@ -61,7 +61,8 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(random_engine_on_several_streams_matches_the_model
                     } else if (r < 44) {
                         fakecuda::run_gpu();
                     }
-                });
+                },
+                vmmpp_test::engine_sim<typename Case::cache>::plain_host);
             engine.run(250);
             fakecuda::hold_gpu(false);  // the GPU finishes everything
             BOOST_TEST_REQUIRE(fakecuda::sticky_error() == CUDA_SUCCESS, "seed " << seed << ": a copy met unmapped memory");

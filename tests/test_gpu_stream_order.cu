@@ -9,6 +9,7 @@
 
 #include <boost/mpl/list.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -238,7 +239,11 @@ BOOST_AUTO_TEST_CASE(pool_release_on_a_stream_waits_for_the_kernel) {
         BOOST_TEST(budget.stats().committed == 8 * page);  // still charged
         check_stream(engine);
         BOOST_TEST(reader.sum() == 8ull * page);
-        BOOST_TEST(pool.collect() == 8 * page);  // done: the release completes on the next call
+        // Done: the release agent gives it back without a call (or this collect, if it comes first).
+        (void)pool.collect();
+        const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+        while (pool.committed_bytes() != 0 && std::chrono::steady_clock::now() < give_up) {
+        }
         BOOST_TEST(pool.committed_bytes() == 0u);
         BOOST_TEST(budget.stats().committed == 0u);
     }

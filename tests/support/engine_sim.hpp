@@ -13,7 +13,9 @@
 // sequence's stream waiting for the cache stream (its new blocks are safe for that one).
 //
 // Used by the fake-driver test (which runs the streams in random order, holding some back) and
-// by the GPU test (where they really run concurrently).
+// by the GPU test (where they really run concurrently). The host buffers the copies read and
+// write come from `host_alloc` (pinned memory on a GPU: copies to pageable memory would make
+// the host wait and hide every race).
 #pragma once
 
 #include <array>
@@ -49,19 +51,29 @@ public:
     /// `engine_streams`: the streams the engine's work runs on; `cache_stream` is the cache's
     /// kv_cache_options::stream. `gpu_step` is called after every engine step (the fake driver
     /// runs some streams there; a real GPU runs by itself).
+    using host_buffer = std::unique_ptr<std::uint32_t[], std::function<void(std::uint32_t*)>>;
+    /// `host_alloc(n)` gives a buffer of n values, for at most n token writes and n token reads.
     engine_sim(Cache& cache, std::vector<CUstream> engine_streams, CUstream cache_stream, std::uint64_t seed,
-               std::function<void(std::mt19937_64&)> gpu_step)
+               std::function<void(std::mt19937_64&)> gpu_step, std::function<host_buffer(std::size_t)> host_alloc,
+               std::size_t capacity = std::size_t{1} << 18)
         : cache_(cache),
           streams_(std::move(engine_streams)),
           cache_stream_(cache_stream),
           rng_(seed),
           gpu_step_(std::move(gpu_step)),
-          key0_(cache.tensor(0, vmmpp::kv_part::key)) {}
+          key0_(cache.tensor(0, vmmpp::kv_part::key)),
+          capacity_(capacity),
+          write_arena_(host_alloc(capacity)),
+          read_arena_(host_alloc(capacity)) {}
+    /// Plain host memory (the fake driver copies synchronously with its own queue anyway).
+    static host_buffer plain_host(std::size_t n) {
+        return host_buffer(new std::uint32_t[n](), [](std::uint32_t* p) { delete[] p; });
+    }
 
     /// Runs `steps` random engine steps, then frees everything on random streams.
     void run(std::size_t steps, std::size_t max_live = 12, std::size_t max_tokens = 96) {
         vmmpp::scoped_context current(context_);
-        for (std::size_t i = 0; i < steps; ++i) {
+        for (std::size_t i = 0; i < steps && writes_ + max_tokens < capacity_ && reads_.size() + max_tokens < capacity_; ++i) {
             step(max_live, max_tokens);
             ++result_.steps;
             gpu_step_(rng_);
@@ -74,8 +86,7 @@ public:
     /// After the GPU finished everything: compares every read with the model.
     engine_sim_result check() {
         for (const auto& r : reads_) {
-            std::uint32_t got = 0;
-            std::memcpy(&got, &read_arena_[r.slot], sizeof got);
+            const std::uint32_t got = read_arena_[r.slot];
             ++result_.reads;
             if (got != r.expected) {
                 if (result_.mismatches++ == 0) {
@@ -144,9 +155,10 @@ private:
         for (std::size_t i = 0; i < n; ++i) {
             const std::uint32_t v = ++next_value_;
             s.values.push_back(v);
-            write_arena_.push_back(v);  // lives until the end: the copy reads it later
+            std::uint32_t* source = &write_arena_[writes_++];  // lives until the end: the copy reads it later
+            *source = v;
             vmmpp::driver::check(vmmpp::driver::get().memcpy_async(slot_address(slots[i]),
-                                                                    reinterpret_cast<CUdeviceptr>(&write_arena_.back()),
+                                                                    reinterpret_cast<CUdeviceptr>(source),
                                                                     sizeof(std::uint32_t), s.stream),
                                  "cuMemcpyAsync(write token)");
         }
@@ -158,10 +170,10 @@ private:
         for (std::size_t t = 0; t < s.values.size(); ++t) {
             const std::int64_t slot = static_cast<std::int64_t>(table[t / bt]) * static_cast<std::int64_t>(bt) +
                                       static_cast<std::int64_t>(t % bt);
-            read_arena_.emplace_back();
-            reads_.push_back({read_arena_.size() - 1, s.values[t], seq, t});
+            reads_.push_back({reads_.size(), s.values[t], seq, t});
+            read_arena_[reads_.back().slot] = 0;
             vmmpp::driver::check(vmmpp::driver::get().memcpy_async(
-                                     reinterpret_cast<CUdeviceptr>(read_arena_.back().data()), slot_address(slot),
+                                     reinterpret_cast<CUdeviceptr>(&read_arena_[reads_.back().slot]), slot_address(slot),
                                      sizeof(std::uint32_t), s.stream),
                                  "cuMemcpyAsync(read token)");
         }
@@ -214,8 +226,10 @@ private:
     vmmpp::kv_tensor key0_;
     vmmpp::primary_context context_{0};
     std::map<vmmpp::seq_id, live_seq> live_;
-    std::deque<std::uint32_t> write_arena_;                 // values being written (stable addresses)
-    std::deque<std::array<unsigned char, 4>> read_arena_;  // what each read got
+    std::size_t capacity_;
+    host_buffer write_arena_;  // values being written, one each (the copies read them later)
+    host_buffer read_arena_;   // what each read got
+    std::size_t writes_ = 0;
     std::vector<read_record> reads_;
     std::deque<vmmpp::stream_event> events_;  // kept until the end: the waits may still refer to them
     std::uint32_t next_value_ = 0;
