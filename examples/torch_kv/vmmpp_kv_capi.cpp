@@ -596,6 +596,10 @@ vmmpp_kv_status vmmpp_kv_write_test_pattern(vmmpp_kv* kv, uint64_t seq, uint64_t
         require(g.type == vmmpp::dtype::f32 || g.type == vmmpp::dtype::f16 || g.type == vmmpp::dtype::bf16,
                 "vmmpp_kv_write_test_pattern: the pattern is written in f32, f16 or bf16 only");
         const std::size_t element = vmmpp::size_of(g.type);
+        if (count > UINT64_MAX - first) {  // the loop's end would wrap and write nothing
+            throw vmmpp::invalid_argument("vmmpp_kv_write_test_pattern: tokens [" + std::to_string(first) + ", +" +
+                                          std::to_string(count) + ") end past 2^64");
+        }
         for (std::uint64_t t = first; t < first + count; ++t) {
             std::int64_t slot = 0;
             c.slot_mapping(seq, t, std::span<std::int64_t>(&slot, 1));
