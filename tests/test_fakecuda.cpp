@@ -147,10 +147,10 @@ BOOST_AUTO_TEST_CASE(device_memory_is_limited_and_handles_are_shared_through_des
 
     vmmpp::address_reservation r(2 * g, g);
     vmmpp::physical_allocation a(0, g);
-    const int fd = a.export_fd();
+    vmmpp::detail::unique_fd fd = a.export_fd();
     const std::size_t handles = fakecuda::live_handles();
-    vmmpp::physical_allocation imported = vmmpp::physical_allocation::import_fd(fd, g);
-    ::close(fd);
+    vmmpp::physical_allocation imported = vmmpp::physical_allocation::import_fd(fd.get(), g);
+    fd.reset();
     BOOST_TEST(fakecuda::live_handles() == handles + 1);
     vmmpp::mapping m1(r.base(), a, std::vector<int>{0});
     vmmpp::mapping m2(r.base() + g, imported, std::vector<int>{0});

@@ -49,7 +49,7 @@ BOOST_AUTO_TEST_CASE(a_second_process_reads_and_writes_the_same_kv_pages) {
         ::_exit(127);
     }
     ::close(sv[1]);
-    vmmpp::send_shared_pages(sv[0], pool.backing());
+    vmmpp::send_shared_pages(sv[0], pool);  // exported under the pool's lock, sent without it
     unsigned long long answer[2] = {~0ull, 0};
     const ssize_t got = ::read(sv[0], answer, sizeof answer);
     int status = 0;

@@ -246,6 +246,33 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(refused_copies_leave_the_destination_unchanged, La
     BOOST_TEST(unchanged());
 }
 
+/// Review 2, G6: a destination block shared by a fork was overwritten, changing the KV of the
+/// sequence that shares it. It is refused, naming the block and its reference count.
+BOOST_AUTO_TEST_CASE_TEMPLATE(shared_destination_blocks_are_refused, Layout, layouts) {
+    kv_factory<kv_case<vmmpp::host_config, Layout>> fs, fd;
+    auto src = fs.make(small);
+    auto dst = fd.make(small);
+    filled_sequence(*src, 4, 12);
+    filled_sequence(*dst, 2, 13);                    // 0, 1: one reference each
+    const auto forked = filled_sequence(*dst, 2, 14);  // 2, 3: shared with the fork below
+    const auto fork = dst->fork(forked);
+    BOOST_TEST_REQUIRE(dst->block_refs(2) == 2u);
+    using dst_cache = typename decltype(dst)::element_type;
+    const snapshot<dst_cache> before(*dst);
+    using ids = std::vector<std::int32_t>;
+
+    // The first two entries are valid, so a copy issued before checking would show.
+    const std::string m = invalid_argument_of([&] { vmmpp::copy_blocks(*src, ids{0, 1, 2}, *dst, ids{0, 1, 3}); });
+    BOOST_TEST(mentions(m, "destination block 3 (entry 2) has reference count 2"), m);
+    BOOST_TEST((snapshot<dst_cache>(*dst) == before));
+
+    // Once the fork is gone the block is the sequence's own and may be written.
+    dst->free(fork);
+    BOOST_TEST_REQUIRE(dst->block_refs(3) == 1u);
+    vmmpp::copy_blocks(*src, ids{0, 1, 2}, *dst, ids{0, 1, 3});
+    BOOST_TEST((block_bytes(*dst, 3) == block_bytes(*src, 2)));
+}
+
 BOOST_AUTO_TEST_CASE(can_access_peer_checks_its_devices) {
     const int count = vmmpp::driver::device_count();
     if (count == 0) {

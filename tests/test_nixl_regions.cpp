@@ -199,6 +199,32 @@ BOOST_AUTO_TEST_CASE(pairs_cut_at_both_sides_boundaries) {
     }
 }
 
+/// Review 2, G4: the totals were summed unchecked, so lists of different sizes whose sums wrap
+/// to the same number were accepted and the pairing dropped the rest of the longer list.
+BOOST_AUTO_TEST_CASE(piece_lists_whose_sizes_overflow_are_refused) {
+    const auto refused_naming = [](const std::vector<byte_range>& local, const std::vector<byte_range>& remote,
+                                   const std::vector<std::string>& numbers) {
+        try {
+            const auto pairs = vmmpp::pair_pieces(local, remote);
+            BOOST_ERROR("accepted, " << pairs.size() << " pairs");
+        } catch (const vmmpp::invalid_argument& e) {
+            for (const std::string& n : numbers) {
+                BOOST_TEST(std::string(e.what()).find(n) != std::string::npos, e.what() << " (expected " << n << ")");
+            }
+        }
+    };
+    const std::size_t big = SIZE_MAX - 4095;
+    // 2^64 - 4096 + 8192 wraps to 4096, the remote list's total.
+    refused_naming({{0, big}, {1 << 20, 8192}}, {{0, 4096}}, {"local", "piece 1", std::to_string(big), "8192"});
+    refused_naming({{0, 4096}}, {{0, big}, {1 << 20, 8192}}, {"remote", "piece 1"});
+    // One piece that ends past the address space.
+    refused_naming({{SIZE_MAX - 10, 20}}, {{0, 20}}, {"local piece 0", std::to_string(SIZE_MAX - 10), "20"});
+    // The largest pieces that fit are still paired.
+    const std::vector<byte_range> whole{{0, SIZE_MAX}};
+    const std::vector<byte_range> halves{{0, SIZE_MAX / 2}, {0, SIZE_MAX - SIZE_MAX / 2}};
+    BOOST_TEST(vmmpp::pair_pieces(whole, halves).size() == 2u);
+}
+
 BOOST_AUTO_TEST_CASE(pieces_of_a_dead_block_are_refused) {
     vmmpp::kv_cache<vmmpp::host_config, vmmpp::block_major> cache(small);
     const vmmpp::seq_id a = cache.add_sequence();

@@ -64,8 +64,8 @@ public:
     virtual std::vector<vmmpp::committed_extent> committed_extents() const = 0;
     /// vmmpp::block_pieces of `blocks`.
     virtual std::vector<vmmpp::byte_range> block_pieces(std::span<const std::int32_t> blocks) const = 0;
-    /// vmm configurations: sends every committed handle over `socket` (vmmpp::send_shared_pages).
-    virtual void send_shared_pages(int socket) const = 0;
+    /// vmm configurations: every committed handle, exported for vmmpp::send_shared_pages.
+    virtual vmmpp::shared_pages_export export_shared_pages() const = 0;
     /// vmmpp::copy_blocks from this cache into `dst`, which has the same configuration and layout.
     virtual void copy_blocks_to(std::span<const std::int32_t> src_blocks, cache_base& dst,
                                 std::span<const std::int32_t> dst_blocks, cudaStream_t stream) const = 0;
@@ -142,9 +142,9 @@ public:
     std::vector<vmmpp::byte_range> block_pieces(std::span<const std::int32_t> blocks) const override {
         return vmmpp::block_pieces(cache_, blocks);
     }
-    void send_shared_pages(int socket) const override {
+    vmmpp::shared_pages_export export_shared_pages() const override {
         if constexpr (std::is_same_v<typename Config::backing_type, vmmpp::vmm>) {
-            cache_.pool().with_backing([&](const vmmpp::vmm& b) { vmmpp::send_shared_pages(socket, b); });
+            return cache_.pool().with_backing([](const vmmpp::vmm& b) { return vmmpp::export_shared_pages(b); });
         } else {
             throw vmmpp::invalid_argument("shared pages need a vmm configuration (elastic or elastic_pages)");
         }
@@ -596,6 +596,10 @@ vmmpp_kv_status vmmpp_kv_write_test_pattern(vmmpp_kv* kv, uint64_t seq, uint64_t
         require(g.type == vmmpp::dtype::f32 || g.type == vmmpp::dtype::f16 || g.type == vmmpp::dtype::bf16,
                 "vmmpp_kv_write_test_pattern: the pattern is written in f32, f16 or bf16 only");
         const std::size_t element = vmmpp::size_of(g.type);
+        if (count > UINT64_MAX - first) {  // the loop's end would wrap and write nothing
+            throw vmmpp::invalid_argument("vmmpp_kv_write_test_pattern: tokens [" + std::to_string(first) + ", +" +
+                                          std::to_string(count) + ") end past 2^64");
+        }
         for (std::uint64_t t = first; t < first + count; ++t) {
             std::int64_t slot = 0;
             c.slot_mapping(seq, t, std::span<std::int64_t>(&slot, 1));
@@ -803,8 +807,14 @@ vmmpp_kv_status vmmpp_kv_copy_blocks(vmmpp_kv* src, const int32_t* src_blocks, v
 vmmpp_kv_status vmmpp_kv_send_shared_pages(vmmpp_kv* kv, int socket) {
     return guarded([&] {
         require(kv != nullptr, "vmmpp_kv_send_shared_pages: null handle");
-        std::lock_guard lock(kv->cache->mutex);
-        kv->cache->send_shared_pages(socket);
+        vmmpp::shared_pages_export pages;
+        {
+            std::lock_guard lock(kv->cache->mutex);
+            pages = kv->cache->export_shared_pages();
+        }
+        // Sent without the cache's lock (and the pool's): the socket I/O waits for the peer, up
+        // to the default timeout, and the engine's other calls on this cache must not wait with it.
+        vmmpp::send_shared_pages(socket, pages);
     });
 }
 

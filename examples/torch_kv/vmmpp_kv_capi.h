@@ -224,7 +224,10 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_pair_pieces(const vmmpp_kv_range* local, uint
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_copy_blocks(vmmpp_kv* src, const int32_t* src_blocks, vmmpp_kv* dst,
                                                   const int32_t* dst_blocks, uint64_t n_blocks, void* stream);
 /** vmm configurations: sends every committed physical handle over the connected Unix socket
- *  `socket` (vmmpp::send_shared_pages); the receiver gets read/write access to them. */
+ *  `socket` (vmmpp::send_shared_pages); the receiver gets read/write access to them. The handles
+ *  are exported under the cache's lock and sent without it, so the cache's other calls go on
+ *  while the peer reads; a peer that has not taken them all after 10 s fails the call
+ *  (VMMPP_KV_ERROR, the message names the timeout and how many records went). */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_send_shared_pages(vmmpp_kv* kv, int socket);
 /** Receives what vmmpp_kv_send_shared_pages sent on `socket` and maps it at the same offsets of
  *  a span reserved here, read/write for `device` (another GPU than the owner's: a peer mapping). */

@@ -281,6 +281,13 @@ class KVDLPackTest(unittest.TestCase):
                 cache.write_test_pattern(12345, 0, 1)
             self.assertEqual(e.exception.status, "invalid_argument")
             seq = cache.add_sequence()
+            cache.append(seq, 1)
+            # Review 2: first + count wrapped to 0, so nothing was written and the call said OK.
+            with self.assertRaisesRegex(vmmpp_kv.VmmppError, "past 2\\^64") as e:
+                cache.write_test_pattern(seq, 1, 2**64 - 1)
+            self.assertEqual(e.exception.status, "invalid_argument")
+            cache.free(seq)
+            seq = cache.add_sequence()
             with self.assertRaises(vmmpp_kv.VmmppError) as e:
                 cache.append(seq, MAX_BLOCKS * BLOCK_TOKENS + 1)
             self.assertEqual(e.exception.status, "out_of_blocks")

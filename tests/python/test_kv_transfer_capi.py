@@ -111,6 +111,18 @@ class TransferCapiTest(unittest.TestCase):
                 c.block_pieces([live, live + 1])
             with self.assertRaisesRegex(vmmpp_kv.VmmppError, "100.*99|99.*100"):
                 vmmpp_kv.pair_pieces([(0, 100)], [(0, 99)])
+            # Review 2, G4: sizes whose sum wraps to the other list's total.
+            with self.assertRaisesRegex(vmmpp_kv.VmmppError, "overflow"):
+                vmmpp_kv.pair_pieces([(0, 2**64 - 4096), (1 << 20, 8192)], [(0, 4096)])
+            # Review 2, G6: a destination block shared with a fork would change the fork's KV.
+            with cache() as dst:
+                d = dst.add_sequence()
+                dst.append(d, 16)
+                shared = list(dst.block_table(d))[0]
+                dst.fork(d)
+                with self.assertRaisesRegex(vmmpp_kv.VmmppError,
+                                            f"destination block {shared} \\(entry 0\\) has reference count 2"):
+                    vmmpp_kv.copy_blocks(c, [live], dst, [shared])
             t = other.add_sequence()
             other.append(t, 16)
             with self.assertRaisesRegex(vmmpp_kv.VmmppError, "configuration or layout"):

@@ -15,6 +15,7 @@
 
 #include "vmmpp/backing/concept.hpp"
 #include "vmmpp/detail/commit_map.hpp"
+#include "vmmpp/detail/unique_fd.hpp"
 #include "vmmpp/driver/context.hpp"
 #include "vmmpp/driver/device.hpp"
 #include "vmmpp/driver/event.hpp"
@@ -28,7 +29,7 @@ namespace vmmpp {
 struct exported_handle {
     std::size_t offset = 0;
     std::size_t bytes = 0;
-    int fd = -1;
+    detail::unique_fd fd;  ///< owned (closed with the handle), close-on-exec
 };
 
 /// What an access to reserved address space with nothing committed under it does (a kernel
@@ -317,20 +318,13 @@ public:
 
     /// Every committed physical handle as a POSIX file descriptor, lowest offset first, so another
     /// process can map the same pages (vmmpp/interop/shared_pages.hpp passes them over a Unix
-    /// socket). The caller owns the descriptors; on failure none is left open.
+    /// socket). The result owns the descriptors (close-on-exec); on failure none is left open.
     [[nodiscard]] std::vector<exported_handle> export_handles() const {
         scoped_context current(context_);
         std::vector<exported_handle> out;
         out.reserve(extents_.size());
-        try {
-            for (const auto& [offset, e] : extents_) {
-                out.push_back({offset, e.memory.bytes(), e.memory.export_fd()});
-            }
-        } catch (...) {
-            for (const auto& h : out) {
-                ::close(h.fd);
-            }
-            throw;
+        for (const auto& [offset, e] : extents_) {
+            out.push_back({offset, e.memory.bytes(), e.memory.export_fd()});
         }
         return out;
     }

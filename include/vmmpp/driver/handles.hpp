@@ -6,14 +6,21 @@
 // what the driver answered instead.
 #pragma once
 
+#include <fcntl.h>
+
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
 
+#include "vmmpp/detail/unique_fd.hpp"
 #include "vmmpp/driver/api.hpp"
 #include "vmmpp/driver/device.hpp"
+#include "vmmpp/error.hpp"
 
 namespace vmmpp {
 
@@ -57,11 +64,19 @@ public:
     }
 
     /// A new POSIX file descriptor for this allocation (cuMemExportToShareableHandle), to pass to
-    /// another process over a Unix socket. The caller closes it.
-    [[nodiscard]] int export_fd() const {
-        int fd = -1;
-        driver::check(driver::get().mem_export_to_shareable_handle(&fd, handle_, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+    /// another process over a Unix socket; owned by the result. It is close-on-exec: whether the
+    /// driver sets that is not documented, and a descriptor inherited by a program that another
+    /// thread fork+execs would give that program read/write access to the memory.
+    [[nodiscard]] detail::unique_fd export_fd() const {
+        int raw = -1;
+        driver::check(driver::get().mem_export_to_shareable_handle(&raw, handle_, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
                       "cuMemExportToShareableHandle");
+        detail::unique_fd fd(raw);
+        const int flags = ::fcntl(fd.get(), F_GETFD);
+        if (flags < 0 || ::fcntl(fd.get(), F_SETFD, flags | FD_CLOEXEC) != 0) {
+            throw error(std::string("cuMemExportToShareableHandle: setting FD_CLOEXEC on descriptor ") +
+                        std::to_string(fd.get()) + " failed: " + std::strerror(errno));
+        }
         return fd;
     }
 

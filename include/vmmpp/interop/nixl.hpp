@@ -146,17 +146,32 @@ struct piece_pair {
 /// Lines up two piece lists that enumerate the same bytes in the same order (block_pieces of the
 /// same blocks' counterparts in two caches): a piece is cut wherever the other side's ends, so
 /// every pair has one length on both sides, as a transfer request's two descriptor lists must.
-/// Throws vmmpp::invalid_argument, naming both totals, if the lists differ in total size.
+/// Throws vmmpp::invalid_argument, naming both totals, if the lists differ in total size, and,
+/// naming the piece, if a piece ends past SIZE_MAX or a list's total does not fit in size_t.
 [[nodiscard]] inline std::vector<piece_pair> pair_pieces(std::span<const byte_range> local,
                                                          std::span<const byte_range> remote) {
-    std::size_t local_total = 0;
-    std::size_t remote_total = 0;
-    for (const byte_range& p : local) {
-        local_total += p.bytes;
-    }
-    for (const byte_range& p : remote) {
-        remote_total += p.bytes;
-    }
+    // Every sum checked: the lists may come from a caller across the C ABI, and a total that
+    // wrapped would pass the equality check below and pair only part of the longer list.
+    const auto total_of = [](std::span<const byte_range> pieces, const char* side) {
+        std::size_t total = 0;
+        for (std::size_t k = 0; k < pieces.size(); ++k) {
+            const byte_range& p = pieces[k];
+            if (p.bytes > SIZE_MAX - p.offset) {
+                throw invalid_argument("pair_pieces: " + std::string(side) + " piece " + std::to_string(k) + " ([" +
+                                       std::to_string(p.offset) + ", +" + std::to_string(p.bytes) +
+                                       ")) ends past the largest offset, " + std::to_string(SIZE_MAX));
+            }
+            if (p.bytes > SIZE_MAX - total) {
+                throw invalid_argument("pair_pieces: the " + std::string(side) + " pieces' sizes overflow size_t: " +
+                                       std::to_string(total) + " bytes before piece " + std::to_string(k) + " plus its " +
+                                       std::to_string(p.bytes));
+            }
+            total += p.bytes;
+        }
+        return total;
+    };
+    const std::size_t local_total = total_of(local, "local");
+    const std::size_t remote_total = total_of(remote, "remote");
     if (local_total != remote_total) {
         throw invalid_argument("pair_pieces: the local pieces hold " + std::to_string(local_total) +
                                " bytes, the remote ones " + std::to_string(remote_total));

@@ -18,6 +18,7 @@
 #include <cerrno>
 #include <chrono>
 #include <climits>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -28,6 +29,7 @@
 #include <utility>
 #include <vector>
 
+#include "vmmpp/backing/concept.hpp"
 #include "vmmpp/backing/vmm.hpp"
 #include "vmmpp/detail/unique_fd.hpp"
 #include "vmmpp/driver/context.hpp"
@@ -38,8 +40,9 @@ namespace vmmpp {
 
 /// How shared pages are sent and received.
 struct shared_pages_options {
-    /// The longest the receiver waits for the whole transfer (the header and every page) before
-    /// it throws vmmpp::shared_pages_timeout. The sender does not use it.
+    /// The longest either side waits for the whole transfer: the receiver for the header and
+    /// every page (else vmmpp::shared_pages_timeout), the sender for the peer to take them (else
+    /// vmmpp::shared_pages_send_timeout), so a stuck or hostile peer cannot hold either forever.
     std::chrono::milliseconds timeout{10000};
     /// The user the peer must run as, checked by either side before anything is sent or received
     /// (SO_PEERCRED: the user that made the socket pair or connected). None: no check.
@@ -88,6 +91,36 @@ private:
     std::optional<std::uint64_t> announced_;
 };
 
+/// The peer did not take all the sender had to send within the sender's timeout. The socket is
+/// left in the middle of the transfer: close it (the receiver then fails too).
+class shared_pages_send_timeout : public error {
+public:
+    shared_pages_send_timeout(std::chrono::milliseconds timeout, std::uint64_t sent, std::uint64_t count)
+        : error("shared pages: the peer took " + std::to_string(sent) + " of the " + std::to_string(count) +
+                " page records within the sender's timeout of " + std::to_string(timeout.count()) +
+                " ms; the transfer is incomplete"),
+          timeout_(timeout), sent_(sent), count_(count) {}
+
+    [[nodiscard]] std::chrono::milliseconds timeout() const noexcept { return timeout_; }
+    /// Page records sent whole before the time ran out (0 also if the header did not go).
+    [[nodiscard]] std::uint64_t sent() const noexcept { return sent_; }
+    /// Page records there were to send.
+    [[nodiscard]] std::uint64_t count() const noexcept { return count_; }
+
+private:
+    std::chrono::milliseconds timeout_;
+    std::uint64_t sent_;
+    std::uint64_t count_;
+};
+
+/// A vmm backing's committed pages, exported (export_shared_pages) and not yet sent: the span's
+/// size and one descriptor per physical handle, owned here (closed when this goes). Holding it
+/// keeps the handles' memory alive, as a descriptor in flight does.
+struct shared_pages_export {
+    std::size_t capacity = 0;
+    std::vector<exported_handle> handles;
+};
+
 namespace detail {
 
 struct shared_pages_header {
@@ -119,24 +152,67 @@ inline void check_peer(int socket, const std::optional<uid_t>& expected) {
     }
 }
 
-/// Sends `bytes` of `data`, with `fd` attached when it is not -1.
-inline void send_message(int socket, const void* data, std::size_t bytes, int fd) {
-    iovec iov{const_cast<void*>(data), bytes};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))]{};
-    if (fd >= 0) {
-        msg.msg_control = control;
-        msg.msg_controllen = sizeof control;
-        cmsghdr* c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
+/// Sends all `bytes` of `data`, with `fd` attached when it is not -1, before `deadline`; false if
+/// the deadline passes first (the message may then be partly sent). Never blocks past it: the
+/// socket is polled and written with MSG_DONTWAIT, whatever its own blocking mode.
+inline bool send_message(int socket, const void* data, std::size_t bytes, int fd,
+                         std::chrono::steady_clock::time_point deadline) {
+    std::size_t sent = 0;
+    while (sent < bytes) {
+        const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+        if (left.count() <= 0) {
+            return false;
+        }
+        pollfd p{socket, POLLOUT, 0};
+        const int ready = ::poll(&p, 1, static_cast<int>(std::min<std::chrono::milliseconds::rep>(left.count(), INT_MAX)));
+        if (ready < 0 && errno != EINTR) {
+            throw socket_error("poll");
+        }
+        if (ready <= 0) {
+            continue;  // the deadline is checked again
+        }
+        // POLLERR / POLLHUP: sendmsg below reports the error (EPIPE, ECONNRESET).
+        iovec iov{const_cast<std::byte*>(static_cast<const std::byte*>(data)) + sent, bytes - sent};
+        msghdr msg{};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))]{};
+        if (fd >= 0 && sent == 0) {  // a stream socket delivers the descriptor with the first bytes sent
+            msg.msg_control = control;
+            msg.msg_controllen = sizeof control;
+            cmsghdr* c = CMSG_FIRSTHDR(&msg);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN(sizeof(int));
+            std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
+        }
+        const ssize_t n = ::sendmsg(socket, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) {
+                continue;
+            }
+            throw socket_error("sendmsg");
+        }
+        sent += static_cast<std::size_t>(n);
     }
-    if (::sendmsg(socket, &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(bytes)) {
-        throw socket_error("sendmsg");
+    return true;
+}
+
+/// Sends `pages` (the header, then one record per handle with its descriptor), all before
+/// `options.timeout` has passed, else vmmpp::shared_pages_send_timeout. The peer is not checked here.
+inline void send_exported_pages(int socket, const shared_pages_export& pages, const shared_pages_options& options) {
+    const auto deadline = std::chrono::steady_clock::now() + options.timeout;
+    const std::uint64_t count = pages.handles.size();
+    const shared_pages_header header{shared_pages_header{}.magic, pages.capacity, count};
+    if (!send_message(socket, &header, sizeof header, -1, deadline)) {
+        throw shared_pages_send_timeout(options.timeout, 0, count);
+    }
+    for (std::uint64_t i = 0; i < count; ++i) {
+        const exported_handle& h = pages.handles[i];
+        const shared_page_record record{h.offset, h.bytes};
+        if (!send_message(socket, &record, sizeof record, h.fd.get(), deadline)) {
+            throw shared_pages_send_timeout(options.timeout, i, count);
+        }
     }
 }
 
@@ -250,30 +326,47 @@ void receive_shared_pages(int socket, const shared_pages_options& options, std::
 
 } // namespace detail
 
-/// Sends a vmm backing's committed pages (its span size and every handle) over a connected Unix
-/// socket, after checking the peer (`options.peer_uid`): whoever it is gets read/write access to
-/// every page. The descriptors it exports are closed here once sent.
-inline void send_shared_pages(int socket, const vmm& backing, const shared_pages_options& options = {}) {
+/// Exports a vmm backing's committed pages (every handle as a close-on-exec descriptor) for
+/// send_shared_pages. Cheap (one driver call per handle, no I/O): a pool's caller does it under
+/// the pool's lock (elastic_pool::with_backing) and sends after letting go of the lock, so that a
+/// slow peer never holds up the pool's commits. Pages committed later are not in it; pages
+/// decommitted later stay alive (the descriptors hold them) until the export and the
+/// receiver's imports are gone.
+template <handle_exporting_backing Backing>
+[[nodiscard]] shared_pages_export export_shared_pages(const Backing& backing) {
+    return shared_pages_export{backing.capacity(), backing.export_handles()};
+}
+
+/// Sends exported pages over a connected Unix socket, after checking the peer
+/// (`options.peer_uid`, vmmpp::untrusted_socket_peer): whoever it is gets read/write access to
+/// every page. Gives up after `options.timeout` (vmmpp::shared_pages_send_timeout, naming how
+/// many records went). The descriptors stay `pages`'s (closed when it goes).
+inline void send_shared_pages(int socket, const shared_pages_export& pages, const shared_pages_options& options = {}) {
     detail::check_peer(socket, options.peer_uid);
-    const std::vector<exported_handle> handles = backing.export_handles();
-    std::vector<detail::unique_fd> owned;  // every exported descriptor, closed on every path
-    try {
-        owned.reserve(handles.size());
-    } catch (...) {
-        for (const auto& h : handles) {
-            detail::unique_fd(h.fd).reset();  // closed at once
-        }
-        throw;
-    }
-    for (const auto& h : handles) {
-        owned.emplace_back(h.fd);
-    }
-    const detail::shared_pages_header header{0x766d6d7070736870ull, backing.capacity(), handles.size()};
-    detail::send_message(socket, &header, sizeof header, -1);
-    for (const auto& h : handles) {
-        const detail::shared_page_record record{h.offset, h.bytes};
-        detail::send_message(socket, &record, sizeof record, h.fd);
-    }
+    detail::send_exported_pages(socket, pages, options);
+}
+
+/// Sends a vmm backing's committed pages (its span size and every handle): checks the peer, then
+/// exports and sends as above. For a backing nothing else commits to meanwhile; for a pool's
+/// backing use the pool overload, which does not hold the pool's lock while sending.
+template <handle_exporting_backing Backing>
+void send_shared_pages(int socket, const Backing& backing, const shared_pages_options& options = {}) {
+    detail::check_peer(socket, options.peer_uid);  // before anything is exported
+    detail::send_exported_pages(socket, export_shared_pages(backing), options);
+}
+
+/// Sends the committed pages of a pool over a vmm backing: checks the peer, exports under the
+/// pool's lock (elastic_pool::with_backing), and sends with the lock released, so the pool's
+/// commits and releases go on while a slow peer reads (they would wait up to `options.timeout`
+/// otherwise).
+template <class Pool>
+    requires handle_exporting_backing<typename Pool::backing_type> &&
+             requires(const Pool& pool) { { pool.backing() } -> std::same_as<const typename Pool::backing_type&>; }
+void send_shared_pages(int socket, const Pool& pool, const shared_pages_options& options = {}) {
+    detail::check_peer(socket, options.peer_uid);
+    const shared_pages_export pages =
+        pool.with_backing([](const typename Pool::backing_type& b) { return export_shared_pages(b); });
+    detail::send_exported_pages(socket, pages, options);
 }
 
 /// Another process's pages, imported and mapped at the same offsets of a span reserved here,

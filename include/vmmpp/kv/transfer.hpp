@@ -122,6 +122,9 @@ void check_live_blocks(const Cache& cache, std::span<const std::int32_t> blocks,
 /// - the block shapes differ (every differing field is named);
 /// - the lists differ in length (both lengths are named);
 /// - an id is not a live (allocated, reference count > 0) block of its cache (the id is named);
+/// - a destination block is shared (reference count > 1, after kv_cache::fork): writing it would
+///   change every sequence that shares it, which the cache itself never does (append copies on
+///   write). The id and its reference count are named;
 /// - a destination id is listed twice, or, when `src` and `dst` are one cache, an id is both a
 ///   source and a destination (the result would depend on the order of the copies).
 ///
@@ -173,6 +176,13 @@ void copy_blocks(const kv_cache<SrcConfig, Layout>& src, std::span<const std::in
     }
     detail::check_live_blocks(src, src_blocks, "source");
     detail::check_live_blocks(dst, dst_blocks, "destination");
+    for (std::size_t i = 0; i < dst_blocks.size(); ++i) {
+        if (const auto refs = dst.block_refs(dst_blocks[i]); refs > 1) {
+            throw invalid_argument("copy_blocks: destination block " + std::to_string(dst_blocks[i]) + " (entry " +
+                                   std::to_string(i) + ") has reference count " + std::to_string(refs) +
+                                   ": it is shared with another sequence (fork), whose KV the copy would change");
+        }
+    }
     std::vector<std::int32_t> sorted(dst_blocks.begin(), dst_blocks.end());
     std::sort(sorted.begin(), sorted.end());
     if (auto twice = std::adjacent_find(sorted.begin(), sorted.end()); twice != sorted.end()) {

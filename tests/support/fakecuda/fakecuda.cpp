@@ -762,7 +762,8 @@ CUresult mem_export_to_shareable_handle(void* shareable, CUmemGenericAllocationH
     if (type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR || flags != 0 || shareable == nullptr) {
         return CUDA_ERROR_INVALID_VALUE;
     }
-    const int fd = ::fcntl(h->second->fd, F_DUPFD_CLOEXEC, 0);
+    // Without O_CLOEXEC: the real driver does not document it, and vmmpp sets it itself.
+    const int fd = ::fcntl(h->second->fd, F_DUPFD, 0);
     if (fd < 0) {
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
