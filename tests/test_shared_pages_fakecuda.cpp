@@ -121,6 +121,28 @@ BOOST_AUTO_TEST_CASE(a_peer_that_does_not_read_is_given_up_after_the_timeout) {
     BOOST_TEST(open_fds() == before);  // every exported descriptor closed, the sockets too
 }
 
+// A peer that takes nothing for stall_timeout is given up long before the whole timeout: what
+// bounds a send made under the pool's lock (with_backing), as a caller may still do.
+BOOST_AUTO_TEST_CASE(a_peer_that_stalls_is_given_up_after_the_stall_timeout) {
+    const std::size_t g = granule();
+    const std::size_t pages = 128;
+    vmmpp::vmm b(pages * g);
+    for (std::size_t p = 0; p < pages; ++p) {
+        b.commit(p * g, g);
+    }
+    socket_pair sockets;
+    const auto start = std::chrono::steady_clock::now();
+    try {
+        vmmpp::send_shared_pages(sockets.owner, b, {.timeout = 30s, .stall_timeout = 200ms});
+        BOOST_ERROR("the send completed although the peer read nothing");
+    } catch (const vmmpp::shared_pages_send_timeout& e) {
+        BOOST_TEST((e.timeout() == 200ms));
+        BOOST_TEST(e.sent() < pages);
+    }
+    const auto took = std::chrono::steady_clock::now() - start;
+    BOOST_TEST((took >= 200ms && took < 5s));
+}
+
 // Review 2, G2: the pages were sent under the pool's lock, so every commit waited for the peer.
 BOOST_AUTO_TEST_CASE(a_pool_commits_while_its_pages_go_to_a_slow_peer) {
     const std::size_t g = granule();
@@ -131,7 +153,7 @@ BOOST_AUTO_TEST_CASE(a_pool_commits_while_its_pages_go_to_a_slow_peer) {
     }
     socket_pair sockets;
     auto sending = std::async(std::launch::async, [&] {
-        BOOST_CHECK_THROW(vmmpp::send_shared_pages(sockets.owner, pool, {.timeout = 2s}),
+        BOOST_CHECK_THROW(vmmpp::send_shared_pages(sockets.owner, pool, {.timeout = 2s, .stall_timeout = 2s}),
                           vmmpp::shared_pages_send_timeout);
     });
     BOOST_TEST_REQUIRE((sending.wait_for(200ms) == std::future_status::timeout));  // waiting for the peer

@@ -44,6 +44,11 @@ struct shared_pages_options {
     /// every page (else vmmpp::shared_pages_timeout), the sender for the peer to take them (else
     /// vmmpp::shared_pages_send_timeout), so a stuck or hostile peer cannot hold either forever.
     std::chrono::milliseconds timeout{10000};
+    /// The longest the sender waits for the peer to take the next record: a live reader takes
+    /// records as fast as it maps them, so a peer that takes nothing for this long is stuck, and
+    /// the sender (perhaps called under its pool's lock, see send_shared_pages) gives up
+    /// (vmmpp::shared_pages_send_timeout) before the whole `timeout`.
+    std::chrono::milliseconds stall_timeout{1000};
     /// The user the peer must run as, checked by either side before anything is sent or received
     /// (SO_PEERCRED: the user that made the socket pair or connected). None: no check.
     std::optional<uid_t> peer_uid{};
@@ -210,8 +215,11 @@ inline void send_exported_pages(int socket, const shared_pages_export& pages, co
     for (std::uint64_t i = 0; i < count; ++i) {
         const exported_handle& h = pages.handles[i];
         const shared_page_record record{h.offset, h.bytes};
-        if (!send_message(socket, &record, sizeof record, h.fd.get(), deadline)) {
-            throw shared_pages_send_timeout(options.timeout, i, count);
+        const auto stalled = std::chrono::steady_clock::now() + options.stall_timeout;
+        if (!send_message(socket, &record, sizeof record, h.fd.get(), std::min(deadline, stalled))) {
+            throw shared_pages_send_timeout(std::chrono::steady_clock::now() >= deadline ? options.timeout
+                                                                                         : options.stall_timeout,
+                                            i, count);
         }
     }
 }
