@@ -187,12 +187,13 @@ struct pool_stats {
 ///
 /// Stream order: the driver unmaps at once, even under a kernel or copy still queued, and that
 /// work then faults and takes the process's CUDA context with it. So memory is given back only
-/// after the GPU work that may touch it has completed: `release(offset, bytes, stream)` (or a
-/// fence from `record_fence`) records an event on that stream, and units released after it stay
-/// committed and charged until the event completes. The caller's thread never waits for the GPU:
-/// the memory goes back on a later call (release, collect, trim, budget pressure) or on the
-/// mapper's thread. `release(offset, bytes)` without a stream says no queued work touches the
-/// range. Fences count in recording order, so a unit also waits for fences recorded before its own.
+/// after the GPU work that may touch it has completed: `release(offset, bytes, stream)` (or
+/// fences from `record_fence`) records an event on that stream, and units released after it stay
+/// committed and charged until every fence they were released after has completed (fences on one
+/// stream complete in order; streams do not wait for each other). The caller's thread never waits
+/// for the GPU: the memory goes back when the GPU gets there, on the release agent's thread
+/// (vmmpp/detail/release_agent.hpp) or the mapper's, or on a later call (release, collect, trim,
+/// budget pressure). `release(offset, bytes)` without a stream says no queued work touches the range.
 ///
 /// Failures: when the backing refuses a decommit (cuMemUnmap or cuMemRelease failed) and reports
 /// the unit still committed, it stays a committed spare, usable, still charged, and a later
