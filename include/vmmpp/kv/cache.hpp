@@ -153,6 +153,8 @@ public:
             while (fresh.size() < p.new_blocks) {
                 fresh.push_back(allocate_block(s, fresh.size()));
             }
+            // The quota is asked once for the whole append, before anything is committed.
+            const auto prepaid = prepay_append(seq, n_tokens, fresh);
             commit_ahead(fresh);
             for (; held < fresh.size(); ++held) {
                 hold_block(fresh[held]);
@@ -811,6 +813,16 @@ private:
             }
         }
         return merged;
+    }
+    /// Charges the quota for every uncommitted page under the fresh blocks of an append at once
+    /// (pool::prepay): a refusal comes before any commit, and says what the append needed.
+    auto prepay_append(seq_id seq, std::size_t n_tokens, const std::vector<std::int32_t>& fresh) {
+        try {
+            return pool_.prepay(merged_pieces(fresh));
+        } catch (const over_quota& e) {
+            throw over_quota(e.which(), e.requested(), e.in_use(), e.limit(),
+                             "append of " + std::to_string(n_tokens) + " tokens to sequence " + std::to_string(seq));
+        }
     }
     /// With a pool that commits extents: commits the pages under the fresh blocks of one append
     /// ahead of their holds, adjacent pieces merged, so a prompt's blocks share extents (one
