@@ -116,7 +116,7 @@ BOOST_AUTO_TEST_CASE(the_json_snapshot_lists_only_live_models) {
         auto gone = make_cache(b.register_model("gone", 4 * page));
         (void)gone->append(gone->add_sequence(), 16);
     }
-    vmmpp::stats_snapshot snap;
+    vmmpp::stats_snapshot snap{};  // value-initialized: see stats_snapshot
     snap.add_cache("kept", *kept).set_budget(b.stats());
     const std::string json = vmmpp::to_json(snap);
     BOOST_TEST_MESSAGE(json);
