@@ -174,7 +174,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(calls_while_asleep_are_refused_and_change_nothing,
     BOOST_TEST(holds(*c, 2));
     BOOST_TEST(c->block_table(child).size() == c->block_table(seqs[1]).size());
     // The snapshot says whether it sleeps.
-    vmmpp::stats_snapshot snap;
+    vmmpp::stats_snapshot snap{};
     snap.add_cache("c", *c);
     BOOST_TEST(!snap.pools[0].cache->asleep);
 }

@@ -531,3 +531,16 @@ BOOST_AUTO_TEST_CASE(the_mapper_maps_extents_ahead_and_gives_them_back) {
     (void)pool.trim();
     BOOST_TEST(pool.committed_bytes() == 0u);
 }
+
+BOOST_AUTO_TEST_CASE(errors_with_no_limit_say_so_rather_than_limit_0) {
+    // An unlimited pool's backing reports 0 for "no limit" (a failed mmap, a cudaMalloc refused).
+    const vmmpp::out_of_memory none("host address space (mmap: Cannot allocate memory)", 4096, 0, 0);
+    BOOST_TEST(std::string(none.what()) ==
+               "out of memory (host address space (mmap: Cannot allocate memory)): requested 4096 bytes with 0 bytes "
+               "committed, no limit");
+    BOOST_TEST(none.limit() == 0u);
+    const vmmpp::out_of_memory capped("device 0 physical memory (cuMemCreate)", 2, 4, 6);
+    BOOST_TEST(std::string(capped.what()).ends_with("requested 2 bytes with 4 bytes committed, limit 6 bytes"));
+    const vmmpp::over_quota quota_none("model m", 2, 4, 0);
+    BOOST_TEST(std::string(quota_none.what()) == "over quota (model m): requested 2 bytes with 4 bytes in use, no limit");
+}

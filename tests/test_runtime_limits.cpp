@@ -241,7 +241,7 @@ BOOST_AUTO_TEST_CASE(a_snapshot_renders_pools_caches_models_and_the_budget_as_js
     auto cache = make_cache(b.register_model("llama \"8b\"", 4 * page));
     const auto seq = cache->add_sequence();
     (void)cache->append(seq, 20);
-    vmmpp::stats_snapshot snap;
+    vmmpp::stats_snapshot snap{};
     snap.unix_ms = 1234;
     snap.add_cache("llama", *cache).set_budget(b.stats());
     const std::string json = vmmpp::to_json(snap);

@@ -20,6 +20,7 @@
 #include "vmmpp/backing/fault_injecting.hpp"
 #include "vmmpp/backing/zeroing.hpp"
 #include "vmmpp/config.hpp"
+#include "vmmpp/kv/cache.hpp"
 
 namespace fakecuda = vmmpp_test::fakecuda;
 
@@ -443,4 +444,65 @@ BOOST_AUTO_TEST_CASE(gpu_direct_rdma_handles_only_when_asked) {
         BOOST_TEST(std::string(e.what()).find("CUDA device 0") != std::string::npos, e.what());
     }
     ::unsetenv("FAKECUDA_GDR_WITH_VMM");
+}
+
+// --- an append the quota refuses -----------------------------------------------------------------
+
+// The quota is asked once for a whole append, before any page is committed: a refused append
+// makes no driver call that allocates or maps, and its message tells the append, not its last page.
+// (Before, it committed pages up to the limit, one cuMemCreate each, and decommitted them again.)
+template <class Config>
+struct refused_append_case {
+    using config = Config;
+};
+using refused_append_cases =
+    boost::mpl::list<refused_append_case<vmmpp::elastic_page_config>, refused_append_case<vmmpp::elastic_config>>;
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(a_refused_append_commits_nothing_and_says_what_the_append_needed, Case,
+                              refused_append_cases) {
+    const std::size_t g = granule();
+    // block_major, 8 layers x K/V x 16 tokens x 2 heads x 64 x 2 bytes = 64 KiB: one block per page.
+    constexpr vmmpp::kv_geometry geom{.layers = 8, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,
+                                      .block_tokens = 16, .max_blocks = 256};
+    BOOST_TEST_REQUIRE(geom.block_bytes() == g);
+    vmmpp::budget budget(64 * g);
+    vmmpp::kv_cache<typename Case::config, vmmpp::block_major> cache(geom, {}, {}, budget.register_model("kv", 32 * g));
+    const auto first = cache.add_sequence();
+    (void)cache.append(first, 16 * 26);  // 26 blocks
+    const std::size_t in_use = budget.stats().committed;
+    BOOST_TEST_REQUIRE(in_use >= 26 * g);
+    BOOST_TEST_REQUIRE(in_use < 32 * g);
+    const std::size_t creates = fakecuda::calls("cuMemCreate");
+    const std::size_t maps = fakecuda::calls("cuMemMap");
+    const std::size_t unmaps = fakecuda::calls("cuMemUnmap");
+    const std::size_t mapped = fakecuda::mapped_bytes();
+
+    const auto second = cache.add_sequence();
+    try {
+        (void)cache.append(second, 16 * 12);  // 12 more blocks: over the model's 32 pages
+        BOOST_FAIL("the append was not refused");
+    } catch (const vmmpp::over_quota& e) {
+        BOOST_TEST_MESSAGE(e.what());
+        BOOST_TEST(e.which() == "model kv");
+        BOOST_TEST(e.in_use() == in_use);
+        BOOST_TEST(e.limit() == 32 * g);
+        BOOST_TEST(e.requested() + e.in_use() > e.limit());
+        BOOST_TEST(e.requested() == 12 * g);  // every page of the 12 blocks: none committed yet
+        BOOST_TEST(std::string(e.what()) ==
+                   "over quota (model kv): append of 192 tokens to sequence " + std::to_string(second) + " needs " +
+                       vmmpp::detail::size_text(e.requested()) + " more; " + vmmpp::detail::size_text(in_use) +
+                       " in use, limit " + vmmpp::detail::size_text(32 * g));
+    }
+    BOOST_TEST(fakecuda::calls("cuMemCreate") == creates);
+    BOOST_TEST(fakecuda::calls("cuMemMap") == maps);
+    BOOST_TEST(fakecuda::calls("cuMemUnmap") == unmaps);
+    BOOST_TEST(fakecuda::mapped_bytes() == mapped);
+    BOOST_TEST(budget.stats().committed == in_use);
+    BOOST_TEST(cache.pool().stats().charged == in_use);  // nothing left prepaid
+    BOOST_TEST(cache.used_blocks() == 26u);
+
+    // What fits still appends, drawing on one charge, and gives back what it did not use.
+    (void)cache.append(second, 16 * 2);
+    BOOST_TEST(budget.stats().committed == cache.pool().stats().charged);
+    BOOST_TEST(budget.stats().committed <= 32 * g);
 }

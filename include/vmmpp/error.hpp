@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 
@@ -40,13 +41,31 @@ public:
     using error::error;
 };
 
-/// Physical memory could not be obtained: the request, what is committed, and the limit hit.
+namespace detail {
+/// ", limit N bytes", or ", no limit" for 0: the errors below take 0 for "none" (an unlimited
+/// pool, a failed mmap), and "limit 0 bytes" would blame a limit nobody set.
+inline std::string limit_clause(std::size_t limit) {
+    return limit == 0 ? std::string(", no limit") : ", limit " + std::to_string(limit) + " bytes";
+}
+/// `bytes` in the largest binary unit that states it exactly ("12 MiB", "4097 bytes").
+inline std::string size_text(std::size_t bytes) {
+    constexpr const char* units[] = {"bytes", "KiB", "MiB", "GiB", "TiB"};
+    std::size_t u = 0;
+    while (u + 1 < std::size(units) && bytes >= 1024 && bytes % 1024 == 0) {
+        bytes /= 1024;
+        ++u;
+    }
+    return std::to_string(bytes) + " " + units[u];
+}
+} // namespace detail
+
+/// Physical memory could not be obtained: the request, what is committed, and the limit hit
+/// (limit() is 0 where there is none).
 class out_of_memory : public error {
 public:
     out_of_memory(std::string what_limit, std::size_t requested, std::size_t committed, std::size_t limit)
         : error("out of memory (" + what_limit + "): requested " + std::to_string(requested) +
-                " bytes with " + std::to_string(committed) + " bytes committed, limit " +
-                std::to_string(limit) + " bytes"),
+                " bytes with " + std::to_string(committed) + " bytes committed" + detail::limit_clause(limit)),
           requested_(requested), committed_(committed), limit_(limit) {}
 
     [[nodiscard]] std::size_t requested() const noexcept { return requested_; }
@@ -64,7 +83,14 @@ class over_quota : public error {
 public:
     over_quota(std::string which, std::size_t requested, std::size_t in_use, std::size_t limit)
         : error("over quota (" + which + "): requested " + std::to_string(requested) + " bytes with " +
-                std::to_string(in_use) + " bytes in use, limit " + std::to_string(limit) + " bytes"),
+                std::to_string(in_use) + " bytes in use" + detail::limit_clause(limit)),
+          which_(std::move(which)), requested_(requested), in_use_(in_use), limit_(limit) {}
+    /// The same refusal told as the call that made it: "over quota (<which>): <call> needs 12 MiB
+    /// more; 26 MiB in use, limit 32 MiB" (`requested` is everything the call needed charged).
+    over_quota(std::string which, std::size_t requested, std::size_t in_use, std::size_t limit, const std::string& call)
+        : error("over quota (" + which + "): " + call + " needs " + detail::size_text(requested) + " more; " +
+                detail::size_text(in_use) + " in use" +
+                (limit == 0 ? std::string(", no limit") : ", limit " + detail::size_text(limit))),
           which_(std::move(which)), requested_(requested), in_use_(in_use), limit_(limit) {}
 
     /// "model <name>" or "global".

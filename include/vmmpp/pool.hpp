@@ -17,6 +17,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "vmmpp/backing/concept.hpp"
@@ -496,6 +497,78 @@ public:
             mapper_.plan.will_need(offset / page_bytes_ / unit_pages_, (offset + bytes - 1) / page_bytes_ / unit_pages_);
             mapper_.wake.notify_one();
         }
+    }
+
+    /// What prepay charged ahead of a caller's commits: while it lives, commits on the thread
+    /// that made it (ensure_committed, commit_ahead) draw on it rather than on the quota; its end
+    /// gives back what they left. Move-only.
+    class prepaid_charge {
+    public:
+        prepaid_charge() noexcept = default;
+        prepaid_charge(prepaid_charge&& other) noexcept : pool_(std::exchange(other.pool_, nullptr)) {}
+        prepaid_charge& operator=(prepaid_charge&&) = delete;
+        ~prepaid_charge() {
+            if (pool_ != nullptr) {
+                pool_->end_prepaid();
+            }
+        }
+        /// The bytes prepay charged (0: nothing was uncommitted, or another thread's prepay runs).
+        [[nodiscard]] std::size_t bytes() const noexcept { return bytes_; }
+
+    private:
+        friend class elastic_pool;
+        prepaid_charge(elastic_pool* pool, std::size_t bytes) noexcept : pool_(pool), bytes_(bytes) {}
+        elastic_pool* pool_ = nullptr;
+        std::size_t bytes_ = 0;
+    };
+
+    /// Charges the quota once, now, for every uncommitted unit under `ranges` (making room as a
+    /// commit does: this pool's spares outside them, then the other models'), so that a caller
+    /// about to commit several ranges (kv_cache::append) is refused before any backing call
+    /// rather than after committing up to the limit and rolling back. The commits that follow on
+    /// this thread draw on the charge while the returned object lives. Units the mapper has in
+    /// flight are not counted (it charges for them). While another thread's prepay lives it
+    /// charges nothing and returns an empty one (commits then charge one by one, as without it).
+    /// Throws: invalid_argument (a range outside the pool), retired_memory, over_quota (its
+    /// requested() is the bytes all of `ranges` need), std::bad_alloc. Nothing charged on throw,
+    /// except that spares given back to make room stay given back.
+    [[nodiscard]] prepaid_charge prepay(std::span<const byte_range> ranges) {
+        for (const byte_range& r : ranges) {
+            check_range("prepay", r.offset, r.bytes);
+        }
+        std::lock_guard lock(mutex_);
+        if (prepaid_owner_ != std::thread::id{}) {
+            return {};
+        }
+        std::vector<std::size_t> units;  // uncommitted units under the ranges, each once
+        std::size_t keep_first = units_, keep_last = 0;
+        for (const byte_range& r : ranges) {
+            const std::size_t first = r.offset / page_bytes_ / unit_pages_;
+            const std::size_t last = (r.offset + r.bytes - 1) / page_bytes_ / unit_pages_;
+            keep_first = std::min(keep_first, first);
+            keep_last = std::max(keep_last, last);
+            for (std::size_t u = first; u <= last; ++u) {
+                if (table_.state[u] == detail::unit_state::retired) {
+                    throw retired_memory(unit_offset(u), unit_bytes(u));
+                }
+                if (table_.state[u] == detail::unit_state::uncommitted && !table_.is_in_flight(u)) {
+                    units.push_back(u);
+                }
+            }
+        }
+        std::sort(units.begin(), units.end());
+        units.erase(std::unique(units.begin(), units.end()), units.end());
+        std::size_t bytes = 0;
+        for (std::size_t u : units) {
+            bytes += unit_bytes(u);
+        }
+        if (bytes == 0) {
+            return {};
+        }
+        charge_making_room(bytes, keep_first, keep_last);
+        prepaid_ = bytes;
+        prepaid_owner_ = std::this_thread::get_id();
+        return {this, bytes};
     }
 
     /// Commits every uncommitted unit under `ranges` now, as spares, in as few extents as the
@@ -1022,32 +1095,49 @@ private:
     /// `needed` first units, commits just those (making room for them). Returns the units committed.
     std::size_t commit_extent(std::size_t u, std::size_t n, std::size_t needed, std::size_t keep_first,
                               std::size_t keep_last) {
+        // The `needed` units draw on this thread's prepaid charge (prepay) first; only what it
+        // does not cover goes to the quota, and the prepaid part is taken once the commit holds.
+        const std::size_t prepaid = prepaid_owner_ == std::this_thread::get_id()
+                                        ? std::min(prepaid_, extent_bytes(u, needed))
+                                        : 0;
         if (n > needed) {
+            const std::size_t extra = extent_bytes(u, n) - prepaid;
             try {
-                charge(extent_bytes(u, n));  // units ahead of demand never push other memory out
+                charge(extra);  // units ahead of demand never push other memory out
                 try {
                     std::lock_guard backing_lock(backing_mutex_);
                     backing_commit(u, n);
                 } catch (...) {
-                    uncharge(extent_bytes(u, n));
+                    uncharge(extra);
                     throw;
                 }
+                prepaid_ -= prepaid;
                 note_committed(u, n, false);
                 return n;
             } catch (const over_quota&) {
             } catch (const out_of_memory&) {
             }
         }
-        charge_making_room(extent_bytes(u, needed), keep_first, keep_last);
+        const std::size_t rest = extent_bytes(u, needed) - prepaid;
+        if (rest > 0) {
+            charge_making_room(rest, keep_first, keep_last);
+        }
         try {
             std::lock_guard backing_lock(backing_mutex_);
             backing_commit(u, needed);
         } catch (...) {
-            uncharge(extent_bytes(u, needed));
+            uncharge(rest);
             throw;
         }
+        prepaid_ -= prepaid;
         note_committed(u, needed, false);
         return needed;
+    }
+    /// A prepaid_charge ends: what its commits did not draw goes back to the quota.
+    void end_prepaid() noexcept {
+        std::lock_guard lock(mutex_);
+        uncharge(std::exchange(prepaid_, 0));
+        prepaid_owner_ = std::thread::id{};
     }
 
     /// Charges `bytes`; when the quota refuses, makes room and tries again: first with this
@@ -1378,6 +1468,8 @@ private:
     detail::range_counts range_holds_;       // debug builds: holds per byte
     std::size_t held_pages_ = 0;
     std::atomic<std::size_t> charged_{0};        // bytes acquired from the quota
+    std::size_t prepaid_ = 0;                     // of charged_: prepay's, not backing anything yet
+    std::thread::id prepaid_owner_{};             // the thread whose commits draw on prepaid_
     std::atomic<std::size_t> kept_snapshot_{0};  // the backing's kept handle bytes, after its last call
     std::atomic<std::int64_t> driver_ns_{0};
     pool_stats stats_;

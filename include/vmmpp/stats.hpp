@@ -50,7 +50,9 @@ struct process_budget_info {
 
 /// One snapshot of vmmpp's statistics: a list of named pools (with their caches' and models'
 /// statistics where there are), and the budget they share. Built with add_cache / add_pool /
-/// set_budget / set_process_budget, rendered with to_json.
+/// set_budget / set_process_budget, rendered with to_json. Value-initialize it
+/// (`stats_snapshot snap{};`): GCC 12 at -O2 may otherwise warn that destroying its unset
+/// optionals reads uninitialized memory (-Wmaybe-uninitialized, a false positive).
 struct stats_snapshot {
     /// One pool, by the name the caller gives it.
     struct pool_entry {
@@ -103,7 +105,7 @@ struct stats_snapshot {
 
     /// Sets the budget (vmmpp::budget::stats()).
     stats_snapshot& set_budget(budget_stats b) {
-        budget = std::move(b);
+        budget.emplace(std::move(b));  // not operator=: see set_process_budget
         return *this;
     }
 
@@ -111,7 +113,9 @@ struct stats_snapshot {
     /// budget_stats part, and what is particular to processes.
     template <class ProcessBudgetStats>
     stats_snapshot& set_process_budget(std::string name, const ProcessBudgetStats& s) {
-        budget = static_cast<const budget_stats&>(s);
+        // emplace rather than operator=: assigning to an optional that may be engaged makes GCC 12
+        // at -O2 warn (-Wmaybe-uninitialized, a false positive) in every caller's build.
+        budget.emplace(static_cast<const budget_stats&>(s));
         process_budget_info p;
         p.name = std::move(name);
         p.reclaimed = s.reclaimed;
@@ -122,7 +126,7 @@ struct stats_snapshot {
         for (const auto& u : s.usage) {
             p.usage.push_back({u.model, static_cast<std::int64_t>(u.process.pid), u.process.start_time, u.committed});
         }
-        process_budget = std::move(p);
+        process_budget.emplace(std::move(p));
         return *this;
     }
 };

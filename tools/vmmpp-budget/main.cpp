@@ -80,7 +80,7 @@ vmmpp::process_budget attach(const std::string& segment) {
 }
 
 vmmpp::stats_snapshot snapshot(const vmmpp::process_budget& b) {
-    vmmpp::stats_snapshot s;
+    vmmpp::stats_snapshot s{};
     s.set_process_budget(b.name(), b.stats());
     return s;
 }

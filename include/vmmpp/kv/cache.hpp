@@ -164,6 +164,8 @@ public:
             while (fresh.size() < p.new_blocks) {
                 fresh.push_back(allocate_block(s, fresh.size()));
             }
+            // The quota is asked once for the whole append, before anything is committed.
+            const auto prepaid = prepay_append(seq, n_tokens, fresh);
             commit_ahead(fresh);
             for (; held < fresh.size(); ++held) {
                 hold_block(fresh[held]);
@@ -174,7 +176,8 @@ public:
             }
         } catch (...) {
             // Rows of a failed copy may already be queued into the fresh blocks.
-            const pool_fence after = copies_fence_noexcept();
+            const pool_fence after = p.copy_on_write && stream != options_.stream ? fence_noexcept(stream)
+                                                                                  : copies_fence_noexcept();
             for (std::size_t i = 0; i < fresh.size(); ++i) {
                 blocks_.release(fresh[i]);
                 if (i < held) {
@@ -824,6 +827,16 @@ private:
         }
         return merged;
     }
+    /// Charges the quota for every uncommitted page under the fresh blocks of an append at once
+    /// (pool::prepay): a refusal comes before any commit, and says what the append needed.
+    auto prepay_append(seq_id seq, std::size_t n_tokens, const std::vector<std::int32_t>& fresh) {
+        try {
+            return pool_.prepay(merged_pieces(fresh));
+        } catch (const over_quota& e) {
+            throw over_quota(e.which(), e.requested(), e.in_use(), e.limit(),
+                             "append of " + std::to_string(n_tokens) + " tokens to sequence " + std::to_string(seq));
+        }
+    }
     /// With a pool that commits extents: commits the pages under the fresh blocks of one append
     /// ahead of their holds, adjacent pieces merged, so a prompt's blocks share extents (one
     /// handle per run instead of one per block) that empty when its sequence ends.
@@ -920,14 +933,13 @@ private:
         }
     }
     /// A fence after the cache's own queued copies, or none if that fails (a lost context).
-    pool_fence copies_fence_noexcept() noexcept {
+    pool_fence copies_fence_noexcept() noexcept { return copies_queued_ ? fence_noexcept(options_.stream) : pool_fence{}; }
+    /// A fence after the work queued on `stream`, or none if that fails (a lost context).
+    pool_fence fence_noexcept(cudaStream_t stream) noexcept {
         if constexpr (stream_ordered) {
-            if (copies_queued_) {
-                try {
-                    return pool_.record_fence(options_.stream);
-                } catch (...) {
-                    return {};
-                }
+            try {
+                return pool_.record_fence(stream);
+            } catch (...) {
             }
         }
         return {};

@@ -134,11 +134,12 @@ struct process_budget_stats : budget_stats {
 class process_quota {
 public:
     /// A copy charges the same model and process but does not inherit a registered reclaimer.
-    process_quota(const process_quota& other) : share_(other.share_) {}
+    process_quota(const process_quota& other) : share_(other.share_), hold_(other.hold_) {}
     process_quota& operator=(const process_quota& other) {
         if (this != &other) {
             clear_reclaimer();
             share_ = other.share_;
+            hold_ = other.hold_;
         }
         return *this;
     }
@@ -148,9 +149,12 @@ public:
             clear_reclaimer();
             share_ = std::move(other.share_);
             reclaimer_ = std::move(other.reclaimer_);
+            hold_ = std::move(other.hold_);
         }
         return *this;
     }
+    /// The last quota of this process's (model, process) record frees the record (see
+    /// process_budget::register_model).
     ~process_quota() { clear_reclaimer(); }
 
     /// Takes `bytes` from this model's limit and the global limit together, or throws
@@ -228,7 +232,8 @@ public:
 
 private:
     friend class process_budget;
-    explicit process_quota(detail::pb::share s) noexcept : share_(std::move(s)) {}
+    explicit process_quota(std::pair<detail::pb::share, std::shared_ptr<detail::pb::record_hold>> held) noexcept
+        : share_(std::move(held.first)), hold_(std::move(held.second)) {}
 
     void check_process(const char* what) const {
         if (::getpid() != share_.who().pid) {
@@ -241,6 +246,7 @@ private:
 
     detail::pb::share share_;
     std::shared_ptr<detail::pb::local_reclaimer> reclaimer_;  // this copy's registration, if any
+    std::shared_ptr<detail::pb::record_hold> hold_;  // shared by this process's quotas of the model
 };
 
 static_assert(quota_policy<process_quota>, "vmmpp::process_quota must model vmmpp::quota_policy");
@@ -329,11 +335,18 @@ public:
     /// quota. The first registration (by any process) creates the model with `limit`; later
     /// ones, from this or other processes, join it and must state the same limit (the one it was
     /// created with, even after set_model_limit changed the limit in force). The model's
-    /// limit bounds the sum over all processes. Names are 1 to 63 bytes. Models stay in the
-    /// table as long as the segment exists. The process is the calling one: in a child made by
-    /// fork, registering through the inherited handle gives the child a record of its own.
+    /// limit bounds the sum over all processes. Names are 1 to 63 bytes. The process is the
+    /// calling one: in a child made by fork, registering through the inherited handle gives the
+    /// child a record of its own.
+    ///
+    /// Unloading: when the last process_quota of this process's record goes (the returned quota,
+    /// its copies, those pools hold), the record is freed (what it still holds goes back), so
+    /// register_model joins or creates afresh. The model itself stays in the table, with its
+    /// statistics and any limit an operator set, for other processes and restarts, until
+    /// remove_model (or `vmmpp-budget remove`), which succeeds once no live process holds a
+    /// quota of it; then the name may be registered with another limit.
     [[nodiscard]] process_quota register_model(std::string_view name, std::size_t limit) {
-        return process_quota(detail::pb::register_share(segment_, name, limit, segment_->self()));
+        return process_quota(detail::pb::register_held(segment_, name, limit, segment_->self()));
     }
 
     /// Takes back the bytes of every process that has died without releasing them and frees

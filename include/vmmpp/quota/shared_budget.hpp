@@ -98,6 +98,12 @@ class shared_budget;
 /// `register_model`, which returns the quota policy their pool is built with. The budget's
 /// state lives as long as any of those shares, so destruction order does not matter.
 ///
+/// A model is registered while any share of it lives (the shared_budget register_model returned,
+/// its copies, the copies pools hold): when the last one goes, the model is unregistered, leaves
+/// stats(), and its name may be registered again (unload and reload a model; a kv_cache
+/// constructor that throws after its argument registered leaves nothing behind). There is no
+/// explicit removal: a share that outlived its registration would charge nothing anyone sees.
+///
 /// Limits change at run time (set_limit, set_model_limit, shared_budget::set_limit): raising one
 /// takes effect at once; lowering one asks the pools charged to it for their spares and kept
 /// handles at once, refuses commits above it from then on, and reports what live blocks still
@@ -112,7 +118,8 @@ public:
     }
 
     /// Registers a model that may commit at most `limit` bytes (and no more than the global
-    /// limit leaves). Names are unique.
+    /// limit leaves), until the last share of it goes. Names are unique among live models.
+    /// Throws: vmmpp::invalid_argument for a zero limit or a name registered now (nothing changed).
     [[nodiscard]] shared_budget register_model(std::string name, std::size_t limit);
 
     /// Sets the global limit. Lowering it below what is charged asks every model's pools for
@@ -135,27 +142,23 @@ public:
         if (limit == 0) {
             throw invalid_argument("model '" + std::string(name) + "' needs a non-zero limit");
         }
-        std::size_t index = no_model;
-        {
-            std::lock_guard lock(state_->mutex);
-            for (std::size_t i = 0; i < state_->models.size(); ++i) {
-                if (state_->models[i].name == name) {
-                    index = i;
-                }
-            }
-        }
-        if (index == no_model) {
-            throw unknown_model("model '" + std::string(name) + "' is not registered with this budget");
-        }
-        return change_limit(*state_, index, limit);
+        return change_limit(*state_, no_model, limit, &name);
     }
 
-    /// A consistent snapshot of the budget and every model.
+    /// A consistent snapshot of the budget and every model registered now, in registration slot
+    /// order (a reloaded model may take an unloaded one's place).
     [[nodiscard]] budget_stats stats() const {
         std::lock_guard lock(state_->mutex);
-        budget_stats s{state_->limit, state_->committed, state_->peak, state_->denied, state_->models};
+        budget_stats s{state_->limit, state_->committed, state_->peak, state_->denied, {}};
+        std::vector<std::size_t> spares(state_->models.size(), 0);
         for (const auto& r : state_->spare_reports) {
-            s.models[r->model].spares += r->bytes.load(std::memory_order_relaxed);
+            spares[r->model] += r->bytes.load(std::memory_order_relaxed);
+        }
+        for (std::size_t i = 0; i < state_->models.size(); ++i) {
+            if (state_->shares[i] > 0) {
+                s.models.push_back(state_->models[i]);
+                s.models.back().spares += spares[i];
+            }
         }
         return s;
     }
@@ -183,7 +186,8 @@ private:
         std::size_t committed = 0;
         std::size_t peak = 0;
         std::size_t denied = 0;
-        std::vector<model_stats> models;
+        std::vector<model_stats> models;  // by slot; a slot with no share is free
+        std::vector<std::size_t> shares;  // live shared_budget objects of each slot's model
     };
 
     /// Calls every registered reclaimer that `pick` accepts and is not busy (its pool is being
@@ -203,13 +207,26 @@ private:
         });
     }
 
-    /// Sets the limit of model `index` (no_model: the global one), reclaims when it went below
-    /// what is charged, and says where that left it.
-    static limit_change change_limit(state& st, std::size_t index, std::size_t limit) {
+    /// Sets the limit of model `index` (no_model: the global one), or of the live model called
+    /// `*name` (found under the same lock, so an unload cannot slip in between), reclaims when it
+    /// went below what is charged, and says where that left it.
+    /// Throws: vmmpp::unknown_model for a `*name` not registered now (nothing changed).
+    static limit_change change_limit(state& st, std::size_t index, std::size_t limit,
+                                     const std::string_view* name = nullptr) {
         std::size_t previous = 0;
         std::size_t committed = 0;
         {
             std::lock_guard lock(st.mutex);
+            if (name != nullptr) {
+                for (std::size_t i = 0; i < st.models.size(); ++i) {
+                    if (st.shares[i] > 0 && st.models[i].name == *name) {
+                        index = i;
+                    }
+                }
+                if (index == no_model) {
+                    throw unknown_model("model '" + std::string(*name) + "' is not registered with this budget");
+                }
+            }
             std::size_t& target = index == no_model ? st.limit : st.models[index].limit;
             previous = target;
             target = limit;
@@ -233,12 +250,11 @@ public:
     /// A copy charges the same model but does not inherit a registered reclaimer, and reports
     /// spares of its own.
     shared_budget(const shared_budget& other)
-        : state_(other.state_), index_(other.index_), name_(other.name_), spares_(make_spare_report(state_, index_)) {}
+        : state_(other.state_), index_(other.index_), name_(other.name_), spares_(join(state_, index_)) {}
     shared_budget& operator=(const shared_budget& other) {
         if (this != &other) {
-            auto report = make_spare_report(other.state_, other.index_);  // may throw: nothing changed yet
-            clear_reclaimer();
-            drop_spare_report();
+            auto report = join(other.state_, other.index_);  // may throw: nothing changed yet
+            leave();
             state_ = other.state_;
             index_ = other.index_;
             name_ = other.name_;
@@ -249,8 +265,7 @@ public:
     shared_budget(shared_budget&&) noexcept = default;
     shared_budget& operator=(shared_budget&& other) noexcept {
         if (this != &other) {
-            clear_reclaimer();
-            drop_spare_report();
+            leave();
             state_ = std::move(other.state_);
             index_ = other.index_;
             name_ = std::move(other.name_);
@@ -259,10 +274,8 @@ public:
         }
         return *this;
     }
-    ~shared_budget() {
-        clear_reclaimer();
-        drop_spare_report();
-    }
+    /// The last share of a model unregisters it (see vmmpp::budget).
+    ~shared_budget() { leave(); }
 
     /// Takes `bytes` from this model's limit and the global limit together, or throws
     /// vmmpp::over_quota naming the limit that refused it and changes nothing. A limit lowered
@@ -365,21 +378,34 @@ public:
 
 private:
     friend class budget;
-    shared_budget(std::shared_ptr<budget::state> s, std::size_t index, std::string name)
-        : state_(std::move(s)), index_(index), name_(std::move(name)), spares_(make_spare_report(state_, index_)) {}
+    /// Takes over the share that register_model counted for slot `index`.
+    shared_budget(std::shared_ptr<budget::state> s, std::size_t index, std::string name,
+                  std::shared_ptr<budget::spare_report> spares) noexcept
+        : state_(std::move(s)), index_(index), name_(std::move(name)), spares_(std::move(spares)) {}
 
-    static std::shared_ptr<budget::spare_report> make_spare_report(const std::shared_ptr<budget::state>& st,
-                                                                   std::size_t index) {
+    /// Counts one more share of slot `index` and gives it a spare report of its own.
+    /// Throws: std::bad_alloc (nothing changed).
+    static std::shared_ptr<budget::spare_report> join(const std::shared_ptr<budget::state>& st, std::size_t index) {
         auto r = std::make_shared<budget::spare_report>();
         r->model = index;
         std::lock_guard lock(st->mutex);
-        st->spare_reports.push_back(r);
+        st->spare_reports.push_back(r);  // may throw: nothing changed
+        ++st->shares[index];
         return r;
     }
-    void drop_spare_report() noexcept {
-        if (spares_ && state_) {
+    /// Clears this share's reclaimer and spare report and uncounts it; the model's last share
+    /// frees its slot. Bytes still charged to it then go back to the global limit, since no one
+    /// is left to release them. A moved-from share does nothing.
+    void leave() noexcept {
+        clear_reclaimer();
+        if (state_ && spares_) {
             std::lock_guard lock(state_->mutex);
             std::erase(state_->spare_reports, spares_);
+            if (--state_->shares[index_] == 0) {
+                model_stats& m = state_->models[index_];
+                state_->committed -= std::min(m.committed, state_->committed);
+                m = model_stats{};
+            }
         }
         spares_.reset();
     }
@@ -395,21 +421,33 @@ inline shared_budget budget::register_model(std::string name, std::size_t limit)
     if (limit == 0) {
         throw invalid_argument("model '" + name + "' needs a non-zero limit");
     }
-    std::size_t index = 0;
-    {
-        std::lock_guard lock(state_->mutex);
-        for (const auto& m : state_->models) {
-            if (m.name == name) {
-                throw invalid_argument("model '" + name + "' is already registered with this budget");
-            }
+    auto report = std::make_shared<spare_report>();
+    std::lock_guard lock(state_->mutex);
+    std::size_t index = state_->models.size();
+    for (std::size_t i = 0; i < state_->models.size(); ++i) {
+        if (state_->shares[i] == 0) {
+            index = std::min(index, i);  // an unloaded model's slot
+        } else if (state_->models[i].name == name) {
+            throw invalid_argument("model '" + name + "' is already registered with this budget");
         }
-        model_stats m;
-        m.name = name;
-        m.limit = limit;
-        state_->models.push_back(std::move(m));
-        index = state_->models.size() - 1;
     }
-    return shared_budget(state_, index, std::move(name));
+    model_stats m;
+    m.name = name;
+    m.limit = limit;
+    std::string share_name = name;  // copies before any change: what follows throws nothing
+    state_->spare_reports.reserve(state_->spare_reports.size() + 1);
+    if (index == state_->models.size()) {
+        state_->models.reserve(index + 1);
+        state_->shares.reserve(index + 1);
+        state_->models.push_back(std::move(m));
+        state_->shares.push_back(1);
+    } else {
+        state_->models[index] = std::move(m);
+        state_->shares[index] = 1;
+    }
+    report->model = index;
+    state_->spare_reports.push_back(report);
+    return shared_budget(state_, index, std::move(share_name), std::move(report));
 }
 
 static_assert(quota_policy<shared_budget>, "vmmpp::shared_budget must model vmmpp::quota_policy");

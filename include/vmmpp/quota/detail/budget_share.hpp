@@ -13,6 +13,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -481,6 +482,75 @@ inline share register_share(std::shared_ptr<const segment> segment_ptr, std::str
         }
         reclaim_dead(s);
     }
+}
+
+/// This process's hold on its usage record of one model: every process_quota of that (model,
+/// process) shares one, and the last to go frees the record, giving back what it still holds, so
+/// that remove_model can remove an unloaded model and a reload may state another limit. The model
+/// slot stays (see process_budget::register_model).
+/// Thread safety: made and destroyed under the registry's holds_mutex order (register_held).
+class record_hold {
+public:
+    record_hold() noexcept = default;
+    record_hold(const record_hold&) = delete;
+    record_hold& operator=(const record_hold&) = delete;
+    ~record_hold() {
+        if (!share_) {
+            return;  // made for a registration that found a hold already, or failed
+        }
+        const share& sh = *share_;
+        const segment& s = sh.seg();
+        std::lock_guard holds(s.local().holds_mutex);
+        std::weak_ptr<record_hold>& slot = s.local().holds[sh.record()];
+        if (!slot.expired()) {
+            return;  // a registration after this hold expired took the record over
+        }
+        slot.reset();
+        if (::getpid() != sh.who().pid || s.mutex().lock_or_error() != 0) {
+            return;  // a fork's copy: the record is the parent's; or no lock: death frees it
+        }
+        std::lock_guard lock(s.mutex(), std::adopt_lock);
+        record_slot& r = s.records()[sh.record()];
+        if (!owns(r, sh.who(), sh.model())) {
+            return;  // freed already (this process was taken for dead)
+        }
+        const std::uint64_t bytes = r.bytes;
+        r.bytes = 0;  // the record first, as reclaim_dead: repair() rebuilds the totals from it
+        ordered();
+        r.pid = 0;
+        ordered();
+        model_slot& m = s.models()[sh.model()];
+        m.committed -= std::min(bytes, m.committed);
+        header& h = s.head();
+        h.committed -= std::min<std::uint64_t>(bytes, h.committed);
+    }
+
+private:
+    friend std::pair<share, std::shared_ptr<record_hold>> register_held(const std::shared_ptr<const segment>&,
+                                                                         std::string_view, std::size_t,
+                                                                         const process_identity&);
+    std::optional<share> share_;
+};
+
+/// register_share for `who`, and this process's hold on the record: the one its other quotas of
+/// the model hold, or a new one.
+/// Throws: as register_share; std::bad_alloc (nothing changed).
+inline std::pair<share, std::shared_ptr<record_hold>> register_held(const std::shared_ptr<const segment>& s,
+                                                                    std::string_view name, std::size_t limit,
+                                                                    const process_identity& who) {
+    local_registry& reg = s->local();
+    auto fresh = std::make_shared<record_hold>();  // before the record is taken: nothing to undo
+    std::lock_guard holds(reg.holds_mutex);
+    reg.holds.resize(std::max<std::size_t>(reg.holds.size(), s->max_records()));
+    share sh = register_share(s, name, limit, who);
+    std::weak_ptr<record_hold>& slot = reg.holds[sh.record()];
+    std::shared_ptr<record_hold> held = slot.lock();
+    if (!held) {
+        fresh->share_.emplace(sh);
+        slot = fresh;
+        held = std::move(fresh);
+    }
+    return {std::move(sh), std::move(held)};
 }
 
 } // namespace vmmpp::detail::pb

@@ -117,12 +117,19 @@ struct local_reclaimer {
     std::uint32_t model = 0;
 };
 
-/// This process's reclaimers of one segment, and the limit generations it has acted on.
+class record_hold;  // budget_share.hpp
+
+/// This process's reclaimers of one segment, the limit generations it has acted on, and its
+/// holds on usage records.
 struct local_registry {
     std::mutex mutex;
     std::vector<std::shared_ptr<local_reclaimer>> reclaimers;
     std::vector<std::uint64_t> seen_model_generation;  // by model slot; grown on first use
     std::uint64_t seen_global_generation = 0;
+    /// Guards `holds` and orders a record's registration against its last quota freeing it.
+    /// Taken before the segment's lock, never inside it.
+    std::mutex holds_mutex;
+    std::vector<std::weak_ptr<record_hold>> holds;  // by record slot; grown on first use
 };
 
 /// This process's mapping of one segment. Owned through shared_ptr by every process_budget and
