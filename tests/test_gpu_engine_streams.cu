@@ -223,3 +223,30 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(random_engine_on_gpu_streams_matches_the_model, Ca
                     static_cast<unsigned long long>(seed), r.steps, r.reads, r.forks, r.truncates, r.frees, r.mismatches);
     }
 }
+
+// Models come and go (G7): a model is loaded (registered, its cache built, 1 GiB appended),
+// freed on a busy stream and unloaded, 50 times; the name is registered again each time, the
+// budget lists no dead model, and the GPU's free memory stays flat.
+BOOST_AUTO_TEST_CASE(unloading_and_reloading_a_model_keeps_memory_flat) {
+    constexpr vmmpp::kv_geometry g{.layers = 32, .kv_heads = 8, .head_dim = 128, .type = vmmpp::dtype::bf16,
+                                   .block_tokens = 16, .max_blocks = 1024};
+    const test_stream s;
+    vmmpp::budget budget(8 * GiB);
+    std::vector<std::size_t> free_after;
+    for (int round = 0; round < 50; ++round) {
+        {
+            vmmpp::kv_cache<vmmpp::elastic_config, vmmpp::block_major> c(g, {}, {}, budget.register_model("llama", 4 * GiB));
+            const auto seq = c.add_sequence();
+            c.append(seq, 16 * 512);  // 1 GiB
+            spin<<<1, 1, 0, s>>>(2 * cycles_per_ms());
+            c.free(seq, s);
+        }  // unloaded: the cache waits for the stream, gives everything back, the registration ends
+        BOOST_TEST_REQUIRE(budget.stats().models.empty(), "round " << round << ": the unloaded model is still listed");
+        BOOST_TEST_REQUIRE(budget.stats().committed == 0u);
+        free_after.push_back(free_device_bytes());
+    }
+    const auto [low, high] = std::minmax_element(free_after.begin(), free_after.end());
+    std::printf("free device memory after each of 50 unload/reload rounds of 1 GiB: min %zu MiB, max %zu MiB\n",
+                *low / MiB, *high / MiB);
+    BOOST_TEST(*high - *low <= 64 * MiB);
+}
