@@ -1142,7 +1142,8 @@ private:
 
     /// Charges `bytes`; when the quota refuses, makes room and tries again: first with this
     /// pool's own spares and kept handles (outside [keep_first, keep_last]) or, failing that,
-    /// the other models' spares; then once more with the other models' spares.
+    /// the other models' spares; then once more with the other models' spares; last, with a
+    /// quota shared by processes (process_quota), by asking the other processes for theirs.
     void charge_making_room(std::size_t bytes, std::size_t keep_first, std::size_t keep_last) {
         for (int attempt = 0;; ++attempt) {
             try {
@@ -1152,7 +1153,18 @@ private:
                 const bool made_room = (attempt == 0 && give_back_spares(keep_first, keep_last) > 0) ||
                                        (attempt < 2 && reclaim_from_other_models() > 0);
                 if (!made_room) {
-                    throw;
+                    try {
+                        charge(bytes);  // given back meanwhile (the release agent, a pool that was busy)
+                        return;
+                    } catch (const over_quota&) {
+                    }
+                    if constexpr (requires { quota_.acquire_asking_processes(bytes); }) {
+                        quota_.acquire_asking_processes(bytes);  // throws over_quota as charge did
+                        charged_ += bytes;
+                        return;
+                    } else {
+                        throw;
+                    }
                 }
             }
         }
@@ -1297,10 +1309,12 @@ private:
     static constexpr std::chrono::milliseconds reclaim_wait{20};
 
     /// Another model of the budget was refused: give every spare back. A busy pool is waited for
-    /// up to reclaim_wait, then skipped (the other model's commit then fails with over_quota).
+    /// up to reclaim_wait, then skipped (the other model's commit then fails with over_quota);
+    /// for another process's request (detail::reclaim_without_waiting) it is skipped at once.
     std::size_t give_back_for_others() noexcept {
         std::unique_lock lock(mutex_, std::defer_lock);
-        const auto give_up = clock::now() + reclaim_wait;
+        const auto give_up =
+            clock::now() + (detail::reclaim_without_waiting ? std::chrono::milliseconds(0) : reclaim_wait);
         while (!lock.try_lock()) {
             if (clock::now() > give_up) {
                 return 0;

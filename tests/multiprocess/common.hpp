@@ -26,9 +26,10 @@ inline constexpr std::size_t page = std::size_t{64} << 10;
 using config = vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::process_quota>;
 using pool = vmmpp::elastic_pool<config>;
 
-inline std::unique_ptr<pool> make_pool(std::size_t pages, vmmpp::process_quota quota) {
-    return std::make_unique<pool>(pages * page, vmmpp::host_options{.page_bytes = page}, vmmpp::page_granular{},
-                                  std::move(quota));
+/// A pool of `pages` pages that keeps up to `spare_pages` released pages committed as spares.
+inline std::unique_ptr<pool> make_pool(std::size_t pages, vmmpp::process_quota quota, std::size_t spare_pages = 0) {
+    return std::make_unique<pool>(pages * page, vmmpp::host_options{.page_bytes = page},
+                                  vmmpp::page_granular{.spare_pages = spare_pages}, std::move(quota));
 }
 
 /// This process's own mapping of the segment `name` ("/name", as process_budget::name() gives

@@ -2,8 +2,10 @@
 // elastic_pool<host, page_granular, process_quota>, driven by test_process_budget line by line
 // on stdin, answering on stdout (both ends of one socket).
 //
-//   vmmpp_mp_helper <segment> <model> <model_limit_bytes> <capacity_pages>
+//   vmmpp_mp_helper <segment> <model> <model_limit_bytes> <capacity_pages> [<spare_pages> [nowatch]]
 //
+// With <spare_pages>, released pages stay committed as spares up to that many (page_granular's
+// spare_pages); with "nowatch" it attaches with process_budget_options::reclaim_watch off.
 // It prints "ready <pid>", then answers each command (pages are vmmpp_mp::page bytes):
 //   hold <first> <count>        one ensure_committed of pages [first, first+count):
 //                               "ok <pool committed>" or "refused <requested> <in_use> <limit> <which>"
@@ -85,17 +87,21 @@ std::size_t hammer_one(vmmpp::process_quota quota, std::size_t capacity_pages, s
 }
 
 int run(int argc, char** argv) {
-    if (argc != 5) {
-        std::cout << "error usage: vmmpp_mp_helper <segment> <model> <model_limit_bytes> <capacity_pages>"
+    if (argc < 5 || argc > 7 || (argc == 7 && std::string(argv[6]) != "nowatch")) {
+        std::cout << "error usage: vmmpp_mp_helper <segment> <model> <model_limit_bytes> <capacity_pages> "
+                     "[<spare_pages> [nowatch]]"
                   << std::endl;
         return 3;
     }
     const std::string model = argv[2];
     const std::size_t model_limit = std::stoull(argv[3]);
     const std::size_t capacity_pages = std::stoull(argv[4]);
-    auto budget = vmmpp::process_budget::open(argv[1]);
+    const std::size_t spare_pages = argc >= 6 ? std::stoull(argv[5]) : 0;
+    vmmpp::process_budget_options options;
+    options.reclaim_watch = argc != 7;
+    auto budget = vmmpp::process_budget::open(argv[1], options);
     vmmpp::process_quota quota = budget.register_model(model, model_limit);
-    auto pool = vmmpp_mp::make_pool(capacity_pages, quota);
+    auto pool = vmmpp_mp::make_pool(capacity_pages, quota, spare_pages);
     std::cout << "ready " << ::getpid() << std::endl;
 
     std::string line;

@@ -1068,3 +1068,166 @@ BOOST_AUTO_TEST_CASE(many_processes_and_threads_hammer_one_budget) {
     BOOST_TEST(s.peak <= s.limit);
     check_invariants(s);
 }
+
+// ---- reclaim requests across processes ------------------------------------------------------------
+
+namespace {
+
+/// Options for the test process, the one that asks: a wait far above what an answer takes even
+/// under a sanitizer, since the wait ends as soon as every process asked has answered.
+vmmpp::process_budget_options asking_options() {
+    vmmpp::process_budget_options o;
+    o.reclaim_wait = std::chrono::seconds(10);
+    return o;
+}
+
+/// Starts a helper for `model` with 8 spare pages ("nowatch": without the watcher) that holds 8
+/// pages, then (with `release`) lets them go: they stay committed as its spares. After this it
+/// is sent nothing until the test has checked what it gave back.
+std::unique_ptr<vmmpp_mp::child_process> idle_helper(const std::string& segment, const std::string& model,
+                                                     bool release, bool watch = true) {
+    std::vector<std::string> args{VMMPP_MP_HELPER, segment, model, std::to_string(12 * page), "16", "8"};
+    if (!watch) {
+        args.emplace_back("nowatch");
+    }
+    auto child = std::make_unique<vmmpp_mp::child_process>(args);
+    BOOST_REQUIRE_EQUAL(child->read_line(), "ready " + std::to_string(child->pid()));
+    BOOST_REQUIRE_EQUAL(child->ask("hold 0 8"), "ok " + std::to_string(8 * page));
+    if (release) {
+        BOOST_REQUIRE_EQUAL(child->ask("release 0 8"), "ok " + std::to_string(8 * page));  // 8 spares
+    }
+    return child;
+}
+
+double ms_since(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
+}
+
+} // namespace
+
+// The case: process a went idle holding spares and makes no call; this process needs
+// them. Its commit is refused by the global limit, asks, and a's watcher gives them back.
+BOOST_AUTO_TEST_CASE(an_idle_process_gives_its_spares_back_to_a_refused_one) {
+    scratch_name name("ask");
+    auto budget = process_budget::create(name.str(), 12 * page, asking_options());
+    auto a = idle_helper(name.str(), "a", true);
+    BOOST_TEST(usage_of(budget.stats(), a->pid()) == 8 * page);
+
+    auto pool = vmmpp_mp::make_pool(16, budget.register_model("b", 12 * page));
+    const auto t0 = std::chrono::steady_clock::now();
+    BOOST_CHECK_NO_THROW(pool->ensure_committed(0, 8 * page));  // 4 pages were free
+    const double took = ms_since(t0);
+    BOOST_TEST_MESSAGE("granted after " << took << " ms");
+    BOOST_TEST(took < 5000.0);  // well inside the wait (an answer takes about a millisecond)
+    BOOST_TEST(pool->committed_bytes() == 8 * page);
+
+    const auto s = budget.stats();
+    BOOST_TEST(usage_of(s, a->pid()) == 0u);  // a's spares went back, with no call of a's
+    BOOST_TEST(model(s, "a").committed == 0u);
+    BOOST_TEST(model(s, "a").spares == 0u);
+    BOOST_TEST(model(s, "a").reclaimed == 8 * page);
+    BOOST_TEST(model(s, "a").reclaims == 1u);
+    BOOST_TEST(model(s, "b").committed == 8 * page);
+    BOOST_TEST(s.reclaim_requests >= 1u);
+    BOOST_TEST(s.request_grants == 1u);
+    BOOST_TEST(s.request_reclaimed == 8 * page);
+    BOOST_TEST(model(s, "b").denied == 1u);  // the refusal before it asked
+    check_invariants(s);
+
+    BOOST_TEST(a->ask("committed") == "committed 0 0");
+    BOOST_TEST(a->ask("hold 0 4") == "ok " + std::to_string(4 * page));  // what is left; a's pool works on
+    pool.reset();
+    BOOST_TEST(a->ask("exit") == "bye");
+    BOOST_TEST(exited_ok(a->wait()));
+    BOOST_TEST(budget.stats().committed == 0u);
+}
+
+// When what the others hold is live (no spares), they answer with nothing and the refusal comes
+// as before: over_quota with the usual message, long before the wait is up.
+BOOST_AUTO_TEST_CASE(a_request_is_refused_cleanly_when_the_others_hold_no_spares) {
+    scratch_name name("ask-live");
+    auto budget = process_budget::create(name.str(), 12 * page, asking_options());
+    auto a = idle_helper(name.str(), "a", false);  // 8 pages live
+
+    auto pool = vmmpp_mp::make_pool(16, budget.register_model("b", 12 * page));
+    const auto t0 = std::chrono::steady_clock::now();
+    try {
+        pool->ensure_committed(0, 8 * page);
+        BOOST_FAIL("committed 8 pages with 4 free and no spares anywhere");
+    } catch (const vmmpp::over_quota& e) {
+        BOOST_TEST(e.which() == "global");
+        BOOST_TEST(e.limit() == 12 * page);
+        BOOST_TEST(std::string(e.what()) ==
+                   vmmpp::over_quota("global", e.requested(), e.in_use(), 12 * page).what());
+    }
+    const double took = ms_since(t0);
+    BOOST_TEST_MESSAGE("refused after " << took << " ms");
+    BOOST_TEST(took < 5000.0);  // every process asked answered: no need to wait 10 s
+    BOOST_TEST(pool->committed_bytes() == 0u);  // strong guarantee
+
+    const auto s = budget.stats();
+    BOOST_TEST(usage_of(s, a->pid()) == 8 * page);  // live memory stays
+    BOOST_TEST(s.reclaim_requests >= 1u);           // a was asked
+    BOOST_TEST(s.request_grants == 0u);
+    BOOST_TEST(s.request_reclaimed == 0u);
+    BOOST_TEST(model(s, "b").committed == 0u);
+    check_invariants(s);
+    BOOST_TEST(a->ask("exit") == "bye");
+    BOOST_TEST(exited_ok(a->wait()));
+}
+
+// A process that runs no watcher gives nothing back on request, and is not even asked: the
+// refusal comes at once, and its spares stay.
+BOOST_AUTO_TEST_CASE(a_process_without_the_watcher_keeps_its_spares) {
+    scratch_name name("ask-nowatch");
+    auto budget = process_budget::create(name.str(), 12 * page, asking_options());
+    auto a = idle_helper(name.str(), "a", true, false);
+
+    auto pool = vmmpp_mp::make_pool(16, budget.register_model("b", 12 * page));
+    BOOST_CHECK_THROW(pool->ensure_committed(0, 8 * page), vmmpp::over_quota);
+    auto s = budget.stats();
+    BOOST_TEST(usage_of(s, a->pid()) == 8 * page);
+    BOOST_TEST(model(s, "a").reclaimed == 0u);
+    BOOST_TEST(s.reclaim_requests == 0u);
+    check_invariants(s);
+    // Its spares are its own to give: honour_limits, or its next commit, would use them.
+    BOOST_TEST(a->ask("hold 8 8") == "ok " + std::to_string(8 * page));
+    BOOST_TEST(a->ask("exit") == "bye");
+    BOOST_TEST(exited_ok(a->wait()));
+}
+
+// A lowered limit wakes the other processes' watchers (no limit_watch polling): an idle process
+// gives its spares back with no call of its own.
+BOOST_AUTO_TEST_CASE(a_lowered_limit_wakes_the_idle_process_without_polling) {
+    scratch_name name("ask-limit");
+    auto budget = process_budget::create(name.str(), 12 * page);
+    auto a = idle_helper(name.str(), "a", true);
+    const vmmpp::limit_change c = budget.set_limit(4 * page);
+    BOOST_TEST(c.reclaimed == 0u);  // this process held nothing
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (usage_of(budget.stats(), a->pid()) != 0 && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    const auto s = budget.stats();
+    BOOST_TEST(usage_of(s, a->pid()) == 0u);
+    BOOST_TEST(model(s, "a").reclaimed == 8 * page);
+    BOOST_TEST(budget.limit_status().applied());
+    BOOST_TEST(a->ask("exit") == "bye");
+    BOOST_TEST(exited_ok(a->wait()));
+}
+
+// A forked child inherits no watcher: its records say so, and no one waits for its answer.
+BOOST_AUTO_TEST_CASE(a_forked_child_is_not_taken_for_a_watcher) {
+    scratch_name name("ask-fork");
+    auto budget = process_budget::create(name.str(), 8 * page);
+    auto quota = budget.register_model("m", 8 * page);
+    const auto child = in_child([&] {
+        auto again = budget.register_model("m", 8 * page);
+        auto seg = vmmpp_mp::attach_segment(budget.name());
+        std::lock_guard lock(seg->mutex());
+        const auto& parent = seg->records()[0];  // registered first
+        const auto& mine = seg->records()[1];
+        return mine.pid == ::getpid() && mine.watching == 0 && parent.watching == 1 ? 0 : 1;
+    });
+    BOOST_TEST(exited_ok(child.status), "the child " << describe(child.status));
+}

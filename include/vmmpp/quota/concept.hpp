@@ -28,4 +28,12 @@ concept reclaiming_quota = quota_policy<Q> && requires(Q& q) {
     { q.reclaim_from_others() } -> std::same_as<std::size_t>;
 };
 
+namespace detail {
+/// Set on a thread that gives memory back for another process's reclaim request (a process
+/// budget's watcher): a pool whose lock is busy is skipped at once instead of being waited for
+/// (elastic_pool::reclaim_wait), since its holder may be waiting for this very answer and a busy
+/// pool is not the idle one the request is for.
+inline thread_local bool reclaim_without_waiting = false;
+} // namespace detail
+
 } // namespace vmmpp

@@ -71,10 +71,24 @@ struct process_budget_options {
     /// Whether open and create_or_open accept a segment that its group or others may write, and
     /// create may make one (`mode` with 0020 or 0002).
     bool allow_shared_write = false;
-    /// When not zero, this process runs a thread that looks this often at whether another process
-    /// lowered a limit below what is charged (vmmpp-budget limit, set_model_limit), and then gives
-    /// back the spares and kept handles of this process's pools of that model (honour_limits).
-    /// Zero: no thread; call process_budget::honour_limits yourself (say once per engine step).
+    /// Whether this process runs a watcher thread for the segment: it sleeps on a futex word in
+    /// the segment (no CPU while nothing happens) and, when another process posts a reclaim
+    /// request (its commit was refused by a limit) or lowers a limit, gives back the spares and
+    /// kept handles of this process's pools, with no call from this process. Off: this process
+    /// gives nothing back on request (others are not even asked: they refuse at once), and a
+    /// lowered limit reaches it through honour_limits or limit_watch only.
+    bool reclaim_watch = true;
+    /// How long a commit of this process refused by a limit waits for the watchers of other
+    /// processes that hold enough of that limit to give their spares back (it retries as each
+    /// answers, and stops as soon as every process asked has answered). Zero: it asks no one.
+    /// 50 ms: well above the 20 ms a watcher waits for a busy pool's lock
+    /// (elastic_pool::reclaim_wait), and short next to an engine step that cannot proceed.
+    std::chrono::milliseconds reclaim_wait{50};
+    /// The watcher's fallback poll: when not zero it also wakes this often to honour lowered
+    /// limits (honour_limits). Not needed with the watcher on, which a lowered limit wakes; with
+    /// `reclaim_watch` off, a non-zero value starts a thread that honours limits only (the
+    /// polling limit watcher of earlier versions, now woken by a lowered limit at once as well).
+    /// Zero with `reclaim_watch` off: no thread; call process_budget::honour_limits yourself.
     std::chrono::milliseconds limit_watch{0};
 };
 
@@ -119,6 +133,9 @@ struct process_budget_stats : budget_stats {
     std::size_t reclaimed = 0;          ///< bytes ever taken back from dead processes
     std::size_t reclaimed_records = 0;  ///< usage records ever freed because their process died
     std::size_t repairs = 0;            ///< times a process found the lock's last owner dead
+    std::size_t reclaim_requests = 0;   ///< reclaim requests ever posted by refused commits
+    std::size_t request_grants = 0;     ///< refused commits that succeeded after asking
+    std::size_t request_reclaimed = 0;  ///< bytes watchers gave back on request
     std::size_t max_models = 0;
     std::size_t max_records = 0;
     std::vector<process_usage> usage;   ///< every (model, process) record in use
@@ -167,6 +184,18 @@ public:
         share_.acquire(bytes);
     }
 
+    /// acquire(bytes), but when a limit refuses and other processes whose watchers serve
+    /// requests hold enough of it, asks them to give their spares back and waits for them, up
+    /// to process_budget_options::reclaim_wait, retrying as they answer. A pool calls it last,
+    /// after its own spares and this process's other pools failed to make room: the spares of
+    /// other processes are the dearest to take. Meant for a caller whose acquire(bytes) was just
+    /// refused: a refusal here is not counted again in the denied counters. Throws as acquire
+    /// does (over_quota as if it had not asked, with nothing changed).
+    void acquire_asking_processes(std::size_t bytes) {
+        check_process("acquire");
+        share_.acquire(bytes, share_.seg().request_wait(), false);
+    }
+
     /// Gives `bytes` back to both limits (at most what this process holds of this model).
     void release(std::size_t bytes) noexcept {
         if (::getpid() == share_.who().pid) {
@@ -189,7 +218,8 @@ public:
     /// Registers `give_back` (returns the bytes it released) as this quota's way to free its
     /// pool's spares: called when another pool of this process is refused (reclaim_from_others),
     /// when a limit of its model or the global one is lowered below what is charged, by this
-    /// process at once and, from other processes, through honour_limits or the limit watcher.
+    /// process at once and, from other processes, through honour_limits or the watcher, and by
+    /// the watcher when another process's commit is refused (acquire_asking_processes).
     /// One per quota object; a pool registers its own copy and clears it before it goes.
     void set_reclaimer(std::function<std::size_t()> give_back) {
         clear_reclaimer();
@@ -216,8 +246,8 @@ public:
         mine->give_back = nullptr;
     }
     /// Asks every other pool of this process registered with this budget to give its spares back
-    /// now (pools of other processes are out of reach; a refused acquire also takes back the
-    /// shares of dead processes). A busy pool is skipped. Returns the bytes given back.
+    /// now (pools of other processes are asked by acquire_asking_processes; a refused acquire also
+    /// takes back the shares of dead processes). A busy pool is skipped. Returns the bytes given back.
     std::size_t reclaim_from_others() noexcept {
         const detail::pb::local_reclaimer* self = reclaimer_.get();
         return detail::pb::run_local_reclaimers(share_.seg(),
@@ -337,7 +367,8 @@ public:
     /// created with, even after set_model_limit changed the limit in force). The model's
     /// limit bounds the sum over all processes. Names are 1 to 63 bytes. The process is the
     /// calling one: in a child made by fork, registering through the inherited handle gives the
-    /// child a record of its own.
+    /// child a record of its own (which no other process asks for spares: the child inherits no
+    /// watcher; open the budget again in the child to run one).
     ///
     /// Unloading: when the last process_quota of this process's record goes (the returned quota,
     /// its copies, those pools hold), the record is freed (what it still holds goes back), so
@@ -346,7 +377,8 @@ public:
     /// remove_model (or `vmmpp-budget remove`), which succeeds once no live process holds a
     /// quota of it; then the name may be registered with another limit.
     [[nodiscard]] process_quota register_model(std::string_view name, std::size_t limit) {
-        return process_quota(detail::pb::register_held(segment_, name, limit, segment_->self()));
+        return process_quota(
+            detail::pb::register_held(segment_, name, limit, segment_->self(), segment_->serving_requests()));
     }
 
     /// Takes back the bytes of every process that has died without releasing them and frees
@@ -355,9 +387,9 @@ public:
 
     /// Sets the global limit at run time, for every process. Raising it takes effect at once.
     /// Lowering it below what is charged refuses commits above it from then on, gives back this
-    /// process's pools' spares at once, and asks the other processes for theirs (they give them
-    /// back through honour_limits or their limit watcher); what live blocks hold stays, and the
-    /// result says how much is still over.
+    /// process's pools' spares at once, and asks the other processes for theirs (it wakes their
+    /// watchers; processes without one give them back through honour_limits); what live blocks
+    /// hold stays, and the result says how much is still over.
     /// Throws: vmmpp::invalid_argument for a zero limit (nothing changed); vmmpp::error if the
     /// lock cannot be taken.
     limit_change set_limit(std::size_t global_limit) { return detail::pb::set_limit(*segment_, nullptr, global_limit); }
@@ -411,6 +443,9 @@ public:
         s.reclaimed = h.reclaimed_bytes;
         s.reclaimed_records = h.reclaimed_records;
         s.repairs = h.repairs;
+        s.reclaim_requests = h.requests;
+        s.request_grants = h.request_grants;
+        s.request_reclaimed = h.request_reclaimed;
         s.max_models = seg.max_models();
         s.max_records = seg.max_records();
         for (std::uint32_t i = 0; i < seg.max_models(); ++i) {
@@ -436,9 +471,16 @@ public:
 
 private:
     process_budget(std::shared_ptr<detail::pb::segment> s, const process_budget_options& o) : segment_(std::move(s)) {
-        if (o.limit_watch.count() > 0) {
+        segment_->set_request_wait(o.reclaim_wait);
+        if (o.reclaim_watch || o.limit_watch.count() > 0) {
             const detail::pb::segment* seg = segment_.get();  // the watcher lives inside it
-            segment_->start_watcher(o.limit_watch, [seg] { (void)detail::pb::honour_limits(*seg); });
+            const bool serve = o.reclaim_watch;
+            segment_->start_watcher(o.limit_watch, serve, [seg, serve] {
+                (void)detail::pb::honour_limits(*seg);
+                if (serve) {
+                    (void)detail::pb::serve_requests(*seg);
+                }
+            });
         }
     }
 

@@ -27,8 +27,11 @@ inline constexpr std::uint64_t magic = 0x3154454742505056ull;
 /// The layout version. Version 2 added record_slot::image (version 1 could not tell an exec'd
 /// image from its successor). Version 3 made limits changeable at run time: model_slot gained
 /// registered_limit, generation, reclaims and reclaimed, record_slot gained spares, and the
-/// header gained generation.
-inline constexpr std::uint32_t version = 3;
+/// header gained generation. Version 4 let a refused process ask the others for their spares: the
+/// header gained the futex words wake_word and answer_word and the counters requests,
+/// request_grants and request_reclaimed; record_slot gained answered, watching, asking_model and
+/// asking_global.
+inline constexpr std::uint32_t version = 4;
 /// Bytes of a model name in its slot, the terminating NUL included.
 inline constexpr std::size_t name_capacity = 64;
 
@@ -53,6 +56,11 @@ struct record_slot {
     std::uint64_t model;  // index into the model table (checked against it wherever it is used)
     std::uint64_t bytes;  // what this process holds of this model's budget
     std::uint64_t spares; // spare bytes this process's pools of the model last reported
+    std::uint64_t answered;       // the last request (header::requests) this process's watcher served
+    std::uint32_t watching;       // 1: this process runs a watcher that serves requests
+    std::uint32_t asking_model;   // threads of this process waiting for others to give back under the model's limit
+    std::uint32_t asking_global;  // ... under the global limit
+    std::uint32_t padding;
 };
 
 /// The segment's header: its self-description, the lock, the global totals and the creator.
@@ -87,10 +95,19 @@ struct header {
     std::uint64_t pid_ns_ino;
     std::uint64_t time_ns_dev;
     std::uint64_t time_ns_ino;
+    // Cross-process reclaim requests (shared_segment.hpp's futex helpers wait on and wake these
+    // two words; futexes on a MAP_SHARED mapping work across processes).
+    std::atomic<std::uint32_t> wake_word;    // bumped to wake every watcher: a request, a lowered limit, a shutdown
+    std::atomic<std::uint32_t> answer_word;  // bumped when a watcher has served a request: wakes the askers
+    std::uint64_t requests;           // requests ever posted; a request's number is its ticket
+    std::uint64_t request_grants;     // refused acquires that succeeded after asking
+    std::uint64_t request_reclaimed;  // bytes watchers gave back on request
 };
 
 static_assert(std::atomic<std::uint64_t>::is_always_lock_free,
               "a process budget needs lock-free (address-free) 64-bit atomics");
+static_assert(std::atomic<std::uint32_t>::is_always_lock_free && sizeof(std::atomic<std::uint32_t>) == 4,
+              "a process budget's futex words must be plain 32-bit words");
 static_assert(offsetof(header, version) == 8, "magic and version lead every layout");
 
 /// `n` rounded up to a multiple of `a`.

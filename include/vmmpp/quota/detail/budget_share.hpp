@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +22,7 @@
 
 #include "vmmpp/error.hpp"
 #include "vmmpp/quota/budget_errors.hpp"
+#include "vmmpp/quota/concept.hpp"
 #include "vmmpp/quota/limit_change.hpp"
 #include "vmmpp/quota/detail/budget_layout.hpp"
 #include "vmmpp/quota/detail/process_identity.hpp"
@@ -177,6 +179,79 @@ inline std::size_t honour_limits(const segment& s) noexcept {
     return run_local_reclaimers(s, [&](const local_reclaimer& r) { return r.model < due.size() && due[r.model]; });
 }
 
+/// Answers the reclaim requests other processes posted since this process last answered (the
+/// watcher's work, share::acquire's other half): gives back the spares and kept handles of this
+/// process's pools of every model some other process is waiting for (all of them when one waits
+/// under the global limit), then marks this process's records answered and wakes the askers.
+/// The segment's lock is not held while the pools give back. Returns the bytes given back.
+/// Throws: nothing.
+inline std::size_t serve_requests(const segment& s) noexcept {
+    process_identity me{};
+    std::vector<bool> wanted;
+    try {
+        me = s.self();
+        wanted.resize(s.max_models(), false);
+    } catch (...) {
+        return 0;
+    }
+    std::uint64_t ticket = 0;
+    bool behind = false;  // a request was posted since this process last answered
+    bool all = false;
+    bool any = false;
+    if (s.mutex().lock_or_error() != 0) {
+        return 0;
+    }
+    {
+        std::lock_guard lock(s.mutex(), std::adopt_lock);
+        ticket = s.head().requests;
+        const record_slot* r = s.records();
+        for (std::uint32_t k = 0; k < s.max_records(); ++k) {
+            if (r[k].pid == 0) {
+                continue;
+            }
+            if (identity_of(r[k]) == me) {
+                behind = behind || r[k].answered < ticket;
+                continue;
+            }
+            const std::uint64_t model = r[k].model;
+            if (r[k].asking_global > 0) {
+                all = any = true;
+            }
+            if (r[k].asking_model > 0 && model < wanted.size()) {
+                wanted[model] = true;
+                any = true;
+            }
+        }
+    }
+    if (!behind) {
+        return 0;  // a wake-up for something else (a lowered limit, a shutdown)
+    }
+    std::size_t given = 0;
+    if (any) {
+        // A busy pool is skipped, not waited for: its holder may be a thread of this process
+        // waiting for another process's answer, and the asker waits for this one.
+        const bool was = detail::reclaim_without_waiting;
+        detail::reclaim_without_waiting = true;
+        given = run_local_reclaimers(s, [&](const local_reclaimer& r) {
+            return all || (r.model < wanted.size() && wanted[r.model]);
+        });
+        detail::reclaim_without_waiting = was;
+    }
+    if (s.mutex().lock_or_error() == 0) {
+        std::lock_guard lock(s.mutex(), std::adopt_lock);
+        record_slot* r = s.records();
+        for (std::uint32_t k = 0; k < s.max_records(); ++k) {
+            if (r[k].pid != 0 && identity_of(r[k]) == me) {
+                r[k].answered = std::max(r[k].answered, ticket);
+            }
+        }
+        s.head().request_reclaimed += given;
+        s.head().answer_word.fetch_add(1);
+    }
+    futex_wake_all(s.head().answer_word);
+    return given;
+}
+
 /// Sets the limit of model `name` (or, without one, the global limit) to `limit`. Lowering it
 /// below what is charged bumps its generation (so other processes' watchers and honour_limits
 /// give their spares back) and gives back this process's spares at once. Returns the change,
@@ -191,6 +266,11 @@ inline limit_change set_limit(const segment& s, const std::string_view* name, st
     std::uint64_t previous = 0;
     bool lowered_below = false;
     {
+        // This process acts on its own change below: it records the new generation as seen in the
+        // same critical section, so its watcher (woken meanwhile by anything) does not reclaim too.
+        local_registry& reg = s.local();
+        std::lock_guard local_lock(reg.mutex);
+        reg.seen_model_generation.resize(s.max_models(), 0);
         std::lock_guard lock(s.mutex());
         header& h = s.head();
         if (name == nullptr) {
@@ -198,6 +278,9 @@ inline limit_change set_limit(const segment& s, const std::string_view* name, st
             h.limit = limit;
             lowered_below = h.committed > limit;
             h.generation += lowered_below ? 1 : 0;
+            if (lowered_below) {
+                reg.seen_global_generation = h.generation;
+            }
         } else {
             for (std::uint32_t i = 0; i < s.max_models(); ++i) {
                 if (s.models()[i].name[0] != '\0' && *name == slot_name(s.models()[i])) {
@@ -212,21 +295,17 @@ inline limit_change set_limit(const segment& s, const std::string_view* name, st
             m.limit = limit;
             lowered_below = m.committed > limit;
             m.generation += lowered_below ? 1 : 0;
+            if (lowered_below) {
+                reg.seen_model_generation[index] = m.generation;
+            }
         }
     }
     std::size_t reclaimed = 0;
     if (lowered_below) {
         reclaimed = run_local_reclaimers(s, [&](const local_reclaimer& r) { return name == nullptr || r.model == index; });
-        // This process acted on its own change: its honour_limits need not do it again.
-        local_registry& reg = s.local();
-        std::lock_guard lock(reg.mutex);
-        std::lock_guard seg_lock(s.mutex());
-        reg.seen_model_generation.resize(s.max_models(), 0);
-        if (name == nullptr) {
-            reg.seen_global_generation = s.head().generation;
-        } else {
-            reg.seen_model_generation[index] = s.models()[index].generation;
-        }
+        // Wake the other processes' watchers: they honour the new generation without polling.
+        s.head().wake_word.fetch_add(1);
+        futex_wake_all(s.head().wake_word);
     }
     std::lock_guard lock(s.mutex());
     const std::uint64_t committed = name == nullptr ? s.head().committed : s.models()[index].committed;
@@ -281,16 +360,38 @@ public:
         : segment_(std::move(s)), model_(model), record_(record), who_(who), name_(std::move(name)) {}
 
     /// Takes `bytes` from this model's limit and the global limit together. Before refusing, it
-    /// takes back the shares of dead processes and tries once more.
+    /// takes back the shares of dead processes and tries once more; then, if `wait` is not zero
+    /// and other live processes whose watchers serve requests hold enough of the limit that
+    /// refused, it posts a reclaim request (their watchers give their spares back) and retries
+    /// as they answer, until it succeeds, every process asked has answered, or `wait` has passed.
+    /// `count_denial` false: a refusal is not counted in the denied counters (the caller's
+    /// previous acquire of the same bytes was, just before).
     /// Throws: vmmpp::over_quota naming the limit that refused ("model <name>" or "global"), with
     /// nothing changed but the denied counters; vmmpp::error if the record was freed (its process
     /// was taken for dead) or the lock cannot be taken.
-    void acquire(std::size_t bytes) const {
+    void acquire(std::size_t bytes, std::chrono::milliseconds wait = std::chrono::milliseconds(0),
+                 bool count_denial = true) const {
         const segment& s = *segment_;
-        for (int attempt = 0;; ++attempt) {
+        header& h = s.head();
+        bool dead_reclaimed = false;
+        request asked;
+        // Withdraws this thread's request on every way out (a success, a refusal, an error).
+        struct withdraw {
+            const share& self;
+            request& asked;
+            ~withdraw() {
+                if (asked.ticket != 0 && self.segment_->mutex().lock_or_error() == 0) {
+                    std::lock_guard lock(self.segment_->mutex(), std::adopt_lock);
+                    self.withdraw_locked(asked);
+                }
+            }
+        } withdraw_on_exit{*this, asked};
+        const auto deadline = std::chrono::steady_clock::now() + wait;
+        for (;;) {
+            const std::uint32_t answers_seen = h.answer_word.load();  // before looking: no answer is slept through
+            bool post = false;
             {
                 std::lock_guard lock(s.mutex());
-                header& h = s.head();
                 model_slot& m = s.models()[model_];
                 record_slot& r = s.records()[record_];
                 if (!owns(r, who_, model_)) {
@@ -306,18 +407,40 @@ public:
                     m.peak = std::max(m.peak, m.committed);
                     h.committed += bytes;
                     h.peak = std::max(h.peak, h.committed);
+                    if (asked.ticket != 0) {
+                        ++h.request_grants;
+                        withdraw_locked(asked);
+                    }
                     return;
                 }
-                if (attempt > 0) {
-                    ++m.denied;
-                    ++h.denied;
-                    if (bytes > model_left) {
-                        throw over_quota("model " + name_, bytes, m.committed, m.limit);
+                if (dead_reclaimed) {
+                    const bool model_refused = bytes > model_left;
+                    const bool global_refused = bytes > global_left;
+                    if (asked.ticket == 0) {
+                        post = wait.count() > 0 && post_locked(asked, bytes, model_left, global_left, model_refused,
+                                                               global_refused);
                     }
-                    throw over_quota("global", bytes, h.committed, h.limit);
+                    if (!post && (asked.ticket == 0 || answered_locked(asked) ||
+                                  std::chrono::steady_clock::now() >= deadline)) {
+                        m.denied += count_denial ? 1 : 0;
+                        h.denied += count_denial ? 1 : 0;
+                        withdraw_locked(asked);
+                        if (model_refused) {
+                            throw over_quota("model " + name_, bytes, m.committed, m.limit);
+                        }
+                        throw over_quota("global", bytes, h.committed, h.limit);
+                    }
                 }
             }
-            reclaim_dead(s);
+            if (!dead_reclaimed) {
+                reclaim_dead(s);
+                dead_reclaimed = true;
+                continue;
+            }
+            if (post) {
+                futex_wake_all(h.wake_word);
+            }
+            futex_wait(h.answer_word, answers_seen, deadline - std::chrono::steady_clock::now());
         }
     }
 
@@ -385,6 +508,77 @@ public:
     [[nodiscard]] const std::string& name() const noexcept { return name_; }
 
 private:
+    /// A reclaim request this thread posted: its ticket (0: none), which limits it waits under,
+    /// and the records of the processes asked.
+    struct request {
+        std::uint64_t ticket = 0;
+        bool model = false;
+        bool global = false;
+        std::vector<std::pair<std::uint32_t, process_identity>> asked;
+    };
+
+    /// Posts a request when the other live processes whose watchers serve requests hold enough
+    /// of each refusing limit to make room: marks this record asking, takes a ticket and bumps
+    /// wake_word (the caller wakes the watchers after unlocking). Returns whether it posted.
+    /// Called with the lock held.
+    /// Throws: std::bad_alloc (nothing posted).
+    bool post_locked(request& q, std::size_t bytes, std::uint64_t model_left, std::uint64_t global_left,
+                     bool model_refused, bool global_refused) const {
+        const segment& s = *segment_;
+        const record_slot* r = s.records();
+        std::uint64_t model_held = 0;   // what others hold of this model: the most they could give back
+        std::uint64_t global_held = 0;  // ... of any model
+        std::vector<std::pair<std::uint32_t, process_identity>> asked;
+        for (std::uint32_t k = 0; k < s.max_records(); ++k) {
+            if (r[k].pid == 0 || r[k].watching == 0 || r[k].bytes == 0 || identity_of(r[k]) == who_) {
+                continue;
+            }
+            const bool same_model = r[k].model == model_;
+            if ((model_refused && same_model) || global_refused) {
+                asked.emplace_back(k, identity_of(r[k]));
+            }
+            model_held += same_model ? r[k].bytes : 0;
+            global_held += r[k].bytes;
+        }
+        if (asked.empty() || (model_refused && bytes > model_left + model_held) ||
+            (global_refused && bytes > global_left + global_held)) {
+            return false;  // nobody could make room: refuse now rather than after the wait
+        }
+        header& h = s.head();
+        record_slot& mine = s.records()[record_];
+        q.asked = std::move(asked);
+        q.model = model_refused;
+        q.global = global_refused;
+        mine.asking_model += model_refused ? 1 : 0;
+        mine.asking_global += global_refused ? 1 : 0;
+        q.ticket = ++h.requests;
+        h.wake_word.fetch_add(1);
+        return true;
+    }
+
+    /// Whether every process asked has answered the request (or is gone). Lock held.
+    /// Throws: nothing.
+    bool answered_locked(const request& q) const noexcept {
+        const record_slot* r = segment_->records();
+        for (const auto& [k, id] : q.asked) {
+            if (r[k].pid != 0 && identity_of(r[k]) == id && r[k].answered < q.ticket) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    /// Takes this thread's request back: the record no longer asks for it. Lock held.
+    /// Throws: nothing.
+    void withdraw_locked(request& q) const noexcept {
+        record_slot& mine = segment_->records()[record_];
+        if (owns(mine, who_, model_)) {
+            mine.asking_model -= q.model && mine.asking_model > 0 ? 1 : 0;
+            mine.asking_global -= q.global && mine.asking_global > 0 ? 1 : 0;
+        }
+        q.ticket = 0;
+    }
+
     std::shared_ptr<const segment> segment_;
     std::uint32_t model_;
     std::uint32_t record_;
@@ -394,14 +588,16 @@ private:
 
 /// Registers model `name` for process `who` in `s` and returns its share. The first registration
 /// (by any process) creates the model with `limit`; later ones join it and must state the same
-/// limit. A process that registers a model twice gets its one record again. When the record table
+/// limit. A process that registers a model twice gets its one record again. `watching`: whether
+/// `who` runs a watcher that serves reclaim requests (segment::serving_requests), so that others
+/// may ask it for its spares. When the record table
 /// is full, the records of dead processes are freed and it tries once more.
 /// Throws: vmmpp::invalid_argument for a name that is not 1 to 63 bytes without NUL, a zero limit,
 /// or a limit other than the model's; vmmpp::error when the model table or the record table is
 /// full, or the lock cannot be taken.
 /// Thread safety: any threads of any processes at once.
 inline share register_share(std::shared_ptr<const segment> segment_ptr, std::string_view name, std::size_t limit,
-                            const process_identity& who) {
+                            const process_identity& who, bool watching = false) {
     if (name.empty() || name.size() >= name_capacity || name.find('\0') != std::string_view::npos) {
         throw invalid_argument("model name '" + std::string(name) + "' must be 1 to " +
                                std::to_string(name_capacity - 1) + " bytes without NUL");
@@ -433,6 +629,7 @@ inline share register_share(std::shared_ptr<const segment> segment_ptr, std::str
                 }
                 for (std::uint32_t i = 0; i < s.max_records(); ++i) {
                     if (owns(r[i], who, model)) {
+                        r[i].watching = r[i].watching != 0 || watching ? 1 : 0;
                         return share(segment_ptr, model, i, who, std::string(name));
                     }
                 }
@@ -470,6 +667,10 @@ inline share register_share(std::shared_ptr<const segment> segment_ptr, std::str
                 r[record].model = model;
                 r[record].bytes = 0;
                 r[record].spares = 0;
+                r[record].answered = s.head().requests;  // nothing asked before it exists
+                r[record].watching = watching ? 1 : 0;
+                r[record].asking_model = 0;
+                r[record].asking_global = 0;
                 ordered();
                 r[record].pid = who.pid;  // the record is taken from this store on
                 return share(segment_ptr, model, record, who, std::string(name));
@@ -528,7 +729,7 @@ public:
 private:
     friend std::pair<share, std::shared_ptr<record_hold>> register_held(const std::shared_ptr<const segment>&,
                                                                          std::string_view, std::size_t,
-                                                                         const process_identity&);
+                                                                         const process_identity&, bool);
     std::optional<share> share_;
 };
 
@@ -537,12 +738,12 @@ private:
 /// Throws: as register_share; std::bad_alloc (nothing changed).
 inline std::pair<share, std::shared_ptr<record_hold>> register_held(const std::shared_ptr<const segment>& s,
                                                                     std::string_view name, std::size_t limit,
-                                                                    const process_identity& who) {
+                                                                    const process_identity& who, bool watching) {
     local_registry& reg = s->local();
     auto fresh = std::make_shared<record_hold>();  // before the record is taken: nothing to undo
     std::lock_guard holds(reg.holds_mutex);
     reg.holds.resize(std::max<std::size_t>(reg.holds.size(), s->max_records()));
-    share sh = register_share(s, name, limit, who);
+    share sh = register_share(s, name, limit, who, watching);
     std::weak_ptr<record_hold>& slot = reg.holds[sh.record()];
     std::shared_ptr<record_hold> held = slot.lock();
     if (!held) {

@@ -7,15 +7,19 @@
 #pragma once
 
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <climits>
+#include <ctime>
 #include <cerrno>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -25,7 +29,6 @@
 #include <mutex>
 #include <optional>
 #include <span>
-#include <stop_token>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -96,6 +99,28 @@ private:
     std::size_t bytes_ = 0;
 };
 
+/// Wakes every thread, of any process, sleeping in futex_wait on `word` (a word of the shared
+/// mapping: no FUTEX_PRIVATE_FLAG, so the kernel keys it by the shared page, not the process).
+/// Throws: nothing.
+inline void futex_wake_all(std::atomic<std::uint32_t>& word) noexcept {
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+}
+
+/// Sleeps while `word` still holds `seen`, until futex_wake_all on it, a signal, or `timeout`
+/// (none: no limit). Returns at once if `word` changed already, so a change made after `seen`
+/// was read is never slept through. Callers re-check what they wait for: wake-ups may be spurious.
+/// Throws: nothing.
+inline void futex_wait(std::atomic<std::uint32_t>& word, std::uint32_t seen,
+                       std::optional<std::chrono::nanoseconds> timeout) noexcept {
+    timespec ts{};
+    if (timeout) {
+        const auto ns = std::max<std::chrono::nanoseconds::rep>(timeout->count(), 0);
+        ts.tv_sec = static_cast<std::time_t>(ns / 1'000'000'000);
+        ts.tv_nsec = static_cast<long>(ns % 1'000'000'000);
+    }
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT, seen, timeout ? &ts : nullptr, nullptr, 0);
+}
+
 /// Which object a name named when this process opened it (device and inode).
 struct file_id {
     std::uint64_t dev = 0;
@@ -157,37 +182,69 @@ public:
           created_(created), mutex_(head().mutex, repair_hook{this}, "vmmpp process budget '" + name_ + "'") {}
     segment(const segment&) = delete;
     segment& operator=(const segment&) = delete;
-    /// Stops the limit watcher, if this process started one.
+    /// Stops and joins the watcher, if this process started one (a forked child's copy of the
+    /// handle names a thread that lives in the parent only: it is left alone).
     ~segment() {
-        if (watcher_.joinable() && watcher_pid_ != ::getpid()) {
-            watcher_.detach();  // a forked child's copy: the thread lives in the parent only
+        if (!watcher_.joinable()) {
+            return;
         }
+        if (watcher_pid_ != ::getpid()) {
+            watcher_.detach();
+            return;
+        }
+        // Stop first, then change the word: the watcher either sees the stop before it sleeps or
+        // finds the word changed and does not sleep (or is woken). Other processes' watchers
+        // wake once too, find nothing asked and sleep again.
+        watcher_stop_.store(true);
+        head().wake_word.fetch_add(1);
+        futex_wake_all(head().wake_word);
+        watcher_.join();
     }
 
     /// This process's reclaimers and the limit generations it has acted on.
     [[nodiscard]] local_registry& local() const noexcept { return local_; }
 
-    /// Starts a thread that calls `tick` every `every` until the segment goes (once per process;
-    /// later calls do nothing): the limit watcher, which gives this process's spares back soon
-    /// after another process lowers a limit.
+    /// Starts this process's watcher (once per segment object; later calls do nothing): a thread
+    /// that sleeps on the header's wake_word (FUTEX_WAIT, no CPU while nothing happens) and calls
+    /// `tick` whenever the word changes (a reclaim request, a lowered limit, a shutdown), and
+    /// also every `every` if that is not zero (the limit_watch fallback). `serves_requests` is
+    /// what serving_requests() reports to register_share: whether `tick` answers requests.
     /// Throws: std::system_error if no thread can be started.
-    void start_watcher(std::chrono::milliseconds every, std::function<void()> tick) const {
+    void start_watcher(std::chrono::milliseconds every, bool serves_requests, std::function<void()> tick) const {
         std::lock_guard lock(local_.mutex);
         if (watcher_.joinable()) {
             return;
         }
-        watcher_pid_ = ::getpid();
-        watcher_ = std::jthread([every, tick = std::move(tick), this](const std::stop_token& stop) {
-            std::mutex m;
-            std::unique_lock lock(m);
-            while (!stop.stop_requested()) {
-                (void)watcher_wake_.wait_for(lock, stop, every, [] { return false; });
-                if (!stop.stop_requested()) {
-                    tick();
+        watcher_ = std::thread([this, every, tick = std::move(tick)] {
+            const std::optional<std::chrono::nanoseconds> timeout =
+                every.count() > 0 ? std::optional<std::chrono::nanoseconds>(every) : std::nullopt;
+            for (;;) {
+                // Read the word before acting: a change made while `tick` runs makes the wait
+                // return at once.
+                const std::uint32_t seen = head().wake_word.load();
+                if (watcher_stop_.load()) {
+                    return;
                 }
+                tick();
+                futex_wait(head().wake_word, seen, timeout);
             }
         });
+        watcher_pid_ = ::getpid();
+        serves_requests_ = serves_requests;
     }
+
+    /// Whether a watcher of this segment object runs in the calling process and answers other
+    /// processes' reclaim requests (false in a forked child, which inherits no thread).
+    [[nodiscard]] bool serving_requests() const {
+        std::lock_guard lock(local_.mutex);
+        return serves_requests_ && watcher_.joinable() && watcher_pid_ == ::getpid();
+    }
+
+    /// How long an acquire refused by a limit waits for other processes' watchers to give back
+    /// (process_budget_options::reclaim_wait; zero: it asks no one).
+    [[nodiscard]] std::chrono::milliseconds request_wait() const noexcept { return request_wait_; }
+    /// Sets request_wait() (by the process_budget that made this object, before sharing it).
+    void set_request_wait(std::chrono::milliseconds wait) noexcept { request_wait_ = wait; }
 
     /// The name, as shm_open sees it ("/name").
     [[nodiscard]] const std::string& name() const noexcept { return name_; }
@@ -266,9 +323,11 @@ private:
     bool created_;
     mutable mutex_type mutex_;  // refers to the mapping
     mutable local_registry local_;
-    mutable std::condition_variable_any watcher_wake_;
-    mutable pid_t watcher_pid_ = 0;
-    mutable std::jthread watcher_;  // last: stopped and joined first, before what it uses goes
+    std::chrono::milliseconds request_wait_{0};
+    mutable std::atomic<bool> watcher_stop_{false};
+    mutable pid_t watcher_pid_ = 0;         // the process that started watcher_ (fork: not the child)
+    mutable bool serves_requests_ = false;
+    mutable std::thread watcher_;  // stopped and joined by the destructor, before any member goes
 };
 
 inline void segment::repair_hook::operator()() const noexcept {
