@@ -1153,11 +1153,6 @@ private:
                 const bool made_room = (attempt == 0 && give_back_spares(keep_first, keep_last) > 0) ||
                                        (attempt < 2 && reclaim_from_other_models() > 0);
                 if (!made_room) {
-                    try {
-                        charge(bytes);  // given back meanwhile (the release agent, a pool that was busy)
-                        return;
-                    } catch (const over_quota&) {
-                    }
                     if constexpr (requires { quota_.acquire_asking_processes(bytes); }) {
                         quota_.acquire_asking_processes(bytes);  // throws over_quota as charge did
                         charged_ += bytes;
