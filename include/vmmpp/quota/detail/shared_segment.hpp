@@ -106,19 +106,21 @@ inline void futex_wake_all(std::atomic<std::uint32_t>& word) noexcept {
     ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
 }
 
+/// A futex_wait timeout that means no limit.
+inline constexpr std::chrono::nanoseconds no_timeout = std::chrono::nanoseconds::max();
+
 /// Sleeps while `word` still holds `seen`, until futex_wake_all on it, a signal, or `timeout`
-/// (none: no limit). Returns at once if `word` changed already, so a change made after `seen`
-/// was read is never slept through. Callers re-check what they wait for: wake-ups may be spurious.
+/// (no_timeout: no limit). Returns at once if `word` changed already, so a change made after
+/// `seen` was read is never slept through. Callers re-check what they wait for: wake-ups may be
+/// spurious. (A plain duration, not an optional: GCC 12 at -O2 warns maybe-uninitialized on one.)
 /// Throws: nothing.
-inline void futex_wait(std::atomic<std::uint32_t>& word, std::uint32_t seen,
-                       std::optional<std::chrono::nanoseconds> timeout) noexcept {
+inline void futex_wait(std::atomic<std::uint32_t>& word, std::uint32_t seen, std::chrono::nanoseconds timeout) noexcept {
+    const bool limited = timeout != no_timeout;
+    const auto ns = std::max<std::chrono::nanoseconds::rep>(timeout.count(), 0);
     timespec ts{};
-    if (timeout) {
-        const auto ns = std::max<std::chrono::nanoseconds::rep>(timeout->count(), 0);
-        ts.tv_sec = static_cast<std::time_t>(ns / 1'000'000'000);
-        ts.tv_nsec = static_cast<long>(ns % 1'000'000'000);
-    }
-    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT, seen, timeout ? &ts : nullptr, nullptr, 0);
+    ts.tv_sec = static_cast<std::time_t>(ns / 1'000'000'000);
+    ts.tv_nsec = static_cast<long>(ns % 1'000'000'000);
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAIT, seen, limited ? &ts : nullptr, nullptr, 0);
 }
 
 /// Which object a name named when this process opened it (device and inode).
@@ -216,8 +218,7 @@ public:
             return;
         }
         watcher_ = std::thread([this, every, tick = std::move(tick)] {
-            const std::optional<std::chrono::nanoseconds> timeout =
-                every.count() > 0 ? std::optional<std::chrono::nanoseconds>(every) : std::nullopt;
+            const std::chrono::nanoseconds timeout = every.count() > 0 ? std::chrono::nanoseconds(every) : no_timeout;
             for (;;) {
                 // Read the word before acting: a change made while `tick` runs makes the wait
                 // return at once.
