@@ -6,6 +6,7 @@
 #define VMMPP_GPU_TEST_NAME "gpu engine streams"
 #include "support/gpu_main.hpp"
 #include "support/gpu.hpp"
+#include "support/gpu_kv.hpp"
 
 #include <boost/mpl/list.hpp>
 
@@ -64,29 +65,7 @@ long long cycles_per_ms() {
     return khz;
 }
 
-class test_stream {
-public:
-    test_stream() { cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
-    test_stream(const test_stream&) = delete;
-    test_stream& operator=(const test_stream&) = delete;
-    ~test_stream() { (void)cudaStreamDestroy(stream_); }
-    operator cudaStream_t() const noexcept { return stream_; }  // NOLINT: a stream where one is asked for
 
-private:
-    cudaStream_t stream_ = nullptr;
-};
-
-template <class Cache>
-std::vector<unsigned char*> pieces_of(const Cache& c, vmmpp::seq_id s) {
-    std::vector<unsigned char*> out;
-    for (std::int32_t b : c.block_table(s)) {
-        for (std::uint32_t l = 0; l < geom.layers; ++l) {
-            out.push_back(reinterpret_cast<unsigned char*>(c.key(l, b)));
-            out.push_back(reinterpret_cast<unsigned char*>(c.value(l, b)));
-        }
-    }
-    return out;
-}
 
 std::size_t env_or(const char* name, std::size_t fallback) {
     const char* v = std::getenv(name);

@@ -6,6 +6,7 @@
 #define VMMPP_GPU_TEST_NAME "gpu stream order"
 #include "support/gpu_main.hpp"
 #include "support/gpu.hpp"
+#include "support/gpu_kv.hpp"
 
 #include <boost/mpl/list.hpp>
 
@@ -90,18 +91,6 @@ struct cache_on_stream {
     }
 };
 
-/// Every K and V piece of the sequence's blocks.
-template <class Cache>
-std::vector<unsigned char*> pieces_of(const Cache& c, vmmpp::seq_id s) {
-    std::vector<unsigned char*> out;
-    for (std::int32_t b : c.block_table(s)) {
-        for (std::uint32_t l = 0; l < geom.layers; ++l) {
-            out.push_back(reinterpret_cast<unsigned char*>(c.key(l, b)));
-            out.push_back(reinterpret_cast<unsigned char*>(c.value(l, b)));
-        }
-    }
-    return out;
-}
 
 /// A kernel still at work on `pieces` when the test frees them: it spins ~300 ms on `stream`,
 /// then sums every byte of them; sum() waits for it.
@@ -132,18 +121,6 @@ private:
     unsigned long long* sum_ = nullptr;
 };
 
-/// A non-blocking stream of the test's own, destroyed at the end of the test.
-class test_stream {
-public:
-    test_stream() { cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
-    test_stream(const test_stream&) = delete;
-    test_stream& operator=(const test_stream&) = delete;
-    ~test_stream() { (void)cudaStreamDestroy(stream_); }
-    [[nodiscard]] cudaStream_t get() const noexcept { return stream_; }
-
-private:
-    cudaStream_t stream_ = nullptr;
-};
 
 void check_stream(cudaStream_t stream) {
     cuda_check(cudaStreamSynchronize(stream));
