@@ -315,25 +315,26 @@ private:
                 global_committed += m->predicted_committed();
             }
         }
+        // The quota is charged once for the whole append (elastic_pool::prepay), before any commit:
+        // the model's limit first, then the global one; then the units commit one by one.
         std::set<std::size_t> taken;
+        std::size_t needed = 0;
         for (std::int32_t b : p.fresh) {
             for_each_unit(b, [&](std::size_t u) {
-                if (p.result != outcome::ok || unit_held_pages_[u] != 0 || taken.contains(u)) {
-                    return;
-                }
-                const std::size_t bytes = unit_bytes(u);
-                if (bytes > limit_ - model_committed) {
-                    p.result = outcome::over_model_quota;
-                } else if (global_known && bytes > global_.limit - global_committed) {
-                    p.result = outcome::over_global_quota;
-                } else if (++p.commits == fault_at) {
-                    p.result = outcome::out_of_memory;
-                } else {
-                    taken.insert(u);
-                    model_committed += bytes;
-                    global_committed += bytes;
+                if (unit_held_pages_[u] == 0 && taken.insert(u).second) {
+                    needed += unit_bytes(u);
                 }
             });
+        }
+        if (needed > limit_ - model_committed) {
+            p.result = outcome::over_model_quota;
+        } else if (global_known && needed > global_.limit - global_committed) {
+            p.result = outcome::over_global_quota;
+        } else if (fault_at != 0 && fault_at <= taken.size()) {
+            p.commits = fault_at;
+            p.result = outcome::out_of_memory;
+        } else {
+            p.commits = taken.size();
         }
         return p;
     }
