@@ -1128,10 +1128,14 @@ BOOST_AUTO_TEST_CASE(an_idle_process_gives_its_spares_back_to_a_refused_one) {
     BOOST_TEST(model(s, "a").reclaimed == 8 * page);
     BOOST_TEST(model(s, "a").reclaims == 1u);
     BOOST_TEST(model(s, "b").committed == 8 * page);
+    // Usually one request and one grant. On a loaded machine (CI: 2 cores, sanitizers) a's watcher
+    // may find its pool busy the first time and answer with nothing (a busy pool is skipped, not
+    // waited for); the refused commit then asks again.
     BOOST_TEST(s.reclaim_requests >= 1u);
-    BOOST_TEST(s.request_grants == 1u);
+    BOOST_TEST(s.request_grants >= 1u);
+    BOOST_TEST(s.request_grants <= s.reclaim_requests);
     BOOST_TEST(s.request_reclaimed == 8 * page);
-    BOOST_TEST(model(s, "b").denied == 1u);  // the refusal before it asked
+    BOOST_TEST(model(s, "b").denied >= 1u);  // the refusal(s) before it asked
     check_invariants(s);
 
     BOOST_TEST(a->ask("committed") == "committed 0 0");
