@@ -259,7 +259,9 @@ BOOST_AUTO_TEST_CASE(list_watch_limit_and_remove_with_workers_running) {
 // joining after a change states the registered limit; remove_model; limit_status.
 BOOST_AUTO_TEST_CASE(process_budget_limits_change_at_run_time) {
     const scratch_name seg("api");
-    auto budget = vmmpp::process_budget::create(seg.name, 64 * page);
+    // No watcher: this test calls honour_limits itself (a watcher woken by an earlier lowering
+    // could honour the later one first; test_process_budget tests the watcher).
+    auto budget = vmmpp::process_budget::create(seg.name, 64 * page, {.reclaim_watch = false});
     auto pool = std::make_unique<vmmpp_mp::pool>(32 * page, vmmpp::host_options{.page_bytes = page},
                                                  vmmpp::page_granular{.spare_pages = 8},
                                                  budget.register_model("m", 16 * page));
