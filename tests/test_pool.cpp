@@ -21,6 +21,19 @@ using pool_configs = boost::mpl::list<vmmpp::host_config, vmmpp_test::host_chunk
 
 using vmmpp_test::page;
 
+// The background seam (vmmpp/detail/pool_agent.hpp): which agent each kind of pool has.
+template <class Config>
+using agent_of = typename vmmpp::detail::pool_books<Config>::agent_type;
+template <class Config>
+using books_of = vmmpp::detail::pool_books<Config>;
+static_assert(std::is_same_v<agent_of<vmmpp::host_config>, vmmpp::detail::release_agent_client<books_of<vmmpp::host_config>>>);
+static_assert(std::is_same_v<agent_of<vmmpp_test::host_preallocated_config>,
+                             vmmpp::detail::no_agent<books_of<vmmpp_test::host_preallocated_config>>>);
+using host_single_thread = vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::unlimited, vmmpp::null_mutex>;
+static_assert(std::is_same_v<agent_of<host_single_thread>, vmmpp::detail::no_agent<books_of<host_single_thread>>>);
+using host_mapped = vmmpp::pool_config<vmmpp::host, vmmpp::mapped_ahead<>, vmmpp::unlimited>;
+static_assert(std::is_same_v<agent_of<host_mapped>, vmmpp::detail::mapper_agent<books_of<host_mapped>>>);
+
 BOOST_AUTO_TEST_CASE(held_memory_keeps_its_bytes) {
     vmmpp::elastic_pool<vmmpp::host_config> pool(8 * page);
     pool.ensure_committed(page, 3 * page);

@@ -68,4 +68,24 @@ template <backing B>
     }
 }
 
+/// Bytes of decommitted physical memory a backing keeps for reuse (0 for one that keeps none).
+template <backing B>
+[[nodiscard]] std::size_t kept_bytes_of(const B& b) noexcept {
+    if constexpr (handle_keeping_backing<B>) {
+        return b.cached_bytes();
+    } else {
+        return 0;
+    }
+}
+
+/// Releases what a backing keeps for reuse; returns the bytes released (0 for one that keeps none).
+template <backing B>
+std::size_t release_kept(B& b) noexcept {
+    if constexpr (handle_keeping_backing<B>) {
+        return b.release_cached();
+    } else {
+        return 0;
+    }
+}
+
 } // namespace vmmpp

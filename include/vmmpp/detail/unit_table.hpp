@@ -23,6 +23,17 @@ enum class unit_state : std::uint8_t {
     retired,       ///< out of service after a decommit the backing left half done
 };
 
+/// Units [first, last], or none (the default): the units a call commits, which room made for
+/// it must not give back.
+struct unit_span {
+    std::size_t first = SIZE_MAX;
+    std::size_t last = 0;
+    /// Whether units [begin, end) and this span share a unit.
+    [[nodiscard]] bool overlaps(std::size_t begin, std::size_t end) const noexcept {
+        return first <= last && begin <= last && end > first;
+    }
+};
+
 /// A set of unit numbers below a fixed bound: a flag per unit and a count, so that taking a
 /// unit out and putting it back (every block an engine frees and takes) allocates nothing.
 class unit_set {

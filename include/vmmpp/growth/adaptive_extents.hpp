@@ -1,8 +1,8 @@
 // vmmpp/growth/adaptive_extents.hpp: page-granular elasticity with the driver cost of large
-// handles while the pool grows fast. The driver's cost is per mapping, not per byte (a 2 MiB
-// handle about 39 us, a 128 MiB one about 1 us per 2 MiB: docs/ARCHITECTURE.md), so a pool
-// that maps one page per commit cannot grow faster than ~50 GB/s, and one that always maps
-// large handles keeps memory that a few live blocks pin. This policy holds and gives back 2 MiB
+// handles while the pool grows fast. The driver's cost is per mapping, not per byte
+// (docs/ARCHITECTURE.md, "Driver costs"), so a pool that maps one page per commit grows only as
+// fast as the driver maps pages, and one that always maps large handles keeps memory that a few
+// live blocks pin. This policy holds and gives back 2 MiB
 // units, but a commit made while the pool grows fast covers a run of units, an extent, mapped
 // as one handle: 1, 2, 4, ... up to max_extent_pages, and back down as growth slows. An extent
 // goes back whole, once none of its units is held.
@@ -31,9 +31,9 @@ namespace vmmpp {
 /// still holds a block stays.
 struct adaptive_extents {
     static constexpr bool is_elastic = true;
-    /// The largest extent, in pages: 256 pages of 2 MiB are 512 MiB, about 1 us of driver time
-    /// per 2 MiB (docs/ARCHITECTURE.md), so a stream of 2 MiB blocks commits on fewer than 1 % of
-    /// its calls.
+    /// The largest extent, in pages: 256 pages of 2 MiB are 512 MiB, where the driver's cost per
+    /// byte is near its floor (docs/ARCHITECTURE.md), and a stream of 2 MiB blocks commits on
+    /// fewer than 1 % of its calls.
     std::size_t max_extent_pages = 256;
     /// Growth at least this fast (bytes per second) doubles the next extent; 0: never (one page
     /// per commit).
@@ -107,6 +107,8 @@ public:
     void gave_back() noexcept { shrunk_ = true; }
     /// The size the last commit was given (1 before any).
     [[nodiscard]] std::size_t current() const noexcept { return size_; }
+    /// The largest size it gives.
+    [[nodiscard]] std::size_t max_units() const noexcept { return max_; }
 
 private:
     std::size_t max_;
@@ -117,6 +119,17 @@ private:
     bool shrunk_ = false;
     time_point last_{};
 };
+
+/// How a pool with growth policy `G` sizes its commits: in rate-sized extents for an extent
+/// growth policy, one unit each otherwise. Units are `unit_bytes` long.
+template <growth_policy G, class Clock = std::chrono::steady_clock>
+[[nodiscard]] extent_sizer<Clock> extent_sizer_for(const G& growth, std::size_t unit_bytes) noexcept {
+    if constexpr (extent_growth_policy<G>) {
+        return {growth.max_extent_units(), unit_bytes, growth.extent_fast_growth_rate()};
+    } else {
+        return {1, unit_bytes, 0};
+    }
+}
 
 } // namespace detail
 } // namespace vmmpp

@@ -1,9 +1,9 @@
 // vmmpp/growth/mapped_ahead.hpp: growth off the critical path. A pool whose growth policy is
 // mapped_ahead<Inner> runs a background mapper thread that keeps a few committed-but-unused units
 // ahead of demand, so the call that needs new memory usually finds it mapped already, and gives
-// empty units back lazily: mapping and unmapping cost tens of microseconds per handle (measured
-// in docs/ARCHITECTURE.md), and with the mapper an append pays neither. The mapper's decisions
-// live in vmmpp/growth/mapper.hpp.
+// empty units back lazily: mapping and unmapping cost the driver per handle (docs/ARCHITECTURE.md,
+// "Driver costs"), and with the mapper an append pays neither. The mapper's decisions live in
+// vmmpp/growth/mapper.hpp, its thread in vmmpp/growth/mapper_agent.hpp.
 #pragma once
 
 #include <chrono>
@@ -21,7 +21,7 @@ namespace vmmpp {
 /// (committed, charged to the quota, unused): when spares fall below the low watermark it maps
 /// units up to the high one, choosing the units just past those the pool handed out last (where a
 /// lowest-first block allocator goes next) and any the caller announced with
-/// elastic_pool::expect. Units that empty stay committed; spares above the high watermark go back
+/// elastic_pool::will_need. Units that empty stay committed; spares above the high watermark go back
 /// once idle for `release_delay`, oldest first. Under budget pressure (another model's commit
 /// refused) every spare goes back at once. Releases never call the driver on the caller's thread.
 template <growth_policy Inner = page_granular>

@@ -1,19 +1,17 @@
-// vmmpp/growth/mapper.hpp: the background mapper of a pool whose growth policy maps ahead
-// (mapped_ahead): what it decides (mapper_plan: which unit to map next, which spare to give back
-// when) and what its thread needs (background_mapper). The decisions take the time as an
-// argument, so tests drive them with a clock of their own and never sleep; the pool runs the
-// thread and does the mapping (vmmpp/pool.hpp). A pool without a mapper holds none of this.
+// vmmpp/growth/mapper.hpp: what the background mapper of a pool whose growth policy maps ahead
+// (mapped_ahead) decides: mapper_plan, which unit to map next and which spare to give back when.
+// The decisions take the time as an argument, so tests drive them with a clock of their own and
+// never sleep; the mapper's thread acts on them (vmmpp/growth/mapper_agent.hpp). A pool without
+// a mapper holds none of this.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstddef>
 #include <deque>
 #include <optional>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -221,37 +219,6 @@ private:
     std::deque<std::size_t> frontiers_;                       // units expected next, newest first
     std::vector<time_point> idle_since_;                      // per unit: when it last became idle
     std::deque<std::pair<std::size_t, time_point>> idle_order_;  // idle units, oldest first (lazily pruned)
-};
-
-/// What a pool's mapper thread needs besides its decisions: the thread, the condition variables
-/// that wake it and tell callers a unit in flight settled, and its sleep state. The pool starts
-/// the thread last and stops it first (stop()).
-template <class Clock = std::chrono::steady_clock>
-struct background_mapper {
-    template <background_growth_policy Growth>
-    background_mapper(const Growth& growth, std::size_t units) : plan(growth, units) {}
-
-    mapper_plan<Clock> plan;
-    std::thread thread;
-    std::condition_variable_any wake;     ///< wakes the mapper (demand, shutdown)
-    std::condition_variable_any settled;  ///< a unit in flight settled (callers waiting for it)
-    std::atomic<bool> stopping{false};
-    bool waiting = false;       ///< asleep on `wake` (the pool's lock released)
-    bool has_deadline = false;  ///< ... with a timer
-
-    /// Asks the thread to stop and joins it; the caller must not hold the pool's lock, and
-    /// `lock_pool` takes it to publish the request.
-    template <class Lock>
-    void stop(Lock&& lock_pool) {
-        {
-            auto lock = lock_pool();
-            stopping = true;
-        }
-        wake.notify_all();
-        if (thread.joinable()) {
-            thread.join();
-        }
-    }
 };
 
 } // namespace vmmpp::detail
