@@ -3,14 +3,16 @@
 //
 // Why: an elastic cache is only worth having if attention kernels run as fast on it as on one
 // big cudaMalloc. VMM pages are mapped 2 MiB (or 32 MiB) at a time, managed memory is prefetched
-// chunk by chunk; the goal is a ratio of at least 0.99 against cudaMalloc (DESIGN.md measured
-// 2782 vs 2790 GB/s on an H100).
+// chunk by chunk; the goal is a ratio of at least 0.99 against cudaMalloc (2782 vs 2790 GB/s on
+// an H100: docs/ARCHITECTURE.md, "Driver costs"; bench/results/nvidia-h100-80gb-hbm3-2026-11-23).
 //
 // Each subject owns 1 GiB (a pool of 1 GiB, every page held and committed, or one cudaMalloc)
 // whose first half is copied to its second half by one launch of a grid-stride kernel with
 // 16-byte loads and stores, timed with CUDA events (manual time). Counters: GBps = bytes read +
 // written per second over the whole run, GBps_p50 / _p90 / ... the same per launch. The label
-// names the baseline the summary divides by. Managed memory stays at 1 GiB (DESIGN.md's rule).
+// names the baseline the summary divides by. Managed memory stays at 1 GiB: on an x86 + H100
+// machine more managed memory than is free can hang the GPU (docs/ARCHITECTURE.md, "Managed
+// memory (gh200_config)").
 #include <cuda_runtime.h>
 
 #include <cstddef>

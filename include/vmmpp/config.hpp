@@ -40,7 +40,7 @@ using elastic_config = pool_config<vmm, adaptive_extents, shared_budget>;
 /// lazily, so growth stays off the caller's critical path (vmmpp/growth/mapped_ahead.hpp).
 using elastic_mapped_ahead_config = pool_config<vmm, mapped_ahead<adaptive_extents>, shared_budget>;
 /// One 2 MiB handle per commit: the finest elasticity (every page goes back the moment it
-/// empties) at the driver's cost per page, ~40 us on an H100.
+/// empties) at the driver's cost per page (measured: docs/MEASUREMENTS.md).
 using elastic_page_config = pool_config<vmm, page_granular, shared_budget>;
 /// GH200: managed memory, prefetched to the GPU in 32 MiB chunks (16 pages of 2 MiB).
 using gh200_config = pool_config<managed_prefetch<>, chunked<16>, unlimited>;

@@ -15,6 +15,8 @@
 #include "vmmpp/growth/page_granular.hpp"
 #include "vmmpp/pool.hpp"
 #include "vmmpp/quota/detail/budget_share.hpp"
+#include "vmmpp/quota/detail/segment_open.hpp"
+#include "vmmpp/quota/detail/share_registration.hpp"
 #include "vmmpp/quota/detail/shared_segment.hpp"
 #include "vmmpp/quota/process_budget.hpp"
 

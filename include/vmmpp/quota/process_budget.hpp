@@ -9,9 +9,13 @@
 // vmmpp/quota/detail/: process_identity.hpp (who a process is, from /proc; it also defines the
 // public process_identity, current_process_identity() and is_process_running(), available
 // through this header), budget_layout.hpp (the segment's bytes and their validation),
-// robust_mutex.hpp (the lock and its repair hook), shared_segment.hpp (creating, attaching,
-// trusting and unlinking a segment) and budget_share.hpp (registering, acquiring, releasing and
-// reclaiming in it).
+// robust_mutex.hpp (the lock and its repair hook), shared_mapping.hpp, futex.hpp and
+// futex_watcher.hpp (the mapping, and sleeping and waking across processes), shared_segment.hpp
+// (this process's mapping of a segment), segment_trust.hpp and segment_open.hpp (trusting,
+// creating, attaching and unlinking one), budget_share.hpp (acquiring and releasing through a
+// share, and asking other processes to give back), share_registration.hpp (registering a share),
+// reclaim_answer.hpp (giving back on request or lowered limit), reclaim_dead.hpp (taking back
+// dead processes' shares) and model_admin.hpp (statistics, limits, removing a model).
 #pragma once
 
 #if !defined(__linux__)
@@ -39,7 +43,13 @@
 #include "vmmpp/quota/limit_change.hpp"
 #include "vmmpp/quota/detail/budget_layout.hpp"
 #include "vmmpp/quota/detail/budget_share.hpp"
+#include "vmmpp/quota/detail/model_admin.hpp"
 #include "vmmpp/quota/detail/process_identity.hpp"
+#include "vmmpp/quota/detail/reclaim_answer.hpp"
+#include "vmmpp/quota/detail/reclaim_dead.hpp"
+#include "vmmpp/quota/detail/segment_open.hpp"
+#include "vmmpp/quota/detail/segment_trust.hpp"
+#include "vmmpp/quota/detail/share_registration.hpp"
 #include "vmmpp/quota/detail/shared_segment.hpp"
 #include "vmmpp/quota/shared_budget.hpp"  // model_stats, budget_stats
 

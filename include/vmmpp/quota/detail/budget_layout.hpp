@@ -95,7 +95,7 @@ struct header {
     std::uint64_t pid_ns_ino;
     std::uint64_t time_ns_dev;
     std::uint64_t time_ns_ino;
-    // Cross-process reclaim requests (shared_segment.hpp's futex helpers wait on and wake these
+    // Cross-process reclaim requests (futex.hpp's helpers wait on and wake these
     // two words; futexes on a MAP_SHARED mapping work across processes).
     std::atomic<std::uint32_t> wake_word;    // bumped to wake every watcher: a request, a lowered limit, a shutdown
     std::atomic<std::uint32_t> answer_word;  // bumped when a watcher has served a request: wakes the askers
