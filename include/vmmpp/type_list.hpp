@@ -120,11 +120,11 @@ std::string type_names(std::string_view separator = ", ") {
     return out;
 }
 
-/// Calls f(std::type_identity<T>{}) for the T of List named `name` and returns what it returns
-/// (every call must return the same type); no such T: invalid_argument "unknown <what> '<name>'
+/// Calls f(std::type_identity<T>{}) for the T of List named `name` and returns what it returns,
+/// by value (every call must return the same type); no such T: invalid_argument "unknown <what> '<name>'
 /// (<the names>)".
 template <class List, class F>
-decltype(auto) dispatch_by_name(std::string_view name, std::string_view what, F&& f) {
+auto dispatch_by_name(std::string_view name, std::string_view what, F&& f) {
     using result = typename detail::dispatch_result<F&, List>::type;
     if constexpr (std::is_void_v<result>) {
         bool found = false;
