@@ -7,6 +7,8 @@
 
 #include "support/pool_factories.hpp"
 #include "vmmpp/kv/cache.hpp"
+#include "vmmpp/kv/layout_list.hpp"
+#include "vmmpp/type_list.hpp"
 
 namespace vmmpp_test {
 
@@ -17,6 +19,17 @@ struct kv_case {
     using layout = Layout;
     using cache = vmmpp::kv_cache<Config, Layout>;
 };
+
+/// kv_case<Config, L> for every L of Layouts (a vmmpp::type_list, e.g. vmmpp::paged_kv_layouts).
+template <class Config>
+struct kv_case_for {
+    template <class Layout>
+    struct of {
+        using type = kv_case<Config, Layout>;
+    };
+};
+template <class Config, class Layouts>
+using kv_cases_over = vmmpp::transform_t<Layouts, kv_case_for<Config>::template of>;
 
 /// `g` as `Layout` can hold it: for mla, one head of kv_heads x head_dim (the latent); the
 /// same geometry for every other layout.
