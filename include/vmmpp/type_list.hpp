@@ -5,6 +5,7 @@
 //
 //   using paged = vmmpp::filter_t<vmmpp::kv_layouts, is_paged>;      // a subset, by a trait
 //   using cases = vmmpp::apply_t<paged, std::tuple>;                 // BOOST_AUTO_TEST_CASE_TEMPLATE
+//   using pairs = vmmpp::product_t<configs, paged, kv_case>;         // kv_case<C, L>, every C x L
 //   vmmpp::for_each_type<vmmpp::kv_layouts>([]<class L>(std::type_identity<L>) { ... });
 //   vmmpp::dispatch_by_name<vmmpp::kv_layouts>("block_major", "layout", [&]<class L>(std::type_identity<L>) {...});
 //
@@ -71,6 +72,15 @@ struct filter_list<type_list<Ts...>, Keep> {
     using type = typename concat_lists<std::conditional_t<Keep<Ts>::value, type_list<Ts>, type_list<>>...>::type;
 };
 
+template <class A, class B, template <class, class> class Pair>
+struct product_lists;
+template <class... As, class... Bs, template <class, class> class Pair>
+struct product_lists<type_list<As...>, type_list<Bs...>, Pair> {
+    template <class A>
+    using row = type_list<Pair<A, Bs>...>;
+    using type = typename concat_lists<row<As>...>::type;
+};
+
 template <class F, class List>
 struct dispatch_result;
 template <class F, class T, class... Ts>
@@ -97,6 +107,9 @@ using filter_t = typename detail::filter_list<List, Keep>::type;
 /// The lists one after the other.
 template <class... Lists>
 using concat_t = typename detail::concat_lists<Lists...>::type;
+/// Pair<A, B> for every A of ListA and B of ListB, A the outer loop: product_t<configs, layouts, kv_case>.
+template <class ListA, class ListB, template <class, class> class Pair>
+using product_t = typename detail::product_lists<ListA, ListB, Pair>::type;
 /// Whether T is in List.
 template <class T, class List>
 inline constexpr bool list_contains_v = detail::list_contains<T, List>::value;

@@ -21,15 +21,8 @@ struct kv_case {
 };
 
 /// kv_case<Config, L> for every L of Layouts (a vmmpp::type_list, e.g. vmmpp::paged_kv_layouts).
-template <class Config>
-struct kv_case_for {
-    template <class Layout>
-    struct of {
-        using type = kv_case<Config, Layout>;
-    };
-};
 template <class Config, class Layouts>
-using kv_cases_over = vmmpp::transform_t<Layouts, kv_case_for<Config>::template of>;
+using kv_cases_over = vmmpp::product_t<vmmpp::type_list<Config>, Layouts, kv_case>;
 
 /// `g` as `Layout` can hold it: for mla, one head of kv_heads x head_dim (the latent); the
 /// same geometry for every other layout.
