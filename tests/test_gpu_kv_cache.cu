@@ -7,10 +7,9 @@
 #include "support/gpu_main.hpp"
 #include "support/gpu.hpp"
 
-#include <tuple>
-
 #include <cstdint>
 #include <map>
+#include <tuple>
 #include <vector>
 
 #include "support/kv_factories.hpp"

@@ -8,10 +8,9 @@
 #include "support/gpu.hpp"
 #include "support/pattern.cuh"
 
-#include <tuple>
-
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "support/kv_factories.hpp"

@@ -3,8 +3,6 @@
 #define BOOST_TEST_MODULE kv cache
 #include "support/cpu_main.hpp"
 
-#include <tuple>
-
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -13,6 +11,7 @@
 #include <map>
 #include <new>
 #include <random>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
 

@@ -6,9 +6,8 @@
 #define BOOST_TEST_MODULE kv sleep on the fake driver
 #include "support/cpu_main.hpp"
 
-#include <tuple>
-
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 

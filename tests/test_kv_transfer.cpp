@@ -4,12 +4,11 @@
 #define BOOST_TEST_MODULE kv transfer
 #include "support/cpu_main.hpp"
 
-#include <tuple>
-
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "support/kv_factories.hpp"

@@ -6,12 +6,11 @@
 #define BOOST_TEST_MODULE fault injection
 #include "support/cpu_main.hpp"
 
-#include <tuple>
-
 #include <atomic>
 #include <functional>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "reliability/support/rigs.hpp"
