@@ -6,6 +6,7 @@
 
 #include "common.hpp"
 #include "vmmpp/kv/cache.hpp"
+#include "vmmpp/kv/layout_list.hpp"
 
 namespace {
 
@@ -99,17 +100,21 @@ void free_2048(benchmark::State& state) {
     state.SetItemsProcessed(state.iterations());
 }
 
-using committed_layer_major = kv_config<host_committed_config, vmmpp::layer_major>;
-using committed_block_major = kv_config<host_committed_config, vmmpp::block_major>;
-
-#define VMMPP_KV_BENCH(fn)                                                                              \
-    BENCHMARK_TEMPLATE(fn, committed_layer_major)->Name(#fn "/layer_major")->UseManualTime();            \
-    BENCHMARK_TEMPLATE(fn, committed_block_major)->Name(#fn "/block_major")->UseManualTime()
-
-VMMPP_KV_BENCH(append_token_same_block);
-VMMPP_KV_BENCH(append_token_new_block);
-VMMPP_KV_BENCH(fork_2048);
-VMMPP_KV_BENCH(free_2048);
+// Each benchmark in the NHD layouts of vmmpp::kv_layouts (block_major, kv_cache's default, and
+// layer_major): <benchmark>/<layout>.
+[[maybe_unused]] const bool registered = [] {
+    vmmpp::for_each_type<vmmpp::nhd_kv_layouts>([]<class L>(std::type_identity<L>) {
+        using c = kv_config<host_committed_config, L>;
+        const std::string layout(vmmpp::type_name<L>);
+        benchmark::RegisterBenchmark(("append_token_same_block/" + layout).c_str(), append_token_same_block<c>)
+            ->UseManualTime();
+        benchmark::RegisterBenchmark(("append_token_new_block/" + layout).c_str(), append_token_new_block<c>)
+            ->UseManualTime();
+        benchmark::RegisterBenchmark(("fork_2048/" + layout).c_str(), fork_2048<c>)->UseManualTime();
+        benchmark::RegisterBenchmark(("free_2048/" + layout).c_str(), free_2048<c>)->UseManualTime();
+    });
+    return true;
+}();
 
 } // namespace
 

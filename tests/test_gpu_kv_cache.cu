@@ -7,10 +7,9 @@
 #include "support/gpu_main.hpp"
 #include "support/gpu.hpp"
 
-#include <boost/mpl/list.hpp>
-
 #include <cstdint>
 #include <map>
+#include <tuple>
 #include <vector>
 
 #include "support/kv_factories.hpp"
@@ -20,16 +19,13 @@ using namespace vmmpp_test;
 
 namespace {
 
-using gpu_kv_cases = boost::mpl::list<
-    kv_case<vmmpp::elastic_config>, kv_case<vmmpp::elastic_config, vmmpp::block_major>,
-    kv_case<vmmpp::elastic_config, vmmpp::layer_major_hnd>, kv_case<vmmpp::elastic_config, vmmpp::block_major_hnd>,
-    kv_case<vmmpp::elastic_config, vmmpp::packed_kv>, kv_case<vmmpp::elastic_config, vmmpp::mla>,
+// elastic_config in every layout of vmmpp::kv_layouts, then the other configurations in a few.
+using gpu_kv_cases = vmmpp::apply_t<vmmpp::concat_t<kv_cases_over<vmmpp::elastic_config, vmmpp::kv_layouts>, vmmpp::type_list<
     kv_case<vmmpp::static_config>, kv_case<vmmpp::static_config, vmmpp::layer_major_hnd>, kv_case<vmmpp::gh200_config>,
     kv_case<vmmpp::gh200_config, vmmpp::packed_kv>, kv_case<vmm_chunked_config, vmmpp::block_major>,
-    kv_case<vmm_chunked_config, vmmpp::mla>, kv_case<vmmpp::elastic_config, vmmpp::sequence_contiguous>,
-    kv_case<vmmpp::elastic_mapped_ahead_config, vmmpp::sequence_contiguous>,
+    kv_case<vmm_chunked_config, vmmpp::mla>, kv_case<vmmpp::elastic_mapped_ahead_config, vmmpp::sequence_contiguous>,
     kv_case<vmmpp::static_config, vmmpp::sequence_contiguous>, kv_case<vmmpp::gh200_config, vmmpp::sequence_contiguous>,
-    kv_case<vmm_chunked_config, vmmpp::sequence_contiguous>>;
+    kv_case<vmm_chunked_config, vmmpp::sequence_contiguous>>>, std::tuple>;
 
 // mla caches get one head of 64 (kv_factory's fit_geometry).
 constexpr vmmpp::kv_geometry geom{.layers = 3, .kv_heads = 2, .head_dim = 32, .type = vmmpp::dtype::f16,

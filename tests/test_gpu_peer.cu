@@ -8,10 +8,9 @@
 #include "support/gpu.hpp"
 #include "support/pattern.cuh"
 
-#include <boost/mpl/list.hpp>
-
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "support/kv_factories.hpp"
@@ -24,7 +23,8 @@ using vmmpp::kv_part;
 
 namespace {
 
-using layouts = boost::mpl::list<vmmpp::layer_major, vmmpp::block_major>;
+// The NHD layouts of vmmpp::kv_layouts: block_major (one piece a block) and layer_major (2 x layers).
+using layouts = vmmpp::apply_t<vmmpp::nhd_kv_layouts, std::tuple>;
 /// vmm without a budget, so a cache on any device is one line.
 using peer_config = vmmpp::pool_config<vmmpp::vmm, vmmpp::page_granular, vmmpp::unlimited>;
 

@@ -3,8 +3,6 @@
 #define BOOST_TEST_MODULE kv cache
 #include "support/cpu_main.hpp"
 
-#include <boost/mpl/list.hpp>
-
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -13,6 +11,7 @@
 #include <map>
 #include <new>
 #include <random>
+#include <tuple>
 #include <type_traits>
 #include <unordered_map>
 
@@ -25,15 +24,14 @@ using vmmpp::kv_part;
 
 namespace {
 
-using kv_cases = boost::mpl::list<
-    kv_case<vmmpp::host_config>, kv_case<vmmpp::host_config, vmmpp::block_major>,
-    kv_case<vmmpp::host_config, vmmpp::layer_major_hnd>, kv_case<vmmpp::host_config, vmmpp::block_major_hnd>,
-    kv_case<vmmpp::host_config, vmmpp::packed_kv>, kv_case<vmmpp::host_config, vmmpp::mla>,
+// host_config in every paged layout of vmmpp::kv_layouts (sequence_contiguous has its own suite,
+// test_kv_sequence_contiguous.cpp), then other configurations in a few layouts each.
+using kv_cases = vmmpp::apply_t<vmmpp::concat_t<kv_cases_over<vmmpp::host_config, vmmpp::paged_kv_layouts>, vmmpp::type_list<
     kv_case<host_chunked_budget_config>, kv_case<host_chunked_budget_config, vmmpp::packed_kv>,
     kv_case<host_chunked_budget_config, vmmpp::mla>, kv_case<host_external_config>,
     kv_case<host_external_config, vmmpp::layer_major_hnd>, kv_case<host_external_config, vmmpp::mla>,
     kv_case<host_preallocated_config, vmmpp::block_major>, kv_case<host_preallocated_config, vmmpp::block_major_hnd>,
-    kv_case<host_preallocated_config, vmmpp::packed_kv>>;
+    kv_case<host_preallocated_config, vmmpp::packed_kv>>>, std::tuple>;
 
 // 2 layers, 2 heads, 64 dims, fp16, 16 tokens: a block tensor is 4 KiB, a block 16 KiB.
 constexpr vmmpp::kv_geometry small{.layers = 2, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,

@@ -6,15 +6,15 @@
 #define BOOST_TEST_MODULE kv sleep on the fake driver
 #include "support/cpu_main.hpp"
 
-#include <boost/mpl/list.hpp>
-
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "support/fakecuda.hpp"
 #include "vmmpp/config.hpp"
 #include "vmmpp/kv/cache.hpp"
+#include "vmmpp/kv/layout_list.hpp"
 
 namespace fakecuda = vmmpp_test::fakecuda;
 
@@ -25,10 +25,10 @@ struct kv_case {
     using config = Config;
     using cache = vmmpp::kv_cache<Config, Layout>;
 };
-using kv_cases = boost::mpl::list<kv_case<vmmpp::elastic_page_config, vmmpp::block_major>,
-                                  kv_case<vmmpp::elastic_page_config, vmmpp::layer_major>,
-                                  kv_case<vmmpp::elastic_config, vmmpp::block_major>,
-                                  kv_case<vmmpp::elastic_config, vmmpp::layer_major>>;
+// Both vmm configurations in the NHD layouts of vmmpp::kv_layouts (block_major, layer_major).
+using kv_cases = vmmpp::apply_t<
+    vmmpp::product_t<vmmpp::type_list<vmmpp::elastic_page_config, vmmpp::elastic_config>, vmmpp::nhd_kv_layouts, kv_case>,
+    std::tuple>;
 
 // A K or V piece is 4 KiB; a block_major block is 64 KiB, one page of the fake.
 constexpr vmmpp::kv_geometry geom{.layers = 8, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,

@@ -4,12 +4,11 @@
 #define BOOST_TEST_MODULE kv transfer
 #include "support/cpu_main.hpp"
 
-#include <boost/mpl/list.hpp>
-
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "support/kv_factories.hpp"
@@ -22,8 +21,8 @@ using vmmpp::kv_part;
 
 namespace {
 
-using layouts = boost::mpl::list<vmmpp::layer_major, vmmpp::block_major, vmmpp::layer_major_hnd, vmmpp::block_major_hnd,
-                                 vmmpp::packed_kv, vmmpp::mla>;
+// Every paged layout of vmmpp::kv_layouts (a sequence_contiguous block id names a slot position).
+using layouts = vmmpp::apply_t<vmmpp::paged_kv_layouts, std::tuple>;
 
 // 2 layers, 2 heads, 64 dims, fp16, 16 tokens: a block tensor is 4 KiB, a block 16 KiB.
 constexpr vmmpp::kv_geometry small{.layers = 2, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "support/kv_factories.hpp"
@@ -31,7 +32,8 @@ constexpr std::size_t block_bytes = 16 * 1024;
 /// Pages committed one per extent (host_config) or in extents of several pages.
 using host_extents_config = vmmpp::pool_config<vmmpp::host, vmmpp::adaptive_extents, vmmpp::unlimited>;
 using configs = boost::mpl::list<vmmpp::host_config, host_extents_config>;
-using layouts = boost::mpl::list<vmmpp::layer_major, vmmpp::block_major, vmmpp::packed_kv>;
+// Every paged layout of vmmpp::kv_layouts: pieces per layer, one piece per block, packed K|V, a latent.
+using layouts = vmmpp::apply_t<vmmpp::paged_kv_layouts, std::tuple>;
 
 std::size_t total(const std::vector<byte_range>& pieces) {
     std::size_t n = 0;

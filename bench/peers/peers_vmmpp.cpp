@@ -26,8 +26,9 @@
 //   engine/<subject>     GPU time of 64 small copies on an engine's stream, idle and while
 //                        another thread grows the cache at 20 GB/s
 //
-// Subjects: <configuration>/<layout> for every entry of `peer_configs` x `peer_layouts` (add a
-// configuration with one line there), and the floors raw_driver_2MiB, raw_driver_32MiB,
+// Subjects: <configuration>/<layout> for every entry of `peer_configs` x `peer_layouts`: every
+// GPU configuration of vmmpp::named_configs (vmmpp/config_list.hpp) and the extra ones listed
+// here, in the NHD layouts of vmmpp::kv_layouts (vmmpp/kv/layout_list.hpp), and the floors raw_driver_2MiB, raw_driver_32MiB,
 // cudaMallocAsync_pool. Sizes scale with VMMPP_PEERS_SCALE (default 1; `run --quick` passes
 // 0.5); VMMPP_PEERS_CHURN_STEPS and VMMPP_PEERS_HOST_CHURN_STEPS set the churn lengths. Managed
 // memory (gh200_config) never exceeds 8 GiB x scale. Counters are in microseconds (_us), bytes
@@ -57,7 +58,9 @@
 #include "common.hpp"
 #include "vmmpp/driver/context.hpp"
 #include "vmmpp/driver/handles.hpp"
+#include "vmmpp/config_list.hpp"
 #include "vmmpp/kv/cache.hpp"
+#include "vmmpp/kv/layout_list.hpp"
 
 namespace vmmpp_peers {
 
@@ -81,24 +84,40 @@ struct peer {
     static std::string name() { return Name.chars; }
 };
 
-/// Every configuration the benchmark measures. Add one with one line.
-using peer_configs = std::tuple<
-    peer<vmmpp::static_config, "static_config">,
-    peer<vmmpp::elastic_config, "elastic_config">,
-    peer<vmmpp::elastic_mapped_ahead_config, "elastic_mapped_ahead_config">,
-    peer<vmmpp::elastic_page_config, "elastic_page_config">,
-    peer<vmmpp::gh200_config, "gh200_config">,
-    peer<vmmpp::pool_config<vmmpp::vmm, vmmpp::chunked<16>, vmmpp::shared_budget>, "pool_config<vmm,chunked<16>,shared_budget>">>;
-
-/// A KV layout under test and its name (kv_cache's default layout is marked in the results).
-template <class Layout, fixed_string Name>
-struct layout_entry {
-    using layout = Layout;
-    static std::string name() { return Name.chars; }
+/// A named configuration (vmmpp::named_configs), under the name the results have always used:
+/// its type's, "elastic_config" for vmmpp::elastic_config.
+template <class Config>
+struct named_peer {
+    using config = Config;
+    static std::string name() { return std::string(vmmpp::type_name<Config>) + "_config"; }
+};
+template <class Config>
+struct as_named_peer {
+    using type = named_peer<Config>;
 };
 
-/// Every layout each configuration is measured in (block_major is kv_cache's default).
-using peer_layouts = std::tuple<layout_entry<vmmpp::layer_major, "layer_major">, layout_entry<vmmpp::block_major, "block_major">>;
+/// Every configuration the benchmark measures: the named GPU configurations, then the extra ones
+/// (add one with one line).
+using peer_configs = vmmpp::apply_t<
+    vmmpp::concat_t<vmmpp::transform_t<vmmpp::device_named_configs, as_named_peer>,
+                    vmmpp::type_list<peer<vmmpp::pool_config<vmmpp::vmm, vmmpp::chunked<16>, vmmpp::shared_budget>,
+                                          "pool_config<vmm,chunked<16>,shared_budget>">>>,
+    std::tuple>;
+
+/// A KV layout under test and its name (kv_cache's default layout is marked in the results).
+template <class Layout>
+struct layout_entry {
+    using layout = Layout;
+    static std::string name() { return std::string(vmmpp::type_name<Layout>); }
+};
+template <class Layout>
+struct as_layout_entry {
+    using type = layout_entry<Layout>;
+};
+
+/// Every layout each configuration is measured in: the NHD ones of vmmpp::kv_layouts,
+/// block_major (kv_cache's default) and layer_major.
+using peer_layouts = vmmpp::apply_t<vmmpp::transform_t<vmmpp::nhd_kv_layouts, as_layout_entry>, std::tuple>;
 
 /// Whether `Layout` is what kv_cache<Config> uses when given none.
 template <class Config, class Layout>

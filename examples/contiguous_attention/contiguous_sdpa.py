@@ -40,7 +40,7 @@ def main():
     if not torch.cuda.is_available():
         print("no CUDA device: skipping")
         return SKIP
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "torch_kv"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "capi", "python"))
     import vmmpp_kv
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")

@@ -11,7 +11,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "torch_kv"))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "capi", "python"))
 
 import vmmpp_kv  # noqa: E402
 

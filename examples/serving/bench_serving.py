@@ -23,7 +23,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..", "torch_kv")]
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "..", "capi", "python")]
 
 import torch  # noqa: E402
 

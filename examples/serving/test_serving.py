@@ -20,7 +20,7 @@ import sys
 
 SKIP = 77
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "..", "torch_kv")]
+sys.path[:0] = [HERE, os.path.join(HERE, "..", "..", "capi", "python")]
 
 
 def prompts(seed, n, vocab, shortest=5, longest=70, new=(8, 24)):

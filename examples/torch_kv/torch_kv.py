@@ -33,19 +33,20 @@ LAYERS, KV_HEADS, HEAD_DIM, BLOCK_TOKENS, MAX_BLOCKS = 2, 4, 64, 16, 256
 Q_HEADS = 8  # two query heads per KV head
 LENGTHS = (37, 16, 70)
 MAX_TOKENS_PER_SEQUENCE = 128  # sequence_contiguous: 8 blocks a slot (the other layouts ignore it)
-CASES = (  # configuration, layout, dtype: every layout on elastic, and the static and managed backings
-    ("elastic", "layer_major", "f16"),
-    ("elastic", "layer_major_hnd", "f16"),
-    ("elastic", "block_major", "bf16"),
-    ("elastic", "block_major_hnd", "f16"),
-    ("elastic", "packed_kv", "f16"),
-    ("elastic", "mla", "bf16"),
-    ("elastic", "sequence_contiguous", "f16"),
+BF16_LAYOUTS = ("block_major", "mla")  # on elastic these run in bf16, the other layouts in f16
+OTHER_CASES = (  # configuration, layout, dtype: the static and managed backings
     ("static", "layer_major", "f16"),
     ("static", "sequence_contiguous", "f16"),
     ("gh200", "block_major", "f16"),
     ("gh200", "sequence_contiguous", "f16"),
 )
+
+
+def cases(vmmpp_kv):
+    """(configuration, layout, dtype): every layout the library has (vmmpp::kv_layouts) on elastic,
+    then OTHER_CASES."""
+    every = [("elastic", layout, "bf16" if layout in BF16_LAYOUTS else "f16") for layout in vmmpp_kv.layout_names()]
+    return every + list(OTHER_CASES)
 
 
 def expected_strides(layout, heads, dim):
@@ -280,7 +281,7 @@ def main():
     if not torch.cuda.is_available():
         print("no CUDA device: skipping")
         return SKIP
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "capi", "python"))
     import vmmpp_kv
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
@@ -291,7 +292,7 @@ def main():
         if not ok:
             failures.append(what)
 
-    for config, layout, dtype in CASES:
+    for config, layout, dtype in cases(vmmpp_kv):
         try:
             run_case(torch, vmmpp_kv, config, layout, dtype, check)
         except Exception as e:  # one case failing must not hide the others

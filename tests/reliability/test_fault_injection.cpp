@@ -6,15 +6,15 @@
 #define BOOST_TEST_MODULE fault injection
 #include "support/cpu_main.hpp"
 
-#include <boost/mpl/list.hpp>
-
 #include <atomic>
 #include <functional>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "reliability/support/rigs.hpp"
+#include "vmmpp/kv/layout_list.hpp"
 
 using namespace vmmpp_rel;
 using vmmpp_test::host_chunked_budget_config;
@@ -491,13 +491,15 @@ void sweep(Make make, const std::vector<step<Run>>& script, fault_kind kind, boo
     }
 }
 
-using pool_cases = boost::mpl::list<fault_case<vmmpp::host_config>, fault_case<host_chunked_budget_config>,
-                                    fault_case<host_external_config>>;
+using fault_configs = vmmpp::type_list<vmmpp::host_config, host_chunked_budget_config, host_external_config>;
+template <class Config>
+struct as_pool_case {
+    using type = fault_case<Config>;
+};
+using pool_cases = vmmpp::apply_t<vmmpp::transform_t<fault_configs, as_pool_case>, std::tuple>;
 
-using kv_cases =
-    boost::mpl::list<fault_case<vmmpp::host_config>, fault_case<vmmpp::host_config, vmmpp::block_major>,
-                     fault_case<host_chunked_budget_config>, fault_case<host_chunked_budget_config, vmmpp::block_major>,
-                     fault_case<host_external_config>, fault_case<host_external_config, vmmpp::block_major>>;
+// Each configuration in the NHD layouts of vmmpp::kv_layouts (block_major, layer_major).
+using kv_cases = vmmpp::apply_t<vmmpp::product_t<fault_configs, vmmpp::nhd_kv_layouts, fault_case>, std::tuple>;
 
 /// Holds and releases of ranges over several pages and units, overlapping, straddling pages.
 template <class Case>

@@ -7,6 +7,8 @@
 
 #include "support/pool_factories.hpp"
 #include "vmmpp/kv/cache.hpp"
+#include "vmmpp/kv/layout_list.hpp"
+#include "vmmpp/type_list.hpp"
 
 namespace vmmpp_test {
 
@@ -17,6 +19,10 @@ struct kv_case {
     using layout = Layout;
     using cache = vmmpp::kv_cache<Config, Layout>;
 };
+
+/// kv_case<Config, L> for every L of Layouts (a vmmpp::type_list, e.g. vmmpp::paged_kv_layouts).
+template <class Config, class Layouts>
+using kv_cases_over = vmmpp::product_t<vmmpp::type_list<Config>, Layouts, kv_case>;
 
 /// `g` as `Layout` can hold it: for mla, one head of kv_heads x head_dim (the latent); the
 /// same geometry for every other layout.

@@ -8,7 +8,8 @@
     k0 = torch.from_dlpack(cache.key(0))             # [max_blocks, block_tokens, kv_heads, head_dim]
     k0[slots // 16, slots % 16] = new_keys           # (slots as a tensor)
 
-The library is VMMPP_KV_LIB, or libvmmpp_kv_capi.so beside this file. Nothing here needs
+The library is VMMPP_KV_LIB (a build puts it in <build>/interop/libvmmpp_kv_capi.so), or
+libvmmpp_kv_capi.so beside this file. Nothing here needs
 NumPy or PyTorch. An exported tensor is a view of the cache: only blocks of live sequences are
 backed by memory; touching any other block faults (see vmmpp/interop/dlpack.hpp). Exports keep
 the cache alive after close().
@@ -23,8 +24,12 @@ KEY, VALUE = 0, 1
 KDL_CPU, KDL_CUDA, KDL_CUDA_HOST, KDL_CUDA_MANAGED = 1, 2, 3, 13
 STATUS = {0: "ok", 1: "invalid_argument", 2: "out_of_memory", 3: "over_quota", 4: "out_of_blocks",
           5: "cuda_error", 6: "cuda_unavailable", 7: "error", 8: "out_of_sequence_slots"}
-LAYOUTS = ("layer_major", "layer_major_hnd", "block_major", "block_major_hnd", "packed_kv", "mla",
+# The layouts, as vmmpp::kv_layouts (vmmpp/kv/layout_list.hpp) lists them, kv_cache's default
+# first. Spelled here so that it is known without loading the library; layout_names() asks the
+# library, and capi/tests/test_kv_dlpack.py checks that the two agree.
+LAYOUTS = ("block_major", "block_major_hnd", "layer_major", "layer_major_hnd", "packed_kv", "mla",
            "sequence_contiguous")
+DEFAULT_LAYOUT = LAYOUTS[0]
 
 
 class VmmppError(RuntimeError):
@@ -77,6 +82,7 @@ def load_library(path=None):
     handle = ctypes.c_void_p
     signatures = {
         "vmmpp_kv_last_error": ([], ctypes.c_char_p),
+        "vmmpp_kv_layout_names": ([], ctypes.c_char_p),
         "vmmpp_kv_create": ([ctypes.POINTER(Geometry), ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, u64,
                              ctypes.POINTER(handle)], ctypes.c_int),
         "vmmpp_kv_destroy": ([handle], None),
@@ -133,6 +139,11 @@ def load_library(path=None):
         function.restype = restype
     _lib = lib
     return lib
+
+
+def layout_names(library=None):
+    """The layouts the library accepts (vmmpp::kv_layouts), its default first."""
+    return tuple(load_library(library).vmmpp_kv_layout_names().decode().split(","))
 
 
 def _check(status):
@@ -238,10 +249,11 @@ class _OwnedHandle:
 
 class KVCache(_OwnedHandle):
     """A vmmpp::kv_cache. config: "host" (no GPU), "elastic" (vmm, budget_bytes), "static",
-    "gh200" (managed); layout: one of LAYOUTS (sequence_contiguous needs max_tokens_per_sequence)."""
+    "gh200" (managed); layout: one of LAYOUTS, block_major (kv_cache's default) unless given
+    (sequence_contiguous needs max_tokens_per_sequence)."""
 
     def __init__(self, *, layers, kv_heads, head_dim, max_blocks, dtype="f16", block_tokens=16, config="host",
-                 layout="layer_major", device=0, budget_bytes=0, max_tokens_per_sequence=0, peers=(), library=None):
+                 layout=DEFAULT_LAYOUT, device=0, budget_bytes=0, max_tokens_per_sequence=0, peers=(), library=None):
         lib = load_library(library)
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -422,7 +434,7 @@ class ProcessBudgetCache(KVCache):
     VmmppError with status "over_quota"."""
 
     def __init__(self, *, layers, kv_heads, head_dim, max_blocks, budget_name, model, model_limit_bytes,
-                 global_limit_bytes=0, dtype="f16", block_tokens=16, config="elastic", layout="block_major",
+                 global_limit_bytes=0, dtype="f16", block_tokens=16, config="elastic", layout=DEFAULT_LAYOUT,
                  device=0, library=None):
         lib = load_library(library)
         if dtype not in DTYPES:

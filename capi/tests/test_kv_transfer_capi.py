@@ -26,8 +26,7 @@ if not hasattr(np, "from_dlpack"):
     sys.exit(SKIP)
 
 sys.path.insert(0, os.environ.get("VMMPP_KV_PYTHON_DIR",
-                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                                               "examples", "torch_kv")))
+                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")))
 import vmmpp_kv  # noqa: E402
 
 # 2 layers x 2 heads x 64 dims x f32 x 16 tokens: a block is 32 KiB (block_major), 64 per 2 MiB page.

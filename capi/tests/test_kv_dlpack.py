@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """kv_cache K/V through DLPack into NumPy (ctest `python_kv_dlpack`, label cpu).
 
-A host_config cache is driven through the C ABI (examples/torch_kv/vmmpp_kv.py); the C side
+A host_config cache is driven through the C ABI (capi/python/vmmpp_kv.py); the C side
 writes known values through each sequence's slot mapping; numpy.from_dlpack views every
 layer's K and V, and the values, shape, strides, dtype and data pointer must be what the layout
 says, for layer_major and block_major (whose block stride is the whole block). Also: forks and
@@ -29,8 +29,7 @@ if not hasattr(np, "from_dlpack"):
     sys.exit(SKIP)
 
 sys.path.insert(0, os.environ.get("VMMPP_KV_PYTHON_DIR",
-                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                                               "examples", "torch_kv")))
+                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")))
 import vmmpp_kv  # noqa: E402
 
 LAYERS, HEADS, DIM, BLOCK_TOKENS, MAX_BLOCKS = 3, 2, 8, 4, 64
@@ -302,6 +301,30 @@ class KVDLPackTest(unittest.TestCase):
             cache.append(seq, 1)
             with self.assertRaises(vmmpp_kv.VmmppError):
                 cache.write_test_pattern(seq)
+
+    def test_layouts_are_the_librarys(self):
+        """One list: the Python module's LAYOUTS are vmmpp::kv_layouts as the library reports
+        them, the default (block_major, as kv_cache's) first; each makes a cache; an unknown name
+        is refused with the valid ones in the message."""
+        self.assertEqual(vmmpp_kv.LAYOUTS, vmmpp_kv.layout_names())
+        self.assertEqual(vmmpp_kv.DEFAULT_LAYOUT, "block_major")
+        for layout in vmmpp_kv.LAYOUTS:
+            with vmmpp_kv.KVCache(layers=LAYERS, kv_heads=1, head_dim=DIM, max_blocks=MAX_BLOCKS,
+                                  block_tokens=BLOCK_TOKENS, config="host", layout=layout,
+                                  max_tokens_per_sequence=4 * BLOCK_TOKENS) as cache:
+                seq = cache.add_sequence()
+                cache.append(seq, BLOCK_TOKENS + 1)
+                self.assertEqual(cache.tokens(seq), BLOCK_TOKENS + 1)
+        with vmmpp_kv.KVCache(layers=LAYERS, kv_heads=HEADS, head_dim=DIM, max_blocks=MAX_BLOCKS,
+                              dtype="f32", block_tokens=BLOCK_TOKENS, config="host") as default, \
+                make_cache("block_major") as block_major:
+            self.assertEqual(default.layout, "block_major")
+            self.assertEqual(np.from_dlpack(default.key(0)).strides, np.from_dlpack(block_major.key(0)).strides)
+        with self.assertRaises(vmmpp_kv.VmmppError) as e:
+            vmmpp_kv.KVCache(layers=1, kv_heads=1, head_dim=1, max_blocks=1, config="host", layout="diagonal")
+        self.assertEqual(e.exception.status, "invalid_argument")
+        for layout in vmmpp_kv.LAYOUTS:
+            self.assertIn(layout, str(e.exception))
 
     def test_block_tables_whose_size_overflows_are_refused(self):
         """Review F1: 2 x 2^63 wrapped to 0 in the C ABI and in pack_block_tables, and the rows

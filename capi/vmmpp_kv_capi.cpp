@@ -1,6 +1,7 @@
 // vmmpp_kv_capi.cpp: the C ABI of vmmpp_kv_capi.h over vmmpp::kv_cache. One type-erased cache
-// per handle (configuration and layout chosen by name at run time), DLPack exports through
-// vmmpp/interop/dlpack.hpp with the cache as their keep-alive.
+// per handle (configuration and layout chosen by name at run time: the layout through
+// vmmpp::kv_layouts, vmmpp/kv/layout_list.hpp), DLPack exports through vmmpp/interop/dlpack.hpp
+// with the cache as their keep-alive.
 #define VMMPP_KV_CAPI_BUILD
 #include "vmmpp_kv_capi.h"
 
@@ -22,6 +23,7 @@
 #include "vmmpp/interop/nixl.hpp"
 #include "vmmpp/interop/shared_pages.hpp"
 #include "vmmpp/kv/cache.hpp"
+#include "vmmpp/kv/layout_list.hpp"
 #include "vmmpp/kv/transfer.hpp"
 #include "vmmpp/quota/process_budget.hpp"
 
@@ -334,6 +336,11 @@ extern "C" {
 
 const char* vmmpp_kv_last_error(void) { return last_error.c_str(); }
 
+const char* vmmpp_kv_layout_names(void) {
+    static const std::string names = vmmpp::type_names<vmmpp::kv_layouts>(",");
+    return names.c_str();
+}
+
 vmmpp_kv_status vmmpp_kv_create(const vmmpp_kv_geometry* geometry, const char* config, const char* layout, int device,
                                 uint64_t budget_bytes, vmmpp_kv** out) {
     return vmmpp_kv_create_with_peers(geometry, config, layout, device, budget_bytes, nullptr, 0, out);
@@ -349,26 +356,9 @@ vmmpp_kv_status vmmpp_kv_create_with_peers(const vmmpp_kv_geometry* geometry, co
         const std::vector<int> peer_list(peers, peers + n_peers);
         const vmmpp::kv_geometry g = to_geometry(*geometry, "vmmpp_kv_create");
         auto handle = std::make_unique<vmmpp_kv>();
-        const std::string_view l(layout);
-        if (l == "layer_major") {
-            handle->cache = make_cache<vmmpp::layer_major>(config, g, device, budget_bytes, peer_list);
-        } else if (l == "layer_major_hnd") {
-            handle->cache = make_cache<vmmpp::layer_major_hnd>(config, g, device, budget_bytes, peer_list);
-        } else if (l == "block_major") {
-            handle->cache = make_cache<vmmpp::block_major>(config, g, device, budget_bytes, peer_list);
-        } else if (l == "block_major_hnd") {
-            handle->cache = make_cache<vmmpp::block_major_hnd>(config, g, device, budget_bytes, peer_list);
-        } else if (l == "packed_kv") {
-            handle->cache = make_cache<vmmpp::packed_kv>(config, g, device, budget_bytes, peer_list);
-        } else if (l == "mla") {
-            handle->cache = make_cache<vmmpp::mla>(config, g, device, budget_bytes, peer_list);
-        } else if (l == "sequence_contiguous") {
-            handle->cache = make_cache<vmmpp::sequence_contiguous>(config, g, device, budget_bytes, peer_list);
-        } else {
-            throw vmmpp::invalid_argument("unknown layout '" + std::string(l) +
-                                          "' (layer_major, layer_major_hnd, block_major, block_major_hnd, packed_kv, "
-                                          "mla or sequence_contiguous)");
-        }
+        handle->cache = vmmpp::dispatch_by_name<vmmpp::kv_layouts>(layout, "layout", [&]<class L>(std::type_identity<L>) {
+            return make_cache<L>(config, g, device, budget_bytes, peer_list);
+        });
         *out = handle.release();
     });
 }
@@ -672,20 +662,11 @@ vmmpp_kv_status vmmpp_kv_create_in_process_budget(const vmmpp_kv_geometry* geome
         vmmpp::process_budget budget = vmmpp::process_budget::create_or_open(budget_name, global_limit_bytes);
         vmmpp::process_quota quota = budget.register_model(model, model_limit_bytes);
         auto handle = std::make_unique<vmmpp_kv>();
-        const std::string_view l(layout);
-        if (l == "layer_major") {
-            handle->cache = make_process_cache<vmmpp::layer_major>(config, g, device, std::move(quota));
-        } else if (l == "layer_major_hnd") {
-            handle->cache = make_process_cache<vmmpp::layer_major_hnd>(config, g, device, std::move(quota));
-        } else if (l == "block_major") {
-            handle->cache = make_process_cache<vmmpp::block_major>(config, g, device, std::move(quota));
-        } else if (l == "block_major_hnd") {
-            handle->cache = make_process_cache<vmmpp::block_major_hnd>(config, g, device, std::move(quota));
-        } else {
-            throw vmmpp::invalid_argument("unknown layout '" + std::string(l) +
-                                          "' for a process budget (layer_major, layer_major_hnd, block_major or "
-                                          "block_major_hnd)");
-        }
+        // The four layouts with K and V in tensors of their own (vmmpp::split_kv_layouts).
+        handle->cache = vmmpp::dispatch_by_name<vmmpp::split_kv_layouts>(
+            layout, "layout for a process budget", [&]<class L>(std::type_identity<L>) {
+                return make_process_cache<L>(config, g, device, std::move(quota));
+            });
         *out = handle.release();
     });
 }

@@ -1,5 +1,5 @@
-/* vmmpp_kv_capi.h: a small C ABI over vmmpp::kv_cache, for Python (ctypes: vmmpp_kv.py beside
- * this file) and any other language with a C FFI. It builds a cache of a named configuration
+/* vmmpp_kv_capi.h: a small C ABI over vmmpp::kv_cache, for Python (ctypes: python/vmmpp_kv.py
+ * beside this file) and any other language with a C FFI. It builds a cache of a named configuration
  * and layout, runs the scheduler's operations on it and exports a layer's K or V as DLPack.
  *
  * Every function that can fail returns a vmmpp_kv_status; on failure vmmpp_kv_last_error()
@@ -64,12 +64,15 @@ typedef struct vmmpp_kv vmmpp_kv;
 
 /** Why this thread's last failing call failed ("" if none did). */
 VMMPP_KV_API const char* vmmpp_kv_last_error(void);
+/** The layout names vmmpp_kv_create accepts, comma-separated, kv_cache's default (block_major)
+ *  first: "block_major,block_major_hnd,...". A static string (vmmpp::kv_layouts). */
+VMMPP_KV_API const char* vmmpp_kv_layout_names(void);
 
 /** A new cache. config: "host" (CPU memory, no GPU needed), "elastic" (vmm, shared budget of
  *  budget_bytes, 0 for the whole span), "elastic_pages" (the same, growing 2 MiB at a time),
  *  "static" (one cudaMalloc) or "gh200" (managed memory).
- *  layout: "layer_major", "layer_major_hnd", "block_major", "block_major_hnd", "packed_kv", "mla"
- *  or "sequence_contiguous". device: the CUDA device (ignored by "host"). */
+ *  layout: "block_major", "block_major_hnd", "layer_major", "layer_major_hnd", "packed_kv", "mla"
+ *  or "sequence_contiguous" (vmmpp_kv_layout_names). device: the CUDA device (ignored by "host"). */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_create(const vmmpp_kv_geometry* geometry, const char* config,
                                              const char* layout, int device, uint64_t budget_bytes,
                                              vmmpp_kv** out);

@@ -9,7 +9,7 @@ replay), on host memory: caches of two processes charged to one vmmpp::process_b
   4. a child killed while holding a page: its share is taken back by the next refused commit;
   5. an unknown configuration or layout is invalid_argument.
 
-    VMMPP_KV_LIB=build/dev/interop/libvmmpp_kv_capi.so python3 examples/serving/test_process_budget_capi.py
+    VMMPP_KV_LIB=build/dev/interop/libvmmpp_kv_capi.so python3 capi/tests/test_process_budget_capi.py
 Standard library only. Exits 0 when every check passes, 1 otherwise.
 """
 import os
@@ -18,7 +18,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "torch_kv"))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
 import vmmpp_kv  # noqa: E402
 
 PAGE = 2 << 20
