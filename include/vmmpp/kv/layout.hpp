@@ -25,7 +25,10 @@
 #include <string>
 
 #include "vmmpp/error.hpp"
+#include "vmmpp/kv/block_allocator.hpp"
+#include "vmmpp/kv/block_ids.hpp"
 #include "vmmpp/kv/geometry.hpp"
+#include "vmmpp/kv/sequence_slots.hpp"
 
 namespace vmmpp {
 
@@ -77,7 +80,9 @@ struct piece_sink {
 ///   [block, token, head, dim]; `block_stride_bytes(g)`: strides(g)[0] in bytes;
 /// - `for_each_piece(g, block, f)`: calls f(offset, bytes) for each contiguous piece of a
 ///   block's memory, always in the same order, pieces of different blocks disjoint;
-/// - `copy_shape(g)`: the same pieces as rows of a 2D copy (see kv_block_copy_shape).
+/// - `copy_shape(g)`: the same pieces as rows of a 2D copy (see kv_block_copy_shape);
+/// - optionally `block_ids`: how block ids are handed out, a kv_block_ids policy
+///   (vmmpp/kv/block_ids.hpp; block_allocator if none is named, see block_ids_of).
 template <class L>
 concept kv_layout = requires(const kv_geometry& g, std::uint32_t layer, kv_part part, std::uint32_t block,
                              detail::piece_sink sink) {
@@ -101,6 +106,7 @@ struct basic_layer_major {
     static constexpr const char* name = Order == token_order::nhd ? "layer_major" : "layer_major_hnd";
     static constexpr unsigned parts = 2;
     static constexpr bool packs_kv = false;
+    using block_ids = block_allocator;  ///< lowest free id, forks share blocks
     using block_copy_shape = kv_block_copy_shape;
     /// Every valid geometry fits.
     static constexpr void validate(const kv_geometry&) noexcept {}
@@ -148,6 +154,7 @@ struct basic_block_major {
     static constexpr const char* name = Order == token_order::nhd ? "block_major" : "block_major_hnd";
     static constexpr unsigned parts = 2;
     static constexpr bool packs_kv = false;
+    using block_ids = block_allocator;  ///< lowest free id, forks share blocks
     using block_copy_shape = kv_block_copy_shape;
     /// Every valid geometry fits.
     static constexpr void validate(const kv_geometry&) noexcept {}
@@ -190,6 +197,7 @@ struct basic_packed_kv {
     static constexpr const char* name = Order == token_order::hnd ? "packed_kv" : "packed_kv_nhd";
     static constexpr unsigned parts = 2;
     static constexpr bool packs_kv = true;
+    using block_ids = block_allocator;  ///< lowest free id, forks share blocks
     using block_copy_shape = kv_block_copy_shape;
     /// Every valid geometry fits.
     static constexpr void validate(const kv_geometry&) noexcept {}
@@ -238,6 +246,7 @@ struct mla {
     static constexpr const char* name = "mla";
     static constexpr unsigned parts = 1;
     static constexpr bool packs_kv = false;
+    using block_ids = block_allocator;  ///< lowest free id, forks share blocks
     using block_copy_shape = kv_block_copy_shape;
     /// Throws invalid_argument unless kv_heads is 1 (one latent vector per token).
     static void validate(const kv_geometry& g) {
@@ -300,7 +309,8 @@ static_assert(kv_layout<mla>);
 /// copy behind a call that is O(1) in the paged layouts. Copy by appending to a new sequence.
 struct sequence_contiguous : basic_layer_major<token_order::nhd> {
     static constexpr const char* name = "sequence_contiguous";
-    /// kv_cache hands out block ids by sequence slot (vmmpp/kv/sequence_slots.hpp).
+    /// Block ids by sequence slot (vmmpp/kv/sequence_slots.hpp).
+    using block_ids = slot_block_allocator;
     static constexpr bool sequence_slots = true;
     /// Blocks of one slot: max_tokens_per_sequence rounded up to whole blocks.
     [[nodiscard]] static constexpr std::uint32_t slot_blocks(const kv_geometry& g) noexcept {
@@ -342,5 +352,22 @@ concept sequence_slot_layout = kv_layout<L> && requires(const kv_geometry& g) {
 };
 static_assert(sequence_slot_layout<sequence_contiguous>);
 static_assert(!sequence_slot_layout<layer_major> && !sequence_slot_layout<mla>);
+
+namespace detail {
+template <class L>
+struct block_ids_of {
+    using type = block_allocator;
+};
+template <class L>
+    requires requires { typename L::block_ids; }
+struct block_ids_of<L> {
+    using type = typename L::block_ids;
+};
+} // namespace detail
+
+/// The block-id policy of layout `L` (a kv_block_ids): `L::block_ids`, or block_allocator for a
+/// layout that names none.
+template <class L>
+using block_ids_of = typename detail::block_ids_of<L>::type;
 
 } // namespace vmmpp
