@@ -6,10 +6,8 @@
 
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <limits>
 #include <map>
 #include <span>
 #include <string>
@@ -20,6 +18,7 @@
 #include "vmmpp/kv/block_allocator.hpp"
 #include "vmmpp/kv/block_ids.hpp"
 #include "vmmpp/kv/detail/block_memory.hpp"
+#include "vmmpp/kv/detail/block_tables.hpp"
 #include "vmmpp/kv/detail/device_copy.hpp"
 #include "vmmpp/kv/geometry.hpp"
 #include "vmmpp/kv/layout.hpp"
@@ -56,13 +55,13 @@ struct token_range {
 /// The default layout is block_major: all layers of a block lie together, so a new block is one
 /// range of the pool and its growth one commit. Under layer_major a block is one piece per layer
 /// and part (64 for 32 layers of K and V), each in its own region, and a block that reaches fresh
-/// pages commits one handle in every region (per-handle costs: docs/ARCHITECTURE.md, "Driver costs").
-/// Kernels see the same per-layer [blocks, tokens, heads, dim] tensors either way; under
-/// block_major their block stride spans all layers (tensor() gives the strides).
+/// pages commits one handle in every region (per-handle costs: docs/ARCHITECTURE.md, "Driver
+/// costs"). Kernels see per-layer [blocks, tokens, heads, dim] tensors either way (tensor()).
 ///
-/// The layout's block-id policy (block_ids_of<Layout>, a kv_block_ids) says which id a block
-/// gets and keeps the reference counts; sleep and wake are detail::cache_sleep
-/// (vmmpp/kv/sleep.hpp); every copy goes through detail::device_copy.
+/// The cache keeps sequences; its parts do the rest: the layout's block-id policy
+/// (block_ids_of<Layout>, a kv_block_ids) hands out ids and keeps reference counts,
+/// detail::block_memory holds their memory in the pool in stream order, detail::cache_sleep
+/// (vmmpp/kv/sleep.hpp) sleeps and wakes, detail::device_copy makes every copy.
 ///
 /// Thread safety: like a standard container: concurrent const calls are safe, anything else
 /// needs external synchronisation. Several caches on one shared budget may be used from
@@ -73,24 +72,22 @@ struct token_range {
 /// is a CUDA failure while giving memory back in `free`/`truncate`, after which the sequence
 /// change has still taken effect (the pool retires that memory: see elastic_pool).
 ///
-/// Stream order: memory is never given back, and a block is never written again, under GPU work
-/// that may still read it. The cache's own copies run on `kv_cache_options::stream`. `free(seq,
-/// stream)` and `truncate(seq, n, stream)` record an event after the work queued on `stream`
-/// (the engine's kernels that read the sequence's blocks; without a stream,
-/// `kv_cache_options::stream`) on every block they let go of, shared ones included: a block read
-/// from several streams (forks freed on different streams) waits for each of them. Its memory
-/// goes back once all of them completed, on a later call or, for a pool that is idle, without
-/// one. A freed block id may be handed out again at once; `append(seq, n, stream)` then makes
-/// `stream` wait (cuStreamWaitEvent) for the reads queued before the block's free, so the
-/// block's new tokens may be written by work queued on `stream` after the append (by default
-/// `kv_cache_options::stream`: an engine that writes on another stream orders it after that
-/// one, or passes its own). The caller's thread never waits.
+/// Stream order (docs/ARCHITECTURE.md, "Stream order"): memory is never given back, and a block
+/// never written again, under GPU work that may still read it. The cache's own copies run on
+/// `kv_cache_options::stream`. `free(seq, stream)` and `truncate(seq, n, stream)` record an event
+/// after the work queued on `stream` (by default `kv_cache_options::stream`) on every block they
+/// let go of, shared ones included; its memory goes back once every such event completed, on a
+/// later call or, for an idle pool, without one. A freed block id may be handed out again at
+/// once: `append(seq, n, stream)` makes `stream` wait (cuStreamWaitEvent) for the reads queued
+/// before the block's free, so work queued on `stream` after the append may write its new tokens.
+/// The caller's thread never waits.
 template <class Config, class Layout = block_major>
 class kv_cache {
     static_assert(kv_layout<Layout>, "vmmpp::kv_cache: Layout does not model vmmpp::kv_layout");
     static_assert(kv_block_ids<block_ids_of<Layout>>,
                   "vmmpp::kv_cache: Layout::block_ids does not model vmmpp::kv_block_ids");
     friend class detail::cache_sleep<kv_cache>;
+    static constexpr bool slotted = sequence_slot_layout<Layout>;  // the members below that say so
 
 public:
     using pool_type = elastic_pool<Config>;
@@ -102,10 +99,10 @@ public:
     explicit kv_cache(const kv_geometry& geometry, typename backing_type::options backing_options = {},
                       typename Config::growth_type growth = {}, typename Config::quota_type quota = {},
                       kv_cache_options options = {})
-        : geometry_(validated(geometry)),
+        : geometry_(detail::validated<Layout>(geometry)),
           options_(options),
-          pool_(span_bytes(geometry_, options.span_alignment), std::move(backing_options), std::move(growth),
-                std::move(quota)),
+          pool_(detail::span_bytes<Layout>(geometry_, options.span_alignment), std::move(backing_options),
+                std::move(growth), std::move(quota)),
           blocks_(geometry_),
           memory_(pool_, geometry_, options_.stream),
           copy_(pool_.device()) {
@@ -130,8 +127,8 @@ public:
         return id;
     }
 
-    /// Appends `n_tokens` tokens to `seq`: takes blocks as needed (lowest free ids) and holds
-    /// their memory in the pool. If the last block is shared (after a fork) and partly filled,
+    /// Appends `n_tokens` tokens to `seq`: takes blocks as needed (ids from the layout's
+    /// block-id policy: lowest free first, or the sequence's slot) and holds their memory in the pool. If the last block is shared (after a fork) and partly filled,
     /// it is first copied to a block of the sequence's own (copy-on-write). Returns the new
     /// tokens' range; their slots come from slot_mapping.
     /// Throws: invalid_argument (unknown sequence), out_of_blocks, over_quota, out_of_memory,
@@ -274,10 +271,7 @@ public:
     [[nodiscard]] bool can_append(seq_id seq, std::size_t n_tokens) const {
         const sequence& s = find(seq);
         const std::size_t max_tokens = std::size_t{geometry_.max_blocks} * geometry_.block_tokens;
-        if (n_tokens > max_tokens - s.tokens) {
-            return false;
-        }
-        if (!blocks_.fits(s.tokens + n_tokens)) {
+        if (n_tokens > max_tokens - s.tokens || !blocks_.fits(s.tokens + n_tokens)) {
             return false;
         }
         return n_tokens == 0 || plan_append(s, n_tokens).new_blocks <= blocks_.free_blocks();
@@ -304,42 +298,15 @@ public:
     /// block * block_tokens + offset in block, int64.
     void slot_mapping(seq_id seq, std::size_t first, std::span<std::int64_t> out) const {
         const sequence& s = find(seq);
-        if (first > s.tokens || out.size() > s.tokens - first) {
-            throw invalid_argument("slot_mapping of tokens [" + std::to_string(first) + ", +" +
-                                   std::to_string(out.size()) + ") of sequence " + std::to_string(seq) +
-                                   " with " + std::to_string(s.tokens) + " tokens");
-        }
-        const std::size_t bt = geometry_.block_tokens;
-        for (std::size_t i = 0; i < out.size(); ++i) {
-            const std::size_t t = first + i;
-            out[i] = static_cast<std::int64_t>(s.blocks[t / bt]) * static_cast<std::int64_t>(bt) +
-                     static_cast<std::int64_t>(t % bt);
-        }
+        detail::slot_mapping(seq, s.blocks, s.tokens, geometry_.block_tokens, first, out);
     }
 
     /// Packs the block tables of `seqs` into `out` as a [seqs.size(), max_blocks_per_seq] int32
     /// row-major matrix, rows padded with `pad`.
     void pack_block_tables(std::span<const seq_id> seqs, std::size_t max_blocks_per_seq, std::span<std::int32_t> out,
                            std::int32_t pad = 0) const {
-        check_table_shape(seqs.size(), max_blocks_per_seq);
-        if (out.size() != seqs.size() * max_blocks_per_seq) {
-            throw invalid_argument("pack_block_tables: output holds " + std::to_string(out.size()) + " ids, needs " +
-                                   std::to_string(seqs.size()) + " x " + std::to_string(max_blocks_per_seq));
-        }
-        for (std::size_t r = 0; r < seqs.size(); ++r) {
-            const sequence& s = find(seqs[r]);
-            if (s.blocks.size() > max_blocks_per_seq) {
-                throw invalid_argument("pack_block_tables: sequence " + std::to_string(seqs[r]) + " has " +
-                                       std::to_string(s.blocks.size()) + " blocks, more than " +
-                                       std::to_string(max_blocks_per_seq));
-            }
-        }
-        for (std::size_t r = 0; r < seqs.size(); ++r) {
-            const auto& blocks = find(seqs[r]).blocks;
-            auto row = out.subspan(r * max_blocks_per_seq, max_blocks_per_seq);
-            std::copy(blocks.begin(), blocks.end(), row.begin());
-            std::fill(row.begin() + static_cast<std::ptrdiff_t>(blocks.size()), row.end(), pad);
-        }
+        detail::pack_tables(seqs, max_blocks_per_seq, geometry_.max_blocks, out, pad,
+                            [&](seq_id id) { return std::span<const std::int32_t>(find(id).blocks); });
     }
 
     /// Packs the block tables (as pack_block_tables) and copies them to `device_out` (device
@@ -347,7 +314,7 @@ public:
     /// may be reused as soon as this returns.
     void upload_block_tables(std::span<const seq_id> seqs, std::size_t max_blocks_per_seq, std::int32_t* device_out,
                              cudaStream_t stream, std::int32_t pad = 0) {
-        check_table_shape(seqs.size(), max_blocks_per_seq);
+        detail::check_table_shape(seqs.size(), max_blocks_per_seq, geometry_.max_blocks);
         staging_.resize(seqs.size() * max_blocks_per_seq);
         pack_block_tables(seqs, max_blocks_per_seq, staging_, pad);
         copy_.upload(device_out, staging_.data(), staging_.size() * sizeof(std::int32_t), stream);
@@ -357,17 +324,7 @@ public:
     /// Throws invalid_argument for a layer or block outside the cache, or a part the layout does
     /// not have (V of mla).
     [[nodiscard]] std::byte* address(std::uint32_t layer, kv_part part, std::int32_t block) const {
-        if (static_cast<unsigned>(part) >= Layout::parts) {
-            throw invalid_argument("KV address of part " + std::to_string(static_cast<unsigned>(part)) + " of layer " +
-                                   std::to_string(layer) + ": the " + Layout::name + " layout has " +
-                                   std::to_string(Layout::parts) +
-                                   (Layout::parts == 1 ? " part (the key: a latent, no value)" : " parts (key, value)"));
-        }
-        if (layer >= geometry_.layers || block < 0 || static_cast<std::uint32_t>(block) >= geometry_.max_blocks) {
-            throw invalid_argument("KV address of layer " + std::to_string(layer) + ", block " + std::to_string(block) +
-                                   " outside " + std::to_string(geometry_.layers) + " layers x " +
-                                   std::to_string(geometry_.max_blocks) + " blocks");
-        }
+        detail::check_address<Layout>(geometry_, layer, part, block);
         return pool_.base() + Layout::offset(geometry_, layer, part, static_cast<std::uint32_t>(block));
     }
     [[nodiscard]] std::byte* key(std::uint32_t layer, std::int32_t block) const { return address(layer, kv_part::key, block); }
@@ -382,7 +339,7 @@ public:
     /// address(layer, part, b) + (t * strides[1] + h * strides[2] + d) elements.
     /// Throws invalid_argument as address() does.
     [[nodiscard]] kv_tensor tensor(std::uint32_t layer, kv_part part) const {
-        return describe(layer, part, geometry_.head_dim);
+        return detail::layer_tensor<Layout>(geometry_, address(layer, part, 0), pool_.device(), geometry_.head_dim);
     }
 
     /// packed_kv layouts: layer `layer`'s K and V together as one strided
@@ -392,7 +349,8 @@ public:
     [[nodiscard]] kv_tensor packed_tensor(std::uint32_t layer) const
         requires(Layout::packs_kv)
     {
-        return describe(layer, kv_part::key, 2 * std::int64_t{geometry_.head_dim});
+        return detail::layer_tensor<Layout>(geometry_, address(layer, kv_part::key, 0), pool_.device(),
+                                            2 * std::int64_t{geometry_.head_dim});
     }
 
     // --- sequence-slot layouts (sequence_contiguous): a contiguous run per sequence ---
@@ -404,43 +362,18 @@ public:
     /// the sequence's blocks in order; the pointer stays valid (and the run grows in place) while
     /// the sequence lives. Throws invalid_argument as address() does, or for an unknown sequence.
     [[nodiscard]] kv_tensor sequence_tensor(seq_id seq, std::uint32_t layer, kv_part part) const
-        requires sequence_slot_layout<Layout>
+        requires slotted
     {
         const sequence& s = find(seq);
-        const auto strides = Layout::sequence_strides(geometry_);
-        kv_tensor t;
-        t.data = address(layer, part, static_cast<std::int32_t>(std::size_t{s.slot} * blocks_.slot_blocks()));
-        t.type = geometry_.type;
-        t.device = pool_.device();
-        t.shape = {1, static_cast<std::int64_t>(s.tokens), static_cast<std::int64_t>(geometry_.kv_heads),
-                   static_cast<std::int64_t>(geometry_.head_dim)};
-        // The leading stride: one slot (where the next sequence slot's run begins).
-        t.strides = {strides[0] * static_cast<std::int64_t>(blocks_.slot_blocks()) * geometry_.block_tokens, strides[0],
-                     strides[1], strides[2]};
-        return t;
+        std::byte* first = address(layer, part, static_cast<std::int32_t>(std::size_t{s.slot} * blocks_.slot_blocks()));
+        return detail::sequence_tensor<Layout>(geometry_, first, pool_.device(), s.tokens, blocks_.slot_blocks());
     }
     /// The slot of `seq`: its blocks are slot * slot_blocks() + 0, 1, ...
-    [[nodiscard]] std::uint32_t sequence_slot(seq_id seq) const
-        requires sequence_slot_layout<Layout>
-    {
-        return find(seq).slot;
-    }
+    [[nodiscard]] std::uint32_t sequence_slot(seq_id seq) const requires slotted { return find(seq).slot; }
     /// Blocks per slot (max_tokens_per_sequence in whole blocks), slots in all and free ones.
-    [[nodiscard]] std::uint32_t slot_blocks() const noexcept
-        requires sequence_slot_layout<Layout>
-    {
-        return blocks_.slot_blocks();
-    }
-    [[nodiscard]] std::size_t slot_count() const noexcept
-        requires sequence_slot_layout<Layout>
-    {
-        return blocks_.slot_count();
-    }
-    [[nodiscard]] std::size_t free_slots() const noexcept
-        requires sequence_slot_layout<Layout>
-    {
-        return blocks_.free_slots();
-    }
+    [[nodiscard]] std::uint32_t slot_blocks() const noexcept requires slotted { return blocks_.slot_blocks(); }
+    [[nodiscard]] std::size_t slot_count() const noexcept requires slotted { return blocks_.slot_count(); }
+    [[nodiscard]] std::size_t free_slots() const noexcept requires slotted { return blocks_.free_slots(); }
 
     [[nodiscard]] const kv_geometry& geometry() const noexcept { return geometry_; }
     [[nodiscard]] const pool_type& pool() const noexcept { return pool_; }
@@ -467,17 +400,14 @@ public:
     }
 
     /// Puts the cache to sleep: copies every live block to `host` (sleep_bytes() bytes, ranges
-    /// back to back in offset order), waits for the copies, then releases every block's memory
-    /// and gives back all of the pool's memory (pool synchronize and trim: spares and kept
-    /// handles too), keeping the address reservation and every sequence. `host` must stay
-    /// untouched until wake(). Pinned host memory (cudaMallocHost) copies at full speed; the
-    /// engine's work on the blocks must be queued on `stream` (or finished) before the call.
-    /// Calls that need memory (append, truncate, free, sleep) throw vmmpp::cache_asleep until
-    /// wake(); reads (block tables, slot mapping, addresses, tensors) and fork stay valid.
-    /// Throws: cache_asleep (sleeping already), invalid_argument (`host` too small), cuda_error
-    /// (a copy failed): all with the cache awake and unchanged. cuda_error or retired_memory
-    /// while the memory goes back: the cache sleeps all the same (the data is in `host`).
-    /// Waits: for `stream`, the cache's own copies and every fence of the pool.
+    /// back to back in offset order; pinned memory copies fastest), waits for the copies, then
+    /// gives back all of the pool's memory, keeping the address reservation and every sequence.
+    /// `host` must stay untouched until wake(); the engine's work on the blocks must be queued on
+    /// `stream` (or finished). Until wake(), append, truncate, free and sleep throw
+    /// cache_asleep; reads (tables, slots, addresses, tensors) and fork stay valid.
+    /// Throws: cache_asleep, invalid_argument (`host` too small), cuda_error (a copy failed): the
+    /// cache awake and unchanged; cuda_error or retired_memory while memory goes back: it sleeps
+    /// all the same. Waits: for `stream`, the cache's own copies and every fence of the pool.
     sleep_result sleep(std::span<std::byte> host, cudaStream_t stream)
         requires Config::growth_type::is_elastic
     {
@@ -491,14 +421,11 @@ public:
         return wake(options_.stream);
     }
 
-    /// Wakes the cache: holds every live block's memory again at the same offsets (committing
-    /// it), copies the blocks back from the host buffer given to sleep() and waits for the
-    /// copies. Block ids, tables, addresses and tensors are as before the sleep. A cache that is
-    /// awake is left as it is (the result is all zeros).
-    /// Throws: over_quota, out_of_memory, retired_memory, cuda_error: the cache still sleeps,
-    /// with its data in the host buffer and the memory this call committed given back, so wake()
-    /// may be called again.
-    /// Waits: for the copies on `stream`.
+    /// Wakes the cache: holds every live block's memory again at the same offsets, copies the
+    /// blocks back from the host buffer and waits for the copies (on `stream`). Ids, tables,
+    /// addresses and tensors are as before the sleep. An awake cache is left as it is (all zeros).
+    /// Throws: over_quota, out_of_memory, retired_memory, cuda_error: the cache still sleeps, with
+    /// the memory this call committed given back, so wake() may be called again.
     sleep_result wake(cudaStream_t stream)
         requires Config::growth_type::is_elastic
     {
@@ -517,57 +444,16 @@ private:
         bool copy_on_write;
     };
 
-    static const kv_geometry& validated(const kv_geometry& g) {
-        g.validate();
-        Layout::validate(g);
-        return g;
-    }
-
-    /// The tensor of layer `layer`'s `part` whose last dimension holds `last` elements.
-    kv_tensor describe(std::uint32_t layer, kv_part part, std::int64_t last) const {
-        kv_tensor t;
-        t.data = address(layer, part, 0);
-        t.type = geometry_.type;
-        t.device = pool_.device();
-        t.shape = {static_cast<std::int64_t>(geometry_.max_blocks), static_cast<std::int64_t>(geometry_.block_tokens),
-                   static_cast<std::int64_t>(geometry_.kv_heads), last};
-        t.strides = Layout::strides(geometry_);
-        return t;
-    }
-    static std::size_t span_bytes(const kv_geometry& g, std::size_t alignment) {
-        if (alignment == 0) {
-            throw invalid_argument("kv_cache_options.span_alignment must not be zero");
-        }
-        const std::size_t bytes = Layout::span_bytes(g);
-        if (bytes > std::numeric_limits<std::size_t>::max() - alignment) {
-            throw invalid_argument("kv_geometry: the span overflows size_t when aligned");
-        }
-        return (bytes + alignment - 1) / alignment * alignment;
-    }
-    /// A [rows, max_blocks_per_seq] table whose size does not overflow: a row longer than the
-    /// cache's max_blocks is never useful, and bounding it keeps rows * columns in range.
-    void check_table_shape(std::size_t rows, std::size_t max_blocks_per_seq) const {
-        if (max_blocks_per_seq > geometry_.max_blocks ||
-            (max_blocks_per_seq != 0 && rows > std::numeric_limits<std::size_t>::max() / max_blocks_per_seq)) {
-            throw invalid_argument("block tables of " + std::to_string(rows) + " sequences x " +
-                                   std::to_string(max_blocks_per_seq) + " blocks: at most " +
-                                   std::to_string(geometry_.max_blocks) + " blocks per sequence");
-        }
-    }
     static invalid_argument unknown_sequence(seq_id seq) {
         return invalid_argument("unknown sequence " + std::to_string(seq) + " (never added, or already freed)");
     }
 
-    sequence& find(seq_id seq) {
-        auto it = sequences_.find(seq);
-        if (it == sequences_.end()) {
-            throw unknown_sequence(seq);
-        }
-        return it->second;
-    }
-    const sequence& find(seq_id seq) const {
-        auto it = sequences_.find(seq);
-        if (it == sequences_.end()) {
+    sequence& find(seq_id seq) { return find_in(sequences_, seq); }
+    const sequence& find(seq_id seq) const { return find_in(sequences_, seq); }
+    template <class Map>
+    static auto& find_in(Map& sequences, seq_id seq) {
+        auto it = sequences.find(seq);
+        if (it == sequences.end()) {
             throw unknown_sequence(seq);
         }
         return it->second;

@@ -22,6 +22,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #include "vmmpp/error.hpp"
@@ -29,6 +30,7 @@
 #include "vmmpp/kv/block_ids.hpp"
 #include "vmmpp/kv/geometry.hpp"
 #include "vmmpp/kv/sequence_slots.hpp"
+#include "vmmpp/kv/tensor.hpp"
 
 namespace vmmpp {
 
@@ -363,6 +365,60 @@ template <class L>
 struct block_ids_of<L> {
     using type = typename L::block_ids;
 };
+
+/// `g` checked by kv_geometry::validate and the layout's validate (invalid_argument naming what
+/// does not fit).
+template <class L>
+const kv_geometry& validated(const kv_geometry& g) {
+    g.validate();
+    L::validate(g);
+    return g;
+}
+/// Throws invalid_argument unless (layer, part, block) lies in layout `L`'s cache over `g`.
+template <class L>
+void check_address(const kv_geometry& g, std::uint32_t layer, kv_part part, std::int32_t block) {
+    if (static_cast<unsigned>(part) >= L::parts) {
+        throw invalid_argument("KV address of part " + std::to_string(static_cast<unsigned>(part)) + " of layer " +
+                               std::to_string(layer) + ": the " + L::name + " layout has " + std::to_string(L::parts) +
+                               (L::parts == 1 ? " part (the key: a latent, no value)" : " parts (key, value)"));
+    }
+    if (layer >= g.layers || block < 0 || static_cast<std::uint32_t>(block) >= g.max_blocks) {
+        throw invalid_argument("KV address of layer " + std::to_string(layer) + ", block " + std::to_string(block) +
+                               " outside " + std::to_string(g.layers) + " layers x " + std::to_string(g.max_blocks) +
+                               " blocks");
+    }
+}
+/// Layout `L`'s tensor of one layer's K or V from `data` (its block 0) whose last dimension holds
+/// `last` elements (kv_cache::tensor, packed_tensor).
+template <class L>
+kv_tensor layer_tensor(const kv_geometry& g, void* data, int device, std::int64_t last) {
+    return {data, g.type, device,
+            {static_cast<std::int64_t>(g.max_blocks), static_cast<std::int64_t>(g.block_tokens),
+             static_cast<std::int64_t>(g.kv_heads), last},
+            L::strides(g)};
+}
+/// A sequence-slot layout's [1, tokens, kv_heads, head_dim] run of one sequence from `data` (its
+/// first block), the leading stride one slot of `slot_blocks` blocks (kv_cache::sequence_tensor).
+template <class L>
+kv_tensor sequence_tensor(const kv_geometry& g, void* data, int device, std::size_t tokens, std::uint32_t slot_blocks) {
+    const auto s = L::sequence_strides(g);
+    return {data, g.type, device,
+            {1, static_cast<std::int64_t>(tokens), static_cast<std::int64_t>(g.kv_heads),
+             static_cast<std::int64_t>(g.head_dim)},
+            {s[0] * static_cast<std::int64_t>(slot_blocks) * g.block_tokens, s[0], s[1], s[2]}};
+}
+/// The bytes of layout `L`'s span over `g`, rounded up to a multiple of `alignment`.
+template <class L>
+std::size_t span_bytes(const kv_geometry& g, std::size_t alignment) {
+    if (alignment == 0) {
+        throw invalid_argument("kv_cache_options.span_alignment must not be zero");
+    }
+    const std::size_t bytes = L::span_bytes(g);
+    if (bytes > std::numeric_limits<std::size_t>::max() - alignment) {
+        throw invalid_argument("kv_geometry: the span overflows size_t when aligned");
+    }
+    return (bytes + alignment - 1) / alignment * alignment;
+}
 } // namespace detail
 
 /// The block-id policy of layout `L` (a kv_block_ids): `L::block_ids`, or block_allocator for a
