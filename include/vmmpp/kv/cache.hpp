@@ -104,8 +104,8 @@ public:
           pool_(detail::span_bytes<Layout>(geometry_, options.span_alignment), std::move(backing_options),
                 std::move(growth), std::move(quota)),
           blocks_(geometry_),
-          memory_(pool_, geometry_, options_.stream),
-          copy_(pool_.device()) {
+          copy_(pool_.device()),
+          memory_(pool_, geometry_, options_.stream) {
         // Where the first blocks go: a background mapper starts its spares there (else a no-op).
         Layout::for_each_piece(geometry_, 0, [&](std::size_t off, std::size_t bytes) { pool_.will_need(off, bytes); });
     }
@@ -127,10 +127,11 @@ public:
         return id;
     }
 
-    /// Appends `n_tokens` tokens to `seq`: takes blocks as needed (ids from the layout's
-    /// block-id policy: lowest free first, or the sequence's slot) and holds their memory in the pool. If the last block is shared (after a fork) and partly filled,
-    /// it is first copied to a block of the sequence's own (copy-on-write). Returns the new
-    /// tokens' range; their slots come from slot_mapping.
+    /// Appends `n_tokens` tokens to `seq`: takes blocks as needed (ids from the layout's block-id
+    /// policy: lowest free first, or the sequence's slot) and holds their memory in the pool. If
+    /// the last block is shared (after a fork) and partly filled, it is first copied to a block
+    /// of the sequence's own (copy-on-write). Returns the new tokens' range; their slots come
+    /// from slot_mapping.
     /// Throws: invalid_argument (unknown sequence), out_of_blocks, over_quota, out_of_memory,
     /// retired_memory, cuda_error. Guarantee: strong (see the class comment).
     token_range append(seq_id seq, std::size_t n_tokens) { return append(seq, n_tokens, options_.stream); }
@@ -503,9 +504,9 @@ private:
     kv_geometry geometry_;
     kv_cache_options options_;
     pool_type pool_;
-    block_ids_of<Layout> blocks_;                  // which ids blocks get, and their reference counts
-    detail::block_memory<pool_type, Layout> memory_;  // the pool's memory under them, in stream order
-    detail::device_copy<backing_type> copy_;
+    block_ids_of<Layout> blocks_;             // which ids blocks get, and their reference counts
+    detail::device_copy<backing_type> copy_;  // outlives memory_, whose end may record a fence
+    detail::block_memory<pool_type, Layout> memory_;  // the pool's memory under the blocks, in stream order
     std::map<seq_id, sequence> sequences_;
     seq_id next_id_ = 0;
     std::uint64_t cow_copies_ = 0;

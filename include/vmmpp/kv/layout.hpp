@@ -313,10 +313,9 @@ struct sequence_contiguous : basic_layer_major<token_order::nhd> {
     static constexpr const char* name = "sequence_contiguous";
     /// Block ids by sequence slot (vmmpp/kv/sequence_slots.hpp).
     using block_ids = slot_block_allocator;
-    static constexpr bool sequence_slots = true;
     /// Blocks of one slot: max_tokens_per_sequence rounded up to whole blocks.
     [[nodiscard]] static constexpr std::uint32_t slot_blocks(const kv_geometry& g) noexcept {
-        return static_cast<std::uint32_t>(g.blocks_for(g.max_tokens_per_sequence));
+        return slot_block_allocator::slot_blocks_for(g);
     }
     /// Sequences the cache can hold at once: max_blocks / slot_blocks.
     [[nodiscard]] static constexpr std::uint32_t slot_count(const kv_geometry& g) noexcept {
@@ -343,18 +342,6 @@ struct sequence_contiguous : basic_layer_major<token_order::nhd> {
 };
 static_assert(kv_layout<sequence_contiguous>);
 
-/// A layout whose block ids kv_cache hands out by sequence slot: each sequence's blocks are
-/// consecutive ids of its own slot (see sequence_contiguous).
-template <class L>
-concept sequence_slot_layout = kv_layout<L> && requires(const kv_geometry& g) {
-    requires L::sequence_slots;
-    { L::slot_blocks(g) } -> std::same_as<std::uint32_t>;
-    { L::slot_count(g) } -> std::same_as<std::uint32_t>;
-    { L::sequence_strides(g) } -> std::same_as<std::array<std::int64_t, 3>>;
-};
-static_assert(sequence_slot_layout<sequence_contiguous>);
-static_assert(!sequence_slot_layout<layer_major> && !sequence_slot_layout<mla>);
-
 namespace detail {
 template <class L>
 struct block_ids_of {
@@ -365,6 +352,26 @@ template <class L>
 struct block_ids_of<L> {
     using type = typename L::block_ids;
 };
+} // namespace detail
+
+/// The block-id policy of layout `L` (a kv_block_ids): `L::block_ids`, or block_allocator for a
+/// layout that names none.
+template <class L>
+using block_ids_of = typename detail::block_ids_of<L>::type;
+
+/// A layout whose block ids kv_cache hands out by sequence slot: each sequence's blocks are
+/// consecutive ids of its own slot (see sequence_contiguous).
+template <class L>
+concept sequence_slot_layout = kv_layout<L> && requires(const kv_geometry& g) {
+    requires std::same_as<block_ids_of<L>, slot_block_allocator>;
+    { L::slot_blocks(g) } -> std::same_as<std::uint32_t>;
+    { L::slot_count(g) } -> std::same_as<std::uint32_t>;
+    { L::sequence_strides(g) } -> std::same_as<std::array<std::int64_t, 3>>;
+};
+static_assert(sequence_slot_layout<sequence_contiguous>);
+static_assert(!sequence_slot_layout<layer_major> && !sequence_slot_layout<mla>);
+
+namespace detail {
 
 /// `g` checked by kv_geometry::validate and the layout's validate (invalid_argument naming what
 /// does not fit).
@@ -421,9 +428,5 @@ std::size_t span_bytes(const kv_geometry& g, std::size_t alignment) {
 }
 } // namespace detail
 
-/// The block-id policy of layout `L` (a kv_block_ids): `L::block_ids`, or block_allocator for a
-/// layout that names none.
-template <class L>
-using block_ids_of = typename detail::block_ids_of<L>::type;
 
 } // namespace vmmpp

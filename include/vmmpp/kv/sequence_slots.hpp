@@ -48,8 +48,11 @@ public:
           max_tokens_(max_tokens_per_sequence) {}
     /// Slots of max_tokens_per_sequence tokens in whole blocks (the layout validated that one fits).
     explicit slot_block_allocator(const kv_geometry& g)
-        : slot_block_allocator(g.max_blocks, static_cast<std::uint32_t>(g.blocks_for(g.max_tokens_per_sequence)),
-                               g.max_tokens_per_sequence) {}
+        : slot_block_allocator(g.max_blocks, slot_blocks_for(g), g.max_tokens_per_sequence) {}
+    /// Blocks of one slot over `g`: max_tokens_per_sequence rounded up to whole blocks.
+    [[nodiscard]] static constexpr std::uint32_t slot_blocks_for(const kv_geometry& g) noexcept {
+        return static_cast<std::uint32_t>(g.blocks_for(g.max_tokens_per_sequence));
+    }
 
     [[nodiscard]] std::size_t max_blocks() const noexcept { return refs_.size(); }
     [[nodiscard]] std::size_t used_blocks() const noexcept { return refs_.used(); }
