@@ -1,5 +1,6 @@
-// vmmpp/kv/block_allocator.hpp: block ids with reference counts. Allocation takes the lowest
-// free id, so live blocks stay packed at the bottom of the span and the top pages can go back.
+// vmmpp/kv/block_allocator.hpp: block ids with reference counts, the block-id policy of the
+// paged layouts (vmmpp/kv/block_ids.hpp). Allocation takes the lowest free id, so live blocks
+// stay packed at the bottom of the span and the top pages can go back.
 #pragma once
 
 #include <algorithm>
@@ -10,6 +11,8 @@
 #include <vector>
 
 #include "vmmpp/error.hpp"
+#include "vmmpp/kv/block_ids.hpp"
+#include "vmmpp/kv/geometry.hpp"
 
 namespace vmmpp {
 
@@ -71,12 +74,14 @@ private:
 
 } // namespace detail
 
-/// Reference-counted block ids in [0, max_blocks), lowest free first.
+/// Reference-counted block ids in [0, max_blocks), lowest free first, for any sequence: no
+/// slots, no limit per sequence, blocks shared by fork.
 class block_allocator {
 public:
     /// Room for every id's free-list entry is taken here, so release never allocates (and so
     /// never throws for a live id): free and truncate cannot stop half way.
     explicit block_allocator(std::uint32_t max_blocks) : refs_(max_blocks) { freed_.reserve(max_blocks); }
+    explicit block_allocator(const kv_geometry& g) : block_allocator(g.max_blocks) {}
 
     [[nodiscard]] std::size_t max_blocks() const noexcept { return refs_.size(); }
     [[nodiscard]] std::size_t used_blocks() const noexcept { return refs_.used(); }
@@ -98,6 +103,14 @@ public:
         refs_.take(static_cast<std::size_t>(id));
         return id;
     }
+
+    /// As a kv_block_ids policy: any sequence takes the lowest free id.
+    [[nodiscard]] std::int32_t allocate(std::uint32_t /*slot*/, std::size_t /*index*/) { return allocate(); }
+    [[nodiscard]] std::uint32_t take_slot() noexcept { return 0; }
+    void give_slot(std::uint32_t /*slot*/) noexcept {}
+    [[nodiscard]] bool fits(std::size_t /*tokens*/) const noexcept { return true; }
+    void check_room(std::uint64_t, std::size_t, std::size_t, const char*) const noexcept {}
+    void check_fork(std::uint64_t, const char*) const noexcept {}
 
     /// One more reference to a live block.
     void retain(std::int32_t id) { refs_.retain(id); }
@@ -121,5 +134,6 @@ private:
     std::vector<std::int32_t> freed_;  // a min-heap of freed ids, with room for all of them
     std::int32_t next_unused_ = 0;
 };
+static_assert(kv_block_ids<block_allocator>, "vmmpp::block_allocator does not model vmmpp::kv_block_ids");
 
 } // namespace vmmpp

@@ -6,25 +6,20 @@
 
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
-#include <exception>
-#include <limits>
 #include <map>
-#include <optional>
 #include <span>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "vmmpp/backing/concept.hpp"
-#include "vmmpp/driver/api.hpp"
-#include "vmmpp/driver/context.hpp"
 #include "vmmpp/error.hpp"
 #include "vmmpp/kv/block_allocator.hpp"
-#include "vmmpp/kv/block_fences.hpp"
+#include "vmmpp/kv/block_ids.hpp"
+#include "vmmpp/kv/detail/block_memory.hpp"
+#include "vmmpp/kv/detail/block_tables.hpp"
+#include "vmmpp/kv/detail/device_copy.hpp"
 #include "vmmpp/kv/geometry.hpp"
 #include "vmmpp/kv/layout.hpp"
 #include "vmmpp/kv/sequence_slots.hpp"
@@ -60,9 +55,13 @@ struct token_range {
 /// The default layout is block_major: all layers of a block lie together, so a new block is one
 /// range of the pool and its growth one commit. Under layer_major a block is one piece per layer
 /// and part (64 for 32 layers of K and V), each in its own region, and a block that reaches fresh
-/// pages commits one handle in every region: 2.5-3.7 ms on an H100 (issue 16's measurement).
-/// Kernels see the same per-layer [blocks, tokens, heads, dim] tensors either way; under
-/// block_major their block stride spans all layers (tensor() gives the strides).
+/// pages commits one handle in every region (per-handle costs: docs/ARCHITECTURE.md, "Driver
+/// costs"). Kernels see per-layer [blocks, tokens, heads, dim] tensors either way (tensor()).
+///
+/// The cache keeps sequences; its parts do the rest: the layout's block-id policy
+/// (block_ids_of<Layout>, a kv_block_ids) hands out ids and keeps reference counts,
+/// detail::block_memory holds their memory in the pool in stream order, detail::cache_sleep
+/// (vmmpp/kv/sleep.hpp) sleeps and wakes, detail::device_copy makes every copy.
 ///
 /// Thread safety: like a standard container: concurrent const calls are safe, anything else
 /// needs external synchronisation. Several caches on one shared budget may be used from
@@ -73,21 +72,22 @@ struct token_range {
 /// is a CUDA failure while giving memory back in `free`/`truncate`, after which the sequence
 /// change has still taken effect (the pool retires that memory: see elastic_pool).
 ///
-/// Stream order: memory is never given back, and a block is never written again, under GPU work
-/// that may still read it. The cache's own copies run on `kv_cache_options::stream`. `free(seq,
-/// stream)` and `truncate(seq, n, stream)` record an event after the work queued on `stream`
-/// (the engine's kernels that read the sequence's blocks; without a stream,
-/// `kv_cache_options::stream`) on every block they let go of, shared ones included: a block read
-/// from several streams (forks freed on different streams) waits for each of them. Its memory
-/// goes back once all of them completed, on a later call or, for a pool that is idle, without
-/// one. A freed block id may be handed out again at once; `append(seq, n, stream)` then makes
-/// `stream` wait (cuStreamWaitEvent) for the reads queued before the block's free, so the
-/// block's new tokens may be written by work queued on `stream` after the append (by default
-/// `kv_cache_options::stream`: an engine that writes on another stream orders it after that
-/// one, or passes its own). The caller's thread never waits.
+/// Stream order (docs/ARCHITECTURE.md, "Stream order"): memory is never given back, and a block
+/// never written again, under GPU work that may still read it. The cache's own copies run on
+/// `kv_cache_options::stream`. `free(seq, stream)` and `truncate(seq, n, stream)` record an event
+/// after the work queued on `stream` (by default `kv_cache_options::stream`) on every block they
+/// let go of, shared ones included; its memory goes back once every such event completed, on a
+/// later call or, for an idle pool, without one. A freed block id may be handed out again at
+/// once: `append(seq, n, stream)` makes `stream` wait (cuStreamWaitEvent) for the reads queued
+/// before the block's free, so work queued on `stream` after the append may write its new tokens.
+/// The caller's thread never waits.
 template <class Config, class Layout = block_major>
 class kv_cache {
     static_assert(kv_layout<Layout>, "vmmpp::kv_cache: Layout does not model vmmpp::kv_layout");
+    static_assert(kv_block_ids<block_ids_of<Layout>>,
+                  "vmmpp::kv_cache: Layout::block_ids does not model vmmpp::kv_block_ids");
+    friend class detail::cache_sleep<kv_cache>;
+    static constexpr bool slotted = sequence_slot_layout<Layout>;  // the members below that say so
 
 public:
     using pool_type = elastic_pool<Config>;
@@ -99,43 +99,39 @@ public:
     explicit kv_cache(const kv_geometry& geometry, typename backing_type::options backing_options = {},
                       typename Config::growth_type growth = {}, typename Config::quota_type quota = {},
                       kv_cache_options options = {})
-        : geometry_(validated(geometry)),
+        : geometry_(detail::validated<Layout>(geometry)),
           options_(options),
-          pool_(span_bytes(geometry_, options.span_alignment), std::move(backing_options), std::move(growth),
-                std::move(quota)),
-          blocks_(make_block_allocator(geometry_)) {
-        if constexpr (pool_type::has_mapper) {
-            // Where the first blocks go: the background mapper starts its spares there.
-            Layout::for_each_piece(geometry_, 0, [&](std::size_t off, std::size_t bytes) { pool_.will_need(off, bytes); });
-        }
+          pool_(detail::span_bytes<Layout>(geometry_, options.span_alignment), std::move(backing_options),
+                std::move(growth), std::move(quota)),
+          blocks_(geometry_),
+          copy_(pool_.device()),
+          memory_(pool_, geometry_, options_.stream) {
+        // Where the first blocks go: a background mapper starts its spares there (else a no-op).
+        Layout::for_each_piece(geometry_, 0, [&](std::size_t off, std::size_t bytes) { pool_.will_need(off, bytes); });
     }
 
     kv_cache(const kv_cache&) = delete;
     kv_cache& operator=(const kv_cache&) = delete;
-    /// The pool waits for the cache's queued copies (and every fence recorded) before it unmaps.
-    ~kv_cache() {
-        if (copies_queued_) {
-            try {
-                (void)pool_.record_fence(options_.stream);
-            } catch (...) {
-                // the stream's context is gone: its copies cannot run any more
-            }
-        }
-    }
 
     /// A new, empty sequence.
     [[nodiscard]] seq_id add_sequence() {
         const seq_id id = next_id_;
-        const auto it = sequences_.emplace(id, sequence{}).first;
-        take_sequence_slot(it);  // sequence-slot layouts; out_of_sequence_slots leaves nothing behind
+        const std::uint32_t slot = blocks_.take_slot();  // may throw (out_of_sequence_slots): nothing changed yet
+        try {
+            sequences_.emplace(id, sequence{{}, 0, slot});
+        } catch (...) {
+            blocks_.give_slot(slot);
+            throw;
+        }
         ++next_id_;
         return id;
     }
 
-    /// Appends `n_tokens` tokens to `seq`: takes blocks as needed (lowest free ids) and holds
-    /// their memory in the pool. If the last block is shared (after a fork) and partly filled,
-    /// it is first copied to a block of the sequence's own (copy-on-write). Returns the new
-    /// tokens' range; their slots come from slot_mapping.
+    /// Appends `n_tokens` tokens to `seq`: takes blocks as needed (ids from the layout's block-id
+    /// policy: lowest free first, or the sequence's slot) and holds their memory in the pool. If
+    /// the last block is shared (after a fork) and partly filled, it is first copied to a block
+    /// of the sequence's own (copy-on-write). Returns the new tokens' range; their slots come
+    /// from slot_mapping.
     /// Throws: invalid_argument (unknown sequence), out_of_blocks, over_quota, out_of_memory,
     /// retired_memory, cuda_error. Guarantee: strong (see the class comment).
     token_range append(seq_id seq, std::size_t n_tokens) { return append(seq, n_tokens, options_.stream); }
@@ -145,14 +141,14 @@ public:
     /// `stream` wait for them first (see the class comment), and a copy-on-write of a shared
     /// partial block is queued on `stream`, after the work there that wrote its tokens.
     token_range append(seq_id seq, std::size_t n_tokens, cudaStream_t stream) {
-        refuse_while_asleep("append");  // sleep and wake: no memory to append into
+        sleep_.refuse("append");  // no memory to append into
         sequence& s = find(seq);
         const token_range added{s.tokens, n_tokens};
         if (n_tokens == 0) {
             return added;
         }
         const plan p = plan_append(s, n_tokens);
-        check_slot_room(seq, s, n_tokens);  // sequence-slot layouts: the slot must hold them
+        blocks_.check_room(seq, s.tokens, n_tokens, Layout::name);
         if (p.new_blocks > blocks_.free_blocks()) {
             throw out_of_blocks(p.new_blocks, blocks_.free_blocks(), blocks_.max_blocks());
         }
@@ -162,26 +158,25 @@ public:
         std::size_t held = 0;  // fresh blocks whose pieces are held
         try {
             while (fresh.size() < p.new_blocks) {
-                fresh.push_back(allocate_block(s, fresh.size()));
+                fresh.push_back(blocks_.allocate(s.slot, s.blocks.size() + fresh.size()));
             }
             // The quota is asked once for the whole append, before anything is committed.
             const auto prepaid = prepay_append(seq, n_tokens, fresh);
-            commit_ahead(fresh);
+            memory_.commit_ahead(fresh);
             for (; held < fresh.size(); ++held) {
-                hold_block(fresh[held]);
+                memory_.hold(fresh[held]);
             }
-            order_writes_after_reads(fresh, stream);
+            memory_.order_writes_after_reads(fresh, stream);
             if (p.copy_on_write) {
                 copy_block(s.blocks.back(), fresh.front(), stream);
             }
         } catch (...) {
             // Rows of a failed copy may already be queued into the fresh blocks.
-            const pool_fence after = p.copy_on_write && stream != options_.stream ? fence_noexcept(stream)
-                                                                                  : copies_fence_noexcept();
+            const pool_fence after = memory_.failed_append_fence(p.copy_on_write, stream);
             for (std::size_t i = 0; i < fresh.size(); ++i) {
                 blocks_.release(fresh[i]);
                 if (i < held) {
-                    unhold_block_noexcept(fresh[i], after);
+                    memory_.unhold_noexcept(fresh[i], after);
                 }
             }
             throw;
@@ -202,7 +197,7 @@ public:
     /// Throws: invalid_argument (unknown sequence). Guarantee: strong.
     [[nodiscard]] seq_id fork(seq_id seq) {
         const sequence& parent = find(seq);
-        refuse_fork_of_slot(seq);  // sequence-slot layouts cannot share blocks
+        blocks_.check_fork(seq, Layout::name);
         sequence child{parent.blocks, parent.tokens};  // may throw: nothing changed yet
         const seq_id id = next_id_;
         sequences_.emplace(id, std::move(child));
@@ -223,7 +218,7 @@ public:
     /// cuda_error recording the fence (nothing changed) or giving memory back (the truncate has
     /// taken effect).
     void truncate(seq_id seq, std::size_t n_tokens, cudaStream_t stream) {
-        refuse_while_asleep("truncate");  // sleep and wake: the blocks hold no memory
+        sleep_.refuse("truncate");  // the blocks hold no memory
         sequence& s = find(seq);
         if (n_tokens > s.tokens) {
             throw invalid_argument("truncate of sequence " + std::to_string(seq) + " to " + std::to_string(n_tokens) +
@@ -232,10 +227,10 @@ public:
         const std::size_t keep = geometry_.blocks_for(n_tokens);
         const std::span<const std::int32_t> tail(s.blocks.begin() + static_cast<std::ptrdiff_t>(keep), s.blocks.end());
         std::vector<std::int32_t> dropped(tail.begin(), tail.end());  // may throw: nothing changed yet
-        prepare_drop(dropped, stream);                                   // likewise
+        memory_.prepare_drop(dropped, stream, blocks_);                  // likewise
         s.blocks.resize(keep);
         s.tokens = n_tokens;
-        drop_blocks(dropped);
+        memory_.drop(dropped, blocks_);
     }
 
     /// Frees `seq`: blocks whose last reference it held are freed, and pages that hold no live
@@ -249,21 +244,21 @@ public:
     /// Throws: invalid_argument (unknown or freed sequence; nothing changed); cuda_error recording
     /// the fence (nothing changed) or giving memory back (the free has taken effect).
     void free(seq_id seq, cudaStream_t stream) {
-        refuse_while_asleep("free");  // sleep and wake: the blocks hold no memory
+        sleep_.refuse("free");  // the blocks hold no memory
         auto it = sequences_.find(seq);
         if (it == sequences_.end()) {
             throw unknown_sequence(seq);
         }
-        prepare_drop(it->second.blocks, stream);  // may throw: nothing changed yet
+        memory_.prepare_drop(it->second.blocks, stream, blocks_);  // may throw: nothing changed yet
         std::vector<std::int32_t> dropped = std::move(it->second.blocks);
         const std::uint32_t slot = it->second.slot;
         sequences_.erase(it);
         struct slot_back {  // the slot is free once its blocks are, even if giving memory back throws
             kv_cache& c;
             std::uint32_t slot;
-            ~slot_back() { c.give_sequence_slot(slot); }
+            ~slot_back() { c.blocks_.give_slot(slot); }
         } give_back{*this, slot};
-        drop_blocks(dropped);
+        memory_.drop(dropped, blocks_);
     }
 
     /// Gives back memory whose release waited for GPU work that has completed since (the pool's
@@ -277,13 +272,8 @@ public:
     [[nodiscard]] bool can_append(seq_id seq, std::size_t n_tokens) const {
         const sequence& s = find(seq);
         const std::size_t max_tokens = std::size_t{geometry_.max_blocks} * geometry_.block_tokens;
-        if (n_tokens > max_tokens - s.tokens) {
+        if (n_tokens > max_tokens - s.tokens || !blocks_.fits(s.tokens + n_tokens)) {
             return false;
-        }
-        if constexpr (sequence_slot_layout<Layout>) {
-            if (s.tokens + n_tokens > geometry_.max_tokens_per_sequence) {
-                return false;
-            }
         }
         return n_tokens == 0 || plan_append(s, n_tokens).new_blocks <= blocks_.free_blocks();
     }
@@ -309,42 +299,15 @@ public:
     /// block * block_tokens + offset in block, int64.
     void slot_mapping(seq_id seq, std::size_t first, std::span<std::int64_t> out) const {
         const sequence& s = find(seq);
-        if (first > s.tokens || out.size() > s.tokens - first) {
-            throw invalid_argument("slot_mapping of tokens [" + std::to_string(first) + ", +" +
-                                   std::to_string(out.size()) + ") of sequence " + std::to_string(seq) +
-                                   " with " + std::to_string(s.tokens) + " tokens");
-        }
-        const std::size_t bt = geometry_.block_tokens;
-        for (std::size_t i = 0; i < out.size(); ++i) {
-            const std::size_t t = first + i;
-            out[i] = static_cast<std::int64_t>(s.blocks[t / bt]) * static_cast<std::int64_t>(bt) +
-                     static_cast<std::int64_t>(t % bt);
-        }
+        detail::slot_mapping(seq, s.blocks, s.tokens, geometry_.block_tokens, first, out);
     }
 
     /// Packs the block tables of `seqs` into `out` as a [seqs.size(), max_blocks_per_seq] int32
     /// row-major matrix, rows padded with `pad`.
     void pack_block_tables(std::span<const seq_id> seqs, std::size_t max_blocks_per_seq, std::span<std::int32_t> out,
                            std::int32_t pad = 0) const {
-        check_table_shape(seqs.size(), max_blocks_per_seq);
-        if (out.size() != seqs.size() * max_blocks_per_seq) {
-            throw invalid_argument("pack_block_tables: output holds " + std::to_string(out.size()) + " ids, needs " +
-                                   std::to_string(seqs.size()) + " x " + std::to_string(max_blocks_per_seq));
-        }
-        for (std::size_t r = 0; r < seqs.size(); ++r) {
-            const sequence& s = find(seqs[r]);
-            if (s.blocks.size() > max_blocks_per_seq) {
-                throw invalid_argument("pack_block_tables: sequence " + std::to_string(seqs[r]) + " has " +
-                                       std::to_string(s.blocks.size()) + " blocks, more than " +
-                                       std::to_string(max_blocks_per_seq));
-            }
-        }
-        for (std::size_t r = 0; r < seqs.size(); ++r) {
-            const auto& blocks = find(seqs[r]).blocks;
-            auto row = out.subspan(r * max_blocks_per_seq, max_blocks_per_seq);
-            std::copy(blocks.begin(), blocks.end(), row.begin());
-            std::fill(row.begin() + static_cast<std::ptrdiff_t>(blocks.size()), row.end(), pad);
-        }
+        detail::pack_tables(seqs, max_blocks_per_seq, geometry_.max_blocks, out, pad,
+                            [&](seq_id id) { return std::span<const std::int32_t>(find(id).blocks); });
     }
 
     /// Packs the block tables (as pack_block_tables) and copies them to `device_out` (device
@@ -352,36 +315,17 @@ public:
     /// may be reused as soon as this returns.
     void upload_block_tables(std::span<const seq_id> seqs, std::size_t max_blocks_per_seq, std::int32_t* device_out,
                              cudaStream_t stream, std::int32_t pad = 0) {
-        check_table_shape(seqs.size(), max_blocks_per_seq);
+        detail::check_table_shape(seqs.size(), max_blocks_per_seq, geometry_.max_blocks);
         staging_.resize(seqs.size() * max_blocks_per_seq);
         pack_block_tables(seqs, max_blocks_per_seq, staging_, pad);
-        if (pool_.device() < 0) {  // a host cache: the runtime finds the device of `device_out`
-            driver::check(::cudaMemcpyAsync(device_out, staging_.data(), staging_.size() * sizeof(std::int32_t),
-                                            cudaMemcpyHostToDevice, stream),
-                          "cudaMemcpyAsync(block tables)");
-            return;
-        }
-        scoped_context current(device_context());
-        driver::check(driver::get().memcpy_htod_async(reinterpret_cast<CUdeviceptr>(device_out), staging_.data(),
-                                                      staging_.size() * sizeof(std::int32_t), stream),
-                      "cuMemcpyHtoDAsync(block tables)");
+        copy_.upload(device_out, staging_.data(), staging_.size() * sizeof(std::int32_t), stream);
     }
 
     /// Address of block `block`'s K (or V) for layer `layer`: its element [token 0, head 0, 0].
     /// Throws invalid_argument for a layer or block outside the cache, or a part the layout does
     /// not have (V of mla).
     [[nodiscard]] std::byte* address(std::uint32_t layer, kv_part part, std::int32_t block) const {
-        if (static_cast<unsigned>(part) >= Layout::parts) {
-            throw invalid_argument("KV address of part " + std::to_string(static_cast<unsigned>(part)) + " of layer " +
-                                   std::to_string(layer) + ": the " + Layout::name + " layout has " +
-                                   std::to_string(Layout::parts) +
-                                   (Layout::parts == 1 ? " part (the key: a latent, no value)" : " parts (key, value)"));
-        }
-        if (layer >= geometry_.layers || block < 0 || static_cast<std::uint32_t>(block) >= geometry_.max_blocks) {
-            throw invalid_argument("KV address of layer " + std::to_string(layer) + ", block " + std::to_string(block) +
-                                   " outside " + std::to_string(geometry_.layers) + " layers x " +
-                                   std::to_string(geometry_.max_blocks) + " blocks");
-        }
+        detail::check_address<Layout>(geometry_, layer, part, block);
         return pool_.base() + Layout::offset(geometry_, layer, part, static_cast<std::uint32_t>(block));
     }
     [[nodiscard]] std::byte* key(std::uint32_t layer, std::int32_t block) const { return address(layer, kv_part::key, block); }
@@ -396,7 +340,7 @@ public:
     /// address(layer, part, b) + (t * strides[1] + h * strides[2] + d) elements.
     /// Throws invalid_argument as address() does.
     [[nodiscard]] kv_tensor tensor(std::uint32_t layer, kv_part part) const {
-        return describe(layer, part, geometry_.head_dim);
+        return detail::layer_tensor<Layout>(geometry_, address(layer, part, 0), pool_.device(), geometry_.head_dim);
     }
 
     /// packed_kv layouts: layer `layer`'s K and V together as one strided
@@ -406,7 +350,8 @@ public:
     [[nodiscard]] kv_tensor packed_tensor(std::uint32_t layer) const
         requires(Layout::packs_kv)
     {
-        return describe(layer, kv_part::key, 2 * std::int64_t{geometry_.head_dim});
+        return detail::layer_tensor<Layout>(geometry_, address(layer, kv_part::key, 0), pool_.device(),
+                                            2 * std::int64_t{geometry_.head_dim});
     }
 
     // --- sequence-slot layouts (sequence_contiguous): a contiguous run per sequence ---
@@ -418,43 +363,18 @@ public:
     /// the sequence's blocks in order; the pointer stays valid (and the run grows in place) while
     /// the sequence lives. Throws invalid_argument as address() does, or for an unknown sequence.
     [[nodiscard]] kv_tensor sequence_tensor(seq_id seq, std::uint32_t layer, kv_part part) const
-        requires sequence_slot_layout<Layout>
+        requires slotted
     {
         const sequence& s = find(seq);
-        const auto strides = Layout::sequence_strides(geometry_);
-        kv_tensor t;
-        t.data = address(layer, part, static_cast<std::int32_t>(std::size_t{s.slot} * blocks_.slot_blocks()));
-        t.type = geometry_.type;
-        t.device = pool_.device();
-        t.shape = {1, static_cast<std::int64_t>(s.tokens), static_cast<std::int64_t>(geometry_.kv_heads),
-                   static_cast<std::int64_t>(geometry_.head_dim)};
-        // The leading stride: one slot (where the next sequence slot's run begins).
-        t.strides = {strides[0] * static_cast<std::int64_t>(blocks_.slot_blocks()) * geometry_.block_tokens, strides[0],
-                     strides[1], strides[2]};
-        return t;
+        std::byte* first = address(layer, part, static_cast<std::int32_t>(std::size_t{s.slot} * blocks_.slot_blocks()));
+        return detail::sequence_tensor<Layout>(geometry_, first, pool_.device(), s.tokens, blocks_.slot_blocks());
     }
     /// The slot of `seq`: its blocks are slot * slot_blocks() + 0, 1, ...
-    [[nodiscard]] std::uint32_t sequence_slot(seq_id seq) const
-        requires sequence_slot_layout<Layout>
-    {
-        return find(seq).slot;
-    }
+    [[nodiscard]] std::uint32_t sequence_slot(seq_id seq) const requires slotted { return find(seq).slot; }
     /// Blocks per slot (max_tokens_per_sequence in whole blocks), slots in all and free ones.
-    [[nodiscard]] std::uint32_t slot_blocks() const noexcept
-        requires sequence_slot_layout<Layout>
-    {
-        return blocks_.slot_blocks();
-    }
-    [[nodiscard]] std::size_t slot_count() const noexcept
-        requires sequence_slot_layout<Layout>
-    {
-        return blocks_.slot_count();
-    }
-    [[nodiscard]] std::size_t free_slots() const noexcept
-        requires sequence_slot_layout<Layout>
-    {
-        return blocks_.free_slots();
-    }
+    [[nodiscard]] std::uint32_t slot_blocks() const noexcept requires slotted { return blocks_.slot_blocks(); }
+    [[nodiscard]] std::size_t slot_count() const noexcept requires slotted { return blocks_.slot_count(); }
+    [[nodiscard]] std::size_t free_slots() const noexcept requires slotted { return blocks_.free_slots(); }
 
     [[nodiscard]] const kv_geometry& geometry() const noexcept { return geometry_; }
     [[nodiscard]] const pool_type& pool() const noexcept { return pool_; }
@@ -462,22 +382,16 @@ public:
     /// The live sequences by id, ascending (see vmmpp/kv/views.hpp for views over them).
     [[nodiscard]] const auto& sequence_map() const noexcept { return sequences_; }
 
-    // --- sleep and wake (vmmpp/kv/sleep.hpp): one block of members, public then private ---
+    // --- sleep and wake (detail::cache_sleep, vmmpp/kv/sleep.hpp) ---
 
     /// Whether the cache sleeps: its live blocks are in a host buffer and its pool gave its
     /// device memory back. Sequences, block tables, addresses and tensors stay as they were.
-    [[nodiscard]] bool asleep() const noexcept { return sleep_.asleep; }
+    [[nodiscard]] bool asleep() const noexcept { return sleep_.asleep(); }
 
     /// Bytes sleep() would copy now: the live blocks' pieces (Layout::for_each_piece), merged
     /// into contiguous ranges. The host buffer given to sleep must hold at least this.
     /// Throws: std::bad_alloc.
-    [[nodiscard]] std::size_t sleep_bytes() const {
-        std::size_t total = 0;
-        for (const byte_range& r : merged_pieces(live_blocks())) {
-            total += r.bytes;
-        }
-        return total;
-    }
+    [[nodiscard]] std::size_t sleep_bytes() const { return sleep_.bytes(*this); }
 
     /// sleep(host, kv_cache_options::stream).
     sleep_result sleep(std::span<std::byte> host)
@@ -487,70 +401,18 @@ public:
     }
 
     /// Puts the cache to sleep: copies every live block to `host` (sleep_bytes() bytes, ranges
-    /// back to back in offset order), waits for the copies, then releases every block's memory
-    /// and gives back all of the pool's memory (pool synchronize and trim: spares and kept
-    /// handles too), keeping the address reservation and every sequence. `host` must stay
-    /// untouched until wake(). Pinned host memory (cudaMallocHost) copies at full speed; the
-    /// engine's work on the blocks must be queued on `stream` (or finished) before the call.
-    /// Calls that need memory (append, truncate, free, sleep) throw vmmpp::cache_asleep until
-    /// wake(); reads (block tables, slot mapping, addresses, tensors) and fork stay valid.
-    /// Throws: cache_asleep (sleeping already), invalid_argument (`host` too small), cuda_error
-    /// (a copy failed): all with the cache awake and unchanged. cuda_error or retired_memory
-    /// while the memory goes back: the cache sleeps all the same (the data is in `host`).
-    /// Waits: for `stream`, the cache's own copies and every fence of the pool.
+    /// back to back in offset order; pinned memory copies fastest), waits for the copies, then
+    /// gives back all of the pool's memory, keeping the address reservation and every sequence.
+    /// `host` must stay untouched until wake(); the engine's work on the blocks must be queued on
+    /// `stream` (or finished). Until wake(), append, truncate, free and sleep throw
+    /// cache_asleep; reads (tables, slots, addresses, tensors) and fork stay valid.
+    /// Throws: cache_asleep, invalid_argument (`host` too small), cuda_error (a copy failed): the
+    /// cache awake and unchanged; cuda_error or retired_memory while memory goes back: it sleeps
+    /// all the same. Waits: for `stream`, the cache's own copies and every fence of the pool.
     sleep_result sleep(std::span<std::byte> host, cudaStream_t stream)
         requires Config::growth_type::is_elastic
     {
-        if (sleep_.asleep) {
-            throw cache_asleep("sleep");
-        }
-        sleep_state next;
-        next.blocks = live_blocks();
-        next.ranges = merged_pieces(next.blocks);
-        std::size_t total = 0;
-        for (const byte_range& r : next.ranges) {
-            total += r.bytes;
-        }
-        if (host.size() < total) {
-            throw invalid_argument("kv_cache::sleep: the host buffer holds " + std::to_string(host.size()) +
-                                   " bytes; the " + std::to_string(next.blocks.size()) + " live blocks need " +
-                                   std::to_string(total));
-        }
-        next.asleep = true;
-        next.host = host.data();
-        wait_for_device(options_.stream);  // the cache's own copies write into live blocks
-        sleep_result result{total, next.ranges.size(), next.blocks.size(), 0};
-        try {
-            copy_sleeping_ranges(next, /*to_host=*/true, stream);
-            wait_for_device(stream);
-        } catch (...) {
-            try {
-                wait_for_device(stream);  // copies queued before the failure still read the blocks
-            } catch (...) {
-                // the context is gone: nothing queued runs any more
-            }
-            throw;
-        }
-        // Commit point: the data is in `host`; from here on the cache sleeps, whatever fails.
-        const std::size_t before = pool_.committed_bytes();
-        sleep_ = std::move(next);
-        std::exception_ptr first;
-        for (std::int32_t b : sleep_.blocks) {
-            if (auto e = unhold_block(b, pool_fence{})) {  // every fence waited for above
-                first = first ? first : e;
-            }
-        }
-        try {
-            (void)pool_.trim();
-        } catch (...) {
-            first = first ? first : std::current_exception();
-        }
-        const std::size_t after = pool_.committed_bytes();
-        result.pool_bytes = before > after ? before - after : 0;
-        if (first) {
-            std::rethrow_exception(first);
-        }
-        return result;
+        return sleep_.sleep(*this, host, stream);
     }
 
     /// wake(kv_cache_options::stream).
@@ -560,234 +422,39 @@ public:
         return wake(options_.stream);
     }
 
-    /// Wakes the cache: holds every live block's memory again at the same offsets (committing
-    /// it), copies the blocks back from the host buffer given to sleep() and waits for the
-    /// copies. Block ids, tables, addresses and tensors are as before the sleep. A cache that is
-    /// awake is left as it is (the result is all zeros).
-    /// Throws: over_quota, out_of_memory, retired_memory, cuda_error: the cache still sleeps,
-    /// with its data in the host buffer and the memory this call committed given back, so wake()
-    /// may be called again.
-    /// Waits: for the copies on `stream`.
+    /// Wakes the cache: holds every live block's memory again at the same offsets, copies the
+    /// blocks back from the host buffer and waits for the copies (on `stream`). Ids, tables,
+    /// addresses and tensors are as before the sleep. An awake cache is left as it is (all zeros).
+    /// Throws: over_quota, out_of_memory, retired_memory, cuda_error: the cache still sleeps, with
+    /// the memory this call committed given back, so wake() may be called again.
     sleep_result wake(cudaStream_t stream)
         requires Config::growth_type::is_elastic
     {
-        if (!sleep_.asleep) {
-            return {};
-        }
-        const std::size_t before = pool_.committed_bytes();
-        std::size_t held = 0;
-        try {
-            for (std::int32_t b : sleep_.blocks) {
-                hold_block(b);
-                ++held;
-            }
-            copy_sleeping_ranges(sleep_, /*to_host=*/false, stream);
-            wait_for_device(stream);
-        } catch (...) {
-            try {
-                wait_for_device(stream);  // copies queued before the failure still write the blocks
-            } catch (...) {
-                // the context is gone: nothing queued runs any more
-            }
-            for (std::size_t i = 0; i < held; ++i) {
-                unhold_block_noexcept(sleep_.blocks[i], pool_fence{});
-            }
-            try {
-                (void)pool_.trim();
-            } catch (...) {
-                // what stays committed is counted in the pool's statistics
-            }
-            throw;
-        }
-        sleep_result result{0, sleep_.ranges.size(), sleep_.blocks.size(), 0};
-        for (const byte_range& r : sleep_.ranges) {
-            result.bytes_copied += r.bytes;
-        }
-        const std::size_t after = pool_.committed_bytes();
-        result.pool_bytes = after > before ? after - before : 0;
-        sleep_ = sleep_state{};
-        return result;
+        return sleep_.wake(*this, stream);
     }
-
-private:
-    /// While asleep: the host buffer, the live blocks and their merged ranges (offset order).
-    struct sleep_state {
-        bool asleep = false;
-        std::byte* host = nullptr;
-        std::vector<std::int32_t> blocks;
-        std::vector<byte_range> ranges;
-    };
-    /// Throws cache_asleep for `operation` while the cache sleeps.
-    void refuse_while_asleep(const char* operation) const {
-        if (sleep_.asleep) {
-            throw cache_asleep(operation);
-        }
-    }
-    /// Every block some sequence references, ascending, once each.
-    std::vector<std::int32_t> live_blocks() const {
-        std::vector<std::int32_t> blocks;
-        for (const auto& [id, s] : sequences_) {
-            blocks.insert(blocks.end(), s.blocks.begin(), s.blocks.end());
-        }
-        std::sort(blocks.begin(), blocks.end());
-        blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
-        return blocks;
-    }
-    /// Copies `st`'s ranges between the pool and its host buffer: queued on `stream` with
-    /// cuMemcpyAsync for device-visible memory (one call per range; a range may span several
-    /// physical allocations), std::memcpy for host memory.
-    void copy_sleeping_ranges(const sleep_state& st, bool to_host, cudaStream_t stream) {
-        std::byte* host = st.host;
-        if constexpr (has_property<backing_type, device_accessible>) {
-            scoped_context current(device_context());
-            for (const byte_range& r : st.ranges) {
-                std::byte* dev = pool_.base() + r.offset;
-                const auto from = reinterpret_cast<CUdeviceptr>(to_host ? dev : host);
-                const auto to = reinterpret_cast<CUdeviceptr>(to_host ? host : dev);
-                driver::check(driver::get().memcpy_async(to, from, r.bytes, stream),
-                              to_host ? "cuMemcpyAsync(kv_cache::sleep)" : "cuMemcpyAsync(kv_cache::wake)");
-                host += r.bytes;
-            }
-        } else {
-            for (const byte_range& r : st.ranges) {
-                std::byte* dev = pool_.base() + r.offset;
-                std::memcpy(to_host ? host : dev, to_host ? dev : host, r.bytes);
-                host += r.bytes;
-            }
-        }
-    }
-    /// Device-visible memory: waits for the work queued on `stream` so far (and every fence of
-    /// the pool), through a pool fence. Host memory: nothing to wait for.
-    void wait_for_device(cudaStream_t stream) {
-        if constexpr (has_property<backing_type, device_accessible>) {
-            (void)pool_.record_fence(stream);
-            if (stream == options_.stream) {
-                copies_queued_ = false;  // the fence covers the cache's own copies
-            }
-            (void)pool_.synchronize();
-        }
-    }
-    sleep_state sleep_;
-
-public:
-    // --- end of sleep and wake ---
 
 private:
     struct sequence {
         std::vector<std::int32_t> blocks;
         std::size_t tokens = 0;
-        std::uint32_t slot = 0;  // sequence-slot layouts only
+        std::uint32_t slot = 0;  // its slot in the block-id policy (0 where there are none)
     };
-    // Block ids: lowest free first (paged layouts), or by sequence slot (sequence_slot_layout).
-    static constexpr bool slotted = sequence_slot_layout<Layout>;
-    using block_allocator_type = std::conditional_t<slotted, slot_block_allocator, block_allocator>;
-    static block_allocator_type make_block_allocator(const kv_geometry& g) {
-        if constexpr (slotted) {
-            return slot_block_allocator(g.max_blocks, Layout::slot_blocks(g));
-        } else {
-            return block_allocator(g.max_blocks);
-        }
-    }
-    /// Gives the new sequence at `it` its slot, or erases it and rethrows out_of_sequence_slots.
-    void take_sequence_slot(typename std::map<seq_id, sequence>::iterator it) {
-        if constexpr (slotted) {
-            try {
-                it->second.slot = blocks_.take_slot(geometry_.max_tokens_per_sequence);
-            } catch (...) {
-                sequences_.erase(it);
-                throw;
-            }
-        }
-    }
-    void give_sequence_slot(std::uint32_t slot) noexcept {
-        if constexpr (slotted) {
-            blocks_.give_slot(slot);  // a taken slot: never throws
-        }
-    }
-    /// Sequence-slot layouts: invalid_argument (nothing changed) when `s` would outgrow its slot.
-    void check_slot_room(seq_id seq, const sequence& s, std::size_t n_tokens) const {
-        if constexpr (slotted) {
-            if (n_tokens > geometry_.max_tokens_per_sequence - s.tokens) {
-                throw invalid_argument("append of " + std::to_string(n_tokens) + " tokens to sequence " +
-                                       std::to_string(seq) + " (" + std::to_string(s.tokens) +
-                                       " tokens): more than max_tokens_per_sequence " +
-                                       std::to_string(geometry_.max_tokens_per_sequence) + " of the " + Layout::name +
-                                       " layout");
-            }
-        }
-    }
-    /// The next block of `s`: the lowest free id, or the next id of its slot (the k-th new one).
-    std::int32_t allocate_block(const sequence& s, std::size_t k) {
-        if constexpr (slotted) {
-            return blocks_.allocate_in(s.slot, s.blocks.size() + k);
-        } else {
-            return blocks_.allocate();
-        }
-    }
-    void refuse_fork_of_slot(seq_id seq) const {
-        if constexpr (slotted) {
-            throw invalid_argument("fork of sequence " + std::to_string(seq) + ": the " + Layout::name +
-                                   " layout gives each sequence its own contiguous slot of block ids, so a fork "
-                                   "cannot share blocks; add a sequence and append (copy) instead");
-        }
-    }
     struct plan {
         std::size_t total_blocks;  // blocks the sequence will have
         std::size_t new_blocks;    // fresh blocks to take (including a copy-on-write target)
         bool copy_on_write;
     };
 
-    static const kv_geometry& validated(const kv_geometry& g) {
-        g.validate();
-        Layout::validate(g);
-        return g;
-    }
-
-    /// The tensor of layer `layer`'s `part` whose last dimension holds `last` elements.
-    kv_tensor describe(std::uint32_t layer, kv_part part, std::int64_t last) const {
-        kv_tensor t;
-        t.data = address(layer, part, 0);
-        t.type = geometry_.type;
-        t.device = pool_.device();
-        t.shape = {static_cast<std::int64_t>(geometry_.max_blocks), static_cast<std::int64_t>(geometry_.block_tokens),
-                   static_cast<std::int64_t>(geometry_.kv_heads), last};
-        t.strides = Layout::strides(geometry_);
-        return t;
-    }
-    static std::size_t span_bytes(const kv_geometry& g, std::size_t alignment) {
-        if (alignment == 0) {
-            throw invalid_argument("kv_cache_options.span_alignment must not be zero");
-        }
-        const std::size_t bytes = Layout::span_bytes(g);
-        if (bytes > std::numeric_limits<std::size_t>::max() - alignment) {
-            throw invalid_argument("kv_geometry: the span overflows size_t when aligned");
-        }
-        return (bytes + alignment - 1) / alignment * alignment;
-    }
-    /// A [rows, max_blocks_per_seq] table whose size does not overflow: a row longer than the
-    /// cache's max_blocks is never useful, and bounding it keeps rows * columns in range.
-    void check_table_shape(std::size_t rows, std::size_t max_blocks_per_seq) const {
-        if (max_blocks_per_seq > geometry_.max_blocks ||
-            (max_blocks_per_seq != 0 && rows > std::numeric_limits<std::size_t>::max() / max_blocks_per_seq)) {
-            throw invalid_argument("block tables of " + std::to_string(rows) + " sequences x " +
-                                   std::to_string(max_blocks_per_seq) + " blocks: at most " +
-                                   std::to_string(geometry_.max_blocks) + " blocks per sequence");
-        }
-    }
     static invalid_argument unknown_sequence(seq_id seq) {
         return invalid_argument("unknown sequence " + std::to_string(seq) + " (never added, or already freed)");
     }
 
-    sequence& find(seq_id seq) {
-        auto it = sequences_.find(seq);
-        if (it == sequences_.end()) {
-            throw unknown_sequence(seq);
-        }
-        return it->second;
-    }
-    const sequence& find(seq_id seq) const {
-        auto it = sequences_.find(seq);
-        if (it == sequences_.end()) {
+    sequence& find(seq_id seq) { return find_in(sequences_, seq); }
+    const sequence& find(seq_id seq) const { return find_in(sequences_, seq); }
+    template <class Map>
+    static auto& find_in(Map& sequences, seq_id seq) {
+        auto it = sequences.find(seq);
+        if (it == sequences.end()) {
             throw unknown_sequence(seq);
         }
         return it->second;
@@ -807,175 +474,15 @@ private:
         return p;
     }
 
-    /// Holds every piece of block `b`'s memory in the pool, or none.
-    /// The pieces of `blocks`, sorted by offset, adjacent ones merged (sleep copies them, an
-    /// append commits them ahead).
-    std::vector<byte_range> merged_pieces(const std::vector<std::int32_t>& blocks) const {
-        std::vector<byte_range> pieces;
-        for (std::int32_t b : blocks) {
-            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b),
-                                   [&](std::size_t off, std::size_t bytes) { pieces.push_back({off, bytes}); });
-        }
-        std::sort(pieces.begin(), pieces.end(), [](const byte_range& a, const byte_range& b) { return a.offset < b.offset; });
-        std::vector<byte_range> merged;
-        for (const byte_range& p : pieces) {
-            if (!merged.empty() && merged.back().offset + merged.back().bytes == p.offset) {
-                merged.back().bytes += p.bytes;
-            } else {
-                merged.push_back(p);
-            }
-        }
-        return merged;
-    }
     /// Charges the quota for every uncommitted page under the fresh blocks of an append at once
     /// (pool::prepay): a refusal comes before any commit, and says what the append needed.
     auto prepay_append(seq_id seq, std::size_t n_tokens, const std::vector<std::int32_t>& fresh) {
         try {
-            return pool_.prepay(merged_pieces(fresh));
+            return pool_.prepay(memory_.merged_pieces(fresh));
         } catch (const over_quota& e) {
             throw over_quota(e.which(), e.requested(), e.in_use(), e.limit(),
                              "append of " + std::to_string(n_tokens) + " tokens to sequence " + std::to_string(seq));
         }
-    }
-    /// With a pool that commits extents: commits the pages under the fresh blocks of one append
-    /// ahead of their holds, adjacent pieces merged, so a prompt's blocks share extents (one
-    /// handle per run instead of one per block) that empty when its sequence ends.
-    void commit_ahead(const std::vector<std::int32_t>& fresh) {
-        if constexpr (pool_type::commits_extents) {
-            if (fresh.size() < 2) {
-                return;  // one block: the pool's own growth rule decides
-            }
-            std::vector<byte_range> runs = merged_pieces(fresh);  // single pages are left to the holds
-            std::erase_if(runs, [&](const byte_range& r) { return r.bytes <= pool_.page_bytes(); });
-            try {
-                pool_.commit_ahead(runs);
-            } catch (...) {
-                // Strong: nothing committed. The holds that follow commit block by block and
-                // report what refuses them, as without this step.
-            }
-        }
-    }
-    void hold_block(std::int32_t b) {
-        std::size_t held = 0;
-        try {
-            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
-                pool_.ensure_committed(off, bytes);
-                ++held;
-            });
-        } catch (...) {
-            // The pieces come in the same order every time: release the first `held` again.
-            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
-                if (held > 0) {
-                    --held;
-                    try {
-                        pool_.release(off, bytes);  // nothing was queued on this block yet
-                    } catch (...) {
-                        // the release took effect; only giving a page back failed (the pool retired it)
-                    }
-                }
-            });
-            throw;
-        }
-    }
-
-    /// Releases every piece of block `b`, to go back after `after`; returns the first error
-    /// after releasing them all.
-    std::exception_ptr unhold_block(std::int32_t b, pool_fence after) {
-        std::exception_ptr first;
-        Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
-            try {
-                pool_.release(off, bytes, after);
-            } catch (...) {
-                if (!first) {
-                    first = std::current_exception();
-                }
-            }
-        });
-        return first;
-    }
-    void unhold_block_noexcept(std::int32_t b, pool_fence after) noexcept { (void)unhold_block(b, after); }
-
-    /// Whether GPU work may read the blocks (device-visible memory): then every block let go of
-    /// carries the fences of its readers, its memory goes back after them, and its next writer
-    /// waits for them.
-    static constexpr bool stream_ordered = has_property<backing_type, device_accessible>;
-
-    /// Before dropping one reference to each of `blocks`, without changing anything the caller
-    /// can see (a failure leaves at most an extra fence on a block, which only delays it):
-    /// records a fence after the work queued on `stream` (and the cache's own copies), adds it
-    /// to every block, shared or not, and lists the pieces of the blocks that lose their last
-    /// reference (released_pieces_) and the fences their memory waits for (released_fences_:
-    /// those of all of them, one release call).
-    void prepare_drop(std::span<const std::int32_t> blocks, cudaStream_t stream) {
-        released_pieces_.clear();
-        released_fences_.clear();
-        if constexpr (stream_ordered) {
-            if (!blocks.empty()) {
-                const pool_fence read = pool_.record_fence(stream);
-                const pool_fence copied =
-                    copies_queued_ && stream != options_.stream ? pool_.record_fence(options_.stream) : pool_fence{};
-                copies_queued_ = false;  // the fence on options_.stream (one of the two) covers every copy so far
-                for (std::int32_t b : blocks) {
-                    fences_.add(b, read);
-                    fences_.add(b, copied);
-                }
-            }
-        }
-        for (std::int32_t b : blocks) {
-            if (blocks_.refs(b) == 1) {
-                Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
-                    released_pieces_.push_back({off, bytes});
-                });
-                for (const pool_fence& f : fences_.of(b)) {
-                    block_fences::add_to(released_fences_, f);
-                }
-            }
-        }
-    }
-    /// A fence after the cache's own queued copies, or none if that fails (a lost context).
-    pool_fence copies_fence_noexcept() noexcept { return copies_queued_ ? fence_noexcept(options_.stream) : pool_fence{}; }
-    /// A fence after the work queued on `stream`, or none if that fails (a lost context).
-    pool_fence fence_noexcept(cudaStream_t stream) noexcept {
-        if constexpr (stream_ordered) {
-            try {
-                return pool_.record_fence(stream);
-            } catch (...) {
-            }
-        }
-        return {};
-    }
-    /// Fresh blocks of an append, some perhaps freed while reads queued before their free may
-    /// still run: `stream`, which writes them next (the engine's tokens, a copy-on-write), waits
-    /// for those reads. The fences stay with the block (completed ones are dropped): memory goes
-    /// back only after its old readers too, whatever stream frees it next.
-    void order_writes_after_reads(const std::vector<std::int32_t>& fresh, cudaStream_t stream) {
-        if constexpr (stream_ordered) {
-            for (std::int32_t b : fresh) {
-                if (!fences_.of(b).empty()) {
-                    pool_.make_wait(stream, fences_.of_mutable(b));
-                }
-            }
-        }
-    }
-
-    /// Drops one reference to each block (prepare_drop listed the pieces of those that reach
-    /// zero and their fences) and releases that memory after those fences, in one pool call:
-    /// one lock, one give-back.
-    void drop_blocks(const std::vector<std::int32_t>& dropped) {
-        for (std::int32_t b : dropped) {
-            (void)blocks_.release(b);  // live ids: never throws
-        }
-        if (!released_pieces_.empty()) {
-            pool_.release(std::span<const byte_range>(released_pieces_), std::span<const pool_fence>(released_fences_));
-        }
-    }
-
-    /// The device's primary context, for the driver calls that queue the cache's own copies.
-    const primary_context& device_context() {
-        if (!context_) {
-            context_.emplace(pool_.device());
-        }
-        return *context_;
     }
 
     /// Copies every layer's K and V of block `from` into block `to` (Layout::copy_shape's rows),
@@ -983,42 +490,28 @@ private:
     /// lets go of either block last waits for the copy too.
     void copy_block(std::int32_t from, std::int32_t to, cudaStream_t stream) {
         const auto shape = Layout::copy_shape(geometry_);
-        std::byte* src = address(0, kv_part::key, from);
+        const std::byte* src = address(0, kv_part::key, from);
         std::byte* dst = address(0, kv_part::key, to);
-        if constexpr (has_property<backing_type, device_accessible>) {
-            // One copy per row, not a 2D copy: on VMM memory the rows lie in different physical
-            // allocations with unmapped pages between them, which a 2D copy rejects.
-            scoped_context current(device_context());
-            copies_queued_ = copies_queued_ || stream == options_.stream;  // a later row may fail after one is queued
+        memory_.copy_queued(stream);
+        copy_.copy(stream, "cuMemcpyAsync(copy-on-write)", [&](auto&& copy) {
             for (std::size_t r = 0; r < shape.rows; ++r) {
-                driver::check(driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(dst + r * shape.pitch),
-                                                         reinterpret_cast<CUdeviceptr>(src + r * shape.pitch),
-                                                         shape.width, stream),
-                              "cuMemcpyAsync(copy-on-write)");
+                copy(dst + r * shape.pitch, src + r * shape.pitch, shape.width);
             }
-            const pool_fence copied = pool_.record_fence(stream);
-            fences_.add(from, copied);
-            fences_.add(to, copied);
-        } else {
-            for (std::size_t r = 0; r < shape.rows; ++r) {
-                std::memcpy(dst + r * shape.pitch, src + r * shape.pitch, shape.width);
-            }
-        }
+        });
+        memory_.copied(from, to, stream);
     }
 
     kv_geometry geometry_;
     kv_cache_options options_;
     pool_type pool_;
-    block_allocator_type blocks_;
-    block_fences fences_{geometry_.max_blocks};  // per block: the streams that may still read it
+    block_ids_of<Layout> blocks_;             // which ids blocks get, and their reference counts
+    detail::device_copy<backing_type> copy_;  // outlives memory_, whose end may record a fence
+    detail::block_memory<pool_type, Layout> memory_;  // the pool's memory under the blocks, in stream order
     std::map<seq_id, sequence> sequences_;
     seq_id next_id_ = 0;
     std::uint64_t cow_copies_ = 0;
     std::vector<std::int32_t> staging_;
-    std::vector<byte_range> released_pieces_;  // what the free or truncate in progress releases
-    std::vector<pool_fence> released_fences_;  // and the fences that memory waits for
-    std::optional<primary_context> context_;  // retained on the first device copy
-    bool copies_queued_ = false;              // copies queued on options_.stream since its last fence
+    detail::cache_sleep<kv_cache> sleep_;
 };
 
 } // namespace vmmpp

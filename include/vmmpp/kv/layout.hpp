@@ -22,10 +22,15 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #include "vmmpp/error.hpp"
+#include "vmmpp/kv/block_allocator.hpp"
+#include "vmmpp/kv/block_ids.hpp"
 #include "vmmpp/kv/geometry.hpp"
+#include "vmmpp/kv/sequence_slots.hpp"
+#include "vmmpp/kv/tensor.hpp"
 
 namespace vmmpp {
 
@@ -77,7 +82,9 @@ struct piece_sink {
 ///   [block, token, head, dim]; `block_stride_bytes(g)`: strides(g)[0] in bytes;
 /// - `for_each_piece(g, block, f)`: calls f(offset, bytes) for each contiguous piece of a
 ///   block's memory, always in the same order, pieces of different blocks disjoint;
-/// - `copy_shape(g)`: the same pieces as rows of a 2D copy (see kv_block_copy_shape).
+/// - `copy_shape(g)`: the same pieces as rows of a 2D copy (see kv_block_copy_shape);
+/// - optionally `block_ids`: how block ids are handed out, a kv_block_ids policy
+///   (vmmpp/kv/block_ids.hpp; block_allocator if none is named, see block_ids_of).
 template <class L>
 concept kv_layout = requires(const kv_geometry& g, std::uint32_t layer, kv_part part, std::uint32_t block,
                              detail::piece_sink sink) {
@@ -101,6 +108,7 @@ struct basic_layer_major {
     static constexpr const char* name = Order == token_order::nhd ? "layer_major" : "layer_major_hnd";
     static constexpr unsigned parts = 2;
     static constexpr bool packs_kv = false;
+    using block_ids = block_allocator;  ///< lowest free id, forks share blocks
     using block_copy_shape = kv_block_copy_shape;
     /// Every valid geometry fits.
     static constexpr void validate(const kv_geometry&) noexcept {}
@@ -148,6 +156,7 @@ struct basic_block_major {
     static constexpr const char* name = Order == token_order::nhd ? "block_major" : "block_major_hnd";
     static constexpr unsigned parts = 2;
     static constexpr bool packs_kv = false;
+    using block_ids = block_allocator;  ///< lowest free id, forks share blocks
     using block_copy_shape = kv_block_copy_shape;
     /// Every valid geometry fits.
     static constexpr void validate(const kv_geometry&) noexcept {}
@@ -190,6 +199,7 @@ struct basic_packed_kv {
     static constexpr const char* name = Order == token_order::hnd ? "packed_kv" : "packed_kv_nhd";
     static constexpr unsigned parts = 2;
     static constexpr bool packs_kv = true;
+    using block_ids = block_allocator;  ///< lowest free id, forks share blocks
     using block_copy_shape = kv_block_copy_shape;
     /// Every valid geometry fits.
     static constexpr void validate(const kv_geometry&) noexcept {}
@@ -238,6 +248,7 @@ struct mla {
     static constexpr const char* name = "mla";
     static constexpr unsigned parts = 1;
     static constexpr bool packs_kv = false;
+    using block_ids = block_allocator;  ///< lowest free id, forks share blocks
     using block_copy_shape = kv_block_copy_shape;
     /// Throws invalid_argument unless kv_heads is 1 (one latent vector per token).
     static void validate(const kv_geometry& g) {
@@ -300,11 +311,11 @@ static_assert(kv_layout<mla>);
 /// copy behind a call that is O(1) in the paged layouts. Copy by appending to a new sequence.
 struct sequence_contiguous : basic_layer_major<token_order::nhd> {
     static constexpr const char* name = "sequence_contiguous";
-    /// kv_cache hands out block ids by sequence slot (vmmpp/kv/sequence_slots.hpp).
-    static constexpr bool sequence_slots = true;
+    /// Block ids by sequence slot (vmmpp/kv/sequence_slots.hpp).
+    using block_ids = slot_block_allocator;
     /// Blocks of one slot: max_tokens_per_sequence rounded up to whole blocks.
     [[nodiscard]] static constexpr std::uint32_t slot_blocks(const kv_geometry& g) noexcept {
-        return static_cast<std::uint32_t>(g.blocks_for(g.max_tokens_per_sequence));
+        return slot_block_allocator::slot_blocks_for(g);
     }
     /// Sequences the cache can hold at once: max_blocks / slot_blocks.
     [[nodiscard]] static constexpr std::uint32_t slot_count(const kv_geometry& g) noexcept {
@@ -331,16 +342,91 @@ struct sequence_contiguous : basic_layer_major<token_order::nhd> {
 };
 static_assert(kv_layout<sequence_contiguous>);
 
+namespace detail {
+template <class L>
+struct block_ids_of {
+    using type = block_allocator;
+};
+template <class L>
+    requires requires { typename L::block_ids; }
+struct block_ids_of<L> {
+    using type = typename L::block_ids;
+};
+} // namespace detail
+
+/// The block-id policy of layout `L` (a kv_block_ids): `L::block_ids`, or block_allocator for a
+/// layout that names none.
+template <class L>
+using block_ids_of = typename detail::block_ids_of<L>::type;
+
 /// A layout whose block ids kv_cache hands out by sequence slot: each sequence's blocks are
 /// consecutive ids of its own slot (see sequence_contiguous).
 template <class L>
 concept sequence_slot_layout = kv_layout<L> && requires(const kv_geometry& g) {
-    requires L::sequence_slots;
+    requires std::same_as<block_ids_of<L>, slot_block_allocator>;
     { L::slot_blocks(g) } -> std::same_as<std::uint32_t>;
     { L::slot_count(g) } -> std::same_as<std::uint32_t>;
     { L::sequence_strides(g) } -> std::same_as<std::array<std::int64_t, 3>>;
 };
 static_assert(sequence_slot_layout<sequence_contiguous>);
 static_assert(!sequence_slot_layout<layer_major> && !sequence_slot_layout<mla>);
+
+namespace detail {
+
+/// `g` checked by kv_geometry::validate and the layout's validate (invalid_argument naming what
+/// does not fit).
+template <class L>
+const kv_geometry& validated(const kv_geometry& g) {
+    g.validate();
+    L::validate(g);
+    return g;
+}
+/// Throws invalid_argument unless (layer, part, block) lies in layout `L`'s cache over `g`.
+template <class L>
+void check_address(const kv_geometry& g, std::uint32_t layer, kv_part part, std::int32_t block) {
+    if (static_cast<unsigned>(part) >= L::parts) {
+        throw invalid_argument("KV address of part " + std::to_string(static_cast<unsigned>(part)) + " of layer " +
+                               std::to_string(layer) + ": the " + L::name + " layout has " + std::to_string(L::parts) +
+                               (L::parts == 1 ? " part (the key: a latent, no value)" : " parts (key, value)"));
+    }
+    if (layer >= g.layers || block < 0 || static_cast<std::uint32_t>(block) >= g.max_blocks) {
+        throw invalid_argument("KV address of layer " + std::to_string(layer) + ", block " + std::to_string(block) +
+                               " outside " + std::to_string(g.layers) + " layers x " + std::to_string(g.max_blocks) +
+                               " blocks");
+    }
+}
+/// Layout `L`'s tensor of one layer's K or V from `data` (its block 0) whose last dimension holds
+/// `last` elements (kv_cache::tensor, packed_tensor).
+template <class L>
+kv_tensor layer_tensor(const kv_geometry& g, void* data, int device, std::int64_t last) {
+    return {data, g.type, device,
+            {static_cast<std::int64_t>(g.max_blocks), static_cast<std::int64_t>(g.block_tokens),
+             static_cast<std::int64_t>(g.kv_heads), last},
+            L::strides(g)};
+}
+/// A sequence-slot layout's [1, tokens, kv_heads, head_dim] run of one sequence from `data` (its
+/// first block), the leading stride one slot of `slot_blocks` blocks (kv_cache::sequence_tensor).
+template <class L>
+kv_tensor sequence_tensor(const kv_geometry& g, void* data, int device, std::size_t tokens, std::uint32_t slot_blocks) {
+    const auto s = L::sequence_strides(g);
+    return {data, g.type, device,
+            {1, static_cast<std::int64_t>(tokens), static_cast<std::int64_t>(g.kv_heads),
+             static_cast<std::int64_t>(g.head_dim)},
+            {s[0] * static_cast<std::int64_t>(slot_blocks) * g.block_tokens, s[0], s[1], s[2]}};
+}
+/// The bytes of layout `L`'s span over `g`, rounded up to a multiple of `alignment`.
+template <class L>
+std::size_t span_bytes(const kv_geometry& g, std::size_t alignment) {
+    if (alignment == 0) {
+        throw invalid_argument("kv_cache_options.span_alignment must not be zero");
+    }
+    const std::size_t bytes = L::span_bytes(g);
+    if (bytes > std::numeric_limits<std::size_t>::max() - alignment) {
+        throw invalid_argument("kv_geometry: the span overflows size_t when aligned");
+    }
+    return (bytes + alignment - 1) / alignment * alignment;
+}
+} // namespace detail
+
 
 } // namespace vmmpp

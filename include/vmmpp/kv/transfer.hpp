@@ -6,18 +6,15 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <concepts>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <span>
 #include <string>
 #include <vector>
 
-#include "vmmpp/backing/concept.hpp"
-#include "vmmpp/driver/api.hpp"
 #include "vmmpp/error.hpp"
 #include "vmmpp/kv/cache.hpp"
+#include "vmmpp/kv/detail/device_copy.hpp"
 #include "vmmpp/kv/geometry.hpp"
 #include "vmmpp/kv/layout.hpp"
 
@@ -54,41 +51,6 @@ inline void check_same_block_shape(const kv_geometry& src, const kv_geometry& ds
     if (!diff.empty()) {
         throw invalid_argument("copy_blocks: the caches' geometries differ: " + diff);
     }
-}
-
-/// Whether `device` may access the memory of backing `b` directly: a vmm backing that maps its
-/// pages for that device (vmm_options::peer_devices). Other backings are not asked (false).
-template <class B>
-[[nodiscard]] bool grants_access(const B& b, int device) noexcept {
-    if constexpr (requires { { b.grants_access(device) } -> std::same_as<bool>; }) {
-        return b.grants_access(device);
-    } else {
-        return false;
-    }
-}
-
-/// Queues the copies to[i] <- from[i] (bytes[i] each) on `stream` as one cudaMemcpyBatchAsync,
-/// the sources read in stream order. `stream` must not be the legacy default stream, which the
-/// batch API refuses.
-inline void copy_batch_async(std::span<void* const> to, std::span<const void* const> from,
-                             std::span<const std::size_t> bytes, cudaStream_t stream, const char* who) {
-    if (to.empty()) {
-        return;
-    }
-    cudaMemcpyAttributes attributes{};
-    attributes.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    std::size_t first_attribute = 0;
-#if CUDART_VERSION >= 13000
-    driver::check(::cudaMemcpyBatchAsync(to.data(), from.data(), bytes.data(), to.size(), &attributes, &first_attribute,
-                                         1, stream),
-                  who);
-#else  // CUDA 12.8 and 12.9: non-const arrays, and the index of a failed copy (unused: the error names the call)
-    std::size_t failed = 0;
-    driver::check(::cudaMemcpyBatchAsync(const_cast<void**>(to.data()), const_cast<void**>(from.data()),
-                                         const_cast<std::size_t*>(bytes.data()), to.size(), &attributes,
-                                         &first_attribute, 1, &failed, stream),
-                  who);
-#endif
 }
 
 /// Throws invalid_argument unless every id of `blocks` is a live block of `cache`.
@@ -128,20 +90,13 @@ void check_live_blocks(const Cache& cache, std::span<const std::int32_t> blocks,
 /// - a destination id is listed twice, or, when `src` and `dst` are one cache, an id is both a
 ///   source and a destination (the result would depend on the order of the copies).
 ///
-/// How bytes move, chosen from the backings' properties and devices:
-/// - both caches in host memory only (`host_accessible`, not `device_accessible`): std::memcpy,
-///   done when the call returns; `stream` is not used;
-/// - both on devices, different ones: cudaMemcpyPeerAsync on `stream`;
-/// - otherwise (one device, or host and device memory mixed): cudaMemcpyAsync with
-///   cudaMemcpyDefault on `stream`.
-/// A block is copied as its layout's contiguous pieces (Layout::copy_shape: each layer's K and V
-/// in layer_major, each layer's packed K/V or latent in packed_kv and mla, one piece per block in
-/// block_major); runs of consecutive ids in both lists are copied as one piece per run. Not
-/// cudaMemcpy2DAsync: VMM pieces lie in different physical allocations, which a 2D copy rejects.
-/// Device-to-device pieces go in one cudaMemcpyBatchAsync when `stream` is not the legacy default
-/// stream (which the batch API refuses) and, between GPUs, both caches map their pages for the
-/// other device: submitting each piece alone cost 3.2 us more per 2 MiB piece between two H100s
-/// (docs/NIXL.md), next to the 5.5 us the copy itself takes over NVLink.
+/// How bytes move is chosen from the backings' properties and devices (detail::transfer_copy):
+/// std::memcpy between host caches (done when the call returns; `stream` is not used), else
+/// asynchronous copies on `stream`: one cudaMemcpyBatchAsync where it can, cudaMemcpyPeerAsync
+/// between GPUs, cudaMemcpyAsync otherwise. A block is copied as its layout's contiguous pieces
+/// (Layout::copy_shape: each layer's K and V in layer_major, each layer's packed K/V or latent in
+/// packed_kv and mla, one piece per block in block_major); runs of consecutive ids in both lists
+/// are copied as one piece per run.
 ///
 /// Device copies are asynchronous: the source blocks must stay unwritten, and the destination
 /// blocks unread, until `stream` (`nullptr`: the legacy default stream of the caller's current
@@ -156,15 +111,6 @@ template <class SrcConfig, class DstConfig, class Layout>
 void copy_blocks(const kv_cache<SrcConfig, Layout>& src, std::span<const std::int32_t> src_blocks,
                  kv_cache<DstConfig, Layout>& dst, std::span<const std::int32_t> dst_blocks,
                  cudaStream_t stream = nullptr) {
-    using src_backing = typename SrcConfig::backing_type;
-    using dst_backing = typename DstConfig::backing_type;
-    constexpr bool src_on_device = has_property<src_backing, device_accessible>;
-    constexpr bool dst_on_device = has_property<dst_backing, device_accessible>;
-    static_assert(src_on_device || has_property<src_backing, host_accessible>,
-                  "vmmpp::copy_blocks: the source backing is neither device_accessible nor host_accessible");
-    static_assert(dst_on_device || has_property<dst_backing, host_accessible>,
-                  "vmmpp::copy_blocks: the destination backing is neither device_accessible nor host_accessible");
-
     // --- every check first: nothing is copied unless all pass ---
     if (src.asleep() || dst.asleep()) {  // its blocks have no memory until wake()
         throw cache_asleep(src.asleep() ? "copy_blocks (source)" : "copy_blocks (destination)");
@@ -201,33 +147,8 @@ void copy_blocks(const kv_cache<SrcConfig, Layout>& src, std::span<const std::in
     }
 
     // --- the copies ---
-    const int src_device = src.pool().device();
-    const int dst_device = dst.pool().device();
-    const bool peer = src_on_device && dst_on_device && src_device >= 0 && dst_device >= 0 && src_device != dst_device;
-    std::vector<void*> batch_to;  // the pieces, when they go in one batch
-    std::vector<const void*> batch_from;
-    std::vector<std::size_t> batch_bytes;
-    bool batched = false;
-    if constexpr (src_on_device && dst_on_device && !has_property<src_backing, host_accessible> &&
-                  !has_property<dst_backing, host_accessible>) {
-        batched = stream != nullptr && (!peer || (detail::grants_access(src.pool().backing(), dst_device) &&
-                                                  detail::grants_access(dst.pool().backing(), src_device)));
-    }
-    auto copy = [&](std::byte* to, const std::byte* from, std::size_t bytes) {
-        if constexpr (!src_on_device && !dst_on_device) {
-            std::memcpy(to, from, bytes);
-        } else if (batched) {
-            batch_to.push_back(to);
-            batch_from.push_back(from);
-            batch_bytes.push_back(bytes);
-        } else if (peer) {
-            driver::check(::cudaMemcpyPeerAsync(to, dst_device, from, src_device, bytes, stream),
-                          "cudaMemcpyPeerAsync(copy_blocks)");
-        } else {
-            driver::check(::cudaMemcpyAsync(to, from, bytes, cudaMemcpyDefault, stream), "cudaMemcpyAsync(copy_blocks)");
-        }
-    };
-
+    detail::transfer_copy copy(src.pool().backing(), src.pool().device(), dst.pool().backing(), dst.pool().device(),
+                               stream);
     // Piece r of block b starts at address(0, key, b) + r * pitch (Layout::copy_shape). The
     // shapes agree in rows and width; pitches differ when max_blocks does (layer_major).
     const auto src_shape = Layout::copy_shape(src.geometry());
@@ -247,9 +168,7 @@ void copy_blocks(const kv_cache<SrcConfig, Layout>& src, std::span<const std::in
             i = j;
         }
     }
-    if (batched) {
-        detail::copy_batch_async(batch_to, batch_from, batch_bytes, stream, "cudaMemcpyBatchAsync(copy_blocks)");
-    }
+    copy.finish();
 }
 
 } // namespace vmmpp
