@@ -157,7 +157,7 @@ public:
         return vmmpp::block_pieces(cache_, blocks);
     }
     vmmpp::shared_pages_export export_shared_pages() const override {
-        if constexpr (std::is_same_v<typename Config::backing_type, vmmpp::vmm>) {
+        if constexpr (is_vmm_config<Config>::value) {
             return cache_.pool().with_backing([](const vmmpp::vmm& b) { return vmmpp::export_shared_pages(b); });
         } else {
             throw vmmpp::invalid_argument("shared pages need a vmm configuration (" + vmm_config_names() + ")");
