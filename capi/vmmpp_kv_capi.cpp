@@ -1,7 +1,7 @@
 // vmmpp_kv_capi.cpp: the C ABI of vmmpp_kv_capi.h over vmmpp::kv_cache. One type-erased cache
-// per handle (configuration and layout chosen by name at run time: the layout through
-// vmmpp::kv_layouts, vmmpp/kv/layout_list.hpp), DLPack exports through vmmpp/interop/dlpack.hpp
-// with the cache as their keep-alive.
+// per handle (configuration and layout chosen by name at run time, through the one list of each:
+// vmmpp::named_configs, vmmpp/config_list.hpp, and vmmpp::kv_layouts, vmmpp/kv/layout_list.hpp),
+// DLPack exports through vmmpp/interop/dlpack.hpp with the cache as their keep-alive.
 #define VMMPP_KV_CAPI_BUILD
 #include "vmmpp_kv_capi.h"
 
@@ -17,8 +17,12 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "vmmpp/config.hpp"
+#include "vmmpp/config_list.hpp"
 #include "vmmpp/interop/dlpack.hpp"
 #include "vmmpp/interop/nixl.hpp"
 #include "vmmpp/interop/shared_pages.hpp"
@@ -31,6 +35,14 @@ namespace {
 
 thread_local std::string last_error;
 std::atomic<std::uint64_t> live_exports{0};
+
+/// Whether Config's memory comes from the vmm backing (the configurations that take peers and
+/// share their pages).
+template <class Config>
+struct is_vmm_config : std::is_same<typename Config::backing_type, vmmpp::vmm> {};
+
+/// "elastic, elastic_mapped_ahead, elastic_page": the named vmm configurations, for messages.
+std::string vmm_config_names() { return vmmpp::type_names<vmmpp::filter_t<vmmpp::named_configs, is_vmm_config>>(); }
 
 /// What the C ABI needs of a cache, whatever its configuration and layout.
 class cache_base {
@@ -145,10 +157,10 @@ public:
         return vmmpp::block_pieces(cache_, blocks);
     }
     vmmpp::shared_pages_export export_shared_pages() const override {
-        if constexpr (std::is_same_v<typename Config::backing_type, vmmpp::vmm>) {
+        if constexpr (is_vmm_config<Config>::value) {
             return cache_.pool().with_backing([](const vmmpp::vmm& b) { return vmmpp::export_shared_pages(b); });
         } else {
-            throw vmmpp::invalid_argument("shared pages need a vmm configuration (elastic or elastic_pages)");
+            throw vmmpp::invalid_argument("shared pages need a vmm configuration (" + vmm_config_names() + ")");
         }
     }
     void copy_blocks_to(std::span<const std::int32_t> src_blocks, cache_base& dst,
@@ -164,45 +176,71 @@ private:
     cache_type cache_;
 };
 
+/// Old names the C ABI still accepts, and the name in vmmpp::named_configs each stands for.
+constexpr std::pair<std::string_view, std::string_view> config_aliases[] = {
+    {"elastic_pages", "elastic_page"},  // the serving examples, scripts and bench/results use it
+};
+
+std::string_view canonical_config_name(std::string_view name) {
+    for (const auto& [alias, canonical] : config_aliases) {
+        if (name == alias) {
+            return canonical;
+        }
+    }
+    return name;
+}
+
+/// The configurations vmmpp_kv_create_in_process_budget offers: those charged to a shared budget
+/// (their quota swapped for vmmpp::process_quota) and host_config (CPU memory, for tests).
+using process_budget_configs =
+    vmmpp::concat_t<vmmpp::budgeted_named_configs, vmmpp::type_list<vmmpp::host_config>>;
+
+/// A cache of Config with Layout, whatever the configuration: the backing's options from
+/// `device` and `peers` (vmm only), the quota given.
+template <class Config, class Layout, class Quota>
+std::shared_ptr<cache_base> build_cache(const vmmpp::kv_geometry& g, int device, const std::vector<int>& peers,
+                                        Quota quota) {
+    using cfg = vmmpp::with_quota_t<Config, Quota>;
+    using backing = typename cfg::backing_type;
+    typename backing::options options{};
+    if constexpr (is_vmm_config<cfg>::value) {
+        options.device = device;
+        options.peer_devices = peers;
+    } else {
+        if (!peers.empty()) {
+            throw vmmpp::invalid_argument("peer devices are given to vmm configurations only (" + vmm_config_names() +
+                                          "), not '" + std::string(vmmpp::type_name<Config>) + "'");
+        }
+        if constexpr (requires { options.device = device; }) {
+            options.device = device;  // device, managed_prefetch; host memory has no device
+        }
+    }
+    return std::make_shared<cache_impl<cfg, Layout>>(g, std::move(options), typename cfg::growth_type{},
+                                                     std::move(quota));
+}
+
+/// A cache of the named configuration `config` (vmmpp::named_configs, or an alias) with Layout.
+/// Configurations under a shared_budget get a budget of budget_bytes (0: the whole span, in
+/// 2 MiB pages); the others ignore budget_bytes.
 template <class Layout>
 std::shared_ptr<cache_base> make_cache(std::string_view config, const vmmpp::kv_geometry& g, int device,
                                        std::uint64_t budget_bytes, const std::vector<int>& peers) {
-    if (!peers.empty() && config != "elastic" && config != "elastic_pages") {
-        throw vmmpp::invalid_argument("peer devices are given to vmm configurations only (elastic, elastic_pages), not '" +
-                                      std::string(config) + "'");
-    }
-    if (config == "host") {
-        return std::make_shared<cache_impl<vmmpp::host_config, Layout>>(g);
-    }
-    if (config == "elastic") {
-        // The budget's state lives in the model's share, so the budget object may go.
-        constexpr std::size_t page = std::size_t{2} << 20;
-        const std::size_t limit = budget_bytes != 0 ? budget_bytes : (Layout::span_bytes(g) + page - 1) / page * page;
-        vmmpp::budget budget(limit);
-        return std::make_shared<cache_impl<vmmpp::elastic_config, Layout>>(
-            g, vmmpp::vmm_options{.device = device, .peer_devices = peers}, typename vmmpp::elastic_config::growth_type{},
-            budget.register_model("kv", limit));
-    }
-    if (config == "elastic_pages") {
-        // vmm with 2 MiB growth: committed memory is exactly the pages under live tokens (the
-        // examples check it to the byte).
-        using pages_config = vmmpp::pool_config<vmmpp::vmm, vmmpp::page_granular, vmmpp::shared_budget>;
-        constexpr std::size_t page = std::size_t{2} << 20;
-        const std::size_t limit = budget_bytes != 0 ? budget_bytes : (Layout::span_bytes(g) + page - 1) / page * page;
-        vmmpp::budget budget(limit);
-        return std::make_shared<cache_impl<pages_config, Layout>>(g, vmmpp::vmm_options{.device = device, .peer_devices = peers},
-                                                                  vmmpp::page_granular{},
-                                                                  budget.register_model("kv", limit));
-    }
-    if (config == "static") {
-        return std::make_shared<cache_impl<vmmpp::static_config, Layout>>(g, vmmpp::device_options{.device = device});
-    }
-    if (config == "gh200") {
-        return std::make_shared<cache_impl<vmmpp::gh200_config, Layout>>(
-            g, vmmpp::managed_prefetch_options{.device = device});
-    }
-    throw vmmpp::invalid_argument("unknown configuration '" + std::string(config) +
-                                  "' (host, elastic, elastic_pages, static or gh200)");
+    return vmmpp::dispatch_by_name<vmmpp::named_configs>(
+        canonical_config_name(config), "configuration", [&]<class C>(std::type_identity<C>) {
+            using quota = typename C::quota_type;
+            if constexpr (std::is_same_v<quota, vmmpp::shared_budget>) {
+                // The budget's state lives in the model's share, so the budget object may go.
+                constexpr std::size_t page = std::size_t{2} << 20;
+                const std::size_t limit =
+                    budget_bytes != 0 ? budget_bytes : (Layout::span_bytes(g) + page - 1) / page * page;
+                vmmpp::budget budget(limit);
+                return build_cache<C, Layout>(g, device, peers, budget.register_model("kv", limit));
+            } else {
+                static_assert(std::is_same_v<quota, vmmpp::unlimited>,
+                              "the C ABI builds shared_budget and unlimited quotas: add this one to make_cache");
+                return build_cache<C, Layout>(g, device, peers, quota{});
+            }
+        });
 }
 
 /// Runs `f`, turning every exception into a status and this thread's last error.
@@ -338,6 +376,16 @@ const char* vmmpp_kv_last_error(void) { return last_error.c_str(); }
 
 const char* vmmpp_kv_layout_names(void) {
     static const std::string names = vmmpp::type_names<vmmpp::kv_layouts>(",");
+    return names.c_str();
+}
+
+const char* vmmpp_kv_config_names(void) {
+    static const std::string names = vmmpp::type_names<vmmpp::named_configs>(",");
+    return names.c_str();
+}
+
+const char* vmmpp_kv_process_budget_config_names(void) {
+    static const std::string names = vmmpp::type_names<process_budget_configs>(",");
     return names.c_str();
 }
 
@@ -623,26 +671,14 @@ vmmpp_kv_status vmmpp_kv_write_test_pattern(vmmpp_kv* kv, uint64_t seq, uint64_t
 
 namespace {
 
+/// A cache of `config` (process_budget_configs, or an alias) with Layout whose quota is `quota`.
 template <class Layout>
 std::shared_ptr<cache_base> make_process_cache(std::string_view config, const vmmpp::kv_geometry& g, int device,
                                                vmmpp::process_quota quota) {
-    if (config == "elastic") {
-        using c = vmmpp::pool_config<vmmpp::vmm, vmmpp::adaptive_extents, vmmpp::process_quota>;
-        return std::make_shared<cache_impl<c, Layout>>(g, vmmpp::vmm_options{.device = device},
-                                                       vmmpp::adaptive_extents{}, std::move(quota));
-    }
-    if (config == "elastic_pages") {
-        using c = vmmpp::pool_config<vmmpp::vmm, vmmpp::page_granular, vmmpp::process_quota>;
-        return std::make_shared<cache_impl<c, Layout>>(g, vmmpp::vmm_options{.device = device}, vmmpp::page_granular{},
-                                                       std::move(quota));
-    }
-    if (config == "host") {
-        using c = vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::process_quota>;
-        return std::make_shared<cache_impl<c, Layout>>(g, vmmpp::host_options{}, vmmpp::page_granular{},
-                                                       std::move(quota));
-    }
-    throw vmmpp::invalid_argument("unknown configuration '" + std::string(config) +
-                                  "' for a process budget (elastic, elastic_pages or host)");
+    return vmmpp::dispatch_by_name<process_budget_configs>(
+        canonical_config_name(config), "configuration for a process budget", [&]<class C>(std::type_identity<C>) {
+            return build_cache<C, Layout>(g, device, {}, std::move(quota));
+        });
 }
 
 } // namespace

@@ -67,10 +67,23 @@ VMMPP_KV_API const char* vmmpp_kv_last_error(void);
 /** The layout names vmmpp_kv_create accepts, comma-separated, kv_cache's default (block_major)
  *  first: "block_major,block_major_hnd,...". A static string (vmmpp::kv_layouts). */
 VMMPP_KV_API const char* vmmpp_kv_layout_names(void);
+/** The configuration names vmmpp_kv_create accepts, comma-separated, in vmmpp/config.hpp's order:
+ *  "static,elastic,elastic_mapped_ahead,elastic_page,gh200,host". A static string
+ *  (vmmpp::named_configs, vmmpp/config_list.hpp). Also accepted, and not listed: the alias
+ *  "elastic_pages" (= "elastic_page"). */
+VMMPP_KV_API const char* vmmpp_kv_config_names(void);
+/** The configuration names vmmpp_kv_create_in_process_budget accepts, comma-separated: those
+ *  of vmmpp_kv_config_names under a shared budget, and "host" ("elastic,elastic_mapped_ahead,
+ *  elastic_page,host"); the alias "elastic_pages" too. A static string. */
+VMMPP_KV_API const char* vmmpp_kv_process_budget_config_names(void);
 
-/** A new cache. config: "host" (CPU memory, no GPU needed), "elastic" (vmm, shared budget of
- *  budget_bytes, 0 for the whole span), "elastic_pages" (the same, growing 2 MiB at a time),
- *  "static" (one cudaMalloc) or "gh200" (managed memory).
+/** A new cache. config: one of vmmpp_kv_config_names (vmmpp::named_configs, vmmpp/config.hpp):
+ *  "static" (one cudaMalloc), "elastic" (vmm, shared budget of budget_bytes, 0 for the whole
+ *  span), "elastic_mapped_ahead" (the same, a background mapper growing it ahead of demand),
+ *  "elastic_page" (the same as elastic, growing 2 MiB at a time; "elastic_pages" is an alias),
+ *  "gh200" (managed memory) or "host" (CPU memory, no GPU needed); budget_bytes is ignored by the
+ *  configurations without a shared budget (static, gh200, host). An unknown name is
+ *  VMMPP_KV_INVALID_ARGUMENT, the message listing the valid ones.
  *  layout: "block_major", "block_major_hnd", "layer_major", "layer_major_hnd", "packed_kv", "mla"
  *  or "sequence_contiguous" (vmmpp_kv_layout_names). device: the CUDA device (ignored by "host"). */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_create(const vmmpp_kv_geometry* geometry, const char* config,
@@ -78,7 +91,8 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_kv_create(const vmmpp_kv_geometry* geometry, 
                                              vmmpp_kv** out);
 /** As vmmpp_kv_create, and devices peers[n_peers] may read and write the cache's memory too
  *  (vmmpp::vmm_options::peer_devices: copies between GPUs go direct). vmm configurations only
- *  ("elastic", "elastic_pages"); others refuse peers with VMMPP_KV_INVALID_ARGUMENT. */
+ *  ("elastic", "elastic_mapped_ahead", "elastic_page"); others refuse peers with
+ *  VMMPP_KV_INVALID_ARGUMENT. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_create_with_peers(const vmmpp_kv_geometry* geometry, const char* config,
                                                         const char* layout, int device, uint64_t budget_bytes,
                                                         const int* peers, uint64_t n_peers, vmmpp_kv** out);
@@ -168,8 +182,11 @@ typedef struct {
 /** As vmmpp_kv_create, but the cache's memory is charged to model `model` (limit
  *  model_limit_bytes, the same in every process that registers it) of the process budget
  *  `budget_name` (a POSIX shared-memory segment; created with global_limit_bytes if there is
- *  none, joined otherwise: vmmpp::process_budget::create_or_open). config: "elastic" (vmm,
- *  adaptive extents), "elastic_pages" (vmm, 2 MiB pages) or "host" (CPU memory, for tests).
+ *  none, joined otherwise: vmmpp::process_budget::create_or_open). config: one of
+ *  vmmpp_kv_process_budget_config_names, the named configuration with its quota swapped for the
+ *  process budget's (vmmpp::with_quota_t<C, vmmpp::process_quota>): "elastic" (vmm, adaptive
+ *  extents), "elastic_mapped_ahead", "elastic_page" (vmm, 2 MiB pages; alias "elastic_pages") or
+ *  "host" (CPU memory, for tests).
  *  layout: "layer_major", "layer_major_hnd", "block_major" or "block_major_hnd". A refused commit
  *  is VMMPP_KV_OVER_QUOTA, as with the per-process budget. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_create_in_process_budget(const vmmpp_kv_geometry* geometry, const char* config,

@@ -34,6 +34,19 @@ static_assert(std::is_same_v<vmmpp::split_kv_layouts, vmmpp::type_list<vmmpp::bl
                                                                         vmmpp::layer_major, vmmpp::layer_major_hnd>>);
 static_assert(std::is_same_v<vmmpp::nhd_kv_layouts, vmmpp::type_list<vmmpp::block_major, vmmpp::layer_major>>);
 static_assert(!vmmpp::list_contains_v<vmmpp::host_config, vmmpp::device_named_configs>);
+static_assert(std::is_same_v<vmmpp::budgeted_named_configs,
+                             vmmpp::type_list<vmmpp::elastic_config, vmmpp::elastic_mapped_ahead_config,
+                                              vmmpp::elastic_page_config>>);
+// with_quota_t swaps the quota only (the C ABI's process-budget caches are made so).
+static_assert(std::is_same_v<vmmpp::with_quota_t<vmmpp::elastic_page_config, vmmpp::unlimited>,
+                             vmmpp::pool_config<vmmpp::vmm, vmmpp::page_granular, vmmpp::unlimited>>);
+static_assert(std::is_same_v<vmmpp::with_quota_t<vmmpp::host_config, vmmpp::shared_budget>,
+                             vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::shared_budget>>);
+static_assert(std::is_same_v<vmmpp::with_quota_t<vmmpp::pool_config<vmmpp::host, vmmpp::page_granular,
+                                                                    vmmpp::unlimited, vmmpp::null_mutex>,
+                                                 vmmpp::shared_budget>,
+                             vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::shared_budget,
+                                                vmmpp::null_mutex>>);
 // product_t: A the outer loop.
 template <class A, class B>
 struct pair {};

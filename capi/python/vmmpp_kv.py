@@ -30,6 +30,14 @@ STATUS = {0: "ok", 1: "invalid_argument", 2: "out_of_memory", 3: "over_quota", 4
 LAYOUTS = ("block_major", "block_major_hnd", "layer_major", "layer_major_hnd", "packed_kv", "mla",
            "sequence_contiguous")
 DEFAULT_LAYOUT = LAYOUTS[0]
+# The named configurations, as vmmpp::named_configs (vmmpp/config_list.hpp) lists them, and those
+# a process budget takes (the ones under a shared budget, and host). Spelled here too;
+# config_names() and process_budget_config_names() ask the library, and
+# capi/tests/test_kv_dlpack.py checks that they agree.
+CONFIGS = ("static", "elastic", "elastic_mapped_ahead", "elastic_page", "gh200", "host")
+PROCESS_BUDGET_CONFIGS = ("elastic", "elastic_mapped_ahead", "elastic_page", "host")
+# Older names the library still accepts: alias -> the name in CONFIGS.
+CONFIG_ALIASES = {"elastic_pages": "elastic_page"}
 
 
 class VmmppError(RuntimeError):
@@ -83,6 +91,8 @@ def load_library(path=None):
     signatures = {
         "vmmpp_kv_last_error": ([], ctypes.c_char_p),
         "vmmpp_kv_layout_names": ([], ctypes.c_char_p),
+        "vmmpp_kv_config_names": ([], ctypes.c_char_p),
+        "vmmpp_kv_process_budget_config_names": ([], ctypes.c_char_p),
         "vmmpp_kv_create": ([ctypes.POINTER(Geometry), ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, u64,
                              ctypes.POINTER(handle)], ctypes.c_int),
         "vmmpp_kv_destroy": ([handle], None),
@@ -144,6 +154,17 @@ def load_library(path=None):
 def layout_names(library=None):
     """The layouts the library accepts (vmmpp::kv_layouts), its default first."""
     return tuple(load_library(library).vmmpp_kv_layout_names().decode().split(","))
+
+
+def config_names(library=None):
+    """The configurations KVCache accepts (vmmpp::named_configs), in vmmpp/config.hpp's order;
+    the aliases of CONFIG_ALIASES are accepted too."""
+    return tuple(load_library(library).vmmpp_kv_config_names().decode().split(","))
+
+
+def process_budget_config_names(library=None):
+    """The configurations ProcessBudgetCache accepts (and the aliases of CONFIG_ALIASES)."""
+    return tuple(load_library(library).vmmpp_kv_process_budget_config_names().decode().split(","))
 
 
 def _check(status):
@@ -248,9 +269,10 @@ class _OwnedHandle:
 
 
 class KVCache(_OwnedHandle):
-    """A vmmpp::kv_cache. config: "host" (no GPU), "elastic" (vmm, budget_bytes), "static",
-    "gh200" (managed); layout: one of LAYOUTS, block_major (kv_cache's default) unless given
-    (sequence_contiguous needs max_tokens_per_sequence)."""
+    """A vmmpp::kv_cache. config: one of CONFIGS (or an alias of CONFIG_ALIASES): "host" (no
+    GPU), "elastic", "elastic_mapped_ahead", "elastic_page" (vmm, under a budget of budget_bytes),
+    "static" (cudaMalloc), "gh200" (managed); layout: one of LAYOUTS, block_major (kv_cache's
+    default) unless given (sequence_contiguous needs max_tokens_per_sequence)."""
 
     def __init__(self, *, layers, kv_heads, head_dim, max_blocks, dtype="f16", block_tokens=16, config="host",
                  layout=DEFAULT_LAYOUT, device=0, budget_bytes=0, max_tokens_per_sequence=0, peers=(), library=None):
@@ -430,7 +452,8 @@ class KVCache(_OwnedHandle):
 class ProcessBudgetCache(KVCache):
     """A KVCache whose memory is charged to model `model` (limit model_limit_bytes) of the
     cross-process budget `budget_name` (created with global_limit_bytes if none exists, joined
-    otherwise). config: "elastic", "elastic_pages" (vmm) or "host"; a refused commit raises
+    otherwise). config: one of PROCESS_BUDGET_CONFIGS, "elastic", "elastic_mapped_ahead",
+    "elastic_page" (vmm; alias "elastic_pages") or "host"; a refused commit raises
     VmmppError with status "over_quota"."""
 
     def __init__(self, *, layers, kv_heads, head_dim, max_blocks, budget_name, model, model_limit_bytes,
