@@ -286,18 +286,25 @@ BOOST_AUTO_TEST_CASE(reclaim_waits_for_a_pool_busy_for_a_moment) {
 // unmap went through, the release of the handle did not), the unit is retired: still charged,
 // never mapped, handed out or given back again.
 namespace {
-enum class decommit_outcome { works, refused, half_done };
+enum class decommit_outcome { works, refused, half_done, always_refused };
 std::atomic<decommit_outcome> next_decommit{decommit_outcome::works};
+std::atomic<int> decommit_calls{0};
 struct refusing_host : vmmpp::detail::backing_adaptor<vmmpp::host> {
     using options = vmmpp::host_options;
     explicit refusing_host(std::size_t capacity, options o = {}) : backing_adaptor(capacity, o) {}
     void commit(std::size_t offset, std::size_t bytes) { upstream_.commit(offset, bytes); }
     void decommit(std::size_t offset, std::size_t bytes) {
-        switch (next_decommit.exchange(decommit_outcome::works)) {
+        ++decommit_calls;
+        decommit_outcome outcome = next_decommit.load();
+        if (outcome != decommit_outcome::always_refused) {
+            outcome = next_decommit.exchange(decommit_outcome::works);
+        }
+        switch (outcome) {
         case decommit_outcome::works:
             upstream_.decommit(offset, bytes);
             return;
         case decommit_outcome::refused:
+        case decommit_outcome::always_refused:
             throw vmmpp::cuda_error("cuMemUnmap", 1, "CUDA_ERROR_INVALID_VALUE", "injected");
         case decommit_outcome::half_done:
             upstream_.decommit(offset, bytes);
@@ -308,6 +315,32 @@ struct refusing_host : vmmpp::detail::backing_adaptor<vmmpp::host> {
 };
 static_assert(vmmpp::backing<refusing_host>);
 } // namespace
+
+// Room made for a commit under quota pressure tries each spare once: one the backing refuses to
+// give back is a spare again, and is not tried again (and again) in the same call.
+BOOST_AUTO_TEST_CASE(room_made_for_a_commit_tries_each_refusing_spare_once) {
+    using config = vmmpp::pool_config<refusing_host, vmmpp::page_granular, vmmpp::shared_budget>;
+    vmmpp::budget budget(4 * page);
+    vmmpp::elastic_pool<config> pool(8 * page, {}, vmmpp::page_granular{.spare_pages = 4},
+                                     budget.register_model("m", 4 * page));
+    pool.ensure_committed(0, 4 * page);
+    pool.release(page, 3 * page);  // three spares, kept
+    BOOST_TEST(pool.stats().idle_units == 3u);
+
+    next_decommit = decommit_outcome::always_refused;
+    decommit_calls = 0;
+    BOOST_CHECK_THROW(pool.ensure_committed(4 * page, page), vmmpp::over_quota);
+    next_decommit = decommit_outcome::works;
+    BOOST_TEST(decommit_calls.load() == 3);
+    const auto s = pool.stats();
+    BOOST_TEST(s.decommit_failures == 3u);
+    BOOST_TEST(s.idle_units == 3u);  // spares again, still charged
+    BOOST_TEST(s.charged == 4 * page);
+
+    pool.ensure_committed(4 * page, page);  // the backing agrees now: room is made
+    BOOST_TEST(pool.stats().held_pages == 2u);
+    BOOST_TEST(budget.stats().committed <= 4 * page);
+}
 
 BOOST_AUTO_TEST_CASE(a_refused_decommit_keeps_the_unit_and_a_half_done_one_retires_it) {
     using config = vmmpp::pool_config<refusing_host, vmmpp::page_granular, vmmpp::shared_budget>;

@@ -344,7 +344,10 @@ public:
                 } catch (...) {
                     if (errors == on_error::propagate) {
                         throw;
-                    }  // spares again or retired, counted in stats; the others still go back
+                    }
+                    // Spares again (back in idle_extents) or retired, counted in stats; go on
+                    // below f, so that a spare that failed is not tried again in this call.
+                    it = table.idle_extents.lower_bound(f);
                 }
             }
         }
