@@ -21,7 +21,7 @@ using pool_configs = boost::mpl::list<vmmpp::host_config, vmmpp_test::host_chunk
 
 using vmmpp_test::page;
 
-// The background seam (vmmpp/detail/pool_agent.hpp): which agent each kind of pool has.
+// The background seam (vmmpp/pool/agent.hpp): which agent each kind of pool has.
 template <class Config>
 using agent_of = typename vmmpp::detail::pool_books<Config>::agent_type;
 template <class Config>

@@ -2,7 +2,7 @@
 // held in it. Callers hold byte ranges (a KV block, say); the pool commits the pages under them
 // through the backing, charged to the quota, in units the growth policy chooses, and gives
 // pages back when nothing holds them any more. Its books and its one commit and decommit path:
-// vmmpp/detail/pool_books.hpp; what works on it in the background: vmmpp/detail/pool_agent.hpp.
+// vmmpp/pool/books.hpp; what works on it in the background: vmmpp/pool/agent.hpp.
 #pragma once
 
 #include <algorithm>
@@ -17,7 +17,7 @@
 #include <utility>
 #include <vector>
 
-#include "vmmpp/detail/pool_books.hpp"
+#include "vmmpp/pool/books.hpp"
 #include "vmmpp/error.hpp"
 #include "vmmpp/pool_config.hpp"
 
@@ -29,7 +29,7 @@ namespace vmmpp {
 /// serialise on `Config::mutex_type` (the driver serialises VMM calls anyway).
 /// `base()`, `capacity()` and `page_bytes()` never change and take no lock.
 ///
-/// Background work: a pool's agent (vmmpp/detail/pool_agent.hpp) works on it off the caller's
+/// Background work: a pool's agent (vmmpp/pool/agent.hpp) works on it off the caller's
 /// thread. With a growth policy that models background_growth_policy (mapped_ahead), that is a
 /// mapper thread that commits spare units ahead of demand and gives idle ones
 /// back lazily (see vmmpp/growth/mapped_ahead.hpp). A unit being mapped or unmapped by it is

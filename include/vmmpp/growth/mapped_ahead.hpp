@@ -3,7 +3,7 @@
 // ahead of demand, so the call that needs new memory usually finds it mapped already, and gives
 // empty units back lazily: mapping and unmapping cost the driver per handle (docs/ARCHITECTURE.md,
 // "Driver costs"), and with the mapper an append pays neither. The mapper's decisions live in
-// vmmpp/growth/mapper.hpp, its thread in vmmpp/growth/mapper_agent.hpp.
+// vmmpp/growth/mapper.hpp, its thread in vmmpp/pool/mapper_agent.hpp.
 #pragma once
 
 #include <chrono>

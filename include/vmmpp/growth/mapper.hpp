@@ -1,7 +1,7 @@
 // vmmpp/growth/mapper.hpp: what the background mapper of a pool whose growth policy maps ahead
 // (mapped_ahead) decides: mapper_plan, which unit to map next and which spare to give back when.
 // The decisions take the time as an argument, so tests drive them with a clock of their own and
-// never sleep; the mapper's thread acts on them (vmmpp/growth/mapper_agent.hpp). A pool without
+// never sleep; the mapper's thread acts on them (vmmpp/pool/mapper_agent.hpp). A pool without
 // a mapper holds none of this.
 #pragma once
 

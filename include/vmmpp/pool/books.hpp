@@ -1,8 +1,8 @@
-// vmmpp/detail/pool_books.hpp: an elastic_pool's books and its two paths to the backing. The
+// vmmpp/pool/books.hpp: an elastic_pool's books and its two paths to the backing. The
 // books: which units are committed, held, idle or in flight (unit_table), how many holds each
 // page has, what is charged to the quota. The paths: one commit path and one decommit path, which
 // the pool's callers, room made under quota pressure, other models' reclaims and the pool's
-// background agent (vmmpp/detail/pool_agent.hpp) all take, and one order in which spares go back.
+// background agent (vmmpp/pool/agent.hpp) all take, and one order in which spares go back.
 #pragma once
 
 #include <algorithm>
@@ -21,7 +21,7 @@
 
 #include "vmmpp/backing/concept.hpp"
 #include "vmmpp/detail/fence_queue.hpp"
-#include "vmmpp/detail/pool_agent.hpp"
+#include "vmmpp/pool/agent.hpp"
 #include "vmmpp/detail/range_counts.hpp"
 #include "vmmpp/detail/unit_table.hpp"
 #include "vmmpp/error.hpp"

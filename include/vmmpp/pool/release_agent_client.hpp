@@ -1,5 +1,5 @@
-// vmmpp/detail/release_agent_client.hpp: the agent of an elastic, thread-safe pool without a
-// mapper of its own (vmmpp/detail/pool_agent.hpp): memory whose release waited for the GPU goes
+// vmmpp/pool/release_agent_client.hpp: the agent of an elastic, thread-safe pool without a
+// mapper of its own (vmmpp/pool/agent.hpp): memory whose release waited for the GPU goes
 // back when the GPU gets there, on the process-wide release agent's thread
 // (vmmpp/detail/release_agent.hpp), without a later call from the engine.
 #pragma once

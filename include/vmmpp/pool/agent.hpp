@@ -1,13 +1,13 @@
-// vmmpp/detail/pool_agent.hpp: the seam between a pool and what works on it in the background.
+// vmmpp/pool/agent.hpp: the seam between a pool and what works on it in the background.
 // A pool tells its agent what happens (a unit taken, a unit idle, a release, a hint) through a
 // few hooks; the agent gives memory back or maps ahead through the pool's own commit and
-// decommit paths (vmmpp/detail/pool_books.hpp). Which agent a pool has follows from its
+// decommit paths (vmmpp/pool/books.hpp). Which agent a pool has follows from its
 // configuration:
 //
-//   | pool                                    | agent                                        |
-//   | growth maps in the background           | mapper_agent (growth/mapper_agent.hpp)       |
-//   | elastic, thread safe                    | release_agent_client (release_agent_client.hpp) |
-//   | preallocated, or single-threaded        | no_agent: every hook does nothing            |
+//   | pool                              | agent                                            |
+//   | growth maps in the background     | mapper_agent (vmmpp/pool/mapper_agent.hpp)       |
+//   | elastic, thread safe              | release_agent_client (release_agent_client.hpp)  |
+//   | preallocated, or single-threaded  | no_agent: every hook does nothing                |
 #pragma once
 
 #include <concepts>
@@ -16,9 +16,9 @@
 #include <span>
 #include <type_traits>
 
-#include "vmmpp/detail/release_agent_client.hpp"
+#include "vmmpp/pool/release_agent_client.hpp"
 #include "vmmpp/growth/mapped_ahead.hpp"
-#include "vmmpp/growth/mapper_agent.hpp"
+#include "vmmpp/pool/mapper_agent.hpp"
 #include "vmmpp/pool_config.hpp"
 
 namespace vmmpp::detail {

@@ -1,5 +1,5 @@
-// vmmpp/growth/mapper_agent.hpp: the agent of a pool whose growth policy maps ahead
-// (mapped_ahead; the seam: vmmpp/detail/pool_agent.hpp). Its thread commits spare units ahead of
+// vmmpp/pool/mapper_agent.hpp: the agent of a pool whose growth policy maps ahead
+// (mapped_ahead; the seam: vmmpp/pool/agent.hpp). Its thread commits spare units ahead of
 // demand and gives idle ones back lazily, as its plan decides (vmmpp/growth/mapper.hpp), through
 // the pool's commit and decommit paths with the pool's lock released around the driver calls: a
 // unit it maps or unmaps is "in flight", and a caller that needs it waits for it.
