@@ -234,7 +234,7 @@ public:
                        std::unique_lock<mutex_type>* unlock = nullptr) {
         std::size_t made = 0;
         if (unlock == nullptr) {
-            made = commit_charged(u, n, needed, terms);
+            made = commit_charged(u, n, needed, terms, prepaid_for_this_thread(extent_bytes(u, needed)));
         } else {
             for (std::size_t a = u; a < u + n; ++a) {
                 table.state[a] = unit_state::committing;
@@ -243,7 +243,7 @@ public:
             unlock->unlock();
             std::exception_ptr failure;
             try {
-                made = commit_charged(u, n, needed, terms);
+                made = commit_charged(u, n, needed, terms, 0);  // unlocked: never touches prepay's fields
             } catch (...) {
                 failure = std::current_exception();
             }
@@ -462,8 +462,10 @@ public:
 
 private:
     /// commit's quota and backing calls; the caller holds `mutex` or has the units in flight.
-    std::size_t commit_charged(std::size_t u, std::size_t n, std::size_t needed, const commit_terms& terms) {
-        const std::size_t prepaid_part = prepaid_for_this_thread(extent_bytes(u, needed));
+    /// `prepaid_part`: what of the `needed` units this thread's prepay already charged (0 when
+    /// called without the lock: prepaid is read and written under it only).
+    std::size_t commit_charged(std::size_t u, std::size_t n, std::size_t needed, const commit_terms& terms,
+                               std::size_t prepaid_part) {
         if (n > needed) {
             const std::size_t extra = extent_bytes(u, n) - prepaid_part;
             try {
@@ -475,7 +477,9 @@ private:
                     uncharge(extra);
                     throw;
                 }
-                prepaid -= prepaid_part;
+                if (prepaid_part != 0) {
+                    prepaid -= prepaid_part;
+                }
                 return n;
             } catch (const over_quota&) {
                 if (needed == 0) {
@@ -502,7 +506,9 @@ private:
             uncharge(rest);
             throw;
         }
-        prepaid -= prepaid_part;
+        if (prepaid_part != 0) {
+            prepaid -= prepaid_part;
+        }
         return needed;
     }
 
