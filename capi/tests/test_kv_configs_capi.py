@@ -19,9 +19,9 @@ Standard library only. Exits 0 when every check passes, 1 otherwise.
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.environ.get("VMMPP_KV_PYTHON_DIR", os.path.join(HERE, "..", "python")))
-import vmmpp_kv  # noqa: E402
+from capi_test_support import import_vmmpp_kv
+
+vmmpp_kv = import_vmmpp_kv()
 
 # 1 layer x K,V x 2 heads x 32 x f16 x 4 tokens a block, 64 blocks: 64 KiB of span.
 GEOMETRY = dict(layers=1, kv_heads=2, head_dim=32, dtype="f16", block_tokens=4, max_blocks=64)

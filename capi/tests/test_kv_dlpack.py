@@ -13,24 +13,13 @@ skipped. Environment: VMMPP_KV_LIB (the C ABI library), VMMPP_KV_PYTHON_DIR (whe
 """
 import ctypes
 import gc
-import os
 import sys
 import unittest
 
-SKIP = 77
+from capi_test_support import import_vmmpp_kv, numpy_with_dlpack
 
-try:
-    import numpy as np
-except ImportError:
-    print("numpy is not installed: skipping (python3 -m pip install numpy)")
-    sys.exit(SKIP)
-if not hasattr(np, "from_dlpack"):
-    print(f"numpy {np.__version__} has no from_dlpack (needs >= 1.22): skipping")
-    sys.exit(SKIP)
-
-sys.path.insert(0, os.environ.get("VMMPP_KV_PYTHON_DIR",
-                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")))
-import vmmpp_kv  # noqa: E402
+np = numpy_with_dlpack()
+vmmpp_kv = import_vmmpp_kv()
 
 LAYERS, HEADS, DIM, BLOCK_TOKENS, MAX_BLOCKS = 3, 2, 8, 4, 64
 NP_DTYPES = {"f32": np.float32, "f16": np.float16}

@@ -10,24 +10,13 @@ different layouts, peers for a configuration without vmm, shared pages without v
 Needs NumPy >= 1.22 (exit 77, skipped, without it). Environment as test_kv_dlpack.py.
 """
 import ctypes
-import os
 import sys
 import unittest
 
-SKIP = 77
+from capi_test_support import import_vmmpp_kv, numpy_with_dlpack
 
-try:
-    import numpy as np
-except ImportError:
-    print("numpy is not installed: skipping (python3 -m pip install numpy)")
-    sys.exit(SKIP)
-if not hasattr(np, "from_dlpack"):
-    print(f"numpy {np.__version__} has no from_dlpack (needs >= 1.22): skipping")
-    sys.exit(SKIP)
-
-sys.path.insert(0, os.environ.get("VMMPP_KV_PYTHON_DIR",
-                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python")))
-import vmmpp_kv  # noqa: E402
+np = numpy_with_dlpack()
+vmmpp_kv = import_vmmpp_kv()
 
 # 2 layers x 2 heads x 64 dims x f32 x 16 tokens: a block is 32 KiB (block_major), 64 per 2 MiB page.
 GEOMETRY = dict(layers=2, kv_heads=2, head_dim=64, dtype="f32", block_tokens=16, max_blocks=512, config="host")

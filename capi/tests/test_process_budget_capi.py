@@ -17,9 +17,9 @@ import signal
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "python"))
-import vmmpp_kv  # noqa: E402
+from capi_test_support import import_vmmpp_kv
+
+vmmpp_kv = import_vmmpp_kv()
 
 PAGE = 2 << 20
 # 2 layers x K,V x 8 heads x 64 x f32 = 8 KiB a token: a 2 MiB page is 256 tokens (16 blocks).
