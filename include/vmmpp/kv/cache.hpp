@@ -80,6 +80,7 @@ struct token_range {
 /// later call or, for an idle pool, without one. A freed block id may be handed out again at
 /// once: `append(seq, n, stream)` makes `stream` wait (cuStreamWaitEvent) for the reads queued
 /// before the block's free, so work queued on `stream` after the append may write its new tokens.
+/// copy_blocks (vmmpp/kv/transfer.hpp) follows the same order (order_outside_write, fence_blocks).
 /// The caller's thread never waits.
 template <class Config, class Layout = block_major>
 class kv_cache {

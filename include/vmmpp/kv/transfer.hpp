@@ -187,7 +187,8 @@ private:
 /// issuing the copies or ordering them throws vmmpp::cuda_error; the destination blocks' contents
 /// are then unspecified, and a block may carry an extra fence (which only delays it); neither
 /// cache's sequences or blocks change in any case. A cache that sleeps (kv_cache::sleep) is
-/// refused with vmmpp::cache_asleep.
+/// refused with vmmpp::cache_asleep. Both caches change (their blocks' fences): like any
+/// non-const call, no other call on either may run meanwhile.
 template <class SrcConfig, class DstConfig, class Layout>
 void copy_blocks(kv_cache<SrcConfig, Layout>& src, std::span<const std::int32_t> src_blocks,
                  kv_cache<DstConfig, Layout>& dst, std::span<const std::int32_t> dst_blocks,
