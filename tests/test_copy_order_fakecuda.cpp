@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <span>
 #include <thread>
 #include <vector>
@@ -113,6 +114,24 @@ struct queued_reads {
     }
 };
 
+/// Queues on `stream` a write of `value` into every K and V piece of `block` (copies from host
+/// buffers that live until the end of the test program).
+template <class Cache>
+void write_block(const Cache& c, std::int32_t block, unsigned char value, CUstream stream) {
+    static std::vector<std::unique_ptr<std::vector<unsigned char>>> sources;
+    sources.push_back(std::make_unique<std::vector<unsigned char>>(piece, value));
+    vmmpp::primary_context context{0};
+    vmmpp::scoped_context current(context);
+    for (std::uint32_t l = 0; l < geom.layers; ++l) {
+        for (const std::byte* p : {c.key(l, block), c.value(l, block)}) {
+            vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(p),
+                                                                    reinterpret_cast<CUdeviceptr>(sources.back()->data()),
+                                                                    piece, stream),
+                                 "cuMemcpyAsync(test write)");
+        }
+    }
+}
+
 /// Whether no queued copy met unmapped memory. If one did, resets the fake (its sticky error),
 /// so that the rest of the case, and the end of its streams and caches, run on a clean driver.
 bool no_fault() {
@@ -141,12 +160,13 @@ BOOST_TEST_GLOBAL_FIXTURE(the_fake_driver_is_loaded);
 BOOST_FIXTURE_TEST_SUITE(copy_blocks_stream_order_on_the_fake_driver, fakecuda::clean_driver)
 
 // The engine copies a sequence's blocks to another cache on s1 and frees the source sequence on
-// s2 right after: the source memory stays mapped until s1 has run the copy, then goes back.
+// s2 right after: the source memory stays mapped until s1 has run the copy, and its ids, handed
+// out again at once, are written (on s3) only after it; then the memory goes back.
 BOOST_AUTO_TEST_CASE_TEMPLATE(freeing_the_source_on_another_stream_waits_for_the_copy, Case, kv_cases) {
     two_caches<Case> made;
     auto [a, from] = filled_sequence(made.src, 4, 0x31);
     auto [d, to] = filled_sequence(made.dst, 4, 0x00);
-    fakecuda::stream s1, s2;
+    fakecuda::stream s1, s2, s3;
     fakecuda::hold_gpu(true);
     vmmpp::copy_blocks(made.src, from, made.dst, to, s1);
     BOOST_TEST(fakecuda::queued_on(s1) > 0u);  // queued, not run
@@ -158,11 +178,22 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(freeing_the_source_on_another_stream_waits_for_the
     std::this_thread::sleep_for(10ms);  // (a release agent would act now)
     BOOST_TEST(fakecuda::mapped_bytes() == mapped);
     BOOST_TEST(made.src.pool().stats().awaiting_gpu_units > 0u);
+    const auto n = made.src.add_sequence();
+    made.src.append(n, geom.block_tokens * 4, s3);  // the same ids, lowest first
+    const std::vector<std::int32_t> reused(made.src.block_table(n).begin(), made.src.block_table(n).end());
+    BOOST_TEST(reused == from);
+    for (auto b : reused) {
+        write_block(made.src, b, 0x99, s3);
+    }
+    fakecuda::run_stream(s3);
+    BOOST_TEST(fakecuda::queued_on(s3) > 0u);  // the writes wait for the copy
     fakecuda::run_stream(s1);
     BOOST_TEST(no_fault());
     for (auto b : to) {
-        BOOST_TEST(differing(made.dst, b, 0x31) == 0u);
+        BOOST_TEST(differing(made.dst, b, 0x31) == 0u);  // the copy read the old KV
     }
+    made.src.free(n, s3);
+    fakecuda::run_gpu();  // the writes, and the free's fence
     (void)made.src.collect();
     (void)made.src.pool().trim();
     BOOST_TEST(eventually([&] { return fakecuda::mapped_bytes() < mapped; }));  // the memory goes back after the copy
