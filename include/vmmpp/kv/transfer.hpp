@@ -110,6 +110,15 @@ public:
         }
     }
 
+    /// After a copy failed: the copies queued before it get their fences all the same (on a lost
+    /// context none can be recorded, and nothing queued runs any more).
+    void after_failed_copy() noexcept {
+        try {
+            after();
+        } catch (...) {
+        }
+    }
+
     /// After the copies are queued. Throws: cuda_error recording a fence (a lost context): the
     /// fence recorded before it is on its blocks, the failed cache's blocks get none.
     void after() {
@@ -241,18 +250,24 @@ void copy_blocks(kv_cache<SrcConfig, Layout>& src, std::span<const std::int32_t>
     const bool runs = Layout::block_stride_bytes(src.geometry()) == src_shape.width &&
                       Layout::block_stride_bytes(dst.geometry()) == dst_shape.width;
     const std::size_t n = src_blocks.size();
-    for (std::size_t r = 0; r < src_shape.rows; ++r) {
-        for (std::size_t i = 0; i < n;) {
-            std::size_t j = i + 1;
-            while (runs && j < n && src_blocks[j] == src_blocks[j - 1] + 1 && dst_blocks[j] == dst_blocks[j - 1] + 1) {
-                ++j;
+    try {
+        for (std::size_t r = 0; r < src_shape.rows; ++r) {
+            for (std::size_t i = 0; i < n;) {
+                std::size_t j = i + 1;
+                while (runs && j < n && src_blocks[j] == src_blocks[j - 1] + 1 &&
+                       dst_blocks[j] == dst_blocks[j - 1] + 1) {
+                    ++j;
+                }
+                copy(dst.address(0, kv_part::key, dst_blocks[i]) + r * dst_shape.pitch,
+                     src.address(0, kv_part::key, src_blocks[i]) + r * src_shape.pitch, (j - i) * src_shape.width);
+                i = j;
             }
-            copy(dst.address(0, kv_part::key, dst_blocks[i]) + r * dst_shape.pitch,
-                 src.address(0, kv_part::key, src_blocks[i]) + r * src_shape.pitch, (j - i) * src_shape.width);
-            i = j;
         }
+        copy.finish();
+    } catch (...) {
+        order.after_failed_copy();  // pieces before the failed one may be queued
+        throw;
     }
-    copy.finish();
     order.after();
 }
 
