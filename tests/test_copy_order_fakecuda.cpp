@@ -290,4 +290,31 @@ BOOST_AUTO_TEST_CASE(a_copy_within_one_cache_holds_its_source_until_it_ran) {
     (void)d;
 }
 
+// A copy that fails part-way (the driver refuses its second piece) throws cuda_error; the piece
+// queued before the failure still holds both sides' memory until it ran.
+BOOST_AUTO_TEST_CASE(a_copy_that_fails_part_way_fences_what_it_queued) {
+    using Case = kv_case<vmmpp::elastic_page_config, vmmpp::layer_major>;  // a piece per layer and part
+    two_caches<Case> made;
+    auto [a, from] = filled_sequence(made.src, 4, 0x35);
+    auto [d, to] = filled_sequence(made.dst, 4, 0x00);
+    fakecuda::stream s1, s2;
+    fakecuda::hold_gpu(true);
+    fakecuda::fail("cuMemcpyAsync", 2, CUDA_ERROR_INVALID_VALUE);
+    BOOST_CHECK_THROW(vmmpp::copy_blocks(made.src, from, made.dst, to, s1), vmmpp::cuda_error);
+    BOOST_TEST(fakecuda::queued_on(s1) > 0u);  // the first piece
+    const std::size_t mapped = fakecuda::mapped_bytes();
+    made.src.free(a, s2);
+    made.dst.free(d, s2);
+    fakecuda::run_stream(s2);
+    (void)made.src.pool().trim();
+    (void)made.dst.pool().trim();
+    BOOST_TEST(fakecuda::mapped_bytes() == mapped);
+    fakecuda::run_gpu();
+    BOOST_TEST(no_fault());
+    (void)made.src.pool().trim();
+    (void)made.dst.pool().trim();
+    BOOST_TEST(eventually([&] { return fakecuda::mapped_bytes() < mapped; }));
+    fakecuda::hold_gpu(false);
+}
+
 BOOST_AUTO_TEST_SUITE_END()
