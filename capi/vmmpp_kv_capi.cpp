@@ -80,9 +80,10 @@ public:
     virtual std::vector<vmmpp::byte_range> block_pieces(std::span<const std::int32_t> blocks) const = 0;
     /// vmm configurations: every committed handle, exported for vmmpp::send_shared_pages.
     virtual vmmpp::shared_pages_export export_shared_pages() const = 0;
-    /// vmmpp::copy_blocks from this cache into `dst`, which has the same configuration and layout.
+    /// vmmpp::copy_blocks from this cache into `dst`, which has the same configuration and layout
+    /// (not const: the copy's fence goes on this cache's source blocks too).
     virtual void copy_blocks_to(std::span<const std::int32_t> src_blocks, cache_base& dst,
-                                std::span<const std::int32_t> dst_blocks, cudaStream_t stream) const = 0;
+                                std::span<const std::int32_t> dst_blocks, cudaStream_t stream) = 0;
 
     /// Serialises the calls made through handles (the cache is not thread safe by itself).
     std::mutex mutex;
@@ -164,7 +165,7 @@ public:
         }
     }
     void copy_blocks_to(std::span<const std::int32_t> src_blocks, cache_base& dst,
-                        std::span<const std::int32_t> dst_blocks, cudaStream_t stream) const override {
+                        std::span<const std::int32_t> dst_blocks, cudaStream_t stream) override {
         auto* same = dynamic_cast<cache_impl*>(&dst);
         if (same == nullptr) {
             throw vmmpp::invalid_argument("copy_blocks: the caches differ in configuration or layout");

@@ -240,7 +240,8 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_pair_pieces(const vmmpp_kv_range* local, uint
                                                vmmpp_kv_piece_pair* out, uint64_t capacity, uint64_t* count);
 /** vmmpp::copy_blocks: blocks src_blocks[i] of src into dst_blocks[i] of dst, queued on `stream`
  *  (a cudaStream_t; NULL: the legacy default stream). The caches must share configuration and
- *  layout; between GPUs, create them with each other's device as a peer. */
+ *  layout; between GPUs, create them with each other's device as a peer. Either sequence may be
+ *  freed at once, on any stream: its memory goes back, and a block is rewritten, after the copy. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_copy_blocks(vmmpp_kv* src, const int32_t* src_blocks, vmmpp_kv* dst,
                                                   const int32_t* dst_blocks, uint64_t n_blocks, void* stream);
 /** vmm configurations: sends every committed physical handle over the connected Unix socket

@@ -81,6 +81,33 @@ BOOST_AUTO_TEST_CASE(stream_work_runs_at_once_or_queues_while_held) {
     BOOST_TEST(static_cast<int>(b.base()[0]) == 0x33);
 }
 
+// cuStreamGetCtx as the real driver's: a created stream answers the context current at its
+// creation; the legacy default stream (nullptr, CU_STREAM_LEGACY) the calling thread's current
+// one, CUDA_ERROR_INVALID_CONTEXT without one; an unknown stream is an invalid handle.
+BOOST_AUTO_TEST_CASE(a_stream_knows_its_context) {
+    const auto& d = vmmpp::driver::get();
+    vmmpp::primary_context ctx(0);
+    fakecuda::stream s;
+    CUcontext current = nullptr;
+    BOOST_TEST(d.ctx_get_current(&current) == CUDA_SUCCESS);
+    BOOST_TEST_REQUIRE(current == nullptr);  // none on this thread, outside the stream's creation
+    CUcontext got = nullptr;
+    BOOST_TEST(d.stream_get_ctx(s, &got) == CUDA_SUCCESS);
+    BOOST_TEST(got == ctx.get());
+    BOOST_TEST(d.stream_get_ctx(nullptr, &got) == CUDA_ERROR_INVALID_CONTEXT);
+    {
+        vmmpp::scoped_context in(ctx);
+        got = nullptr;
+        BOOST_TEST(d.stream_get_ctx(nullptr, &got) == CUDA_SUCCESS);
+        BOOST_TEST(got == ctx.get());
+        got = nullptr;
+        BOOST_TEST(d.stream_get_ctx(CU_STREAM_LEGACY, &got) == CUDA_SUCCESS);
+        BOOST_TEST(got == ctx.get());
+    }
+    int not_a_stream = 0;
+    BOOST_TEST(d.stream_get_ctx(reinterpret_cast<CUstream>(&not_a_stream), &got) == CUDA_ERROR_INVALID_HANDLE);
+}
+
 BOOST_AUTO_TEST_CASE(a_copy_into_memory_unmapped_under_it_loses_the_context) {
     const std::size_t g = granule();
     const auto& d = vmmpp::driver::get();

@@ -123,7 +123,7 @@ std::vector<std::int32_t> live_blocks(Cache& c, std::size_t n_blocks) {
 /// Copies `from` of `src` (filled with tag 1) to `to` of `dst` (filled with tag 2) on `stream`,
 /// then checks the copied blocks and the untouched ones.
 template <class Src, class Dst>
-void copy_and_check(const Src& src, const std::vector<std::int32_t>& from, Dst& dst, const std::vector<std::int32_t>& to,
+void copy_and_check(Src& src, const std::vector<std::int32_t>& from, Dst& dst, const std::vector<std::int32_t>& to,
                     const std::vector<std::int32_t>& untouched, cudaStream_t stream) {
     vmmpp::copy_blocks(src, from, dst, to, stream);
     cuda_check(cudaStreamSynchronize(stream));

@@ -61,6 +61,9 @@ struct api {
     // waits on their events); memory goes back when the GPU reaches a release (a host function).
     decltype(&::cuStreamWaitEvent) stream_wait_event = nullptr;
     decltype(&::cuLaunchHostFunc) launch_host_func = nullptr;
+    // copy_blocks between two GPUs: the context of the caller's stream, where an event on it must
+    // be recorded (an event records only on a stream of its own context).
+    decltype(&::cuStreamGetCtx) stream_get_ctx = nullptr;
 };
 
 namespace detail {
@@ -146,6 +149,7 @@ inline load_result load() {
     resolve("cuMemcpyHtoDAsync", t.memcpy_htod_async);
     resolve("cuStreamWaitEvent", t.stream_wait_event);
     resolve("cuLaunchHostFunc", t.launch_host_func);
+    resolve("cuStreamGetCtx", t.stream_get_ctx);
     if (!result.failure.empty()) {
         return result;
     }

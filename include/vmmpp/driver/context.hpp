@@ -68,13 +68,15 @@ class scoped_context {
 public:
     /// Pushes `ctx` unless it is current already (as it is on a thread that uses the CUDA
     /// runtime on that device, or on a pool's mapper thread): then there is nothing to undo.
-    explicit scoped_context(const primary_context& ctx) {
+    explicit scoped_context(const primary_context& ctx) : scoped_context(ctx.get()) {}
+    /// The same for any context (one a stream belongs to, cuStreamGetCtx).
+    explicit scoped_context(CUcontext ctx) {
         const auto& d = driver::get();
         CUcontext current = nullptr;
-        if (d.ctx_get_current(&current) == CUDA_SUCCESS && current == ctx.get()) {
+        if (d.ctx_get_current(&current) == CUDA_SUCCESS && current == ctx) {
             return;
         }
-        driver::check(d.ctx_push_current(ctx.get()), "cuCtxPushCurrent");
+        driver::check(d.ctx_push_current(ctx), "cuCtxPushCurrent");
         pushed_ = true;
     }
     scoped_context(const scoped_context&) = delete;

@@ -21,6 +21,12 @@ public:
 
     /// Block `b` may be read by the work before `f` (a no-op for no fence). May allocate.
     void add(std::int32_t b, const pool_fence& f) { add_to(fences_[static_cast<std::size_t>(b)], f); }
+    /// Makes room for one more fence on block `b`, so that the next add(b, f) cannot fail.
+    /// Throws: std::bad_alloc (nothing changed).
+    void reserve_one_more(std::int32_t b) {
+        auto& set = fences_[static_cast<std::size_t>(b)];
+        set.reserve(set.size() + 1);
+    }
     /// The fences of block `b`.
     [[nodiscard]] std::span<const pool_fence> of(std::int32_t b) const noexcept {
         return fences_[static_cast<std::size_t>(b)];

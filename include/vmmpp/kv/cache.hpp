@@ -80,6 +80,7 @@ struct token_range {
 /// later call or, for an idle pool, without one. A freed block id may be handed out again at
 /// once: `append(seq, n, stream)` makes `stream` wait (cuStreamWaitEvent) for the reads queued
 /// before the block's free, so work queued on `stream` after the append may write its new tokens.
+/// copy_blocks (vmmpp/kv/transfer.hpp) follows the same order (order_outside_write, fence_blocks).
 /// The caller's thread never waits.
 template <class Config, class Layout = block_major>
 class kv_cache {
@@ -376,7 +377,26 @@ public:
     [[nodiscard]] std::size_t slot_count() const noexcept requires slotted { return blocks_.slot_count(); }
     [[nodiscard]] std::size_t free_slots() const noexcept requires slotted { return blocks_.free_slots(); }
 
+    // --- stream order of copies queued outside the cache (copy_blocks, vmmpp/kv/transfer.hpp) ---
+
+    /// Before work queued on `stream` (of the cache's device) writes the live, unshared `blocks`:
+    /// `stream` waits for the reads queued before each block's last free, as append's does, and
+    /// room is made for fence_blocks' fence. Host memory: nothing to do.
+    /// Throws: cuda_error, std::bad_alloc: nothing changed but waits queued (they only delay).
+    void order_outside_write(std::span<const std::int32_t> blocks, cudaStream_t stream) {
+        memory_.reserve_fences(blocks);
+        memory_.order_writes_after_reads(blocks, stream);
+    }
+    /// Before work queued outside the cache reads the live `blocks`: room for fence_blocks' fence.
+    /// Throws: std::bad_alloc (nothing changed).
+    void order_outside_read(std::span<const std::int32_t> blocks) { memory_.reserve_fences(blocks); }
+    /// After that work (read or write), queued before `f` (pool().record_fence): whoever lets go
+    /// of any of `blocks` last waits for it. Once per order_outside_* of the same blocks.
+    void fence_blocks(std::span<const std::int32_t> blocks, pool_fence f) noexcept { memory_.add_fence(blocks, f); }
+
     [[nodiscard]] const kv_geometry& geometry() const noexcept { return geometry_; }
+    /// The stream of the cache's own device work (kv_cache_options::stream).
+    [[nodiscard]] cudaStream_t stream() const noexcept { return options_.stream; }
     [[nodiscard]] const pool_type& pool() const noexcept { return pool_; }
     [[nodiscard]] pool_type& pool() noexcept { return pool_; }
     /// The live sequences by id, ascending (see vmmpp/kv/views.hpp for views over them).

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "vmmpp/backing/concept.hpp"
 #include "vmmpp/error.hpp"
 #include "vmmpp/kv/cache.hpp"
 #include "vmmpp/kv/detail/device_copy.hpp"
@@ -72,6 +73,89 @@ void check_live_blocks(const Cache& cache, std::span<const std::int32_t> blocks,
     }
 }
 
+/// copy_blocks' stream order (kv_cache's class comment): before the copies, `stream` waits for
+/// the readers queued before the destination blocks' last free (their ids may have been handed
+/// out again since); after them, one fence per device-visible cache (one in all when `src` and
+/// `dst` are one cache) goes on every source and destination block, so that whoever lets go of
+/// one last, on whatever stream, waits for the copy. Host caches copy at once: no fences.
+/// Between two GPUs, a cache not on `stream`'s device waits and records on its own stream
+/// (kv_cache_options::stream), ordered with `stream` (stream_devices). The fake driver of the
+/// tests has one device: that path runs on two GPUs only.
+template <class Src, class Dst>
+class copy_order {
+    static constexpr bool src_ordered = has_property<typename Src::backing_type, device_accessible>;
+    static constexpr bool dst_ordered = has_property<typename Dst::backing_type, device_accessible>;
+    using side = stream_devices::side;
+
+public:
+    /// Throws: cuda_error (`stream`'s context, between two GPUs): nothing changed.
+    copy_order(Src& src, std::span<const std::int32_t> src_blocks, Dst& dst, std::span<const std::int32_t> dst_blocks,
+               cudaStream_t stream)
+        : src_(src), dst_(dst), src_blocks_(src_blocks), dst_blocks_(dst_blocks), stream_(stream),
+          one_cache_(static_cast<const void*>(&src) == static_cast<const void*>(&dst)),
+          devices_(stream, src_ordered ? src.pool().device() : -1, dst_ordered ? dst.pool().device() : -1) {}
+
+    /// Before the copies. Throws: cuda_error, std::bad_alloc: nothing changed but waits queued.
+    void before() {
+        if constexpr (src_ordered) {
+            src_.order_outside_read(src_blocks_);
+        }
+        if constexpr (dst_ordered) {
+            if (!devices_.elsewhere(side::destination)) {
+                dst_.order_outside_write(dst_blocks_, stream_);
+            } else {  // the destination's own stream waits for the readers, and `stream` for it
+                dst_.order_outside_write(dst_blocks_, dst_.stream());
+                devices_.stream_waits_for(side::destination, dst_.stream());
+            }
+        }
+    }
+
+    /// After a copy failed: the copies queued before it get their fences all the same (on a lost
+    /// context none can be recorded, and nothing queued runs any more).
+    void after_failed_copy() noexcept {
+        try {
+            after();
+        } catch (...) {
+        }
+    }
+
+    /// After the copies are queued. Throws: cuda_error recording a fence (a lost context): the
+    /// fence recorded before it is on its blocks, the failed cache's blocks get none.
+    void after() {
+        if constexpr (dst_ordered) {
+            const pool_fence f = fence(dst_, side::destination);
+            dst_.fence_blocks(dst_blocks_, f);
+            if (one_cache_) {
+                dst_.fence_blocks(src_blocks_, f);
+                return;
+            }
+        }
+        if constexpr (src_ordered) {
+            src_.fence_blocks(src_blocks_, fence(src_, side::source));
+        }
+    }
+
+private:
+    /// A fence of `cache`'s pool after the copies: on `stream`, or on the cache's own stream
+    /// once that waits for `stream`.
+    template <class Cache>
+    pool_fence fence(Cache& cache, side s) {
+        if (!devices_.elsewhere(s)) {
+            return cache.pool().record_fence(stream_);
+        }
+        devices_.waits_for_stream(s, cache.stream());
+        return cache.pool().record_fence(cache.stream());
+    }
+
+    Src& src_;
+    Dst& dst_;
+    std::span<const std::int32_t> src_blocks_;
+    std::span<const std::int32_t> dst_blocks_;
+    cudaStream_t stream_;
+    bool one_cache_;
+    stream_devices devices_;
+};
+
 } // namespace detail
 
 /// Copies KV blocks between two caches: every layer's K and V of block `src_blocks[i]` of `src`
@@ -98,17 +182,24 @@ void check_live_blocks(const Cache& cache, std::span<const std::int32_t> blocks,
 /// packed_kv and mla, one piece per block in block_major); runs of consecutive ids in both lists
 /// are copied as one piece per run.
 ///
-/// Device copies are asynchronous: the source blocks must stay unwritten, and the destination
-/// blocks unread, until `stream` (`nullptr`: the legacy default stream of the caller's current
-/// device) has reached them; to free the source sequence before that, free it with
-/// `free(seq, stream)` so that its memory waits for the copy. Between two GPUs the copy engines need the pages of
-/// both caches; give each vmm cache the other device in `vmm_options::peer_devices` (see
-/// can_access_peer) for a direct copy. A CUDA error while issuing the copies throws
-/// vmmpp::cuda_error; the destination blocks' contents are then unspecified (neither cache's
-/// bookkeeping changes in any case). A cache that sleeps (kv_cache::sleep) is refused with
-/// vmmpp::cache_asleep.
+/// Device copies are asynchronous, on `stream` (`nullptr`: the legacy default stream of the
+/// caller's current device; a stream of one of the caches' devices), and follow the caches'
+/// stream order (kv_cache's class comment): `stream` first waits for the reads queued before a
+/// destination block's last free, and every source and destination block gets a fence after the
+/// copies, so the sequences may be freed or truncated at once, on any stream: their memory goes
+/// back, and a block is written again, only after the copy. The source blocks must still stay
+/// unwritten, and the destination blocks unread, by other work until `stream` has reached them.
+/// Between two GPUs, a cache not on `stream`'s device records its fence on its own stream
+/// (kv_cache_options::stream), which then waits for the copies (detail::copy_order); the copy
+/// engines need the pages of both caches: give each vmm cache the other device in
+/// `vmm_options::peer_devices` (see can_access_peer) for a direct copy. A CUDA error while
+/// issuing the copies or ordering them throws vmmpp::cuda_error; the destination blocks' contents
+/// are then unspecified, and a block may carry an extra fence (which only delays it); neither
+/// cache's sequences or blocks change in any case. A cache that sleeps (kv_cache::sleep) is
+/// refused with vmmpp::cache_asleep. Both caches change (their blocks' fences): like any
+/// non-const call, no other call on either may run meanwhile.
 template <class SrcConfig, class DstConfig, class Layout>
-void copy_blocks(const kv_cache<SrcConfig, Layout>& src, std::span<const std::int32_t> src_blocks,
+void copy_blocks(kv_cache<SrcConfig, Layout>& src, std::span<const std::int32_t> src_blocks,
                  kv_cache<DstConfig, Layout>& dst, std::span<const std::int32_t> dst_blocks,
                  cudaStream_t stream = nullptr) {
     // --- every check first: nothing is copied unless all pass ---
@@ -146,7 +237,9 @@ void copy_blocks(const kv_cache<SrcConfig, Layout>& src, std::span<const std::in
         return;
     }
 
-    // --- the copies ---
+    // --- the copies, in the caches' stream order ---
+    detail::copy_order order(src, src_blocks, dst, dst_blocks, stream);
+    order.before();
     detail::transfer_copy copy(src.pool().backing(), src.pool().device(), dst.pool().backing(), dst.pool().device(),
                                stream);
     // Piece r of block b starts at address(0, key, b) + r * pitch (Layout::copy_shape). The
@@ -157,18 +250,25 @@ void copy_blocks(const kv_cache<SrcConfig, Layout>& src, std::span<const std::in
     const bool runs = Layout::block_stride_bytes(src.geometry()) == src_shape.width &&
                       Layout::block_stride_bytes(dst.geometry()) == dst_shape.width;
     const std::size_t n = src_blocks.size();
-    for (std::size_t r = 0; r < src_shape.rows; ++r) {
-        for (std::size_t i = 0; i < n;) {
-            std::size_t j = i + 1;
-            while (runs && j < n && src_blocks[j] == src_blocks[j - 1] + 1 && dst_blocks[j] == dst_blocks[j - 1] + 1) {
-                ++j;
+    try {
+        for (std::size_t r = 0; r < src_shape.rows; ++r) {
+            for (std::size_t i = 0; i < n;) {
+                std::size_t j = i + 1;
+                while (runs && j < n && src_blocks[j] == src_blocks[j - 1] + 1 &&
+                       dst_blocks[j] == dst_blocks[j - 1] + 1) {
+                    ++j;
+                }
+                copy(dst.address(0, kv_part::key, dst_blocks[i]) + r * dst_shape.pitch,
+                     src.address(0, kv_part::key, src_blocks[i]) + r * src_shape.pitch, (j - i) * src_shape.width);
+                i = j;
             }
-            copy(dst.address(0, kv_part::key, dst_blocks[i]) + r * dst_shape.pitch,
-                 src.address(0, kv_part::key, src_blocks[i]) + r * src_shape.pitch, (j - i) * src_shape.width);
-            i = j;
         }
+        copy.finish();
+    } catch (...) {
+        order.after_failed_copy();  // pieces before the failed one may be queued
+        throw;
     }
-    copy.finish();
+    order.after();
 }
 
 } // namespace vmmpp

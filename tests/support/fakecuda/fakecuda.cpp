@@ -59,6 +59,7 @@ struct CUctx_st {
 };
 struct CUstream_st {
     bool blocking = true;  // not CU_STREAM_NON_BLOCKING: ordered with the legacy default stream
+    CUcontext context = nullptr;  // current when it was created (cuStreamGetCtx)
 };
 struct CUevent_st {
     std::uint64_t last_record = 0;  // sequence number of its last cuEventRecord; 0: never recorded
@@ -818,7 +819,7 @@ CUresult stream_create(CUstream* stream, unsigned int flags) {
     if (!has_current_context()) {
         return CUDA_ERROR_INVALID_CONTEXT;
     }
-    *stream = new CUstream_st{.blocking = (flags & CU_STREAM_NON_BLOCKING) == 0};
+    *stream = new CUstream_st{.blocking = (flags & CU_STREAM_NON_BLOCKING) == 0, .context = context_stack.back()};
     state().streams.insert(*stream);
     return CUDA_SUCCESS;
 }
@@ -832,6 +833,31 @@ CUresult stream_destroy(CUstream stream) {
     }
     state().last_on_stream.erase(stream);
     delete stream;  // its queued work still runs: the queue does not refer to the stream
+    return CUDA_SUCCESS;
+}
+/// As the real driver: a created stream's context is the one current at its creation; the
+/// special handles (NULL, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD) answer the calling thread's
+/// current context, CUDA_ERROR_INVALID_CONTEXT when none is.
+CUresult stream_get_ctx(CUstream stream, CUcontext* ctx) {
+    driver_call call("cuStreamGetCtx");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (ctx == nullptr) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (!s.valid_stream(stream)) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    if (s.streams.contains(stream)) {
+        *ctx = stream->context;
+        return CUDA_SUCCESS;
+    }
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    *ctx = context_stack.back();
     return CUDA_SUCCESS;
 }
 CUresult stream_synchronize(CUstream stream) {
@@ -1011,6 +1037,7 @@ const entry_point entry_points[] = {
     {"cuStreamCreate", as<decltype(&::cuStreamCreate)>(&stream_create)},
     {"cuStreamDestroy", as<decltype(&::cuStreamDestroy)>(&stream_destroy)},
     {"cuStreamSynchronize", as<decltype(&::cuStreamSynchronize)>(&stream_synchronize)},
+    {"cuStreamGetCtx", as<decltype(&::cuStreamGetCtx)>(&stream_get_ctx)},
     {"cuMemcpyAsync", as<decltype(&::cuMemcpyAsync)>(&memcpy_async)},
     {"cuMemcpyHtoDAsync", as<decltype(&::cuMemcpyHtoDAsync)>(&memcpy_htod_async)},
     {"cuMemcpyDtoHAsync", as<decltype(&::cuMemcpyDtoHAsync)>(&memcpy_dtoh_async)},

@@ -5,6 +5,9 @@
 // registered with vmmpp_add_fakecuda_test links this object: a function defined in the
 // executable wins over libcudart's, and these forward to the driver that libcuda.so.1 is in the
 // process (the fake, found first through LD_LIBRARY_PATH). Only what vmmpp calls is here.
+// copy_blocks' runtime copies (cudaMemcpyAsync, cudaMemcpyBatchAsync) run in the primary context
+// of device 0, made current for the call when the thread has none, as the runtime's current
+// device would be; cudaMemcpyPeerAsync is not here: the fake has one device.
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
@@ -23,6 +26,11 @@ struct driver_table {
     decltype(&::cuStreamDestroy) stream_destroy = nullptr;
     decltype(&::cuStreamSynchronize) stream_synchronize = nullptr;
     decltype(&::cuMemsetD8Async) memset_d8_async = nullptr;
+    decltype(&::cuMemcpyAsync) memcpy_async = nullptr;
+    decltype(&::cuCtxGetCurrent) ctx_get_current = nullptr;
+    decltype(&::cuCtxPushCurrent) ctx_push_current = nullptr;
+    decltype(&::cuCtxPopCurrent) ctx_pop_current = nullptr;
+    decltype(&::cuDevicePrimaryCtxRetain) primary_ctx_retain = nullptr;
     bool complete = false;
 };
 
@@ -51,6 +59,11 @@ driver_table load() {
     resolve("cuStreamDestroy", t.stream_destroy);
     resolve("cuStreamSynchronize", t.stream_synchronize);
     resolve("cuMemsetD8Async", t.memset_d8_async);
+    resolve("cuMemcpyAsync", t.memcpy_async);
+    resolve("cuCtxGetCurrent", t.ctx_get_current);
+    resolve("cuCtxPushCurrent", t.ctx_push_current);
+    resolve("cuCtxPopCurrent", t.ctx_pop_current);
+    resolve("cuDevicePrimaryCtxRetain", t.primary_ctx_retain);
     t.complete = complete;
     return t;
 }
@@ -95,6 +108,39 @@ CUresult to_driver(cudaError_t e) {
     case cudaErrorInsufficientDriver: return CUDA_ERROR_NOT_FOUND;
     default: return CUDA_ERROR_UNKNOWN;
     }
+}
+
+/// Queues the copies to[i] <- from[i] on `stream` (cuMemcpyAsync; the fake tells device from host
+/// memory by its reservations), with device 0's primary context current if the thread has none.
+cudaError_t copy_async(void* const* to, const void* const* from, const size_t* bytes, size_t count, cudaStream_t stream) {
+    if (!driver().complete) {
+        return last_error = cudaErrorInsufficientDriver;
+    }
+    const driver_table& d = driver();
+    CUcontext current = nullptr;
+    bool pushed = false;
+    if (d.ctx_get_current(&current) == CUDA_SUCCESS && current == nullptr) {
+        static CUcontext primary = nullptr;  // retained once, for the process, as the runtime does
+        if (primary == nullptr) {
+            if (CUresult rc = d.primary_ctx_retain(&primary, 0); rc != CUDA_SUCCESS) {
+                return result(rc);
+            }
+        }
+        if (CUresult rc = d.ctx_push_current(primary); rc != CUDA_SUCCESS) {
+            return result(rc);
+        }
+        pushed = true;
+    }
+    CUresult rc = CUDA_SUCCESS;
+    for (size_t i = 0; i < count && rc == CUDA_SUCCESS; ++i) {
+        rc = d.memcpy_async(reinterpret_cast<CUdeviceptr>(to[i]), reinterpret_cast<CUdeviceptr>(from[i]), bytes[i],
+                            stream);
+    }
+    if (pushed) {
+        CUcontext popped = nullptr;
+        (void)d.ctx_pop_current(&popped);
+    }
+    return result(rc);
 }
 
 } // namespace
@@ -147,5 +193,21 @@ cudaError_t cudaMemsetAsync(void* pointer, int value, size_t bytes, cudaStream_t
     return result(driver().memset_d8_async(reinterpret_cast<CUdeviceptr>(pointer), static_cast<unsigned char>(value),
                                            bytes, stream));
 }
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind, cudaStream_t stream) {
+    return copy_async(&dst, &src, &bytes, 1, stream);
+}
+
+#if CUDART_VERSION >= 13000
+cudaError_t cudaMemcpyBatchAsync(void* const* dsts, const void* const* srcs, const size_t* sizes, size_t count,
+                                 cudaMemcpyAttributes*, size_t*, size_t, cudaStream_t stream) {
+    return copy_async(dsts, srcs, sizes, count, stream);
+}
+#elif CUDART_VERSION >= 12080
+cudaError_t cudaMemcpyBatchAsync(void** dsts, void** srcs, size_t* sizes, size_t count, cudaMemcpyAttributes*,
+                                 size_t*, size_t, size_t*, cudaStream_t stream) {
+    return copy_async(dsts, srcs, sizes, count, stream);
+}
+#endif
 
 } // extern "C"

@@ -141,6 +141,26 @@ public:
         }
     }
 
+    /// Before a copy queued outside the cache (copy_blocks) that reads or writes `blocks`: makes
+    /// room for the fence add_fence puts on each after it, so that cannot fail once the copy is
+    /// queued. Host memory needs no fences. Throws: std::bad_alloc (nothing changed).
+    void reserve_fences(std::span<const std::int32_t> blocks) {
+        if constexpr (stream_ordered) {
+            for (std::int32_t b : blocks) {
+                fences_.reserve_one_more(b);
+            }
+        }
+    }
+    /// After that copy: whoever lets go of any of `blocks` last waits for `f`, a fence of the pool
+    /// after it. One fence per call and block: reserve_fences made the room.
+    void add_fence(std::span<const std::int32_t> blocks, pool_fence f) noexcept {
+        if constexpr (stream_ordered) {
+            for (std::int32_t b : blocks) {
+                fences_.add(b, f);
+            }
+        }
+    }
+
     /// Call before queueing a copy of the cache's own on `stream`: a later row may fail after
     /// one is queued.
     void copy_queued(cudaStream_t stream) noexcept {

@@ -13,11 +13,13 @@
 #include <cstring>
 #include <optional>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "vmmpp/backing/concept.hpp"
 #include "vmmpp/driver/api.hpp"
 #include "vmmpp/driver/context.hpp"
+#include "vmmpp/driver/event.hpp"
 
 namespace vmmpp::detail {
 
@@ -83,6 +85,61 @@ template <class B>
         return false;
     }
 }
+
+/// The context `stream` belongs to (cuStreamGetCtx: for the legacy default stream, the calling
+/// thread's current one). Throws: cuda_error (no context current for the legacy stream).
+[[nodiscard]] inline CUcontext stream_context(cudaStream_t stream) {
+    CUcontext ctx = nullptr;
+    driver::check(driver::get().stream_get_ctx(stream, &ctx), "cuStreamGetCtx(copy_blocks)");
+    return ctx;
+}
+
+/// Makes `to`, a stream of context `to_ctx`, wait for the work queued so far on `from`, a stream
+/// of `from_ctx`, which may be another device's: an event records only on a stream of its own
+/// context, but cuStreamWaitEvent takes one of any device. The event is temporary: destroyed at
+/// once, the driver keeps what the queued wait needs. Each stream is used with its context
+/// current, so the legacy default stream (nullptr) means that context's.
+inline void order_streams(cudaStream_t from, CUcontext from_ctx, cudaStream_t to, CUcontext to_ctx) {
+    scoped_context in_from(from_ctx);
+    const stream_event e = stream_event::create();
+    e.record(from);
+    scoped_context in_to(to_ctx);
+    driver::check(driver::get().stream_wait_event(to, e.get(), 0), "cuStreamWaitEvent(copy_blocks)");
+}
+
+/// Where the stream of a copy_blocks call between caches on devices `src_device` and `dst_device`
+/// (-1: host memory) is, for its stream order (copy_order, kv/transfer.hpp): a cache on another
+/// device than the stream cannot record an event on it, so its own stream stands in, ordered with
+/// `stream` by order_streams. The stream's context is asked only when the caches are on two
+/// different GPUs: caches on one device never take this path.
+class stream_devices {
+public:
+    enum side : int { source = 0, destination = 1 };
+
+    stream_devices(cudaStream_t stream, int src_device, int dst_device) : stream_(stream) {
+        if (src_device >= 0 && dst_device >= 0 && src_device != dst_device) {
+            ctx_ = stream_context(stream);
+            for (const auto& [s, device] : {std::pair{source, src_device}, std::pair{destination, dst_device}}) {
+                if (primary_context p(device); p.get() != ctx_) {
+                    elsewhere_[s].emplace(std::move(p));
+                }
+            }
+        }
+    }
+    /// Whether the cache of `s` is on another device than the stream.
+    [[nodiscard]] bool elsewhere(side s) const noexcept { return elsewhere_[s].has_value(); }
+    /// The stream waits for the work queued so far on `own`, the stream of the cache of `s`
+    /// (elsewhere(s)).
+    void stream_waits_for(side s, cudaStream_t own) { order_streams(own, elsewhere_[s]->get(), stream_, ctx_); }
+    /// `own`, the stream of the cache of `s` (elsewhere(s)), waits for the work queued so far on
+    /// the stream.
+    void waits_for_stream(side s, cudaStream_t own) { order_streams(stream_, ctx_, own, elsewhere_[s]->get()); }
+
+private:
+    cudaStream_t stream_;
+    CUcontext ctx_ = nullptr;
+    std::optional<primary_context> elsewhere_[2];  // by side: the cache's device, if not the stream's
+};
 
 /// Queues the copies to[i] <- from[i] (bytes[i] each) on `stream` as one cudaMemcpyBatchAsync,
 /// the sources read in stream order. `stream` must not be the legacy default stream, which the
