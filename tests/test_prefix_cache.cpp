@@ -292,6 +292,7 @@ BOOST_AUTO_TEST_CASE(sequence_contiguous_refuses_sharing) {
         BOOST_TEST(std::string(e.what()).find("sequence_contiguous") != std::string::npos);
     }
     BOOST_CHECK_THROW(c.retain_block(first), vmmpp::invalid_argument);
+    BOOST_CHECK_THROW(c.release_block(first), vmmpp::invalid_argument);  // would drop the sequence's own
     BOOST_TEST(c.sequence_count() == 1u);
     BOOST_TEST(c.block_refs(first) == 1u);
 }
@@ -399,8 +400,42 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(page_aware_eviction_frees_whole_pages, Case, prefi
     const std::size_t committed = c.pool().committed_bytes();
     BOOST_TEST(committed == Case::layout::span_bytes(c.geometry()) / page_bytes * page_bytes);
 
-    // Asked for one page: a whole group goes, and exactly its pages come back.
+    // The groups, worked out here from the layout's pieces: the blocks on each page block 0
+    // does not touch; a group is as old as its newest block (its place in the publish order).
+    std::vector<std::size_t> rank(n);
+    for (std::size_t k = 0; k < n; ++k) {
+        rank[k * 37 % n] = k;
+    }
+    auto pages_of = [&](std::int32_t b) {
+        std::set<std::size_t> pages;
+        Case::layout::for_each_piece(c.geometry(), static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
+            for (std::size_t p = off / page_bytes; p <= (off + bytes - 1) / page_bytes; ++p) {
+                pages.insert(p);
+            }
+        });
+        return pages;
+    };
+    std::map<std::size_t, std::size_t> page_age;
+    for (std::size_t b = 1; b < n; ++b) {
+        for (std::size_t p : pages_of(static_cast<std::int32_t>(b))) {
+            page_age[p] = std::max(page_age[p], rank[b]);
+        }
+    }
+    for (std::size_t p : pages_of(0)) {
+        page_age.erase(p);
+    }
+    std::size_t oldest_group = n;
+    for (const auto& [p, age] : page_age) {
+        oldest_group = std::min(oldest_group, age);
+    }
+
+    // Asked for one page: a whole group goes, the oldest, and exactly its pages come back.
     const auto r = pc.evict_bytes(page_bytes);
+    std::size_t evicted_age = 0;
+    for (std::int32_t b : r.blocks) {
+        evicted_age = std::max(evicted_age, rank[static_cast<std::size_t>(b)]);
+    }
+    BOOST_TEST(evicted_age == oldest_group);
     BOOST_TEST(r.freed_page_bytes >= page_bytes);
     BOOST_TEST(r.freed_page_bytes % page_bytes == 0u);
     BOOST_TEST(committed - c.pool().committed_bytes() == r.freed_page_bytes);
@@ -488,4 +523,270 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(append_evicts_cached_blocks_when_refused, Case, pr
     c.free(s);
     c.free(all);
     c.free(keep);
+}
+
+BOOST_AUTO_TEST_CASE(append_evicts_whole_pages_when_over_quota) {
+    using budget_config = vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::shared_budget>;
+    using case_t = kv_case<budget_config, vmmpp::block_major>;
+    kv_factory<case_t> factory;
+    factory.limit = 2 * page;  // two pages: 32 blocks of 128 KiB
+    auto cache = factory.make(paged);
+    auto& c = *cache;
+    vmmpp::prefix_cache<case_t::cache> pc(c);
+    const std::size_t bt = c.geometry().block_tokens;
+    BOOST_TEST_REQUIRE(c.pool().page_bytes() == page);
+    std::vector<vmmpp::seq_id> seqs;
+    for (std::int32_t i = 0; i < 32; ++i) {
+        seqs.push_back(run_prompt(pc, iota_tokens(bt, 100 * i)));
+    }
+    // Blocks 0..15 (page 0) stay live; page 1's blocks are cached for no sequence.
+    for (std::size_t i = 16; i < 32; ++i) {
+        pc.free(seqs[i]);
+    }
+    const auto s = c.add_sequence();
+    BOOST_CHECK_THROW(c.append(s, 16 * bt), vmmpp::over_quota);  // 16 more blocks need a third page
+    BOOST_TEST(c.free_blocks() > 16u);                          // ids there are: the quota refuses
+    pc.append(s, 16 * bt);
+    BOOST_TEST(pc.evictable_blocks() == 0u);
+    BOOST_TEST(pc.stats().evictions == 16u);
+    BOOST_TEST(c.pool().committed_bytes() == 2 * page);
+    for (std::size_t i = 0; i < 16; ++i) {
+        BOOST_TEST(kv_matches(c, seqs[i], iota_tokens(bt, 100 * static_cast<std::int32_t>(i)), bt));
+    }
+    // Nothing left to evict: the quota's refusal comes through, the sequence unchanged.
+    BOOST_CHECK_THROW(pc.append(s, 1), vmmpp::over_quota);
+    BOOST_TEST(c.tokens(s) == 16 * bt);
+}
+
+namespace {
+
+using key_pair = std::pair<std::uint64_t, std::uint64_t>;
+key_pair pair_of(const vmmpp::block_key& k) { return {k.hi, k.lo}; }
+
+/// The reference model of the randomized run: which keys are cached, and the tokens from the
+/// prompt's first up to the end of each key's block.
+struct prefix_model {
+    std::map<key_pair, tokens_t> cached;
+    std::size_t block_tokens;
+
+    std::vector<std::pair<vmmpp::block_key, tokens_t>> blocks_of(const tokens_t& t, std::span<const std::uint64_t> extra) const {
+        std::vector<std::pair<vmmpp::block_key, tokens_t>> out;
+        vmmpp::for_each_block_key(t, block_tokens, extra, [&](std::size_t i, const vmmpp::block_key& k) {
+            out.push_back({k, tokens_t(t.begin(), t.begin() + static_cast<std::ptrdiff_t>((i + 1) * block_tokens))});
+            return true;
+        });
+        return out;
+    }
+    std::size_t lookup(const tokens_t& t, std::span<const std::uint64_t> extra) const {
+        std::size_t n = 0;
+        for (const auto& [k, prefix] : blocks_of(t, extra)) {
+            if (!cached.contains(pair_of(k))) {
+                break;
+            }
+            n += block_tokens;
+        }
+        return n;
+    }
+};
+
+} // namespace
+
+// Requests with shared prefixes (system prompts, multi-turn continuations, adapters), random
+// attach/append/publish/free/evict, every token's KV written into its slot. After every step:
+// the prefix cache's keys are the model's, every cached block's bytes are its tokens' KV, every
+// live sequence's bytes are its tokens' KV, reference counts are the live tables' plus the cache's,
+// evictions took only blocks no sequence held, and lookup and attach agree with the model.
+BOOST_AUTO_TEST_CASE_TEMPLATE(randomized_against_a_model, Case, prefix_cases) {
+    constexpr vmmpp::kv_geometry rnd{.layers = 2, .kv_heads = 8, .head_dim = 128, .type = vmmpp::dtype::f16,
+                                     .block_tokens = 4, .max_blocks = 192};
+    for (unsigned seed : {1u, 2u, 3u, 4u, 5u}) {
+        BOOST_TEST_CONTEXT("seed " << seed) {
+            std::mt19937 rng(seed);
+            auto pick = [&](std::size_t n) { return static_cast<std::size_t>(rng() % n); };
+            kv_factory<Case> factory;
+            auto cache = factory.make(rnd);
+            auto& c = *cache;
+            const std::size_t bt = c.geometry().block_tokens, page_bytes = c.pool().page_bytes();
+            vmmpp::prefix_cache_options options{.record_events = true};
+            if (seed % 2 == 0) {
+                options.max_cached_bytes = 40 * rnd.block_bytes();
+            }
+            vmmpp::prefix_cache<typename Case::cache> pc(c, options);
+            prefix_model model{{}, bt};
+            struct live_seq {
+                tokens_t tokens;
+                std::vector<std::uint64_t> extra;
+            };
+            std::map<vmmpp::seq_id, live_seq> live;
+            std::vector<live_seq> finished;
+            auto random_tokens = [&](std::size_t n) {
+                tokens_t t(n);
+                for (auto& x : t) {
+                    x = static_cast<std::int32_t>(pick(5));
+                }
+                return t;
+            };
+            std::vector<tokens_t> systems;
+            for (int i = 0; i < 3; ++i) {
+                systems.push_back(random_tokens(4 + pick(9)));
+            }
+            auto live_blocks = [&] {
+                std::map<std::int32_t, std::uint32_t> held;
+                for (const auto& [id, s] : live) {
+                    for (std::int32_t b : c.block_table(id)) {
+                        ++held[b];
+                    }
+                }
+                return held;
+            };
+            // The events since the last step: stored keys must be what was published (the model
+            // learns them at publish), removed ones leave the model and held no sequence.
+            std::map<std::int32_t, std::uint32_t> held_before;
+            auto take_events = [&] {
+                for (const vmmpp::prefix_event& e : pc.drain_events()) {
+                    if (e.kind == vmmpp::prefix_event_kind::removed) {
+                        BOOST_TEST(model.cached.erase(pair_of(e.key)) == 1u);
+                        BOOST_TEST(!held_before.contains(e.block));
+                    } else {
+                        BOOST_TEST(model.cached.contains(pair_of(e.key)));
+                    }
+                }
+            };
+            auto publish = [&](vmmpp::seq_id id) {
+                const live_seq& s = live.at(id);
+                for (auto& [k, prefix] : model.blocks_of(s.tokens, s.extra)) {
+                    model.cached.emplace(pair_of(k), prefix);  // an existing key keeps its tokens: the same
+                }
+                pc.publish(id, s.tokens, s.extra);
+                for (auto& [k, prefix] : model.blocks_of(s.tokens, s.extra)) {
+                    BOOST_TEST(pc.block_of(k).has_value());  // a live sequence's blocks are never evicted
+                }
+            };
+            auto check = [&] {
+                take_events();
+                BOOST_TEST(pc.cached_blocks() == model.cached.size());
+                std::set<std::int32_t> cached_ids;
+                pc.for_each_cached([&](const vmmpp::block_key& k, std::int32_t b) {
+                    cached_ids.insert(b);
+                    const auto it = model.cached.find(pair_of(k));
+                    BOOST_TEST_REQUIRE((it != model.cached.end()));
+                    const tokens_t& prefix = it->second;
+                    for (std::size_t t = 0; t < bt; ++t) {
+                        const auto v = kv_value(prefix, prefix.size() - bt + t);
+                        BOOST_TEST((read_token(c, std::int64_t{b} * static_cast<std::int64_t>(bt) + static_cast<std::int64_t>(t)) ==
+                                    std::pair{v, v}));
+                    }
+                });
+                const auto held = live_blocks();
+                std::size_t used = 0;
+                for (std::int32_t b = 0; b < static_cast<std::int32_t>(rnd.max_blocks); ++b) {
+                    const auto h = held.contains(b) ? held.at(b) : 0u;
+                    BOOST_TEST(c.block_refs(b) == h + (cached_ids.contains(b) ? 1u : 0u));
+                    used += c.block_refs(b) > 0 ? 1 : 0;
+                }
+                BOOST_TEST(c.used_blocks() == used);
+                for (const auto& [id, s] : live) {
+                    BOOST_TEST(kv_matches(c, id, s.tokens, s.tokens.size()));
+                }
+                BOOST_TEST(pc.evictable_bytes() <= options.max_cached_bytes);
+            };
+            auto append = [&](vmmpp::seq_id id, std::size_t n) {
+                try {
+                    pc.append(id, n);
+                    return true;
+                } catch (const vmmpp::out_of_blocks&) {
+                    BOOST_TEST(pc.evictable_blocks() == 0u);  // refused only once nothing was left
+                    return false;
+                }
+            };
+            for (int step = 0; step < 300; ++step) {
+                held_before = live_blocks();
+                const std::size_t op = pick(100);
+                if (op < 35 || live.empty()) {  // a new request
+                    live_seq s;
+                    const std::size_t kind = pick(10);
+                    if (kind < 5) {
+                        s.tokens = systems[pick(systems.size())];
+                        const tokens_t tail = random_tokens(pick(11));
+                        s.tokens.insert(s.tokens.end(), tail.begin(), tail.end());
+                    } else if (kind < 8 && !finished.empty()) {
+                        s = finished[pick(finished.size())];  // the next turn of a conversation
+                        const tokens_t tail = random_tokens(1 + pick(8));
+                        s.tokens.insert(s.tokens.end(), tail.begin(), tail.end());
+                    } else {
+                        s.tokens = random_tokens(1 + pick(16));
+                    }
+                    if (pick(5) == 0) {
+                        s.extra = {42};  // a LoRA adapter: other KV for the same tokens
+                    }
+                    const std::size_t expected = model.lookup(s.tokens, s.extra);
+                    BOOST_TEST(pc.lookup(s.tokens, s.extra) == expected);
+                    const auto [id, cached] = pc.attach(s.tokens, s.extra);
+                    BOOST_TEST(cached == expected);
+                    BOOST_TEST(c.tokens(id) == cached);
+                    BOOST_TEST(kv_matches(c, id, s.tokens, cached));
+                    live.emplace(id, live_seq{tokens_t(s.tokens.begin(), s.tokens.begin() + static_cast<std::ptrdiff_t>(cached)), s.extra});
+                    if (append(id, s.tokens.size() - cached)) {
+                        write_kv(c, id, s.tokens, cached);
+                        live.at(id).tokens = s.tokens;
+                        publish(id);
+                    } else {
+                        live.erase(id);
+                        held_before = live_blocks();  // its own blocks may go once it is freed
+                        pc.free(id);
+                    }
+                } else if (op < 60) {  // a decode step of some tokens
+                    auto it = std::next(live.begin(), static_cast<std::ptrdiff_t>(pick(live.size())));
+                    const tokens_t more = random_tokens(1 + pick(6));
+                    if (append(it->first, more.size())) {
+                        const std::size_t first = it->second.tokens.size();
+                        it->second.tokens.insert(it->second.tokens.end(), more.begin(), more.end());
+                        write_kv(c, it->first, it->second.tokens, first);
+                        publish(it->first);
+                    }
+                } else if (op < 80) {  // a request ends
+                    auto it = std::next(live.begin(), static_cast<std::ptrdiff_t>(pick(live.size())));
+                    finished.push_back(it->second);
+                    const vmmpp::seq_id id = it->first;
+                    live.erase(it);
+                    held_before = live_blocks();  // its own blocks may go once it is freed
+                    if (pick(2) == 0) {
+                        pc.free(id);
+                    } else {
+                        c.free(id);  // directly: the bound waits for the next call
+                    }
+                    if (options.max_cached_bytes != SIZE_MAX) {
+                        pc.trim();
+                    }
+                } else if (op < 88) {
+                    const std::size_t n = 1 + pick(8), before = pc.evictable_blocks();
+                    const auto r = pc.evict(n);
+                    BOOST_TEST(r.blocks.size() == std::min(n, before));
+                    BOOST_TEST(r.keys.size() == r.blocks.size());
+                } else if (op < 94) {
+                    const std::size_t committed = c.pool().committed_bytes();
+                    const auto r = pc.evict_bytes((1 + pick(2)) * page_bytes);
+                    BOOST_TEST(r.freed_page_bytes % page_bytes == 0u);
+                    BOOST_TEST(committed - c.pool().committed_bytes() == r.freed_page_bytes);
+                } else {
+                    const tokens_t probe = pick(2) == 0 && !finished.empty() ? finished[pick(finished.size())].tokens
+                                                                             : random_tokens(pick(20));
+                    BOOST_TEST(pc.lookup(probe) == model.lookup(probe, {}));
+                }
+                check();
+            }
+            const auto s = pc.stats();
+            BOOST_TEST(s.hits > 0u);  // the run did share prefixes
+            BOOST_TEST(s.cached_blocks == model.cached.size());
+            for (const auto& [id, seq] : live) {
+                c.free(id);
+            }
+            live.clear();
+            held_before.clear();
+            pc.clear();
+            check();
+            BOOST_TEST(c.used_blocks() == 0u);
+            BOOST_TEST(c.pool().committed_bytes() == 0u);
+        }
+    }
 }

@@ -258,11 +258,12 @@ public:
     /// last, the block's memory goes back after the work queued on `stream` (by default
     /// kv_cache_options::stream) and after every stream that read the block before (the fences
     /// free() and truncate() left on it), never before.
-    /// Throws: invalid_argument (a block out of range or free; nothing changed), cache_asleep;
-    /// cuda_error recording the fence (nothing changed) or giving memory back (taken effect).
+    /// Throws: invalid_argument (a block out of range or free, or a layout that cannot share
+    /// blocks; nothing changed), cache_asleep; cuda_error recording the fence (nothing changed) or giving memory back (taken effect).
     void release_block(std::int32_t block) { release_block(block, options_.stream); }
     void release_block(std::int32_t block, cudaStream_t stream) {
         sleep_.refuse("release_block");  // the block holds no memory
+        check_shares("release_block");   // no reference here but a sequence's, which free drops
         if (blocks_.refs(block) == 0) {
             throw invalid_argument("release_block: block " + std::to_string(block) + " is free (double release?)");
         }
