@@ -259,7 +259,8 @@ public:
     /// kv_cache_options::stream) and after every stream that read the block before (the fences
     /// free() and truncate() left on it), never before.
     /// Throws: invalid_argument (a block out of range or free, or a layout that cannot share
-    /// blocks; nothing changed), cache_asleep; cuda_error recording the fence (nothing changed) or giving memory back (taken effect).
+    /// blocks; nothing changed), cache_asleep; cuda_error recording the fence (nothing changed)
+    /// or giving memory back (the release has taken effect).
     void release_block(std::int32_t block) { release_block(block, options_.stream); }
     void release_block(std::int32_t block, cudaStream_t stream) {
         sleep_.refuse("release_block");  // the block holds no memory
