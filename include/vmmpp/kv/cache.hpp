@@ -6,6 +6,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -207,6 +208,70 @@ public:
             blocks_.retain(b);
         }
         return id;
+    }
+
+    /// A new sequence of `n_tokens` tokens whose blocks are `blocks`, live blocks of this cache
+    /// (e.g. a prefix cache's blocks, vmmpp/prefix/prefix_cache.hpp): each gets one more
+    /// reference and is shared copy-on-write, as after fork. `n_tokens` must need exactly
+    /// blocks.size() blocks; an empty span gives an empty sequence, as add_sequence.
+    /// Throws: invalid_argument (the layout cannot share blocks, as fork; a block out of range,
+    /// free or given twice; a token count that does not fill the blocks; nothing changed),
+    /// out_of_sequence_slots, std::bad_alloc. Guarantee: strong.
+    [[nodiscard]] seq_id adopt(std::span<const std::int32_t> blocks, std::size_t n_tokens) {
+        check_shares("adopt");
+        if (geometry_.blocks_for(n_tokens) != blocks.size() ||
+            n_tokens > std::size_t{geometry_.max_blocks} * geometry_.block_tokens) {
+            throw invalid_argument("adopt of " + std::to_string(blocks.size()) + " blocks for " +
+                                   std::to_string(n_tokens) + " tokens: those tokens need " +
+                                   std::to_string(geometry_.blocks_for(n_tokens)) + " blocks of " +
+                                   std::to_string(geometry_.block_tokens) + " tokens");
+        }
+        std::vector<std::int32_t> sorted(blocks.begin(), blocks.end());  // may throw: nothing changed yet
+        std::sort(sorted.begin(), sorted.end());
+        for (std::size_t i = 0; i < sorted.size(); ++i) {
+            if (blocks_.refs(sorted[i]) == 0) {  // refs throws for an id out of range
+                throw invalid_argument("adopt: block " + std::to_string(sorted[i]) + " is free");
+            }
+            if (i > 0 && sorted[i] == sorted[i - 1]) {
+                throw invalid_argument("adopt: block " + std::to_string(sorted[i]) + " given twice");
+            }
+        }
+        sequence s{std::vector<std::int32_t>(blocks.begin(), blocks.end()), n_tokens};  // may throw
+        const seq_id id = add_sequence();  // may throw: nothing changed yet
+        sequence& added = sequences_.at(id);
+        s.slot = added.slot;
+        added = std::move(s);  // nothrow
+        for (std::int32_t b : added.blocks) {
+            blocks_.retain(b);  // live ids: never throws
+        }
+        return id;
+    }
+
+    /// One more reference to live block `block`, held by the caller rather than by a sequence
+    /// (a prefix cache keeps its blocks so): the block stays live until release_block.
+    /// Throws: invalid_argument (a block out of range or free; nothing changed). Strong.
+    void retain_block(std::int32_t block) {
+        check_shares("retain_block");  // a layout that cannot share cannot keep a block for another holder
+        blocks_.retain(block);
+    }
+
+    /// Drops one reference taken by retain_block, as free() drops a sequence's: if it was the
+    /// last, the block's memory goes back after the work queued on `stream` (by default
+    /// kv_cache_options::stream) and after every stream that read the block before (the fences
+    /// free() and truncate() left on it), never before.
+    /// Throws: invalid_argument (a block out of range or free, or a layout that cannot share
+    /// blocks; nothing changed), cache_asleep; cuda_error recording the fence (nothing changed)
+    /// or giving memory back (the release has taken effect).
+    void release_block(std::int32_t block) { release_block(block, options_.stream); }
+    void release_block(std::int32_t block, cudaStream_t stream) {
+        sleep_.refuse("release_block");  // the block holds no memory
+        check_shares("release_block");   // no reference here but a sequence's, which free drops
+        if (blocks_.refs(block) == 0) {
+            throw invalid_argument("release_block: block " + std::to_string(block) + " is free (double release?)");
+        }
+        const std::int32_t one[1] = {block};
+        memory_.prepare_drop(std::span<const std::int32_t>(one), stream, blocks_);  // may throw: nothing changed
+        memory_.drop(std::span<const std::int32_t>(one), blocks_);
     }
 
     /// Keeps the first `n_tokens` tokens of `seq` (e.g. rejected speculative tokens) and lets
@@ -478,6 +543,16 @@ private:
             throw unknown_sequence(seq);
         }
         return it->second;
+    }
+
+    /// Throws invalid_argument, named after `operation`, where the block-id policy cannot share
+    /// blocks between holders (its check_fork throws: sequence_contiguous).
+    void check_shares(const char* operation) const {
+        try {
+            blocks_.check_fork(next_id_, Layout::name);
+        } catch (const invalid_argument& e) {
+            throw invalid_argument(std::string(operation) + " refused (blocks cannot be shared): " + e.what());
+        }
     }
 
     plan plan_append(const sequence& s, std::size_t n_tokens) const {

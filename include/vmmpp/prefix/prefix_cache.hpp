@@ -1,0 +1,537 @@
+// vmmpp/prefix/prefix_cache.hpp: prefix caching beside a kv_cache (vLLM's automatic prefix
+// caching, SGLang's radix cache). Full blocks of requests are kept by content key
+// (vmmpp/prefix/block_hash.hpp) after their sequences end; a new request whose prompt starts the
+// same way gets those blocks instead of recomputing them. A block is live (a sequence holds it),
+// cached (the prefix cache holds it, perhaps sequences too), or gone; cached blocks no sequence
+// holds are soft memory, given up oldest first (vmmpp/prefix/eviction.hpp), whole pages first.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <optional>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "vmmpp/error.hpp"
+#include "vmmpp/kv/cache.hpp"
+#include "vmmpp/kv/layout.hpp"
+#include "vmmpp/prefix/block_hash.hpp"
+#include "vmmpp/prefix/eviction.hpp"
+
+namespace vmmpp {
+
+/// Options of a prefix_cache.
+struct prefix_cache_options {
+    /// Bound on the bytes of cached blocks that no sequence holds (the memory the prefix cache
+    /// alone keeps; a cached block a sequence holds costs nothing more). Past it, publish, attach,
+    /// free and trim evict, oldest first. A kv_cache::free called directly lets the bytes pass
+    /// the bound until the prefix cache's next call.
+    std::size_t max_cached_bytes = std::numeric_limits<std::size_t>::max();
+    /// Whether stored and removed events are queued for drain_events (cache-aware routers).
+    bool record_events = false;
+};
+
+/// What a prefix cache did since it was made, and what it holds now.
+struct prefix_cache_stats {
+    std::uint64_t hits = 0;       ///< blocks attach found cached
+    std::uint64_t misses = 0;     ///< full blocks attach asked for and did not find (from the first miss on)
+    std::uint64_t evictions = 0;  ///< blocks evicted
+    std::size_t cached_blocks = 0, cached_bytes = 0;        ///< every block the prefix cache holds
+    std::size_t evictable_blocks = 0, evictable_bytes = 0;  ///< those no sequence holds
+    std::size_t committed_bytes = 0;     ///< the pool's committed bytes
+    std::size_t packed_floor_bytes = 0;  ///< live and cached blocks' bytes, packed, in whole pages
+    /// committed_bytes / packed_floor_bytes: 1 when every page holds blocks back to back
+    /// (1 also when both are 0; infinity when memory is committed for no block).
+    double idle_footprint_ratio = 1.0;
+};
+
+/// An entry of the event queue, as Dynamo's and llm-d's KV events: a block stored under `key`
+/// (its chain's `parent`, root_block_key for a prompt's first block) or removed (evicted).
+enum class prefix_event_kind : std::uint8_t { stored, removed };
+struct prefix_event {
+    prefix_event_kind kind;
+    block_key key;
+    block_key parent;  ///< stored events; root_block_key for a removed one
+    std::int32_t block;
+};
+
+/// What an eviction gave up.
+struct eviction_result {
+    std::vector<std::int32_t> blocks;  ///< the evicted block ids, in eviction order
+    std::vector<block_key> keys;       ///< their keys, in the same order
+    std::size_t freed_page_bytes = 0;  ///< bytes of pool pages no live or cached block touches any more
+};
+
+/// A new sequence from attach: `cached_tokens` leading tokens already in its blocks.
+struct attached_sequence {
+    seq_id seq;
+    std::size_t cached_tokens;
+};
+
+/// Prefix caching over `Cache`, a kv_cache of a layout whose blocks can be shared, ordered by
+/// `Eviction`, an eviction_policy.
+///
+/// The prefix cache holds one reference (kv_cache::retain_block) on every block it caches, so
+/// the kv_cache never frees it; the block is evictable once that is its only reference. The
+/// engine keeps using the kv_cache as before: it appends, frees (kv_cache::free(seq, stream),
+/// or free() here, which also keeps the bound), and calls publish after writing a sequence's
+/// tokens, so full blocks are registered at once and requests running together share them.
+/// Eviction drops the reference with kv_cache::release_block: a block's memory goes back only
+/// after every stream that read it (the fences free left on it), never under queued work.
+///
+/// Thread safety: as kv_cache's (external synchronisation, the same as the kv_cache it uses).
+/// The kv_cache must outlive the prefix cache; on destruction the prefix cache drops its
+/// references (an asleep cache keeps them: their blocks stay live).
+template <class Cache, class Eviction = lru_eviction>
+class prefix_cache {
+    using layout_type = typename Cache::layout_type;
+    static_assert(!sequence_slot_layout<layout_type>,
+                  "vmmpp::prefix_cache: the layout gives each sequence its own blocks (sequence_contiguous), nothing to share");
+    static_assert(eviction_policy<Eviction>, "vmmpp::prefix_cache: Eviction does not model vmmpp::eviction_policy");
+
+public:
+    using cache_type = Cache;
+    using eviction_type = Eviction;
+
+    explicit prefix_cache(Cache& cache, prefix_cache_options options = {}, Eviction eviction = {})
+        : cache_(cache), options_(options), policy_(std::move(eviction)),
+          block_tokens_(cache.geometry().block_tokens), page_bytes_(cache.pool().page_bytes()) {
+        layout_type::for_each_piece(cache.geometry(), 0, [&](std::size_t, std::size_t bytes) { block_bytes_ += bytes; });
+    }
+    prefix_cache(const prefix_cache&) = delete;
+    prefix_cache& operator=(const prefix_cache&) = delete;
+    ~prefix_cache() {
+        for (const auto& [block, key] : by_block_) {
+            try {
+                cache_.release_block(block);
+            } catch (...) {
+                // asleep, or the device is gone: the block stays live (or its memory retired)
+            }
+        }
+    }
+
+    /// Registers the full blocks among the first tokens.size() tokens of `seq` (`tokens`: its
+    /// token ids from the first, whose KV is written, at most tokens(seq)) under their keys
+    /// (hash chain over the tokens and `extra`). A key already cached under another block, or
+    /// a block already cached under another key, is left as it is: content is cached once.
+    /// Call it as blocks fill (every step is fine: it hashes the tokens, and registers only what
+    /// is new). Returns how many blocks it registered.
+    /// Throws: invalid_argument (unknown sequence, more tokens than it has); std::bad_alloc, after
+    /// which the blocks registered before it stay registered (each registration is whole).
+    std::size_t publish(seq_id seq, std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra = {}) {
+        const std::span<const std::int32_t> table = cache_.block_table(seq);
+        if (tokens.size() > cache_.tokens(seq)) {
+            throw invalid_argument("publish of " + std::to_string(tokens.size()) + " tokens of sequence " +
+                                   std::to_string(seq) + ": it has " + std::to_string(cache_.tokens(seq)));
+        }
+        std::vector<block_key> keys;
+        for_each_block_key(tokens, block_tokens_, extra, [&](std::size_t, const block_key& k) {
+            keys.push_back(k);
+            return true;
+        });
+        if (options_.record_events) {
+            events_.reserve(events_.size() + keys.size());
+        }
+        std::size_t registered = 0;
+        for (std::size_t i = 0; i < keys.size(); ++i) {
+            const std::int32_t b = table[i];
+            if (!by_key_.contains(keys[i]) && !by_block_.contains(b)) {
+                add(keys[i], i == 0 ? root_block_key : keys[i - 1], b);
+                ++registered;
+            }
+        }
+        touch_chain(keys, table);
+        trim();
+        return registered;
+    }
+
+    /// How many leading tokens of `tokens` are cached (whole blocks, each chained over `extra`).
+    /// An engine that needs the last prompt token's logits asks about all tokens but the last.
+    [[nodiscard]] std::size_t lookup(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra = {}) const {
+        return block_tokens_ *
+               for_each_block_key(tokens, block_tokens_, extra,
+                                  [&](std::size_t, const block_key& k) { return by_key_.contains(k); });
+    }
+
+    /// A new sequence holding the cached leading blocks of `tokens` (kv_cache::adopt), and how
+    /// many tokens they hold; the engine appends the rest. The blocks found become the newest
+    /// (tail first); hits and misses are counted in blocks.
+    /// Throws what kv_cache::adopt throws (out_of_sequence_slots, std::bad_alloc): nothing changed.
+    attached_sequence attach(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra = {}) {
+        std::vector<std::int32_t> blocks;
+        std::vector<block_key> keys;
+        for_each_block_key(tokens, block_tokens_, extra, [&](std::size_t, const block_key& k) {
+            const auto it = by_key_.find(k);
+            if (it == by_key_.end()) {
+                return false;
+            }
+            blocks.push_back(it->second.block);
+            keys.push_back(k);
+            return true;
+        });
+        const seq_id seq = cache_.adopt(blocks, blocks.size() * block_tokens_);  // strong
+        hits_ += blocks.size();
+        misses_ += tokens.size() / block_tokens_ - blocks.size();
+        touch_chain(keys, blocks);
+        return {seq, blocks.size() * block_tokens_};
+    }
+
+    /// kv_cache::append, with cached blocks as soft memory: when the append is refused
+    /// (out_of_blocks, over_quota, out_of_memory), evicts cached blocks no sequence holds and
+    /// tries again, until it succeeds or nothing is left to evict (then the last refusal is
+    /// thrown, with the cache as the evictions left it). Live blocks are never touched.
+    /// On a device backing, evicted memory comes back only after its readers' streams: an append
+    /// right behind a free may still be refused, after evicting more.
+    token_range append(seq_id seq, std::size_t n_tokens) { return append(seq, n_tokens, nullptr, false); }
+    token_range append(seq_id seq, std::size_t n_tokens, cudaStream_t stream) { return append(seq, n_tokens, stream, true); }
+
+    /// kv_cache::free(seq, stream), then the bound (max_cached_bytes) is kept.
+    void free(seq_id seq) {
+        cache_.free(seq);
+        trim();
+    }
+    void free(seq_id seq, cudaStream_t stream) {
+        cache_.free(seq, stream);
+        trim();
+    }
+
+    /// Evicts `n_blocks` evictable blocks (or all there are): whole page groups first (the
+    /// blocks that alone hold a page, oldest group first, as long as the group fits in what is
+    /// left to evict), then single blocks, oldest first. Throws: cuda_error giving memory back,
+    /// with the blocks evicted so far gone from the cache.
+    eviction_result evict(std::size_t n_blocks) {
+        evictor e(*this);
+        for (const group& g : e.groups) {
+            if (e.result.blocks.size() >= n_blocks) {
+                break;
+            }
+            if (e.left_in(g) <= n_blocks - e.result.blocks.size()) {
+                e.evict_group(g);
+            }
+        }
+        for (std::int32_t b : e.order) {
+            if (e.result.blocks.size() >= n_blocks) {
+                break;
+            }
+            e.evict_one(b);
+        }
+        return std::move(e.result);
+    }
+
+    /// Evicts whole page groups, oldest first, until at least `bytes` of pool pages hold no live
+    /// or cached block, or no group is left (blocks that share every page with a live block
+    /// free no page: they stay). Throws as evict.
+    eviction_result evict_bytes(std::size_t bytes) {
+        evictor e(*this);
+        for (const group& g : e.groups) {
+            if (e.result.freed_page_bytes >= bytes) {
+                break;
+            }
+            e.evict_group(g);
+        }
+        return std::move(e.result);
+    }
+
+    /// Evicts every evictable block.
+    eviction_result clear() { return evict(std::numeric_limits<std::size_t>::max()); }
+
+    /// Keeps the bound: evicts while evictable bytes exceed max_cached_bytes.
+    eviction_result trim() {
+        eviction_result all;
+        for (std::size_t over = evictable_bytes(); over > options_.max_cached_bytes;
+             over = evictable_bytes()) {
+            eviction_result r = evict((over - options_.max_cached_bytes + block_bytes_ - 1) / block_bytes_);
+            if (r.blocks.empty()) {
+                break;
+            }
+            all.blocks.insert(all.blocks.end(), r.blocks.begin(), r.blocks.end());
+            all.keys.insert(all.keys.end(), r.keys.begin(), r.keys.end());
+            all.freed_page_bytes += r.freed_page_bytes;
+        }
+        return all;
+    }
+
+    // --- questions without side effects ---
+
+    /// The key block `block` is cached under, if it is cached.
+    [[nodiscard]] std::optional<block_key> key_of(std::int32_t block) const {
+        const auto it = by_block_.find(block);
+        return it == by_block_.end() ? std::nullopt : std::optional<block_key>(it->second);
+    }
+    /// The block cached under `key`, if any.
+    [[nodiscard]] std::optional<std::int32_t> block_of(const block_key& key) const {
+        const auto it = by_key_.find(key);
+        return it == by_key_.end() ? std::nullopt : std::optional<std::int32_t>(it->second.block);
+    }
+    /// Calls f(key, block) for every cached block.
+    template <class F>
+    void for_each_cached(F&& f) const {
+        for (const auto& [key, e] : by_key_) {
+            f(key, e.block);
+        }
+    }
+    [[nodiscard]] std::size_t cached_blocks() const noexcept { return by_key_.size(); }
+    /// Whether `block` is cached and no sequence holds it.
+    [[nodiscard]] bool evictable(std::int32_t block) const {
+        return by_block_.contains(block) && cache_.block_refs(block) == 1;
+    }
+    [[nodiscard]] std::size_t evictable_blocks() const {
+        std::size_t n = 0;
+        for (const auto& [block, key] : by_block_) {
+            n += cache_.block_refs(block) == 1 ? 1 : 0;
+        }
+        return n;
+    }
+    [[nodiscard]] std::size_t evictable_bytes() const { return evictable_blocks() * block_bytes_; }
+    /// Bytes of one block (all its pieces).
+    [[nodiscard]] std::size_t block_bytes() const noexcept { return block_bytes_; }
+    [[nodiscard]] const prefix_cache_options& options() const noexcept { return options_; }
+    [[nodiscard]] Cache& cache() const noexcept { return cache_; }
+
+    [[nodiscard]] prefix_cache_stats stats() const {
+        prefix_cache_stats s;
+        s.hits = hits_;
+        s.misses = misses_;
+        s.evictions = evictions_;
+        s.cached_blocks = by_key_.size();
+        s.cached_bytes = s.cached_blocks * block_bytes_;
+        s.evictable_blocks = evictable_blocks();
+        s.evictable_bytes = s.evictable_blocks * block_bytes_;
+        s.committed_bytes = cache_.pool().committed_bytes();
+        const std::size_t packed = cache_.used_blocks() * block_bytes_;
+        s.packed_floor_bytes = (packed + page_bytes_ - 1) / page_bytes_ * page_bytes_;
+        if (s.packed_floor_bytes != 0) {
+            s.idle_footprint_ratio = static_cast<double>(s.committed_bytes) / static_cast<double>(s.packed_floor_bytes);
+        } else if (s.committed_bytes != 0) {
+            s.idle_footprint_ratio = std::numeric_limits<double>::infinity();
+        }
+        return s;
+    }
+
+    /// The events queued since the last drain (record_events), oldest first; the queue empties.
+    [[nodiscard]] std::vector<prefix_event> drain_events() noexcept { return std::exchange(events_, {}); }
+
+private:
+    struct entry {
+        std::int32_t block;
+        block_key parent;
+    };
+    /// Evictable blocks that together alone hold some pages: evicting them all frees the pages.
+    struct group {
+        std::vector<std::int32_t> members;  // sorted by id
+        std::size_t age;                    // the newest member's place in the policy's order
+    };
+
+    /// One eviction: the evictable blocks in the policy's order, which pages each touches that
+    /// no other live or cached block touches, and those pages' groups, oldest first.
+    struct evictor {
+        prefix_cache& pc;
+        std::vector<std::int32_t> order;  // evictable, oldest first
+        std::unordered_map<std::int32_t, std::vector<std::size_t>> pages_of;  // of each evictable block
+        std::map<std::size_t, std::size_t> left;  // per candidate page: evictable blocks on it not yet evicted
+        std::vector<group> groups;
+        std::unordered_map<std::int32_t, bool> gone;
+        eviction_result result;
+
+        explicit evictor(prefix_cache& p) : pc(p) {
+            std::unordered_map<std::int32_t, std::size_t> rank;
+            pc.policy_.for_each_oldest([&](std::int32_t b) {
+                if (pc.cache_.block_refs(b) == 1) {
+                    rank.emplace(b, order.size());
+                    order.push_back(b);
+                }
+                return true;
+            });
+            std::map<std::size_t, std::vector<std::int32_t>> members;  // page -> evictable blocks on it
+            for (std::int32_t b : order) {
+                auto& pages = pages_of[b];
+                pc.for_each_page(b, [&](std::size_t page) {
+                    pages.push_back(page);
+                    members[page].push_back(b);
+                });
+            }
+            // Pages some other live or cached block touches stay, whatever is evicted.
+            const std::size_t used = pc.cache_.used_blocks();
+            std::size_t seen = 0;
+            for (std::size_t id = 0; id < pc.cache_.geometry().max_blocks && seen < used; ++id) {
+                const auto b = static_cast<std::int32_t>(id);
+                if (pc.cache_.block_refs(b) == 0) {
+                    continue;
+                }
+                ++seen;
+                if (!rank.contains(b)) {
+                    pc.for_each_page(b, [&](std::size_t page) { members.erase(page); });
+                }
+            }
+            std::map<std::vector<std::int32_t>, std::size_t> ages;  // pages with the same blocks: one group
+            for (auto& [page, blocks] : members) {
+                left[page] = blocks.size();
+                std::sort(blocks.begin(), blocks.end());
+                std::size_t age = 0;
+                for (std::int32_t b : blocks) {
+                    age = std::max(age, rank.at(b));
+                }
+                ages.emplace(blocks, age);
+            }
+            for (auto& [blocks, age] : ages) {
+                groups.push_back({blocks, age});
+            }
+            std::stable_sort(groups.begin(), groups.end(), [](const group& a, const group& b) { return a.age < b.age; });
+            if (pc.options_.record_events) {
+                pc.events_.reserve(pc.events_.size() + order.size());
+            }
+            result.blocks.reserve(order.size());
+            result.keys.reserve(order.size());
+        }
+
+        [[nodiscard]] std::size_t left_in(const group& g) const {
+            return static_cast<std::size_t>(
+                std::count_if(g.members.begin(), g.members.end(), [&](std::int32_t b) { return !gone.contains(b); }));
+        }
+        void evict_group(const group& g) {
+            for (std::int32_t b : g.members) {
+                evict_one(b);
+            }
+        }
+        void evict_one(std::int32_t b) {
+            if (gone.contains(b)) {
+                return;
+            }
+            gone.emplace(b, true);
+            const block_key key = pc.by_block_.at(b);
+            pc.remove(b);
+            result.blocks.push_back(b);
+            result.keys.push_back(key);
+            for (std::size_t page : pages_of.at(b)) {
+                if (auto it = left.find(page); it != left.end() && --it->second == 0) {
+                    result.freed_page_bytes += pc.page_bytes_;
+                }
+            }
+        }
+    };
+
+    /// Calls f(page) for each pool page block `b`'s pieces touch (a page once per piece range).
+    template <class F>
+    void for_each_page(std::int32_t b, F&& f) const {
+        std::size_t last = std::numeric_limits<std::size_t>::max();
+        layout_type::for_each_piece(cache_.geometry(), static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
+            for (std::size_t p = off / page_bytes_; p <= (off + bytes - 1) / page_bytes_; ++p) {
+                if (p != last) {
+                    f(p);
+                    last = p;
+                }
+            }
+        });
+    }
+
+    /// Registers block `b` (live, held by a sequence) under `key`: each step undone if a later
+    /// one throws, the reference taken last (it cannot fail for a live block of a paged layout).
+    void add(const block_key& key, const block_key& parent, std::int32_t b) {
+        by_key_.emplace(key, entry{b, parent});
+        try {
+            by_block_.emplace(b, key);
+            try {
+                policy_.insert(b);
+            } catch (...) {
+                by_block_.erase(b);
+                throw;
+            }
+        } catch (...) {
+            by_key_.erase(key);
+            throw;
+        }
+        cache_.retain_block(b);
+        if (options_.record_events) {
+            events_.push_back({prefix_event_kind::stored, key, parent, b});  // room reserved by publish
+        }
+    }
+
+    /// Drops block `b` from the cache and its reference. If release_block throws before taking
+    /// effect, the block stays cached; after (memory back failed), it is gone and the error passes.
+    void remove(std::int32_t b) {
+        const block_key key = by_block_.at(b);
+        try {
+            cache_.release_block(b);
+        } catch (...) {
+            if (cache_.block_refs(b) != 0) {
+                throw;  // nothing changed
+            }
+            forget(key, b);
+            throw;
+        }
+        forget(key, b);
+    }
+    void forget(const block_key& key, std::int32_t b) noexcept {
+        by_key_.erase(key);
+        by_block_.erase(b);
+        policy_.erase(b);
+        ++evictions_;
+        if (options_.record_events && events_.size() < events_.capacity()) {  // room reserved by the evictor
+            events_.push_back({prefix_event_kind::removed, key, root_block_key, b});
+        }
+    }
+
+    /// Marks the cached blocks of a chain used now, the last first, so a prompt's head is the
+    /// newest and its tail goes first. Only blocks cached under their own key are touched.
+    void touch_chain(std::span<const block_key> keys, std::span<const std::int32_t> blocks) noexcept {
+        for (std::size_t i = std::min(keys.size(), blocks.size()); i-- > 0;) {
+            if (const auto it = by_key_.find(keys[i]); it != by_key_.end() && it->second.block == blocks[i]) {
+                policy_.touch(blocks[i]);
+            }
+        }
+    }
+
+    token_range append(seq_id seq, std::size_t n_tokens, cudaStream_t stream, bool on_stream) {
+        for (;;) {
+            try {
+                return on_stream ? cache_.append(seq, n_tokens, stream) : cache_.append(seq, n_tokens);
+            } catch (const out_of_blocks& e) {
+                if (evict(e.needed() > e.free() ? e.needed() - e.free() : 1).blocks.empty()) {
+                    throw;
+                }
+            } catch (const over_quota& e) {
+                const std::size_t room = e.limit() > e.in_use() ? e.limit() - e.in_use() : 0;
+                if (evict_for_memory(seq, n_tokens, e.requested() > room ? e.requested() - room : page_bytes_)) {
+                    continue;
+                }
+                throw;
+            } catch (const out_of_memory& e) {
+                if (evict_for_memory(seq, n_tokens, e.requested())) {
+                    continue;
+                }
+                throw;
+            }
+        }
+    }
+    /// After a refusal for memory: whole pages first (`bytes` of them), else as many single
+    /// blocks as the append needs, whose committed memory the append's new blocks then reuse
+    /// (ids go lowest free first). False when nothing was evictable.
+    bool evict_for_memory(seq_id seq, std::size_t n_tokens, std::size_t bytes) {
+        if (!evict_bytes(bytes).blocks.empty()) {
+            return true;
+        }
+        const std::size_t need = cache_.blocks_needed(cache_.tokens(seq) + n_tokens) - cache_.block_table(seq).size() + 1;
+        return !evict(need).blocks.empty();
+    }
+
+    Cache& cache_;
+    prefix_cache_options options_;
+    Eviction policy_;
+    std::size_t block_tokens_;
+    std::size_t page_bytes_;
+    std::size_t block_bytes_ = 0;
+    std::unordered_map<block_key, entry, block_key_hash> by_key_;
+    std::unordered_map<std::int32_t, block_key> by_block_;
+    std::vector<prefix_event> events_;
+    std::uint64_t hits_ = 0, misses_ = 0, evictions_ = 0;
+};
+
+} // namespace vmmpp

@@ -1,0 +1,792 @@
+// prefix_cache (vmmpp/prefix/) on the host configuration in every paged layout (CI runs these for
+// real): keys, publish/lookup/attach/free/evict, kv_cache::adopt's strong guarantee, the bound,
+// page-aware eviction against the pool's committed bytes, events, soft memory under append, and
+// a randomized run against a reference model that checks the cached blocks' bytes.
+#define BOOST_TEST_MODULE prefix cache
+#include "support/cpu_main.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <random>
+#include <set>
+#include <tuple>
+#include <vector>
+
+#include "support/kv_factories.hpp"
+#include "vmmpp/config.hpp"
+#include "vmmpp/prefix/prefix_cache.hpp"
+
+using namespace vmmpp_test;
+using vmmpp::kv_part;
+
+namespace {
+
+using prefix_cases = vmmpp::apply_t<kv_cases_over<vmmpp::host_config, vmmpp::paged_kv_layouts>, std::tuple>;
+
+// 4 tokens a block, 2 layers, 2 heads, 64 dims, fp16: a block of 4 KiB (block_major).
+constexpr vmmpp::kv_geometry small{.layers = 2, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,
+                                   .block_tokens = 4, .max_blocks = 256};
+// Large blocks in a span of whole pages: a block tensor of 32 KiB, a block of 128 KiB; 256 blocks
+// fill 32 MiB exactly in every paged layout.
+constexpr vmmpp::kv_geometry paged{.layers = 2, .kv_heads = 8, .head_dim = 128, .type = vmmpp::dtype::f16,
+                                   .block_tokens = 16, .max_blocks = 256};
+
+using tokens_t = std::vector<std::int32_t>;
+
+template <class Cache>
+constexpr kv_part last_part = Cache::layout_type::parts == 2 ? kv_part::value : kv_part::key;
+
+/// Element [slot's block, slot's token, last head, last dim] of a layer's K or V (through the
+/// cache's tensor descriptor).
+template <class Cache>
+std::byte* element_at(const Cache& c, std::uint32_t layer, kv_part part, std::int64_t slot) {
+    const auto& g = c.geometry();
+    const vmmpp::kv_tensor t = c.tensor(layer, part);
+    const std::int64_t index = slot / g.block_tokens * t.strides[0] + slot % g.block_tokens * t.strides[1] +
+                               (t.shape[2] - 1) * t.strides[2] + (t.shape[3] - 1) * t.strides[3];
+    return static_cast<std::byte*>(t.data) + index * 2;
+}
+/// The "KV" of a token: written into layer 0's K and the last layer's V (mla: latent).
+template <class Cache>
+void write_token(Cache& c, std::int64_t slot, std::uint16_t value) {
+    std::memcpy(element_at(c, 0, kv_part::key, slot), &value, 2);
+    std::memcpy(element_at(c, c.geometry().layers - 1, last_part<Cache>, slot), &value, 2);
+}
+template <class Cache>
+std::pair<std::uint16_t, std::uint16_t> read_token(const Cache& c, std::int64_t slot) {
+    std::uint16_t k = 0, v = 0;
+    std::memcpy(&k, element_at(c, 0, kv_part::key, slot), 2);
+    std::memcpy(&v, element_at(c, c.geometry().layers - 1, last_part<Cache>, slot), 2);
+    return {k, v};
+}
+/// A token's KV depends on every token up to it: a rolling hash of the prefix, 16 bits.
+std::uint16_t kv_value(const tokens_t& t, std::size_t i) {
+    std::uint32_t h = 2166136261u;
+    for (std::size_t j = 0; j <= i; ++j) {
+        h = (h ^ static_cast<std::uint32_t>(t[j])) * 16777619u;
+    }
+    return static_cast<std::uint16_t>(h ^ (h >> 16));
+}
+/// Writes the KV of tokens [first, tokens.size()) of `seq`.
+template <class Cache>
+void write_kv(Cache& c, vmmpp::seq_id seq, const tokens_t& tokens, std::size_t first) {
+    std::vector<std::int64_t> slots(tokens.size() - first);
+    c.slot_mapping(seq, first, slots);
+    for (std::size_t i = first; i < tokens.size(); ++i) {
+        write_token(c, slots[i - first], kv_value(tokens, i));
+    }
+}
+/// Whether the KV of tokens [0, n) of `seq` is that of `tokens`.
+template <class Cache>
+bool kv_matches(const Cache& c, vmmpp::seq_id seq, const tokens_t& tokens, std::size_t n) {
+    std::vector<std::int64_t> slots(n);
+    c.slot_mapping(seq, 0, slots);
+    for (std::size_t i = 0; i < n; ++i) {
+        const auto v = kv_value(tokens, i);
+        if (read_token(c, slots[i]) != std::pair{v, v}) {
+            return false;
+        }
+    }
+    return true;
+}
+/// A sequence of `tokens` appended, written and published.
+template <class Prefix>
+vmmpp::seq_id run_prompt(Prefix& pc, const tokens_t& tokens, std::span<const std::uint64_t> extra = {}) {
+    auto& c = pc.cache();
+    const auto [seq, cached] = pc.attach(tokens, extra);
+    pc.append(seq, tokens.size() - cached);
+    write_kv(c, seq, tokens, cached);
+    pc.publish(seq, tokens, extra);
+    return seq;
+}
+tokens_t iota_tokens(std::size_t n, std::int32_t first) {
+    tokens_t t(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        t[i] = first + static_cast<std::int32_t>(i);
+    }
+    return t;
+}
+
+} // namespace
+
+BOOST_AUTO_TEST_CASE(block_keys_chain_and_separate) {
+    const tokens_t a = iota_tokens(8, 1);
+    tokens_t b = a;
+    b[6] = 99;  // differs in the second block only
+    std::vector<vmmpp::block_key> ka, kb, kx;
+    const std::uint64_t lora[] = {7};
+    vmmpp::for_each_block_key(a, 4, {}, [&](std::size_t, const vmmpp::block_key& k) { ka.push_back(k); return true; });
+    vmmpp::for_each_block_key(b, 4, {}, [&](std::size_t, const vmmpp::block_key& k) { kb.push_back(k); return true; });
+    vmmpp::for_each_block_key(a, 4, lora, [&](std::size_t, const vmmpp::block_key& k) { kx.push_back(k); return true; });
+    BOOST_TEST_REQUIRE(ka.size() == 2u);
+    BOOST_TEST((ka[0] == kb[0]));  // same first block
+    BOOST_TEST(!(ka[1] == kb[1]));
+    BOOST_TEST(!(ka[0] == kx[0]));  // extra keys make another entry
+    // Chained: the same block after another parent is another key.
+    const tokens_t second(a.begin() + 4, a.end());
+    BOOST_TEST(!(vmmpp::hash_block(vmmpp::root_block_key, second) == ka[1]));
+    BOOST_TEST((vmmpp::hash_block(ka[0], second) == ka[1]));
+    // Both lanes move with a one-bit change, and no key of 4096 single-token blocks repeats.
+    const std::int32_t one[] = {0}, other[] = {1};
+    const auto k0 = vmmpp::hash_block(vmmpp::root_block_key, one), k1 = vmmpp::hash_block(vmmpp::root_block_key, other);
+    BOOST_TEST(k0.hi != k1.hi);
+    BOOST_TEST(k0.lo != k1.lo);
+    std::set<std::pair<std::uint64_t, std::uint64_t>> seen;
+    for (std::int32_t t = 0; t < 4096; ++t) {
+        const std::int32_t tok[] = {t};
+        const auto k = vmmpp::hash_block(vmmpp::root_block_key, tok);
+        seen.insert({k.hi, k.lo});
+        seen.insert({k.hi, ~k.lo});  // lanes are not copies of each other either
+        BOOST_TEST(k.hi != k.lo);
+    }
+    BOOST_TEST(seen.size() == 2u * 4096u);
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(publish_lookup_attach_free, Case, prefix_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    vmmpp::prefix_cache<typename Case::cache> pc(c);
+    const tokens_t prompt = iota_tokens(10, 100);  // 2 full blocks and 2 tokens
+    BOOST_TEST(pc.lookup(prompt) == 0u);
+    const auto a = run_prompt(pc, prompt);
+    BOOST_TEST(pc.cached_blocks() == 2u);
+    BOOST_TEST(pc.lookup(prompt) == 8u);
+    BOOST_TEST(pc.lookup(std::span(prompt).first(7)) == 4u);  // whole blocks only
+    const auto table = c.block_table(a);
+    BOOST_TEST(c.block_refs(table[0]) == 2u);  // the sequence's and the prefix cache's
+    BOOST_TEST(c.block_refs(table[2]) == 1u);  // partial: not published
+    BOOST_TEST(pc.evictable_blocks() == 0u);   // live
+    const std::vector<std::int32_t> cached(table.begin(), table.begin() + 2);
+    pc.free(a);
+    BOOST_TEST(c.block_refs(cached[0]) == 1u);
+    BOOST_TEST(pc.evictable_blocks() == 2u);
+    BOOST_TEST(c.used_blocks() == 2u);  // the freed sequence's partial block went back
+
+    // A longer prompt with the same start gets the blocks, and their KV.
+    tokens_t longer = prompt;
+    longer.insert(longer.end(), {1, 2, 3, 4, 5, 6});
+    const auto [b, hit] = pc.attach(longer);
+    BOOST_TEST(hit == 8u);
+    BOOST_TEST(c.tokens(b) == 8u);
+    BOOST_TEST((std::vector<std::int32_t>(c.block_table(b).begin(), c.block_table(b).end()) == cached));
+    BOOST_TEST(kv_matches(c, b, longer, 8));
+    BOOST_TEST(pc.stats().hits == 2u);
+    BOOST_TEST(pc.stats().misses == 4u);  // the first attach missed 2; longer has 4 full blocks, 2 cached
+    pc.append(b, longer.size() - hit);
+    BOOST_TEST(c.cow_copies() == 0u);  // full shared blocks are never written: no copy
+    write_kv(c, b, longer, hit);
+    BOOST_TEST(pc.publish(b, longer) == 2u);
+    BOOST_TEST(pc.lookup(longer) == 16u);
+    BOOST_TEST(pc.publish(b, longer) == 0u);  // registered once
+    pc.free(b);
+    BOOST_TEST(pc.evictable_blocks() == 4u);
+    const auto r = pc.clear();
+    BOOST_TEST(r.blocks.size() == 4u);
+    BOOST_TEST(c.used_blocks() == 0u);
+    BOOST_TEST(pc.lookup(longer) == 0u);
+    BOOST_TEST(pc.stats().evictions == 4u);
+
+    // publish checks its arguments.
+    const auto d = c.add_sequence();
+    BOOST_CHECK_THROW(pc.publish(d, prompt), vmmpp::invalid_argument);  // more tokens than the sequence has
+    BOOST_CHECK_THROW(pc.publish(d + 1000, prompt), vmmpp::invalid_argument);
+    c.free(d);
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(extra_keys_and_duplicates, Case, prefix_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    vmmpp::prefix_cache<typename Case::cache> pc(c);
+    const tokens_t prompt = iota_tokens(8, 5);
+    const std::uint64_t lora1[] = {1}, lora2[] = {2};
+    const auto a = run_prompt(pc, prompt, lora1);
+    BOOST_TEST(pc.lookup(prompt, lora1) == 8u);
+    BOOST_TEST(pc.lookup(prompt, lora2) == 0u);
+    BOOST_TEST(pc.lookup(prompt) == 0u);
+    // The same prompt computed again by a request that ran beside the first (it did not hit):
+    // its blocks are not registered twice.
+    const auto b = c.add_sequence();
+    c.append(b, prompt.size());
+    write_kv(c, b, prompt, 0);
+    BOOST_TEST(pc.publish(b, prompt, lora1) == 0u);
+    BOOST_TEST(pc.cached_blocks() == 2u);
+    BOOST_TEST(c.block_refs(c.block_table(b)[0]) == 1u);
+    // Under the other adapter it is other content.
+    BOOST_TEST(pc.publish(b, prompt, lora2) == 2u);
+    BOOST_TEST(pc.cached_blocks() == 4u);
+    pc.free(a);
+    pc.free(b);
+    const auto [d, hit] = pc.attach(prompt, lora2);
+    BOOST_TEST(hit == 8u);
+    BOOST_TEST(c.block_table(d)[0] == *pc.block_of(*pc.key_of(c.block_table(d)[0])));
+    BOOST_TEST(kv_matches(c, d, prompt, 8));
+    c.free(d);
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(adopt_is_strong, Case, prefix_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    const auto a = c.add_sequence();
+    c.append(a, 10);  // 4 + 4 + 2
+    const auto t = c.block_table(a);
+    const std::vector<std::int32_t> blocks(t.begin(), t.end());
+    const auto seqs = c.sequence_count();
+    const auto used = c.used_blocks();
+    auto unchanged = [&] {
+        return c.sequence_count() == seqs && c.used_blocks() == used && c.block_refs(blocks[0]) == 1u &&
+               c.block_refs(blocks[1]) == 1u && c.block_refs(blocks[2]) == 1u;
+    };
+    const std::int32_t free_block[] = {blocks[0], 200};
+    BOOST_CHECK_THROW((void)c.adopt(free_block, 8), vmmpp::invalid_argument);
+    BOOST_TEST(unchanged());
+    const std::int32_t twice[] = {blocks[0], blocks[0]};
+    BOOST_CHECK_THROW((void)c.adopt(twice, 8), vmmpp::invalid_argument);
+    BOOST_TEST(unchanged());
+    const std::int32_t outside[] = {blocks[0], 4096};
+    BOOST_CHECK_THROW((void)c.adopt(outside, 8), vmmpp::invalid_argument);
+    BOOST_TEST(unchanged());
+    BOOST_CHECK_THROW((void)c.adopt(blocks, 8), vmmpp::invalid_argument);  // 8 tokens fill 2 blocks, not 3
+    BOOST_CHECK_THROW((void)c.adopt(blocks, 13), vmmpp::invalid_argument);
+    BOOST_TEST(unchanged());
+    BOOST_CHECK_THROW(c.release_block(200), vmmpp::invalid_argument);
+    BOOST_TEST(unchanged());
+
+    // Adopting a partial last block shares it copy-on-write, as fork.
+    const auto b = c.adopt(blocks, 10);
+    BOOST_TEST(c.tokens(b) == 10u);
+    BOOST_TEST(c.block_refs(blocks[2]) == 2u);
+    c.append(b, 1);
+    BOOST_TEST(c.cow_copies() == 1u);
+    BOOST_TEST(c.block_table(b)[2] != blocks[2]);
+    const auto e = c.adopt({}, 0);
+    BOOST_TEST(c.tokens(e) == 0u);
+    // A block kept by another holder outlives its sequences.
+    c.retain_block(blocks[0]);
+    c.free(a);
+    c.free(b);
+    BOOST_TEST(c.block_refs(blocks[0]) == 1u);
+    c.release_block(blocks[0]);
+    BOOST_TEST(c.block_refs(blocks[0]) == 0u);
+    BOOST_CHECK_THROW(c.release_block(blocks[0]), vmmpp::invalid_argument);
+    c.free(e);
+    BOOST_TEST(c.used_blocks() == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(sequence_contiguous_refuses_sharing) {
+    constexpr vmmpp::kv_geometry g{.layers = 2, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,
+                                   .block_tokens = 8, .max_blocks = 64, .max_tokens_per_sequence = 64};
+    vmmpp::kv_cache<vmmpp::host_config, vmmpp::sequence_contiguous> c(g);
+    const auto a = c.add_sequence();
+    c.append(a, 8);
+    const std::int32_t first = c.block_table(a)[0];
+    const std::int32_t blocks[] = {first};
+    try {
+        (void)c.adopt(blocks, 8);
+        BOOST_FAIL("adopt on sequence_contiguous did not throw");
+    } catch (const vmmpp::invalid_argument& e) {
+        BOOST_TEST(std::string(e.what()).find("adopt refused") != std::string::npos);
+        BOOST_TEST(std::string(e.what()).find("sequence_contiguous") != std::string::npos);
+    }
+    BOOST_CHECK_THROW(c.retain_block(first), vmmpp::invalid_argument);
+    BOOST_CHECK_THROW(c.release_block(first), vmmpp::invalid_argument);  // would drop the sequence's own
+    BOOST_TEST(c.sequence_count() == 1u);
+    BOOST_TEST(c.block_refs(first) == 1u);
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(eviction_never_touches_live_blocks_and_keeps_the_bound, Case, prefix_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    vmmpp::prefix_cache<typename Case::cache> pc(c);
+    std::vector<vmmpp::seq_id> live;
+    for (int i = 0; i < 6; ++i) {
+        live.push_back(run_prompt(pc, iota_tokens(8, 1000 * (i + 1))));
+    }
+    BOOST_TEST(pc.cached_blocks() == 12u);
+    BOOST_TEST(pc.clear().blocks.empty());
+    BOOST_TEST(pc.evict_bytes(std::size_t{1} << 40).blocks.empty());
+    for (int i = 0; i < 3; ++i) {
+        pc.free(live[static_cast<std::size_t>(i)]);
+    }
+    const auto r = pc.clear();
+    BOOST_TEST(r.blocks.size() == 6u);
+    for (std::size_t i = 3; i < 6; ++i) {
+        for (std::int32_t b : c.block_table(live[i])) {
+            BOOST_TEST((std::find(r.blocks.begin(), r.blocks.end(), b) == r.blocks.end()));
+            BOOST_TEST(c.block_refs(b) == 2u);
+        }
+        BOOST_TEST(kv_matches(c, live[i], iota_tokens(8, 1000 * static_cast<std::int32_t>(i + 1)), 8));
+    }
+
+    // The bound: at most 3 blocks' bytes kept for no sequence; the oldest go first.
+    vmmpp::prefix_cache<typename Case::cache> bounded(c, {.max_cached_bytes = 3 * pc.block_bytes()});
+    std::vector<std::int32_t> firsts;
+    for (int i = 0; i < 5; ++i) {
+        const auto s = run_prompt(bounded, iota_tokens(4, 50000 + 100 * i));
+        firsts.push_back(c.block_table(s)[0]);
+        bounded.free(s);
+        BOOST_TEST(bounded.evictable_bytes() <= 3 * pc.block_bytes());
+    }
+    BOOST_TEST(bounded.cached_blocks() == 3u);
+    BOOST_TEST(bounded.stats().evictions == 2u);
+    BOOST_TEST(bounded.lookup(iota_tokens(4, 50000)) == 0u);      // oldest, evicted
+    BOOST_TEST(bounded.lookup(iota_tokens(4, 50400)) == 4u);      // newest, kept
+    for (auto s : live) {
+        if (c.contains(s)) {
+            c.free(s);
+        }
+    }
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(lru_evicts_tails_first_and_hits_refresh, Case, prefix_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    vmmpp::prefix_cache<typename Case::cache> pc(c);
+    const tokens_t system = iota_tokens(8, 7);  // a system prompt of 2 blocks
+    tokens_t p1 = system, p2 = system;
+    p1.insert(p1.end(), {1, 1, 1, 1});
+    p2.insert(p2.end(), {2, 2, 2, 2});
+    pc.free(run_prompt(pc, p1));
+    pc.free(run_prompt(pc, p2));  // hits the system prompt: it is now newer than p1's tail
+    BOOST_TEST(pc.cached_blocks() == 4u);
+    // Single blocks (no page frees: they share pages with each other) go oldest first: p1's
+    // tail, then p2's tail, then the system prompt's tail, then its head.
+    const auto r1 = pc.evict(1);
+    BOOST_TEST(r1.blocks.size() == 1u);
+    BOOST_TEST(pc.lookup(p1) == 8u);
+    BOOST_TEST(pc.lookup(p2) == 12u);
+    const auto r2 = pc.evict(1);
+    BOOST_TEST(pc.lookup(p2) == 8u);
+    const auto r3 = pc.evict(1);
+    BOOST_TEST(pc.lookup(system) == 4u);
+    BOOST_TEST(r1.freed_page_bytes + r2.freed_page_bytes + r3.freed_page_bytes == 0u);
+    const auto r4 = pc.evict(1);
+    BOOST_TEST(r4.freed_page_bytes > 0u);  // the last block on its pages
+    BOOST_TEST(c.pool().committed_bytes() == 0u);
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(page_aware_eviction_frees_whole_pages, Case, prefix_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(paged);
+    auto& c = *cache;
+    vmmpp::prefix_cache<typename Case::cache> pc(c);
+    const std::size_t page_bytes = c.pool().page_bytes();
+    const std::size_t bt = c.geometry().block_tokens;
+    // One sequence per block: every block of the span, so every page is full. Published in a
+    // scattered order (stride 37), so the oldest blocks lie on many pages.
+    const std::size_t n = c.geometry().max_blocks;
+    std::vector<vmmpp::seq_id> seqs(n);
+    std::vector<tokens_t> prompts(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        seqs[i] = c.add_sequence();
+        c.append(seqs[i], bt);
+        BOOST_TEST_REQUIRE(c.block_table(seqs[i])[0] == static_cast<std::int32_t>(i));
+        prompts[i] = iota_tokens(bt, static_cast<std::int32_t>(1000 * i));
+        write_kv(c, seqs[i], prompts[i], 0);
+    }
+    for (std::size_t k = 0; k < n; ++k) {
+        const std::size_t i = k * 37 % n;
+        pc.publish(seqs[i], prompts[i]);
+    }
+    // Block 0 stays live: its pages cannot be freed, whatever else goes.
+    for (std::size_t i = 1; i < n; ++i) {
+        pc.free(seqs[i]);
+    }
+    const std::size_t committed = c.pool().committed_bytes();
+    BOOST_TEST(committed == Case::layout::span_bytes(c.geometry()) / page_bytes * page_bytes);
+
+    // The groups, worked out here from the layout's pieces: the blocks on each page block 0
+    // does not touch; a group is as old as its newest block (its place in the publish order).
+    std::vector<std::size_t> rank(n);
+    for (std::size_t k = 0; k < n; ++k) {
+        rank[k * 37 % n] = k;
+    }
+    auto pages_of = [&](std::int32_t b) {
+        std::set<std::size_t> pages;
+        Case::layout::for_each_piece(c.geometry(), static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
+            for (std::size_t p = off / page_bytes; p <= (off + bytes - 1) / page_bytes; ++p) {
+                pages.insert(p);
+            }
+        });
+        return pages;
+    };
+    std::map<std::size_t, std::size_t> page_age;
+    for (std::size_t b = 1; b < n; ++b) {
+        for (std::size_t p : pages_of(static_cast<std::int32_t>(b))) {
+            page_age[p] = std::max(page_age[p], rank[b]);
+        }
+    }
+    for (std::size_t p : pages_of(0)) {
+        page_age.erase(p);
+    }
+    std::size_t oldest_group = n;
+    for (const auto& [p, age] : page_age) {
+        oldest_group = std::min(oldest_group, age);
+    }
+
+    // Asked for one page: a whole group goes, the oldest, and exactly its pages come back.
+    const auto r = pc.evict_bytes(page_bytes);
+    std::size_t evicted_age = 0;
+    for (std::int32_t b : r.blocks) {
+        evicted_age = std::max(evicted_age, rank[static_cast<std::size_t>(b)]);
+    }
+    BOOST_TEST(evicted_age == oldest_group);
+    BOOST_TEST(r.freed_page_bytes >= page_bytes);
+    BOOST_TEST(r.freed_page_bytes % page_bytes == 0u);
+    BOOST_TEST(committed - c.pool().committed_bytes() == r.freed_page_bytes);
+    // Bytes back per block evicted: the block's size (the group's blocks fill its pages).
+    BOOST_TEST(r.freed_page_bytes == r.blocks.size() * pc.block_bytes());
+    BOOST_TEST((std::find(r.blocks.begin(), r.blocks.end(), 0) == r.blocks.end()));
+    // Not simply the oldest blocks: those are scattered, the group's ids are consecutive.
+    const auto [lo, hi] = std::minmax_element(r.blocks.begin(), r.blocks.end());
+    BOOST_TEST(static_cast<std::size_t>(*hi - *lo + 1) == r.blocks.size());
+    // The oldest blocks alone would free nothing: evict(k) for fewer blocks than a group takes
+    // single blocks, oldest first.
+    const std::size_t before = c.pool().committed_bytes();
+    const auto singles = pc.evict(r.blocks.size() - 1);
+    BOOST_TEST(singles.blocks.size() == r.blocks.size() - 1);
+    BOOST_TEST(singles.freed_page_bytes == 0u);
+    BOOST_TEST(c.pool().committed_bytes() == before);
+    // Everything evictable: only block 0's pages stay committed.
+    const auto rest = pc.clear();
+    std::size_t block0_pages = 0;
+    Case::layout::for_each_piece(c.geometry(), 0, [&](std::size_t off, std::size_t bytes) {
+        block0_pages += (off + bytes - 1) / page_bytes - off / page_bytes + 1;
+    });
+    BOOST_TEST(c.pool().committed_bytes() == block0_pages * page_bytes);
+    BOOST_TEST(r.freed_page_bytes + singles.freed_page_bytes + rest.freed_page_bytes ==
+               committed - block0_pages * page_bytes);
+    BOOST_TEST(kv_matches(c, seqs[0], prompts[0], bt));
+    const auto s = pc.stats();
+    BOOST_TEST(s.cached_blocks == 1u);
+    BOOST_TEST(s.packed_floor_bytes == page_bytes);
+    BOOST_TEST(s.idle_footprint_ratio == static_cast<double>(block0_pages));
+    c.free(seqs[0]);
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(events_name_the_keys, Case, prefix_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    vmmpp::prefix_cache<typename Case::cache> pc(c, {.record_events = true});
+    const tokens_t prompt = iota_tokens(8, 3);
+    const auto a = run_prompt(pc, prompt);
+    const auto stored = pc.drain_events();
+    BOOST_TEST_REQUIRE(stored.size() == 2u);
+    BOOST_TEST((stored[0].kind == vmmpp::prefix_event_kind::stored));
+    BOOST_TEST((stored[0].parent == vmmpp::root_block_key));
+    BOOST_TEST((stored[1].parent == stored[0].key));
+    BOOST_TEST(stored[0].block == c.block_table(a)[0]);
+    BOOST_TEST((*pc.key_of(stored[1].block) == stored[1].key));
+    BOOST_TEST(pc.drain_events().empty());
+    pc.free(a);
+    const auto r = pc.clear();
+    const auto removed = pc.drain_events();
+    BOOST_TEST_REQUIRE(removed.size() == 2u);
+    for (std::size_t i = 0; i < 2; ++i) {
+        BOOST_TEST((removed[i].kind == vmmpp::prefix_event_kind::removed));
+        BOOST_TEST((removed[i].key == r.keys[i]));
+        BOOST_TEST(removed[i].block == r.blocks[i]);
+    }
+}
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(append_evicts_cached_blocks_when_refused, Case, prefix_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(small);
+    auto& c = *cache;
+    vmmpp::prefix_cache<typename Case::cache> pc(c);
+    const std::size_t bt = c.geometry().block_tokens, n = c.geometry().max_blocks;
+    // Fill every block with cached prompts no sequence holds.
+    for (std::size_t i = 0; i < n / 4; ++i) {
+        pc.free(run_prompt(pc, iota_tokens(4 * bt, static_cast<std::int32_t>(100 * i))));
+    }
+    const auto keep = run_prompt(pc, iota_tokens(2 * bt, 900000));  // not enough room: evicted for it
+    BOOST_TEST(c.free_blocks() == 0u);
+    const auto s = c.add_sequence();
+    BOOST_CHECK_THROW(c.append(s, 3 * bt), vmmpp::out_of_blocks);
+    const auto before = pc.evictable_blocks();
+    pc.append(s, 3 * bt);  // the prefix cache gives up cached blocks for it
+    BOOST_TEST(c.tokens(s) == 3 * bt);
+    BOOST_TEST(pc.evictable_blocks() == before - 3);
+    BOOST_TEST(kv_matches(c, keep, iota_tokens(2 * bt, 900000), 2 * bt));
+    // Nothing more to give: live blocks stay, the refusal comes through.
+    const auto all = c.add_sequence();
+    pc.append(all, (c.free_blocks() + pc.evictable_blocks()) * bt);
+    BOOST_TEST(pc.evictable_blocks() == 0u);
+    BOOST_CHECK_THROW(pc.append(all, 1), vmmpp::out_of_blocks);
+    BOOST_TEST(kv_matches(c, keep, iota_tokens(2 * bt, 900000), 2 * bt));
+    c.free(s);
+    c.free(all);
+    c.free(keep);
+}
+
+BOOST_AUTO_TEST_CASE(append_evicts_whole_pages_when_over_quota) {
+    using budget_config = vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::shared_budget>;
+    using case_t = kv_case<budget_config, vmmpp::block_major>;
+    kv_factory<case_t> factory;
+    factory.limit = 2 * page;  // two pages: 32 blocks of 128 KiB
+    auto cache = factory.make(paged);
+    auto& c = *cache;
+    vmmpp::prefix_cache<case_t::cache> pc(c);
+    const std::size_t bt = c.geometry().block_tokens;
+    BOOST_TEST_REQUIRE(c.pool().page_bytes() == page);
+    std::vector<vmmpp::seq_id> seqs;
+    for (std::int32_t i = 0; i < 32; ++i) {
+        seqs.push_back(run_prompt(pc, iota_tokens(bt, 100 * i)));
+    }
+    // Blocks 0..15 (page 0) stay live; page 1's blocks are cached for no sequence.
+    for (std::size_t i = 16; i < 32; ++i) {
+        pc.free(seqs[i]);
+    }
+    const auto s = c.add_sequence();
+    BOOST_CHECK_THROW(c.append(s, 16 * bt), vmmpp::over_quota);  // 16 more blocks need a third page
+    BOOST_TEST(c.free_blocks() > 16u);                          // ids there are: the quota refuses
+    pc.append(s, 16 * bt);
+    BOOST_TEST(pc.evictable_blocks() == 0u);
+    BOOST_TEST(pc.stats().evictions == 16u);
+    BOOST_TEST(c.pool().committed_bytes() == 2 * page);
+    for (std::size_t i = 0; i < 16; ++i) {
+        BOOST_TEST(kv_matches(c, seqs[i], iota_tokens(bt, 100 * static_cast<std::int32_t>(i)), bt));
+    }
+    // Nothing left to evict: the quota's refusal comes through, the sequence unchanged.
+    BOOST_CHECK_THROW(pc.append(s, 1), vmmpp::over_quota);
+    BOOST_TEST(c.tokens(s) == 16 * bt);
+}
+
+namespace {
+
+using key_pair = std::pair<std::uint64_t, std::uint64_t>;
+key_pair pair_of(const vmmpp::block_key& k) { return {k.hi, k.lo}; }
+
+/// The reference model of the randomized run: which keys are cached, and the tokens from the
+/// prompt's first up to the end of each key's block.
+struct prefix_model {
+    std::map<key_pair, tokens_t> cached;
+    std::size_t block_tokens;
+
+    std::vector<std::pair<vmmpp::block_key, tokens_t>> blocks_of(const tokens_t& t, std::span<const std::uint64_t> extra) const {
+        std::vector<std::pair<vmmpp::block_key, tokens_t>> out;
+        vmmpp::for_each_block_key(t, block_tokens, extra, [&](std::size_t i, const vmmpp::block_key& k) {
+            out.push_back({k, tokens_t(t.begin(), t.begin() + static_cast<std::ptrdiff_t>((i + 1) * block_tokens))});
+            return true;
+        });
+        return out;
+    }
+    std::size_t lookup(const tokens_t& t, std::span<const std::uint64_t> extra) const {
+        std::size_t n = 0;
+        for (const auto& [k, prefix] : blocks_of(t, extra)) {
+            if (!cached.contains(pair_of(k))) {
+                break;
+            }
+            n += block_tokens;
+        }
+        return n;
+    }
+};
+
+} // namespace
+
+// Requests with shared prefixes (system prompts, multi-turn continuations, adapters), random
+// attach/append/publish/free/evict, every token's KV written into its slot. After every step:
+// the prefix cache's keys are the model's, every cached block's bytes are its tokens' KV, every
+// live sequence's bytes are its tokens' KV, reference counts are the live tables' plus the cache's,
+// evictions took only blocks no sequence held, and lookup and attach agree with the model.
+BOOST_AUTO_TEST_CASE_TEMPLATE(randomized_against_a_model, Case, prefix_cases) {
+    constexpr vmmpp::kv_geometry rnd{.layers = 2, .kv_heads = 8, .head_dim = 128, .type = vmmpp::dtype::f16,
+                                     .block_tokens = 4, .max_blocks = 192};
+    for (unsigned seed : {1u, 2u, 3u, 4u, 5u}) {
+        BOOST_TEST_CONTEXT("seed " << seed) {
+            std::mt19937 rng(seed);
+            auto pick = [&](std::size_t n) { return static_cast<std::size_t>(rng() % n); };
+            kv_factory<Case> factory;
+            auto cache = factory.make(rnd);
+            auto& c = *cache;
+            const std::size_t bt = c.geometry().block_tokens, page_bytes = c.pool().page_bytes();
+            vmmpp::prefix_cache_options options{.record_events = true};
+            if (seed % 2 == 0) {
+                options.max_cached_bytes = 40 * rnd.block_bytes();
+            }
+            vmmpp::prefix_cache<typename Case::cache> pc(c, options);
+            prefix_model model{{}, bt};
+            struct live_seq {
+                tokens_t tokens;
+                std::vector<std::uint64_t> extra;
+            };
+            std::map<vmmpp::seq_id, live_seq> live;
+            std::vector<live_seq> finished;
+            auto random_tokens = [&](std::size_t n) {
+                tokens_t t(n);
+                for (auto& x : t) {
+                    x = static_cast<std::int32_t>(pick(5));
+                }
+                return t;
+            };
+            std::vector<tokens_t> systems;
+            for (int i = 0; i < 3; ++i) {
+                systems.push_back(random_tokens(4 + pick(9)));
+            }
+            auto live_blocks = [&] {
+                std::map<std::int32_t, std::uint32_t> held;
+                for (const auto& [id, s] : live) {
+                    for (std::int32_t b : c.block_table(id)) {
+                        ++held[b];
+                    }
+                }
+                return held;
+            };
+            // The events since the last step: stored keys must be what was published (the model
+            // learns them at publish), removed ones leave the model and held no sequence.
+            std::map<std::int32_t, std::uint32_t> held_before;
+            auto take_events = [&] {
+                for (const vmmpp::prefix_event& e : pc.drain_events()) {
+                    if (e.kind == vmmpp::prefix_event_kind::removed) {
+                        BOOST_TEST(model.cached.erase(pair_of(e.key)) == 1u);
+                        BOOST_TEST(!held_before.contains(e.block));
+                    } else {
+                        BOOST_TEST(model.cached.contains(pair_of(e.key)));
+                    }
+                }
+            };
+            auto publish = [&](vmmpp::seq_id id) {
+                const live_seq& s = live.at(id);
+                for (auto& [k, prefix] : model.blocks_of(s.tokens, s.extra)) {
+                    model.cached.emplace(pair_of(k), prefix);  // an existing key keeps its tokens: the same
+                }
+                pc.publish(id, s.tokens, s.extra);
+                for (auto& [k, prefix] : model.blocks_of(s.tokens, s.extra)) {
+                    BOOST_TEST(pc.block_of(k).has_value());  // a live sequence's blocks are never evicted
+                }
+            };
+            auto check = [&] {
+                take_events();
+                BOOST_TEST(pc.cached_blocks() == model.cached.size());
+                std::set<std::int32_t> cached_ids;
+                pc.for_each_cached([&](const vmmpp::block_key& k, std::int32_t b) {
+                    cached_ids.insert(b);
+                    const auto it = model.cached.find(pair_of(k));
+                    BOOST_TEST_REQUIRE((it != model.cached.end()));
+                    const tokens_t& prefix = it->second;
+                    for (std::size_t t = 0; t < bt; ++t) {
+                        const auto v = kv_value(prefix, prefix.size() - bt + t);
+                        BOOST_TEST((read_token(c, std::int64_t{b} * static_cast<std::int64_t>(bt) + static_cast<std::int64_t>(t)) ==
+                                    std::pair{v, v}));
+                    }
+                });
+                const auto held = live_blocks();
+                std::size_t used = 0;
+                for (std::int32_t b = 0; b < static_cast<std::int32_t>(rnd.max_blocks); ++b) {
+                    const auto h = held.contains(b) ? held.at(b) : 0u;
+                    BOOST_TEST(c.block_refs(b) == h + (cached_ids.contains(b) ? 1u : 0u));
+                    used += c.block_refs(b) > 0 ? 1 : 0;
+                }
+                BOOST_TEST(c.used_blocks() == used);
+                for (const auto& [id, s] : live) {
+                    BOOST_TEST(kv_matches(c, id, s.tokens, s.tokens.size()));
+                }
+                BOOST_TEST(pc.evictable_bytes() <= options.max_cached_bytes);
+            };
+            auto append = [&](vmmpp::seq_id id, std::size_t n) {
+                try {
+                    pc.append(id, n);
+                    return true;
+                } catch (const vmmpp::out_of_blocks&) {
+                    BOOST_TEST(pc.evictable_blocks() == 0u);  // refused only once nothing was left
+                    return false;
+                }
+            };
+            for (int step = 0; step < 300; ++step) {
+                held_before = live_blocks();
+                const std::size_t op = pick(100);
+                if (op < 35 || live.empty()) {  // a new request
+                    live_seq s;
+                    const std::size_t kind = pick(10);
+                    if (kind < 5) {
+                        s.tokens = systems[pick(systems.size())];
+                        const tokens_t tail = random_tokens(pick(11));
+                        s.tokens.insert(s.tokens.end(), tail.begin(), tail.end());
+                    } else if (kind < 8 && !finished.empty()) {
+                        s = finished[pick(finished.size())];  // the next turn of a conversation
+                        const tokens_t tail = random_tokens(1 + pick(8));
+                        s.tokens.insert(s.tokens.end(), tail.begin(), tail.end());
+                    } else {
+                        s.tokens = random_tokens(1 + pick(16));
+                    }
+                    if (pick(5) == 0) {
+                        s.extra = {42};  // a LoRA adapter: other KV for the same tokens
+                    }
+                    const std::size_t expected = model.lookup(s.tokens, s.extra);
+                    BOOST_TEST(pc.lookup(s.tokens, s.extra) == expected);
+                    const auto [id, cached] = pc.attach(s.tokens, s.extra);
+                    BOOST_TEST(cached == expected);
+                    BOOST_TEST(c.tokens(id) == cached);
+                    BOOST_TEST(kv_matches(c, id, s.tokens, cached));
+                    live.emplace(id, live_seq{tokens_t(s.tokens.begin(), s.tokens.begin() + static_cast<std::ptrdiff_t>(cached)), s.extra});
+                    if (append(id, s.tokens.size() - cached)) {
+                        write_kv(c, id, s.tokens, cached);
+                        live.at(id).tokens = s.tokens;
+                        publish(id);
+                    } else {
+                        live.erase(id);
+                        held_before = live_blocks();  // its own blocks may go once it is freed
+                        pc.free(id);
+                    }
+                } else if (op < 60) {  // a decode step of some tokens
+                    auto it = std::next(live.begin(), static_cast<std::ptrdiff_t>(pick(live.size())));
+                    const tokens_t more = random_tokens(1 + pick(6));
+                    if (append(it->first, more.size())) {
+                        const std::size_t first = it->second.tokens.size();
+                        it->second.tokens.insert(it->second.tokens.end(), more.begin(), more.end());
+                        write_kv(c, it->first, it->second.tokens, first);
+                        publish(it->first);
+                    }
+                } else if (op < 80) {  // a request ends
+                    auto it = std::next(live.begin(), static_cast<std::ptrdiff_t>(pick(live.size())));
+                    finished.push_back(it->second);
+                    const vmmpp::seq_id id = it->first;
+                    live.erase(it);
+                    held_before = live_blocks();  // its own blocks may go once it is freed
+                    if (pick(2) == 0) {
+                        pc.free(id);
+                    } else {
+                        c.free(id);  // directly: the bound waits for the next call
+                    }
+                    if (options.max_cached_bytes != SIZE_MAX) {
+                        pc.trim();
+                    }
+                } else if (op < 88) {
+                    const std::size_t n = 1 + pick(8), before = pc.evictable_blocks();
+                    const auto r = pc.evict(n);
+                    BOOST_TEST(r.blocks.size() == std::min(n, before));
+                    BOOST_TEST(r.keys.size() == r.blocks.size());
+                } else if (op < 94) {
+                    const std::size_t committed = c.pool().committed_bytes();
+                    const auto r = pc.evict_bytes((1 + pick(2)) * page_bytes);
+                    BOOST_TEST(r.freed_page_bytes % page_bytes == 0u);
+                    BOOST_TEST(committed - c.pool().committed_bytes() == r.freed_page_bytes);
+                } else {
+                    const tokens_t probe = pick(2) == 0 && !finished.empty() ? finished[pick(finished.size())].tokens
+                                                                             : random_tokens(pick(20));
+                    BOOST_TEST(pc.lookup(probe) == model.lookup(probe, {}));
+                }
+                check();
+            }
+            const auto s = pc.stats();
+            BOOST_TEST(s.hits > 0u);  // the run did share prefixes
+            BOOST_TEST(s.cached_blocks == model.cached.size());
+            for (const auto& [id, seq] : live) {
+                c.free(id);
+            }
+            live.clear();
+            held_before.clear();
+            pc.clear();
+            check();
+            BOOST_TEST(c.used_blocks() == 0u);
+            BOOST_TEST(c.pool().committed_bytes() == 0u);
+        }
+    }
+}
