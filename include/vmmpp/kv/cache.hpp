@@ -18,6 +18,7 @@
 #include "vmmpp/error.hpp"
 #include "vmmpp/kv/block_allocator.hpp"
 #include "vmmpp/kv/block_ids.hpp"
+#include "vmmpp/kv/cache_options.hpp"
 #include "vmmpp/kv/detail/block_memory.hpp"
 #include "vmmpp/kv/detail/block_tables.hpp"
 #include "vmmpp/kv/detail/device_copy.hpp"
@@ -29,25 +30,6 @@
 #include "vmmpp/pool.hpp"
 
 namespace vmmpp {
-
-/// A sequence's id. Ids are never reused within a cache.
-using seq_id = std::uint64_t;
-
-/// Options of a kv_cache beyond its geometry and pool policies.
-struct kv_cache_options {
-    /// Stream for the cache's device work (copy-on-write copies), and the stream whose queued
-    /// work free() and truncate() wait for, before memory goes back, when given no other. The
-    /// default, the legacy default stream, also waits for every blocking stream's work.
-    cudaStream_t stream = nullptr;
-    /// The span is rounded up to a multiple of this (the backing's granularity must divide it).
-    std::size_t span_alignment = std::size_t{2} << 20;
-};
-
-/// Tokens [first, first + count) of a sequence: what one append added.
-struct token_range {
-    std::size_t first = 0;
-    std::size_t count = 0;
-};
 
 /// A paged KV cache over an elastic_pool<Config>, laid out by `Layout`, a kv_layout
 /// (vmmpp/kv/layout.hpp: layer_major, layer_major_hnd, block_major, block_major_hnd, packed_kv,
