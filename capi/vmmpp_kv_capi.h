@@ -347,9 +347,10 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_free(vmmpp_kv_prefix* prefix, uint6
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_free_on_stream(vmmpp_kv_prefix* prefix, uint64_t seq, void* stream);
 /** Evicts n_blocks cached blocks no sequence holds (or all there are), whole page groups first,
  *  then oldest first. *count (may be NULL) gets how many went; the first min(capacity, count)
- *  ids go to blocks and their keys to keys (either may be NULL, blocks only with capacity 0; the
- *  eviction is done whatever the capacity: max_blocks is always enough). *freed_page_bytes (may
- *  be NULL) gets the bytes of pool pages no live or cached block touches any more. */
+ *  ids go to blocks (NULL only with capacity 0) and their keys to keys (may be NULL). The
+ *  eviction is done whatever the capacity: a capacity of the geometry's max_blocks is always
+ *  enough. *freed_page_bytes (may be NULL) gets the bytes of pool pages no live or cached block
+ *  touches any more. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_evict(vmmpp_kv_prefix* prefix, uint64_t n_blocks, int32_t* blocks,
                                                    vmmpp_kv_block_key* keys, uint64_t capacity, uint64_t* count,
                                                    uint64_t* freed_page_bytes);
