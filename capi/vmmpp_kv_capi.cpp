@@ -29,6 +29,7 @@
 #include "vmmpp/kv/cache.hpp"
 #include "vmmpp/kv/layout_list.hpp"
 #include "vmmpp/kv/transfer.hpp"
+#include "vmmpp/prefix/prefix_cache.hpp"
 #include "vmmpp/quota/process_budget.hpp"
 
 namespace {
@@ -43,6 +44,58 @@ struct is_vmm_config : std::is_same<typename Config::backing_type, vmmpp::vmm> {
 
 /// "elastic, elastic_mapped_ahead, elastic_page": the named vmm configurations, for messages.
 std::string vmm_config_names() { return vmmpp::type_names<vmmpp::filter_t<vmmpp::named_configs, is_vmm_config>>(); }
+
+/// What the C ABI needs of a prefix cache (vmmpp::prefix_cache), whatever its cache's type. The
+/// caller holds the cache's mutex.
+class prefix_base {
+public:
+    virtual ~prefix_base() = default;
+    virtual std::size_t publish(vmmpp::seq_id seq, std::span<const std::int32_t> tokens,
+                                std::span<const std::uint64_t> extra) = 0;
+    virtual std::size_t lookup(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra) const = 0;
+    virtual vmmpp::attached_sequence attach(std::span<const std::int32_t> tokens,
+                                            std::span<const std::uint64_t> extra) = 0;
+    /// on_stream: prefix_cache::append(seq, n, stream); else append(seq, n).
+    virtual vmmpp::token_range append(vmmpp::seq_id seq, std::size_t n, cudaStream_t stream, bool on_stream) = 0;
+    virtual void free(vmmpp::seq_id seq, cudaStream_t stream) = 0;
+    virtual vmmpp::eviction_result evict(std::size_t n_blocks) = 0;
+    virtual vmmpp::eviction_result evict_bytes(std::size_t bytes) = 0;
+    virtual vmmpp::eviction_result clear() = 0;
+    virtual vmmpp::prefix_cache_stats stats() const = 0;
+    virtual std::size_t block_bytes() const noexcept = 0;
+    virtual std::vector<vmmpp::prefix_event> drain_events() = 0;
+};
+
+template <class Cache>
+class prefix_impl final : public prefix_base {
+public:
+    prefix_impl(Cache& cache, const vmmpp::prefix_cache_options& options) : prefix_(cache, options) {}
+
+    std::size_t publish(vmmpp::seq_id seq, std::span<const std::int32_t> tokens,
+                        std::span<const std::uint64_t> extra) override {
+        return prefix_.publish(seq, tokens, extra);
+    }
+    std::size_t lookup(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra) const override {
+        return prefix_.lookup(tokens, extra);
+    }
+    vmmpp::attached_sequence attach(std::span<const std::int32_t> tokens,
+                                    std::span<const std::uint64_t> extra) override {
+        return prefix_.attach(tokens, extra);
+    }
+    vmmpp::token_range append(vmmpp::seq_id seq, std::size_t n, cudaStream_t stream, bool on_stream) override {
+        return on_stream ? prefix_.append(seq, n, stream) : prefix_.append(seq, n);
+    }
+    void free(vmmpp::seq_id seq, cudaStream_t stream) override { prefix_.free(seq, stream); }
+    vmmpp::eviction_result evict(std::size_t n_blocks) override { return prefix_.evict(n_blocks); }
+    vmmpp::eviction_result evict_bytes(std::size_t bytes) override { return prefix_.evict_bytes(bytes); }
+    vmmpp::eviction_result clear() override { return prefix_.clear(); }
+    vmmpp::prefix_cache_stats stats() const override { return prefix_.stats(); }
+    std::size_t block_bytes() const noexcept override { return prefix_.block_bytes(); }
+    std::vector<vmmpp::prefix_event> drain_events() override { return prefix_.drain_events(); }
+
+private:
+    vmmpp::prefix_cache<Cache> prefix_;
+};
 
 /// What the C ABI needs of a cache, whatever its configuration and layout.
 class cache_base {
@@ -84,9 +137,14 @@ public:
     /// (not const: the copy's fence goes on this cache's source blocks too).
     virtual void copy_blocks_to(std::span<const std::int32_t> src_blocks, cache_base& dst,
                                 std::span<const std::int32_t> dst_blocks, cudaStream_t stream) = 0;
+    /// A prefix cache over this cache; layouts that cannot share blocks throw invalid_argument.
+    virtual std::unique_ptr<prefix_base> make_prefix(const vmmpp::prefix_cache_options& options) = 0;
 
     /// Serialises the calls made through handles (the cache is not thread safe by itself).
     std::mutex mutex;
+    /// Whether a vmmpp_kv_prefix is over this cache now (one at most: a block two prefix caches
+    /// hold would never be evictable). Under `mutex`.
+    bool has_prefix = false;
 };
 
 template <class Config, class Layout>
@@ -171,6 +229,16 @@ public:
             throw vmmpp::invalid_argument("copy_blocks: the caches differ in configuration or layout");
         }
         vmmpp::copy_blocks(cache_, src_blocks, same->cache_, dst_blocks, stream);
+    }
+    std::unique_ptr<prefix_base> make_prefix(const vmmpp::prefix_cache_options& options) override {
+        if constexpr (vmmpp::sequence_slot_layout<Layout>) {
+            throw vmmpp::invalid_argument(std::string("vmmpp_kv_prefix_create: the ") + Layout::name +
+                                          " layout gives each sequence its own blocks, so no block can be shared; a "
+                                          "prefix cache needs one of " +
+                                          vmmpp::type_names<vmmpp::paged_kv_layouts>());
+        } else {
+            return std::make_unique<prefix_impl<cache_type>>(cache_, options);
+        }
     }
 
 private:
@@ -884,6 +952,246 @@ vmmpp_kv_status vmmpp_copy_piece_pairs(void* local_base, const void* remote_base
             vmmpp::driver::check(::cudaMemcpyAsync(to + pairs[i].local_offset, from + pairs[i].remote_offset,
                                                    pairs[i].bytes, cudaMemcpyDefault, static_cast<cudaStream_t>(stream)),
                                  "cudaMemcpyAsync(vmmpp_copy_piece_pairs)");
+        }
+    });
+}
+
+} // extern "C"
+
+// --- prefix caching (vmmpp/prefix/prefix_cache.hpp) ---
+
+struct vmmpp_kv_prefix {
+    /// The cache: held, so the prefix cache's reference to it stays valid whatever the order of
+    /// the destroys; its mutex serialises the prefix cache's calls with the cache's own.
+    std::shared_ptr<cache_base> cache;
+    std::unique_ptr<prefix_base> prefix;
+    /// Events drained from the prefix cache and not yet handed out (a caller's buffer was short).
+    std::vector<vmmpp::prefix_event> pending;
+};
+
+namespace {
+
+std::span<const std::int32_t> token_span(const int32_t* tokens, uint64_t n_tokens) {
+    return {tokens, static_cast<std::size_t>(n_tokens)};
+}
+std::span<const std::uint64_t> extra_span(const uint64_t* extra, uint64_t n_extra) {
+    return {extra, static_cast<std::size_t>(n_extra)};
+}
+
+/// An eviction's outputs: *count, the first min(capacity, count) ids and keys, the freed bytes.
+void eviction_out(const vmmpp::eviction_result& r, int32_t* blocks, vmmpp_kv_block_key* keys, uint64_t capacity,
+                  uint64_t* count, uint64_t* freed_page_bytes) {
+    const std::size_t n = std::min<std::size_t>(r.blocks.size(), capacity);
+    if (blocks != nullptr) {
+        std::copy_n(r.blocks.begin(), n, blocks);
+    }
+    if (keys != nullptr) {
+        for (std::size_t i = 0; i < n; ++i) {
+            keys[i] = vmmpp_kv_block_key{r.keys[i].hi, r.keys[i].lo};
+        }
+    }
+    if (count != nullptr) {
+        *count = r.blocks.size();
+    }
+    if (freed_page_bytes != nullptr) {
+        *freed_page_bytes = r.freed_page_bytes;
+    }
+}
+
+/// The checks every eviction call makes of its output arguments (the ids may be left out only
+/// with capacity 0: a caller that gave room expects them).
+void require_eviction_outputs(vmmpp_kv_prefix* prefix, const int32_t* blocks, uint64_t capacity, const char* what) {
+    require(prefix != nullptr && (blocks != nullptr || capacity == 0), what);
+}
+
+} // namespace
+
+extern "C" {
+
+vmmpp_kv_status vmmpp_kv_prefix_create(vmmpp_kv* kv, uint64_t max_cached_bytes, int record_events,
+                                       vmmpp_kv_prefix** out) {
+    return guarded([&] {
+        require(kv != nullptr && out != nullptr, "vmmpp_kv_prefix_create: null argument");
+        auto handle = std::make_unique<vmmpp_kv_prefix>();
+        handle->cache = kv->cache;
+        std::lock_guard lock(kv->cache->mutex);
+        if (kv->cache->has_prefix) {
+            throw vmmpp::invalid_argument(
+                "vmmpp_kv_prefix_create: the cache has a prefix cache already (one per cache: a block two of them "
+                "held would never be evictable)");
+        }
+        vmmpp::prefix_cache_options options;
+        options.max_cached_bytes = static_cast<std::size_t>(max_cached_bytes);
+        options.record_events = record_events != 0;
+        handle->prefix = kv->cache->make_prefix(options);
+        kv->cache->has_prefix = true;
+        *out = handle.release();
+    });
+}
+
+void vmmpp_kv_prefix_destroy(vmmpp_kv_prefix* prefix) {
+    if (prefix == nullptr) {
+        return;
+    }
+    {
+        // The prefix cache's destructor releases its blocks: a change to the cache, under its lock.
+        std::lock_guard lock(prefix->cache->mutex);
+        prefix->prefix.reset();
+        prefix->cache->has_prefix = false;
+    }
+    delete prefix;  // and the handle's reference to the cache
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_publish(vmmpp_kv_prefix* prefix, uint64_t seq, const int32_t* tokens,
+                                        uint64_t n_tokens, const uint64_t* extra, uint64_t n_extra,
+                                        uint64_t* registered) {
+    return guarded([&] {
+        require(prefix != nullptr && (tokens != nullptr || n_tokens == 0) && (extra != nullptr || n_extra == 0),
+                "vmmpp_kv_prefix_publish: null argument");
+        std::lock_guard lock(prefix->cache->mutex);
+        const std::size_t n = prefix->prefix->publish(seq, token_span(tokens, n_tokens), extra_span(extra, n_extra));
+        if (registered != nullptr) {
+            *registered = n;
+        }
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_lookup(vmmpp_kv_prefix* prefix, const int32_t* tokens, uint64_t n_tokens,
+                                       const uint64_t* extra, uint64_t n_extra, uint64_t* cached_tokens) {
+    return guarded([&] {
+        require(prefix != nullptr && cached_tokens != nullptr && (tokens != nullptr || n_tokens == 0) &&
+                    (extra != nullptr || n_extra == 0),
+                "vmmpp_kv_prefix_lookup: null argument");
+        std::lock_guard lock(prefix->cache->mutex);
+        *cached_tokens = prefix->prefix->lookup(token_span(tokens, n_tokens), extra_span(extra, n_extra));
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_attach(vmmpp_kv_prefix* prefix, const int32_t* tokens, uint64_t n_tokens,
+                                       const uint64_t* extra, uint64_t n_extra, uint64_t* seq,
+                                       uint64_t* cached_tokens) {
+    return guarded([&] {
+        require(prefix != nullptr && seq != nullptr && cached_tokens != nullptr &&
+                    (tokens != nullptr || n_tokens == 0) && (extra != nullptr || n_extra == 0),
+                "vmmpp_kv_prefix_attach: null argument");
+        std::lock_guard lock(prefix->cache->mutex);
+        const vmmpp::attached_sequence a =
+            prefix->prefix->attach(token_span(tokens, n_tokens), extra_span(extra, n_extra));
+        *seq = a.seq;
+        *cached_tokens = a.cached_tokens;
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_append(vmmpp_kv_prefix* prefix, uint64_t seq, uint64_t n_tokens, uint64_t* first) {
+    return guarded([&] {
+        require(prefix != nullptr, "vmmpp_kv_prefix_append: null handle");
+        std::lock_guard lock(prefix->cache->mutex);
+        const vmmpp::token_range r = prefix->prefix->append(seq, n_tokens, nullptr, false);
+        if (first != nullptr) {
+            *first = r.first;
+        }
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_append_on_stream(vmmpp_kv_prefix* prefix, uint64_t seq, uint64_t n_tokens,
+                                                 void* stream, uint64_t* first) {
+    return guarded([&] {
+        require(prefix != nullptr, "vmmpp_kv_prefix_append_on_stream: null handle");
+        std::lock_guard lock(prefix->cache->mutex);
+        const vmmpp::token_range r =
+            prefix->prefix->append(seq, n_tokens, static_cast<cudaStream_t>(stream), true);
+        if (first != nullptr) {
+            *first = r.first;
+        }
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_free(vmmpp_kv_prefix* prefix, uint64_t seq) {
+    return vmmpp_kv_prefix_free_on_stream(prefix, seq, nullptr);
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_free_on_stream(vmmpp_kv_prefix* prefix, uint64_t seq, void* stream) {
+    return guarded([&] {
+        require(prefix != nullptr, "vmmpp_kv_prefix_free: null handle");
+        std::lock_guard lock(prefix->cache->mutex);
+        prefix->prefix->free(seq, static_cast<cudaStream_t>(stream));
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_evict(vmmpp_kv_prefix* prefix, uint64_t n_blocks, int32_t* blocks,
+                                      vmmpp_kv_block_key* keys, uint64_t capacity, uint64_t* count,
+                                      uint64_t* freed_page_bytes) {
+    return guarded([&] {
+        require_eviction_outputs(prefix, blocks, capacity, "vmmpp_kv_prefix_evict: null argument");
+        std::lock_guard lock(prefix->cache->mutex);
+        eviction_out(prefix->prefix->evict(static_cast<std::size_t>(n_blocks)), blocks, keys, capacity, count,
+                     freed_page_bytes);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_evict_bytes(vmmpp_kv_prefix* prefix, uint64_t bytes, int32_t* blocks,
+                                            vmmpp_kv_block_key* keys, uint64_t capacity, uint64_t* count,
+                                            uint64_t* freed_page_bytes) {
+    return guarded([&] {
+        require_eviction_outputs(prefix, blocks, capacity, "vmmpp_kv_prefix_evict_bytes: null argument");
+        std::lock_guard lock(prefix->cache->mutex);
+        eviction_out(prefix->prefix->evict_bytes(static_cast<std::size_t>(bytes)), blocks, keys, capacity, count,
+                     freed_page_bytes);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_clear(vmmpp_kv_prefix* prefix, int32_t* blocks, vmmpp_kv_block_key* keys,
+                                      uint64_t capacity, uint64_t* count, uint64_t* freed_page_bytes) {
+    return guarded([&] {
+        require_eviction_outputs(prefix, blocks, capacity, "vmmpp_kv_prefix_clear: null argument");
+        std::lock_guard lock(prefix->cache->mutex);
+        eviction_out(prefix->prefix->clear(), blocks, keys, capacity, count, freed_page_bytes);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_stats_get(vmmpp_kv_prefix* prefix, vmmpp_kv_prefix_stats* out) {
+    return guarded([&] {
+        require(prefix != nullptr && out != nullptr, "vmmpp_kv_prefix_stats_get: null argument");
+        std::lock_guard lock(prefix->cache->mutex);
+        const vmmpp::prefix_cache_stats s = prefix->prefix->stats();
+        out->hits = s.hits;
+        out->misses = s.misses;
+        out->evictions = s.evictions;
+        out->cached_blocks = s.cached_blocks;
+        out->cached_bytes = s.cached_bytes;
+        out->evictable_blocks = s.evictable_blocks;
+        out->evictable_bytes = s.evictable_bytes;
+        out->committed_bytes = s.committed_bytes;
+        out->packed_floor_bytes = s.packed_floor_bytes;
+        out->idle_footprint_ratio = s.idle_footprint_ratio;
+        out->block_bytes = prefix->prefix->block_bytes();
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_drain_events(vmmpp_kv_prefix* prefix, vmmpp_kv_prefix_event* out, uint64_t capacity,
+                                             uint64_t* count, uint64_t* left) {
+    return guarded([&] {
+        require(prefix != nullptr && count != nullptr && (out != nullptr || capacity == 0),
+                "vmmpp_kv_prefix_drain_events: null argument");
+        std::lock_guard lock(prefix->cache->mutex);
+        std::vector<vmmpp::prefix_event>& pending = prefix->pending;
+        std::vector<vmmpp::prefix_event> fresh = prefix->prefix->drain_events();
+        if (pending.empty()) {
+            pending = std::move(fresh);
+        } else {
+            pending.insert(pending.end(), fresh.begin(), fresh.end());  // may throw: those events are lost
+        }
+        const std::size_t n = std::min<std::size_t>(pending.size(), capacity);
+        for (std::size_t i = 0; i < n; ++i) {
+            const vmmpp::prefix_event& e = pending[i];
+            out[i] = vmmpp_kv_prefix_event{e.kind == vmmpp::prefix_event_kind::stored ? VMMPP_KV_PREFIX_STORED
+                                                                                      : VMMPP_KV_PREFIX_REMOVED,
+                                           e.block, e.key.hi, e.key.lo, e.parent.hi, e.parent.lo};
+        }
+        pending.erase(pending.begin(), pending.begin() + static_cast<std::ptrdiff_t>(n));
+        *count = n;
+        if (left != nullptr) {
+            *left = pending.size();
         }
     });
 }

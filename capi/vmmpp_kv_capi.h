@@ -6,10 +6,10 @@
  * says why (per thread, until the thread's next failing call). Calls on one handle are
  * serialised by a mutex in the cache, so Python threads may share one.
  *
- * Lifetime: an export keeps its cache alive (the DLPack keep-alive holds it), so
- * vmmpp_kv_destroy only drops the handle's reference and the memory goes when the last export
- * is deleted too. Reading blocks that no live sequence holds faults: see
- * vmmpp/interop/dlpack.hpp. */
+ * Lifetime: an export keeps its cache alive (the DLPack keep-alive holds it), and so does a
+ * prefix cache (vmmpp_kv_prefix), so vmmpp_kv_destroy only drops the handle's reference and the
+ * memory goes when the last export and prefix cache are deleted too. Reading blocks that no live
+ * sequence holds faults: see vmmpp/interop/dlpack.hpp. */
 #ifndef VMMPP_KV_CAPI_H
 #define VMMPP_KV_CAPI_H
 
@@ -267,6 +267,106 @@ VMMPP_KV_API void vmmpp_imported_pages_destroy(vmmpp_imported_pages* pages);
 VMMPP_KV_API vmmpp_kv_status vmmpp_copy_piece_pairs(void* local_base, const void* remote_base,
                                                     const vmmpp_kv_piece_pair* pairs, uint64_t n_pairs, void* stream,
                                                     int flags);
+
+/* Prefix caching (vmmpp::prefix_cache, vmmpp/prefix/prefix_cache.hpp): full blocks of finished
+ * requests kept by content key, so a request whose prompt starts the same way gets them back. */
+
+/** A block's 128-bit content key (vmmpp::block_key). */
+typedef struct {
+    uint64_t hi;
+    uint64_t lo;
+} vmmpp_kv_block_key;
+
+/** vmmpp::prefix_cache_stats: what a prefix cache did since it was made, and what it holds. */
+typedef struct {
+    uint64_t hits;                /* blocks attach found cached */
+    uint64_t misses;              /* full blocks attach asked for and did not find */
+    uint64_t evictions;           /* blocks evicted */
+    uint64_t cached_blocks;       /* every block the prefix cache holds */
+    uint64_t cached_bytes;
+    uint64_t evictable_blocks;    /* those no sequence holds */
+    uint64_t evictable_bytes;
+    uint64_t committed_bytes;     /* the pool's committed bytes */
+    uint64_t packed_floor_bytes;  /* live and cached blocks' bytes, packed, in whole pages */
+    double idle_footprint_ratio;  /* committed_bytes / packed_floor_bytes (1 if both are 0; inf if memory is committed for no block) */
+    uint64_t block_bytes;         /* bytes of one block, all its pieces (what an evicted block gives up) */
+} vmmpp_kv_prefix_stats;
+
+/** Event kinds (vmmpp::prefix_event_kind). */
+#define VMMPP_KV_PREFIX_STORED 0  /* a block cached under key, chained on parent */
+#define VMMPP_KV_PREFIX_REMOVED 1 /* a block evicted (parent is the root key then) */
+/** vmmpp::prefix_event: a block stored or removed, for cache-aware routers. */
+typedef struct {
+    int32_t kind; /* VMMPP_KV_PREFIX_STORED or VMMPP_KV_PREFIX_REMOVED */
+    int32_t block;
+    uint64_t key_hi, key_lo;
+    uint64_t parent_hi, parent_lo; /* stored: the chain's previous block (the root key for a prompt's first) */
+} vmmpp_kv_prefix_event;
+
+typedef struct vmmpp_kv_prefix vmmpp_kv_prefix;
+
+/** A prefix cache over `kv` (one per cache: a second is VMMPP_KV_INVALID_ARGUMENT). It holds a
+ *  reference to the cache, so vmmpp_kv_destroy(kv) before vmmpp_kv_prefix_destroy only drops the
+ *  cache handle, and every call takes the cache's mutex (the one the vmmpp_kv_* calls take).
+ *  max_cached_bytes bounds the bytes of cached blocks no sequence holds (UINT64_MAX: no bound;
+ *  0: none are kept); record_events != 0 queues events for vmmpp_kv_prefix_drain_events.
+ *  A layout whose blocks cannot be shared (sequence_contiguous) is VMMPP_KV_INVALID_ARGUMENT.
+ *  The engine goes on using the cache's own calls (write, slot mapping, block table) on the
+ *  sequences; it frees them through vmmpp_kv_prefix_free, which keeps the bound (vmmpp_kv_free
+ *  lets the bytes pass the bound until the prefix cache's next call). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_create(vmmpp_kv* kv, uint64_t max_cached_bytes, int record_events,
+                                                    vmmpp_kv_prefix** out);
+/** Drops every cached block's reference (blocks no sequence holds go back) and the handle's
+ *  reference to the cache (NULL is ignored). */
+VMMPP_KV_API void vmmpp_kv_prefix_destroy(vmmpp_kv_prefix* prefix);
+/** Registers the full blocks among the first n_tokens tokens of seq (tokens[n_tokens]: its token
+ *  ids from the first, their KV written; at most its token count) under keys chained over the
+ *  tokens and extra[n_extra] (model revision, adapter, tenant salt...). *registered (may be
+ *  NULL) gets how many blocks were new. An unknown sequence is VMMPP_KV_INVALID_ARGUMENT. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_publish(vmmpp_kv_prefix* prefix, uint64_t seq, const int32_t* tokens,
+                                                     uint64_t n_tokens, const uint64_t* extra, uint64_t n_extra,
+                                                     uint64_t* registered);
+/** *cached_tokens gets how many leading tokens of tokens[n_tokens] are cached (whole blocks). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_lookup(vmmpp_kv_prefix* prefix, const int32_t* tokens, uint64_t n_tokens,
+                                                    const uint64_t* extra, uint64_t n_extra, uint64_t* cached_tokens);
+/** A new sequence (*seq) holding the cached leading blocks of tokens[n_tokens]; *cached_tokens
+ *  gets how many tokens they hold (the engine appends the rest). Counts hits and misses. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_attach(vmmpp_kv_prefix* prefix, const int32_t* tokens, uint64_t n_tokens,
+                                                    const uint64_t* extra, uint64_t n_extra, uint64_t* seq,
+                                                    uint64_t* cached_tokens);
+/** vmmpp_kv_append, evicting cached blocks no sequence holds when the cache refuses (out of
+ *  blocks, over quota, out of memory), until it succeeds or nothing is left to evict. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_append(vmmpp_kv_prefix* prefix, uint64_t seq, uint64_t n_tokens,
+                                                    uint64_t* first);
+/** As vmmpp_kv_prefix_append, the append's work queued on `stream` (a cudaStream_t). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_append_on_stream(vmmpp_kv_prefix* prefix, uint64_t seq,
+                                                              uint64_t n_tokens, void* stream, uint64_t* first);
+/** vmmpp_kv_free, then the bound (max_cached_bytes) is kept: the sequence's cached blocks stay. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_free(vmmpp_kv_prefix* prefix, uint64_t seq);
+/** As vmmpp_kv_prefix_free, for blocks that work queued on `stream` (a cudaStream_t) may still read. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_free_on_stream(vmmpp_kv_prefix* prefix, uint64_t seq, void* stream);
+/** Evicts n_blocks cached blocks no sequence holds (or all there are), whole page groups first,
+ *  then oldest first. *count (may be NULL) gets how many went; the first min(capacity, count)
+ *  ids go to blocks (NULL only with capacity 0) and their keys to keys (may be NULL). The
+ *  eviction is done whatever the capacity: a capacity of the geometry's max_blocks is always
+ *  enough. *freed_page_bytes (may be NULL) gets the bytes of pool pages no live or cached block
+ *  touches any more. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_evict(vmmpp_kv_prefix* prefix, uint64_t n_blocks, int32_t* blocks,
+                                                   vmmpp_kv_block_key* keys, uint64_t capacity, uint64_t* count,
+                                                   uint64_t* freed_page_bytes);
+/** Evicts whole page groups, oldest first, until at least `bytes` of pages are free of blocks
+ *  (or no group is left); outputs as vmmpp_kv_prefix_evict. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_evict_bytes(vmmpp_kv_prefix* prefix, uint64_t bytes, int32_t* blocks,
+                                                         vmmpp_kv_block_key* keys, uint64_t capacity, uint64_t* count,
+                                                         uint64_t* freed_page_bytes);
+/** Evicts every cached block no sequence holds; outputs as vmmpp_kv_prefix_evict. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_clear(vmmpp_kv_prefix* prefix, int32_t* blocks, vmmpp_kv_block_key* keys,
+                                                   uint64_t capacity, uint64_t* count, uint64_t* freed_page_bytes);
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_stats_get(vmmpp_kv_prefix* prefix, vmmpp_kv_prefix_stats* out);
+/** Takes up to `capacity` of the queued events (record_events), oldest first, into out; *count
+ *  gets how many, *left (may be NULL) how many stay queued for the next call. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_drain_events(vmmpp_kv_prefix* prefix, vmmpp_kv_prefix_event* out,
+                                                          uint64_t capacity, uint64_t* count, uint64_t* left);
 
 #ifdef __cplusplus
 }

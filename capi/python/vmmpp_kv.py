@@ -15,6 +15,7 @@ backed by memory; touching any other block faults (see vmmpp/interop/dlpack.hpp)
 the cache alive after close().
 """
 import array
+import collections
 import ctypes
 import os
 
@@ -73,6 +74,22 @@ class Range(ctypes.Structure):
 
 class PiecePair(ctypes.Structure):
     _fields_ = [("local_offset", ctypes.c_uint64), ("remote_offset", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+class BlockKey(ctypes.Structure):
+    _fields_ = [("hi", ctypes.c_uint64), ("lo", ctypes.c_uint64)]
+
+
+class PrefixStats(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "hits", "misses", "evictions", "cached_blocks", "cached_bytes", "evictable_blocks", "evictable_bytes",
+        "committed_bytes", "packed_floor_bytes")] + [("idle_footprint_ratio", ctypes.c_double),
+                                                     ("block_bytes", ctypes.c_uint64)]
+
+
+class PrefixEvent(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("block", ctypes.c_int32), ("key_hi", ctypes.c_uint64),
+                ("key_lo", ctypes.c_uint64), ("parent_hi", ctypes.c_uint64), ("parent_lo", ctypes.c_uint64)]
 
 
 _lib = None
@@ -142,6 +159,27 @@ def load_library(path=None):
                                       ctypes.c_int),
         "vmmpp_imported_pages_destroy": ([handle], None),
         "vmmpp_copy_piece_pairs": ([p, p, ctypes.POINTER(PiecePair), u64, p, ctypes.c_int], ctypes.c_int),
+        "vmmpp_kv_prefix_create": ([handle, u64, ctypes.c_int, ctypes.POINTER(handle)], ctypes.c_int),
+        "vmmpp_kv_prefix_destroy": ([handle], None),
+        "vmmpp_kv_prefix_publish": ([handle, u64, ctypes.POINTER(i32), u64, ctypes.POINTER(u64), u64,
+                                     ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_prefix_lookup": ([handle, ctypes.POINTER(i32), u64, ctypes.POINTER(u64), u64, ctypes.POINTER(u64)],
+                                   ctypes.c_int),
+        "vmmpp_kv_prefix_attach": ([handle, ctypes.POINTER(i32), u64, ctypes.POINTER(u64), u64, ctypes.POINTER(u64),
+                                    ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_prefix_append": ([handle, u64, u64, ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_prefix_append_on_stream": ([handle, u64, u64, p, ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_prefix_free": ([handle, u64], ctypes.c_int),
+        "vmmpp_kv_prefix_free_on_stream": ([handle, u64, p], ctypes.c_int),
+        "vmmpp_kv_prefix_evict": ([handle, u64, ctypes.POINTER(i32), ctypes.POINTER(BlockKey), u64,
+                                   ctypes.POINTER(u64), ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_prefix_evict_bytes": ([handle, u64, ctypes.POINTER(i32), ctypes.POINTER(BlockKey), u64,
+                                         ctypes.POINTER(u64), ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_prefix_clear": ([handle, ctypes.POINTER(i32), ctypes.POINTER(BlockKey), u64, ctypes.POINTER(u64),
+                                   ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_prefix_stats_get": ([handle, ctypes.POINTER(PrefixStats)], ctypes.c_int),
+        "vmmpp_kv_prefix_drain_events": ([handle, ctypes.POINTER(PrefixEvent), u64, ctypes.POINTER(u64),
+                                          ctypes.POINTER(u64)], ctypes.c_int),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
@@ -549,6 +587,158 @@ class ImportedPages(_OwnedHandle):
         self.base, self.capacity, self.mapped_bytes = base.value or 0, capacity.value, mapped.value
 
     _destroy = "vmmpp_imported_pages_destroy"
+
+
+PREFIX_STORED, PREFIX_REMOVED = 0, 1
+PREFIX_EVENT_KINDS = {PREFIX_STORED: "stored", PREFIX_REMOVED: "removed"}
+NO_BOUND = 2**64 - 1  # max_cached_bytes of a PrefixCache without a bound
+
+
+# What an eviction gave up: `blocks` (ids, in eviction order), `keys` ((hi, lo) each, in the same
+# order) and `freed_page_bytes` (bytes of pool pages no live or cached block touches any more).
+Eviction = collections.namedtuple("Eviction", ["blocks", "keys", "freed_page_bytes"])
+
+
+def _int32s(values):
+    values = list(values)
+    return (ctypes.c_int32 * max(1, len(values)))(*values), len(values)
+
+
+def _uint64s(values):
+    values = list(values)
+    return (ctypes.c_uint64 * max(1, len(values)))(*values), len(values)
+
+
+class PrefixCache(_OwnedHandle):
+    """vmmpp::prefix_cache over a KVCache (not sequence_contiguous): full blocks of requests kept
+    by content key after their sequences end, so a request whose prompt starts the same way gets
+    them back. Token ids are int32, extra keys (model revision, adapter, tenant salt) uint64.
+
+        with vmmpp_kv.PrefixCache(cache, max_cached_bytes=64 << 20, record_events=True) as pc:
+            seq = cache.add_sequence(); pc.append(seq, len(prompt))   # write the KV, then
+            pc.publish(seq, prompt); pc.free(seq)                      # its full blocks stay cached
+            seq, cached = pc.attach(prompt2)                            # cached leading tokens
+            pc.append(seq, len(prompt2) - cached)
+
+    It keeps the cache alive (close() the cache first if you like) and takes the cache's lock.
+    One per cache. max_cached_bytes bounds the bytes of cached blocks no sequence holds (None: no
+    bound)."""
+
+    def __init__(self, cache, *, max_cached_bytes=None, record_events=False):
+        lib = load_library()
+        self._handle = None
+        self.cache = cache
+        self.max_blocks = cache.geometry.max_blocks  # no eviction gives up more
+        handle = ctypes.c_void_p()
+        _check(lib.vmmpp_kv_prefix_create(cache._handle_or_raise(),
+                                          NO_BOUND if max_cached_bytes is None else max_cached_bytes,
+                                          1 if record_events else 0, ctypes.byref(handle)))
+        self._handle = handle
+
+    _destroy = "vmmpp_kv_prefix_destroy"
+
+    def _handle_or_raise(self):
+        if self._handle is None:
+            raise ValueError("the prefix cache is closed")
+        return self._handle
+
+    def publish(self, seq, tokens, extra=()):
+        """Registers the full blocks among seq's first len(tokens) tokens (their KV written) under
+        keys chained over `tokens` and `extra`; returns how many blocks were new."""
+        t, n = _int32s(tokens)
+        e, n_extra = _uint64s(extra)
+        registered = ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_prefix_publish(self._handle_or_raise(), seq, t, n, e, n_extra, ctypes.byref(registered)))
+        return registered.value
+
+    def lookup(self, tokens, extra=()):
+        """How many leading tokens of `tokens` are cached (whole blocks)."""
+        t, n = _int32s(tokens)
+        e, n_extra = _uint64s(extra)
+        cached = ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_prefix_lookup(self._handle_or_raise(), t, n, e, n_extra, ctypes.byref(cached)))
+        return cached.value
+
+    def attach(self, tokens, extra=()):
+        """(seq, cached_tokens): a new sequence holding the cached leading blocks of `tokens`."""
+        t, n = _int32s(tokens)
+        e, n_extra = _uint64s(extra)
+        seq, cached = ctypes.c_uint64(), ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_prefix_attach(self._handle_or_raise(), t, n, e, n_extra, ctypes.byref(seq),
+                                           ctypes.byref(cached)))
+        return seq.value, cached.value
+
+    def append(self, seq, n_tokens, stream=None):
+        """KVCache.append, evicting cached blocks no sequence holds when the cache refuses; returns
+        the index of the first new token. `stream`: a cudaStream_t as an int, or None."""
+        first = ctypes.c_uint64()
+        if stream is None:
+            _check(_lib.vmmpp_kv_prefix_append(self._handle_or_raise(), seq, n_tokens, ctypes.byref(first)))
+        else:
+            _check(_lib.vmmpp_kv_prefix_append_on_stream(self._handle_or_raise(), seq, n_tokens,
+                                                         ctypes.c_void_p(stream), ctypes.byref(first)))
+        return first.value
+
+    def free(self, seq, stream=None):
+        """KVCache.free, then the bound is kept (its cached blocks stay, up to max_cached_bytes)."""
+        if stream is None:
+            _check(_lib.vmmpp_kv_prefix_free(self._handle_or_raise(), seq))
+        else:
+            _check(_lib.vmmpp_kv_prefix_free_on_stream(self._handle_or_raise(), seq, ctypes.c_void_p(stream)))
+
+    def _evict(self, call, capacity):
+        blocks = (ctypes.c_int32 * max(1, capacity))()
+        keys = (BlockKey * max(1, capacity))()
+        count, freed = ctypes.c_uint64(), ctypes.c_uint64()
+        _check(call(blocks, keys, capacity, ctypes.byref(count), ctypes.byref(freed)))
+        n = count.value
+        if n > capacity:  # cannot happen: no eviction gives up more than max_blocks
+            raise RuntimeError(f"{n} blocks evicted, room for {capacity}")
+        return Eviction(list(blocks[:n]), [(k.hi, k.lo) for k in keys[:n]], freed.value)
+
+    def evict(self, n_blocks):
+        """Evicts n_blocks cached blocks no sequence holds (or all there are): an Eviction."""
+        handle = self._handle_or_raise()
+        return self._evict(lambda b, k, cap, count, freed: _lib.vmmpp_kv_prefix_evict(handle, n_blocks, b, k, cap,
+                                                                                      count, freed),
+                           min(n_blocks, self.max_blocks))
+
+    def evict_bytes(self, n_bytes):
+        """Evicts whole page groups until n_bytes of pages hold no block (or none is left): an Eviction."""
+        handle = self._handle_or_raise()
+        return self._evict(lambda b, k, cap, count, freed: _lib.vmmpp_kv_prefix_evict_bytes(handle, n_bytes, b, k, cap,
+                                                                                            count, freed),
+                           self.max_blocks)
+
+    def clear(self):
+        """Evicts every cached block no sequence holds: an Eviction."""
+        handle = self._handle_or_raise()
+        return self._evict(lambda b, k, cap, count, freed: _lib.vmmpp_kv_prefix_clear(handle, b, k, cap, count, freed),
+                           self.max_blocks)
+
+    def stats(self):
+        """{"hits", "misses", "evictions", "cached_blocks", "cached_bytes", "evictable_blocks",
+        "evictable_bytes", "committed_bytes", "packed_floor_bytes", "idle_footprint_ratio",
+        "block_bytes"}."""
+        s = PrefixStats()
+        _check(_lib.vmmpp_kv_prefix_stats_get(self._handle_or_raise(), ctypes.byref(s)))
+        return {name: getattr(s, name) for name, _ in PrefixStats._fields_}
+
+    def drain_events(self):
+        """The events queued since the last drain (record_events), oldest first, as tuples
+        (kind, block, (key_hi, key_lo), (parent_hi, parent_lo)), kind "stored" or "removed"."""
+        events = []
+        capacity = 64
+        while True:
+            out = (PrefixEvent * capacity)()
+            count, left = ctypes.c_uint64(), ctypes.c_uint64()
+            _check(_lib.vmmpp_kv_prefix_drain_events(self._handle_or_raise(), out, capacity, ctypes.byref(count),
+                                                     ctypes.byref(left)))
+            events += [(PREFIX_EVENT_KINDS[e.kind], e.block, (e.key_hi, e.key_lo), (e.parent_hi, e.parent_lo))
+                       for e in out[:count.value]]
+            if left.value == 0:
+                return events
+            capacity = left.value
 
 
 def live_exports():
