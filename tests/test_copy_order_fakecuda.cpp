@@ -18,11 +18,13 @@
 #include <vector>
 
 #include "support/fakecuda.hpp"
+#include "support/queued_reads.hpp"
 #include "vmmpp/config.hpp"
 #include "vmmpp/kv/cache.hpp"
 #include "vmmpp/kv/transfer.hpp"
 
 namespace fakecuda = vmmpp_test::fakecuda;
+using vmmpp_test::queued_reads;
 using namespace std::chrono_literals;
 
 namespace {
@@ -82,37 +84,6 @@ std::pair<vmmpp::seq_id, std::vector<std::int32_t>> filled_sequence(Cache& c, st
     }
     return {s, ids};
 }
-
-/// The engine's reads of every K and V piece of some blocks, queued on `stream` (device to host).
-struct queued_reads {
-    explicit queued_reads(CUstream on) : stream(on) {}
-    vmmpp::primary_context context{0};
-    CUstream stream;
-    std::vector<std::vector<unsigned char>> out;
-    template <class Cache>
-    void read(const Cache& c, std::span<const std::int32_t> blocks) {
-        vmmpp::scoped_context current(context);
-        for (auto b : blocks) {
-            for (std::uint32_t l = 0; l < geom.layers; ++l) {
-                for (const std::byte* p : {c.key(l, b), c.value(l, b)}) {
-                    out.emplace_back(piece, 0);
-                    vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(out.back().data()),
-                                                                            reinterpret_cast<CUdeviceptr>(p), piece, stream),
-                                         "cuMemcpyAsync(test read)");
-                }
-            }
-        }
-    }
-    [[nodiscard]] std::size_t differing(unsigned char value) const {
-        std::size_t bad = 0;
-        for (const auto& o : out) {
-            for (unsigned char v : o) {
-                bad += v != value;
-            }
-        }
-        return bad;
-    }
-};
 
 /// Queues on `stream` a write of `value` into every K and V piece of `block` (copies from host
 /// buffers that live until the end of the test program).
@@ -243,7 +214,9 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(a_reused_destination_block_is_written_after_its_ol
     fakecuda::stream s1, s2;
     queued_reads reads(s2);
     fakecuda::hold_gpu(true);
-    reads.read(made.dst, old_blocks);
+    for (std::int32_t b : old_blocks) {
+        reads.read_block(made.dst, b, piece);
+    }
     made.dst.free(old, s2);
     const auto d = made.dst.add_sequence();
     made.dst.append(d, geom.block_tokens * 4);  // the same ids, lowest first

@@ -10,10 +10,12 @@
 #include <vector>
 
 #include "support/fakecuda.hpp"
+#include "support/queued_reads.hpp"
 #include "vmmpp/config.hpp"
 #include "vmmpp/prefix/prefix_cache.hpp"
 
 namespace fakecuda = vmmpp_test::fakecuda;
+using vmmpp_test::queued_reads;
 
 namespace {
 
@@ -24,32 +26,6 @@ constexpr vmmpp::kv_geometry geom{.layers = 8, .kv_heads = 2, .head_dim = 64, .t
 constexpr std::size_t piece = 16 * 2 * 64 * 2;
 constexpr std::size_t budget_bytes = std::size_t{16} << 20;
 using cache_t = vmmpp::kv_cache<vmmpp::elastic_page_config, vmmpp::block_major>;
-
-/// Device-to-host copies of a block's pieces queued on `stream` (the engine's last step).
-struct queued_reads {
-    vmmpp::primary_context context{0};
-    std::vector<std::vector<unsigned char>> out;
-    void read_block(const cache_t& c, std::int32_t b, CUstream stream) {
-        vmmpp::scoped_context current(context);
-        for (std::uint32_t l = 0; l < geom.layers; ++l) {
-            for (const std::byte* p : {c.key(l, b), c.value(l, b)}) {
-                out.emplace_back(piece, 0);
-                vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(out.back().data()),
-                                                                        reinterpret_cast<CUdeviceptr>(p), piece, stream),
-                                     "cuMemcpyAsync(test read)");
-            }
-        }
-    }
-    [[nodiscard]] std::size_t differing(unsigned char value) const {
-        std::size_t bad = 0;
-        for (const auto& o : out) {
-            for (unsigned char v : o) {
-                bad += v != value;
-            }
-        }
-        return bad;
-    }
-};
 
 void fill_block(cache_t& c, std::int32_t b, unsigned char value) {
     for (std::uint32_t l = 0; l < geom.layers; ++l) {
@@ -82,8 +58,8 @@ BOOST_AUTO_TEST_CASE(evict_right_after_free_waits_for_the_freeing_stream) {
     BOOST_TEST(pc.publish(s, tokens) == 1u);
 
     fakecuda::hold_gpu(true);
-    queued_reads reads;
-    reads.read_block(c, block, engine);  // the engine's last step still reads the block
+    queued_reads reads(engine);
+    reads.read_block(c, block, piece);  // the engine's last step still reads the block
     const std::size_t mapped = fakecuda::mapped_bytes();
     c.free(s, engine);
     BOOST_TEST(pc.evictable(block));

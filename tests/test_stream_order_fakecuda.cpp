@@ -18,10 +18,12 @@
 #include <vector>
 
 #include "support/fakecuda.hpp"
+#include "support/queued_reads.hpp"
 #include "vmmpp/config.hpp"
 #include "vmmpp/kv/cache.hpp"
 
 namespace fakecuda = vmmpp_test::fakecuda;
+using vmmpp_test::queued_reads;
 using namespace std::chrono_literals;
 
 namespace {
@@ -81,40 +83,11 @@ std::size_t differing(const Cache& c, std::int32_t block, unsigned char value) {
     return bad;
 }
 
-/// The engine's queued work: device-to-host copies of `bytes` at each source, queued on
-/// `stream` (by default the legacy stream) with the fake's GPU held (they run at
-/// fakecuda::run_gpu, or run_stream).
-struct queued_reads {
-    explicit queued_reads(CUstream on = nullptr) : stream(on) {}
-    vmmpp::primary_context context{0};
-    CUstream stream = nullptr;
-    std::vector<std::vector<unsigned char>> out;
-    void read(const std::byte* from, std::size_t bytes) {
-        vmmpp::scoped_context current(context);
-        out.emplace_back(bytes, 0);
-        vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(out.back().data()),
-                                                                reinterpret_cast<CUdeviceptr>(from), bytes, stream),
-                             "cuMemcpyAsync(test read)");
-    }
-    [[nodiscard]] std::size_t differing(unsigned char value) const {
-        std::size_t bad = 0;
-        for (const auto& o : out) {
-            for (unsigned char v : o) {
-                bad += v != value;
-            }
-        }
-        return bad;
-    }
-};
-
 /// Queues reads of every K and V piece of `blocks` on `reads`' stream.
 template <class Cache>
 void read_blocks(queued_reads& reads, const Cache& c, std::span<const std::int32_t> blocks) {
     for (auto b : blocks) {
-        for (std::uint32_t l = 0; l < geom.layers; ++l) {
-            reads.read(c.key(l, b), piece);
-            reads.read(c.value(l, b), piece);
-        }
+        reads.read_block(c, b, piece);
     }
 }
 /// Queues a write of `value` into every K and V piece of `block` on `stream` (copies from host

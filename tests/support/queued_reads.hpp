@@ -1,0 +1,52 @@
+// tests/support/queued_reads.hpp: the engine's last step in the fake-driver tests: device-to-host
+// copies queued on a stream, with the fake's GPU held (they run at fakecuda::run_gpu or
+// run_stream), and how many of the bytes read differ from what a block should hold.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "vmmpp/driver/api.hpp"
+#include "vmmpp/driver/context.hpp"
+#include "vmmpp/error.hpp"
+
+namespace vmmpp_test {
+
+struct queued_reads {
+    explicit queued_reads(CUstream on = nullptr) : stream(on) {}
+    vmmpp::primary_context context{0};
+    CUstream stream = nullptr;
+    std::vector<std::vector<unsigned char>> out;
+
+    /// Queues a copy of `bytes` at `from` into a host buffer of its own.
+    void read(const std::byte* from, std::size_t bytes) {
+        vmmpp::scoped_context current(context);
+        out.emplace_back(bytes, 0);
+        vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(out.back().data()),
+                                                                reinterpret_cast<CUdeviceptr>(from), bytes, stream),
+                             "cuMemcpyAsync(test read)");
+    }
+    /// Queues reads of every layer's K and V piece (`piece` bytes each) of `block` of `cache`.
+    template <class Cache>
+    void read_block(const Cache& cache, std::int32_t block, std::size_t piece) {
+        for (std::uint32_t l = 0; l < cache.geometry().layers; ++l) {
+            read(cache.key(l, block), piece);
+            read(cache.value(l, block), piece);
+        }
+    }
+    /// Bytes read so far that are not `value`.
+    [[nodiscard]] std::size_t differing(unsigned char value) const {
+        std::size_t bad = 0;
+        for (const auto& o : out) {
+            for (unsigned char v : o) {
+                bad += v != value;
+            }
+        }
+        return bad;
+    }
+};
+
+} // namespace vmmpp_test
