@@ -38,8 +38,8 @@ using static_config = pool_config<device, preallocated, unlimited>;
 using elastic_config = pool_config<vmm, adaptive_extents, shared_budget>;
 /// elastic_config with a background mapper: extents mapped ahead of demand and given back
 /// lazily, so growth stays off the caller's critical path (vmmpp/growth/mapped_ahead.hpp).
-/// For layer_major caches that grow fast, where a new block needs a page in every layer's
-/// region; with block_major, elastic_config is as fast and holds less (docs/MEASUREMENTS.md).
+/// It grows faster than elastic_config at p50 and holds more under churn (README, "Which
+/// configuration"; figures in bench/results/).
 using elastic_mapped_ahead_config = pool_config<vmm, mapped_ahead<adaptive_extents>, shared_budget>;
 /// One 2 MiB handle per commit: the finest elasticity (every page goes back the moment it
 /// empties) at the driver's cost per page (measured: docs/MEASUREMENTS.md).
