@@ -181,6 +181,11 @@ def load_library(path=None):
         "vmmpp_kv_prefix_drain_events": ([handle, ctypes.POINTER(PrefixEvent), u64, ctypes.POINTER(u64),
                                           ctypes.POINTER(u64)], ctypes.c_int),
     }
+    missing = [name for name in signatures if not hasattr(lib, name)]
+    if missing:  # a library older (or newer) than this module: say so, not an AttributeError later
+        raise VmmppError("library_mismatch", f"{path} lacks {len(missing)} of this module's {len(signatures)} functions "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the library "
+                         f"and capi/python/vmmpp_kv.py come from different versions; rebuild vmmpp_kv_capi")
     for name, (argtypes, restype) in signatures.items():
         function = getattr(lib, name)
         function.argtypes = argtypes

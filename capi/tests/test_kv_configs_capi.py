@@ -11,12 +11,15 @@
      vmmpp::process_budget's);
   3. an unknown name is invalid_argument, the message listing every valid name; a configuration
      the process budget does not take (static) likewise; peers given to a configuration that is
-     not vmm are refused, naming the vmm ones.
+     not vmm are refused, naming the vmm ones;
+  4. a library that lacks functions the module binds (another version's) is refused at load with
+     status library_mismatch, naming what it lacks.
 
     VMMPP_KV_LIB=build/dev/interop/libvmmpp_kv_capi.so python3 capi/tests/test_kv_configs_capi.py
 Standard library only. Exits 0 when every check passes, 1 otherwise.
 """
 import os
+import subprocess
 import sys
 
 from capi_test_support import import_vmmpp_kv
@@ -115,6 +118,18 @@ def main():
     status, message = refusal(lambda: vmmpp_kv.KVCache(config="host", peers=(1,), **GEOMETRY))
     check(status == "invalid_argument" and "peer devices" in message and "elastic_page" in message,
           f"peers are refused on host: {message}")
+
+    # 4. A library that lacks functions the module binds (another version's) is named as such at
+    # load, not an AttributeError later: libc stands in for it, in a child (the library loads once).
+    probe = ("import sys, vmmpp_kv\n"
+             "try:\n    vmmpp_kv.load_library()\nexcept vmmpp_kv.VmmppError as e:\n"
+             "    print(e.status, e)\n    sys.exit(0)\nsys.exit(3)\n")
+    env = dict(os.environ, VMMPP_KV_LIB="libc.so.6",
+               PYTHONPATH=os.path.dirname(vmmpp_kv.__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    child = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    check(child.returncode == 0 and child.stdout.startswith("library_mismatch")
+          and "different versions" in child.stdout and "vmmpp_kv_last_error" in child.stdout,
+          f"a library of another version is refused by name: rc {child.returncode}, {child.stdout}{child.stderr}")
 
     print(f"{len(failures)} failure(s)")
     return 1 if failures else 0
