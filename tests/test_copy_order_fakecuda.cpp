@@ -55,22 +55,11 @@ struct two_caches {
 
 template <class Cache>
 void fill_block(Cache& c, std::int32_t block, unsigned char value) {
-    for (std::uint32_t l = 0; l < geom.layers; ++l) {
-        std::memset(c.key(l, block), value, piece);
-        std::memset(c.value(l, block), value, piece);
-    }
+    vmmpp_test::fill_block_pieces(c, block, value, piece);
 }
 template <class Cache>
 std::size_t differing(const Cache& c, std::int32_t block, unsigned char value) {
-    std::size_t bad = 0;
-    for (std::uint32_t l = 0; l < geom.layers; ++l) {
-        for (const std::byte* p : {c.key(l, block), c.value(l, block)}) {
-            for (std::size_t i = 0; i < piece; ++i) {
-                bad += static_cast<unsigned char>(p[i]) != value;
-            }
-        }
-    }
-    return bad;
+    return vmmpp_test::differing_bytes(c, block, value, piece);
 }
 
 /// A new sequence of `blocks` blocks in `c`, filled with `value`; returns its id and blocks.

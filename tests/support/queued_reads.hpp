@@ -1,12 +1,14 @@
-// tests/support/queued_reads.hpp: the engine's last step in the fake-driver tests: device-to-host
-// copies queued on a stream, with the fake's GPU held (they run at fakecuda::run_gpu or
-// run_stream), and how many of the bytes read differ from what a block should hold.
+// tests/support/queued_reads.hpp: the fake-driver tests' view of a block's bytes: the engine's
+// last step (device-to-host copies queued on a stream, with the fake's GPU held: they run at
+// fakecuda::run_gpu or run_stream) and how many of the bytes read differ from what a block should
+// hold; and the block's bytes written and checked directly through the host-visible fake mapping.
 #pragma once
 
 #include <cuda.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "vmmpp/driver/api.hpp"
@@ -48,5 +50,27 @@ struct queued_reads {
         return bad;
     }
 };
+
+/// Fills every layer's K and V piece (`piece` bytes each) of `block` with `value`.
+template <class Cache>
+void fill_block_pieces(Cache& c, std::int32_t block, unsigned char value, std::size_t piece) {
+    for (std::uint32_t l = 0; l < c.geometry().layers; ++l) {
+        std::memset(c.key(l, block), value, piece);
+        std::memset(c.value(l, block), value, piece);
+    }
+}
+/// Bytes of `block`'s K and V pieces that differ from `value`.
+template <class Cache>
+std::size_t differing_bytes(const Cache& c, std::int32_t block, unsigned char value, std::size_t piece) {
+    std::size_t bad = 0;
+    for (std::uint32_t l = 0; l < c.geometry().layers; ++l) {
+        for (const std::byte* p : {c.key(l, block), c.value(l, block)}) {
+            for (std::size_t i = 0; i < piece; ++i) {
+                bad += static_cast<unsigned char>(p[i]) != value;
+            }
+        }
+    }
+    return bad;
+}
 
 } // namespace vmmpp_test
