@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "support/fake_kv_cases.hpp"
 #include "support/fakecuda.hpp"
 #include "support/queued_reads.hpp"
 #include "vmmpp/config.hpp"
@@ -29,20 +30,12 @@ using namespace std::chrono_literals;
 
 namespace {
 
-template <class Config, class Layout>
-struct kv_case {
-    using cache = vmmpp::kv_cache<Config, Layout>;
-};
-using vmm_chunked4_config = vmmpp::pool_config<vmmpp::vmm, vmmpp::chunked<4>, vmmpp::shared_budget>;
-using kv_cases = boost::mpl::list<kv_case<vmmpp::elastic_page_config, vmmpp::block_major>,
-                                  kv_case<vmmpp::elastic_page_config, vmmpp::layer_major>,
-                                  kv_case<vmmpp::elastic_config, vmmpp::block_major>,
-                                  kv_case<vmm_chunked4_config, vmmpp::block_major>>;
-
 // As test_stream_order_fakecuda: a K or V piece is 4 KiB, a block_major block one 64 KiB page.
-constexpr vmmpp::kv_geometry geom{.layers = 8, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,
-                                  .block_tokens = 16, .max_blocks = 256};
-constexpr std::size_t piece = 16 * 2 * 64 * 2;
+template <class Config, class Layout>
+using kv_case = vmmpp_test::fake_kv_case<Config, Layout>;
+using kv_cases = vmmpp_test::fake_kv_cases;
+constexpr vmmpp::kv_geometry geom = vmmpp_test::fake_kv_geometry;
+constexpr std::size_t piece = vmmpp_test::fake_kv_piece;
 constexpr std::size_t budget_bytes = std::size_t{128} << 20;
 
 /// A source and a destination cache on one budget.

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "support/fake_kv_cases.hpp"
 #include "support/fakecuda.hpp"
 #include "support/queued_reads.hpp"
 #include "vmmpp/config.hpp"
@@ -29,24 +30,11 @@ using namespace std::chrono_literals;
 namespace {
 
 
-/// A vmm configuration and a layout: the GPU configurations whose backing the fake stands in for.
 template <class Config, class Layout>
-struct kv_case {
-    using config = Config;
-    using cache = vmmpp::kv_cache<Config, Layout>;
-};
-using vmm_chunked4_config = vmmpp::pool_config<vmmpp::vmm, vmmpp::chunked<4>, vmmpp::shared_budget>;
-using kv_cases = boost::mpl::list<kv_case<vmmpp::elastic_page_config, vmmpp::block_major>,
-                                  kv_case<vmmpp::elastic_page_config, vmmpp::layer_major>,
-                                  kv_case<vmmpp::elastic_config, vmmpp::block_major>,
-                                  kv_case<vmm_chunked4_config, vmmpp::block_major>>;
-
-// 8 layers, 2 heads of 64, fp16, 16 tokens: a K or V piece is 4 KiB; in block_major a block is
-// 64 KiB, exactly one page of the fake (granularity 64 KiB), so a block's last reference takes
-// its page with it.
-constexpr vmmpp::kv_geometry geom{.layers = 8, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,
-                                  .block_tokens = 16, .max_blocks = 256};
-constexpr std::size_t piece = 16 * 2 * 64 * 2;
+using kv_case = vmmpp_test::fake_kv_case<Config, Layout>;
+using kv_cases = vmmpp_test::fake_kv_cases;
+constexpr vmmpp::kv_geometry geom = vmmpp_test::fake_kv_geometry;
+constexpr std::size_t piece = vmmpp_test::fake_kv_piece;
 constexpr std::size_t budget_bytes = std::size_t{64} << 20;
 
 /// Whether the case's blocks each fill a whole page that goes back when they empty (then
