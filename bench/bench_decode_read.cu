@@ -211,8 +211,7 @@ struct trace {
 /// sequence is preempted (freed) and re-admitted 5 steps later with its tokens as the prompt
 /// (recompute). At the end the short-lived requests are freed: the 64 remain, their tables
 /// scattered over the ids, with holes between.
-trace make_trace(std::uint32_t seed) {
-    constexpr int batch = 64;
+trace make_trace(std::uint32_t seed, int batch = 64) {
     constexpr int transient_cap = 16;
     std::mt19937 rng(seed);
     auto uniform = [&](std::size_t lo, std::size_t hi) { return std::uniform_int_distribution<std::size_t>(lo, hi)(rng); };
@@ -988,6 +987,7 @@ void register_all() {
 
 } // namespace
 
+#ifndef VMMPP_DECODE_READ_NO_MAIN  // a host-side test includes this file
 int main(int argc, char** argv) {
     benchmark::AddCustomContext("decode_read_trace_blocks", std::to_string(total_blocks(the_trace().tables)));
     benchmark::AddCustomContext("decode_read_max_blocks", std::to_string(the_trace().max_blocks));
@@ -996,3 +996,4 @@ int main(int argc, char** argv) {
     holder().s.reset();
     return rc;
 }
+#endif
