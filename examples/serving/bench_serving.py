@@ -56,9 +56,12 @@ def parse_model(spec, vocab=None):
     return M.preset(name, layers=int(layers) if layers else None, vocab=vocab)
 
 
-def paged_kv(cache, device, prefix_cache):
-    """The engine's store over `cache`, with prefix caching if prefix_cache is "on"."""
-    return E.PagedKV(cache, device, prefix_cache=vmmpp_kv.PrefixCache(cache) if prefix_cache == "on" else None)
+def paged_kv(cache, device, prefix_cache, max_cached_bytes=None):
+    """The engine's store over `cache`, with prefix caching if prefix_cache is "on" (cached blocks
+    no sequence holds bounded by max_cached_bytes; None: only by the cache's size)."""
+    if prefix_cache != "on":
+        return E.PagedKV(cache, device)
+    return E.PagedKV(cache, device, prefix_cache=vmmpp_kv.PrefixCache(cache, max_cached_bytes=max_cached_bytes))
 
 
 # --------------------------------------------------------------------------- throughput
@@ -330,7 +333,8 @@ def prefix(args):
     def one(mode, prefix_cache, rep, sessions, start_spread_s):
         cache = vmmpp_kv.KVCache(layers=cfg.layers, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype="bf16",
                                  config=mode, layout=args.layout, device=0, max_blocks=max_blocks)
-        kv = paged_kv(cache, device, prefix_cache)
+        kv = paged_kv(cache, device, prefix_cache,
+                      None if args.max_cached_mib is None else args.max_cached_mib << 20)
         engine = E.Engine(model, kv, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens)
         work = workload(sessions, start_spread_s)
         driver = W.SessionDriver(work, engine, E.Request, clock=time.perf_counter)
@@ -390,7 +394,8 @@ def prefix(args):
              f"static's fixed size, elastic's reach), layout {args.layout}. Workload seed {args.seed}: "
              f"{args.systems} system prompts of {args.system_tokens} tokens, {args.sessions} sessions x {args.turns} "
              f"turns (user {args.user}, answers {args.answer} tokens), sessions starting over {args.start_spread} s, "
-             f"think {args.think} s; max batch {args.max_batch}. Medians of {args.repeats} runs each, order "
+             f"think {args.think} s; max batch {args.max_batch}; cached blocks no sequence holds bounded by "
+             f"{'the KV size' if args.max_cached_mib is None else f'{args.max_cached_mib} MiB'}. Medians of {args.repeats} runs each, order "
              f"alternating by repeat.", "",
              "| mode | prefix caching | TTFT p50 (s) | TTFT p99 (s) | tokens/s | cached tokens | block hit rate "
              "| evictions | preemptions | committed mean / peak (MiB) | turns done |",
@@ -456,6 +461,8 @@ def main():
     x.add_argument("--prefix-caching", default="off,on", help="prefix caching settings to run, of off,on")
     x.add_argument("--repeats", type=int, default=2)
     x.add_argument("--kv-mib", type=int, default=2048, help="KV size: static's fixed size, elastic's reach")
+    x.add_argument("--max-cached-mib", type=int, default=None,
+                   help="bound on cached blocks no sequence holds (default: none but the KV size)")
     x.add_argument("--seed", type=int, default=29)
     x.add_argument("--systems", type=int, default=4)
     x.add_argument("--system-tokens", type=int, default=1024)
