@@ -384,8 +384,16 @@ def prefix(args):
         rows = [r for r in results if r["mode"] == mode and r["prefix_cache"] == prefix_cache]
         summary[f"{mode}/{prefix_cache}"] = {k: median([r[k] for r in rows]) for k in keys}
         summary[f"{mode}/{prefix_cache}"]["runs"] = len(rows)
+    # The answers (their checksum) of every complete run: one value when prefix caching, the mode and
+    # the schedule changed no greedy token (bf16 may round differently with a cached prefix).
+    checksums = {f"{r['mode']}/{r['prefix_cache']}": sorted({x["checksum"] for x in results if x["mode"] == r["mode"]
+                                                             and x["prefix_cache"] == r["prefix_cache"]
+                                                             and x["completed"] == x["turns"]})
+                 for r in results}
+    same_answers = len({c for cs in checksums.values() for c in cs}) == 1
     out = dict(model=args.model, config=vars(args), device=device_name,
-               kv_bytes_per_token=cfg.kv_bytes_per_token(), max_blocks=max_blocks, runs=results, summary=summary)
+               kv_bytes_per_token=cfg.kv_bytes_per_token(), max_blocks=max_blocks, runs=results, summary=summary,
+               answer_checksums=checksums, same_answers_everywhere=same_answers)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "prefix.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -424,7 +432,8 @@ def prefix(args):
     lines += ["", "Ratios of medians:", ""] + ratios + [
         "", "Cached tokens: context tokens of admitted turns taken from the prefix cache (the engine's count); block "
         "hit rate: PrefixCache.stats hits / (hits + misses), attach calls of admissions refused for memory included. "
-        "Greedy answers differ between runs only where bf16 rounding does (same lengths: the same work)."]
+        "Greedy answers differ between runs only where bf16 rounding does (same lengths: the same work).",
+        "", f"Same answers in every complete run: {same_answers} (checksums by mode/prefix caching: {checksums})."]
     with open(os.path.join(args.out, "prefix.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
