@@ -47,7 +47,8 @@ def main():
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--tight-blocks", type=int, default=None,
-                        help="blocks of the tight (evicting) case (default: twice the longest session's, plus 4)")
+                        help="blocks of the tight (evicting) case (default: half of what all sessions' contexts "
+                             "fill, at least the longest's plus 2)")
     parser.add_argument("--bf16", action="store_true", help="the bf16 comparison on a CPU too")
     args = parser.parse_args()
     try:
@@ -82,10 +83,11 @@ def main():
                                         start_spread_s=0.0)
 
     first = workload()
-    longest = max(len(first.system_prompts[0]) + sum(len(t.user) + t.max_new for t in s.turns)
-                  for s in first.sessions)
-    roomy = 4 * args.sessions * (-(-longest // 16)) + 64
-    tight = args.tight_blocks or 2 * (-(-longest // 16)) + 4
+    contexts = [len(first.system_prompts[s.system]) + sum(len(t.user) + t.max_new for t in s.turns)
+                for s in first.sessions]  # each session's last context, in tokens
+    longest_blocks, all_blocks = -(-max(contexts) // 16), sum(-(-c // 16) for c in contexts)
+    roomy = 4 * all_blocks + 64
+    tight = args.tight_blocks or max(longest_blocks + 2, all_blocks // 2)
     configs = ("elastic", "elastic_pages", "static") if on_gpu else ("host",)
     for config in configs:
         for case, max_blocks in (("roomy", roomy), ("tight", tight)):
