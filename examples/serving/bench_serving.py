@@ -373,70 +373,82 @@ def prefix(args):
     settings = args.prefix_caching.split(",")
     combos = [(m, p) for m in modes for p in settings]
     one(modes[0], settings[-1], -1, min(8, args.sessions), 0.0)  # warm-up: kernels, allocator, cuBLAS
+    def report(results, printed):
+        """prefix.json and prefix.md of the runs so far (rewritten after each run, so a run cut
+        short leaves the ones before it); printed: the markdown goes to stdout too."""
+        keys = ("ttft_p50_s", "ttft_p99_s", "tokens_per_s", "cached_token_rate", "block_hit_rate", "evictions",
+                "preemptions", "committed_mean_mib", "committed_peak_mib", "completed", "wall_s")
+        summary = {}
+        for mode, prefix_cache in combos:
+            rows = [r for r in results if r["mode"] == mode and r["prefix_cache"] == prefix_cache]
+            summary[f"{mode}/{prefix_cache}"] = {k: median([r[k] for r in rows]) for k in keys}
+            summary[f"{mode}/{prefix_cache}"]["runs"] = len(rows)
+        # The answers (their checksum) of every complete run: one value when prefix caching, the mode and
+        # the schedule changed no greedy token (bf16 may round differently with a cached prefix).
+        checksums = {}
+        for r in results:
+            if r["completed"] == r["turns"]:
+                checksums.setdefault(f"{r['mode']}/{r['prefix_cache']}", set()).add(r["checksum"])
+        checksums = {name: sorted(values) for name, values in checksums.items()}
+        same_answers = len({c for cs in checksums.values() for c in cs}) == 1
+        out = dict(model=args.model, config=vars(args), device=device_name,
+                   kv_bytes_per_token=cfg.kv_bytes_per_token(), max_blocks=max_blocks, runs=results, summary=summary,
+                   answer_checksums=checksums, same_answers_everywhere=same_answers)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "prefix.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        lines = [f"# Prefix caching, shared-prefix multi-turn workload ({device_name})", "",
+                 f"Model {args.model} (bf16), {args.kv_mib} MiB of KV ({max_blocks} blocks of {block_bytes >> 10} KiB: "
+                 f"static's fixed size, elastic's reach), layout {args.layout}. Workload seed {args.seed}: "
+                 f"{args.systems} system prompts of {args.system_tokens} tokens, {args.sessions} sessions x "
+                 f"{args.turns} turns (user {args.user}, answers {args.answer} tokens), sessions starting over "
+                 f"{args.start_spread} s, "
+                 f"think {args.think} s; max batch {args.max_batch}; cached blocks no sequence holds bounded by "
+                 f"{'the KV size' if args.max_cached_mib is None else f'{args.max_cached_mib} MiB'}. Medians of "
+                 f"{args.repeats} runs each, order alternating by repeat ({len(results)} runs done).", "",
+                 "| mode | prefix caching | TTFT p50 (s) | TTFT p99 (s) | tokens/s | cached tokens | block hit rate "
+                 "| evictions | preemptions | committed mean / peak (MiB) | turns done |",
+                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, s in summary.items():
+            mode, prefix_cache = name.split("/")
+            lines.append(f"| {mode} | {prefix_cache} | {s['ttft_p50_s']:.3f} | {s['ttft_p99_s']:.3f} | "
+                         f"{s['tokens_per_s']:.1f} | {100 * s['cached_token_rate']:.1f} % | "
+                         f"{100 * s['block_hit_rate']:.1f} % | {s['evictions']:.0f} | {s['preemptions']:.0f} | "
+                         f"{s['committed_mean_mib']:.0f} / {s['committed_peak_mib']:.0f} | {s['completed']:.0f} |")
+        ratios = []
+        for mode in modes:
+            if "off" in settings and "on" in settings:
+                on, off = summary[f"{mode}/on"], summary[f"{mode}/off"]
+                ratios.append(f"- {mode}: prefix caching on / off: TTFT p50 "
+                              f"x{on['ttft_p50_s'] / off['ttft_p50_s']:.3f}, "
+                              f"p99 x{on['ttft_p99_s'] / off['ttft_p99_s']:.3f}, tokens/s "
+                              f"x{on['tokens_per_s'] / off['tokens_per_s']:.3f}")
+        if "static" in modes:
+            for mode in modes:
+                for prefix_cache in settings if mode != "static" else ():
+                    e, st = summary[f"{mode}/{prefix_cache}"], summary[f"static/{prefix_cache}"]
+                    ratios.append(f"- {mode} / static, prefix caching {prefix_cache}: TTFT p50 "
+                                  f"x{e['ttft_p50_s'] / st['ttft_p50_s']:.3f}, "
+                                  f"p99 x{e['ttft_p99_s'] / st['ttft_p99_s']:.3f}, "
+                                  f"tokens/s x{e['tokens_per_s'] / st['tokens_per_s']:.3f}, mean committed "
+                                  f"x{e['committed_mean_mib'] / st['committed_mean_mib']:.3f}")
+        lines += ["", "Ratios of medians:", ""] + ratios + [
+            "", "Cached tokens: context tokens of admitted turns taken from the prefix cache (the engine's count); "
+            "block hit rate: PrefixCache.stats hits / (hits + misses), attach calls of admissions refused for memory "
+            "included. "
+            "Greedy answers differ between runs only where bf16 rounding does (same lengths: the same work).",
+            "", f"Same answers in every complete run: {same_answers} (checksums by mode/prefix caching: {checksums})."]
+        with open(os.path.join(args.out, "prefix.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        if printed:
+            print("\n".join(lines))
+
     results = []
     for rep in range(args.repeats):
         for mode, prefix_cache in (combos if rep % 2 == 0 else combos[::-1]):  # order alternates by repeat
             results.append(one(mode, prefix_cache, rep, args.sessions, args.start_spread))
-    keys = ("ttft_p50_s", "ttft_p99_s", "tokens_per_s", "cached_token_rate", "block_hit_rate", "evictions",
-            "preemptions", "committed_mean_mib", "committed_peak_mib", "completed", "wall_s")
-    summary = {}
-    for mode, prefix_cache in combos:
-        rows = [r for r in results if r["mode"] == mode and r["prefix_cache"] == prefix_cache]
-        summary[f"{mode}/{prefix_cache}"] = {k: median([r[k] for r in rows]) for k in keys}
-        summary[f"{mode}/{prefix_cache}"]["runs"] = len(rows)
-    # The answers (their checksum) of every complete run: one value when prefix caching, the mode and
-    # the schedule changed no greedy token (bf16 may round differently with a cached prefix).
-    checksums = {f"{r['mode']}/{r['prefix_cache']}": sorted({x["checksum"] for x in results if x["mode"] == r["mode"]
-                                                             and x["prefix_cache"] == r["prefix_cache"]
-                                                             and x["completed"] == x["turns"]})
-                 for r in results}
-    same_answers = len({c for cs in checksums.values() for c in cs}) == 1
-    out = dict(model=args.model, config=vars(args), device=device_name,
-               kv_bytes_per_token=cfg.kv_bytes_per_token(), max_blocks=max_blocks, runs=results, summary=summary,
-               answer_checksums=checksums, same_answers_everywhere=same_answers)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "prefix.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    lines = [f"# Prefix caching, shared-prefix multi-turn workload ({device_name})", "",
-             f"Model {args.model} (bf16), {args.kv_mib} MiB of KV ({max_blocks} blocks of {block_bytes >> 10} KiB: "
-             f"static's fixed size, elastic's reach), layout {args.layout}. Workload seed {args.seed}: "
-             f"{args.systems} system prompts of {args.system_tokens} tokens, {args.sessions} sessions x {args.turns} "
-             f"turns (user {args.user}, answers {args.answer} tokens), sessions starting over {args.start_spread} s, "
-             f"think {args.think} s; max batch {args.max_batch}; cached blocks no sequence holds bounded by "
-             f"{'the KV size' if args.max_cached_mib is None else f'{args.max_cached_mib} MiB'}. Medians of {args.repeats} runs each, order "
-             f"alternating by repeat.", "",
-             "| mode | prefix caching | TTFT p50 (s) | TTFT p99 (s) | tokens/s | cached tokens | block hit rate "
-             "| evictions | preemptions | committed mean / peak (MiB) | turns done |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, s in summary.items():
-        mode, prefix_cache = name.split("/")
-        lines.append(f"| {mode} | {prefix_cache} | {s['ttft_p50_s']:.3f} | {s['ttft_p99_s']:.3f} | "
-                     f"{s['tokens_per_s']:.1f} | {100 * s['cached_token_rate']:.1f} % | "
-                     f"{100 * s['block_hit_rate']:.1f} % | {s['evictions']:.0f} | {s['preemptions']:.0f} | "
-                     f"{s['committed_mean_mib']:.0f} / {s['committed_peak_mib']:.0f} | {s['completed']:.0f} |")
-    ratios = []
-    for mode in modes:
-        if "off" in settings and "on" in settings:
-            on, off = summary[f"{mode}/on"], summary[f"{mode}/off"]
-            ratios.append(f"- {mode}: prefix caching on / off: TTFT p50 x{on['ttft_p50_s'] / off['ttft_p50_s']:.3f}, "
-                          f"p99 x{on['ttft_p99_s'] / off['ttft_p99_s']:.3f}, tokens/s "
-                          f"x{on['tokens_per_s'] / off['tokens_per_s']:.3f}")
-    if "static" in modes:
-        for mode in modes:
-            for prefix_cache in settings if mode != "static" else ():
-                e, st = summary[f"{mode}/{prefix_cache}"], summary[f"static/{prefix_cache}"]
-                ratios.append(f"- {mode} / static, prefix caching {prefix_cache}: TTFT p50 "
-                              f"x{e['ttft_p50_s'] / st['ttft_p50_s']:.3f}, p99 x{e['ttft_p99_s'] / st['ttft_p99_s']:.3f}, "
-                              f"tokens/s x{e['tokens_per_s'] / st['tokens_per_s']:.3f}, mean committed "
-                              f"x{e['committed_mean_mib'] / st['committed_mean_mib']:.3f}")
-    lines += ["", "Ratios of medians:", ""] + ratios + [
-        "", "Cached tokens: context tokens of admitted turns taken from the prefix cache (the engine's count); block "
-        "hit rate: PrefixCache.stats hits / (hits + misses), attach calls of admissions refused for memory included. "
-        "Greedy answers differ between runs only where bf16 rounding does (same lengths: the same work).",
-        "", f"Same answers in every complete run: {same_answers} (checksums by mode/prefix caching: {checksums})."]
-    with open(os.path.join(args.out, "prefix.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            report(results, printed=False)
+    report(results, printed=True)
 
 
 def main():
