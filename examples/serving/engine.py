@@ -13,6 +13,16 @@ Sequences that finish with a step are freed right after the step is queued, befo
 waits for its tokens: `free(seq, stream=...)` gives their memory back only once the GPU has
 finished that step (the stream-ordered release), so the engine never waits for the GPU to free.
 
+Prefix caching (PagedKV with a vmmpp_kv.PrefixCache, `--prefix-cache on` in bench_serving.py):
+a request is admitted with `attach` of its context but the last token (so the last token's
+logits are computed), which hands it a sequence holding the cached leading blocks; the engine
+prefills only the rest, attending over the cached K and V plus the new tokens. After each step
+is queued, the full blocks of every request in it are published (prompt and generated tokens),
+and sequences are freed through the prefix cache, so their blocks stay cached for later turns.
+Appends go through the prefix cache too: when the cache refuses, cached blocks no sequence holds
+are evicted first, and the engine preempts only when nothing is left to evict. Cached blocks are
+full and never written again (new tokens go to new blocks), so shared blocks stay unchanged.
+
 Two KV stores: PagedKV (a vmmpp cache: the engine) and DenseKV (contiguous per-sequence tensors,
 no vmmpp: the reference). Both hand the attention the same padded [batch, tokens] K and V, so
 under the same schedule the engine's tokens must equal the reference's bit for bit.
@@ -24,6 +34,7 @@ import torch
 
 import vmmpp_kv
 from model import causal_attention as _causal
+from model import causal_attention_after as _causal_after
 
 REFUSED = ("over_quota", "out_of_blocks", "out_of_memory")
 
@@ -40,10 +51,12 @@ def _refusal(error):
 
 class PagedKV:
     """K and V in a vmmpp cache (any configuration and paged layout): per-layer views
-    [max_blocks, block_tokens, kv_heads, head_dim] through DLPack."""
+    [max_blocks, block_tokens, kv_heads, head_dim] through DLPack. prefix_cache: a
+    vmmpp_kv.PrefixCache over `cache` (prefix caching on), or None (off)."""
 
-    def __init__(self, cache, device):
+    def __init__(self, cache, device, prefix_cache=None):
         self.cache = cache
+        self.prefix_cache = prefix_cache
         self.device = device
         g = cache.geometry
         self.block_tokens = g.block_tokens
@@ -54,15 +67,34 @@ class PagedKV:
     def new_sequence(self):
         return self.cache.add_sequence()
 
+    def admit(self, context):
+        """A sequence for a request whose tokens are `context`, and how many of its leading
+        tokens are already in it (cached blocks; 0 without prefix caching). The last token is
+        never taken from the cache: the engine needs its logits."""
+        if self.prefix_cache is None or len(context) <= self.block_tokens:
+            return self.new_sequence(), 0
+        return self.prefix_cache.attach(context[:-1])
+
+    def publish(self, seq, tokens):
+        """Registers the full blocks among `tokens` (seq's tokens from the first, their K and V
+        written or queued on this stream) with the prefix cache; nothing without one."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.publish(seq, tokens)
+
     def append(self, seq, n):
         try:
-            self.cache.append(seq, n)
+            if self.prefix_cache is None:
+                self.cache.append(seq, n)
+            else:  # evicts cached blocks no sequence holds before refusing
+                self.prefix_cache.append(seq, n)
         except vmmpp_kv.VmmppError as e:
             raise (_refusal(e) or e) from None
 
     def free(self, seq):
-        # Stream-ordered: the step just queued may still read these blocks.
-        self.cache.free(seq, stream=self.stream)
+        # Stream-ordered: the step just queued may still read these blocks. Through the prefix
+        # cache, the sequence's published blocks stay cached.
+        owner = self.cache if self.prefix_cache is None else self.prefix_cache
+        owner.free(seq, stream=self.stream)
 
     def committed_bytes(self):
         return self.cache.stats()["committed_bytes"]
@@ -70,13 +102,19 @@ class PagedKV:
     def capacity_tokens(self):
         return self.cache.geometry.max_blocks * self.block_tokens
 
-    def prepare(self, rows, decode_seqs, decode_lengths):
-        """The step's KV plan. rows: (seq, first, count) in packed-batch order."""
+    def prepare(self, rows, decode_seqs, decode_lengths, cached_prefixes=()):
+        """The step's KV plan. rows: (seq, first, count) in packed-batch order; cached_prefixes:
+        (seq, cached_tokens) of each prefill whose leading tokens came from the prefix cache."""
         slots = []
         for seq, first, count in rows:
             slots.extend(self.cache.slot_mapping(seq, first, count))
         slots = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
         plan = {"block": slots // self.block_tokens, "offset": slots % self.block_tokens}
+        # Cached prefixes are whole blocks: their block ids, in order.
+        plan["prefix_blocks"] = [
+            torch.tensor(self.cache.block_table(seq)[:cached // self.block_tokens], dtype=torch.int64).to(
+                self.device, non_blocking=True)
+            for seq, cached in cached_prefixes]
         if decode_seqs:
             blocks = max(-(-n // self.block_tokens) for n in decode_lengths)
             # Padding points at a live block (mapped on every backing); the mask hides it.
@@ -98,6 +136,12 @@ class PagedKV:
         v = self.v[layer][t].flatten(1, 2)
         return k, v
 
+    def gather_prefix(self, plan, layer, index):
+        """The cached prefix of the index-th entry of prepare's cached_prefixes: K and V
+        [cached_tokens, kv_heads, head_dim]."""
+        blocks = plan["prefix_blocks"][index]
+        return self.k[layer][blocks].flatten(0, 1), self.v[layer][blocks].flatten(0, 1)
+
 
 class DenseKV:
     """The reference store: one contiguous [layers, capacity, kv_heads, head_dim] K and V per
@@ -109,6 +153,13 @@ class DenseKV:
         self.capacity = -(-max_tokens // block_tokens) * block_tokens
         self.seqs = {}
         self.next_id = 0
+
+    def admit(self, context):
+        """A new sequence and 0 cached tokens: the reference store caches no prefix."""
+        return self.new_sequence(), 0
+
+    def publish(self, seq, tokens):
+        """Nothing to register: no prefix cache."""
 
     def new_sequence(self):
         c = self.config
@@ -132,7 +183,9 @@ class DenseKV:
     def committed_bytes(self):
         return sum(2 * s[0].numel() * s[0].element_size() for s in self.seqs.values())
 
-    def prepare(self, rows, decode_seqs, decode_lengths):
+    def prepare(self, rows, decode_seqs, decode_lengths, cached_prefixes=()):
+        if cached_prefixes:
+            raise ValueError("DenseKV caches no prefix: every prefill starts at token 0")
         plan = {"rows": rows, "decode": decode_seqs}
         if decode_seqs:
             blocks = max(-(-n // self.block_tokens) for n in decode_lengths)
@@ -176,6 +229,8 @@ class Request:
         self.rid, self.prompt, self.max_new, self.arrival = rid, list(prompt), max_new, arrival
         self.output = []
         self.seq = None
+        self.cached_tokens = 0  # leading tokens its sequence got from the prefix cache when admitted
+        self.published_blocks = 0  # full blocks of its sequence registered with the prefix cache
         self.first_token_at = None
         self.finished_at = None
         self.preemptions = 0
@@ -199,8 +254,10 @@ class Engine:
         self.rejected = []
         self.preemptions = 0
         self.steps = 0
-        self.prefill_tokens = 0
+        self.prefill_tokens = 0  # prompt tokens computed (cached ones excluded)
         self.decode_tokens = 0
+        self.admitted_tokens = 0  # context tokens of admitted requests, cached or computed
+        self.cached_tokens = 0  # of those, the ones the prefix cache held
 
     def submit(self, request):
         self.waiting.append(request)
@@ -232,12 +289,14 @@ class Engine:
         budget = self.max_prefill_tokens
         while not preempted and self.waiting and len(self.running) + len(admitted) < self.max_batch:
             r = self.waiting[0]
-            n = len(r.prompt) + len(r.output)
-            if admitted and n > budget:
+            context = r.context()
+            n = len(context)
+            seq, cached = self.kv.admit(context)  # cached: leading tokens already in seq's blocks
+            if admitted and n - cached > budget:
+                self.kv.free(seq)
                 break
-            seq = self.kv.new_sequence()
             try:
-                self.kv.append(seq, n)
+                self.kv.append(seq, n - cached)
             except Refused:
                 self.kv.free(seq)
                 if n > self.kv.capacity_tokens():  # can never fit, whatever frees
@@ -245,9 +304,12 @@ class Engine:
                     continue
                 break  # wait: this engine's or (shared budget) another's requests free memory
             self.waiting.popleft()
-            r.seq = seq
+            r.seq, r.cached_tokens = seq, cached
+            r.published_blocks = cached // self.kv.block_tokens  # attached blocks are cached already
+            self.admitted_tokens += n
+            self.cached_tokens += cached
             admitted.append(r)
-            budget -= n
+            budget -= n - cached
         return admitted, decode
 
     def step(self):
@@ -256,15 +318,18 @@ class Engine:
         if not admitted and not decode:
             return 0
         model, device = self.model, self.model.device
-        rows, tokens, positions, segments = [], [], [], []
+        rows, tokens, positions, segments, cached_prefixes = [], [], [], [], []
         at = 0
         for r in admitted:
-            ctx = r.context()
-            rows.append((r.seq, 0, len(ctx)))
-            tokens.extend(ctx)
-            positions.extend(range(len(ctx)))
-            segments.append((at, at + len(ctx)))
-            at += len(ctx)
+            ctx, cached = r.context(), r.cached_tokens
+            rows.append((r.seq, cached, len(ctx) - cached))
+            tokens.extend(ctx[cached:])
+            positions.extend(range(cached, len(ctx)))
+            # (first, end) in the packed batch, and which cached prefix it continues (or None)
+            segments.append((at, at + len(ctx) - cached, len(cached_prefixes) if cached else None))
+            if cached:
+                cached_prefixes.append((r.seq, cached))
+            at += len(ctx) - cached
         first_decode = at
         lengths = []
         for r in decode:
@@ -273,7 +338,7 @@ class Engine:
             tokens.append(r.output[-1])
             positions.append(n - 1)
             lengths.append(n)
-        plan = self.kv.prepare(rows, [r.seq for r in decode], lengths)
+        plan = self.kv.prepare(rows, [r.seq for r in decode], lengths, cached_prefixes)
         tokens_t = torch.tensor(tokens, dtype=torch.int64).to(device, non_blocking=True)
         positions_t = torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True)
         if decode:
@@ -285,8 +350,12 @@ class Engine:
 
         def attend(layer, q, k, v):
             out = torch.empty_like(q)
-            for a, b in segments:
-                out[a:b] = _causal(q[a:b], k[a:b], v[a:b])
+            for a, b, prefix in segments:
+                if prefix is None:
+                    out[a:b] = _causal(q[a:b], k[a:b], v[a:b])
+                else:  # new tokens after a cached prefix: attend over both
+                    pk, pv = self.kv.gather_prefix(plan, layer, prefix)
+                    out[a:b] = _causal_after(q[a:b], torch.cat((pk, k[a:b])), torch.cat((pv, v[a:b])))
             if decode:
                 kk, vv = self.kv.gather(plan, layer)
                 out[first_decode:] = decode_attention(q[first_decode:], kk, vv, valid)
@@ -294,9 +363,16 @@ class Engine:
 
         with torch.inference_mode():
             hidden = model.forward(tokens_t, positions_t, attend, store)
-            last = [b - 1 for _, b in segments] + list(range(first_decode, len(tokens)))
+            last = [b - 1 for _, b, _ in segments] + list(range(first_decode, len(tokens)))
             next_tokens = model.logits(hidden[torch.tensor(last, device=device)]).argmax(-1)
         batch = admitted + decode
+        # Every token of each request's context now has its K and V written or queued on this
+        # stream (later readers queue behind): register its newly filled blocks.
+        for r in batch:
+            ctx = r.context()
+            if len(ctx) // self.kv.block_tokens > r.published_blocks:
+                self.kv.publish(r.seq, ctx)
+                r.published_blocks = len(ctx) // self.kv.block_tokens
         # Free what finishes with this step while the GPU may still run it (stream-ordered).
         done = [r for r in batch if len(r.output) + 1 >= r.max_new]
         self.running = [r for r in self.running if r not in done]
@@ -316,7 +392,7 @@ class Engine:
             r.finished_at = now
             self.finished.append(r)
         self.steps += 1
-        self.prefill_tokens += first_decode
+        self.prefill_tokens += first_decode  # computed prompt tokens: cached ones are not in the batch
         self.decode_tokens += len(decode)
         return len(batch)
 

@@ -124,6 +124,21 @@ def causal_attention(q, k, v):
     return o[0].transpose(0, 1)
 
 
+def causal_attention_after(q, k, v):
+    """Causal attention of one sequence's T new tokens after P tokens whose K and V are cached
+    (prefix caching): q [T, H, D], k and v [P + T, KV, D] (the cached ones first). New token i,
+    at position P + i, attends to keys 0 .. P + i. is_causal would align the mask top-left (token
+    i to keys 0 .. i), so the mask is explicit."""
+    t, s = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    keys = torch.arange(s, device=q.device)
+    mask = keys[None, :] <= (s - t + torch.arange(t, device=q.device))[:, None]  # [T, P + T]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       attn_mask=mask)
+    return o[0].transpose(0, 1)
+
+
 def reference_generate(model, prompt, n_new):
     """Greedy tokens of one prompt with a dense, contiguous KV cache (no vmmpp, no batching):
     the reference the engine must match."""
