@@ -4,11 +4,13 @@
 // 1. Cost per block, against kv_cache::append of one new block in the same binary (counter
 //    vs_append_block: this operation's ns per block over append's): lookup and attach of a
 //    2,048-token prompt fully cached, publish of a 2,048-token sequence, eviction of its 128
-//    blocks in one call (evict(128)) and one at a time (evict(1) x 128).
+//    blocks in one call (evict(128)) and one at a time (evict(1) x 128), compaction (compact()
+//    moving 64 cached blocks into holes of committed pages, per block moved).
 // 2. A seeded synthetic trace (make_trace below) driven through prefix_cache with a
 //    max_cached_bytes bound: hit rate, the idle footprint ratio (stats(): committed bytes over
-//    the packed floor) at every idle moment, bytes back per block evicted, and the hit rate an
-//    exact block LRU of the same capacity gets on the same trace (exact_lru below, no pages).
+//    the packed floor) at every idle moment, bytes back per block evicted, blocks compaction
+//    moved, and the hit rate an exact block LRU of the same capacity gets on the same trace
+//    (exact_lru below, no pages).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -245,6 +247,58 @@ void evict_2048(benchmark::State& state) {
     state.counters["block_bytes"] = static_cast<double>(pc.block_bytes());
 }
 
+/// compact() moving 64 cached blocks down into holes of committed pages: 256 one-block prompts
+/// cached (ids 0..255), the odd ids published first, so evict(128) (untimed) takes them and
+/// leaves a hole beside every even block; compaction then moves the even blocks 128..254 into
+/// the odd holes 1..127, and ids 128..255's pages go back (madvise + mprotect inside the timing).
+/// Per block moved; the copy of a block's bytes (memcpy on the host) is most of it.
+template <class Layout>
+void compact_holes(benchmark::State& state) {
+    cache_t<Layout> c(geometry);
+    prefix_t<Layout> pc(c);
+    std::mt19937_64 rng(5);
+    std::vector<tokens_t> prompts;
+    for (int i = 0; i < 256; ++i) {
+        prompts.push_back(random_tokens(rng, 16));
+    }
+    double total = 0;
+    std::size_t moved = 0, freed = 0;
+    for (auto _ : state) {
+        state.PauseTiming();
+        std::vector<vmmpp::seq_id> seqs;
+        for (const tokens_t& t : prompts) {
+            seqs.push_back(c.add_sequence());
+            c.append(seqs.back(), t.size());
+        }
+        for (int odd : {1, 0}) {
+            for (std::size_t i = static_cast<std::size_t>(odd); i < seqs.size(); i += 2) {
+                pc.publish(seqs[i], prompts[i]);
+            }
+        }
+        for (auto s : seqs) {
+            c.free(s);
+        }
+        (void)pc.evict(128);
+        state.ResumeTiming();
+        const auto start = clock_type::now();
+        const auto r = pc.compact();
+        const auto d = clock_type::now() - start;
+        state.SetIterationTime(std::chrono::duration<double>(d).count());
+        total += ns(d);
+        moved += r.moved_blocks;
+        freed += r.freed_page_bytes;
+        state.PauseTiming();
+        (void)pc.clear();
+        state.ResumeTiming();
+    }
+    if (moved != static_cast<std::size_t>(state.iterations()) * 64) {
+        state.SkipWithError("compaction moved another number of blocks than 64 a round");
+    }
+    report_per_block<Layout>(state, total, std::max<std::size_t>(moved, 1));
+    state.counters["bytes_back_per_block_moved"] = static_cast<double>(freed) / static_cast<double>(std::max<std::size_t>(moved, 1));
+    state.counters["block_bytes"] = static_cast<double>(pc.block_bytes());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. The shared-prefix trace
 
@@ -404,6 +458,7 @@ void shared_prefix_trace(benchmark::State& state) {
         };
         std::vector<double> idle_ratios, busy_ratios;
         std::size_t evicted = 0, committed_drop = 0, freed_page_bytes = 0, requests = 0, max_live_blocks = 0;
+        std::size_t moved = 0, compactions_moving = 0;
         const std::size_t block_tokens = geometry.block_tokens;
 
         for (const auto& wave : tr.waves) {
@@ -459,14 +514,20 @@ void shared_prefix_trace(benchmark::State& state) {
                         continue;
                     }
                     max_live_blocks = std::max(max_live_blocks, c.used_blocks());
-                    // pc.free(seq) is kv_cache::free then trim(); split so trim's evictions and
-                    // the committed bytes they give back are seen alone.
+                    // pc.free(seq) is kv_cache::free, then trim() (evictions, then compaction
+                    // if it evicted), else compact(); split so the committed bytes those give
+                    // back are seen alone.
                     c.free(r.seq);
                     const std::size_t before = c.pool().committed_bytes();
-                    const auto ev = pc.trim();
+                    auto ev = pc.trim();
+                    if (ev.blocks.empty()) {
+                        ev = pc.compact();
+                    }
                     committed_drop += before - c.pool().committed_bytes();
                     evicted += ev.blocks.size();
                     freed_page_bytes += ev.freed_page_bytes;
+                    moved += ev.moved_blocks;
+                    compactions_moving += ev.moved_blocks > 0 ? 1 : 0;
                     ref.free(r.held);
                     ss.history = std::move(r.tokens);
                     if (++ss.turn < wave[r.session].turns) {
@@ -505,11 +566,14 @@ void shared_prefix_trace(benchmark::State& state) {
         state.counters["bytes_back_per_block"] = static_cast<double>(committed_drop) / static_cast<double>(std::max<std::size_t>(evicted, 1));
         state.counters["bytes_back_over_block_bytes"] =
             static_cast<double>(committed_drop) / static_cast<double>(std::max<std::size_t>(evicted, 1) * block_bytes);
+        state.counters["moves"] = static_cast<double>(s.moves);
+        state.counters["moves_per_eviction"] = static_cast<double>(moved) / static_cast<double>(std::max<std::size_t>(evicted, 1));
+        state.counters["compactions_moving"] = static_cast<double>(compactions_moving);
         state.counters["freed_page_bytes_match"] = freed_page_bytes == committed_drop ? 1 : 0;
         state.counters["block_bytes"] = static_cast<double>(block_bytes);
         state.counters["requests"] = static_cast<double>(requests);
         state.counters["max_used_blocks"] = static_cast<double>(max_live_blocks);
-        if (s.evictions != evicted) {
+        if (s.evictions != evicted || s.moves != moved) {
             state.SkipWithError("evictions outside the trims after free: the split accounting misses some");
         }
     }
@@ -533,6 +597,7 @@ void register_layout(double min_time) {
     cost("publish_2048", publish_2048<L>);
     cost("evict_2048/batch", evict_2048<L, false>);
     cost("evict_2048/one_at_a_time", evict_2048<L, true>);
+    cost("compact_holes", compact_holes<L>);
     // Bounds of 256 and 1,024 cached blocks (128 and 512 MiB), 4 waves of 40 sessions: one pass.
     auto* b = benchmark::RegisterBenchmark(("shared_prefix_trace/" + layout).c_str(), shared_prefix_trace<L>);
     b->ArgNames({"bound_blocks", "waves"})->Args({256, 4})->Args({1024, 4})->Iterations(1)->Unit(benchmark::kMillisecond);
