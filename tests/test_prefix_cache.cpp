@@ -15,6 +15,7 @@
 
 #include "support/kv_factories.hpp"
 #include "vmmpp/config.hpp"
+#include "vmmpp/kv/relocate.hpp"
 #include "vmmpp/prefix/prefix_cache.hpp"
 
 using namespace vmmpp_test;
@@ -558,6 +559,53 @@ BOOST_AUTO_TEST_CASE(append_evicts_whole_pages_when_over_quota) {
     BOOST_TEST(c.tokens(s) == 16 * bt);
 }
 
+// relocate_block's refusals name the block and its reference count and change nothing;
+// take_block refuses as append does (no free id, the quota), strong; a block with no free id
+// below it stays where it is.
+BOOST_AUTO_TEST_CASE(relocate_block_refuses_shared_blocks_and_take_block_is_strong) {
+    using budget_config = vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::shared_budget>;
+    using case_t = kv_case<budget_config, vmmpp::block_major>;
+    kv_factory<case_t> factory;
+    factory.limit = 2 * page;  // two pages: 32 blocks of 128 KiB
+    auto cache = factory.make(paged);
+    auto& c = *cache;
+    const std::size_t bt = c.geometry().block_tokens;
+    const auto s = c.add_sequence();
+    c.append(s, 2 * bt);  // blocks 0, 1
+    const auto forked = c.fork(s);
+    auto no_op = [](std::int32_t) noexcept {};
+    try {
+        (void)vmmpp::relocate_block(c, 1, c.stream(), no_op);
+        BOOST_FAIL("a block two sequences hold moved");
+    } catch (const vmmpp::invalid_argument& e) {
+        BOOST_TEST(std::string(e.what()).find("block 1 has 2 references") != std::string::npos);
+    }
+    c.free(forked);
+    BOOST_CHECK_THROW((void)vmmpp::relocate_block(c, 5, c.stream(), no_op), vmmpp::invalid_argument);    // free
+    BOOST_CHECK_THROW((void)vmmpp::relocate_block(c, 9999, c.stream(), no_op), vmmpp::invalid_argument);  // out of range
+    // No free id below block 1: it stays, and the id taken to find out goes back.
+    BOOST_TEST(vmmpp::relocate_block(c, 1, c.stream(), no_op) == 1);
+    BOOST_TEST(c.used_blocks() == 2u);
+    BOOST_TEST(c.block_refs(2) == 0u);
+    BOOST_TEST(c.pool().committed_bytes() == page);
+
+    // The quota: 16 blocks fill page 0, one more needs page 1, then page 2 is refused.
+    c.append(s, 30 * bt);  // blocks 0..31: both pages
+    const std::size_t used = c.used_blocks(), committed = c.pool().committed_bytes();
+    BOOST_CHECK_THROW((void)c.take_block(c.stream()), vmmpp::over_quota);
+    BOOST_TEST(c.used_blocks() == used);
+    BOOST_TEST(c.pool().committed_bytes() == committed);
+    BOOST_TEST(c.block_refs(32) == 0u);
+    c.free(s);
+    // Taken: the lowest free id, one reference, released as retain_block's.
+    const std::int32_t b = c.take_block(c.stream());
+    BOOST_TEST(b == 0);
+    BOOST_TEST(c.block_refs(b) == 1u);
+    c.release_block(b);
+    BOOST_TEST(c.used_blocks() == 0u);
+    BOOST_TEST(c.pool().committed_bytes() == 0u);
+}
+
 namespace {
 
 using key_pair = std::pair<std::uint64_t, std::uint64_t>;
@@ -896,7 +944,8 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(randomized_against_a_model, Case, prefix_cases) {
             }
             live.clear();
             held_before.clear();
-            // Holes all over (every other cached block, oldest first), then packed by compaction.
+            // Holes all over (half the cached blocks, oldest first), then packed by compaction.
+            (void)pc.trim();  // the frees above were kv_cache's: the bound waited
             (void)pc.evict(pc.evictable_blocks() / 2);
             (void)pc.compact();
             check();
