@@ -606,6 +606,58 @@ BOOST_AUTO_TEST_CASE(relocate_block_refuses_shared_blocks_and_take_block_is_stro
     BOOST_TEST(c.pool().committed_bytes() == 0u);
 }
 
+// A compaction whose destination needs a page the quota refuses: compact() throws over_quota
+// with nothing changed; free, which compacts on its own, stops quietly; with room, the blocks
+// move and the pages above go back.
+BOOST_AUTO_TEST_CASE(compaction_refused_memory_stops_quietly_in_free) {
+    using budget_config = vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::shared_budget>;
+    using case_t = kv_case<budget_config, vmmpp::block_major>;
+    kv_factory<case_t> factory;
+    factory.limit = 4 * page;  // 16 blocks of 128 KiB a page
+    auto cache = factory.make(paged);
+    auto& c = *cache;
+    vmmpp::prefix_cache<case_t::cache> pc(c);
+    const std::size_t bt = c.geometry().block_tokens;
+    const auto low = c.add_sequence();
+    c.append(low, 16 * bt);  // page 0
+    const auto live = c.add_sequence();
+    c.append(live, 16 * bt);  // page 1, live throughout
+    const auto first = run_prompt(pc, iota_tokens(bt, 5000));  // block 32, page 2
+    const auto pad = c.add_sequence();
+    c.append(pad, 15 * bt);
+    const auto second = run_prompt(pc, iota_tokens(bt, 6000));  // block 48, page 3
+    BOOST_TEST_REQUIRE(c.block_table(first)[0] == 32);
+    BOOST_TEST_REQUIRE(c.block_table(second)[0] == 48);
+    c.free(low);
+    c.free(pad);
+    c.free(first);  // directly: cached, nothing compacted yet
+    c.free(second);
+    BOOST_TEST_REQUIRE(c.pool().committed_bytes() == 3 * page);
+    (void)factory.budget->set_limit(3 * page);  // moving both into page 0 would free 2 pages, but needs page 0 first
+
+    BOOST_CHECK_THROW((void)pc.compact(), vmmpp::over_quota);
+    BOOST_TEST(*pc.block_of(*pc.key_of(32)) == 32);
+    BOOST_TEST(pc.key_of(48).has_value());
+    BOOST_TEST(c.used_blocks() == 18u);
+    BOOST_TEST(c.pool().committed_bytes() == 3 * page);
+    const auto fork = c.fork(live);
+    vmmpp::eviction_result r;
+    BOOST_CHECK_NO_THROW(r = pc.free(fork));  // frees no block, compacts, is refused: quietly
+    BOOST_TEST(r.moved_blocks == 0u);
+    BOOST_TEST(c.used_blocks() == 18u);
+
+    (void)factory.budget->set_limit(4 * page);
+    r = pc.compact();
+    BOOST_TEST(r.moved_blocks == 2u);
+    BOOST_TEST(r.freed_page_bytes == page);  // pages 2 and 3 back, page 0 taken
+    BOOST_TEST(c.pool().committed_bytes() == 2 * page);
+    BOOST_TEST(pc.lookup(iota_tokens(bt, 5000)) == bt);
+    BOOST_TEST(pc.lookup(iota_tokens(bt, 6000)) == bt);
+    BOOST_TEST(pc.key_of(0).has_value());
+    BOOST_TEST(pc.key_of(1).has_value());
+    c.free(live);
+}
+
 namespace {
 
 using key_pair = std::pair<std::uint64_t, std::uint64_t>;

@@ -219,7 +219,7 @@ public:
         cache_.free(seq, stream);
         eviction_result r = trim(stream);
         if (r.blocks.empty()) {
-            r = compact(stream);
+            compact_unless_refused(r, stream);
         }
         return r;
     }
@@ -260,8 +260,10 @@ public:
     eviction_result clear() { return evict(std::numeric_limits<std::size_t>::max()); }
 
     /// Keeps the bound: evicts, in the policy's order, while evictable bytes exceed
-    /// max_cached_bytes; if it evicted, then compacts on `stream` (by default the cache's own).
-    /// The result counts both. Throws as evict and compact.
+    /// max_cached_bytes; if it evicted, then compacts on `stream` (by default the cache's own),
+    /// stopping quietly where a move is refused memory (over_quota, out_of_memory,
+    /// retired_memory: compaction only saves memory, it must not fail a free or a publish).
+    /// The result counts both. Throws as evict, and cuda_error from compaction.
     eviction_result trim() { return trim(cache_.stream()); }
     eviction_result trim(cudaStream_t stream) {
         eviction_result all;
@@ -276,9 +278,7 @@ public:
             all.freed_page_bytes += r.freed_page_bytes;
         }
         if (!all.blocks.empty()) {
-            const eviction_result moved = compact(stream);
-            all.freed_page_bytes += moved.freed_page_bytes;
-            all.moved_blocks = moved.moved_blocks;
+            compact_unless_refused(all, stream);
         }
         return all;
     }
@@ -296,28 +296,9 @@ public:
     eviction_result compact() { return compact(cache_.stream()); }
     eviction_result compact(cudaStream_t stream) {
         eviction_result r;
-        if (options_.max_compaction_moves == 0 || cache_.asleep()) {
-            return r;
-        }
-        const detail::compaction_plan plan =
-            detail::plan_compaction(cache_, page_bytes_, options_.max_compaction_moves,
-                                    [&](std::int32_t b) { return cache_.block_refs(b) == 1 && by_block_.contains(b); });
-        for (const detail::block_move& m : plan.moves) {
-            std::int32_t at = m.from;
-            const std::int32_t to = relocate_block(cache_, m.from, stream, [&](std::int32_t now) noexcept {
-                rekey(at, now);
-                at = now;
-            });
-            if (to != m.to) {
-                return r;  // ids were not as planned (never expected): stop, the moves made stand
-            }
-            ++r.moved_blocks;
-            ++moves_;
-        }
-        r.freed_page_bytes = plan.freed_page_bytes;
+        compact_into(r, stream);
         return r;
     }
-
     // --- questions without side effects ---
 
     /// The key block `block` is cached under, if it is cached.
@@ -384,6 +365,39 @@ private:
         std::int32_t block;
         block_key parent;
     };
+    /// compact(stream), adding to `r` as moves are made (so a throw leaves what was done in it).
+    void compact_into(eviction_result& r, cudaStream_t stream) {
+        if (options_.max_compaction_moves == 0 || cache_.asleep()) {
+            return;
+        }
+        const detail::compaction_plan plan =
+            detail::plan_compaction(cache_, page_bytes_, options_.max_compaction_moves,
+                                    [&](std::int32_t b) { return cache_.block_refs(b) == 1 && by_block_.contains(b); });
+        for (const detail::block_move& m : plan.moves) {
+            std::int32_t at = m.from;
+            const std::int32_t to = relocate_block(cache_, m.from, stream, [&](std::int32_t now) noexcept {
+                rekey(at, now);
+                at = now;
+            });
+            if (to != m.to) {
+                return;  // ids were not as planned (never expected): stop, the moves made stand
+            }
+            ++r.moved_blocks;
+            ++moves_;
+        }
+        r.freed_page_bytes += plan.freed_page_bytes;
+    }
+    /// compact_into, where a refusal of memory only ends the compaction (the moves made stand;
+    /// the pages a cut plan frees are not counted in freed_page_bytes).
+    void compact_unless_refused(eviction_result& r, cudaStream_t stream) {
+        try {
+            compact_into(r, stream);
+        } catch (const over_quota&) {
+        } catch (const out_of_memory&) {
+        } catch (const retired_memory&) {
+        }
+    }
+
     /// One eviction: the evictable blocks in the policy's order and the pages only they hold
     /// (detail::page_groups), and what was evicted so far.
     struct evictor {
