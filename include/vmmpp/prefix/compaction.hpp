@@ -69,8 +69,9 @@ template <class Cache, class Movable>
     std::ptrdiff_t freed = 0, best = 0;
     std::size_t best_moves = 0;
     for (std::size_t i = 0; i < plan.moves.size(); ++i) {
-        for_each_block_page<layout_type>(g, page_bytes, plan.moves[i].from, [&](std::size_t p) { freed += --users[p] == 0 ? 1 : 0; });
-        for_each_block_page<layout_type>(g, page_bytes, plan.moves[i].to, [&](std::size_t p) { freed -= users[p]++ == 0 ? 1 : 0; });
+        const block_move& m = plan.moves[i];
+        for_each_block_page<layout_type>(g, page_bytes, m.from, [&](std::size_t p) { freed += --users[p] == 0 ? 1 : 0; });
+        for_each_block_page<layout_type>(g, page_bytes, m.to, [&](std::size_t p) { freed -= users[p]++ == 0 ? 1 : 0; });
         if (freed > best) {
             best = freed;
             best_moves = i + 1;
