@@ -16,12 +16,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <list>
 #include <optional>
 #include <queue>
 #include <random>
 #include <string_view>
+#include <type_traits>
 #include <unordered_map>
+#include <utility>
 
 #include "common.hpp"
 #include "vmmpp/config.hpp"
@@ -441,19 +444,63 @@ std::vector<vmmpp::block_key> keys_of(std::span<const std::int32_t> tokens) {
     return keys;
 }
 
-/// The trace through a prefix_cache bounded at range(0) cached blocks' bytes (max_cached_bytes)
-/// and through exact_lru of range(0) blocks, in lockstep. Counters: hit rates, the footprint at
-/// idle moments and while busy, bytes back per block evicted.
+/// What makes the trace give cached blocks up: the max_cached_bytes bound (trim after each free,
+/// LRU then compaction), or a quota of range(0) blocks' bytes with no bound, where an append
+/// refused over_quota evicts: prefix_cache::append's own way (LRU blocks, then compaction), or
+/// whole page groups, oldest group first (evict_bytes; single blocks where no group is left:
+/// what prefix_cache::append did before compaction), done here around kv_cache::append.
+enum class pressure { bound, quota_page_groups, quota_lru_compact };
 template <class Layout>
+using quota_cache_t = vmmpp::kv_cache<vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::shared_budget>, Layout>;
+
+/// The trace through a prefix_cache bounded at range(0) cached blocks' bytes (max_cached_bytes)
+/// and through exact_lru of range(0) blocks, in lockstep (or, under a quota, through the prefix
+/// cache alone: `Pressure`). Counters: hit rates, the footprint at idle moments and while busy,
+/// bytes back per block evicted.
+template <class Layout, pressure Pressure = pressure::bound>
 void shared_prefix_trace(benchmark::State& state) {
+    constexpr bool bounded = Pressure == pressure::bound;
+    using trace_cache_t = std::conditional_t<bounded, cache_t<Layout>, quota_cache_t<Layout>>;
     const auto bound_blocks = static_cast<std::size_t>(state.range(0));
     const auto waves = static_cast<std::size_t>(state.range(1));
     for (auto _ : state) {
-        cache_t<Layout> c(geometry);
         std::size_t block_bytes = 0;
         Layout::for_each_piece(geometry, 0, [&](std::size_t, std::size_t b) { block_bytes += b; });
-        prefix_t<Layout> pc(c, {.max_cached_bytes = bound_blocks * block_bytes});
-        exact_lru ref(bound_blocks);
+        std::optional<vmmpp::budget> budget;
+        std::optional<trace_cache_t> cache;
+        if constexpr (bounded) {
+            cache.emplace(geometry);
+        } else {
+            budget.emplace(bound_blocks * block_bytes);
+            cache.emplace(geometry, vmmpp::host::options{}, vmmpp::page_granular{},
+                          budget->register_model("kv", bound_blocks * block_bytes));
+        }
+        trace_cache_t& c = *cache;
+        vmmpp::prefix_cache<trace_cache_t> pc(
+            c, {.max_cached_bytes = bounded ? bound_blocks * block_bytes : std::numeric_limits<std::size_t>::max()});
+        std::size_t reclaim_rounds = 0;
+        // An append: prefix_cache's (its refusal path), or page groups evicted here.
+        const auto grow = [&](vmmpp::seq_id seq, std::size_t n) {
+            if constexpr (Pressure != pressure::quota_page_groups) {
+                pc.append(seq, n);
+            } else {
+                for (;;) {
+                    try {
+                        c.append(seq, n);
+                        return;
+                    } catch (const vmmpp::over_quota& e) {
+                        ++reclaim_rounds;
+                        const std::size_t room = e.limit() > e.in_use() ? e.limit() - e.in_use() : 0;
+                        const std::size_t short_by = e.requested() > room ? e.requested() - room : block_bytes;
+                        if (pc.evict_bytes(short_by).blocks.empty() &&
+                            pc.evict((short_by + block_bytes - 1) / block_bytes).blocks.empty()) {
+                            throw;
+                        }
+                    }
+                }
+            }
+        };
+        exact_lru ref(bounded ? bound_blocks : std::numeric_limits<std::size_t>::max());
         const trace tr = make_trace(20261207, waves);
         std::mt19937_64 think_rng(tr.think_seed);
         std::exponential_distribution<double> think(1.0 / 300);
@@ -500,7 +547,7 @@ void shared_prefix_trace(benchmark::State& state) {
                     const std::span<const std::int32_t> asked(r.tokens.data(), r.tokens.size() - 1);
                     const auto a = pc.attach(asked);
                     r.seq = a.seq;
-                    pc.append(r.seq, r.tokens.size() - a.cached_tokens);
+                    grow(r.seq, r.tokens.size() - a.cached_tokens);
                     pc.publish(r.seq, r.tokens);
                     const auto asked_keys = keys_of(asked);
                     ref.attach(asked_keys, r.held);
@@ -512,7 +559,7 @@ void shared_prefix_trace(benchmark::State& state) {
                     auto& r = live[i];
                     auto& ss = sessions[r.session];
                     r.tokens.push_back(random_tokens(ss.rng, 1)[0]);
-                    pc.append(r.seq, 1);
+                    grow(r.seq, 1);
                     const bool done = --r.answer_left == 0;
                     if (r.tokens.size() % block_tokens == 0 || done) {
                         pc.publish(r.seq, r.tokens);
@@ -582,7 +629,8 @@ void shared_prefix_trace(benchmark::State& state) {
         state.counters["block_bytes"] = static_cast<double>(block_bytes);
         state.counters["requests"] = static_cast<double>(requests);
         state.counters["max_used_blocks"] = static_cast<double>(max_live_blocks);
-        if (s.evictions != evicted || s.moves != moved) {
+        state.counters["reclaim_rounds"] = static_cast<double>(reclaim_rounds);
+        if (bounded && (s.evictions != evicted || s.moves != moved)) {
             state.SkipWithError("evictions outside the trims after free: the split accounting misses some");
         }
     }
@@ -611,6 +659,14 @@ void register_layout(double min_time) {
     // Bounds of 256 and 1,024 cached blocks (128 and 512 MiB), 4 waves of 40 sessions: one pass.
     auto* b = benchmark::RegisterBenchmark(("shared_prefix_trace/" + layout).c_str(), shared_prefix_trace<L>);
     b->ArgNames({"bound_blocks", "waves"})->Args({256, 4})->Args({1024, 4})->Iterations(1)->Unit(benchmark::kMillisecond);
+    // A quota of 1,536 and 2,048 blocks (768 MiB, 1 GiB), no bound: evict_bytes' page groups
+    // against LRU evictions then compaction, when an append is refused memory.
+    using trace_fn = void (*)(benchmark::State&);
+    for (const auto& [name, fn] : {std::pair<const char*, trace_fn>{"page_groups", shared_prefix_trace<L, pressure::quota_page_groups>},
+                                   std::pair<const char*, trace_fn>{"lru_compact", shared_prefix_trace<L, pressure::quota_lru_compact>}}) {
+        auto* q = benchmark::RegisterBenchmark(("shared_prefix_trace_quota/" + std::string(name) + "/" + layout).c_str(), fn);
+        q->ArgNames({"quota_blocks", "waves"})->Args({1536, 4})->Args({2048, 4})->Iterations(1)->Unit(benchmark::kMillisecond);
+    }
 }
 
 } // namespace
