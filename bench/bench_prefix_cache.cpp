@@ -4,21 +4,27 @@
 // 1. Cost per block, against kv_cache::append of one new block in the same binary (counter
 //    vs_append_block: this operation's ns per block over append's): lookup and attach of a
 //    2,048-token prompt fully cached, publish of a 2,048-token sequence, eviction of its 128
-//    blocks in one call (evict(128)) and one at a time (evict(1) x 128).
+//    blocks in one call (evict(128)) and one at a time (evict(1) x 128), compaction (compact()
+//    moving 64 cached blocks into holes of committed pages, per block moved).
 // 2. A seeded synthetic trace (make_trace below) driven through prefix_cache with a
 //    max_cached_bytes bound: hit rate, the idle footprint ratio (stats(): committed bytes over
-//    the packed floor) at every idle moment, bytes back per block evicted, and the hit rate an
-//    exact block LRU of the same capacity gets on the same trace (exact_lru below, no pages).
+//    the packed floor) at every idle moment, bytes back per block evicted, blocks compaction
+//    moved, and the hit rate an exact block LRU of the same capacity gets on the same trace
+//    (exact_lru below, no pages).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <list>
 #include <optional>
 #include <queue>
 #include <random>
 #include <string_view>
+#include <type_traits>
 #include <unordered_map>
+#include <utility>
 
 #include "common.hpp"
 #include "vmmpp/config.hpp"
@@ -245,6 +251,66 @@ void evict_2048(benchmark::State& state) {
     state.counters["block_bytes"] = static_cast<double>(pc.block_bytes());
 }
 
+/// compact() moving 64 cached blocks down into holes of committed pages: 256 one-block prompts
+/// cached (ids 0..255), the odd ids published first, so evict(128) (untimed) takes them and
+/// leaves a hole beside every even block; compaction then moves the even blocks 128..254 into
+/// the odd holes 1..127, and ids 128..255's pages go back (madvise + mprotect inside the timing).
+/// Per block moved. `Written`: every block's bytes written in the setup, so the copy meets
+/// resident memory (an engine writes its KV); otherwise the blocks were never touched and the
+/// copy also pays the host's first-touch page faults (4 KiB each) on its destination.
+template <class Layout, bool Written>
+void compact_holes(benchmark::State& state) {
+    cache_t<Layout> c(geometry);
+    prefix_t<Layout> pc(c);
+    std::mt19937_64 rng(5);
+    std::vector<tokens_t> prompts;
+    for (int i = 0; i < 256; ++i) {
+        prompts.push_back(random_tokens(rng, 16));
+    }
+    double total = 0;
+    std::size_t moved = 0, freed = 0;
+    for (auto _ : state) {
+        state.PauseTiming();
+        std::vector<vmmpp::seq_id> seqs;
+        for (const tokens_t& t : prompts) {
+            seqs.push_back(c.add_sequence());
+            c.append(seqs.back(), t.size());
+            if constexpr (Written) {
+                const auto b = static_cast<std::uint32_t>(c.block_table(seqs.back())[0]);
+                Layout::for_each_piece(geometry, b, [&](std::size_t off, std::size_t bytes) {
+                    std::memset(c.pool().base() + off, static_cast<int>(b & 0xff), bytes);
+                });
+            }
+        }
+        for (int odd : {1, 0}) {
+            for (std::size_t i = static_cast<std::size_t>(odd); i < seqs.size(); i += 2) {
+                pc.publish(seqs[i], prompts[i]);
+            }
+        }
+        for (auto s : seqs) {
+            c.free(s);
+        }
+        (void)pc.evict(128);
+        state.ResumeTiming();
+        const auto start = clock_type::now();
+        const auto r = pc.compact();
+        const auto d = clock_type::now() - start;
+        state.SetIterationTime(std::chrono::duration<double>(d).count());
+        total += ns(d);
+        moved += r.moved_blocks;
+        freed += r.freed_page_bytes;
+        state.PauseTiming();
+        (void)pc.clear();
+        state.ResumeTiming();
+    }
+    if (moved != static_cast<std::size_t>(state.iterations()) * 64) {
+        state.SkipWithError("compaction moved another number of blocks than 64 a round");
+    }
+    report_per_block<Layout>(state, total, std::max<std::size_t>(moved, 1));
+    state.counters["bytes_back_per_block_moved"] = static_cast<double>(freed) / static_cast<double>(std::max<std::size_t>(moved, 1));
+    state.counters["block_bytes"] = static_cast<double>(pc.block_bytes());
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. The shared-prefix trace
 
@@ -378,19 +444,63 @@ std::vector<vmmpp::block_key> keys_of(std::span<const std::int32_t> tokens) {
     return keys;
 }
 
-/// The trace through a prefix_cache bounded at range(0) cached blocks' bytes (max_cached_bytes)
-/// and through exact_lru of range(0) blocks, in lockstep. Counters: hit rates, the footprint at
-/// idle moments and while busy, bytes back per block evicted.
+/// What makes the trace give cached blocks up: the max_cached_bytes bound (trim after each free,
+/// LRU then compaction), or a quota of range(0) blocks' bytes with no bound, where an append
+/// refused over_quota evicts: prefix_cache::append's own way (LRU blocks, then compaction), or
+/// whole page groups, oldest group first (evict_bytes; single blocks where no group is left:
+/// what prefix_cache::append did before compaction), done here around kv_cache::append.
+enum class pressure { bound, quota_page_groups, quota_lru_compact };
 template <class Layout>
+using quota_cache_t = vmmpp::kv_cache<vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::shared_budget>, Layout>;
+
+/// The trace through a prefix_cache bounded at range(0) cached blocks' bytes (max_cached_bytes)
+/// and through exact_lru of range(0) blocks, in lockstep (or, under a quota, through the prefix
+/// cache alone: `Pressure`). Counters: hit rates, the footprint at idle moments and while busy,
+/// bytes back per block evicted.
+template <class Layout, pressure Pressure = pressure::bound>
 void shared_prefix_trace(benchmark::State& state) {
+    constexpr bool bounded = Pressure == pressure::bound;
+    using trace_cache_t = std::conditional_t<bounded, cache_t<Layout>, quota_cache_t<Layout>>;
     const auto bound_blocks = static_cast<std::size_t>(state.range(0));
     const auto waves = static_cast<std::size_t>(state.range(1));
     for (auto _ : state) {
-        cache_t<Layout> c(geometry);
         std::size_t block_bytes = 0;
         Layout::for_each_piece(geometry, 0, [&](std::size_t, std::size_t b) { block_bytes += b; });
-        prefix_t<Layout> pc(c, {.max_cached_bytes = bound_blocks * block_bytes});
-        exact_lru ref(bound_blocks);
+        std::optional<vmmpp::budget> budget;
+        std::optional<trace_cache_t> cache;
+        if constexpr (bounded) {
+            cache.emplace(geometry);
+        } else {
+            budget.emplace(bound_blocks * block_bytes);
+            cache.emplace(geometry, vmmpp::host::options{}, vmmpp::page_granular{},
+                          budget->register_model("kv", bound_blocks * block_bytes));
+        }
+        trace_cache_t& c = *cache;
+        vmmpp::prefix_cache<trace_cache_t> pc(
+            c, {.max_cached_bytes = bounded ? bound_blocks * block_bytes : std::numeric_limits<std::size_t>::max()});
+        std::size_t reclaim_rounds = 0;
+        // An append: prefix_cache's (its refusal path), or page groups evicted here.
+        const auto grow = [&](vmmpp::seq_id seq, std::size_t n) {
+            if constexpr (Pressure != pressure::quota_page_groups) {
+                pc.append(seq, n);
+            } else {
+                for (;;) {
+                    try {
+                        c.append(seq, n);
+                        return;
+                    } catch (const vmmpp::over_quota& e) {
+                        ++reclaim_rounds;
+                        const std::size_t room = e.limit() > e.in_use() ? e.limit() - e.in_use() : 0;
+                        const std::size_t short_by = e.requested() > room ? e.requested() - room : block_bytes;
+                        if (pc.evict_bytes(short_by).blocks.empty() &&
+                            pc.evict((short_by + block_bytes - 1) / block_bytes).blocks.empty()) {
+                            throw;
+                        }
+                    }
+                }
+            }
+        };
+        exact_lru ref(bounded ? bound_blocks : std::numeric_limits<std::size_t>::max());
         const trace tr = make_trace(20261207, waves);
         std::mt19937_64 think_rng(tr.think_seed);
         std::exponential_distribution<double> think(1.0 / 300);
@@ -404,6 +514,7 @@ void shared_prefix_trace(benchmark::State& state) {
         };
         std::vector<double> idle_ratios, busy_ratios;
         std::size_t evicted = 0, committed_drop = 0, freed_page_bytes = 0, requests = 0, max_live_blocks = 0;
+        std::size_t moved = 0, compactions_moving = 0;
         const std::size_t block_tokens = geometry.block_tokens;
 
         for (const auto& wave : tr.waves) {
@@ -436,7 +547,7 @@ void shared_prefix_trace(benchmark::State& state) {
                     const std::span<const std::int32_t> asked(r.tokens.data(), r.tokens.size() - 1);
                     const auto a = pc.attach(asked);
                     r.seq = a.seq;
-                    pc.append(r.seq, r.tokens.size() - a.cached_tokens);
+                    grow(r.seq, r.tokens.size() - a.cached_tokens);
                     pc.publish(r.seq, r.tokens);
                     const auto asked_keys = keys_of(asked);
                     ref.attach(asked_keys, r.held);
@@ -448,7 +559,7 @@ void shared_prefix_trace(benchmark::State& state) {
                     auto& r = live[i];
                     auto& ss = sessions[r.session];
                     r.tokens.push_back(random_tokens(ss.rng, 1)[0]);
-                    pc.append(r.seq, 1);
+                    grow(r.seq, 1);
                     const bool done = --r.answer_left == 0;
                     if (r.tokens.size() % block_tokens == 0 || done) {
                         pc.publish(r.seq, r.tokens);
@@ -459,14 +570,20 @@ void shared_prefix_trace(benchmark::State& state) {
                         continue;
                     }
                     max_live_blocks = std::max(max_live_blocks, c.used_blocks());
-                    // pc.free(seq) is kv_cache::free then trim(); split so trim's evictions and
-                    // the committed bytes they give back are seen alone.
+                    // pc.free(seq) is kv_cache::free, then trim() (evictions, then compaction
+                    // if it evicted), else compact(); split so the committed bytes those give
+                    // back are seen alone.
                     c.free(r.seq);
                     const std::size_t before = c.pool().committed_bytes();
-                    const auto ev = pc.trim();
+                    auto ev = pc.trim();
+                    if (ev.blocks.empty()) {
+                        ev = pc.compact();
+                    }
                     committed_drop += before - c.pool().committed_bytes();
                     evicted += ev.blocks.size();
                     freed_page_bytes += ev.freed_page_bytes;
+                    moved += ev.moved_blocks;
+                    compactions_moving += ev.moved_blocks > 0 ? 1 : 0;
                     ref.free(r.held);
                     ss.history = std::move(r.tokens);
                     if (++ss.turn < wave[r.session].turns) {
@@ -505,11 +622,15 @@ void shared_prefix_trace(benchmark::State& state) {
         state.counters["bytes_back_per_block"] = static_cast<double>(committed_drop) / static_cast<double>(std::max<std::size_t>(evicted, 1));
         state.counters["bytes_back_over_block_bytes"] =
             static_cast<double>(committed_drop) / static_cast<double>(std::max<std::size_t>(evicted, 1) * block_bytes);
+        state.counters["moves"] = static_cast<double>(s.moves);
+        state.counters["moves_per_eviction"] = static_cast<double>(moved) / static_cast<double>(std::max<std::size_t>(evicted, 1));
+        state.counters["compactions_moving"] = static_cast<double>(compactions_moving);
         state.counters["freed_page_bytes_match"] = freed_page_bytes == committed_drop ? 1 : 0;
         state.counters["block_bytes"] = static_cast<double>(block_bytes);
         state.counters["requests"] = static_cast<double>(requests);
         state.counters["max_used_blocks"] = static_cast<double>(max_live_blocks);
-        if (s.evictions != evicted) {
+        state.counters["reclaim_rounds"] = static_cast<double>(reclaim_rounds);
+        if (bounded && (s.evictions != evicted || s.moves != moved)) {
             state.SkipWithError("evictions outside the trims after free: the split accounting misses some");
         }
     }
@@ -533,9 +654,19 @@ void register_layout(double min_time) {
     cost("publish_2048", publish_2048<L>);
     cost("evict_2048/batch", evict_2048<L, false>);
     cost("evict_2048/one_at_a_time", evict_2048<L, true>);
+    cost("compact_holes/untouched", compact_holes<L, false>);
+    cost("compact_holes/written", compact_holes<L, true>);
     // Bounds of 256 and 1,024 cached blocks (128 and 512 MiB), 4 waves of 40 sessions: one pass.
     auto* b = benchmark::RegisterBenchmark(("shared_prefix_trace/" + layout).c_str(), shared_prefix_trace<L>);
     b->ArgNames({"bound_blocks", "waves"})->Args({256, 4})->Args({1024, 4})->Iterations(1)->Unit(benchmark::kMillisecond);
+    // A quota of 1,536 and 2,048 blocks (768 MiB, 1 GiB), no bound: evict_bytes' page groups
+    // against LRU evictions then compaction, when an append is refused memory.
+    using trace_fn = void (*)(benchmark::State&);
+    for (const auto& [name, fn] : {std::pair<const char*, trace_fn>{"page_groups", shared_prefix_trace<L, pressure::quota_page_groups>},
+                                   std::pair<const char*, trace_fn>{"lru_compact", shared_prefix_trace<L, pressure::quota_lru_compact>}}) {
+        auto* q = benchmark::RegisterBenchmark(("shared_prefix_trace_quota/" + std::string(name) + "/" + layout).c_str(), fn);
+        q->ArgNames({"quota_blocks", "waves"})->Args({1536, 4})->Args({2048, 4})->Iterations(1)->Unit(benchmark::kMillisecond);
+    }
 }
 
 } // namespace

@@ -341,12 +341,13 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_append(vmmpp_kv_prefix* prefix, uin
 /** As vmmpp_kv_prefix_append, the append's work queued on `stream` (a cudaStream_t). */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_append_on_stream(vmmpp_kv_prefix* prefix, uint64_t seq,
                                                               uint64_t n_tokens, void* stream, uint64_t* first);
-/** vmmpp_kv_free, then the bound (max_cached_bytes) is kept: the sequence's cached blocks stay. */
+/** vmmpp_kv_free, then the bound (max_cached_bytes) is kept, then cached blocks no sequence holds
+ *  are compacted into free ids where that empties pages: the sequence's cached blocks stay. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_free(vmmpp_kv_prefix* prefix, uint64_t seq);
 /** As vmmpp_kv_prefix_free, for blocks that work queued on `stream` (a cudaStream_t) may still read. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_free_on_stream(vmmpp_kv_prefix* prefix, uint64_t seq, void* stream);
-/** Evicts n_blocks cached blocks no sequence holds (or all there are), whole page groups first,
- *  then oldest first. *count (may be NULL) gets how many went; the first min(capacity, count)
+/** Evicts n_blocks cached blocks no sequence holds (or all there are), least recently used
+ *  first. *count (may be NULL) gets how many went; the first min(capacity, count)
  *  ids go to blocks (NULL only with capacity 0) and their keys to keys (may be NULL). The
  *  eviction is done whatever the capacity: a capacity of the geometry's max_blocks is always
  *  enough. *freed_page_bytes (may be NULL) gets the bytes of pool pages no live or cached block

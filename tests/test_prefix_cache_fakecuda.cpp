@@ -1,11 +1,15 @@
 // prefix_cache on the fake driver (support/fakecuda; CI runs it for real): a cached block evicted
 // right after its sequence was freed on a stream whose reads are still queued keeps its memory
 // until that stream ran, whatever stream the eviction itself names: the fence free left on the
-// block stays with it (kv_cache::release_block drops the prefix cache's reference in stream order).
+// block stays with it (kv_cache::release_block drops the prefix cache's reference in stream order);
+// and compaction's move of a cached block into a freed id, on another stream than the engine's,
+// waits for the engine's last write of the block and last read of the id, and unmaps the old
+// page only after the copy.
 #define BOOST_TEST_MODULE prefix cache on the fake driver
 #include "support/cpu_main.hpp"
 
 #include <cstring>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -26,6 +30,37 @@ constexpr vmmpp::kv_geometry geom{.layers = 8, .kv_heads = 2, .head_dim = 64, .t
 constexpr std::size_t piece = 16 * 2 * 64 * 2;
 constexpr std::size_t budget_bytes = std::size_t{16} << 20;
 using cache_t = vmmpp::kv_cache<vmmpp::elastic_page_config, vmmpp::block_major>;
+
+// 2 layers: a block_major block of 16 KiB, 4 blocks a fake page.
+constexpr vmmpp::kv_geometry small_geom{.layers = 2, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,
+                                        .block_tokens = 16, .max_blocks = 64};
+
+/// Queues on `stream` a write of `value` into every K and V piece of `block` (the engine's last
+/// step writing its tokens), from host buffers that live until the end of the program.
+void write_block(const cache_t& c, std::int32_t block, unsigned char value, CUstream stream) {
+    static std::vector<std::unique_ptr<std::vector<unsigned char>>> sources;
+    sources.push_back(std::make_unique<std::vector<unsigned char>>(piece, value));
+    vmmpp::primary_context context{0};
+    vmmpp::scoped_context current(context);
+    for (std::uint32_t l = 0; l < c.geometry().layers; ++l) {
+        for (const std::byte* p : {c.key(l, block), c.value(l, block)}) {
+            vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(p),
+                                                                    reinterpret_cast<CUdeviceptr>(sources.back()->data()),
+                                                                    piece, stream),
+                                 "cuMemcpyAsync(test write)");
+        }
+    }
+}
+
+/// A sequence of `blocks` new blocks through the prefix cache, each filled with `value`.
+vmmpp::seq_id filled(vmmpp::prefix_cache<cache_t>& pc, const std::vector<std::int32_t>& tokens, unsigned char value) {
+    const auto [s, cached] = pc.attach(tokens);
+    pc.append(s, tokens.size() - cached);
+    for (std::int32_t b : pc.cache().block_table(s)) {
+        vmmpp_test::fill_block_pieces(pc.cache(), b, value, piece);
+    }
+    return s;
+}
 
 void fill_block(cache_t& c, std::int32_t b, unsigned char value) {
     for (std::uint32_t l = 0; l < geom.layers; ++l) {
@@ -83,6 +118,62 @@ BOOST_AUTO_TEST_CASE(evict_right_after_free_waits_for_the_freeing_stream) {
     BOOST_TEST(c.pool().stats().awaiting_gpu_units == 0u);
     BOOST_TEST(fakecuda::mapped_bytes() < mapped);  // and now the page went back
     BOOST_TEST(pc.lookup(tokens) == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(compaction_moves_after_the_engines_last_write_and_read) {
+    vmmpp::budget budget{budget_bytes};
+    cache_t c{small_geom, {}, {}, budget.register_model("kv", budget_bytes)};
+    vmmpp::prefix_cache<cache_t> pc(c);
+    fakecuda::stream reader, engine;  // non-blocking: not ordered with the legacy stream compact uses
+    auto tokens = [](std::size_t n, std::int32_t first) {
+        std::vector<std::int32_t> t(n);
+        for (std::size_t i = 0; i < n; ++i) {
+            t[i] = first + static_cast<std::int32_t>(i);
+        }
+        return t;
+    };
+    const auto pinned = filled(pc, tokens(16, 0), 0x01);       // block 0, live: page 0 stays
+    const auto hole = filled(pc, tokens(16, 100), 0x44);       // block 1: freed, its reads queued
+    const auto padding = filled(pc, tokens(32, 200), 0x02);    // blocks 2, 3, live
+    const auto moving = filled(pc, tokens(16, 300), 0x22);     // block 4, alone on page 1: cached
+    BOOST_TEST_REQUIRE(c.block_table(hole)[0] == 1);
+    BOOST_TEST_REQUIRE(c.block_table(moving)[0] == 4);
+    BOOST_TEST(pc.publish(moving, tokens(16, 300)) == 1u);
+
+    fakecuda::hold_gpu(true);
+    queued_reads reads(reader);
+    reads.read_block(c, 1, piece);  // one request's last step reads block 1
+    c.free(hole, reader);
+    write_block(c, 4, 0x33, engine);  // another's writes block 4's last tokens
+    c.free(moving, engine);
+    const std::size_t mapped = fakecuda::mapped_bytes();
+
+    const auto r = pc.compact();  // on the cache's own (legacy) stream
+    BOOST_TEST(r.moved_blocks == 1u);
+    BOOST_TEST(r.freed_page_bytes == c.pool().page_bytes());
+    BOOST_TEST(*pc.block_of(*pc.key_of(1)) == 1);  // the key follows its block to id 1
+    BOOST_TEST(!pc.key_of(4).has_value());
+    BOOST_TEST(c.block_refs(4) == 0u);
+    (void)c.collect();
+    BOOST_TEST(fakecuda::mapped_bytes() == mapped);  // page 1 stays mapped under the queued copy
+
+    fakecuda::run_stream(nullptr);  // the copy's stream alone: it waits for both
+    BOOST_TEST(vmmpp_test::differing_bytes(c, 1, 0x44, piece) == 0u);  // not written under the reads
+    fakecuda::run_stream(reader);  // the reads of block 1 run
+    BOOST_TEST(reads.differing(0x44) == 0u);
+    fakecuda::run_stream(nullptr);  // the copy still waits for the engine's write of its source
+    (void)c.collect();
+    BOOST_TEST(fakecuda::mapped_bytes() == mapped);
+    BOOST_TEST(vmmpp_test::differing_bytes(c, 1, 0x44, piece) == 0u);
+
+    fakecuda::hold_gpu(false);  // the engine's write runs, then the copy
+    BOOST_TEST(fakecuda::sticky_error() == CUDA_SUCCESS);
+    BOOST_TEST(vmmpp_test::differing_bytes(c, 1, 0x33, piece) == 0u);  // the copy saw the engine's write
+    (void)c.collect();
+    BOOST_TEST(fakecuda::mapped_bytes() < mapped);  // and page 1 went back after it
+    BOOST_TEST(pc.lookup(tokens(16, 300)) == 16u);
+    c.free(pinned);
+    c.free(padding);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

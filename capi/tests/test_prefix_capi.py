@@ -154,7 +154,7 @@ class PrefixCapiTest(unittest.TestCase):
             ev = pc.evict(5)
             self.assertEqual(ev, vmmpp_kv.Eviction([], [], 0))
             pc.free(s)
-            # The group of the page (5 blocks) is larger than 2: single blocks, the prompt's tail first.
+            # Least recently used first: the prompt's tail.
             ev = pc.evict(2)
             self.assertEqual(ev.blocks, [table[4], table[3]])
             self.assertEqual(ev.keys, [key_of[table[4]], key_of[table[3]]])

@@ -237,6 +237,35 @@ public:
         blocks_.retain(block);
     }
 
+    /// The lowest free block id, live with one reference the caller holds (release_block drops
+    /// it), its memory held; work queued on `stream` after the call may write it (the reads
+    /// queued before its last free come first, as append's). For moving a block's bytes to a
+    /// lower id (vmmpp/kv/relocate.hpp).
+    /// Throws: invalid_argument (a layout that cannot share blocks), cache_asleep, out_of_blocks,
+    /// over_quota, out_of_memory, retired_memory, cuda_error. Guarantee: strong.
+    [[nodiscard]] std::int32_t take_block(cudaStream_t stream) {
+        sleep_.refuse("take_block");  // no memory to hold
+        check_shares("take_block");   // a block no sequence holds: only where blocks can be shared
+        if (blocks_.free_blocks() == 0) {
+            throw out_of_blocks(1, 0, blocks_.max_blocks());
+        }
+        const std::int32_t one[1] = {blocks_.allocate(0, 0)};
+        bool held = false;
+        try {
+            const auto prepaid = pool_.prepay(memory_.merged_pieces(one));
+            memory_.hold(one[0]);
+            held = true;
+            memory_.order_writes_after_reads(one, stream);
+        } catch (...) {
+            blocks_.release(one[0]);
+            if (held) {
+                memory_.unhold_noexcept(one[0], pool_fence{});  // nothing was queued on it
+            }
+            throw;
+        }
+        return one[0];
+    }
+
     /// Drops one reference taken by retain_block, as free() drops a sequence's: if it was the
     /// last, the block's memory goes back after the work queued on `stream` (by default
     /// kv_cache_options::stream) and after every stream that read the block before (the fences

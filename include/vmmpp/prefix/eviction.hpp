@@ -10,6 +10,7 @@
 #include <list>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 #include "vmmpp/error.hpp"
 
@@ -26,6 +27,8 @@ struct eviction_visitor {
 /// - `insert(block)`: a block enters the cache (strong: a throw leaves the policy as it was);
 /// - `touch(block)`: a cached block was used now (a hit, a publish); never throws;
 /// - `erase(block)`: a cached block left the cache; never throws;
+/// - `replace(from, to)`: cached block `from` now lives at id `to` (compaction moved it; `to` is
+///   not in the policy), keeping its place in the order; never throws;
 /// - `for_each_oldest(f)` (const): calls f(block) for every cached block, the first to evict
 ///   first, until f returns false;
 /// - `size()`: how many blocks it orders.
@@ -35,6 +38,7 @@ concept eviction_policy = std::default_initializable<P> &&
                               p.insert(block);
                               { p.touch(block) } noexcept;
                               { p.erase(block) } noexcept;
+                              { p.replace(block, block) } noexcept;
                               cp.for_each_oldest(f);
                               { cp.size() } -> std::same_as<std::size_t>;
                           };
@@ -65,6 +69,13 @@ public:
         if (auto it = where_.find(block); it != where_.end()) {
             order_.erase(it->second);
             where_.erase(it);
+        }
+    }
+    void replace(std::int32_t from, std::int32_t to) noexcept {
+        if (auto node = where_.extract(from); !node.empty()) {
+            *node.mapped() = to;
+            node.key() = to;
+            where_.insert(std::move(node));  // as many entries as before: no rehash, no allocation
         }
     }
     template <class F>
