@@ -162,6 +162,34 @@ BOOST_AUTO_TEST_CASE(a_model_limit_refusal_takes_nothing) {
     BOOST_TEST(lend.stats().lends == 0u);
 }
 
+// With adaptive_extents (elastic_config's growth) a prompt's pages are one extent, and an extent
+// goes back only whole: to give B one page, A's lender is asked again until the whole extent is
+// empty (4 pages evicted for 1 needed). B still gets its page, and what A evicted beyond the need
+// is back in the budget. A measured limit of page-level lending over extents.
+BOOST_AUTO_TEST_CASE(over_extents_a_lender_empties_whole_extents) {
+    using ext_cache_t = vmmpp::kv_cache<host_adaptive_config>;
+    using ext_prefix_t = vmmpp::prefix_cache<ext_cache_t>;
+    vmmpp::budget budget(8 * page);
+    ext_cache_t a(g, {}, vmmpp::adaptive_extents{.spare_pages = 0}, budget.register_model("a", 8 * page));
+    ext_cache_t b(g, {}, vmmpp::adaptive_extents{.spare_pages = 0}, budget.register_model("b", 8 * page));
+    ext_prefix_t pa(a);
+    vmmpp::prefix_lending<ext_prefix_t> lend(pa);
+    const auto tokens = prompt(1, 4 * tokens_per_page);
+    {
+        const auto s = a.add_sequence();
+        pa.append(s, tokens.size());  // one extent of 4 pages
+        pa.publish(s, tokens);
+        pa.free(s);
+    }
+    BOOST_TEST(a.pool().stats().commits == 1u);
+    const auto sb = b.add_sequence();
+    b.append(sb, 4 * tokens_per_page);
+    BOOST_CHECK_NO_THROW(b.append(sb, tokens_per_page));
+    BOOST_TEST(lend.stats().lent_blocks == 16u);  // the whole extent, not the one page needed
+    BOOST_TEST(lend.stats().lends == 4u);         // asked once per page until the extent emptied
+    BOOST_TEST(budget.stats().committed == 5 * page);
+}
+
 // A's owner thread keeps attaching, appending, publishing and freeing through the lending
 // wrappers while B's thread grows and shrinks past the global limit, taking A's cached pages.
 // Both stay consistent; under TSan, race free.
