@@ -35,8 +35,9 @@ struct lending_stats {
 /// models of its pool's budget may reclaim (vmmpp::cache_reclaiming_quota), until it goes.
 ///
 /// Locking contract. The reclaim runs on another thread (the refused model's, or a process
-/// budget's watcher) while the owner may be using its caches, so this object owns a mutex and
-/// the reclaim evicts only while holding it: it waits for it at most `wait` (0 for another
+/// budget's watcher) while the owner may be using its caches, so the reclaim evicts only while
+/// holding the owner's mutex (this object's own, or one the engine already serialises its
+/// calls with, given to the constructor: the C ABI passes its cache's): it waits for it at most `wait` (0 for another
 /// process's request: detail::reclaim_without_waiting), then skips this cache (the refused
 /// commit goes on to the next lender, or over_quota). The owner must hold the same lock around
 /// EVERY call on the prefix cache and its kv_cache, reads included (block_table, tokens,
@@ -79,20 +80,22 @@ public:
     /// model with a cache-reclaimer slot of its own).
     /// Throws: std::bad_alloc (nothing registered).
     explicit prefix_lending(Prefix& prefix, std::chrono::milliseconds wait = default_wait)
-        : prefix_(prefix), wait_(wait), quota_(prefix.cache().pool().quota()) {
-        quota_.set_cache_reclaimer([this](std::size_t bytes) noexcept { return lend(bytes); });
-    }
+        : prefix_lending(prefix, nullptr, wait) {}
+    /// The same, the reclaim locking `owner_mutex` (the mutex every call of the engine on the
+    /// caches already holds; lock() and the wrappers lock it too). It must outlive this object.
+    prefix_lending(Prefix& prefix, std::mutex& owner_mutex, std::chrono::milliseconds wait = default_wait)
+        : prefix_lending(prefix, &owner_mutex, wait) {}
     prefix_lending(const prefix_lending&) = delete;
     prefix_lending& operator=(const prefix_lending&) = delete;
     /// Unregisters; waits for a reclaim in progress. Do not hold lock() here.
     ~prefix_lending() { quota_.clear_cache_reclaimer(); }
 
     /// The owner's lock (see the class comment): hold it around any call on the caches.
-    [[nodiscard]] std::unique_lock<std::mutex> lock() { return std::unique_lock(mutex_); }
+    [[nodiscard]] std::unique_lock<std::mutex> lock() { return std::unique_lock(*mutex_); }
     /// f(prefix cache) under the lock.
     template <class F>
     decltype(auto) with(F&& f) {
-        std::lock_guard held(mutex_);
+        std::lock_guard held(*mutex_);
         return std::forward<F>(f)(prefix_);
     }
 
@@ -126,10 +129,16 @@ public:
     [[nodiscard]] std::chrono::milliseconds wait() const noexcept { return wait_; }
 
 private:
+    prefix_lending(Prefix& prefix, std::mutex* owner_mutex, std::chrono::milliseconds wait)
+        : prefix_(prefix), wait_(wait), mutex_(owner_mutex != nullptr ? owner_mutex : &own_mutex_),
+          quota_(prefix.cache().pool().quota()) {
+        quota_.set_cache_reclaimer([this](std::size_t bytes) noexcept { return lend(bytes); });
+    }
+
     /// The cache reclaimer: evicts whole page groups until `bytes` of pages are empty (or none is
     /// left), under the owner's lock. Returns the page bytes emptied.
     std::size_t lend(std::size_t bytes) noexcept {
-        std::unique_lock held(mutex_, std::defer_lock);
+        std::unique_lock held(*mutex_, std::defer_lock);
         const auto give_up = std::chrono::steady_clock::now() +
                              (detail::reclaim_without_waiting ? std::chrono::milliseconds(0) : wait_);
         while (!held.try_lock()) {
@@ -160,7 +169,8 @@ private:
 
     Prefix& prefix_;
     std::chrono::milliseconds wait_;
-    std::mutex mutex_;
+    std::mutex own_mutex_;  // the owner's lock unless one was given
+    std::mutex* mutex_;
     std::atomic<std::uint64_t> lends_{0}, lent_blocks_{0}, busy_{0};
     std::atomic<std::size_t> lent_bytes_{0};
     quota_type quota_;  // last: unregistered first, while the members its reclaimer uses live
