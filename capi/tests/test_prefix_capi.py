@@ -320,6 +320,7 @@ class PrefixCapiTest(unittest.TestCase):
             finally:
                 child.stdin.close()
                 self.assertEqual(child.wait(timeout=30), 0)
+                child.stdout.close()
                 vmmpp_kv.remove_process_budget(budget)
         with cache() as c:
             with self.assertRaisesRegex(vmmpp_kv.VmmppError,
