@@ -105,9 +105,10 @@ std::size_t call_reclaimers(Mutex& registry_mutex, const Reclaimers& registered,
 }
 
 /// The cache-reclaim step of a refused request of `bytes` (see vmmpp::cache_reclaiming_quota):
-/// `room()` gives the (model, limit-that-refused) bytes left now; `run(target_left, model_of)`
-/// asks the chosen cache reclaimers in turn. Returns the room gained, or the room found when the
-/// request fits already; 0 when the model's own limit refuses or nothing came back.
+/// `room()` gives the bytes left now under the model's own limit and under the global one;
+/// `run()` asks the chosen cache reclaimers in turn (evict_until_room each). Returns the room
+/// gained, or the room found when the request fits already; 0 when the model's own limit refuses
+/// or nothing came back.
 template <class Room, class Run>
 std::size_t reclaim_cached_for(std::size_t bytes, Room room, Run run) noexcept {
     const auto [model_left, global_left] = room();
