@@ -199,6 +199,11 @@ BOOST_AUTO_TEST_CASE(the_owner_works_while_another_model_reclaims) {
     cache_t b = make_cache(budget, "b", 12 * page);
     prefix_t pa(a);
     lending_t lend(pa);
+    // A's 6 prompts fill the budget first: B's first growth must take from A's cache.
+    for (std::uint32_t k = 0; k < 6; ++k) {
+        cache_prompt(a, pa, prompt(static_cast<std::int32_t>(k) * 10000, 2 * tokens_per_page), k);
+    }
+    BOOST_TEST(budget.stats().committed == 12 * page);
     std::atomic<bool> stop{false};
     std::atomic<std::uint64_t> b_grew{0}, b_refused{0}, a_refused{0}, a_bad{0};
 

@@ -91,10 +91,15 @@ public:
     ~prefix_lending() { quota_.clear_cache_reclaimer(); }
 
     /// The owner's lock (see the class comment): hold it around any call on the caches.
-    [[nodiscard]] std::unique_lock<std::mutex> lock() { return std::unique_lock(*mutex_); }
-    /// f(prefix cache) under the lock.
+    /// A reclaim waiting for it goes first (see give_way).
+    [[nodiscard]] std::unique_lock<std::mutex> lock() {
+        give_way();
+        return std::unique_lock(*mutex_);
+    }
+    /// f(prefix cache) under the lock (a waiting reclaim first).
     template <class F>
     decltype(auto) with(F&& f) {
+        give_way();
         std::lock_guard held(*mutex_);
         return std::forward<F>(f)(prefix_);
     }
@@ -135,18 +140,39 @@ private:
         quota_.set_cache_reclaimer([this](std::size_t bytes) noexcept { return lend(bytes); });
     }
 
+    /// Before the owner takes its lock: while a reclaim polls for it, yields (up to the wait).
+    /// A std::mutex is not fair, and an owner calling in a loop would win it every time: the
+    /// reclaim would skip a cache that is busy only between short calls.
+    void give_way() const noexcept {
+        if (waiting_.load(std::memory_order_acquire) == 0) {
+            return;
+        }
+        const auto until = std::chrono::steady_clock::now() + wait_;
+        while (waiting_.load(std::memory_order_acquire) > 0 && std::chrono::steady_clock::now() < until) {
+            std::this_thread::yield();
+        }
+    }
+
     /// The cache reclaimer: evicts whole page groups until `bytes` of pages are empty (or none is
     /// left), under the owner's lock. Returns the page bytes emptied.
     std::size_t lend(std::size_t bytes) noexcept {
         std::unique_lock held(*mutex_, std::defer_lock);
-        const auto give_up = std::chrono::steady_clock::now() +
-                             (detail::reclaim_without_waiting ? std::chrono::milliseconds(0) : wait_);
-        while (!held.try_lock()) {
-            if (std::chrono::steady_clock::now() > give_up) {
+        if (!held.try_lock()) {
+            if (detail::reclaim_without_waiting) {
                 busy_.fetch_add(1);
                 return 0;
             }
-            std::this_thread::sleep_for(std::chrono::microseconds(20));
+            const auto give_up = std::chrono::steady_clock::now() + wait_;
+            waiting_.fetch_add(1, std::memory_order_acq_rel);
+            bool got = false;
+            while (!(got = held.try_lock()) && std::chrono::steady_clock::now() <= give_up) {
+                std::this_thread::sleep_for(std::chrono::microseconds(20));
+            }
+            waiting_.fetch_sub(1, std::memory_order_acq_rel);
+            if (!got) {
+                busy_.fetch_add(1);
+                return 0;
+            }
         }
         std::size_t evicted = 0;
         std::size_t emptied = 0;
@@ -172,6 +198,7 @@ private:
     std::mutex own_mutex_;  // the owner's lock unless one was given
     std::mutex* mutex_;
     std::atomic<std::uint64_t> lends_{0}, lent_blocks_{0}, busy_{0};
+    std::atomic<unsigned> waiting_{0};  // reclaims polling for the owner's lock now
     std::atomic<std::size_t> lent_bytes_{0};
     quota_type quota_;  // last: unregistered first, while the members its reclaimer uses live
 };
