@@ -36,10 +36,11 @@ struct lending_stats {
 ///
 /// Locking contract. The reclaim runs on another thread (the refused model's, or a process
 /// budget's watcher) while the owner may be using its caches, so the reclaim evicts only while
-/// holding the owner's mutex (this object's own, or one the engine already serialises its
-/// calls with, given to the constructor: the C ABI passes its cache's): it waits for it at most `wait` (0 for another
-/// process's request: detail::reclaim_without_waiting), then skips this cache (the refused
-/// commit goes on to the next lender, or over_quota). The owner must hold the same lock around
+/// holding the owner's mutex (this object's own, or one the engine already serialises its calls
+/// with, given to the constructor: the C ABI passes its cache's). It waits for it at most `wait`
+/// (not at all for another process's request: detail::reclaim_without_waiting), then skips this
+/// cache (the refused commit goes on to the next lender, or over_quota); meanwhile the owner's
+/// lock(), with() and wrappers yield to it (give_way). The owner must hold the same lock around
 /// EVERY call on the prefix cache and its kv_cache, reads included (block_table, tokens,
 /// lookup, stats, address: eviction changes the block tables and the prefix maps they read):
 /// use the wrappers below (append, free, fork, truncate, publish, attach, lookup), `with`,
@@ -60,8 +61,9 @@ struct lending_stats {
 /// at the lender pool's next collect, release or reclaim, so the refused caller should retry
 /// (prefix_cache::append's own retries, or the engine's next step).
 ///
-/// Must outlive no one: it unregisters in its destructor (waiting for a reclaim in progress),
-/// and must go before the prefix cache. Not copyable or movable (the reclaimer points at it).
+/// Lifetime: it must go before the prefix cache and the owner's mutex; its destructor
+/// unregisters, waiting for a reclaim in progress (do not hold the lock there). Not copyable or
+/// movable (the registered reclaimer points at it).
 template <class Prefix>
 class prefix_lending {
 public:
@@ -71,6 +73,8 @@ public:
     static_assert(cache_reclaiming_quota<quota_type>,
                   "vmmpp::prefix_lending: the pool's quota lends nothing to other models (not a vmmpp::cache_reclaiming_quota: "
                   "use vmmpp::shared_budget or vmmpp::process_quota)");
+    static_assert(cache_type::pool_type::growth_type::is_elastic,
+                  "vmmpp::prefix_lending: a preallocated pool gives no memory back, so evicting its blocks lends nothing");
 
     /// How long a reclaim waits for the owner's lock by default: as long as a pool's
     /// (elastic_pool::reclaim_wait).
