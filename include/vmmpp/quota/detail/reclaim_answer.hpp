@@ -8,6 +8,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "vmmpp/quota/concept.hpp"
@@ -181,26 +183,33 @@ inline std::size_t serve_requests(const segment& s) noexcept {
         if (given < want) {
             // Then this process's cached blocks (prefix_lending), about the rest of what was
             // asked, measured by what this process's records hold.
-            const auto held = [&]() noexcept -> std::size_t {
+            const auto held = [&]() noexcept -> std::optional<std::size_t> {
+                if (s.mutex().lock_or_error() != 0) {
+                    return std::nullopt;
+                }
+                std::lock_guard lock(s.mutex(), std::adopt_lock);
                 std::size_t bytes = 0;
-                if (s.mutex().lock_or_error() == 0) {
-                    std::lock_guard lock(s.mutex(), std::adopt_lock);
-                    const record_slot* r = s.records();
-                    for (std::uint32_t k = 0; k < s.max_records(); ++k) {
-                        bytes += r[k].pid != 0 && identity_of(r[k]) == me ? r[k].bytes : 0;
-                    }
+                const record_slot* r = s.records();
+                for (std::uint32_t k = 0; k < s.max_records(); ++k) {
+                    bytes += r[k].pid != 0 && identity_of(r[k]) == me ? r[k].bytes : 0;
                 }
                 return bytes;
             };
-            const std::size_t before = held();
+            const std::optional<std::size_t> before = held();
             const auto room = [&]() noexcept {
-                const std::size_t now = held();
-                return std::pair<std::size_t, std::size_t>(SIZE_MAX, before > now ? before - now : 0);
+                const std::optional<std::size_t> now = held();
+                if (!before || !now) {
+                    return std::pair<std::size_t, std::size_t>(SIZE_MAX, SIZE_MAX);  // no measure: stop evicting
+                }
+                return std::pair<std::size_t, std::size_t>(SIZE_MAX, *before > *now ? *before - *now : 0);
             };
-            (void)run_local_cache_reclaimers(s, want - given, room, [&](const local_cache_reclaimer& r) {
-                return all || (r.model < wanted.size() && wanted[r.model]);
-            });
-            given += room().second;
+            if (before) {
+                (void)run_local_cache_reclaimers(s, want - given, room, [&](const local_cache_reclaimer& r) {
+                    return all || (r.model < wanted.size() && wanted[r.model]);
+                });
+                const std::pair<std::size_t, std::size_t> gained = room();
+                given += gained.second != SIZE_MAX ? gained.second : 0;
+            }
         }
         detail::reclaim_without_waiting = was;
     }
