@@ -29,6 +29,7 @@
 #include "vmmpp/kv/cache.hpp"
 #include "vmmpp/kv/layout_list.hpp"
 #include "vmmpp/kv/transfer.hpp"
+#include "vmmpp/prefix/lending.hpp"
 #include "vmmpp/prefix/prefix_cache.hpp"
 #include "vmmpp/quota/process_budget.hpp"
 
@@ -64,12 +65,42 @@ public:
     virtual vmmpp::prefix_cache_stats stats() const = 0;
     virtual std::size_t block_bytes() const noexcept = 0;
     virtual std::vector<vmmpp::prefix_event> drain_events() = 0;
+    /// What lending gave other models (zeros when it does not lend).
+    virtual vmmpp::lending_stats lending_stats() const noexcept = 0;
+    /// Ends lending (waits for a reclaim in progress): called without the cache's mutex, before
+    /// the prefix cache goes.
+    virtual void stop_lending() noexcept = 0;
+};
+
+/// What a prefix_impl holds in place of a prefix_lending when its cache's quota cannot lend.
+struct no_lending {
+    [[nodiscard]] vmmpp::lending_stats stats() const noexcept { return {}; }
 };
 
 template <class Cache>
 class prefix_impl final : public prefix_base {
+    static constexpr bool can_lend = vmmpp::cache_reclaiming_quota<typename Cache::pool_type::quota_type> &&
+                                     Cache::pool_type::growth_type::is_elastic;
+    using lending_type =
+        std::conditional_t<can_lend, vmmpp::prefix_lending<vmmpp::prefix_cache<Cache>>, no_lending>;
+
 public:
-    prefix_impl(Cache& cache, const vmmpp::prefix_cache_options& options) : prefix_(cache, options) {}
+    /// `lend_under`: lend evictable blocks to other models and processes of the cache's budget
+    /// (vmmpp::prefix_lending), reclaims locking this mutex, the cache's (null: no lending).
+    /// Throws: invalid_argument when the cache's quota lends nothing.
+    prefix_impl(Cache& cache, const vmmpp::prefix_cache_options& options, std::mutex* lend_under)
+        : prefix_(cache, options) {
+        if (lend_under == nullptr) {
+            return;
+        }
+        if constexpr (can_lend) {
+            lending_ = std::make_unique<lending_type>(prefix_, *lend_under);
+        } else {
+            throw vmmpp::invalid_argument(
+                "vmmpp_kv_prefix_create_lending: the cache's memory is not charged to a budget shared with other "
+                "models (create it with vmmpp_kv_create_in_process_budget), so there is no one to lend to");
+        }
+    }
 
     std::size_t publish(vmmpp::seq_id seq, std::span<const std::int32_t> tokens,
                         std::span<const std::uint64_t> extra) override {
@@ -92,9 +123,15 @@ public:
     vmmpp::prefix_cache_stats stats() const override { return prefix_.stats(); }
     std::size_t block_bytes() const noexcept override { return prefix_.block_bytes(); }
     std::vector<vmmpp::prefix_event> drain_events() override { return prefix_.drain_events(); }
+    vmmpp::lending_stats lending_stats() const noexcept override {
+        return lending_ ? lending_->stats() : vmmpp::lending_stats{};
+    }
+    void stop_lending() noexcept override { lending_.reset(); }
 
 private:
     vmmpp::prefix_cache<Cache> prefix_;
+    /// After prefix_: unregistered before the prefix cache goes.
+    std::unique_ptr<lending_type> lending_;
 };
 
 /// What the C ABI needs of a cache, whatever its configuration and layout.
@@ -138,7 +175,8 @@ public:
     virtual void copy_blocks_to(std::span<const std::int32_t> src_blocks, cache_base& dst,
                                 std::span<const std::int32_t> dst_blocks, cudaStream_t stream) = 0;
     /// A prefix cache over this cache; layouts that cannot share blocks throw invalid_argument.
-    virtual std::unique_ptr<prefix_base> make_prefix(const vmmpp::prefix_cache_options& options) = 0;
+    /// `lend`: lending to the cache's budget (prefix_impl), under `mutex`.
+    virtual std::unique_ptr<prefix_base> make_prefix(const vmmpp::prefix_cache_options& options, bool lend) = 0;
 
     /// Serialises the calls made through handles (the cache is not thread safe by itself).
     std::mutex mutex;
@@ -230,14 +268,14 @@ public:
         }
         vmmpp::copy_blocks(cache_, src_blocks, same->cache_, dst_blocks, stream);
     }
-    std::unique_ptr<prefix_base> make_prefix(const vmmpp::prefix_cache_options& options) override {
+    std::unique_ptr<prefix_base> make_prefix(const vmmpp::prefix_cache_options& options, bool lend) override {
         if constexpr (vmmpp::sequence_slot_layout<Layout>) {
             throw vmmpp::invalid_argument(std::string("vmmpp_kv_prefix_create: the ") + Layout::name +
                                           " layout gives each sequence its own blocks, so no block can be shared; a "
                                           "prefix cache needs one of " +
                                           vmmpp::type_names<vmmpp::paged_kv_layouts>());
         } else {
-            return std::make_unique<prefix_impl<cache_type>>(cache_, options);
+            return std::make_unique<prefix_impl<cache_type>>(cache_, options, lend ? &mutex : nullptr);
         }
     }
 
@@ -1004,12 +1042,8 @@ void require_eviction_outputs(vmmpp_kv_prefix* prefix, const int32_t* blocks, ui
     require(prefix != nullptr && (blocks != nullptr || capacity == 0), what);
 }
 
-} // namespace
-
-extern "C" {
-
-vmmpp_kv_status vmmpp_kv_prefix_create(vmmpp_kv* kv, uint64_t max_cached_bytes, int record_events,
-                                       vmmpp_kv_prefix** out) {
+vmmpp_kv_status create_prefix(vmmpp_kv* kv, uint64_t max_cached_bytes, int record_events, bool lend,
+                              vmmpp_kv_prefix** out) {
     return guarded([&] {
         require(kv != nullptr && out != nullptr, "vmmpp_kv_prefix_create: null argument");
         auto handle = std::make_unique<vmmpp_kv_prefix>();
@@ -1023,9 +1057,34 @@ vmmpp_kv_status vmmpp_kv_prefix_create(vmmpp_kv* kv, uint64_t max_cached_bytes, 
         vmmpp::prefix_cache_options options;
         options.max_cached_bytes = static_cast<std::size_t>(max_cached_bytes);
         options.record_events = record_events != 0;
-        handle->prefix = kv->cache->make_prefix(options);
+        handle->prefix = kv->cache->make_prefix(options, lend);
         kv->cache->has_prefix = true;
         *out = handle.release();
+    });
+}
+
+} // namespace
+
+extern "C" {
+
+vmmpp_kv_status vmmpp_kv_prefix_create(vmmpp_kv* kv, uint64_t max_cached_bytes, int record_events,
+                                       vmmpp_kv_prefix** out) {
+    return create_prefix(kv, max_cached_bytes, record_events, false, out);
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_create_lending(vmmpp_kv* kv, uint64_t max_cached_bytes, int record_events,
+                                               vmmpp_kv_prefix** out) {
+    return create_prefix(kv, max_cached_bytes, record_events, true, out);
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_lending_stats_get(vmmpp_kv_prefix* prefix, vmmpp_kv_prefix_lending_stats* out) {
+    return guarded([&] {
+        require(prefix != nullptr && out != nullptr, "vmmpp_kv_prefix_lending_stats_get: null argument");
+        const vmmpp::lending_stats s = prefix->prefix->lending_stats();  // atomics: no lock needed
+        out->lends = s.lends;
+        out->lent_blocks = s.lent_blocks;
+        out->lent_bytes = s.lent_bytes;
+        out->busy = s.busy;
     });
 }
 
@@ -1033,6 +1092,8 @@ void vmmpp_kv_prefix_destroy(vmmpp_kv_prefix* prefix) {
     if (prefix == nullptr) {
         return;
     }
+    // Lending first, outside the lock: a reclaim in progress waits for that lock.
+    prefix->prefix->stop_lending();
     {
         // The prefix cache's destructor releases its blocks: a change to the cache, under its lock.
         std::lock_guard lock(prefix->cache->mutex);

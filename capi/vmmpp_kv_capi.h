@@ -316,8 +316,28 @@ typedef struct vmmpp_kv_prefix vmmpp_kv_prefix;
  *  lets the bytes pass the bound until the prefix cache's next call). */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_create(vmmpp_kv* kv, uint64_t max_cached_bytes, int record_events,
                                                     vmmpp_kv_prefix** out);
+/** As vmmpp_kv_prefix_create, and lends the cached blocks no sequence holds to the other models
+ *  and processes of the cache's budget (vmmpp::prefix_lending, vmmpp/prefix/lending.hpp): a
+ *  model whose commit the global limit refuses, after every spare is taken, evicts about what it
+ *  needs of them (whole pages, the oldest first) before it gets VMMPP_KV_OVER_QUOTA; another
+ *  process's request is served by this process's budget watcher, with no call here. Blocks of
+ *  live sequences are never lent. The reclaim evicts under the cache's mutex (the one every
+ *  vmmpp_kv_* call takes), waiting for it at most 20 ms (another process's request: not at all),
+ *  so this cache's calls stay serialised with it. A cache not charged to a budget shared with
+ *  others (not made by vmmpp_kv_create_in_process_budget) is VMMPP_KV_INVALID_ARGUMENT. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_create_lending(vmmpp_kv* kv, uint64_t max_cached_bytes,
+                                                            int record_events, vmmpp_kv_prefix** out);
+/** vmmpp::lending_stats: what a lending prefix cache gave others (zeros for one that does not lend). */
+typedef struct vmmpp_kv_prefix_lending_stats {
+    uint64_t lends;       /* reclaims that evicted something for another model or process */
+    uint64_t lent_blocks; /* blocks those reclaims evicted */
+    uint64_t lent_bytes;  /* bytes of pages they emptied */
+    uint64_t busy;        /* reclaims that found the cache's mutex held past their wait */
+} vmmpp_kv_prefix_lending_stats;
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_lending_stats_get(vmmpp_kv_prefix* prefix,
+                                                               vmmpp_kv_prefix_lending_stats* out);
 /** Drops every cached block's reference (blocks no sequence holds go back) and the handle's
- *  reference to the cache (NULL is ignored). */
+ *  reference to the cache (NULL is ignored); a lending one stops lending first. */
 VMMPP_KV_API void vmmpp_kv_prefix_destroy(vmmpp_kv_prefix* prefix);
 /** Registers the full blocks among the first n_tokens tokens of seq (tokens[n_tokens]: its token
  *  ids from the first, their KV written; at most its token count) under keys chained over the

@@ -87,6 +87,10 @@ class PrefixStats(ctypes.Structure):
                                                      ("block_bytes", ctypes.c_uint64)]
 
 
+class LendingStats(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("lends", "lent_blocks", "lent_bytes", "busy")]
+
+
 class PrefixEvent(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("block", ctypes.c_int32), ("key_hi", ctypes.c_uint64),
                 ("key_lo", ctypes.c_uint64), ("parent_hi", ctypes.c_uint64), ("parent_lo", ctypes.c_uint64)]
@@ -160,6 +164,8 @@ def load_library(path=None):
         "vmmpp_imported_pages_destroy": ([handle], None),
         "vmmpp_copy_piece_pairs": ([p, p, ctypes.POINTER(PiecePair), u64, p, ctypes.c_int], ctypes.c_int),
         "vmmpp_kv_prefix_create": ([handle, u64, ctypes.c_int, ctypes.POINTER(handle)], ctypes.c_int),
+        "vmmpp_kv_prefix_create_lending": ([handle, u64, ctypes.c_int, ctypes.POINTER(handle)], ctypes.c_int),
+        "vmmpp_kv_prefix_lending_stats_get": ([handle, ctypes.POINTER(LendingStats)], ctypes.c_int),
         "vmmpp_kv_prefix_destroy": ([handle], None),
         "vmmpp_kv_prefix_publish": ([handle, u64, ctypes.POINTER(i32), u64, ctypes.POINTER(u64), u64,
                                      ctypes.POINTER(u64)], ctypes.c_int),
@@ -627,17 +633,21 @@ class PrefixCache(_OwnedHandle):
 
     It keeps the cache alive (close() the cache first if you like) and takes the cache's lock.
     One per cache. max_cached_bytes bounds the bytes of cached blocks no sequence holds (None: no
-    bound)."""
+    bound). lend=True lends the cached blocks no sequence holds to the other models and processes
+    of the cache's budget (a ProcessBudgetCache): one refused by the global limit evicts about
+    what it needs of them, whole pages, before it gets over_quota; another process's request is
+    served by this process's budget watcher with no call here. Live blocks are never lent. The
+    reclaim evicts under the cache's lock, which every call here takes (vmmpp_kv_prefix_create_lending)."""
 
-    def __init__(self, cache, *, max_cached_bytes=None, record_events=False):
+    def __init__(self, cache, *, max_cached_bytes=None, record_events=False, lend=False):
         lib = load_library()
         self._handle = None
         self.cache = cache
         self.max_blocks = cache.geometry.max_blocks  # no eviction gives up more
         handle = ctypes.c_void_p()
-        _check(lib.vmmpp_kv_prefix_create(cache._handle_or_raise(),
-                                          NO_BOUND if max_cached_bytes is None else max_cached_bytes,
-                                          1 if record_events else 0, ctypes.byref(handle)))
+        create = lib.vmmpp_kv_prefix_create_lending if lend else lib.vmmpp_kv_prefix_create
+        _check(create(cache._handle_or_raise(), NO_BOUND if max_cached_bytes is None else max_cached_bytes,
+                      1 if record_events else 0, ctypes.byref(handle)))
         self._handle = handle
 
     _destroy = "vmmpp_kv_prefix_destroy"
@@ -728,6 +738,12 @@ class PrefixCache(_OwnedHandle):
         s = PrefixStats()
         _check(_lib.vmmpp_kv_prefix_stats_get(self._handle_or_raise(), ctypes.byref(s)))
         return {name: getattr(s, name) for name, _ in PrefixStats._fields_}
+
+    def lending_stats(self):
+        """{"lends", "lent_blocks", "lent_bytes", "busy"}: what lending gave others (zeros without lend)."""
+        s = LendingStats()
+        _check(_lib.vmmpp_kv_prefix_lending_stats_get(self._handle_or_raise(), ctypes.byref(s)))
+        return {name: getattr(s, name) for name, _ in LendingStats._fields_}
 
     def drain_events(self):
         """The events queued since the last drain (record_events), oldest first, as tuples

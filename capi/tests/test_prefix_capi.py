@@ -8,10 +8,14 @@ extra keys make other keys, eviction gives the blocks back to the cache and repo
 keys, freed pages; LRU: a prompt's tail first, whole pages first), stats and events say the same
 counts, the bound is kept by free, append evicts when the cache refuses, and the refusals name
 what is wrong (unknown sequence, too many tokens, sequence_contiguous, a second prefix cache,
-null arguments). Environment as test_kv_dlpack.py.
+null arguments). With lend=True an idle child process's cached pages go to this process's
+refused growth through the child's budget watcher (vmmpp_kv_prefix_create_lending), never its
+live ones. Environment as test_kv_dlpack.py.
 """
 import ctypes
+import os
 import struct
+import subprocess
 import sys
 import unittest
 
@@ -28,6 +32,42 @@ PAGE_BYTES = 2 << 20
 BLOCKS_PER_PAGE = PAGE_BYTES // BLOCK_BYTES
 ROOT_KEY = (0x6a09e667f3bcc908, 0xbb67ae8584caa73b)  # vmmpp::root_block_key
 PAGED_LAYOUTS = tuple(name for name in vmmpp_kv.LAYOUTS if name != "sequence_contiguous")
+
+
+PAGE_TOKENS = BLOCKS_PER_PAGE * BLOCK_TOKENS
+
+
+def lending_shape(budget):
+    """A host cache of one model of the 3-page process budget `budget`."""
+    return dict(layers=2, kv_heads=2, head_dim=64, dtype="f32", block_tokens=16, max_blocks=512, config="host",
+                layout="block_major", budget_name=budget, global_limit_bytes=3 * PAGE_BYTES,
+                model_limit_bytes=3 * PAGE_BYTES)
+
+
+def ask(child, line):
+    child.stdin.write(line + "\n")
+    child.stdin.flush()
+    return child.stdout.readline().strip()
+
+
+def lender(budget, lend):
+    """The child of the lending test: model a caches 2 pages of a prompt, says "ready", then
+    answers "check" (cached tokens, lent blocks, lent bytes) and "grow" (a live sequence of one
+    block) until its stdin closes."""
+    with vmmpp_kv.ProcessBudgetCache(model="a", **lending_shape(budget)) as a, \
+            vmmpp_kv.PrefixCache(a, lend=lend) as pa:
+        p = prompt(2 * PAGE_TOKENS)
+        s = written_sequence(a, pa, p)
+        pa.publish(s, p)
+        pa.free(s)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() == "grow":
+                pa.append(a.add_sequence(), BLOCK_TOKENS)
+                print("ok", flush=True)
+            else:
+                st = pa.lending_stats()
+                print(pa.lookup(p), st["lent_blocks"], st["lent_bytes"], flush=True)
 
 
 def cache(layout="block_major", **extra):
@@ -250,6 +290,44 @@ class PrefixCapiTest(unittest.TestCase):
             self.assertEqual(c.tokens(t), 6 * BLOCK_TOKENS)
             self.assertEqual(pc.stats()["cached_blocks"], 0)  # it evicted what it could first
 
+    def test_lending_gives_an_idle_processs_cached_pages_to_another(self):
+        # A budget of 3 pages: a child process (model a) caches 2 pages of a prompt and waits
+        # on its stdin, making no call; this process (model b) takes them page by page when the
+        # global limit refuses it, through the child's budget watcher, and is refused once only
+        # a's live page is left. Without lend, b is refused at once and a keeps its cache.
+        for lend in (True, False):
+            budget = f"vmmpp_lend_test_{os.getpid()}_{int(lend)}"
+            vmmpp_kv.remove_process_budget(budget)
+            child = subprocess.Popen([sys.executable, __file__, "--lender", budget, str(int(lend))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                self.assertEqual(child.stdout.readline().strip(), "ready")
+                with vmmpp_kv.ProcessBudgetCache(model="b", **lending_shape(budget)) as b:
+                    t = b.add_sequence()
+                    b.append(t, PAGE_TOKENS)  # the free page
+                    if not lend:
+                        with self.assertRaisesRegex(vmmpp_kv.VmmppError, "^over_quota"):
+                            b.append(t, PAGE_TOKENS)
+                        self.assertEqual(ask(child, "check"), f"{2 * PAGE_TOKENS} 0 0")
+                        continue
+                    b.append(t, PAGE_TOKENS)  # one of a's cached pages
+                    self.assertEqual(ask(child, "check"), f"{PAGE_TOKENS} {BLOCKS_PER_PAGE} {PAGE_BYTES}")  # the tail went
+                    self.assertEqual(ask(child, "grow"), "ok")  # a's own growth takes its last cached page
+                    with self.assertRaisesRegex(vmmpp_kv.VmmppError, "^over_quota"):
+                        b.append(t, PAGE_TOKENS)  # only a's live page is left
+                    self.assertEqual(ask(child, "check"), f"0 {BLOCKS_PER_PAGE} {PAGE_BYTES}")
+                    self.assertEqual(b.tokens(t), 2 * PAGE_TOKENS)
+            finally:
+                child.stdin.close()
+                self.assertEqual(child.wait(timeout=30), 0)
+                child.stdout.close()
+                vmmpp_kv.remove_process_budget(budget)
+        with cache() as c:
+            with self.assertRaisesRegex(vmmpp_kv.VmmppError,
+                                        "^invalid_argument: vmmpp_kv_prefix_create_lending: the cache's memory is "
+                                        "not charged to a budget shared with other models"):
+                vmmpp_kv.PrefixCache(c, lend=True)
+
     def test_refusals_name_what_is_wrong(self):
         with cache() as c, vmmpp_kv.PrefixCache(c) as pc:
             p = prompt(2 * BLOCK_TOKENS)
@@ -317,6 +395,9 @@ class PrefixCapiTest(unittest.TestCase):
         pc.close()  # twice is fine
 
 
+if __name__ == "__main__" and sys.argv[1:2] == ["--lender"]:
+    lender(sys.argv[2], sys.argv[3] == "1")
+    sys.exit(0)
 if __name__ == "__main__":
     result = unittest.main(exit=False, verbosity=2).result
     sys.exit(0 if result.wasSuccessful() else 1)

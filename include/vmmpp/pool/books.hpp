@@ -179,16 +179,20 @@ public:
     }
     /// Charges `bytes`; when the quota refuses, makes room and tries again: first with this
     /// pool's own spares and kept handles (outside `keep`) or, failing that, the other models'
-    /// spares; then once more with the other models' spares; last, with a quota shared by
-    /// processes (process_quota), by asking the other processes for theirs.
+    /// spares; then once more with the other models' spares; then, with a quota that lends
+    /// cached blocks (cache_reclaiming_quota), with other models' cached blocks, a few rounds at
+    /// most; last, with a quota shared by processes (process_quota), by asking the other
+    /// processes for theirs (their spares, then their cached blocks).
     void charge_making_room(std::size_t bytes, unit_span keep) {
+        constexpr int cache_rounds = 4;  // each evicts about the shortfall: more is a sign of a race
         for (int attempt = 0;; ++attempt) {
             try {
                 charge(bytes);
                 return;
             } catch (const over_quota&) {
                 const bool made_room =
-                    (attempt == 0 && give_back_spares(keep) > 0) || (attempt < 2 && reclaim_from_other_models() > 0);
+                    (attempt == 0 && give_back_spares(keep) > 0) || (attempt < 2 && reclaim_from_other_models() > 0) ||
+                    (attempt < 2 + cache_rounds && reclaim_cached_from_other_models(bytes) > 0);
                 if (!made_room) {
                     if constexpr (requires { quota.acquire_asking_processes(bytes); }) {
                         quota.acquire_asking_processes(bytes);  // throws over_quota as charge did
@@ -204,6 +208,15 @@ public:
     std::size_t reclaim_from_other_models() noexcept {
         if constexpr (can_reclaim) {
             return quota.reclaim_from_others();
+        } else {
+            return 0;
+        }
+    }
+    /// Asks other models to evict cached blocks for a charge of `bytes` (never this pool's own:
+    /// its owner is the caller, or a thread holding it).
+    std::size_t reclaim_cached_from_other_models(std::size_t bytes) noexcept {
+        if constexpr (can_reclaim && cache_reclaiming_quota<quota_type>) {
+            return quota.reclaim_cached_from_others(bytes);
         } else {
             return 0;
         }

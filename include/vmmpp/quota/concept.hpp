@@ -28,6 +28,26 @@ concept reclaiming_quota = quota_policy<Q> && requires(Q& q) {
     { q.reclaim_from_others() } -> std::same_as<std::size_t>;
 };
 
+/// An optional capability beside reclaiming_quota: soft memory lent to other models. A holder
+/// of memory that is in use but may be dropped (a prefix cache's evictable blocks:
+/// vmmpp/prefix/lending.hpp) registers how to drop about `bytes` of it (`set_cache_reclaimer`:
+/// the function evicts until at least that many bytes of its pool's pages hold nothing, or it
+/// has nothing left, and returns the page bytes it emptied; undone by `clear_cache_reclaimer`,
+/// which waits for a call in progress). A pool refused by the quota calls
+/// `reclaim_cached_from_others(bytes)` for a commit of `bytes` only after the spare reclaimers
+/// (reclaim_from_others) made no room: the quota asks other models' cache reclaimers for the
+/// shortfall under the limit that refused (nothing when only the pool's own model limit
+/// refused, which other models' memory cannot help), then has those models' pools give the
+/// emptied pages back, and returns the bytes given back to the quota. Never throws. So the
+/// order under pressure is: own spares, other pools' spares, other models' cached blocks, then
+/// over_quota.
+template <class Q>
+concept cache_reclaiming_quota = reclaiming_quota<Q> && requires(Q& q, std::size_t n) {
+    q.set_cache_reclaimer(std::function<std::size_t(std::size_t)>{});
+    { q.clear_cache_reclaimer() } noexcept;
+    { q.reclaim_cached_from_others(n) } noexcept -> std::same_as<std::size_t>;
+};
+
 namespace detail {
 /// Set on a thread that gives memory back for another process's reclaim request (a process
 /// budget's watcher): a pool whose lock is busy is skipped at once instead of being waited for

@@ -165,6 +165,7 @@ public:
     process_quota& operator=(const process_quota& other) {
         if (this != &other) {
             clear_reclaimer();
+            clear_cache_reclaimer();
             share_ = other.share_;
             hold_ = other.hold_;
         }
@@ -175,14 +176,19 @@ public:
         if (this != &other) {
             clear_reclaimer();
             share_ = std::move(other.share_);
+            clear_cache_reclaimer();
             reclaimer_ = std::move(other.reclaimer_);
+            cache_reclaimer_ = std::move(other.cache_reclaimer_);
             hold_ = std::move(other.hold_);
         }
         return *this;
     }
     /// The last quota of this process's (model, process) record frees the record (see
     /// process_budget::register_model).
-    ~process_quota() { clear_reclaimer(); }
+    ~process_quota() {
+        clear_reclaimer();
+        clear_cache_reclaimer();
+    }
 
     /// Takes `bytes` from this model's limit and the global limit together, or throws
     /// vmmpp::over_quota naming the limit that refused it ("model <name>" or "global") and
@@ -264,6 +270,52 @@ public:
                                                 [self](const detail::pb::local_reclaimer& r) { return &r != self; });
     }
 
+    /// Registers `evict` (evicts cached blocks until about the given bytes of its pool's pages
+    /// hold nothing, returns the page bytes it emptied; must not throw) as this quota's cache
+    /// reclaimer: called for another model of this process refused by the global limit
+    /// (reclaim_cached_from_others), and by the watcher for another process's request, after
+    /// the spares (serve_requests). One per quota object (a copy has a slot of its own).
+    void set_cache_reclaimer(std::function<std::size_t(std::size_t)> evict) {
+        clear_cache_reclaimer();
+        auto r = std::make_shared<detail::pb::local_cache_reclaimer>();
+        r->evict = std::move(evict);
+        r->model = share_.model();
+        detail::pb::local_registry& reg = share_.seg().local();
+        std::lock_guard lock(reg.mutex);
+        reg.cache_reclaimers.push_back(r);
+        cache_reclaimer_ = std::move(r);
+    }
+    /// Unregisters this quota's cache reclaimer; waits for a call of it in progress to finish.
+    void clear_cache_reclaimer() noexcept {
+        if (!cache_reclaimer_) {
+            return;
+        }
+        const std::shared_ptr<detail::pb::local_cache_reclaimer> mine = std::move(cache_reclaimer_);
+        {
+            detail::pb::local_registry& reg = share_.seg().local();
+            std::lock_guard lock(reg.mutex);
+            std::erase(reg.cache_reclaimers, mine);
+        }
+        std::lock_guard running(mine->mutex);
+        mine->evict = nullptr;
+    }
+    /// For a commit of `bytes` this model was refused (after the spare reclaimers made no room):
+    /// asks this process's cache reclaimers of other models for the shortfall under the global
+    /// limit (other processes' cached blocks come through acquire_asking_processes and their
+    /// watchers). Returns the room gained (or found); 0 when this model's own limit refuses or
+    /// nothing came back.
+    std::size_t reclaim_cached_from_others(std::size_t bytes) noexcept {
+        if (::getpid() != share_.who().pid) {
+            return 0;
+        }
+        const std::uint32_t self = share_.model();
+        const auto room = [this]() noexcept { return share_.room(); };
+        return detail::reclaim_cached_for(bytes, room, [&]() noexcept {
+            (void)detail::pb::run_local_cache_reclaimers(
+                share_.seg(), bytes, room, [self](const detail::pb::local_cache_reclaimer& r) { return r.model != self; });
+        });
+    }
+
     /// The bytes this process holds of this model now.
     [[nodiscard]] std::size_t process_committed() const { return share_.process_committed(); }
 
@@ -286,11 +338,14 @@ private:
 
     detail::pb::share share_;
     std::shared_ptr<detail::pb::local_reclaimer> reclaimer_;  // this copy's registration, if any
+    std::shared_ptr<detail::pb::local_cache_reclaimer> cache_reclaimer_;  // this copy's cache reclaimer, if any
     std::shared_ptr<detail::pb::record_hold> hold_;  // shared by this process's quotas of the model
 };
 
 static_assert(quota_policy<process_quota>, "vmmpp::process_quota must model vmmpp::quota_policy");
 static_assert(reclaiming_quota<process_quota>, "vmmpp::process_quota lets a process's pools reclaim each other's spares");
+static_assert(cache_reclaiming_quota<process_quota>,
+              "vmmpp::process_quota lets models and processes reclaim each other's cached blocks");
 
 /// A global byte limit shared by the pools of several processes, held in the POSIX
 /// shared-memory segment `/name` (on Linux, /dev/shm/name). Models register with

@@ -34,6 +34,10 @@ struct model_stats {
     /// lowered limit) and gave back something.
     std::uint64_t reclaims = 0;
     std::size_t reclaimed = 0;  ///< bytes those reclaims gave back
+    /// Times the model's cache reclaimers (a prefix cache's lending, vmmpp/prefix/lending.hpp)
+    /// evicted cached blocks for another model's refused commit and emptied some pages.
+    std::uint64_t cache_reclaims = 0;
+    std::size_t cache_reclaimed = 0;  ///< bytes of pages those evictions emptied
     /// Spare bytes (committed or kept, held by nothing) its pools last reported
     /// (vmmpp::report_spares): reclaimable at once, as of each pool's last report.
     std::size_t spares = 0;
@@ -56,14 +60,16 @@ struct budget_stats {
 
 namespace detail {
 
-/// Calls the reclaimers of `registered` (shared_ptrs to records with a `mutex` and a
-/// `give_back` function) that `pick` accepts and that are not busy (being called already, or
-/// unregistering: their own mutex is held). `registry_mutex` guards the list while the choice is
-/// made and is not held during the calls: a pool gives back through release(), which takes the
-/// budget's lock. Calls credit(reclaimer, bytes) for each that gave bytes back; returns the bytes.
+/// Calls call(reclaimer) (noexcept, returns bytes) for each reclaimer of `registered`
+/// (shared_ptrs to records with a `mutex`) that `pick` accepts and that is not busy (being called
+/// already, or unregistering: its own mutex is held). `registry_mutex` guards the list while the
+/// choice is made and is not held during the calls: a pool gives back through release(), which
+/// takes the budget's lock. Calls credit(reclaimer, bytes) for each call that returned bytes;
+/// returns their sum.
 /// Throws: nothing (with no memory for the list of chosen ones, nothing is called).
-template <class Mutex, class Reclaimers, class Pick, class Credit>
-std::size_t call_reclaimers(Mutex& registry_mutex, const Reclaimers& registered, Pick pick, Credit credit) noexcept {
+template <class Mutex, class Reclaimers, class Pick, class Call, class Credit>
+std::size_t call_each_reclaimer(Mutex& registry_mutex, const Reclaimers& registered, Pick pick, Call call,
+                                Credit credit) noexcept {
     std::vector<typename Reclaimers::value_type> chosen;
     try {
         std::lock_guard lock(registry_mutex);
@@ -78,16 +84,66 @@ std::size_t call_reclaimers(Mutex& registry_mutex, const Reclaimers& registered,
     std::size_t freed = 0;
     for (const auto& r : chosen) {
         std::unique_lock running(r->mutex, std::try_to_lock);
-        if (!running || !r->give_back) {
+        if (!running) {
             continue;
         }
-        const std::size_t bytes = r->give_back();
+        const std::size_t bytes = call(*r);
         if (bytes > 0) {
             freed += bytes;
             credit(*r, bytes);
         }
     }
     return freed;
+}
+
+/// call_each_reclaimer for spare reclaimers (records with a `give_back` function, empty once
+/// unregistered).
+template <class Mutex, class Reclaimers, class Pick, class Credit>
+std::size_t call_reclaimers(Mutex& registry_mutex, const Reclaimers& registered, Pick pick, Credit credit) noexcept {
+    return call_each_reclaimer(
+        registry_mutex, registered, pick, [](auto& r) noexcept { return r.give_back ? r.give_back() : 0; }, credit);
+}
+
+/// The cache-reclaim step of a refused request of `bytes` (see vmmpp::cache_reclaiming_quota):
+/// `room()` gives the bytes left now under the model's own limit and under the global one;
+/// `run()` asks the chosen cache reclaimers in turn (evict_until_room each). Returns the room
+/// gained, or the room found when the request fits already; 0 when the model's own limit refuses
+/// or nothing came back.
+template <class Room, class Run>
+std::size_t reclaim_cached_for(std::size_t bytes, Room room, Run run) noexcept {
+    const auto [model_left, global_left] = room();
+    if (bytes > model_left) {
+        return 0;  // the model's own limit: other models' memory cannot help
+    }
+    if (bytes <= global_left) {
+        return global_left;  // released meanwhile: the retry fits
+    }
+    run();
+    const std::size_t now = room().second;
+    return now > global_left ? now - global_left : 0;
+}
+
+/// One cache reclaimer's part of reclaim_cached_for: evict(shortfall), then give_back() (its
+/// model's spare reclaimers: the emptied pages go back to the quota), again while the request
+/// does not fit and it evicts something. Again, because emptied pages may not come back at
+/// once: a pool gives memory back by whole extents (adaptive_extents: a prompt's pages are one
+/// extent), and pages under queued GPU work only once it completes. Returns the page bytes it
+/// emptied.
+template <class Room, class Evict, class GiveBack>
+std::size_t evict_until_room(std::size_t bytes, Room room, const Evict& evict, GiveBack give_back) noexcept {
+    std::size_t emptied = 0;
+    for (;;) {
+        const std::size_t left = room().second;
+        if (bytes <= left || !evict) {
+            return emptied;
+        }
+        const std::size_t now = evict(bytes - left);
+        if (now == 0) {
+            return emptied;  // nothing left to evict (or its owner is busy)
+        }
+        emptied += now;
+        give_back();
+    }
 }
 
 } // namespace detail
@@ -178,9 +234,17 @@ private:
         std::size_t model = 0;
         std::shared_ptr<spare_report> spares;  // its share's report: none left after a reclaim
     };
+    /// A model's way to evict cached blocks (about `bytes` of pages) when another model is
+    /// refused and no spares were left (vmmpp::cache_reclaiming_quota).
+    struct cache_reclaimer {
+        std::mutex mutex;  // held while `evict` runs, so unregistering waits for a running call
+        std::function<std::size_t(std::size_t)> evict;
+        std::size_t model = 0;
+    };
     struct state {
         mutable std::mutex mutex;
         std::vector<std::shared_ptr<reclaimer>> reclaimers;
+        std::vector<std::shared_ptr<cache_reclaimer>> cache_reclaimers;
         std::vector<std::shared_ptr<spare_report>> spare_reports;
         std::size_t limit = 0;
         std::size_t committed = 0;
@@ -270,6 +334,7 @@ public:
             index_ = other.index_;
             name_ = std::move(other.name_);
             reclaimer_ = std::move(other.reclaimer_);
+            cache_reclaimer_ = std::move(other.cache_reclaimer_);
             spares_ = std::move(other.spares_);
         }
         return *this;
@@ -364,6 +429,63 @@ public:
         return budget::run_reclaimers(*state_, [self](const budget::reclaimer& r) { return &r != self; });
     }
 
+    /// Registers `evict` (evicts cached blocks until about the given bytes of its pool's pages
+    /// hold nothing, returns the page bytes it emptied; must not throw) as this share's cache
+    /// reclaimer: another model's reclaim_cached_from_others calls it. One per share object (a
+    /// copy has a slot of its own); clear it before what it evicts goes.
+    void set_cache_reclaimer(std::function<std::size_t(std::size_t)> evict) {
+        clear_cache_reclaimer();
+        auto r = std::make_shared<budget::cache_reclaimer>();
+        r->evict = std::move(evict);
+        r->model = index_;
+        std::lock_guard lock(state_->mutex);
+        state_->cache_reclaimers.push_back(r);
+        cache_reclaimer_ = std::move(r);
+    }
+    /// Unregisters this share's cache reclaimer; waits for a call of it in progress to finish.
+    void clear_cache_reclaimer() noexcept {
+        if (!cache_reclaimer_) {
+            return;
+        }
+        const std::shared_ptr<budget::cache_reclaimer> mine = std::move(cache_reclaimer_);
+        {
+            std::lock_guard lock(state_->mutex);
+            std::erase(state_->cache_reclaimers, mine);
+        }
+        std::lock_guard running(mine->mutex);
+        mine->evict = nullptr;
+    }
+    /// For a commit of `bytes` this model was refused (after reclaim_from_others made no room):
+    /// asks the cache reclaimers of the other models, in registration order, for the shortfall
+    /// under the global limit, each followed by its model's spare reclaimers (which give the
+    /// emptied pages back), until the request fits. A busy reclaimer is skipped. Returns the room
+    /// gained (or found, when the request fits already); 0 when this model's own limit refuses
+    /// or nothing came back.
+    std::size_t reclaim_cached_from_others(std::size_t bytes) noexcept {
+        budget::state& st = *state_;
+        const std::size_t self = index_;
+        const auto room = [&]() noexcept {
+            std::lock_guard lock(st.mutex);
+            const model_stats& m = st.models[self];
+            return std::pair<std::size_t, std::size_t>(m.limit > m.committed ? m.limit - m.committed : 0,
+                                                       st.limit > st.committed ? st.limit - st.committed : 0);
+        };
+        return detail::reclaim_cached_for(bytes, room, [&]() noexcept {
+            (void)detail::call_each_reclaimer(
+                st.mutex, st.cache_reclaimers, [self](const budget::cache_reclaimer& r) { return r.model != self; },
+                [&](budget::cache_reclaimer& r) noexcept {
+                    return detail::evict_until_room(bytes, room, r.evict, [&]() noexcept {
+                        (void)budget::run_reclaimers(st, [&](const budget::reclaimer& s) { return s.model == r.model; });
+                    });
+                },
+                [&](budget::cache_reclaimer& r, std::size_t emptied) {
+                    std::lock_guard lock(st.mutex);
+                    ++st.models[r.model].cache_reclaims;
+                    st.models[r.model].cache_reclaimed += emptied;
+                });
+        });
+    }
+
     /// This model's statistics now.
     [[nodiscard]] model_stats stats() const {
         std::lock_guard lock(state_->mutex);
@@ -398,6 +520,7 @@ private:
     /// is left to release them. A moved-from share does nothing.
     void leave() noexcept {
         clear_reclaimer();
+        clear_cache_reclaimer();
         if (state_ && spares_) {
             std::lock_guard lock(state_->mutex);
             std::erase(state_->spare_reports, spares_);
@@ -414,6 +537,7 @@ private:
     std::size_t index_;
     std::string name_;
     std::shared_ptr<budget::reclaimer> reclaimer_;  // this copy's registration, if any
+    std::shared_ptr<budget::cache_reclaimer> cache_reclaimer_;  // this copy's cache reclaimer, if any
     std::shared_ptr<budget::spare_report> spares_;  // this copy's spare report
 };
 
@@ -452,5 +576,6 @@ inline shared_budget budget::register_model(std::string name, std::size_t limit)
 
 static_assert(quota_policy<shared_budget>, "vmmpp::shared_budget must model vmmpp::quota_policy");
 static_assert(reclaiming_quota<shared_budget>, "vmmpp::shared_budget lets pools reclaim each other's spares");
+static_assert(cache_reclaiming_quota<shared_budget>, "vmmpp::shared_budget lets models reclaim each other's cached blocks");
 
 } // namespace vmmpp

@@ -60,8 +60,13 @@ struct record_slot {
     std::uint32_t watching;       // 1: this process runs a watcher that serves requests
     std::uint32_t asking_model;   // threads of this process waiting for others to give back under the model's limit
     std::uint32_t asking_global;  // ... under the global limit
-    std::uint32_t padding;
+    // The largest request of those threads, in 4 KiB pages rounded up (capped): how much cached
+    // memory the watchers evict for them. 0 when none asks, or the writer predates the field
+    // (it was padding, always 0, in the same layout).
+    std::uint32_t asking_pages;
 };
+/// The unit of record_slot::asking_pages.
+inline constexpr std::size_t asking_page_bytes = 4096;
 
 /// The segment's header: its self-description, the lock, the global totals and the creator.
 struct header {

@@ -171,6 +171,21 @@ public:
         }
     }
 
+    /// The bytes this model could still take under its own limit and under the global limit
+    /// ({0, 0} if the lock cannot be taken).
+    /// Throws: nothing.
+    [[nodiscard]] std::pair<std::size_t, std::size_t> room() const noexcept {
+        const segment& s = *segment_;
+        if (s.mutex().lock_or_error() != 0) {
+            return {0, 0};
+        }
+        std::lock_guard lock(s.mutex(), std::adopt_lock);
+        const header& h = s.head();
+        const model_slot& m = s.models()[model_];
+        return {static_cast<std::size_t>(m.limit > m.committed ? m.limit - m.committed : 0),
+                static_cast<std::size_t>(h.limit > h.committed ? h.limit - h.committed : 0)};
+    }
+
     /// The segment.
     [[nodiscard]] const segment& seg() const noexcept { return *segment_; }
 
@@ -234,6 +249,9 @@ private:
         q.model = model_refused;
         q.global = global_refused;
         mine.asking_model += model_refused ? 1 : 0;
+        const std::size_t pages = bytes / asking_page_bytes + (bytes % asking_page_bytes != 0 ? 1 : 0);
+        mine.asking_pages = std::max<std::uint32_t>(
+            mine.asking_pages, static_cast<std::uint32_t>(std::min<std::size_t>(pages, UINT32_MAX)));
         mine.asking_global += global_refused ? 1 : 0;
         q.ticket = ++h.requests;
         h.wake_word.fetch_add(1);
@@ -259,6 +277,9 @@ private:
         if (owns(mine, who_, model_)) {
             mine.asking_model -= q.model && mine.asking_model > 0 ? 1 : 0;
             mine.asking_global -= q.global && mine.asking_global > 0 ? 1 : 0;
+            if (mine.asking_model == 0 && mine.asking_global == 0) {
+                mine.asking_pages = 0;
+            }
         }
         q.ticket = 0;
     }

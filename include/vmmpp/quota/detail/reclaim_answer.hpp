@@ -8,6 +8,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "vmmpp/quota/concept.hpp"
@@ -52,6 +54,28 @@ std::size_t run_local_reclaimers(const segment& s, Pick pick) noexcept {
             }
         }
     });
+}
+
+/// Calls this process's cache reclaimers of `s` that `pick` accepts and that are not busy, each
+/// (evict_until_room) until `room()` says `bytes` fit, its model's spare reclaimers giving the
+/// emptied pages back after each eviction. Returns the page bytes they emptied.
+/// Throws: nothing.
+template <class Room, class Pick>
+std::size_t run_local_cache_reclaimers(const segment& s, std::size_t bytes, Room room, Pick pick) noexcept {
+    local_registry* reg = nullptr;
+    try {
+        reg = &s.local();
+    } catch (...) {
+        return 0;
+    }
+    return call_each_reclaimer(
+        reg->mutex, reg->cache_reclaimers, pick,
+        [&](local_cache_reclaimer& r) noexcept {
+            return evict_until_room(bytes, room, r.evict, [&]() noexcept {
+                (void)run_local_reclaimers(s, [&](const local_reclaimer& spare) { return spare.model == r.model; });
+            });
+        },
+        [](local_cache_reclaimer&, std::size_t) noexcept {});
 }
 
 /// Gives back the spares of this process's pools of every model whose limit (or the global
@@ -111,6 +135,7 @@ inline std::size_t serve_requests(const segment& s) noexcept {
         return 0;
     }
     std::uint64_t ticket = 0;
+    std::size_t want = 0;  // what the askers asked for, for the cached blocks' part
     bool behind = false;  // a request was posted since this process last answered
     bool all = false;
     bool any = false;
@@ -130,6 +155,10 @@ inline std::size_t serve_requests(const segment& s) noexcept {
                 continue;
             }
             const std::uint64_t model = r[k].model;
+            if (r[k].asking_global > 0 || r[k].asking_model > 0) {
+                // 0: a writer that did not say (the field was padding): a page group at least
+                want += r[k].asking_pages != 0 ? std::size_t{r[k].asking_pages} * asking_page_bytes : asking_page_bytes;
+            }
             if (r[k].asking_global > 0) {
                 all = any = true;
             }
@@ -151,6 +180,37 @@ inline std::size_t serve_requests(const segment& s) noexcept {
         given = run_local_reclaimers(s, [&](const local_reclaimer& r) {
             return all || (r.model < wanted.size() && wanted[r.model]);
         });
+        if (given < want) {
+            // Then this process's cached blocks (prefix_lending), about the rest of what was
+            // asked, measured by what this process's records hold.
+            const auto held = [&]() noexcept -> std::optional<std::size_t> {
+                if (s.mutex().lock_or_error() != 0) {
+                    return std::nullopt;
+                }
+                std::lock_guard lock(s.mutex(), std::adopt_lock);
+                std::size_t bytes = 0;
+                const record_slot* r = s.records();
+                for (std::uint32_t k = 0; k < s.max_records(); ++k) {
+                    bytes += r[k].pid != 0 && identity_of(r[k]) == me ? r[k].bytes : 0;
+                }
+                return bytes;
+            };
+            const std::optional<std::size_t> before = held();
+            const auto room = [&]() noexcept {
+                const std::optional<std::size_t> now = held();
+                if (!before || !now) {
+                    return std::pair<std::size_t, std::size_t>(SIZE_MAX, SIZE_MAX);  // no measure: stop evicting
+                }
+                return std::pair<std::size_t, std::size_t>(SIZE_MAX, *before > *now ? *before - *now : 0);
+            };
+            if (before) {
+                (void)run_local_cache_reclaimers(s, want - given, room, [&](const local_cache_reclaimer& r) {
+                    return all || (r.model < wanted.size() && wanted[r.model]);
+                });
+                const std::pair<std::size_t, std::size_t> gained = room();
+                given += gained.second != SIZE_MAX ? gained.second : 0;
+            }
+        }
         detail::reclaim_without_waiting = was;
     }
     if (s.mutex().lock_or_error() == 0) {

@@ -108,6 +108,7 @@ inline share register_share(std::shared_ptr<const segment> segment_ptr, std::str
                 r[record].watching = watching ? 1 : 0;
                 r[record].asking_model = 0;
                 r[record].asking_global = 0;
+                r[record].asking_pages = 0;
                 ordered();
                 r[record].pid = who.pid;  // the record is taken from this store on
                 return share(segment_ptr, model, record, who, std::string(name));

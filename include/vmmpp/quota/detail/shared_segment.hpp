@@ -49,6 +49,14 @@ struct local_reclaimer {
     std::uint32_t model = 0;
 };
 
+/// A cache of this process whose evictable blocks other models and processes may take when
+/// their commits are refused: registered through a process_quota (set_cache_reclaimer).
+struct local_cache_reclaimer {
+    std::mutex mutex;  // held while `evict` runs, so unregistering waits for a running call
+    std::function<std::size_t(std::size_t)> evict;
+    std::uint32_t model = 0;
+};
+
 class record_hold;  // share_registration.hpp
 
 /// This process's reclaimers of one segment, the limit generations it has acted on, and its
@@ -56,6 +64,7 @@ class record_hold;  // share_registration.hpp
 struct local_registry {
     std::mutex mutex;
     std::vector<std::shared_ptr<local_reclaimer>> reclaimers;
+    std::vector<std::shared_ptr<local_cache_reclaimer>> cache_reclaimers;
     std::vector<std::uint64_t> seen_model_generation;  // by model slot; grown on first use
     std::uint64_t seen_global_generation = 0;
     /// Guards `holds` and orders a record's registration against its last quota freeing it.
