@@ -798,5 +798,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(random_engine_with_prefix_caching_matches_the_mode
     BOOST_TEST(hits > 0u);
     BOOST_TEST(all.attached_tokens > 0u);
     BOOST_TEST(evictions > 0u);
-    BOOST_TEST(all.append_evictions > 0u);  // appends refused, cached blocks given up for them
+    if (steps >= 200) {  // (a run shortened by VMMPP_PREFIX_STEPS may see none)
+        BOOST_TEST(all.append_evictions > 0u);  // appends refused, cached blocks given up for them
+    }
 }
