@@ -190,6 +190,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(evicting_every_cached_block_under_a_running_reader
     cuda_check(cudaMalloc(&pieces, host_pieces.size() * sizeof(void*)));
     cuda_check(cudaMalloc(&totals, sizeof(read_totals)));
     cuda_check(cudaMemcpy(pieces, host_pieces.data(), host_pieces.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    cuda_check(cudaDeviceSynchronize());  // a pageable copy may return before its DMA; s1 does not wait for it
     cuda_check(cudaMemsetAsync(totals, 0, sizeof(read_totals), s1));
     write_pieces<<<264, 256, 0, s1>>>(pieces, n_pieces, words, stride);  // the prompt's prefill
     cuda_check(cudaGetLastError());
@@ -213,7 +214,14 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(evicting_every_cached_block_under_a_running_reader
     (void)c.collect();
     const std::size_t committed_running = c.pool().committed_bytes();
     const auto awaiting_running = c.pool().stats().awaiting_gpu_units;
-    const bool still_running = cudaEventQuery(done) == cudaErrorNotReady;
+    const cudaError_t query = cudaEventQuery(done);
+    if (query != cudaSuccess && query != cudaErrorNotReady) {
+        cuda_check(query);
+    }
+    if (const cudaError_t last = cudaGetLastError(); last != cudaSuccess && last != cudaErrorNotReady) {
+        cuda_check(last);  // (a "not ready" the query may have left is no error)
+    }
+    const bool still_running = query == cudaErrorNotReady;
     if (small && !still_running) {
         // Under compute-sanitizer a launch may return only once its kernel is done: nothing was
         // running to wait for, and the checks of memory under a running kernel prove nothing.
@@ -412,6 +420,7 @@ public:
         }
         cuda_check(cudaMalloc(&result_, sizeof(check_result)));
         cuda_check(cudaMemset(result_, 0, sizeof(check_result)));
+        cuda_check(cudaDeviceSynchronize());  // the engine's streams do not wait for the legacy stream
         // A few shared system prompts, of lengths around and across block boundaries.
         for (std::size_t len : {48, 37, 100, 16}) {
             system_prompts_.push_back(random_tokens(len));
