@@ -383,7 +383,7 @@ private:
 
 struct engine_totals {
     std::size_t requests = 0, preempted = 0, decodes = 0, reads = 0, words_checked = 0, cached_checks = 0;
-    std::size_t attached_tokens = 0, published = 0, host_trims = 0, evicted = 0, append_evictions = 0;
+    std::size_t attached_tokens = 0, published = 0, host_trims = 0, evicted = 0, append_evictions = 0, moved = 0;
 };
 
 /// The randomized engine over a prefix cache. Stream rules, as an engine keeps them: a write
@@ -473,6 +473,7 @@ public:
             wait_write(block, cache_stream_);
         });
         BOOST_REQUIRE(expected.size() == blocks.size() * bt);
+        cache_.order_reads_after_fences(blocks, cache_stream_);  // after compaction's copies, on any stream
         if (blocks.empty() || !tables_.room(blocks.size()) || !values_.room(expected.size())) {
             return;
         }
@@ -629,7 +630,7 @@ private:
         // As an engine that needs the last prompt token's logits: all tokens but the last.
         const std::span<const std::int32_t> lookup(r.tokens.data(), r.tokens.size() - 1);
         const std::size_t cached = pc_.lookup(lookup);
-        const auto attached = pc_.attach(lookup);
+        const auto attached = pc_.attach(lookup, {}, r.stream);  // r.stream reads after any compaction copy
         BOOST_REQUIRE(attached.cached_tokens == cached);
         totals_.attached_tokens += cached;
         for (std::int32_t b : cache_.block_table(attached.seq)) {
@@ -699,9 +700,6 @@ private:
 
     /// What an engine does between steps, at random: evicts from the host, asks the pool for
     /// memory back, checks every cached block.
-    /// A compaction case goes here: `if (op == N) { pc_.compact(...); check_cached(); }` (and
-    /// once more before the final check_cached in run()); check_cached reads every cached block
-    /// at its id after the move, on the cache's stream, ordered after the move's copy.
     void maintenance() {
         const int op = static_cast<int>(pick(100));
         if (op < 8) {
@@ -715,6 +713,11 @@ private:
             (void)cache_.pool().trim();
             (void)cache_.collect();
         } else if (op < 23) {
+            check_cached();
+        } else if (op < 28) {
+            // Compaction on a random stream (free and trim also compact, on their streams): the
+            // moved blocks are read at their new ids by check_cached and by later attaches.
+            totals_.moved += pc_.compact(any_stream_or_cache()).moved_blocks;
             check_cached();
         }
     }
@@ -750,7 +753,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(random_engine_with_prefix_caching_matches_the_mode
     constexpr vmmpp::kv_geometry g{.layers = 8, .kv_heads = 8, .head_dim = 128, .type = vmmpp::dtype::bf16,
                                    .block_tokens = 16, .max_blocks = 48};
     engine_totals all;
-    std::size_t evictions = 0, hits = 0;
+    std::size_t evictions = 0, hits = 0, moves = 0;
     for (std::uint64_t seed = 1; seed <= seeds; ++seed) {
         const test_stream e0, e1, e2, cache_stream;
         // Elastic block_major: a budget of 3/4 of the span, so appends are refused for memory
@@ -774,12 +777,14 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(random_engine_with_prefix_caching_matches_the_mode
                 const engine_totals& t = engine.totals();
                 const auto st = pc.stats();
                 std::printf("%s/%s seed %llu: %zu requests (%zu preempted), %zu decodes, %zu reads (%zu words), "
-                            "%zu cached-block checks, %zu tokens attached, %llu hits, %llu evictions (%zu by appends), %zu host trims\n",
+                            "%zu cached-block checks, %zu tokens attached, %llu hits, %llu evictions (%zu by appends), %zu host trims, "
+                            "%llu compaction moves\n",
                             std::string(vmmpp::type_name<config>).c_str(), std::string(Case::layout::name).c_str(),
                             static_cast<unsigned long long>(seed), t.requests, t.preempted, t.decodes, t.reads,
                             t.words_checked, t.cached_checks, t.attached_tokens,
                             static_cast<unsigned long long>(st.hits), static_cast<unsigned long long>(st.evictions),
-                            t.append_evictions, t.host_trims);
+                            t.append_evictions, t.host_trims, static_cast<unsigned long long>(st.moves));
+                moves += st.moves;
                 all.reads += t.reads;
                 all.cached_checks += t.cached_checks;
                 all.attached_tokens += t.attached_tokens;
@@ -807,6 +812,7 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(random_engine_with_prefix_caching_matches_the_mode
     BOOST_TEST(hits > 0u);
     BOOST_TEST(all.attached_tokens > 0u);
     BOOST_TEST(evictions > 0u);
+    BOOST_TEST(moves > 0u);  // compaction moved cached blocks, read at their new ids
     if (steps >= 200) {  // (a run shortened by VMMPP_PREFIX_STEPS may see none)
         BOOST_TEST(all.append_evictions > 0u);  // appends refused, cached blocks given up for them
     }

@@ -4,7 +4,8 @@
 // block stays with it (kv_cache::release_block drops the prefix cache's reference in stream order);
 // and compaction's move of a cached block into a freed id, on another stream than the engine's,
 // waits for the engine's last write of the block and last read of the id, and unmaps the old
-// page only after the copy.
+// page only after the copy; a request attaching the moved block on a third stream reads it after
+// the copy.
 #define BOOST_TEST_MODULE prefix cache on the fake driver
 #include "support/cpu_main.hpp"
 
@@ -172,6 +173,44 @@ BOOST_AUTO_TEST_CASE(compaction_moves_after_the_engines_last_write_and_read) {
     (void)c.collect();
     BOOST_TEST(fakecuda::mapped_bytes() < mapped);  // and page 1 went back after it
     BOOST_TEST(pc.lookup(tokens(16, 300)) == 16u);
+    c.free(pinned);
+    c.free(padding);
+}
+
+
+BOOST_AUTO_TEST_CASE(an_attach_reads_a_moved_block_only_after_its_copy_on_another_stream) {
+    vmmpp::budget budget{budget_bytes};
+    cache_t c{small_geom, {}, {}, budget.register_model("kv", budget_bytes)};
+    vmmpp::prefix_cache<cache_t> pc(c);
+    fakecuda::stream mover, reader;  // non-blocking, not ordered with each other
+    auto tokens = [](std::size_t n, std::int32_t first) {
+        std::vector<std::int32_t> t(n);
+        for (std::size_t i = 0; i < n; ++i) {
+            t[i] = first + static_cast<std::int32_t>(i);
+        }
+        return t;
+    };
+    const auto pinned = filled(pc, tokens(16, 0), 0x01);     // block 0, live
+    const auto hole = filled(pc, tokens(16, 100), 0x44);     // block 1: freed, not cached
+    const auto padding = filled(pc, tokens(32, 200), 0x02);  // blocks 2, 3, live
+    const auto moving = filled(pc, tokens(16, 300), 0x22);   // block 4, alone on page 1: cached
+    BOOST_TEST(pc.publish(moving, tokens(16, 300)) == 1u);
+    c.free(hole);
+    c.free(moving);
+
+    fakecuda::hold_gpu(true);
+    BOOST_TEST(pc.compact(mover).moved_blocks == 1u);  // block 4's bytes to id 1, queued on `mover`
+    const auto [seq, cached] = pc.attach(tokens(16, 300), {}, reader);
+    BOOST_TEST(cached == 16u);
+    BOOST_TEST_REQUIRE(c.block_table(seq)[0] == 1);
+    queued_reads reads(reader);
+    reads.read_block(c, 1, piece);  // the new request reads its cached prefix on its own stream
+    fakecuda::run_stream(reader);   // the reader alone: its read waits for the copy
+    BOOST_TEST(reads.differing(0) == 0u);  // nothing read yet (not block 1's old 0x44)
+    fakecuda::hold_gpu(false);
+    BOOST_TEST(fakecuda::sticky_error() == CUDA_SUCCESS);
+    BOOST_TEST(reads.differing(0x22) == 0u);  // the moved block's bytes
+    c.free(seq);
     c.free(pinned);
     c.free(padding);
 }

@@ -86,24 +86,30 @@ std::string read_line(int fd) {
         write_line(to_parent, "ready");
         for (std::string cmd = read_line(from_parent); cmd != "exit" && !cmd.empty(); cmd = read_line(from_parent)) {
             // report: cached tokens found, blocks whose stamp is wrong, lending's evictions, live intact
-            const auto guard = lending.lock();
-            const auto found = pa.lookup(tokens);
-            std::size_t bad = 0;
-            if (found > 0) {
-                const auto s = pa.attach(tokens);
-                const auto table = a.block_table(s.seq);
-                for (std::size_t i = 0; i < table.size(); ++i) {
-                    std::uint64_t v = 0;
-                    std::memcpy(&v, a.key(0, table[i]), sizeof v);
-                    bad += v != 0xA000 + i ? 1 : 0;
+            std::string report;
+            {
+                // The lock is let go before the report is sent: the parent's next request must not find
+                // this owner busy (a busy owner is skipped for another process's request).
+                const auto guard = lending.lock();
+                const auto found = pa.lookup(tokens);
+                std::size_t bad = 0;
+                if (found > 0) {
+                    const auto s = pa.attach(tokens);
+                    const auto table = a.block_table(s.seq);
+                    for (std::size_t i = 0; i < table.size(); ++i) {
+                        std::uint64_t v = 0;
+                        std::memcpy(&v, a.key(0, table[i]), sizeof v);
+                        bad += v != 0xA000 + i ? 1 : 0;
+                    }
+                    pa.free(s.seq);
                 }
-                pa.free(s.seq);
+                const bool live_ok = a.tokens(live) == tokens_per_page &&
+                                     std::vector<std::int32_t>(a.block_table(live).begin(), a.block_table(live).end()) == live_blocks;
+                const auto st = lending.stats();
+                report = std::to_string(found) + " " + std::to_string(bad) + " " + std::to_string(st.lent_blocks) + " " +
+                         std::to_string(st.lent_bytes) + " " + (live_ok ? "live" : "broken");
             }
-            const bool live_ok = a.tokens(live) == tokens_per_page &&
-                                 std::vector<std::int32_t>(a.block_table(live).begin(), a.block_table(live).end()) == live_blocks;
-            const auto st = lending.stats();
-            write_line(to_parent, std::to_string(found) + " " + std::to_string(bad) + " " + std::to_string(st.lent_blocks) +
-                                      " " + std::to_string(st.lent_bytes) + " " + (live_ok ? "live" : "broken"));
+            write_line(to_parent, report);
         }
     } catch (const std::exception& e) {
         write_line(to_parent, std::string("error ") + e.what());

@@ -463,6 +463,13 @@ public:
         memory_.reserve_fences(blocks);
         memory_.order_writes_after_reads(blocks, stream);
     }
+    /// Before `stream` reads live `blocks` whose bytes a copy on another stream may have written
+    /// (a prefix cache's compaction moves, vmmpp/kv/relocate.hpp): `stream` waits for the work
+    /// fenced on them. Host memory: nothing to do.
+    /// Throws: cuda_error (nothing changed but waits queued: they only delay).
+    void order_reads_after_fences(std::span<const std::int32_t> blocks, cudaStream_t stream) {
+        memory_.order_writes_after_reads(blocks, stream);
+    }
     /// Before work queued outside the cache reads the live `blocks`: room for fence_blocks' fence.
     /// Throws: std::bad_alloc (nothing changed).
     void order_outside_read(std::span<const std::int32_t> blocks) { memory_.reserve_fences(blocks); }

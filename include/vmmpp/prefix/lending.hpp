@@ -127,6 +127,10 @@ public:
     attached_sequence attach(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra = {}) {
         return with([&](Prefix& p) { return p.attach(tokens, extra); });
     }
+    attached_sequence attach(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra,
+                             cudaStream_t stream) {
+        return with([&](Prefix& p) { return p.attach(tokens, extra, stream); });
+    }
     [[nodiscard]] std::size_t lookup(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra = {}) {
         return with([&](const Prefix& p) { return p.lookup(tokens, extra); });
     }

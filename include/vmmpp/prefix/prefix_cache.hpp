@@ -182,9 +182,17 @@ public:
     /// A new sequence holding the cached leading blocks of `tokens` (kv_cache::adopt), and how
     /// many tokens they hold; the engine appends the rest. The blocks found become the newest
     /// (tail first); hits and misses are counted in blocks.
-    /// Throws what kv_cache::adopt throws (out_of_sequence_slots, std::bad_alloc): nothing changed.
+    /// The blocks are safe to read on `stream` (default: the cache's own stream, which the engine's
+    /// streams wait for as for append): a block compaction moved (a copy queued on whatever stream
+    /// freed or trimmed) is read only after its copy.
+    /// Throws what kv_cache::adopt throws (out_of_sequence_slots, std::bad_alloc), cuda_error
+    /// queueing the wait: nothing changed (but waits queued, which only delay).
     attached_sequence attach(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra = {}) {
-        std::vector<std::int32_t> blocks;
+        return attach(tokens, extra, cache_.stream());
+    }
+    attached_sequence attach(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra,
+                             cudaStream_t stream) {
+        std::vector<std::int32_t> blocks, moved;
         std::vector<block_key> keys;
         for_each_block_key(tokens, block_tokens_, extra, [&](std::size_t, const block_key& k) {
             const auto it = by_key_.find(k);
@@ -192,9 +200,13 @@ public:
                 return false;
             }
             blocks.push_back(it->second.block);
+            if (it->second.moved) {
+                moved.push_back(it->second.block);
+            }
             keys.push_back(k);
             return true;
         });
+        cache_.order_reads_after_fences(moved, stream);
         const seq_id seq = cache_.adopt(blocks, blocks.size() * block_tokens_);  // strong
         hits_ += blocks.size();
         misses_ += tokens.size() / block_tokens_ - blocks.size();
@@ -365,6 +377,7 @@ private:
     struct entry {
         std::int32_t block;
         block_key parent;
+        bool moved = false;  // compaction copied it here: readers on other streams wait for the copy
     };
     /// compact(stream), adding to `r` as moves are made (so a throw leaves what was done in it).
     void compact_into(eviction_result& r, cudaStream_t stream) {
@@ -441,7 +454,9 @@ private:
     /// allocation (map nodes are moved, not made), so it cannot fail.
     void rekey(std::int32_t from, std::int32_t to) noexcept {
         auto node = by_block_.extract(from);
-        by_key_.find(node.mapped())->second.block = to;
+        entry& e = by_key_.find(node.mapped())->second;
+        e.block = to;
+        e.moved = true;
         node.key() = to;
         by_block_.insert(std::move(node));
         policy_.replace(from, to);
