@@ -333,6 +333,7 @@ BOOST_AUTO_TEST_CASE(process_budget_limits_change_under_concurrent_commits) {
     std::atomic<bool> stop{false};
     std::atomic<bool> foreign{false};
     std::atomic<std::size_t> refusals{0};
+    std::atomic<int> registered{0};
     std::vector<std::thread> threads;
     for (int t = 0; t < 4; ++t) {
         threads.emplace_back([&, t] {
@@ -340,6 +341,7 @@ BOOST_AUTO_TEST_CASE(process_budget_limits_change_under_concurrent_commits) {
                 auto pool = std::make_unique<vmmpp_mp::pool>(
                     64 * page, vmmpp::host_options{.page_bytes = page}, vmmpp::page_granular{.spare_pages = 4},
                     budget.register_model(t % 2 ? "odd" : "even", 64 * page));
+                ++registered;
                 std::mt19937_64 rng(static_cast<std::uint64_t>(t));
                 while (!stop) {
                     const std::size_t first = rng() % 60;
@@ -356,6 +358,11 @@ BOOST_AUTO_TEST_CASE(process_budget_limits_change_under_concurrent_commits) {
                 foreign = true;
             }
         });
+    }
+    // Both models registered before their limits change (set_model_limit of a name not yet
+    // registered throws unknown_model: under ASan on a loaded machine the threads came late).
+    while (registered < 4 && !foreign) {
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
     }
     std::mt19937_64 rng(7);
     for (int i = 0; i < 200; ++i) {
