@@ -812,7 +812,11 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(random_engine_with_prefix_caching_matches_the_mode
     BOOST_TEST(hits > 0u);
     BOOST_TEST(all.attached_tokens > 0u);
     BOOST_TEST(evictions > 0u);
-    BOOST_TEST(moves > 0u);  // compaction moved cached blocks, read at their new ids
+    // Compaction moved cached blocks, read at their new ids, where a move can empty a page: not
+    // in a static pool (nothing to give back) nor in layer_major (a block's pieces lie in every
+    // region, each region here within one page), where it must move none.
+    constexpr bool movable = config::growth_type::is_elastic && !std::is_same_v<typename Case::layout, vmmpp::layer_major>;
+    BOOST_TEST((moves > 0u) == movable);
     if (steps >= 200) {  // (a run shortened by VMMPP_PREFIX_STEPS may see none)
         BOOST_TEST(all.append_evictions > 0u);  // appends refused, cached blocks given up for them
     }

@@ -791,6 +791,37 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(eviction_is_oldest_first_and_compaction_returns_th
     c.free(seqs[0]);
 }
 
+// A pool whose span is committed for good (static_config's growth, here on the host) frees
+// nothing by packing: compaction leaves the cached blocks where they are (no copies).
+BOOST_AUTO_TEST_CASE(compaction_moves_nothing_in_a_committed_span) {
+    using config = vmmpp::pool_config<vmmpp::host, vmmpp::preallocated, vmmpp::unlimited>;
+    vmmpp::kv_cache<config, vmmpp::block_major> c(paged);
+    vmmpp::prefix_cache<vmmpp::kv_cache<config, vmmpp::block_major>> pc(c);
+    const std::size_t bt = c.geometry().block_tokens;
+    const std::size_t n = c.geometry().max_blocks;
+    std::vector<vmmpp::seq_id> seqs(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        seqs[i] = c.add_sequence();
+        c.append(seqs[i], bt);
+        const tokens_t prompt = iota_tokens(bt, static_cast<std::int32_t>(1000 * i));
+        write_kv(c, seqs[i], prompt, 0);
+        pc.publish(seqs[i], prompt);
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+        c.free(seqs[i]);
+    }
+    BOOST_TEST(pc.evict(n / 2).blocks.size() == n / 2);  // the oldest half: ids 0 .. n/2-1
+    const std::size_t committed = c.pool().committed_bytes();
+    BOOST_TEST(committed >= vmmpp::block_major::span_bytes(c.geometry()));
+    const auto r = pc.compact();
+    BOOST_TEST(r.moved_blocks == 0u);
+    BOOST_TEST(r.freed_page_bytes == 0u);
+    BOOST_TEST(pc.stats().moves == 0u);
+    BOOST_TEST(c.pool().committed_bytes() == committed);
+    BOOST_TEST(pc.cached_blocks() == n - n / 2);
+    pc.for_each_cached([&](const vmmpp::block_key&, std::int32_t b) { BOOST_TEST(static_cast<std::size_t>(b) >= n / 2); });
+}
+
 // Requests with shared prefixes (system prompts, multi-turn continuations, adapters), random
 // attach/append/publish/free/evict, every token's KV written into its slot. After every step:
 // the prefix cache's keys are the model's, every cached block's bytes are its tokens' KV, every

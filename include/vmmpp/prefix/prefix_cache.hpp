@@ -298,7 +298,8 @@ public:
 
     /// Moves cached blocks no sequence holds, the highest id first, into the lowest free ids
     /// when that empties whole pages (at most max_compaction_moves; none when no page would
-    /// empty), copying on `stream` (by default the cache's own) after the work that last used
+    /// empty; none in a pool whose span is committed for good, as static_config's), copying on
+    /// `stream` (by default the cache's own) after the work that last used
     /// either id (vmmpp/kv/relocate.hpp). Returns the blocks moved (moved_blocks) and the bytes of
     /// the pages they emptied, net of pages their new ids reached (freed_page_bytes); blocks and
     /// keys stay empty. Costs a scan of the ids, and where a move is possible a pass over the
@@ -381,6 +382,13 @@ private:
     };
     /// compact(stream), adding to `r` as moves are made (so a throw leaves what was done in it).
     void compact_into(eviction_result& r, cudaStream_t stream) {
+        if constexpr (!Cache::pool_type::growth_type::is_elastic) {
+            return;  // the span is committed for good: a move would copy and free nothing
+        } else {
+            compact_elastic_into(r, stream);
+        }
+    }
+    void compact_elastic_into(eviction_result& r, cudaStream_t stream) {
         if (options_.max_compaction_moves == 0 || cache_.asleep()) {
             return;
         }
