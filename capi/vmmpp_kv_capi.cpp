@@ -55,7 +55,7 @@ public:
                                 std::span<const std::uint64_t> extra) = 0;
     virtual std::size_t lookup(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra) const = 0;
     virtual vmmpp::attached_sequence attach(std::span<const std::int32_t> tokens,
-                                            std::span<const std::uint64_t> extra) = 0;
+                                            std::span<const std::uint64_t> extra, cudaStream_t stream) = 0;
     /// on_stream: prefix_cache::append(seq, n, stream); else append(seq, n).
     virtual vmmpp::token_range append(vmmpp::seq_id seq, std::size_t n, cudaStream_t stream, bool on_stream) = 0;
     virtual void free(vmmpp::seq_id seq, cudaStream_t stream) = 0;
@@ -109,9 +109,9 @@ public:
     std::size_t lookup(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra) const override {
         return prefix_.lookup(tokens, extra);
     }
-    vmmpp::attached_sequence attach(std::span<const std::int32_t> tokens,
-                                    std::span<const std::uint64_t> extra) override {
-        return prefix_.attach(tokens, extra);
+    vmmpp::attached_sequence attach(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra,
+                                    cudaStream_t stream) override {
+        return prefix_.attach(tokens, extra, stream);
     }
     vmmpp::token_range append(vmmpp::seq_id seq, std::size_t n, cudaStream_t stream, bool on_stream) override {
         return on_stream ? prefix_.append(seq, n, stream) : prefix_.append(seq, n);
@@ -1131,13 +1131,19 @@ vmmpp_kv_status vmmpp_kv_prefix_lookup(vmmpp_kv_prefix* prefix, const int32_t* t
 vmmpp_kv_status vmmpp_kv_prefix_attach(vmmpp_kv_prefix* prefix, const int32_t* tokens, uint64_t n_tokens,
                                        const uint64_t* extra, uint64_t n_extra, uint64_t* seq,
                                        uint64_t* cached_tokens) {
+    return vmmpp_kv_prefix_attach_on_stream(prefix, tokens, n_tokens, extra, n_extra, nullptr, seq, cached_tokens);
+}
+
+vmmpp_kv_status vmmpp_kv_prefix_attach_on_stream(vmmpp_kv_prefix* prefix, const int32_t* tokens, uint64_t n_tokens,
+                                                 const uint64_t* extra, uint64_t n_extra, void* stream, uint64_t* seq,
+                                                 uint64_t* cached_tokens) {
     return guarded([&] {
         require(prefix != nullptr && seq != nullptr && cached_tokens != nullptr &&
                     (tokens != nullptr || n_tokens == 0) && (extra != nullptr || n_extra == 0),
                 "vmmpp_kv_prefix_attach: null argument");
         std::lock_guard lock(prefix->cache->mutex);
-        const vmmpp::attached_sequence a =
-            prefix->prefix->attach(token_span(tokens, n_tokens), extra_span(extra, n_extra));
+        const vmmpp::attached_sequence a = prefix->prefix->attach(
+            token_span(tokens, n_tokens), extra_span(extra, n_extra), static_cast<cudaStream_t>(stream));
         *seq = a.seq;
         *cached_tokens = a.cached_tokens;
     });

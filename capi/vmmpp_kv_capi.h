@@ -354,6 +354,13 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_lookup(vmmpp_kv_prefix* prefix, con
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_attach(vmmpp_kv_prefix* prefix, const int32_t* tokens, uint64_t n_tokens,
                                                     const uint64_t* extra, uint64_t n_extra, uint64_t* seq,
                                                     uint64_t* cached_tokens);
+/** As vmmpp_kv_prefix_attach, the blocks to be read by work queued on `stream` (a cudaStream_t;
+ *  NULL: the legacy default stream): a cached block that compaction moved, its copy queued on the
+ *  stream of the free or trim that moved it, is read on `stream` only after that copy. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_attach_on_stream(vmmpp_kv_prefix* prefix, const int32_t* tokens,
+                                                              uint64_t n_tokens, const uint64_t* extra,
+                                                              uint64_t n_extra, void* stream, uint64_t* seq,
+                                                              uint64_t* cached_tokens);
 /** vmmpp_kv_append, evicting cached blocks no sequence holds when the cache refuses (out of
  *  blocks, over quota, out of memory), until it succeeds or nothing is left to evict. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_append(vmmpp_kv_prefix* prefix, uint64_t seq, uint64_t n_tokens,

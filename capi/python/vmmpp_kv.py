@@ -173,6 +173,8 @@ def load_library(path=None):
                                    ctypes.c_int),
         "vmmpp_kv_prefix_attach": ([handle, ctypes.POINTER(i32), u64, ctypes.POINTER(u64), u64, ctypes.POINTER(u64),
                                     ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_prefix_attach_on_stream": ([handle, ctypes.POINTER(i32), u64, ctypes.POINTER(u64), u64, p,
+                                              ctypes.POINTER(u64), ctypes.POINTER(u64)], ctypes.c_int),
         "vmmpp_kv_prefix_append": ([handle, u64, u64, ctypes.POINTER(u64)], ctypes.c_int),
         "vmmpp_kv_prefix_append_on_stream": ([handle, u64, u64, p, ctypes.POINTER(u64)], ctypes.c_int),
         "vmmpp_kv_prefix_free": ([handle, u64], ctypes.c_int),
@@ -674,13 +676,15 @@ class PrefixCache(_OwnedHandle):
         _check(_lib.vmmpp_kv_prefix_lookup(self._handle_or_raise(), t, n, e, n_extra, ctypes.byref(cached)))
         return cached.value
 
-    def attach(self, tokens, extra=()):
-        """(seq, cached_tokens): a new sequence holding the cached leading blocks of `tokens`."""
+    def attach(self, tokens, extra=(), stream=None):
+        """(seq, cached_tokens): a new sequence holding the cached leading blocks of `tokens`,
+        to be read by work on `stream` (a cudaStream_t as an int; None: the legacy default
+        stream): blocks compaction moved are read there only after their copies."""
         t, n = _int32s(tokens)
         e, n_extra = _uint64s(extra)
         seq, cached = ctypes.c_uint64(), ctypes.c_uint64()
-        _check(_lib.vmmpp_kv_prefix_attach(self._handle_or_raise(), t, n, e, n_extra, ctypes.byref(seq),
-                                           ctypes.byref(cached)))
+        _check(_lib.vmmpp_kv_prefix_attach_on_stream(self._handle_or_raise(), t, n, e, n_extra,
+                                                     ctypes.c_void_p(stream), ctypes.byref(seq), ctypes.byref(cached)))
         return seq.value, cached.value
 
     def append(self, seq, n_tokens, stream=None):

@@ -133,9 +133,10 @@ class PrefixCapiTest(unittest.TestCase):
                 self.assertEqual(pc.append(seq, 10), 80)
                 self.assertEqual(c.tokens(seq), 90)
 
-                # A prompt sharing 3 blocks: 3 hits, 2 misses (88 tokens, 5 full blocks).
+                # A prompt sharing 3 blocks: 3 hits, 2 misses (88 tokens, 5 full blocks), attached
+                # for reads on a stream (NULL here: the legacy default stream, as attach's default).
                 other = p[:48] + [5] * 40
-                s2, cached2 = pc.attach(other)
+                s2, cached2 = pc.attach(other, stream=0)
                 self.assertEqual(cached2, 48)
                 self.assertEqual(list(c.block_table(s2)), table[:3])
                 ps = pc.stats()

@@ -372,7 +372,8 @@ def prefix(args):
     modes = args.modes.split(",")
     settings = args.prefix_caching.split(",")
     combos = [(m, p) for m in modes for p in settings]
-    one(modes[0], settings[-1], -1, min(8, args.sessions), 0.0)  # warm-up: kernels, allocator, cuBLAS
+    for mode in modes:  # warm-up of each mode (kernels, allocator, cuBLAS, the backing's first commits)
+        one(mode, settings[-1], -1, min(8, args.sessions), 0.0)
     def report(results, printed):
         """prefix.json and prefix.md of the runs so far (rewritten after each run, so a run cut
         short leaves the ones before it); printed: the markdown goes to stdout too."""

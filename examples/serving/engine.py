@@ -73,7 +73,7 @@ class PagedKV:
         never taken from the cache: the engine needs its logits."""
         if self.prefix_cache is None or len(context) <= self.block_tokens:
             return self.new_sequence(), 0
-        return self.prefix_cache.attach(context[:-1])
+        return self.prefix_cache.attach(context[:-1], stream=self.stream)
 
     def publish(self, seq, tokens):
         """Registers the full blocks among `tokens` (seq's tokens from the first, their K and V
