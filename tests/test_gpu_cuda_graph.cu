@@ -270,8 +270,8 @@ public:
     }
 
     /// Captures the step once and instantiates it: the only capture and instantiation of the run.
-    /// Thread-local capture mode: the pool's release agent thread may call the driver meanwhile
-    /// (global mode would make its calls fail as unsafe during a capture).
+    /// Thread-local capture mode: the pool's release agent thread may call the driver meanwhile,
+    /// and a global-mode capture may refuse other threads' calls it deems unsafe.
     void capture() {
         BOOST_REQUIRE(graph_ == nullptr);
         cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
