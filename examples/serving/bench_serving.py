@@ -589,11 +589,12 @@ def lend(args):
                            user=args.idle_user, answer=args.idle_answer, start_spread=args.idle_start_spread)
     fill = {role: W.peak_context_tokens(work) * cfg.kv_bytes_per_token() / 2**20
             for role, work in (("A", a_work), ("B", make_workload(args, cfg.vocab)))}
+    b_share, a_share = fill["B"] / args.kv_mib, fill["A"] / args.kv_mib
     info = dict(device="?", sizes=(
         f"Sizes: every session's last turn at once (system prompts shared) fills {fill['B']:.0f} MiB of KV for B "
-        f"({fill['B'] / args.kv_mib:.2f} of the {args.kv_mib} MiB: B needs more than a static half, and fits in "
-        f"all of it) and {fill['A']:.0f} MiB for A ({fill['A'] / args.kv_mib:.2f}: A's warm cache holds about a "
-        f"half, worth lending); {cfg.kv_bytes_per_token()} B of KV a token."))
+        f"({b_share:.2f} of the {args.kv_mib} MiB: {'more' if b_share > 0.5 else 'no more'} than a static half, "
+        f"{'within' if b_share <= 1 else 'more than'} all of it) and {fill['A']:.0f} MiB for A ({a_share:.2f}: "
+        f"what A's warm cache holds when nothing evicts it); {cfg.kv_bytes_per_token()} B of KV a token."))
     print(info["sizes"], flush=True)
 
     def one(mode, rep):
@@ -630,7 +631,10 @@ def lend(args):
             for p in (a, b):
                 if p.poll() is None:
                     p.stdin.close()
-                    p.wait(timeout=60)
+                    try:
+                        p.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
             if budget:
                 vmmpp_kv.remove_process_budget(budget)
         b_series = phase2.pop("series")
@@ -659,13 +663,21 @@ def lend(args):
     results = []
     for rep in range(args.repeats):
         for mode in (modes if rep % 2 == 0 else modes[::-1]):  # order alternates by repeat
-            results.append(one(mode, rep))
+            try:
+                results.append(one(mode, rep))
+            except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
+                # Recorded, not fatal: the other runs still go (the worker's traceback is on stderr).
+                print(mode, rep, "FAILED:", e, flush=True)
+                results.append(dict(mode=mode, rep=rep, failed=str(e)))
             lend_report(args, info, modes, results, printed=False)
     lend_report(args, info, modes, results, printed=True)
 
 
 def lend_report(args, info, modes, results, printed):
-    """lend.json and lend.md of the runs so far (rewritten after each run, as prefix's)."""
+    """lend.json and lend.md of the runs so far (rewritten after each run, as prefix's); failed
+    runs are listed, not summed."""
+    failed = [r for r in results if "failed" in r]
+    results = [r for r in results if "failed" not in r]
     b_keys = ("ttft_p50_s", "ttft_p99_s", "tokens_per_s", "preemptions", "evictions", "cached_token_rate",
               "committed_mean_mib", "committed_peak_mib", "completed", "wall_s")
     a_keys = ("cached_mib_before", "cached_mib_after", "lends", "lent_blocks", "lent_mib")
@@ -696,7 +708,7 @@ def lend_report(args, info, modes, results, printed):
             ratios[f"elastic_lend/{base}"] = {k: e[f"B_{k}"] / b[f"B_{k}"] if b[f"B_{k}"] else float("nan")
                                               for k in ("ttft_p50_s", "ttft_p99_s", "tokens_per_s")}
     out = dict(model=args.model, config=vars(args), device=info["device"], sizes=info["sizes"], runs=results,
-               summary=summary,
+               failed_runs=failed, summary=summary,
                ratios=ratios, b_answer_checksums=checksums, b_same_answers_everywhere=same_answers)
     with open(os.path.join(args.out, "lend.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -736,6 +748,7 @@ def lend_report(args, info, modes, results, printed):
     lines += ["", "Cached tokens: context tokens of admitted turns taken from the prefix cache. A's committed memory "
               "during B's run (budget less B's) and B's are in lend.json (runs[].memory, seconds from B's start).",
               "", f"B's answers the same in every complete run: {same_answers} (checksums by mode: {checksums})."]
+    lines += [f"- FAILED: rep {r['rep']} {r['mode']}: {r['failed']}" for r in failed]
     with open(os.path.join(args.out, "lend.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if printed:
