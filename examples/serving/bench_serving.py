@@ -97,7 +97,7 @@ def budget_or_slice_cache(cfg, config, layout, total_bytes, budget=None, model=N
 
 def start_workers(commands):
     """Popen each command (its stdin and stdout line pipes) and wait for its "ready" line: the
-    processes, in order. A worker's first line after "ready" may carry JSON (lend's do)."""
+    processes, in order, each with its ready line as `ready` (lend's workers put JSON after the word)."""
     procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for cmd in commands]
     for p in procs:
         line = p.stdout.readline()
@@ -548,7 +548,6 @@ def lend_worker(args):
                                   committed_bytes=kv.committed_bytes())), flush=True)
         else:
             break
-    del kv
 
 
 def ask(proc, command):
