@@ -745,7 +745,7 @@ def lend_report(args, info, modes, results, printed):
         lines.append(f"- rep {r['rep']} {r['mode']}: B {b['ttft_p50_s']:.3f} / {b['ttft_p99_s']:.3f}, "
                      f"{b['tokens_per_s']:.1f}, {b['preemptions']}; A {a['lent_mib']:.1f}, {round2}")
     lines += ["", "Cached tokens: context tokens of admitted turns taken from the prefix cache. A's committed memory "
-              "during B's run (budget less B's) and B's are in lend.json (runs[].memory, seconds from B's start).",
+              "during B's run (budget less B's) and B's are in lend.json (runs[].memory, seconds from B's first step).",
               "", f"B's answers the same in every complete run: {same_answers} (checksums by mode: {checksums})."]
     lines += [f"- FAILED: rep {r['rep']} {r['mode']}: {r['failed']}" for r in failed]
     with open(os.path.join(args.out, "lend.md"), "w") as f:
@@ -816,13 +816,13 @@ def main():
     # (prefix's, 3 turns), A's: --idle-*. The defaults are sized in lend() (sizes in lend.md).
     add_engine(n, kv_mib=1280, deadline=90.0)
     add_workload(n, sessions=48, turns=3)
-    n.add_argument("--idle-seed", type=int, default=31)
-    n.add_argument("--idle-sessions", type=int, default=24)
-    n.add_argument("--idle-turns", type=int, default=2)
-    n.add_argument("--idle-user", default="192:384")
-    n.add_argument("--idle-answer", default="16:32")
-    n.add_argument("--idle-start-spread", type=float, default=0.5)
-    n.add_argument("--modes", default=",".join(LEND_MODES))
+    n.add_argument("--idle-seed", type=int, default=31, help="A's workload seed (other system prompts than B's)")
+    n.add_argument("--idle-sessions", type=int, default=24, help="A's sessions (--sessions: B's)")
+    n.add_argument("--idle-turns", type=int, default=2, help="A's turns a session")
+    n.add_argument("--idle-user", default="192:384", help="A's user message tokens, low:high")
+    n.add_argument("--idle-answer", default="16:32", help="A's answer tokens, low:high")
+    n.add_argument("--idle-start-spread", type=float, default=0.5, help="A's sessions start over this many s")
+    n.add_argument("--modes", default=",".join(LEND_MODES), help="of " + ",".join(LEND_MODES))
     n.add_argument("--repeats", type=int, default=3)
     n.add_argument("--no-phase3", dest="phase3", action="store_false", help="skip A's second round")
     n.add_argument("--out", required=True)
