@@ -11,6 +11,12 @@
   prefix: a shared-prefix multi-turn chat workload (workload.py) on each cache configuration
       (elastic against static_config, the same size) with prefix caching off and on, alternated
       and repeated; TTFT p50/p99, tokens/s, prefix hit rate, evictions, committed memory.
+  lend: two engine processes on one KV budget (issue 29): A serves its shared-prefix workload and
+      idles with a warm prefix cache (no call at all) while B serves a heavier one; static halves,
+      one process budget (A keeps its cache) and the same with A's cache lent (PrefixCache
+      lend=True: B's refused growth takes A's cached pages through A's budget watcher), fresh
+      processes per run, repeated; B's TTFT p50/p99, tokens/s, preemptions, committed memory,
+      what A lent and A's hit rate when it serves its workload again.
 
   --prefix-cache on|off (throughput, prefix's --prefix-caching lists both): the engine's prefix
       caching (a vmmpp_kv.PrefixCache over the cache: cached leading blocks attached at admission,
@@ -20,6 +26,7 @@
     VMMPP_KV_LIB=... python3 examples/serving/bench_serving.py replay --trace bench/traces/bursty-n2-seed1.csv \\
         --window 240 --speedup 4 --total-mib 1024 --out DIR
     VMMPP_KV_LIB=... python3 examples/serving/bench_serving.py prefix --out DIR
+    VMMPP_KV_LIB=... python3 examples/serving/bench_serving.py lend --out DIR
 """
 import argparse
 import csv
@@ -28,6 +35,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,12 +64,47 @@ def parse_model(spec, vocab=None):
     return M.preset(name, layers=int(layers) if layers else None, vocab=vocab)
 
 
-def paged_kv(cache, device, prefix_cache, max_cached_bytes=None):
+def paged_kv(cache, device, prefix_cache, max_cached_bytes=None, lend=False):
     """The engine's store over `cache`, with prefix caching if prefix_cache is "on" (cached blocks
-    no sequence holds bounded by max_cached_bytes; None: only by the cache's size)."""
+    no sequence holds bounded by max_cached_bytes; None: only by the cache's size; lend: they are
+    lent to the other processes of the cache's process budget)."""
     if prefix_cache != "on":
         return E.PagedKV(cache, device)
-    return E.PagedKV(cache, device, prefix_cache=vmmpp_kv.PrefixCache(cache, max_cached_bytes=max_cached_bytes))
+    return E.PagedKV(cache, device, prefix_cache=vmmpp_kv.PrefixCache(cache, max_cached_bytes=max_cached_bytes,
+                                                                      lend=lend))
+
+
+def torch_device(name):
+    """(device, its name, synchronize): `name` "cuda" or "cpu" (host memory, a bookkeeping check)."""
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device, "cpu", lambda: None
+    return device, torch.cuda.get_device_name(0), torch.cuda.synchronize
+
+
+def budget_or_slice_cache(cfg, config, layout, total_bytes, budget=None, model=None, slices=1):
+    """A bf16 cache of cfg's shape: without `budget`, a cache of config with total_bytes / slices
+    (a static slice); with it, model `model` of the cross-process budget `budget` (total_bytes,
+    created or joined), config one of vmmpp_kv.process_budget_config_names(), reaching all of it."""
+    block_bytes = cfg.kv_bytes_per_token() * BLOCK_TOKENS
+    shape = dict(layers=cfg.layers, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype="bf16", config=config,
+                 layout=layout, device=0)
+    if budget is None:
+        return vmmpp_kv.KVCache(**shape, max_blocks=(total_bytes // slices) // block_bytes)
+    return vmmpp_kv.ProcessBudgetCache(**shape, max_blocks=total_bytes // block_bytes, budget_name=budget,
+                                       model=model, model_limit_bytes=total_bytes, global_limit_bytes=total_bytes)
+
+
+def start_workers(commands):
+    """Popen each command (its stdin and stdout line pipes) and wait for its "ready" line: the
+    processes, in order, each with its ready line as `ready` (lend's workers put JSON after the word)."""
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for cmd in commands]
+    for p in procs:
+        line = p.stdout.readline()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"worker did not start: {line!r}")
+        p.ready = line.strip()
+    return procs
 
 
 # --------------------------------------------------------------------------- throughput
@@ -162,18 +205,11 @@ def worker(args):
     device = torch.device("cuda")
     cfg = parse_model(args.model)
     model = M.Llama(cfg, device, seed=100 + args.index)
-    block_bytes = cfg.kv_bytes_per_token() * BLOCK_TOKENS
     total = args.total_mib << 20
     if args.mode == "static":
-        cache = vmmpp_kv.KVCache(layers=cfg.layers, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype="bf16",
-                                 config="static", layout=args.layout, device=0,
-                                 max_blocks=(total // args.models) // block_bytes)
+        cache = budget_or_slice_cache(cfg, "static", args.layout, total, slices=args.models)
     else:
-        cache = vmmpp_kv.ProcessBudgetCache(layers=cfg.layers, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-                                            dtype="bf16", config=args.mode, layout=args.layout, device=0,
-                                            max_blocks=total // block_bytes, budget_name=args.budget,
-                                            model=f"m{args.index}", model_limit_bytes=total,
-                                            global_limit_bytes=total)
+        cache = budget_or_slice_cache(cfg, args.mode, args.layout, total, budget=args.budget, model=f"m{args.index}")
     kv = E.PagedKV(cache, device)
     rows = [r for r in read_trace(args.trace, 1e12, 1, 10**9) if r[1] == args.index]
     rng = random.Random(1000 + args.index)
@@ -233,11 +269,8 @@ def replay(args):
                    "--mode", mode, "--models", str(len(models)), "--total-mib", str(args.total_mib),
                    "--budget", budget, "--trace", scaled, "--layout", args.layout, "--result", result,
                    "--deadline", str(args.window / args.speedup + args.drain)]
-            procs.append((subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True), result))
-        for p, _ in procs:
-            line = p.stdout.readline()
-            if line.strip() != "ready":
-                raise RuntimeError(f"worker did not start: {line!r}")
+            procs.append((cmd, result))
+        procs = list(zip(start_workers([cmd for cmd, _ in procs]), [result for _, result in procs]))
         t0 = time.time() + 0.5
         for p, _ in procs:
             p.stdin.write(f"{t0}\n")
@@ -308,27 +341,65 @@ def median(values):
     return percentile(values, 50)
 
 
+def make_workload(args, vocab, **override):
+    """The seeded shared-prefix multi-turn workload of args' --seed, --systems ... --think
+    (workload.py); keyword arguments (seed, sessions, turns, user, answer, start_spread) override
+    args'. A fresh object each call: a run fills it in."""
+    def arg(name):
+        return override.get(name, getattr(args, name))
+    return W.shared_prefix_workload(arg("seed"), vocab, systems=args.systems, system_tokens=args.system_tokens,
+                                    sessions=arg("sessions"), turns=arg("turns"), user_tokens=parse_range(arg("user")),
+                                    answer_tokens=parse_range(arg("answer")), start_spread_s=arg("start_spread"),
+                                    think_s=args.think)
+
+
+def serve(engine, kv, work, synchronize, deadline_s=None, clock=time.perf_counter, on_step=None):
+    """Runs work's sessions through engine (closed loops) and returns what prefix and lend report
+    of it: TTFT, tokens/s, prefix hits (of this run: the prefix cache's counts before it are
+    taken off), evictions, preemptions, committed memory, the answers' checksum.
+    on_step(now, committed_bytes): after each step."""
+    driver = W.SessionDriver(work, engine, E.Request, clock=clock)
+    committed = []
+
+    def step(now):
+        committed.append(kv.committed_bytes())
+        if on_step is not None:
+            on_step(now, committed[-1])
+
+    before = kv.prefix_cache.stats() if kv.prefix_cache is not None else {}
+    synchronize()
+    start = driver.run(deadline_s=deadline_s, on_step=step)
+    synchronize()
+    requests = driver.requests
+    done = [r for r in requests if r.finished_at is not None]
+    last = max((r.finished_at for r in done), default=start)
+    output_tokens = sum(len(r.output) for r in done)
+    stats = kv.prefix_cache.stats() if kv.prefix_cache is not None else {}
+    hits, misses, evictions = (stats.get(k, 0) - before.get(k, 0) for k in ("hits", "misses", "evictions"))
+    return dict(turns=work.turns(), submitted=len(requests), completed=len(done), rejected=len(engine.rejected),
+                ttft_p50_s=percentile([r.first_token_at - r.arrival for r in done], 50),
+                ttft_p99_s=percentile([r.first_token_at - r.arrival for r in done], 99),
+                wall_s=last - start, output_tokens=output_tokens,
+                tokens_per_s=output_tokens / (last - start) if last > start else 0.0,
+                prompt_tokens=engine.admitted_tokens, prompt_tokens_computed=engine.prefill_tokens,
+                cached_token_rate=engine.cached_tokens / engine.admitted_tokens if engine.admitted_tokens else 0.0,
+                block_hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+                prefix_hits=hits, prefix_misses=misses, evictions=evictions,
+                cached_mib_at_end=stats.get("cached_bytes", 0) / 2**20,
+                preemptions=engine.preemptions, steps=engine.steps,
+                committed_mean_mib=(sum(committed) / len(committed) / 2**20) if committed else 0.0,
+                committed_peak_mib=max(committed, default=0) / 2**20,
+                checksum=sum(sum(a) for s in work.sessions for a in s.answers))
+
+
 def prefix(args):
     """Modes x prefix caching {off, on} on one seeded shared-prefix multi-turn workload, repeated.
     --device cpu (mode host, a small model) checks the bookkeeping on a machine without a GPU."""
-    device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    device_name = torch.cuda.get_device_name(0) if on_gpu else "cpu"
-
-    def synchronize():
-        if on_gpu:
-            torch.cuda.synchronize()
-
+    device, device_name, synchronize = torch_device(args.device)
     cfg = parse_model(args.model, vocab=args.vocab)
     model = M.Llama(cfg, device, seed=7)
     block_bytes = cfg.kv_bytes_per_token() * BLOCK_TOKENS
     max_blocks = (args.kv_mib << 20) // block_bytes  # static's fixed size, elastic's reach
-
-    def workload(sessions, start_spread_s):
-        return W.shared_prefix_workload(args.seed, cfg.vocab, systems=args.systems, system_tokens=args.system_tokens,
-                                        sessions=sessions, turns=args.turns, user_tokens=parse_range(args.user),
-                                        answer_tokens=parse_range(args.answer), start_spread_s=start_spread_s,
-                                        think_s=args.think)
 
     def one(mode, prefix_cache, rep, sessions, start_spread_s):
         cache = vmmpp_kv.KVCache(layers=cfg.layers, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype="bf16",
@@ -336,35 +407,10 @@ def prefix(args):
         kv = paged_kv(cache, device, prefix_cache,
                       None if args.max_cached_mib is None else args.max_cached_mib << 20)
         engine = E.Engine(model, kv, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens)
-        work = workload(sessions, start_spread_s)
-        driver = W.SessionDriver(work, engine, E.Request, clock=time.perf_counter)
-        committed = []
-        synchronize()
-        start = driver.run(deadline_s=args.deadline, on_step=lambda now: committed.append(kv.committed_bytes()))
-        synchronize()
-        requests = driver.requests
-        done = [r for r in requests if r.finished_at is not None]
-        last = max((r.finished_at for r in done), default=start)
-        output_tokens = sum(len(r.output) for r in done)
-        stats = kv.prefix_cache.stats() if kv.prefix_cache is not None else {}
-        blocks_asked = stats.get("hits", 0) + stats.get("misses", 0)
-        row = dict(mode=mode, prefix_cache=prefix_cache, rep=rep, turns=work.turns(), submitted=len(requests),
-                   completed=len(done), rejected=len(engine.rejected),
-                   ttft_p50_s=percentile([r.first_token_at - r.arrival for r in done], 50),
-                   ttft_p99_s=percentile([r.first_token_at - r.arrival for r in done], 99),
-                   wall_s=last - start, output_tokens=output_tokens,
-                   tokens_per_s=output_tokens / (last - start) if last > start else 0.0,
-                   prompt_tokens=engine.admitted_tokens, prompt_tokens_computed=engine.prefill_tokens,
-                   cached_token_rate=engine.cached_tokens / engine.admitted_tokens if engine.admitted_tokens else 0.0,
-                   block_hit_rate=stats["hits"] / blocks_asked if blocks_asked else 0.0,
-                   prefix_hits=stats.get("hits", 0), prefix_misses=stats.get("misses", 0),
-                   evictions=stats.get("evictions", 0), cached_mib_at_end=stats.get("cached_bytes", 0) / 2**20,
-                   preemptions=engine.preemptions, steps=engine.steps,
-                   committed_mean_mib=(sum(committed) / len(committed) / 2**20) if committed else 0.0,
-                   committed_peak_mib=max(committed, default=0) / 2**20,
-                   checksum=sum(sum(a) for s in work.sessions for a in s.answers))
+        work = make_workload(args, cfg.vocab, sessions=sessions, start_spread=start_spread_s)
+        row = dict(mode=mode, prefix_cache=prefix_cache, rep=rep, **serve(engine, kv, work, synchronize, args.deadline))
         print(json.dumps(row), flush=True)
-        del driver, engine, kv
+        del engine, kv
         synchronize()
         cache.synchronize()
         return row
@@ -452,6 +498,263 @@ def prefix(args):
     report(results, printed=True)
 
 
+# --------------------------------------------------------------------------- lend
+
+LEND_MODES = ("static", "elastic", "elastic_lend")
+
+
+def lend_worker(args):
+    """One model of `lend` (A idle, B busy): its cache (a static slice of half the KV, or model
+    args.role of the process budget), prefix caching on (lend=True in elastic_lend), warmed up,
+    then "ready" and one JSON line for each command on stdin: "serve" (run its workload: serve's
+    row, B's committed memory series included), "stats" (its prefix cache's and lending's
+    figures) or "exit". Between commands it makes no call at all: an idle A's cached pages go to
+    B through A's budget watcher thread alone."""
+    device, device_name, synchronize = torch_device(args.device)
+    cfg = parse_model(args.model, vocab=args.vocab)
+    model = M.Llama(cfg, device, seed=100 if args.role == "A" else 101)
+    total = args.kv_mib << 20
+    gpu = device.type == "cuda"
+    if args.mode == "static":
+        cache = budget_or_slice_cache(cfg, "static" if gpu else "host", args.layout, total, slices=2)
+    else:
+        cache = budget_or_slice_cache(cfg, "elastic" if gpu else "host", args.layout, total, budget=args.budget,
+                                      model=args.role)
+    kv = paged_kv(cache, device, "on", lend=args.mode == "elastic_lend")
+
+    def engine():
+        return E.Engine(model, kv, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
+                        clock=time.time)
+
+    # Warm-up (kernels, allocator, the cached-prefix attention) on a tiny workload of its own,
+    # then nothing of it stays: its cached blocks are evicted and its pages given back.
+    serve(engine(), kv, make_workload(args, cfg.vocab, seed=args.seed + 1000, sessions=2, start_spread=0.0),
+          synchronize, clock=time.time)
+    kv.prefix_cache.clear()
+    cache.synchronize()
+    cache.trim()
+    print("ready", json.dumps(dict(device=device_name, kv_bytes_per_token=cfg.kv_bytes_per_token())), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "serve":
+            series = []
+            row = serve(engine(), kv, make_workload(args, cfg.vocab), synchronize, args.deadline, clock=time.time,
+                        on_step=lambda now, committed: series.append((round(now, 4), committed)))
+            step = max(1, len(series) // 1000)  # at most ~1000 points a run in the JSON
+            row["series"] = series[::step]
+            print(json.dumps(row), flush=True)
+        elif command == "stats":
+            cache.synchronize()
+            print(json.dumps(dict(prefix=kv.prefix_cache.stats(), lending=kv.prefix_cache.lending_stats(),
+                                  committed_bytes=kv.committed_bytes())), flush=True)
+        else:
+            break
+
+
+def ask(proc, command):
+    """Sends a lend worker one command and returns its JSON answer."""
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"worker exited (code {proc.wait()}) on {command!r}")
+    return json.loads(line)
+
+
+def lend(args):
+    """Two models on one KV budget (--kv-mib): A serves its workload, then idles with a warm prefix
+    cache while B serves a heavier one, in three modes (static halves, one elastic budget where A
+    keeps its cache, the same with A's cache lent); then A serves its workload again. Each run is
+    a fresh pair of processes; modes alternate order by repeat."""
+    os.makedirs(args.out, exist_ok=True)
+    modes = args.modes.split(",")
+    unknown = set(modes) - set(LEND_MODES)
+    if unknown:
+        raise SystemExit(f"unknown modes {sorted(unknown)} (of {', '.join(LEND_MODES)})")
+    common = ["--model", args.model, "--kv-mib", str(args.kv_mib), "--layout", args.layout, "--device", args.device,
+              "--systems", str(args.systems), "--system-tokens", str(args.system_tokens),
+              "--max-batch", str(args.max_batch), "--max-prefill-tokens", str(args.max_prefill_tokens),
+              "--deadline", str(args.deadline), "--think", str(args.think)] + \
+        (["--vocab", str(args.vocab)] if args.vocab else [])
+    workloads = dict(
+        A=["--seed", str(args.idle_seed), "--sessions", str(args.idle_sessions), "--turns", str(args.idle_turns),
+           "--user", args.idle_user, "--answer", args.idle_answer, "--start-spread", str(args.idle_start_spread)],
+        B=["--seed", str(args.seed), "--sessions", str(args.sessions), "--turns", str(args.turns),
+           "--user", args.user, "--answer", args.answer, "--start-spread", str(args.start_spread)])
+    # What each workload's contexts fill at most (every session's last turn at once, the system
+    # prompts shared): the defaults make B's more than half the KV and less than all of it (static
+    # halves squeeze B, the whole budget does not) and A's about half (its warm cache is worth lending).
+    cfg = parse_model(args.model, vocab=args.vocab)
+    a_work = make_workload(args, cfg.vocab, seed=args.idle_seed, sessions=args.idle_sessions, turns=args.idle_turns,
+                           user=args.idle_user, answer=args.idle_answer, start_spread=args.idle_start_spread)
+    fill = {role: W.peak_context_tokens(work) * cfg.kv_bytes_per_token() / 2**20
+            for role, work in (("A", a_work), ("B", make_workload(args, cfg.vocab)))}
+    b_share, a_share = fill["B"] / args.kv_mib, fill["A"] / args.kv_mib
+    info = dict(device="?", sizes=(
+        f"Sizes: every session's last turn at once (system prompts shared) fills {fill['B']:.0f} MiB of KV for B "
+        f"({b_share:.2f} of the {args.kv_mib} MiB: {'more' if b_share > 0.5 else 'no more'} than a static half, "
+        f"{'within' if b_share <= 1 else 'more than'} all of it) and {fill['A']:.0f} MiB for A ({a_share:.2f}: "
+        f"what A's warm cache holds when nothing evicts it); {cfg.kv_bytes_per_token()} B of KV a token."))
+    print(info["sizes"], flush=True)
+
+    def one(mode, rep):
+        budget = None if mode == "static" else f"vmmpp_lend_{os.getpid()}_{mode}_{rep}"
+        if budget:
+            vmmpp_kv.remove_process_budget(budget)
+        cmds = [[sys.executable, os.path.abspath(__file__), "lend-worker", "--role", role, "--mode", mode,
+                 "--budget", budget or "-"] + common + workloads[role] for role in ("A", "B")]
+        a, b = start_workers(cmds)
+        info["device"] = json.loads(a.ready.split(" ", 1)[1])["device"]
+        try:
+            phase1 = ask(a, "serve")  # A's first round: its cache warms up
+            a_before = ask(a, "stats")
+            # A now idles (blocked on its stdin) while B serves; the budget's committed memory
+            # (both processes) is sampled here, B's own in B.
+            samples, stop = [], threading.Event()
+
+            def sample():
+                while not stop.is_set():
+                    samples.append((round(time.time(), 4), vmmpp_kv.process_budget_stats(budget)["committed"]))
+                    stop.wait(0.05)
+            sampler = threading.Thread(target=sample)
+            if budget:
+                sampler.start()
+            phase2 = ask(b, "serve")
+            stop.set()
+            if budget:
+                sampler.join()
+            a_after = ask(a, "stats")  # A's first call since phase 1
+            b.stdin.close()  # B exits: its memory goes back before A's second round
+            b.wait(timeout=60)
+            phase3 = ask(a, "serve") if args.phase3 else None
+        finally:
+            for p in (a, b):
+                if p.poll() is None:
+                    p.stdin.close()
+                    try:
+                        p.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+            if budget:
+                vmmpp_kv.remove_process_budget(budget)
+        b_series = phase2.pop("series")
+        t0 = b_series[0][0] if b_series else (samples[0][0] if samples else 0.0)
+        # A's committed memory during phase 2: the budget's less B's latest sample (elastic modes);
+        # a static slice keeps what it committed.
+        a_series, j = [], -1
+        for t, all_bytes in samples:
+            while j + 1 < len(b_series) and b_series[j + 1][0] <= t:
+                j += 1
+            a_series.append((round(t - t0, 3), all_bytes - (b_series[j][1] if j >= 0 else 0)))
+        lent = a_after["lending"]
+        row = dict(mode=mode, rep=rep, B=phase2,
+                   A=dict(phase1={k: phase1[k] for k in phase1 if k != "series"},
+                          phase3={k: phase3[k] for k in phase3 if k != "series"} if phase3 else None,
+                          cached_mib_before=a_before["prefix"]["cached_bytes"] / 2**20,
+                          cached_mib_after=a_after["prefix"]["cached_bytes"] / 2**20,
+                          committed_mib_before=a_before["committed_bytes"] / 2**20,
+                          committed_mib_after=a_after["committed_bytes"] / 2**20,
+                          lends=lent["lends"], lent_blocks=lent["lent_blocks"], lent_mib=lent["lent_bytes"] / 2**20),
+                   memory=dict(B=[(round(t - t0, 3), c) for t, c in b_series],
+                               all=[(round(t - t0, 3), c) for t, c in samples], A=a_series))
+        print(json.dumps({k: v for k, v in row.items() if k != "memory"}), flush=True)
+        return row
+
+    results = []
+    for rep in range(args.repeats):
+        for mode in (modes if rep % 2 == 0 else modes[::-1]):  # order alternates by repeat
+            try:
+                results.append(one(mode, rep))
+            except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
+                # Recorded, not fatal: the other runs still go (the worker's traceback is on stderr).
+                print(mode, rep, "FAILED:", e, flush=True)
+                results.append(dict(mode=mode, rep=rep, failed=str(e)))
+            lend_report(args, info, modes, results, printed=False)
+    lend_report(args, info, modes, results, printed=True)
+
+
+def lend_report(args, info, modes, results, printed):
+    """lend.json and lend.md of the runs so far (rewritten after each run, as prefix's); failed
+    runs are listed, not summed."""
+    failed = [r for r in results if "failed" in r]
+    results = [r for r in results if "failed" not in r]
+    b_keys = ("ttft_p50_s", "ttft_p99_s", "tokens_per_s", "preemptions", "evictions", "cached_token_rate",
+              "committed_mean_mib", "committed_peak_mib", "completed", "wall_s")
+    a_keys = ("cached_mib_before", "cached_mib_after", "lends", "lent_blocks", "lent_mib")
+    summary = {}
+    for mode in modes:
+        rows = [r for r in results if r["mode"] == mode]
+        if not rows:
+            continue
+        s = {f"B_{k}": median([r["B"][k] for r in rows]) for k in b_keys}
+        s.update({f"A_{k}": median([r["A"][k] for r in rows]) for k in a_keys})
+        if all(r["A"]["phase3"] for r in rows):
+            s["A_round2_cached_token_rate"] = median([r["A"]["phase3"]["cached_token_rate"] for r in rows])
+            s["A_round2_ttft_p50_s"] = median([r["A"]["phase3"]["ttft_p50_s"] for r in rows])
+        s["runs"] = len(rows)
+        summary[mode] = s
+    # B's answers by mode (complete runs): one value when neither the mode nor lending changed a
+    # greedy token (bf16 may round differently where a prefill starts after another cached prefix).
+    checksums = {}
+    for r in results:
+        if r["B"]["completed"] == r["B"]["turns"]:
+            checksums.setdefault(r["mode"], set()).add(r["B"]["checksum"])
+    checksums = {mode: sorted(values) for mode, values in checksums.items()}
+    same_answers = len({c for cs in checksums.values() for c in cs}) == 1
+    ratios = {}
+    for base in ("static", "elastic"):
+        if "elastic_lend" in summary and base in summary:
+            e, b = summary["elastic_lend"], summary[base]
+            ratios[f"elastic_lend/{base}"] = {k: e[f"B_{k}"] / b[f"B_{k}"] if b[f"B_{k}"] else float("nan")
+                                              for k in ("ttft_p50_s", "ttft_p99_s", "tokens_per_s")}
+    out = dict(model=args.model, config=vars(args), device=info["device"], sizes=info["sizes"], runs=results,
+               failed_runs=failed, summary=summary,
+               ratios=ratios, b_answer_checksums=checksums, b_same_answers_everywhere=same_answers)
+    with open(os.path.join(args.out, "lend.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    lines = [f"# Lending an idle model's prefix cache to a busy one ({info['device']})", "",
+             f"Model {args.model} (bf16) for both A (idle) and B (busy), other weights; {args.kv_mib} MiB of KV in all "
+             f"(static: {args.kv_mib // 2} MiB each; elastic, elastic_lend: one process budget of {args.kv_mib} MiB, "
+             f"each reaching all of it), layout {args.layout}, prefix caching on in both.",
+             f"A's workload: seed {args.idle_seed}, {args.systems} system prompts of {args.system_tokens} tokens, "
+             f"{args.idle_sessions} sessions x {args.idle_turns} turns (user {args.idle_user}, answers "
+             f"{args.idle_answer}). B's: seed {args.seed}, the same system prompt sizes (other tokens), "
+             f"{args.sessions} sessions x {args.turns} turns (user {args.user}, answers {args.answer}), "
+             f"starting over {args.start_spread} s.", "", info["sizes"], "",
+             f"A serves its workload, then idles (no call) while B serves; A's second round is its workload again. "
+             f"Medians of {args.repeats} runs each, a fresh pair of processes per run, order alternating by repeat "
+             f"({len(results)} runs done).", "",
+             "| mode | B TTFT p50 (s) | B TTFT p99 (s) | B tokens/s | B preemptions | B evictions | B cached tokens "
+             "| B committed mean / peak (MiB) | A cached before / after (MiB) | A lends | A lent (MiB) "
+             "| A round 2 cached tokens | B turns done |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for mode, s in summary.items():
+        round2 = f"{100 * s['A_round2_cached_token_rate']:.1f} %" if "A_round2_cached_token_rate" in s else "-"
+        lines.append(f"| {mode} | {s['B_ttft_p50_s']:.3f} | {s['B_ttft_p99_s']:.3f} | {s['B_tokens_per_s']:.1f} | "
+                     f"{s['B_preemptions']:.0f} | {s['B_evictions']:.0f} | {100 * s['B_cached_token_rate']:.1f} % | "
+                     f"{s['B_committed_mean_mib']:.0f} / {s['B_committed_peak_mib']:.0f} | "
+                     f"{s['A_cached_mib_before']:.1f} / {s['A_cached_mib_after']:.1f} | {s['A_lends']:.0f} | "
+                     f"{s['A_lent_mib']:.1f} | {round2} | {s['B_completed']:.0f} |")
+    lines += ["", "Ratios of B's medians:", ""]
+    for name, r in ratios.items():
+        lines.append(f"- {name}: TTFT p50 x{r['ttft_p50_s']:.3f}, p99 x{r['ttft_p99_s']:.3f}, "
+                     f"tokens/s x{r['tokens_per_s']:.3f}")
+    lines += ["", "Every run (B: TTFT p50 / p99 s, tokens/s, preemptions; A: lent MiB, round 2 cached tokens):", ""]
+    for r in results:
+        b, a = r["B"], r["A"]
+        round2 = f"{100 * a['phase3']['cached_token_rate']:.1f} %" if a["phase3"] else "-"
+        lines.append(f"- rep {r['rep']} {r['mode']}: B {b['ttft_p50_s']:.3f} / {b['ttft_p99_s']:.3f}, "
+                     f"{b['tokens_per_s']:.1f}, {b['preemptions']}; A {a['lent_mib']:.1f}, {round2}")
+    lines += ["", "Cached tokens: context tokens of admitted turns taken from the prefix cache. A's committed memory "
+              "during B's run (budget less B's) and B's are in lend.json (runs[].memory, seconds from B's first step).",
+              "", f"B's answers the same in every complete run: {same_answers} (checksums by mode: {checksums})."]
+    lines += [f"- FAILED: rep {r['rep']} {r['mode']}: {r['failed']}" for r in failed]
+    with open(os.path.join(args.out, "lend.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if printed:
+        print("\n".join(lines))
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -477,30 +780,59 @@ def main():
     r.add_argument("--total-mib", type=int, default=1024)
     r.add_argument("--layout", default="block_major")
     r.add_argument("--out", required=True)
+    def add_workload(p, sessions=48, turns=4):
+        """The shared-prefix workload's arguments (prefix's; lend's B; a lend worker's own)."""
+        p.add_argument("--seed", type=int, default=29)
+        p.add_argument("--systems", type=int, default=4)
+        p.add_argument("--system-tokens", type=int, default=1024)
+        p.add_argument("--sessions", type=int, default=sessions)
+        p.add_argument("--turns", type=int, default=turns)
+        p.add_argument("--user", default="32:128", help="user message tokens, low:high")
+        p.add_argument("--answer", default="64:128", help="answer tokens, low:high")
+        p.add_argument("--start-spread", type=float, default=2.0, help="sessions start uniformly over this many s")
+        p.add_argument("--think", type=float, default=0.0, help="s between an answer and the next turn")
+
+    def add_engine(p, kv_mib, deadline=60.0):
+        """Model, KV size, engine and device arguments (prefix's, lend's, a lend worker's)."""
+        p.add_argument("--model", default="8b:8")
+        p.add_argument("--kv-mib", type=int, default=kv_mib)
+        p.add_argument("--max-batch", type=int, default=64)
+        p.add_argument("--max-prefill-tokens", type=int, default=8192)
+        p.add_argument("--deadline", type=float, default=deadline, help="s a run may take before it is cut")
+        p.add_argument("--layout", default="block_major")
+        p.add_argument("--device", default="cuda", help="cpu: host memory (mode host), a bookkeeping check")
+        p.add_argument("--vocab", type=int, default=None, help="cut the model's vocabulary (faster on a CPU)")
+
     x = sub.add_parser("prefix")
-    x.add_argument("--model", default="8b:8")
+    add_engine(x, kv_mib=2048)
+    add_workload(x)
     x.add_argument("--modes", default="static,elastic")
     x.add_argument("--prefix-caching", default="off,on", help="prefix caching settings to run, of off,on")
     x.add_argument("--repeats", type=int, default=2)
-    x.add_argument("--kv-mib", type=int, default=2048, help="KV size: static's fixed size, elastic's reach")
     x.add_argument("--max-cached-mib", type=int, default=None,
                    help="bound on cached blocks no sequence holds (default: none but the KV size)")
-    x.add_argument("--seed", type=int, default=29)
-    x.add_argument("--systems", type=int, default=4)
-    x.add_argument("--system-tokens", type=int, default=1024)
-    x.add_argument("--sessions", type=int, default=48)
-    x.add_argument("--turns", type=int, default=4)
-    x.add_argument("--user", default="32:128", help="user message tokens, low:high")
-    x.add_argument("--answer", default="64:128", help="answer tokens, low:high")
-    x.add_argument("--start-spread", type=float, default=2.0, help="sessions start uniformly over this many s")
-    x.add_argument("--think", type=float, default=0.0, help="s between an answer and the next turn")
-    x.add_argument("--max-batch", type=int, default=64)
-    x.add_argument("--max-prefill-tokens", type=int, default=8192)
-    x.add_argument("--deadline", type=float, default=60.0, help="s a run may take before it is cut")
-    x.add_argument("--layout", default="block_major")
-    x.add_argument("--device", default="cuda", help="cpu: host memory (mode host), a bookkeeping check")
-    x.add_argument("--vocab", type=int, default=None, help="cut the model's vocabulary (faster on a CPU)")
     x.add_argument("--out", required=True)
+    n = sub.add_parser("lend", help="an idle model's warm prefix cache lent to a busy one on one KV budget")
+    # --kv-mib: the total (static halves, elastic's one budget); B's workload: --seed ... --think
+    # (prefix's, 3 turns), A's: --idle-*. The defaults are sized in lend() (sizes in lend.md).
+    add_engine(n, kv_mib=1280, deadline=90.0)
+    add_workload(n, sessions=48, turns=3)
+    n.add_argument("--idle-seed", type=int, default=31, help="A's workload seed (other system prompts than B's)")
+    n.add_argument("--idle-sessions", type=int, default=24, help="A's sessions (--sessions: B's)")
+    n.add_argument("--idle-turns", type=int, default=2, help="A's turns a session")
+    n.add_argument("--idle-user", default="192:384", help="A's user message tokens, low:high")
+    n.add_argument("--idle-answer", default="16:32", help="A's answer tokens, low:high")
+    n.add_argument("--idle-start-spread", type=float, default=0.5, help="A's sessions start over this many s")
+    n.add_argument("--modes", default=",".join(LEND_MODES), help="of " + ",".join(LEND_MODES))
+    n.add_argument("--repeats", type=int, default=3)
+    n.add_argument("--no-phase3", dest="phase3", action="store_false", help="skip A's second round")
+    n.add_argument("--out", required=True)
+    nw = sub.add_parser("lend-worker")
+    add_engine(nw, kv_mib=1280)
+    add_workload(nw)
+    nw.add_argument("--role", choices=("A", "B"), required=True)
+    nw.add_argument("--mode", choices=LEND_MODES, required=True)
+    nw.add_argument("--budget", required=True)
     w = sub.add_parser("worker")
     for name in ("--index", "--models", "--total-mib"):
         w.add_argument(name, type=int, required=True)
@@ -508,7 +840,8 @@ def main():
         w.add_argument(name, required=True)
     w.add_argument("--deadline", type=float, required=True)
     args = parser.parse_args()
-    {"throughput": throughput, "replay": replay, "prefix": prefix, "worker": worker}[args.command](args)
+    {"throughput": throughput, "replay": replay, "prefix": prefix, "worker": worker, "lend": lend,
+     "lend-worker": lend_worker}[args.command](args)
 
 
 if __name__ == "__main__":

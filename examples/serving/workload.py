@@ -62,6 +62,15 @@ def shared_prefix_workload(seed, vocab, systems=4, system_tokens=1024, sessions=
     return Workload(system_prompts, out)
 
 
+def peak_context_tokens(workload):
+    """Tokens of every session's last turn (its prompt and answer) at once, each system prompt
+    counted once (sessions share it): what the workload's contexts fill at most."""
+    total = len(workload.system_prompts) * len(workload.system_prompts[0]) if workload.system_prompts else 0
+    for s in workload.sessions:
+        total += sum(len(t.user) + t.max_new for t in s.turns)
+    return total
+
+
 def next_prompt(workload, session):
     """The prompt of the session's next turn (len(session.answers) turns are done)."""
     k = len(session.answers)
