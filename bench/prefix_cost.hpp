@@ -28,7 +28,8 @@
 //                      layer_major, where the holes share pages with the live blocks and the
 //                      cached blocks' pages empty; 0 in block_major at 2 MiB blocks, one block a
 //                      page: a move would empty one page and fill another); sync_ns_per_block:
-//                      the stream synchronise after it (the GPU copies).
+//                      the stream synchronise after it (the GPU copies); ns_per_call: the call
+//                      (the plan's cost where nothing moves).
 // Counters: ns_per_block (or ns_per_free), take_ns and committed_ns (the baselines of the same
 // subject, medians), vs_take and vs_committed (ns per block over them).
 #pragma once
@@ -375,6 +376,7 @@ void trim(benchmark::State& state) {
     }
     report<Config, Layout>(state, mb, total, evicted);
     state.counters["moved"] = static_cast<double>(moved);
+    state.counters["ns_per_call"] = total / static_cast<double>(state.iterations());
 }
 
 template <class Config, class Layout>
@@ -410,6 +412,7 @@ void compact(benchmark::State& state) {
     report<Config, Layout>(state, mb, total, moved);
     state.counters["sync_ns_per_block"] = moved == 0 ? 0.0 : sync_total / static_cast<double>(moved);
     state.counters["moved_per_call"] = static_cast<double>(moved) / static_cast<double>(state.iterations());
+    state.counters["ns_per_call"] = total / static_cast<double>(state.iterations());
 }
 
 /// Registers every benchmark of (Config, Layout) for each max_blocks, named

@@ -30,7 +30,7 @@ def main():
         mb = parts[-1]
         op = "/".join(parts[:-1])
         other = []
-        for k in ("fresh_fraction", "take_vs_committed", "moved", "moved_per_call", "sync_ns_per_block"):
+        for k in ("fresh_fraction", "take_vs_committed", "moved", "moved_per_call", "ns_per_call", "sync_ns_per_block"):
             if k in b:
                 other.append(f"{k}={fmt(b[k])}")
         print(f"| {op} | {mb} | {fmt(b.get('ns_per_block'))} | {fmt(b.get('ns_per_free'))} | "
