@@ -22,5 +22,5 @@ int main(int argc, char** argv) {
     benchmark::Initialize(&argc, argv);
     benchmark::RunSpecifiedBenchmarks();
     benchmark::Shutdown();
-    return 0;
+    return prefix_cost::errors == 0 ? 0 : 1;
 }

@@ -61,6 +61,8 @@ using clock_type = std::chrono::steady_clock;
 using tokens_t = std::vector<std::int32_t>;
 constexpr std::size_t prompt_tokens = 2048;
 constexpr std::size_t prompt_blocks = prompt_tokens / 16;
+/// Benchmarks skipped by an error (main returns 1 when any was).
+inline int errors = 0;
 
 inline vmmpp::kv_geometry geometry(std::uint32_t max_blocks) {
     return {.layers = 32, .kv_heads = 8, .head_dim = 128, .type = vmmpp::dtype::bf16, .block_tokens = 16,
@@ -429,6 +431,7 @@ void register_all(const std::string& cfg, const std::string& layout, const std::
                 try {
                     fn(state);
                 } catch (const std::exception& e) {
+                    ++errors;
                     state.SkipWithError(e.what());
                 }
             };
