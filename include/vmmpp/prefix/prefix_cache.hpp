@@ -242,7 +242,7 @@ public:
     /// first for lru_eviction), whatever pages they share. Throws: cuda_error giving memory
     /// back, with the blocks evicted so far gone from the cache.
     eviction_result evict(std::size_t n_blocks) {
-        evictor e(*this);
+        evictor e(*this, false);  // the groups are evict_bytes'
         for (std::int32_t b : e.pages.order()) {
             if (e.result.blocks.size() >= n_blocks) {
                 break;
@@ -258,7 +258,7 @@ public:
     /// no page: they stay). Memory asked for now comes back at once, without copies (compaction
     /// would move blocks first). Throws as evict.
     eviction_result evict_bytes(std::size_t bytes) {
-        evictor e(*this);
+        evictor e(*this, true);
         for (const auto& g : e.pages.groups()) {
             if (e.result.freed_page_bytes >= bytes) {
                 break;
@@ -429,7 +429,8 @@ private:
         detail::page_groups<Cache> pages;
         eviction_result result;
 
-        explicit evictor(prefix_cache& p) : pc(p), pages(p.cache_, p.page_bytes_, p.evictable_in_order()) {
+        evictor(prefix_cache& p, bool with_groups)
+            : pc(p), pages(p.cache_, p.page_bytes_, p.evictable_in_order(), with_groups) {
             if (pc.options_.record_events) {
                 pc.events_.reserve(pc.events_.size() + pages.order().size());
             }
