@@ -5,6 +5,7 @@
 // them); live blocks stay where they are.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -23,14 +24,18 @@ struct compaction_plan {
     std::size_t freed_page_bytes = 0;  ///< pages no block touches once they ran, net of pages they fill anew
 };
 
-/// Plans moves of the blocks `movable(b)` says may move (live ones only are asked), the highest
-/// first, each into the lowest free id while that lies below it, at most `max_moves`; then keeps
-/// the shortest leading run of moves that frees the most pages (pages a move empties, less the
-/// uncommitted pages its destination reaches), none when no run frees a page: a move that frees
-/// nothing is a copy for nothing. Cost: a scan of the block ids; where some move is possible,
-/// a pass over every live block's pages too (O(live blocks x pieces per block)).
-template <class Cache, class Movable>
+/// Plans moves of the blocks `movable(b)` says may move among `cached` (block ids in ascending
+/// order, every one live; walked from the highest down), each into the lowest free id while that
+/// lies below it, at most `max_moves`; then keeps the shortest leading run of moves that frees
+/// the most pages (pages a move empties, less the uncommitted pages its destination reaches),
+/// none when no run frees a page: a move that frees nothing is a copy for nothing.
+/// `users`: scratch of one counter per page of the span, all zero, left all zero.
+/// Cost: the ids up to the lowest free one, and the cached ids above it (not max_blocks); where
+/// some move is possible, a pass over the live blocks' pages too (O(live blocks x pieces per
+/// block), ids up to the highest live one).
+template <class Cache, class Ids, class Movable>
 [[nodiscard]] compaction_plan plan_compaction(const Cache& cache, std::size_t page_bytes, std::size_t max_moves,
+                                              const Ids& cached, std::vector<std::uint32_t>& users,
                                               Movable&& movable) {
     using layout_type = typename Cache::layout_type;
     const kv_geometry& g = cache.geometry();
@@ -42,28 +47,40 @@ template <class Cache, class Movable>
         return id;
     };
     compaction_plan plan;
-    std::int32_t lo = next_free(0), hi = n - 1;
+    std::int32_t lo = next_free(0);
+    auto hi = cached.rbegin();
     while (plan.moves.size() < max_moves) {
-        while (hi > lo && (cache.block_refs(hi) == 0 || !movable(hi))) {
-            --hi;
+        while (hi != cached.rend() && *hi > lo && !movable(*hi)) {
+            ++hi;
         }
-        if (hi <= lo) {
+        if (hi == cached.rend() || *hi <= lo) {
             break;
         }
-        plan.moves.push_back({hi, lo});
-        --hi;
+        plan.moves.push_back({*hi, lo});
+        ++hi;
         lo = next_free(lo + 1);
     }
     if (plan.moves.empty()) {
         return plan;
     }
-    // How many live blocks touch each page, then the moves played on those counts.
-    std::vector<std::uint32_t> users((layout_type::span_bytes(g) + page_bytes - 1) / page_bytes, 0);
+    // How many live blocks touch each page, then the moves played on those counts; the pages
+    // counted are remembered so the scratch goes back to zero.
+    const std::size_t pages = (layout_type::span_bytes(g) + page_bytes - 1) / page_bytes;
+    if (users.size() != pages) {
+        users.assign(pages, 0);
+    }
+    std::vector<std::size_t> touched;
+    try {
+    const auto count = [&](std::size_t p) {
+        if (users[p]++ == 0) {
+            touched.push_back(p);
+        }
+    };
     std::size_t seen = 0;
     for (std::int32_t id = 0; id < n && seen < cache.used_blocks(); ++id) {
         if (cache.block_refs(id) != 0) {
             ++seen;
-            for_each_block_page<layout_type>(g, page_bytes, id, [&](std::size_t p) { ++users[p]; });
+            for_each_block_page<layout_type>(g, page_bytes, id, count);
         }
     }
     std::ptrdiff_t freed = 0, best = 0;
@@ -71,14 +88,24 @@ template <class Cache, class Movable>
     for (std::size_t i = 0; i < plan.moves.size(); ++i) {
         const block_move& m = plan.moves[i];
         for_each_block_page<layout_type>(g, page_bytes, m.from, [&](std::size_t p) { freed += --users[p] == 0 ? 1 : 0; });
-        for_each_block_page<layout_type>(g, page_bytes, m.to, [&](std::size_t p) { freed -= users[p]++ == 0 ? 1 : 0; });
+        for_each_block_page<layout_type>(g, page_bytes, m.to, [&](std::size_t p) {
+            freed -= users[p] == 0 ? 1 : 0;
+            count(p);
+        });
         if (freed > best) {
             best = freed;
             best_moves = i + 1;
         }
     }
+    for (std::size_t p : touched) {
+        users[p] = 0;
+    }
     plan.moves.resize(best_moves);
     plan.freed_page_bytes = static_cast<std::size_t>(best) * page_bytes;
+    } catch (...) {
+        std::fill(users.begin(), users.end(), 0u);  // touched could not grow: zero it all
+        throw;
+    }
     return plan;
 }
 

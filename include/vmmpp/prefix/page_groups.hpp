@@ -45,7 +45,9 @@ public:
     };
 
     /// `order`: the evictable blocks (live, one reference: the prefix cache's), oldest first.
-    page_groups(const Cache& cache, std::size_t page_bytes, std::vector<std::int32_t> order)
+    /// `with_groups`: whether groups() is wanted (evict_bytes); without, only the pages each
+    /// eviction frees are tracked (evict, trim), and groups() is empty.
+    page_groups(const Cache& cache, std::size_t page_bytes, std::vector<std::int32_t> order, bool with_groups = true)
         : page_bytes_(page_bytes), order_(std::move(order)) {
         std::unordered_map<std::int32_t, std::size_t> rank;
         for (std::size_t i = 0; i < order_.size(); ++i) {
@@ -72,6 +74,12 @@ public:
                 for_each_block_page<layout_type>(cache.geometry(), page_bytes_, b,
                                                  [&](std::size_t page) { members.erase(page); });
             }
+        }
+        if (!with_groups) {
+            for (const auto& [page, blocks] : members) {
+                left_[page] = blocks.size();
+            }
+            return;
         }
         std::map<std::vector<std::int32_t>, std::size_t> ages;  // pages with the same blocks: one group
         for (auto& [page, blocks] : members) {

@@ -16,6 +16,7 @@
 #include <limits>
 #include <map>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <unordered_map>
@@ -241,7 +242,7 @@ public:
     /// first for lru_eviction), whatever pages they share. Throws: cuda_error giving memory
     /// back, with the blocks evicted so far gone from the cache.
     eviction_result evict(std::size_t n_blocks) {
-        evictor e(*this);
+        evictor e(*this, false);  // the groups are evict_bytes'
         for (std::int32_t b : e.pages.order()) {
             if (e.result.blocks.size() >= n_blocks) {
                 break;
@@ -257,7 +258,7 @@ public:
     /// no page: they stay). Memory asked for now comes back at once, without copies (compaction
     /// would move blocks first). Throws as evict.
     eviction_result evict_bytes(std::size_t bytes) {
-        evictor e(*this);
+        evictor e(*this, true);
         for (const auto& g : e.pages.groups()) {
             if (e.result.freed_page_bytes >= bytes) {
                 break;
@@ -302,8 +303,9 @@ public:
     /// `stream` (by default the cache's own) after the work that last used
     /// either id (vmmpp/kv/relocate.hpp). Returns the blocks moved (moved_blocks) and the bytes of
     /// the pages they emptied, net of pages their new ids reached (freed_page_bytes); blocks and
-    /// keys stay empty. Costs a scan of the ids, and where a move is possible a pass over the
-    /// live blocks' pages and one block copy a move.
+    /// keys stay empty. Costs a scan of the ids up to the lowest free one and of the cached ids
+    /// above it (not of every id: bench/results/prefix-cost-host-2026-12-07), and where a move is
+    /// possible a pass over the live blocks' pages and one block copy a move.
     /// Throws: what relocate_block throws (over_quota, out_of_memory where a destination's page
     /// must be committed, cuda_error): the moves before it stand, the failed one changed nothing
     /// but where its release failed after taking effect.
@@ -393,8 +395,8 @@ private:
             return;
         }
         const detail::compaction_plan plan =
-            detail::plan_compaction(cache_, page_bytes_, options_.max_compaction_moves,
-                                    [&](std::int32_t b) { return cache_.block_refs(b) == 1 && by_block_.contains(b); });
+            detail::plan_compaction(cache_, page_bytes_, options_.max_compaction_moves, ids_, page_users_,
+                                    [&](std::int32_t b) { return cache_.block_refs(b) == 1; });
         for (const detail::block_move& m : plan.moves) {
             std::int32_t at = m.from;
             const std::int32_t to = relocate_block(cache_, m.from, stream, [&](std::int32_t now) noexcept {
@@ -427,7 +429,8 @@ private:
         detail::page_groups<Cache> pages;
         eviction_result result;
 
-        explicit evictor(prefix_cache& p) : pc(p), pages(p.cache_, p.page_bytes_, p.evictable_in_order()) {
+        evictor(prefix_cache& p, bool with_groups)
+            : pc(p), pages(p.cache_, p.page_bytes_, p.evictable_in_order(), with_groups) {
             if (pc.options_.record_events) {
                 pc.events_.reserve(pc.events_.size() + pages.order().size());
             }
@@ -467,6 +470,9 @@ private:
         e.moved = true;
         node.key() = to;
         by_block_.insert(std::move(node));
+        auto id = ids_.extract(from);
+        id.value() = to;
+        ids_.insert(std::move(id));
         policy_.replace(from, to);
     }
 
@@ -477,7 +483,13 @@ private:
         try {
             by_block_.emplace(b, key);
             try {
-                policy_.insert(b);
+                ids_.insert(b);
+                try {
+                    policy_.insert(b);
+                } catch (...) {
+                    ids_.erase(b);
+                    throw;
+                }
             } catch (...) {
                 by_block_.erase(b);
                 throw;
@@ -510,6 +522,7 @@ private:
     void forget(const block_key& key, std::int32_t b) noexcept {
         by_key_.erase(key);
         by_block_.erase(b);
+        ids_.erase(b);
         policy_.erase(b);
         ++evictions_;
         if (options_.record_events && events_.size() < events_.capacity()) {  // room reserved by the evictor
@@ -572,6 +585,8 @@ private:
     std::size_t block_bytes_ = 0;
     std::unordered_map<block_key, entry, block_key_hash> by_key_;
     std::unordered_map<std::int32_t, block_key> by_block_;
+    std::set<std::int32_t> ids_;                // the cached blocks, by id: compaction walks them from the top
+    std::vector<std::uint32_t> page_users_;     // compaction's scratch: live blocks per page, all zero between calls
     std::vector<prefix_event> events_;
     std::uint64_t hits_ = 0, misses_ = 0, evictions_ = 0, moves_ = 0;
 };
