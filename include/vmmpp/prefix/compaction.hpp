@@ -5,7 +5,6 @@
 // them); live blocks stay where they are.
 #pragma once
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -69,12 +68,22 @@ template <class Cache, class Ids, class Movable>
     if (users.size() != pages) {
         users.assign(pages, 0);
     }
-    std::vector<std::size_t> touched;
-    try {
-    const auto count = [&](std::size_t p) {
-        if (users[p]++ == 0) {
-            touched.push_back(p);
+    // The pages counted, zeroed again on the way out (a throw included): every page with a
+    // nonzero count is in `touched`, since a page is recorded before its count first rises.
+    struct zero_touched {
+        std::vector<std::uint32_t>& users;
+        std::vector<std::size_t> touched;
+        ~zero_touched() {
+            for (std::size_t p : touched) {
+                users[p] = 0;
+            }
         }
+    } scratch{users, {}};
+    const auto count = [&](std::size_t p) {
+        if (users[p] == 0) {
+            scratch.touched.push_back(p);  // may throw: the count not raised yet
+        }
+        ++users[p];
     };
     std::size_t seen = 0;
     for (std::int32_t id = 0; id < n && seen < cache.used_blocks(); ++id) {
@@ -97,15 +106,8 @@ template <class Cache, class Ids, class Movable>
             best_moves = i + 1;
         }
     }
-    for (std::size_t p : touched) {
-        users[p] = 0;
-    }
     plan.moves.resize(best_moves);
     plan.freed_page_bytes = static_cast<std::size_t>(best) * page_bytes;
-    } catch (...) {
-        std::fill(users.begin(), users.end(), 0u);  // touched could not grow: zero it all
-        throw;
-    }
     return plan;
 }
 
