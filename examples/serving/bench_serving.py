@@ -418,7 +418,12 @@ def prefix(args):
     modes = args.modes.split(",")
     settings = args.prefix_caching.split(",")
     combos = [(m, p) for m in modes for p in settings]
-    for mode in modes:  # warm-up of each mode (kernels, allocator, cuBLAS, the backing's first commits)
+    # Warm-up: the whole workload once with caching off (every batch and prefill shape the runs
+    # meet: on an H100 on 2026-12-07 the first full run in a process took 1.5-1.7x the later
+    # ones after an 8-session warm-up, whichever mode it was), then each mode briefly (its first
+    # commits).
+    one(modes[0], settings[0], -1, args.sessions, args.start_spread)
+    for mode in modes:
         one(mode, settings[-1], -1, min(8, args.sessions), 0.0)
     def report(results, printed):
         """prefix.json and prefix.md of the runs so far (rewritten after each run, so a run cut
