@@ -418,11 +418,12 @@ def prefix(args):
     modes = args.modes.split(",")
     settings = args.prefix_caching.split(",")
     combos = [(m, p) for m in modes for p in settings]
-    # Warm-up: the whole workload once with caching off (every batch and prefill shape the runs
-    # meet: on an H100 on 2026-12-07 the first full run in a process took 1.5-1.7x the later
-    # ones after an 8-session warm-up, whichever mode it was), then each mode briefly (its first
-    # commits).
-    one(modes[0], settings[0], -1, args.sessions, args.start_spread)
+    # Warm-up: the whole workload once in each caching setting (every batch, prefill and
+    # cached-prefix attention shape the runs meet: on an H100 on 2026-12-07 the first full run of
+    # a setting in a process took 1.4-1.7x the later ones, whichever mode it was), then each mode
+    # briefly (its first commits).
+    for prefix_cache in settings:
+        one(modes[0], prefix_cache, -1, args.sessions, args.start_spread)
     for mode in modes:
         one(mode, settings[-1], -1, min(8, args.sessions), 0.0)
     def report(results, printed):
