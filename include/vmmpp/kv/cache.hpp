@@ -23,6 +23,7 @@
 #include "vmmpp/kv/detail/block_tables.hpp"
 #include "vmmpp/kv/detail/device_copy.hpp"
 #include "vmmpp/kv/geometry.hpp"
+#include "vmmpp/kv/held_blocks.hpp"
 #include "vmmpp/kv/layout.hpp"
 #include "vmmpp/kv/sequence_slots.hpp"
 #include "vmmpp/kv/sleep.hpp"
@@ -44,7 +45,9 @@ namespace vmmpp {
 /// The cache keeps sequences; its parts do the rest: the layout's block-id policy
 /// (block_ids_of<Layout>, a kv_block_ids) hands out ids and keeps reference counts,
 /// detail::block_memory holds their memory in the pool in stream order, detail::cache_sleep
-/// (vmmpp/kv/sleep.hpp) sleeps and wakes, detail::device_copy makes every copy.
+/// (vmmpp/kv/sleep.hpp) sleeps and wakes, detail::held_blocks (vmmpp/kv/held_blocks.hpp) serves
+/// holders other than sequences (adopt, retain/take/release_block: a prefix cache), and
+/// detail::device_copy makes every copy.
 ///
 /// Thread safety: like a standard container: concurrent const calls are safe, anything else
 /// needs external synchronisation. Several caches on one shared budget may be used from
@@ -71,6 +74,7 @@ class kv_cache {
     static_assert(kv_block_ids<block_ids_of<Layout>>,
                   "vmmpp::kv_cache: Layout::block_ids does not model vmmpp::kv_block_ids");
     friend class detail::cache_sleep<kv_cache>;
+    friend struct detail::held_blocks<kv_cache>;
     static constexpr bool slotted = sequence_slot_layout<Layout>;  // the members below that say so
 
 public:
@@ -200,42 +204,13 @@ public:
     /// free or given twice; a token count that does not fill the blocks; nothing changed),
     /// out_of_sequence_slots, std::bad_alloc. Guarantee: strong.
     [[nodiscard]] seq_id adopt(std::span<const std::int32_t> blocks, std::size_t n_tokens) {
-        check_shares("adopt");
-        if (geometry_.blocks_for(n_tokens) != blocks.size() ||
-            n_tokens > std::size_t{geometry_.max_blocks} * geometry_.block_tokens) {
-            throw invalid_argument("adopt of " + std::to_string(blocks.size()) + " blocks for " +
-                                   std::to_string(n_tokens) + " tokens: those tokens need " +
-                                   std::to_string(geometry_.blocks_for(n_tokens)) + " blocks of " +
-                                   std::to_string(geometry_.block_tokens) + " tokens");
-        }
-        std::vector<std::int32_t> sorted(blocks.begin(), blocks.end());  // may throw: nothing changed yet
-        std::sort(sorted.begin(), sorted.end());
-        for (std::size_t i = 0; i < sorted.size(); ++i) {
-            if (blocks_.refs(sorted[i]) == 0) {  // refs throws for an id out of range
-                throw invalid_argument("adopt: block " + std::to_string(sorted[i]) + " is free");
-            }
-            if (i > 0 && sorted[i] == sorted[i - 1]) {
-                throw invalid_argument("adopt: block " + std::to_string(sorted[i]) + " given twice");
-            }
-        }
-        sequence s{std::vector<std::int32_t>(blocks.begin(), blocks.end()), n_tokens};  // may throw
-        const seq_id id = add_sequence();  // may throw: nothing changed yet
-        sequence& added = sequences_.at(id);
-        s.slot = added.slot;
-        added = std::move(s);  // nothrow
-        for (std::int32_t b : added.blocks) {
-            blocks_.retain(b);  // live ids: never throws
-        }
-        return id;
+        return detail::held_blocks<kv_cache>::adopt(*this, blocks, n_tokens);
     }
 
     /// One more reference to live block `block`, held by the caller rather than by a sequence
     /// (a prefix cache keeps its blocks so): the block stays live until release_block.
     /// Throws: invalid_argument (a block out of range or free; nothing changed). Strong.
-    void retain_block(std::int32_t block) {
-        check_shares("retain_block");  // a layout that cannot share cannot keep a block for another holder
-        blocks_.retain(block);
-    }
+    void retain_block(std::int32_t block) { detail::held_blocks<kv_cache>::retain(*this, block); }
 
     /// The lowest free block id, live with one reference the caller holds (release_block drops
     /// it), its memory held; work queued on `stream` after the call may write it (the reads
@@ -244,26 +219,7 @@ public:
     /// Throws: invalid_argument (a layout that cannot share blocks), cache_asleep, out_of_blocks,
     /// over_quota, out_of_memory, retired_memory, cuda_error. Guarantee: strong.
     [[nodiscard]] std::int32_t take_block(cudaStream_t stream) {
-        sleep_.refuse("take_block");  // no memory to hold
-        check_shares("take_block");   // a block no sequence holds: only where blocks can be shared
-        if (blocks_.free_blocks() == 0) {
-            throw out_of_blocks(1, 0, blocks_.max_blocks());
-        }
-        const std::int32_t one[1] = {blocks_.allocate(0, 0)};
-        bool held = false;
-        try {
-            const auto prepaid = pool_.prepay(memory_.merged_pieces(one));
-            memory_.hold(one[0]);
-            held = true;
-            memory_.order_writes_after_reads(one, stream);
-        } catch (...) {
-            blocks_.release(one[0]);
-            if (held) {
-                memory_.unhold_noexcept(one[0], pool_fence{});  // nothing was queued on it
-            }
-            throw;
-        }
-        return one[0];
+        return detail::held_blocks<kv_cache>::take(*this, stream);
     }
 
     /// Drops one reference taken by retain_block, as free() drops a sequence's: if it was the
@@ -275,14 +231,7 @@ public:
     /// or giving memory back (the release has taken effect).
     void release_block(std::int32_t block) { release_block(block, options_.stream); }
     void release_block(std::int32_t block, cudaStream_t stream) {
-        sleep_.refuse("release_block");  // the block holds no memory
-        check_shares("release_block");   // no reference here but a sequence's, which free drops
-        if (blocks_.refs(block) == 0) {
-            throw invalid_argument("release_block: block " + std::to_string(block) + " is free (double release?)");
-        }
-        const std::int32_t one[1] = {block};
-        memory_.prepare_drop(std::span<const std::int32_t>(one), stream, blocks_);  // may throw: nothing changed
-        memory_.drop(std::span<const std::int32_t>(one), blocks_);
+        detail::held_blocks<kv_cache>::release(*this, block, stream);
     }
 
     /// Keeps the first `n_tokens` tokens of `seq` (e.g. rejected speculative tokens) and lets
