@@ -60,12 +60,7 @@ using namespace vmmpp_test;
 
 namespace {
 
-// The configurations and paged layouts of the other engine-like GPU tests (prefix cache, engine
-// streams): two elastic configurations and the static one, blocks together or by layer.
-using graph_cases = vmmpp::apply_t<
-    vmmpp::product_t<vmmpp::type_list<vmmpp::elastic_config, vmmpp::elastic_page_config, vmmpp::static_config>,
-                     vmmpp::type_list<vmmpp::block_major, vmmpp::layer_major>, kv_case>,
-    std::tuple>;
+using graph_cases = paged_engine_cases;
 
 // 8 layers of 8 heads of 128 (bf16), 16 tokens a block: a block_major block is 512 KiB (4 a
 // 2 MiB page), a layer_major piece 32 KiB (64 a page in each of 16 regions); 512 blocks span

@@ -27,11 +27,6 @@ using namespace vmmpp_test;
 
 namespace {
 
-template <class Config, class Layout>
-struct kv_case {
-    using config = Config;
-    using cache = vmmpp::kv_cache<Config, Layout>;
-};
 using engine_cases = boost::mpl::list<kv_case<vmmpp::elastic_config, vmmpp::block_major>,
                                       kv_case<vmmpp::elastic_page_config, vmmpp::block_major>,
                                       kv_case<vmmpp::elastic_page_config, vmmpp::layer_major>,

@@ -56,10 +56,7 @@ using namespace vmmpp_test;
 
 namespace {
 
-using prefix_cases = vmmpp::apply_t<
-    vmmpp::product_t<vmmpp::type_list<vmmpp::elastic_config, vmmpp::elastic_page_config, vmmpp::static_config>,
-                     vmmpp::type_list<vmmpp::block_major, vmmpp::layer_major>, kv_case>,
-    std::tuple>;
+using prefix_cases = paged_engine_cases;
 
 bool small_variant() {
     const char* v = std::getenv("VMMPP_PREFIX_SMALL");

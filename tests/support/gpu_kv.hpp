@@ -1,15 +1,28 @@
-// Helpers for gpu tests of KV caches: a stream of the test's own, the pieces of a sequence.
+// Helpers for gpu tests of KV caches: the cases engine-like tests run over, a stream of the
+// test's own, the pieces of a sequence.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "support/gpu.hpp"
+#include "support/kv_factories.hpp"
+#include "vmmpp/config.hpp"
 #include "vmmpp/kv/cache.hpp"
+#include "vmmpp/kv/layout_list.hpp"
+#include "vmmpp/type_list.hpp"
 
 namespace vmmpp_test {
+
+/// The configurations and paged layouts the engine-like GPU tests (prefix cache, CUDA graphs) run
+/// over: the two elastic configurations and the static one, blocks together or by layer.
+using paged_engine_cases = vmmpp::apply_t<
+    vmmpp::product_t<vmmpp::type_list<vmmpp::elastic_config, vmmpp::elastic_page_config, vmmpp::static_config>,
+                     vmmpp::type_list<vmmpp::block_major, vmmpp::layer_major>, kv_case>,
+    std::tuple>;
 
 /// A non-blocking stream of the test's own, destroyed at the end of the test.
 class test_stream {
