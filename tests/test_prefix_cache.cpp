@@ -906,6 +906,39 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(compaction_plan_over_cached_ids_is_the_full_scans,
     BOOST_TEST_MESSAGE("moves planned: " << planned_moves);
 }
 
+// Cached blocks sleep and wake with their cache: while it sleeps (its memory given back) keys and
+// lookups stay, eviction and compaction are refused or do nothing, and after wake an attach reads
+// the blocks' bytes as they were.
+BOOST_AUTO_TEST_CASE_TEMPLATE(cached_blocks_sleep_and_wake_with_the_cache, Case, prefix_cases) {
+    kv_factory<Case> factory;
+    auto cache = factory.make(paged);
+    auto& c = *cache;
+    vmmpp::prefix_cache<typename Case::cache> pc(c);
+    const std::size_t bt = c.geometry().block_tokens;
+    const tokens_t p = iota_tokens(4 * bt + 3, 7);  // 4 full blocks and 3 tokens
+    const vmmpp::seq_id s = c.add_sequence();
+    c.append(s, p.size());
+    write_kv(c, s, p, 0);
+    BOOST_TEST(pc.publish(s, p) == 4u);
+    pc.free(s);  // the 4 full blocks stay cached, no sequence holds them
+    BOOST_TEST(c.used_blocks() == 4u);
+    std::vector<std::byte> host(c.sleep_bytes());
+    (void)c.sleep(host);
+    BOOST_TEST(c.asleep());
+    BOOST_TEST(c.pool().committed_bytes() == 0u);
+    BOOST_TEST(pc.lookup(p) == 4 * bt);
+    BOOST_CHECK_THROW((void)pc.evict(1), vmmpp::cache_asleep);  // nothing changed
+    BOOST_TEST(pc.cached_blocks() == 4u);
+    BOOST_TEST(pc.compact().moved_blocks == 0u);
+    (void)c.wake();
+    const vmmpp::attached_sequence a = pc.attach(p);
+    BOOST_TEST(a.cached_tokens == 4 * bt);
+    BOOST_TEST(kv_matches(c, a.seq, p, 4 * bt));
+    pc.free(a.seq);
+    BOOST_TEST(pc.clear().blocks.size() == 4u);
+    BOOST_TEST(c.used_blocks() == 0u);
+}
+
 // A pool whose span is committed for good (static_config's growth, here on the host) frees
 // nothing by packing: compaction leaves the cached blocks where they are (no copies).
 BOOST_AUTO_TEST_CASE(compaction_moves_nothing_in_a_committed_span) {

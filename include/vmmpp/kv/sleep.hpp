@@ -7,7 +7,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -157,14 +156,18 @@ private:
         }
         return bytes;
     }
-    /// Every block some sequence references, ascending, once each.
+    /// Every live block, ascending: those sequences reference and those other holders keep
+    /// (kv_cache::retain_block: a prefix cache's cached blocks, whose bytes must survive the sleep
+    /// and whose memory must go back with the rest).
     static std::vector<std::int32_t> live_blocks(const Cache& c) {
         std::vector<std::int32_t> blocks;
-        for (const auto& [id, s] : c.sequence_map()) {
-            blocks.insert(blocks.end(), s.blocks.begin(), s.blocks.end());
+        blocks.reserve(c.used_blocks());
+        const auto n = static_cast<std::int32_t>(c.geometry().max_blocks);
+        for (std::int32_t id = 0; id < n && blocks.size() < c.used_blocks(); ++id) {
+            if (c.block_refs(id) != 0) {
+                blocks.push_back(id);
+            }
         }
-        std::sort(blocks.begin(), blocks.end());
-        blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
         return blocks;
     }
     /// Copies `st`'s ranges between the pool and its host buffer, back to back in offset order
