@@ -939,6 +939,44 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(cached_blocks_sleep_and_wake_with_the_cache, Case,
     BOOST_TEST(c.used_blocks() == 0u);
 }
 
+// copy_blocks and cached blocks: a cached block is a source like any live block (its bytes land
+// in the other cache), never a destination (it is shared with the prefix cache: its bytes must
+// stay its tokens'), and the refusal copies nothing.
+BOOST_AUTO_TEST_CASE_TEMPLATE(copy_blocks_reads_cached_blocks_and_never_writes_them, Case, prefix_cases) {
+    kv_factory<Case> factory, other_factory;
+    auto cache = factory.make(paged);
+    auto other = other_factory.make(paged);
+    auto& c = *cache;
+    vmmpp::prefix_cache<typename Case::cache> pc(c);
+    const std::size_t bt = c.geometry().block_tokens;
+    const tokens_t p = iota_tokens(2 * bt, 11);
+    const vmmpp::seq_id s = c.add_sequence();
+    c.append(s, p.size());
+    write_kv(c, s, p, 0);
+    BOOST_TEST(pc.publish(s, p) == 2u);
+    const std::vector<std::int32_t> cached(c.block_table(s).begin(), c.block_table(s).end());
+    // Into another cache: the bytes come along.
+    const vmmpp::seq_id t = other->add_sequence();
+    other->append(t, p.size());
+    const std::vector<std::int32_t> to(other->block_table(t).begin(), other->block_table(t).end());
+    vmmpp::copy_blocks(c, cached, *other, to);
+    BOOST_TEST(kv_matches(*other, t, p, p.size()));
+    // Into a cached block: refused, nothing written.
+    const vmmpp::seq_id u = c.add_sequence();
+    c.append(u, bt);
+    write_kv(c, u, iota_tokens(bt, 900), 0);
+    const std::int32_t from[1] = {c.block_table(u)[0]};
+    const std::int32_t into[1] = {cached[1]};
+    BOOST_CHECK_THROW(vmmpp::copy_blocks(c, from, c, into), vmmpp::invalid_argument);
+    pc.free(s);
+    const auto a = pc.attach(p);  // the cached bytes as written
+    BOOST_TEST(a.cached_tokens == p.size());
+    BOOST_TEST(kv_matches(c, a.seq, p, p.size()));
+    c.free(u);
+    pc.free(a.seq);
+    other->free(t);
+}
+
 // A pool whose span is committed for good (static_config's growth, here on the host) frees
 // nothing by packing: compaction leaves the cached blocks where they are (no copies).
 BOOST_AUTO_TEST_CASE(compaction_moves_nothing_in_a_committed_span) {

@@ -168,8 +168,9 @@ private:
 /// - the block shapes differ (every differing field is named);
 /// - the lists differ in length (both lengths are named);
 /// - an id is not a live (allocated, reference count > 0) block of its cache (the id is named);
-/// - a destination block is shared (reference count > 1, after kv_cache::fork): writing it would
-///   change every sequence that shares it, which the cache itself never does (append copies on
+/// - a destination block is shared (reference count > 1, after kv_cache::fork, or a block a
+///   prefix cache keeps): writing it would change every sequence that shares it, and a cached
+///   block's bytes must stay its tokens', which the cache itself never breaks (append copies on
 ///   write). The id and its reference count are named;
 /// - a destination id is listed twice, or, when `src` and `dst` are one cache, an id is both a
 ///   source and a destination (the result would depend on the order of the copies).
@@ -217,7 +218,8 @@ void copy_blocks(kv_cache<SrcConfig, Layout>& src, std::span<const std::int32_t>
         if (const auto refs = dst.block_refs(dst_blocks[i]); refs > 1) {
             throw invalid_argument("copy_blocks: destination block " + std::to_string(dst_blocks[i]) + " (entry " +
                                    std::to_string(i) + ") has reference count " + std::to_string(refs) +
-                                   ": it is shared with another sequence (fork), whose KV the copy would change");
+                                   ": it is shared with another sequence (fork) or kept by another holder (a prefix "
+                                   "cache's cached block), whose KV the copy would change");
         }
     }
     std::vector<std::int32_t> sorted(dst_blocks.begin(), dst_blocks.end());
