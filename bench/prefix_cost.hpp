@@ -24,6 +24,9 @@
 //                      same sequence (what a free costs without prefix caching), same counters.
 //   evict1             evict(1), 128 times over the cached prompt's blocks, per block.
 //   trim               trim() evicting 128 blocks over the bound (bound 0), compaction included.
+//   evict1_deep        evict(1), 128 times a round, with max_blocks / 2 blocks cached and
+//                      evictable (a new 128-block prompt cached each round, untimed): the cost of
+//                      one eviction where many blocks are evictable, per block (evict1 has 128).
 //   compact            compact() over 16 live blocks, 48 holes above them and 48 cached blocks
 //                      above those (ids 64-111), per block moved (moved_per_call: 48 in
 //                      layer_major, where the holes share pages with the live blocks and the
@@ -358,6 +361,36 @@ void evict1(benchmark::State& state) {
 }
 
 template <class Config, class Layout>
+void evict1_deep(benchmark::State& state) {
+    const auto mb = static_cast<std::uint32_t>(state.range(0));
+    subject<Config, Layout> s(mb);
+    std::mt19937_64 rng(8);
+    const std::size_t standing = std::max<std::size_t>(mb / 2 / prompt_blocks, 1);  // prompts kept cached
+    for (std::size_t i = 0; i + 1 < standing; ++i) {
+        s.cache_prompt(random_tokens(rng, prompt_tokens));
+    }
+    s.sync();
+    double total = 0;
+    std::size_t evicted = 0;
+    for (auto _ : state) {
+        s.cache_prompt(random_tokens(rng, prompt_tokens));
+        s.sync();
+        double round = 0;
+        for (std::size_t i = 0; i < prompt_blocks; ++i) {
+            const auto start = clock_type::now();
+            const auto r = s.pc->evict(1);
+            round += ns(clock_type::now() - start);
+            evicted += r.blocks.size();
+        }
+        state.SetIterationTime(round * 1e-9);
+        total += round;
+        s.sync();
+    }
+    report<Config, Layout>(state, mb, total, evicted);
+    state.counters["evictable"] = static_cast<double>(s.pc->evictable_blocks());
+}
+
+template <class Config, class Layout>
 void trim(benchmark::State& state) {
     const auto mb = static_cast<std::uint32_t>(state.range(0));
     subject<Config, Layout> s(mb, -1, {.max_cached_bytes = 0});
@@ -456,6 +489,7 @@ void register_all(const std::string& cfg, const std::string& layout, const std::
     add("publish", publish<Config, Layout>, 40);
     add("evict1", evict1<Config, Layout>, 10);
     add("trim", trim<Config, Layout>, 20);
+    add("evict1_deep", evict1_deep<Config, Layout>, 10);
     add("compact", compact<Config, Layout>, 20);
 }
 

@@ -16,6 +16,8 @@
 #include "support/kv_factories.hpp"
 #include "vmmpp/config.hpp"
 #include "vmmpp/kv/relocate.hpp"
+#include "vmmpp/prefix/page_groups.hpp"
+#include "vmmpp/prefix/page_users.hpp"
 #include "vmmpp/prefix/prefix_cache.hpp"
 
 using namespace vmmpp_test;
@@ -975,6 +977,117 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(copy_blocks_reads_cached_blocks_and_never_writes_t
     c.free(u);
     pc.free(a.seq);
     other->free(t);
+}
+
+// detail::block_page_map (which ids touch a page, from the layout's arithmetic) against every
+// block's pages from Layout::for_each_piece, in geometries where a page holds many blocks, a
+// block many pages, pages straddle regions, block tensors not dividing the page, one block.
+BOOST_AUTO_TEST_CASE_TEMPLATE(block_page_map_is_the_pieces_pages, Case, prefix_cases) {
+    using layout_type = typename Case::cache::layout_type;
+    const vmmpp::kv_geometry geometries[] = {
+        small, paged,
+        {.layers = 3, .kv_heads = 1, .head_dim = 96, .type = vmmpp::dtype::f16, .block_tokens = 5, .max_blocks = 77},
+        {.layers = 1, .kv_heads = 1, .head_dim = 64, .type = vmmpp::dtype::f16, .block_tokens = 4, .max_blocks = 1},
+        {.layers = 4, .kv_heads = 1, .head_dim = 576, .type = vmmpp::dtype::bf16, .block_tokens = 16, .max_blocks = 300},
+    };
+    std::size_t checked = 0;
+    for (const vmmpp::kv_geometry& g : geometries) {
+        try {
+            layout_type::validate(g);
+        } catch (const vmmpp::invalid_argument&) {
+            continue;  // mla: kv_heads 1 only
+        }
+        for (std::size_t page_bytes : {std::size_t{4096}, std::size_t{3 * 4096}, std::size_t{65536}, std::size_t{2} << 20}) {
+            BOOST_TEST_CONTEXT("blocks " << g.max_blocks << ", page " << page_bytes) {
+                const std::size_t pages = (layout_type::span_bytes(g) + page_bytes - 1) / page_bytes;
+                std::vector<std::set<std::int32_t>> want(pages);
+                for (std::uint32_t b = 0; b < g.max_blocks; ++b) {
+                    vmmpp::detail::for_each_block_page<layout_type>(g, page_bytes, static_cast<std::int32_t>(b),
+                                                                    [&](std::size_t p) { want.at(p).insert(static_cast<std::int32_t>(b)); });
+                }
+                const vmmpp::detail::block_page_map<layout_type> map(g, page_bytes);
+                for (std::size_t p = 0; p < pages; ++p) {
+                    std::set<std::int32_t> got;
+                    BOOST_TEST(map.for_each_block_on_page(p, [&](std::int32_t b) { got.insert(b); return true; }));
+                    BOOST_TEST((got == want[p]), "page " << p);
+                    if (!want[p].empty()) {  // stopping: after the first id, nothing more
+                        std::size_t calls = 0;
+                        BOOST_TEST(!map.for_each_block_on_page(p, [&](std::int32_t) { ++calls; return false; }));
+                        BOOST_TEST(calls == 1u);
+                    }
+                    ++checked;
+                }
+            }
+        }
+    }
+    BOOST_TEST(checked > 1000u);
+}
+
+// The pages each eviction frees, from the evicted block's own pages (detail::eviction_pages, what
+// evict, trim and append's eviction use), against the full view over every evictable block
+// (detail::page_groups, what they used before): random states of live, cached-and-held and
+// evictable blocks, evicted in a random order, compared after every eviction.
+BOOST_AUTO_TEST_CASE_TEMPLATE(eviction_pages_are_the_full_views, Case, prefix_cases) {
+    using cache_type = typename Case::cache;
+    const vmmpp::kv_geometry geometries[] = {
+        // a block tensor of 32 KiB (a 2 MiB page: 16 blocks of block_major, 64 of a region)
+        {.layers = 2, .kv_heads = 1, .head_dim = 1024, .type = vmmpp::dtype::f16, .block_tokens = 16, .max_blocks = 384},
+        // 18 KiB: pieces across page boundaries
+        {.layers = 2, .kv_heads = 1, .head_dim = 576, .type = vmmpp::dtype::bf16, .block_tokens = 16, .max_blocks = 320},
+    };
+    std::size_t evictions = 0, freed_total = 0, states_freeing = 0;
+    for (const vmmpp::kv_geometry& g : geometries) {
+        for (unsigned seed = 1; seed <= 30; ++seed) {
+            BOOST_TEST_CONTEXT("blocks " << g.max_blocks << ", seed " << seed) {
+                std::mt19937 rng(seed);
+                kv_factory<Case> factory;
+                auto cache = factory.make(g);
+                auto& c = *cache;
+                // Sequences of 1-16 blocks; a random part of their blocks "cached" (one more
+                // reference, as prefix_cache's); some sequences freed, so their cached blocks
+                // have that reference alone (evictable), the rest held.
+                std::vector<vmmpp::seq_id> seqs;
+                for (int i = 0; i < 24; ++i) {
+                    seqs.push_back(c.add_sequence());
+                    c.append(seqs.back(), (1 + rng() % 16) * g.block_tokens);
+                }
+                const unsigned cached_share = 1 + rng() % 4;  // of 4
+                std::vector<std::int32_t> order;  // the cached blocks, then those evictable
+                for (vmmpp::seq_id s : seqs) {
+                    for (std::int32_t b : c.block_table(s)) {
+                        if (rng() % 4 < cached_share) {
+                            c.retain_block(b);
+                            order.push_back(b);
+                        }
+                    }
+                }
+                for (vmmpp::seq_id s : seqs) {
+                    if (rng() % 3 != 0) {
+                        c.free(s);
+                    }
+                }
+                std::erase_if(order, [&](std::int32_t b) { return c.block_refs(b) != 1; });
+                std::shuffle(order.begin(), order.end(), rng);
+                const std::size_t page_bytes = c.pool().page_bytes();
+                vmmpp::detail::page_groups<cache_type> want(c, page_bytes, order, false);
+                vmmpp::detail::eviction_pages<cache_type> got(g, page_bytes);
+                const std::size_t n = order.empty() || rng() % 2 == 0 ? order.size() : 1 + rng() % order.size();
+                std::size_t freed = 0;
+                for (std::size_t i = 0; i < n; ++i) {
+                    c.release_block(order[i]);
+                    const std::size_t w = want.evicted(order[i]);
+                    BOOST_TEST(got.freed_by(c, order[i]) == w, "eviction " << i << " of block " << order[i]);
+                    freed += w;
+                    ++evictions;
+                }
+                freed_total += freed;
+                states_freeing += freed != 0 ? 1 : 0;
+            }
+        }
+    }
+    BOOST_TEST(evictions > 500u);
+    BOOST_TEST(states_freeing > 10u);  // of 60
+    BOOST_TEST_MESSAGE("evictions " << evictions << ", freed " << freed_total << " bytes");
 }
 
 // A pool whose span is committed for good (static_config's growth, here on the host) frees

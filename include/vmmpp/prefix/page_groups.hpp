@@ -1,7 +1,9 @@
 // vmmpp/prefix/page_groups.hpp: which pool pages a prefix cache's evictable blocks alone hold,
-// for one eviction: the bytes each eviction frees (evict, trim), and the "page groups" (the
-// evictable blocks that together alone hold some pages, oldest group first) that evict_bytes
-// gives up whole when memory is asked for.
+// for one eviction: the "page groups" (the evictable blocks that together alone hold some pages,
+// oldest group first) that evict_bytes gives up whole when memory is asked for, and the bytes
+// each of its evictions frees. A full view, O(evictable blocks x pieces) to build: evict, trim
+// and append's evictions count their freed pages from the victims' pages alone
+// (vmmpp/prefix/page_users.hpp; test_prefix_cache checks both agree).
 #pragma once
 
 #include <algorithm>

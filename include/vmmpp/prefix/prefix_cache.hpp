@@ -31,6 +31,7 @@
 #include "vmmpp/prefix/compaction.hpp"
 #include "vmmpp/prefix/eviction.hpp"
 #include "vmmpp/prefix/page_groups.hpp"
+#include "vmmpp/prefix/page_users.hpp"
 
 namespace vmmpp {
 
@@ -122,7 +123,8 @@ public:
 
     explicit prefix_cache(Cache& cache, prefix_cache_options options = {}, Eviction eviction = {})
         : cache_(cache), options_(options), policy_(std::move(eviction)),
-          block_tokens_(cache.geometry().block_tokens), page_bytes_(cache.pool().page_bytes()) {
+          block_tokens_(cache.geometry().block_tokens), page_bytes_(cache.pool().page_bytes()),
+          freed_pages_(cache.geometry(), page_bytes_) {
         layout_type::for_each_piece(cache.geometry(), 0, [&](std::size_t, std::size_t bytes) { block_bytes_ += bytes; });
     }
     prefix_cache(const prefix_cache&) = delete;
@@ -239,17 +241,18 @@ public:
     }
 
     /// Evicts `n_blocks` evictable blocks (or all there are), in the policy's order (oldest
-    /// first for lru_eviction), whatever pages they share. Throws: cuda_error giving memory
-    /// back, with the blocks evicted so far gone from the cache.
+    /// first for lru_eviction), whatever pages they share. Costs the policy's order up to the
+    /// n-th evictable block, and per evicted block its pages and the ids on them up to a live
+    /// one (detail::eviction_pages), not a pass over every evictable block. Throws: cuda_error
+    /// giving memory back, with the blocks evicted so far gone from the cache.
     eviction_result evict(std::size_t n_blocks) {
-        evictor e(*this, false);  // the groups are evict_bytes'
-        for (std::int32_t b : e.pages.order()) {
-            if (e.result.blocks.size() >= n_blocks) {
-                break;
-            }
-            e.evict_one(b);
+        const std::vector<std::int32_t> victims = evictable_in_order(n_blocks);
+        eviction_result result = reserved_result(victims.size());
+        for (std::int32_t b : victims) {
+            evict_one(b, result);
+            result.freed_page_bytes += freed_pages_.freed_by(cache_, b);
         }
-        return std::move(e.result);
+        return result;
     }
 
     /// Evicts whole page groups (the evictable blocks that alone hold some pages), the group
@@ -258,16 +261,20 @@ public:
     /// no page: they stay). Memory asked for now comes back at once, without copies (compaction
     /// would move blocks first). Throws as evict.
     eviction_result evict_bytes(std::size_t bytes) {
-        evictor e(*this, true);
-        for (const auto& g : e.pages.groups()) {
-            if (e.result.freed_page_bytes >= bytes) {
+        detail::page_groups<Cache> pages(cache_, page_bytes_, evictable_in_order());  // the full view: groups
+        eviction_result result = reserved_result(pages.order().size());
+        for (const auto& g : pages.groups()) {
+            if (result.freed_page_bytes >= bytes) {
                 break;
             }
             for (std::int32_t b : g.members) {
-                e.evict_one(b);
+                if (!pages.gone(b)) {
+                    evict_one(b, result);
+                    result.freed_page_bytes += pages.evicted(b);
+                }
             }
         }
-        return std::move(e.result);
+        return result;
     }
 
     /// Evicts every evictable block.
@@ -281,6 +288,9 @@ public:
     eviction_result trim() { return trim(cache_.stream()); }
     eviction_result trim(cudaStream_t stream) {
         eviction_result all;
+        if (by_block_.size() * block_bytes_ <= options_.max_cached_bytes) {
+            return all;  // even every cached block evictable keeps the bound: no pass over them
+        }
         for (std::size_t over = evictable_bytes(); over > options_.max_cached_bytes;
              over = evictable_bytes()) {
             eviction_result r = evict((over - options_.max_cached_bytes + block_bytes_ - 1) / block_bytes_);
@@ -422,41 +432,34 @@ private:
         }
     }
 
-    /// One eviction: the evictable blocks in the policy's order and the pages only they hold
-    /// (detail::page_groups), and what was evicted so far.
-    struct evictor {
-        prefix_cache& pc;
-        detail::page_groups<Cache> pages;
+    /// An empty result with room for `n` evictions, and room for their events.
+    [[nodiscard]] eviction_result reserved_result(std::size_t n) {
+        if (options_.record_events) {
+            events_.reserve(events_.size() + n);
+        }
         eviction_result result;
+        result.blocks.reserve(n);
+        result.keys.reserve(n);
+        return result;
+    }
+    /// Evicts cached block `b` (evictable) into `result` (blocks, keys; not the pages).
+    void evict_one(std::int32_t b, eviction_result& result) {
+        const block_key key = by_block_.at(b);
+        remove(b);
+        result.blocks.push_back(b);  // room reserved
+        result.keys.push_back(key);
+    }
 
-        evictor(prefix_cache& p, bool with_groups)
-            : pc(p), pages(p.cache_, p.page_bytes_, p.evictable_in_order(), with_groups) {
-            if (pc.options_.record_events) {
-                pc.events_.reserve(pc.events_.size() + pages.order().size());
-            }
-            result.blocks.reserve(pages.order().size());
-            result.keys.reserve(pages.order().size());
-        }
-        void evict_one(std::int32_t b) {
-            if (pages.gone(b)) {
-                return;
-            }
-            const block_key key = pc.by_block_.at(b);
-            pc.remove(b);
-            result.blocks.push_back(b);
-            result.keys.push_back(key);
-            result.freed_page_bytes += pages.evicted(b);
-        }
-    };
-
-    /// The evictable blocks, first to evict first.
-    [[nodiscard]] std::vector<std::int32_t> evictable_in_order() const {
+    /// The first `most` evictable blocks (all by default), first to evict first: the policy's
+    /// order is walked only that far.
+    [[nodiscard]] std::vector<std::int32_t> evictable_in_order(
+        std::size_t most = std::numeric_limits<std::size_t>::max()) const {
         std::vector<std::int32_t> order;
         policy_.for_each_oldest([&](std::int32_t b) {
-            if (cache_.block_refs(b) == 1) {
+            if (order.size() < most && cache_.block_refs(b) == 1) {
                 order.push_back(b);
             }
-            return true;
+            return order.size() < most;
         });
         return order;
     }
@@ -525,7 +528,7 @@ private:
         ids_.erase(b);
         policy_.erase(b);
         ++evictions_;
-        if (options_.record_events && events_.size() < events_.capacity()) {  // room reserved by the evictor
+        if (options_.record_events && events_.size() < events_.capacity()) {  // room reserved by reserved_result
             events_.push_back({prefix_event_kind::removed, key, root_block_key, b});
         }
     }
@@ -587,6 +590,7 @@ private:
     std::unordered_map<std::int32_t, block_key> by_block_;
     std::set<std::int32_t> ids_;                // the cached blocks, by id: compaction walks them from the top
     std::vector<std::uint32_t> page_users_;     // compaction's scratch: live blocks per page, all zero between calls
+    detail::eviction_pages<Cache> freed_pages_;  // the pages each eviction frees
     std::vector<prefix_event> events_;
     std::uint64_t hits_ = 0, misses_ = 0, evictions_ = 0, moves_ = 0;
 };
