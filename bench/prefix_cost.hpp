@@ -25,7 +25,8 @@
 //   evict1             evict(1), 128 times over the cached prompt's blocks, per block.
 //   trim               trim() evicting 128 blocks over the bound (bound 0), compaction included.
 //   evict1_deep        evict(1), 128 times a round, with max_blocks / 2 blocks cached and
-//                      evictable (a new 128-block prompt cached each round, untimed): the cost of
+//                      evictable (at most half the budget's blocks; a new 128-block prompt
+//                      cached each round, untimed): the cost of
 //                      one eviction where many blocks are evictable, per block (evict1 has 128).
 //   compact            compact() over 16 live blocks, 48 holes above them and 48 cached blocks
 //                      above those (ids 64-111), per block moved (moved_per_call: 48 in
@@ -101,6 +102,9 @@ typename Config::growth_type growth(std::size_t spare) {
 }
 
 /// A kv_cache (and the budget a shared_budget quota needs) and a prefix cache over it.
+/// The shared budget of the elastic subjects: what a 16 GiB slice of a GPU would be.
+constexpr std::size_t budget_bytes = std::size_t{16} << 30;
+
 template <class Config, class Layout>
 struct subject {
     using cache_type = vmmpp::kv_cache<Config, Layout>;
@@ -114,10 +118,9 @@ struct subject {
         const vmmpp::kv_geometry g = geometry(max_blocks);
         const auto grow = spare < 0 ? typename Config::growth_type{} : growth<Config>(static_cast<std::size_t>(spare));
         if constexpr (std::is_same_v<typename Config::quota_type, vmmpp::shared_budget>) {
-            constexpr std::size_t limit = std::size_t{16} << 30;
-            budget = std::make_unique<vmmpp::budget>(limit);
+            budget = std::make_unique<vmmpp::budget>(budget_bytes);
             cache = std::make_unique<cache_type>(g, typename Config::backing_type::options{}, grow,
-                                                 budget->register_model("prefix_cost", limit));
+                                                 budget->register_model("prefix_cost", budget_bytes));
         } else {
             cache = std::make_unique<cache_type>(g, typename Config::backing_type::options{}, grow);
         }
@@ -365,7 +368,10 @@ void evict1_deep(benchmark::State& state) {
     const auto mb = static_cast<std::uint32_t>(state.range(0));
     subject<Config, Layout> s(mb);
     std::mt19937_64 rng(8);
-    const std::size_t standing = std::max<std::size_t>(mb / 2 / prompt_blocks, 1);  // prompts kept cached
+    // Prompts kept cached: half the blocks, at most half the budget's (65,536 blocks of 2 MiB
+    // would need 64 GiB: over quota on an H100, 2026-12-07).
+    const std::size_t half = std::min<std::size_t>(mb / 2, budget_bytes / s.pc->block_bytes() / 2);
+    const std::size_t standing = std::max<std::size_t>(half / prompt_blocks, 1);
     for (std::size_t i = 0; i + 1 < standing; ++i) {
         s.cache_prompt(random_tokens(rng, prompt_tokens));
     }
