@@ -339,40 +339,15 @@ void free_seq(benchmark::State& state) {
     state.counters["free_vs_take"] = total / static_cast<double>(n) / baseline_of<Config, Layout>(mb).take_ns;
 }
 
-template <class Config, class Layout>
-void evict1(benchmark::State& state) {
+/// evict(1), 128 times a round over a prompt cached anew each round (untimed), with
+/// standing(subject) - 1 more prompts cached beside it from the start; per block evicted.
+template <class Config, class Layout, class Standing>
+void evict_one_by_one(benchmark::State& state, std::uint64_t seed, Standing&& standing) {
     const auto mb = static_cast<std::uint32_t>(state.range(0));
     subject<Config, Layout> s(mb);
-    std::mt19937_64 rng(5);
-    double total = 0;
-    std::size_t evicted = 0;
-    for (auto _ : state) {
-        s.cache_prompt(random_tokens(rng, prompt_tokens));
-        s.sync();
-        double round = 0;
-        for (std::size_t i = 0; i < prompt_blocks; ++i) {
-            const auto start = clock_type::now();
-            const auto r = s.pc->evict(1);
-            round += ns(clock_type::now() - start);
-            evicted += r.blocks.size();
-        }
-        state.SetIterationTime(round * 1e-9);
-        total += round;
-        s.sync();
-    }
-    report<Config, Layout>(state, mb, total, evicted);
-}
-
-template <class Config, class Layout>
-void evict1_deep(benchmark::State& state) {
-    const auto mb = static_cast<std::uint32_t>(state.range(0));
-    subject<Config, Layout> s(mb);
-    std::mt19937_64 rng(8);
-    // Prompts kept cached: half the blocks, at most half the budget's (65,536 blocks of 2 MiB
-    // would need 64 GiB: over quota on an H100, 2026-12-07).
-    const std::size_t half = std::min<std::size_t>(mb / 2, budget_bytes / s.pc->block_bytes() / 2);
-    const std::size_t standing = std::max<std::size_t>(half / prompt_blocks, 1);
-    for (std::size_t i = 0; i + 1 < standing; ++i) {
+    std::mt19937_64 rng(seed);
+    const std::size_t prompts = standing(s);
+    for (std::size_t i = 0; i + 1 < prompts; ++i) {
         s.cache_prompt(random_tokens(rng, prompt_tokens));
     }
     s.sync();
@@ -394,6 +369,22 @@ void evict1_deep(benchmark::State& state) {
     }
     report<Config, Layout>(state, mb, total, evicted);
     state.counters["evictable"] = static_cast<double>(s.pc->evictable_blocks());
+}
+
+template <class Config, class Layout>
+void evict1(benchmark::State& state) {
+    evict_one_by_one<Config, Layout>(state, 5, [](const auto&) { return std::size_t{1}; });
+}
+
+template <class Config, class Layout>
+void evict1_deep(benchmark::State& state) {
+    // Prompts kept cached: half the blocks, at most half the budget's (65,536 blocks of 2 MiB
+    // would need 64 GiB: over quota on an H100, 2026-12-07).
+    evict_one_by_one<Config, Layout>(state, 8, [&](const auto& s) {
+        const std::size_t half = std::min<std::size_t>(s.cache->geometry().max_blocks / 2,
+                                                       budget_bytes / s.pc->block_bytes() / 2);
+        return std::max<std::size_t>(half / prompt_blocks, 1);
+    });
 }
 
 template <class Config, class Layout>
