@@ -7,6 +7,7 @@
 //   | elastic_page_config         | vmm                 | page_granular                  | shared_budget |
 //   | gh200_config                | managed_prefetch<>  | chunked<16>                    | unlimited     |
 //   | host_config                 | host                | page_granular                  | unlimited     |
+//   | pinned_host_config          | pinned_host         | preallocated                   | unlimited     |
 //
 // Your own: `using my_config = vmmpp::pool_config<vmmpp::vmm, vmmpp::chunked<16>,
 // vmmpp::shared_budget>;` Any type that models vmmpp::backing, vmmpp::growth_policy and
@@ -17,6 +18,7 @@
 #include "vmmpp/backing/external.hpp"
 #include "vmmpp/backing/host.hpp"
 #include "vmmpp/backing/managed_prefetch.hpp"
+#include "vmmpp/backing/pinned_host.hpp"
 #include "vmmpp/backing/vmm.hpp"
 #include "vmmpp/growth/adaptive_extents.hpp"
 #include "vmmpp/growth/chunked.hpp"
@@ -48,5 +50,8 @@ using elastic_page_config = pool_config<vmm, page_granular, shared_budget>;
 using gh200_config = pool_config<managed_prefetch<>, chunked<16>, unlimited>;
 /// CPU memory with the elastic life of GPU memory: the CPU tier, and what CI runs for real.
 using host_config = pool_config<host, page_granular, unlimited>;
+/// Page-locked CPU memory, committed and registered once: the host tier's store
+/// (vmmpp/tier/host_tier.hpp), whose copies to and from the GPU run at the PCIe limit.
+using pinned_host_config = pool_config<pinned_host, preallocated, unlimited>;
 
 } // namespace vmmpp

@@ -36,6 +36,7 @@ struct control {
     std::size_t (*gpu_direct_rdma_handles)() = nullptr;
     void (*run_stream)(CUstream) = nullptr;
     std::size_t (*queued_on)(CUstream) = nullptr;
+    std::size_t (*registered_host_bytes)() = nullptr;
 };
 
 inline control load() {
@@ -72,6 +73,7 @@ inline control load() {
     resolve("fakecuda_gpu_direct_rdma_handles", c.gpu_direct_rdma_handles);
     resolve("fakecuda_run_stream", c.run_stream);
     resolve("fakecuda_queued_on", c.queued_on);
+    resolve("fakecuda_registered_host_bytes", c.registered_host_bytes);
     return c;
 }
 
@@ -111,6 +113,8 @@ inline void run_stream(CUstream stream) { detail::get().run_stream(stream); }
 [[nodiscard]] inline std::size_t mapped_bytes() { return detail::get().mapped_bytes(); }
 /// Calls of driver function `function` so far, failed ones included.
 [[nodiscard]] inline std::size_t calls(const char* function) { return detail::get().calls(function); }
+/// Bytes of host memory page-locked (cuMemHostRegister) and not unregistered.
+[[nodiscard]] inline std::size_t registered_host_bytes() { return detail::get().registered_host_bytes(); }
 /// Live handles created with allocFlags.gpuDirectRDMACapable.
 [[nodiscard]] inline std::size_t gpu_direct_rdma_handles() { return detail::get().gpu_direct_rdma_handles(); }
 

@@ -12,6 +12,9 @@ namespace vmmpp {
 struct device_accessible {};
 /// Property: host code can read and write its committed memory.
 struct host_accessible {};
+/// Property: host memory the driver has page-locked (pinned): copies between it and a GPU are
+/// DMA, asynchronous, and may go in one batch (cudaMemcpyBatchAsync).
+struct page_locked {};
 
 /// True when `T` declares property `P` (a `get_property(const T&, P)` found by ADL).
 template <class T, class P>

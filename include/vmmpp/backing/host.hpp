@@ -54,6 +54,12 @@ public:
         pages_.mark(offset, bytes, true);
     }
 
+    /// Throws invalid_argument, naming `operation`, unless [offset, offset+bytes) is committed
+    /// and aligned (what decommit checks first).
+    void check_committed(const char* operation, std::size_t offset, std::size_t bytes) const {
+        pages_.check(operation, offset, bytes, true);
+    }
+
     /// Gives [offset, offset+bytes) back to the OS and makes it inaccessible again.
     void decommit(std::size_t offset, std::size_t bytes) {
         pages_.check("decommit", offset, bytes, true);

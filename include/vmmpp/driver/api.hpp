@@ -64,6 +64,10 @@ struct api {
     // copy_blocks between two GPUs: the context of the caller's stream, where an event on it must
     // be recorded (an event records only on a stream of its own context).
     decltype(&::cuStreamGetCtx) stream_get_ctx = nullptr;
+    // Page-locked host memory (backing/pinned_host.hpp): copies to and from it run at the PCIe
+    // limit, asynchronously; pageable memory is staged through the driver's own buffers.
+    decltype(&::cuMemHostRegister) mem_host_register = nullptr;
+    decltype(&::cuMemHostUnregister) mem_host_unregister = nullptr;
 };
 
 namespace detail {
@@ -150,6 +154,8 @@ inline load_result load() {
     resolve("cuStreamWaitEvent", t.stream_wait_event);
     resolve("cuLaunchHostFunc", t.launch_host_func);
     resolve("cuStreamGetCtx", t.stream_get_ctx);
+    resolve("cuMemHostRegister", t.mem_host_register);
+    resolve("cuMemHostUnregister", t.mem_host_unregister);
     if (!result.failure.empty()) {
         return result;
     }

@@ -28,6 +28,7 @@
 #include "vmmpp/kv/layout.hpp"
 #include "vmmpp/kv/relocate.hpp"
 #include "vmmpp/prefix/block_hash.hpp"
+#include "vmmpp/prefix/block_spill.hpp"
 #include "vmmpp/prefix/compaction.hpp"
 #include "vmmpp/prefix/eviction.hpp"
 #include "vmmpp/prefix/page_groups.hpp"
@@ -247,6 +248,7 @@ public:
     /// giving memory back, with the blocks evicted so far gone from the cache.
     eviction_result evict(std::size_t n_blocks) {
         const std::vector<std::int32_t> victims = evictable_in_order(n_blocks);
+        offer_to_spill(victims);
         eviction_result result = reserved_result(victims.size());
         for (std::int32_t b : victims) {
             evict_one(b, result);
@@ -267,6 +269,7 @@ public:
             if (result.freed_page_bytes >= bytes) {
                 break;
             }
+            offer_to_spill(g.members);
             for (std::int32_t b : g.members) {
                 if (!pages.gone(b)) {
                     evict_one(b, result);
@@ -276,6 +279,11 @@ public:
         }
         return result;
     }
+
+    /// Offers every block evicted from now on to `tier` before letting it go (a host tier keeps
+    /// a copy: vmmpp/prefix/block_spill.hpp); nullptr: evicted blocks are dropped (the default).
+    /// The tier must outlive its use here.
+    void spill_to(block_spill* tier) noexcept { spill_ = tier; }
 
     /// Evicts every evictable block.
     eviction_result clear() { return evict(std::numeric_limits<std::size_t>::max()); }
@@ -442,6 +450,25 @@ private:
         result.keys.reserve(n);
         return result;
     }
+    /// Offers the evictable blocks among `blocks` (about to be evicted) to the spill tier, if any.
+    void offer_to_spill(std::span<const std::int32_t> blocks) noexcept {
+        if (spill_ == nullptr || blocks.empty()) {
+            return;
+        }
+        try {
+            std::vector<std::int32_t> ids;
+            std::vector<block_key> keys;
+            for (std::int32_t b : blocks) {
+                if (const auto it = by_block_.find(b); it != by_block_.end() && cache_.block_refs(b) == 1) {
+                    ids.push_back(b);
+                    keys.push_back(it->second);
+                }
+            }
+            spill_->spill(ids, keys);
+        } catch (...) {
+            // std::bad_alloc: the blocks are dropped, as with no tier
+        }
+    }
     /// Evicts cached block `b` (evictable) into `result` (blocks, keys; not the pages).
     void evict_one(std::int32_t b, eviction_result& result) {
         const block_key key = by_block_.at(b);
@@ -591,6 +618,7 @@ private:
     std::set<std::int32_t> ids_;                // the cached blocks, by id: compaction walks them from the top
     std::vector<std::uint32_t> page_users_;     // compaction's scratch: live blocks per page, all zero between calls
     detail::eviction_pages<Cache> freed_pages_;  // the pages each eviction frees
+    block_spill* spill_ = nullptr;               // where evicted blocks go (a lower tier), if anywhere
     std::vector<prefix_event> events_;
     std::uint64_t hits_ = 0, misses_ = 0, evictions_ = 0, moves_ = 0;
 };

@@ -144,6 +144,7 @@ struct device_state {
     std::map<CUmemGenericAllocationHandle, std::shared_ptr<allocation>> handles;
     std::map<std::uintptr_t, std::size_t> reservations;  // base -> bytes
     std::map<std::uintptr_t, mapped_range> mappings;     // address -> what is mapped there
+    std::map<std::uintptr_t, std::size_t> host_registrations;  // page-locked host ranges: base -> bytes
 
     std::set<CUstream_st*> streams;
     std::set<CUevent_st*> events;
@@ -890,6 +891,45 @@ CUresult enqueue(const driver_call& call, CUstream stream, work w) {
     s.submit(stream, w);
     return CUDA_SUCCESS;
 }
+/// As the real driver: a context must be current; a range overlapping a registered one is
+/// CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED; unregistering takes the exact pointer registered.
+/// The fake only keeps the books (its copies do not tell pinned from pageable memory).
+CUresult mem_host_register(void* p, std::size_t bytes, unsigned int) {
+    driver_call call("cuMemHostRegister");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    if (p == nullptr || bytes == 0) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    const auto base = reinterpret_cast<std::uintptr_t>(p);
+    auto next = s.host_registrations.lower_bound(base);
+    if ((next != s.host_registrations.end() && next->first < base + bytes) ||
+        (next != s.host_registrations.begin() && std::prev(next)->first + std::prev(next)->second > base)) {
+        return CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
+    }
+    s.host_registrations.emplace(base, bytes);
+    return CUDA_SUCCESS;
+}
+CUresult mem_host_unregister(void* p) {
+    driver_call call("cuMemHostUnregister");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    if (s.host_registrations.erase(reinterpret_cast<std::uintptr_t>(p)) == 0) {
+        return CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
+    }
+    return CUDA_SUCCESS;
+}
+
 CUresult memcpy_async(CUdeviceptr dst, CUdeviceptr src, std::size_t bytes, CUstream stream) {
     driver_call call("cuMemcpyAsync");
     return enqueue(call, stream, {.what = work::kind::copy, .dst = dst, .src = src, .bytes = bytes});
@@ -1049,6 +1089,8 @@ const entry_point entry_points[] = {
     {"cuEventSynchronize", as<decltype(&::cuEventSynchronize)>(&event_synchronize)},
     {"cuStreamWaitEvent", as<decltype(&::cuStreamWaitEvent)>(&stream_wait_event)},
     {"cuLaunchHostFunc", as<decltype(&::cuLaunchHostFunc)>(&launch_host_func)},
+    {"cuMemHostRegister", as<decltype(&::cuMemHostRegister)>(&mem_host_register)},
+    {"cuMemHostUnregister", as<decltype(&::cuMemHostUnregister)>(&mem_host_unregister)},
 };
 
 } // namespace
@@ -1171,6 +1213,15 @@ std::size_t fakecuda_mapped_bytes(void) {
     std::size_t bytes = 0;
     for (const auto& [address, m] : state().mappings) {
         bytes += m.bytes;
+    }
+    return bytes;
+}
+/// Bytes of host memory registered (page-locked) now.
+std::size_t fakecuda_registered_host_bytes(void) {
+    std::lock_guard lock(state().mutex);
+    std::size_t bytes = 0;
+    for (const auto& [base, n] : state().host_registrations) {
+        bytes += n;
     }
     return bytes;
 }

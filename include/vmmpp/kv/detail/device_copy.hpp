@@ -171,6 +171,8 @@ inline void copy_batch_async(std::span<void* const> to, std::span<const void* co
 /// - device to device, when `stream` is not the legacy default stream (which the batch API
 ///   refuses) and, between GPUs, both backings map their pages for the other device: every
 ///   piece in one cudaMemcpyBatchAsync, queued by finish() (docs/NIXL.md has the measurements);
+/// - between device and page-locked host memory (pinned_host), likewise in one batch when
+///   `stream` is not the legacy default stream;
 /// - otherwise between GPUs: cudaMemcpyPeerAsync on `stream`;
 /// - otherwise (one device, or host and device memory mixed): cudaMemcpyAsync (cudaMemcpyDefault).
 template <class SrcBacking, class DstBacking>
@@ -190,6 +192,9 @@ public:
                       !has_property<DstBacking, host_accessible>) {
             batched_ = stream != nullptr &&
                        (!peer_ || (grants_access(src, dst_device) && grants_access(dst, src_device)));
+        } else if constexpr ((src_on_device && has_property<DstBacking, page_locked>) ||
+                             (dst_on_device && has_property<SrcBacking, page_locked>)) {
+            batched_ = stream != nullptr;  // GPU and pinned host memory: DMA, one batch
         }
     }
 
