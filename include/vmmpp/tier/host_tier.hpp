@@ -21,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -80,6 +81,8 @@ template <class Prefix, class HostConfig = pinned_host_config>
 class host_tier final : public block_spill {
     using gpu_cache = typename Prefix::cache_type;
     using layout_type = typename gpu_cache::layout_type;
+    // A cache in host memory (host_config: CPU engines, tests) copies at once: no stream, no events.
+    static constexpr bool on_device = has_property<typename gpu_cache::backing_type, device_accessible>;
 
 public:
     using prefix_type = Prefix;
@@ -90,10 +93,12 @@ public:
     host_tier(Prefix& prefix, host_tier_options options,
               typename HostConfig::backing_type::options backing_options = {})
         : prefix_(prefix), gpu_(prefix.cache()), stream_(checked(options).stream),
-          host_(host_geometry(gpu_.geometry(), options.max_blocks), on_gpu_device(std::move(backing_options))),
-          context_(gpu_.pool().device()) {
-        scoped_context current(context_);
-        done_ = stream_event::create();
+          host_(host_geometry(gpu_.geometry(), options.max_blocks), on_gpu_device(std::move(backing_options))) {
+        if constexpr (on_device) {
+            context_.emplace(gpu_.pool().device());
+            scoped_context current(*context_);
+            done_ = stream_event::create();
+        }
         prefix_.spill_to(this);
     }
     host_tier(const host_tier&) = delete;
@@ -309,17 +314,26 @@ public:
 
     /// Whether every copy queued so far has completed (never waits).
     [[nodiscard]] bool idle() const {
-        scoped_context current(context_);
-        return done_.query();
+        if constexpr (!on_device) {
+            return true;
+        } else {
+            scoped_context current(*context_);
+            return done_.query();
+        }
     }
     /// Blocks until every copy queued so far has completed.
     void synchronize() const {
-        scoped_context current(context_);
-        done_.synchronize();
+        if constexpr (on_device) {
+            scoped_context current(*context_);
+            done_.synchronize();
+        }
     }
     /// Makes `stream` wait for every copy queued so far (attach and swap_in do it for theirs).
     void stream_waits_for_copies(cudaStream_t stream) const {
-        scoped_context current(context_);
+        if constexpr (!on_device) {
+            return;
+        }
+        scoped_context current(*context_);
         driver::check(driver::get().stream_wait_event(stream, done_.get(), 0), "cuStreamWaitEvent(host_tier)");
     }
 
@@ -341,7 +355,7 @@ private:
         if (o.max_blocks == 0) {
             throw invalid_argument("vmmpp::host_tier: max_blocks must not be zero");
         }
-        if (o.stream == nullptr || o.stream == cudaStreamLegacy || o.stream == cudaStreamPerThread) {
+        if (on_device && (o.stream == nullptr || o.stream == cudaStreamLegacy || o.stream == cudaStreamPerThread)) {
             throw invalid_argument("vmmpp::host_tier: give the tier a stream of its own (options.stream), not the "
                                    "legacy default stream: its copies are batched, and must not serialise with "
                                    "the engine's blocking streams");
@@ -399,12 +413,17 @@ private:
 
     /// Marks the end of the copies queued so far.
     void record_done() {
-        scoped_context current(context_);
-        done_.record(stream_);
+        if constexpr (on_device) {
+            scoped_context current(*context_);
+            done_.record(stream_);
+        }
     }
     /// The tier's stream waits for the work queued so far on `stream`.
     void stream_waits_for(cudaStream_t stream) {
-        scoped_context current(context_);
+        if constexpr (!on_device) {
+            return;
+        }
+        scoped_context current(*context_);
         const stream_event e = stream_event::create();
         e.record(stream);
         driver::check(driver::get().stream_wait_event(stream_, e.get(), 0), "cuStreamWaitEvent(host_tier)");
@@ -414,8 +433,8 @@ private:
     gpu_cache& gpu_;
     cudaStream_t stream_;
     host_cache_type host_;
-    primary_context context_;
-    stream_event done_;  // recorded after each batch of copies
+    std::optional<primary_context> context_;  // the GPU's, when the cache is on one
+    stream_event done_;                        // recorded after each batch of copies
     detail::host_store store_;
     host_tier_stats stats_;
 };
