@@ -12,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -105,7 +106,13 @@ public:
     pool_impl(std::size_t capacity, typename Config::backing_type::options options, typename Config::quota_type quota)
         : pool_(capacity, std::move(options), vmmpp::page_granular{}, std::move(quota)) {}
 
-    void ensure_committed(std::size_t offset, std::size_t bytes) override { pool_.ensure_committed(offset, bytes); }
+    void ensure_committed(std::size_t offset, std::size_t bytes) override {
+        // Charged for the whole range first (as kv_cache::append does): a refusal then names
+        // everything the call needed, and comes before any page is committed and rolled back.
+        const vmmpp::byte_range range{offset, bytes};
+        const auto charge = pool_.prepay(std::span<const vmmpp::byte_range>(&range, 1));
+        pool_.ensure_committed(offset, bytes);
+    }
     void release(std::size_t offset, std::size_t bytes) override { pool_.release(offset, bytes); }
     bool is_committed(std::size_t offset, std::size_t bytes) const override {
         return pool_.is_committed(offset, bytes);

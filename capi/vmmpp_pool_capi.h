@@ -81,8 +81,9 @@ VMMPP_KV_API void vmmpp_pool_destroy(vmmpp_pool* pool);
  *  overlap or share pages; each hold is let go by one vmmpp_pool_release of the same range.
  *  *address (may be NULL) gets the range's first byte (base + offset). Errors, nothing held or
  *  committed by the call: VMMPP_KV_INVALID_ARGUMENT (range outside the span, or empty),
- *  VMMPP_KV_OVER_QUOTA (the model's limit or the budget's global one refused the pages: see
- *  vmmpp_pool_last_over_quota), VMMPP_KV_OUT_OF_MEMORY, VMMPP_KV_CUDA_ERROR. */
+ *  VMMPP_KV_OVER_QUOTA (the model's limit or the budget's global one refused the pages; the
+ *  whole range's uncommitted pages are charged at once, before any is committed, so the refusal's
+ *  numbers, vmmpp_pool_last_over_quota, are for all of them), VMMPP_KV_OUT_OF_MEMORY, VMMPP_KV_CUDA_ERROR. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_pool_ensure_committed(vmmpp_pool* pool, uint64_t offset, uint64_t bytes,
                                                          void** address);
 /** Lets go of [offset, offset + bytes), held before: pages nothing holds any more go back to the
