@@ -93,7 +93,11 @@ impl Error {
     /// An error made on the Rust side (a model this crate does not know, say), typed as vmmpp
     /// would type it.
     pub fn new(status: Status, message: impl Into<String>) -> Error {
-        Error { status, message: message.into(), over_quota: None }
+        Error {
+            status,
+            message: message.into(),
+            over_quota: None,
+        }
     }
 
     pub fn status(&self) -> Status {
@@ -149,10 +153,21 @@ pub(crate) fn check_pool(code: ffi::vmmpp_kv_status) -> Result<()> {
         let mut which = [0 as c_char; 256];
         // SAFETY: every pointer is to a live local; `which` holds which.len() bytes.
         let set = unsafe {
-            ffi::vmmpp_pool_last_over_quota(&mut requested, &mut in_use, &mut limit, which.as_mut_ptr(), which.len() as u64)
+            ffi::vmmpp_pool_last_over_quota(
+                &mut requested,
+                &mut in_use,
+                &mut limit,
+                which.as_mut_ptr(),
+                which.len() as u64,
+            )
         };
         if set != 0 {
-            error.over_quota = Some(OverQuota { which: c_text(which.as_ptr()), requested, in_use, limit });
+            error.over_quota = Some(OverQuota {
+                which: c_text(which.as_ptr()),
+                requested,
+                in_use,
+                limit,
+            });
         }
     }
     Err(error)
@@ -165,5 +180,9 @@ pub(crate) fn c_string(s: &str, what: &str) -> Result<CString> {
 
 /// A static comma-separated list of the C ABI, as names.
 pub(crate) fn name_list(p: *const c_char) -> Vec<String> {
-    c_text(p).split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()
+    c_text(p)
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }

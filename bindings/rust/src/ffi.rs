@@ -99,7 +99,10 @@ extern "C" {
         model_limit_bytes: u64,
         out: *mut *mut vmmpp_kv,
     ) -> vmmpp_kv_status;
-    pub fn vmmpp_kv_process_budget_stats(budget_name: *const c_char, out: *mut vmmpp_kv_budget_stats) -> vmmpp_kv_status;
+    pub fn vmmpp_kv_process_budget_stats(
+        budget_name: *const c_char,
+        out: *mut vmmpp_kv_budget_stats,
+    ) -> vmmpp_kv_status;
     pub fn vmmpp_kv_process_budget_remove(budget_name: *const c_char, removed: *mut c_int) -> vmmpp_kv_status;
     pub fn vmmpp_kv_destroy(kv: *mut vmmpp_kv);
     pub fn vmmpp_kv_add_sequence(kv: *mut vmmpp_kv, seq: *mut u64) -> vmmpp_kv_status;
@@ -120,8 +123,12 @@ extern "C" {
     ) -> vmmpp_kv_status;
     pub fn vmmpp_kv_synchronize(kv: *mut vmmpp_kv) -> vmmpp_kv_status;
     pub fn vmmpp_kv_trim(kv: *mut vmmpp_kv, freed_bytes: *mut u64) -> vmmpp_kv_status;
-    pub fn vmmpp_kv_span(kv: *mut vmmpp_kv, base: *mut *mut c_void, capacity: *mut u64, device: *mut i32)
-        -> vmmpp_kv_status;
+    pub fn vmmpp_kv_span(
+        kv: *mut vmmpp_kv,
+        base: *mut *mut c_void,
+        capacity: *mut u64,
+        device: *mut i32,
+    ) -> vmmpp_kv_status;
 
     // --- vmmpp_pool_capi.h ---
     pub fn vmmpp_pool_backing_names() -> *const c_char;
@@ -150,8 +157,12 @@ extern "C" {
         address: *mut *mut c_void,
     ) -> vmmpp_kv_status;
     pub fn vmmpp_pool_release(pool: *mut vmmpp_pool, offset: u64, bytes: u64) -> vmmpp_kv_status;
-    pub fn vmmpp_pool_is_committed(pool: *mut vmmpp_pool, offset: u64, bytes: u64, committed: *mut c_int)
-        -> vmmpp_kv_status;
+    pub fn vmmpp_pool_is_committed(
+        pool: *mut vmmpp_pool,
+        offset: u64,
+        bytes: u64,
+        committed: *mut c_int,
+    ) -> vmmpp_kv_status;
     pub fn vmmpp_pool_span(
         pool: *mut vmmpp_pool,
         base: *mut *mut c_void,

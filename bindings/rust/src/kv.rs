@@ -109,7 +109,9 @@ impl KvCache {
         let g = geometry.to_c();
         let mut raw = ptr::null_mut();
         // SAFETY: every pointer is to a live value; raw is set only on success.
-        check_kv(unsafe { ffi::vmmpp_kv_create(&g, config.as_ptr(), layout.as_ptr(), device, budget_bytes, &mut raw) })?;
+        check_kv(unsafe {
+            ffi::vmmpp_kv_create(&g, config.as_ptr(), layout.as_ptr(), device, budget_bytes, &mut raw)
+        })?;
         Ok(KvCache { raw })
     }
 
@@ -239,8 +241,12 @@ impl KvCache {
 
     /// Slots (block * block_tokens + offset) of tokens [first, first + count) of seq.
     pub fn slot_mapping(&self, seq: SeqId, first: u64, count: u64) -> Result<Vec<i64>> {
-        let n = usize::try_from(count)
-            .map_err(|_| Error::new(Status::InvalidArgument, format!("slot_mapping: count {count} is too large")))?;
+        let n = usize::try_from(count).map_err(|_| {
+            Error::new(
+                Status::InvalidArgument,
+                format!("slot_mapping: count {count} is too large"),
+            )
+        })?;
         let mut out = vec![0i64; n];
         // SAFETY: out holds count slots.
         check_kv(unsafe { ffi::vmmpp_kv_slot_mapping(self.raw, seq, first, count, out.as_mut_ptr()) })?;
@@ -283,7 +289,12 @@ pub fn process_budget_stats(budget_name: &str) -> Result<ProcessBudgetStats> {
     let mut s = ffi::vmmpp_kv_budget_stats::default();
     // SAFETY: name and s are live.
     check_kv(unsafe { ffi::vmmpp_kv_process_budget_stats(name.as_ptr(), &mut s) })?;
-    Ok(ProcessBudgetStats { limit: s.limit, committed: s.committed, peak: s.peak, denied: s.denied })
+    Ok(ProcessBudgetStats {
+        limit: s.limit,
+        committed: s.committed,
+        peak: s.peak,
+        denied: s.denied,
+    })
 }
 
 /// Unlinks the cross-process budget `budget_name` (attached processes keep theirs); true if there

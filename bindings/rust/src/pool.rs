@@ -43,7 +43,7 @@ impl Device {
 
     fn ordinal(self) -> Result<i32> {
         match self {
-            Device::Cpu => Ok(0),  // ignored by the host backing
+            Device::Cpu => Ok(0), // ignored by the host backing
             Device::Cuda(n) => ordinal_of(n),
         }
     }
@@ -158,14 +158,26 @@ impl VirtualMemoryPool {
         let mut raw = ptr::null_mut();
         // SAFETY: backing and raw are live; raw is set only on success.
         check_pool(unsafe {
-            ffi::vmmpp_pool_create(capacity as u64, page_size as u64, backing.as_ptr(), device.ordinal()?, &mut raw)
+            ffi::vmmpp_pool_create(
+                capacity as u64,
+                page_size as u64,
+                backing.as_ptr(),
+                device.ordinal()?,
+                &mut raw,
+            )
         })?;
         VirtualMemoryPool::adopt(raw, device)
     }
 
     /// Takes a pool made by the C ABI, reading its span.
     fn adopt(raw: *mut ffi::vmmpp_pool, device: Device) -> Result<VirtualMemoryPool> {
-        let mut pool = VirtualMemoryPool { raw, base: 0, capacity: 0, page_size: 0, device };
+        let mut pool = VirtualMemoryPool {
+            raw,
+            base: 0,
+            capacity: 0,
+            page_size: 0,
+            device,
+        };
         let (mut base, mut capacity, mut page) = (ptr::null_mut::<c_void>(), 0u64, 0u64);
         // SAFETY: pool.raw is live (dropped with pool on error); the outputs are live locals.
         check_pool(unsafe { ffi::vmmpp_pool_span(pool.raw, &mut base, &mut capacity, &mut page, ptr::null_mut()) })?;
@@ -224,7 +236,8 @@ impl VirtualMemoryPool {
     pub fn stats(&self) -> MemoryStats {
         let mut s = ffi::vmmpp_pool_stats::default();
         // SAFETY: self.raw is live and s a live local: the call cannot fail (it checks only for null).
-        check_pool(unsafe { ffi::vmmpp_pool_stats_get(self.raw, &mut s) }).expect("vmmpp_pool_stats_get on a live pool");
+        check_pool(unsafe { ffi::vmmpp_pool_stats_get(self.raw, &mut s) })
+            .expect("vmmpp_pool_stats_get on a live pool");
         MemoryStats {
             virtual_capacity: to_usize(s.reserved_bytes),
             physical_usage: to_usize(s.committed_bytes),
@@ -292,7 +305,12 @@ impl SharedMemoryPool {
         let mut raw = ptr::null_mut();
         // SAFETY: raw is a live local, set only on success.
         check_pool(unsafe { ffi::vmmpp_budget_create(physical_limit as u64, &mut raw) })?;
-        Ok(SharedMemoryPool { models: BTreeMap::new(), budget: Budget(raw), device, page_size })
+        Ok(SharedMemoryPool {
+            models: BTreeMap::new(),
+            budget: Budget(raw),
+            device,
+            page_size,
+        })
     }
 
     /// Registers `model_id` with `virtual_capacity` bytes of address space, which is also its
@@ -304,7 +322,12 @@ impl SharedMemoryPool {
 
     /// Registers `model_id` with `virtual_capacity` bytes of address space and a physical limit of
     /// `physical_limit` bytes (non-zero) of its own, under the global one.
-    pub fn register_model_with_limit(&mut self, model_id: &str, virtual_capacity: usize, physical_limit: usize) -> Result<()> {
+    pub fn register_model_with_limit(
+        &mut self,
+        model_id: &str,
+        virtual_capacity: usize,
+        physical_limit: usize,
+    ) -> Result<()> {
         let name = c_string(model_id, "model")?;
         let backing = c_string(self.device.backing(), "backing")?;
         let mut raw = ptr::null_mut();
@@ -323,13 +346,22 @@ impl SharedMemoryPool {
             )
         })?;
         let pool = VirtualMemoryPool::adopt(raw, self.device)?;
-        self.models.insert(model_id.to_owned(), Model { pool, allocations: BTreeMap::new() });
+        self.models.insert(
+            model_id.to_owned(),
+            Model {
+                pool,
+                allocations: BTreeMap::new(),
+            },
+        );
         Ok(())
     }
 
     /// Unregisters `model_id`: its pool goes, every page it committed back to the budget.
     pub fn unregister_model(&mut self, model_id: &str) -> Result<()> {
-        self.models.remove(model_id).map(drop).ok_or_else(|| unknown_model(model_id))
+        self.models
+            .remove(model_id)
+            .map(drop)
+            .ok_or_else(|| unknown_model(model_id))
     }
 
     /// Commits `size` bytes (whole pages) for `model_id` at the lowest free offset of its span and
@@ -339,13 +371,18 @@ impl SharedMemoryPool {
     pub fn allocate_for_model(&mut self, model_id: &str, size: usize) -> Result<u64> {
         let model = self.models.get_mut(model_id).ok_or_else(|| unknown_model(model_id))?;
         if size == 0 {
-            return Err(Error::new(Status::InvalidArgument, format!("model '{model_id}': allocation of 0 bytes")));
+            return Err(Error::new(
+                Status::InvalidArgument,
+                format!("model '{model_id}': allocation of 0 bytes"),
+            ));
         }
         let page = model.pool.page_size();
-        let bytes = size
-            .checked_add(page - 1)
-            .map(|s| s / page * page)
-            .ok_or_else(|| Error::new(Status::InvalidArgument, format!("model '{model_id}': {size} bytes is too large")))?;
+        let bytes = size.checked_add(page - 1).map(|s| s / page * page).ok_or_else(|| {
+            Error::new(
+                Status::InvalidArgument,
+                format!("model '{model_id}': {size} bytes is too large"),
+            )
+        })?;
         let mut offset = 0usize;
         for (&start, &len) in &model.allocations {
             if start - offset >= bytes {
@@ -395,7 +432,10 @@ impl SharedMemoryPool {
 
     /// The pool of `model_id` (its span, stats, or allocate/deallocate by offset).
     pub fn model_pool(&mut self, model_id: &str) -> Result<&mut VirtualMemoryPool> {
-        self.models.get_mut(model_id).map(|m| &mut m.pool).ok_or_else(|| unknown_model(model_id))
+        self.models
+            .get_mut(model_id)
+            .map(|m| &mut m.pool)
+            .ok_or_else(|| unknown_model(model_id))
     }
 
     /// Bytes committed by every model now.
@@ -424,7 +464,11 @@ impl SharedMemoryPool {
     /// The global figures and every model's.
     pub fn global_stats(&self) -> Result<GlobalMemoryStats> {
         let t = self.budget_totals();
-        let models = self.models.keys().map(|name| self.model_stats(name)).collect::<Result<Vec<_>>>()?;
+        let models = self
+            .models
+            .keys()
+            .map(|name| self.model_stats(name))
+            .collect::<Result<Vec<_>>>()?;
         Ok(GlobalMemoryStats {
             physical_limit: to_usize(t.limit),
             physical_usage: to_usize(t.committed),
@@ -437,12 +481,16 @@ impl SharedMemoryPool {
     fn budget_totals(&self) -> ffi::vmmpp_kv_budget_stats {
         let mut s = ffi::vmmpp_kv_budget_stats::default();
         // SAFETY: the budget is live and s a live local: the call cannot fail (it checks only for null).
-        check_pool(unsafe { ffi::vmmpp_budget_stats_get(self.budget.0, &mut s) }).expect("vmmpp_budget_stats_get on a live budget");
+        check_pool(unsafe { ffi::vmmpp_budget_stats_get(self.budget.0, &mut s) })
+            .expect("vmmpp_budget_stats_get on a live budget");
         s
     }
 }
 
 fn unknown_model(model_id: &str) -> Error {
     // The message vmmpp::unknown_model gives (an invalid_argument).
-    Error::new(Status::InvalidArgument, format!("model '{model_id}' is not registered with this budget"))
+    Error::new(
+        Status::InvalidArgument,
+        format!("model '{model_id}' is not registered with this budget"),
+    )
 }

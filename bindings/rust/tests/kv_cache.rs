@@ -20,7 +20,10 @@ fn names_come_from_the_library() {
 fn lifecycle_add_append_fork_truncate_free() {
     let mut kv = KvCache::host(&geometry(64)).unwrap();
     let s0 = kv.stats().unwrap();
-    assert_eq!((s0.used_blocks, s0.free_blocks, s0.sequences, s0.committed_bytes), (0, 64, 0, 0));
+    assert_eq!(
+        (s0.used_blocks, s0.free_blocks, s0.sequences, s0.committed_bytes),
+        (0, 64, 0, 0)
+    );
 
     let seq = kv.add_sequence().unwrap();
     assert_eq!(kv.append(seq, 40).unwrap(), 0);
@@ -30,7 +33,10 @@ fn lifecycle_add_append_fork_truncate_free() {
     assert_eq!(table.len(), 3); // 42 tokens in blocks of 16
     let s1 = kv.stats().unwrap();
     assert_eq!((s1.used_blocks, s1.free_blocks, s1.sequences), (3, 61, 1));
-    assert!(s1.committed_bytes > 0 && s1.committed_bytes <= s1.reserved_bytes, "{s1:?}");
+    assert!(
+        s1.committed_bytes > 0 && s1.committed_bytes <= s1.reserved_bytes,
+        "{s1:?}"
+    );
 
     // Slot of token t: its block's id * 16 + t % 16.
     let slots = kv.slot_mapping(seq, 0, 42).unwrap();
@@ -57,11 +63,19 @@ fn lifecycle_add_append_fork_truncate_free() {
 
 #[test]
 fn errors_carry_the_status_and_message() {
-    let e = KvCache::new(&geometry(8), "no_such_config", "block_major", 0, 0).err().unwrap();
+    let e = KvCache::new(&geometry(8), "no_such_config", "block_major", 0, 0)
+        .err()
+        .unwrap();
     assert_eq!(e.status(), Status::InvalidArgument);
-    assert!(e.message().contains("no_such_config") && e.message().contains("host"), "{}", e.message());
+    assert!(
+        e.message().contains("no_such_config") && e.message().contains("host"),
+        "{}",
+        e.message()
+    );
 
-    let e = KvCache::new(&geometry(8), "host", "no_such_layout", 0, 0).err().unwrap();
+    let e = KvCache::new(&geometry(8), "host", "no_such_layout", 0, 0)
+        .err()
+        .unwrap();
     assert_eq!(e.status(), Status::InvalidArgument);
     assert!(e.message().contains("block_major"), "{}", e.message());
 
@@ -81,7 +95,9 @@ fn errors_carry_the_status_and_message() {
     assert_eq!(kv.append(seq, 64).unwrap(), 0); // the blocks are all there
 
     if !vmmpp::is_vmm_supported() {
-        let e = KvCache::new(&geometry(8), "elastic", "block_major", 0, 0).err().unwrap();
+        let e = KvCache::new(&geometry(8), "elastic", "block_major", 0, 0)
+            .err()
+            .unwrap();
         assert_eq!(e.status(), Status::CudaUnavailable, "{e}");
     }
 }
@@ -93,8 +109,9 @@ fn drop_gives_the_memory_back_and_a_budget_refuses_with_over_quota() {
     let page = 2u64 << 20;
     {
         // 1024 blocks of 8 KiB = 8 MiB of span; the model may commit one 2 MiB page.
-        let mut kv = KvCache::in_process_budget(&geometry(1024), "host", "block_major", 0, &budget, 4 * page, "m", page)
-            .unwrap();
+        let mut kv =
+            KvCache::in_process_budget(&geometry(1024), "host", "block_major", 0, &budget, 4 * page, "m", page)
+                .unwrap();
         let seq = kv.add_sequence().unwrap();
         kv.append(seq, 16).unwrap();
         let used = process_budget_stats(&budget).unwrap();

@@ -10,7 +10,10 @@ const PAGE: usize = 2 * MIB;
 #[test]
 fn allocate_commits_the_pages_under_the_range_and_deallocate_gives_them_back() {
     let mut pool = VirtualMemoryPool::new(64 * MIB, PAGE, Device::Cpu).unwrap();
-    assert_eq!((pool.capacity(), pool.page_size(), pool.physical_memory_usage()), (64 * MIB, PAGE, 0));
+    assert_eq!(
+        (pool.capacity(), pool.page_size(), pool.physical_memory_usage()),
+        (64 * MIB, PAGE, 0)
+    );
     assert_ne!(pool.base_address(), 0);
 
     // [0, 3 MiB) lies on pages 0 and 1.
@@ -27,7 +30,10 @@ fn allocate_commits_the_pages_under_the_range_and_deallocate_gives_them_back() {
     assert!(bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
 
     // A range sharing page 1 commits nothing new; a page goes back when its last range does.
-    assert_eq!(pool.allocate(3 * MIB, MIB).unwrap(), pool.base_address() + 3 * MIB as u64);
+    assert_eq!(
+        pool.allocate(3 * MIB, MIB).unwrap(),
+        pool.base_address() + 3 * MIB as u64
+    );
     assert_eq!(pool.physical_memory_usage(), 2 * PAGE);
     pool.deallocate(0, 3 * MIB).unwrap();
     assert_eq!(pool.physical_memory_usage(), PAGE);
@@ -37,8 +43,14 @@ fn allocate_commits_the_pages_under_the_range_and_deallocate_gives_them_back() {
     assert_eq!(pool.physical_memory_usage(), 0);
 
     let stats = pool.stats();
-    assert_eq!((stats.virtual_capacity, stats.physical_usage, stats.peak_physical_usage), (64 * MIB, 0, 2 * PAGE));
-    assert_eq!((stats.page_size, stats.mapped_pages, stats.commits, stats.decommits), (PAGE, 0, 2, 2));
+    assert_eq!(
+        (stats.virtual_capacity, stats.physical_usage, stats.peak_physical_usage),
+        (64 * MIB, 0, 2 * PAGE)
+    );
+    assert_eq!(
+        (stats.page_size, stats.mapped_pages, stats.commits, stats.decommits),
+        (PAGE, 0, 2, 2)
+    );
 }
 
 #[test]
@@ -60,13 +72,26 @@ fn pool_errors_are_typed_and_change_nothing() {
     assert_eq!(pool.physical_memory_usage(), 0);
 
     // The capacity is rounded up to whole pages; a page size must be a multiple of the OS page.
-    assert_eq!(VirtualMemoryPool::new(5 * MIB + 1, PAGE, Device::Cpu).unwrap().capacity(), 6 * MIB);
+    assert_eq!(
+        VirtualMemoryPool::new(5 * MIB + 1, PAGE, Device::Cpu)
+            .unwrap()
+            .capacity(),
+        6 * MIB
+    );
     assert_eq!(VirtualMemoryPool::new(MIB, 0, Device::Cpu).unwrap().page_size(), PAGE); // the default
-    assert_eq!(VirtualMemoryPool::new(64 * 1024, 4096, Device::Cpu).unwrap().page_size(), 4096);
+    assert_eq!(
+        VirtualMemoryPool::new(64 * 1024, 4096, Device::Cpu)
+            .unwrap()
+            .page_size(),
+        4096
+    );
     let e = VirtualMemoryPool::new(MIB, 1000, Device::Cpu).err().unwrap();
     assert_eq!(e.status(), Status::InvalidArgument);
     assert!(e.message().contains("1000"), "{}", e.message());
-    assert_eq!(VirtualMemoryPool::new(0, PAGE, Device::Cpu).err().unwrap().status(), Status::InvalidArgument);
+    assert_eq!(
+        VirtualMemoryPool::new(0, PAGE, Device::Cpu).err().unwrap().status(),
+        Status::InvalidArgument
+    );
 }
 
 #[test]
@@ -104,14 +129,20 @@ fn two_models_share_the_global_limit_and_over_limit_is_refused_with_the_numbers(
     let e = shared.allocate_for_model("a", 2 * PAGE).unwrap_err();
     assert_eq!(e.status(), Status::OverQuota, "{e}");
     let q = e.over_quota().expect("the numbers of the refusal");
-    assert_eq!((q.which.as_str(), q.requested, q.in_use, q.limit), ("model a", 2 * PAGE as u64, 2 * PAGE as u64, 3 * PAGE as u64));
+    assert_eq!(
+        (q.which.as_str(), q.requested, q.in_use, q.limit),
+        ("model a", 2 * PAGE as u64, 2 * PAGE as u64, 3 * PAGE as u64)
+    );
     assert!(e.message().contains("over quota (model a)"), "{}", e.message());
 
     // The global limit: b may hold 4 pages, but only 1 is left of the 4.
     let e = shared.allocate_for_model("b", 2 * PAGE).unwrap_err();
     assert_eq!(e.status(), Status::OverQuota, "{e}");
     let q = e.over_quota().unwrap();
-    assert_eq!((q.which.as_str(), q.requested, q.in_use, q.limit), ("global", 2 * PAGE as u64, 3 * PAGE as u64, 4 * PAGE as u64));
+    assert_eq!(
+        (q.which.as_str(), q.requested, q.in_use, q.limit),
+        ("global", 2 * PAGE as u64, 3 * PAGE as u64, 4 * PAGE as u64)
+    );
     assert_eq!(shared.physical_memory_usage(), 3 * PAGE); // nothing committed by the refusals
 
     // What a gives back, b can have.
@@ -120,11 +151,20 @@ fn two_models_share_the_global_limit_and_over_limit_is_refused_with_the_numbers(
     assert_eq!(shared.physical_memory_usage(), 3 * PAGE);
 
     let g = shared.global_stats().unwrap();
-    assert_eq!((g.physical_limit, g.physical_usage, g.peak_physical_usage, g.denied), (4 * PAGE, 3 * PAGE, 3 * PAGE, 2));
+    assert_eq!(
+        (g.physical_limit, g.physical_usage, g.peak_physical_usage, g.denied),
+        (4 * PAGE, 3 * PAGE, 3 * PAGE, 2)
+    );
     let a = &g.models[0];
-    assert_eq!((a.name.as_str(), a.limit, a.physical_usage, a.denied, a.allocations), ("a", 3 * PAGE, 0, 1, 0));
+    assert_eq!(
+        (a.name.as_str(), a.limit, a.physical_usage, a.denied, a.allocations),
+        ("a", 3 * PAGE, 0, 1, 0)
+    );
     let b = &g.models[1];
-    assert_eq!((b.name.as_str(), b.limit, b.physical_usage, b.denied, b.allocations), ("b", 16 * MIB, 3 * PAGE, 1, 2));
+    assert_eq!(
+        (b.name.as_str(), b.limit, b.physical_usage, b.denied, b.allocations),
+        ("b", 16 * MIB, 3 * PAGE, 1, 2)
+    );
     assert_eq!(b.virtual_capacity, 16 * MIB);
 
     // Unregistering b drops its pool: its pages go back to the budget.
@@ -156,8 +196,14 @@ fn shared_pool_refusals_name_the_model() {
 
     // No allocation starts there.
     let a = shared.allocate_for_model("a", PAGE).unwrap();
-    assert_eq!(shared.deallocate_for_model("a", a + 1).unwrap_err().status(), Status::InvalidArgument);
-    assert_eq!(shared.allocate_for_model("a", 0).unwrap_err().status(), Status::InvalidArgument);
+    assert_eq!(
+        shared.deallocate_for_model("a", a + 1).unwrap_err().status(),
+        Status::InvalidArgument
+    );
+    assert_eq!(
+        shared.allocate_for_model("a", 0).unwrap_err().status(),
+        Status::InvalidArgument
+    );
 
     // The span is 4 pages: 3 more fit, a fourth does not (address space, not quota).
     shared.allocate_for_model("a", 3 * PAGE).unwrap();
