@@ -186,3 +186,25 @@ pub(crate) fn name_list(p: *const c_char) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_round_trip_and_unknown_codes_stay_errors() {
+        assert_eq!(Status::from_code(0), None);
+        for code in 1..=8 {
+            assert_eq!(Status::from_code(code).map(Status::code), Some(code));
+        }
+        assert_eq!(Status::from_code(42), Some(Status::Other));
+        assert_eq!(check_pool(0), Ok(()));
+    }
+
+    #[test]
+    fn display_gives_the_message_and_the_status() {
+        let e = Error::new(Status::OutOfBlocks, "out of KV blocks: 5 needed, 4 free of 4");
+        assert_eq!(e.to_string(), "out of KV blocks: 5 needed, 4 free of 4 (OutOfBlocks)");
+        assert!(e.over_quota().is_none());
+    }
+}
