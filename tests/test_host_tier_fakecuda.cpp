@@ -48,21 +48,9 @@ std::vector<std::int32_t> prompt(std::size_t blocks, std::int32_t first) {
     return t;
 }
 
-/// Queues on `stream` a write of `value` into every K and V piece of `block` (the engine's step
-/// writing its tokens), from host buffers that live until the end of the program.
+/// Queues on `stream` a write of `value` into every K and V piece of `block`.
 void write_block(const cache_t& c, std::int32_t block, unsigned char value, CUstream stream) {
-    static std::vector<std::unique_ptr<std::vector<unsigned char>>> sources;
-    sources.push_back(std::make_unique<std::vector<unsigned char>>(piece, value));
-    vmmpp::primary_context context{0};
-    vmmpp::scoped_context current(context);
-    for (std::uint32_t l = 0; l < c.geometry().layers; ++l) {
-        for (const std::byte* p : {c.key(l, block), c.value(l, block)}) {
-            vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(p),
-                                                                    reinterpret_cast<CUdeviceptr>(sources.back()->data()),
-                                                                    piece, stream),
-                                 "cuMemcpyAsync(test write)");
-        }
-    }
+    vmmpp_test::queue_block_write(c, block, value, piece, stream);
 }
 
 struct rig {

@@ -36,21 +36,9 @@ using cache_t = vmmpp::kv_cache<vmmpp::elastic_page_config, vmmpp::block_major>;
 constexpr vmmpp::kv_geometry small_geom{.layers = 2, .kv_heads = 2, .head_dim = 64, .type = vmmpp::dtype::f16,
                                         .block_tokens = 16, .max_blocks = 64};
 
-/// Queues on `stream` a write of `value` into every K and V piece of `block` (the engine's last
-/// step writing its tokens), from host buffers that live until the end of the program.
+/// Queues on `stream` a write of `value` into every K and V piece of `block`.
 void write_block(const cache_t& c, std::int32_t block, unsigned char value, CUstream stream) {
-    static std::vector<std::unique_ptr<std::vector<unsigned char>>> sources;
-    sources.push_back(std::make_unique<std::vector<unsigned char>>(piece, value));
-    vmmpp::primary_context context{0};
-    vmmpp::scoped_context current(context);
-    for (std::uint32_t l = 0; l < c.geometry().layers; ++l) {
-        for (const std::byte* p : {c.key(l, block), c.value(l, block)}) {
-            vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(p),
-                                                                    reinterpret_cast<CUdeviceptr>(sources.back()->data()),
-                                                                    piece, stream),
-                                 "cuMemcpyAsync(test write)");
-        }
-    }
+    vmmpp_test::queue_block_write(c, block, value, piece, stream);
 }
 
 /// A sequence of `blocks` new blocks through the prefix cache, each filled with `value`.

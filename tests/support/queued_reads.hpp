@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "vmmpp/driver/api.hpp"
@@ -50,6 +51,25 @@ struct queued_reads {
         return bad;
     }
 };
+
+/// Queues on `stream` a write of `value` into every layer's K and V piece (`piece` bytes each) of
+/// `block` (an engine's step writing its tokens), from host buffers that live until the end of
+/// the program (the write may run long after the call).
+template <class Cache>
+void queue_block_write(const Cache& c, std::int32_t block, unsigned char value, std::size_t piece, CUstream stream) {
+    static std::vector<std::unique_ptr<std::vector<unsigned char>>> sources;
+    sources.push_back(std::make_unique<std::vector<unsigned char>>(piece, value));
+    vmmpp::primary_context context{0};
+    vmmpp::scoped_context current(context);
+    for (std::uint32_t l = 0; l < c.geometry().layers; ++l) {
+        for (const std::byte* p : {c.key(l, block), c.value(l, block)}) {
+            vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(p),
+                                                                    reinterpret_cast<CUdeviceptr>(sources.back()->data()),
+                                                                    piece, stream),
+                                 "cuMemcpyAsync(test write)");
+        }
+    }
+}
 
 /// Fills every layer's K and V piece (`piece` bytes each) of `block` with `value`.
 template <class Cache>
