@@ -825,7 +825,10 @@ class HostTier(_OwnedHandle):
         tier_stream = torch.cuda.Stream(priority=0)   # its own; 0 is the lowest priority CUDA has
         with vmmpp_kv.HostTier(pc, max_blocks=4096, stream=tier_stream.cuda_stream) as tier:
             seq, cached, from_host = tier.attach(prompt, stream=engine_stream)
-            swap_id = tier.swap_out(seq, stream=engine_stream)     # TierFull: recompute instead
+            pc.append(seq, len(prompt) - cached)
+            ...
+            swap_id = tier.swap_out(seq, stream=engine_stream)     # TierFull: free and recompute instead
+            ...
             seq = tier.swap_in(swap_id, stream=engine_stream)      # OutOfBlocks...: retry later
 
     max_blocks: host blocks (each one of the cache's blocks), committed now: page-locked for a
