@@ -1,7 +1,8 @@
 // vmmpp_kv_capi.cpp: the C ABI of vmmpp_kv_capi.h over vmmpp::kv_cache. One type-erased cache
 // per handle (configuration and layout chosen by name at run time, through the one list of each:
 // vmmpp::named_configs, vmmpp/config_list.hpp, and vmmpp::kv_layouts, vmmpp/kv/layout_list.hpp),
-// DLPack exports through vmmpp/interop/dlpack.hpp with the cache as their keep-alive.
+// DLPack exports through vmmpp/interop/dlpack.hpp with the cache as their keep-alive; prefix caches
+// (vmmpp/prefix/prefix_cache.hpp) and their host tiers (vmmpp/tier/host_tier.hpp) over a cache handle.
 #define VMMPP_KV_CAPI_BUILD
 #include "vmmpp_kv_capi.h"
 
