@@ -1,5 +1,5 @@
 // vmmpp/vmmpp.hpp: everything a CUDA or C++ translation unit needs: the named configurations,
-// the pool, the KV cache, prefix caching beside it and block copies between caches. (The range-v3 views are in
+// the pool, the KV cache, prefix caching beside it, its host tier, and block copies between caches. (The range-v3 views are in
 // vmmpp/kv/views.hpp, for host code.)
 #pragma once
 
@@ -15,3 +15,4 @@
 #include "vmmpp/kv/transfer.hpp"
 #include "vmmpp/prefix/prefix_cache.hpp"
 #include "vmmpp/stats.hpp"
+#include "vmmpp/tier/host_tier.hpp"
