@@ -7,8 +7,9 @@ attach copies them back into fresh blocks holding the bytes first written; swap_
 sequence and swap_in gives back its tokens and bytes after its blocks were reused; a full tier
 raises TierFull (needed, free, max_blocks) with nothing changed; swap_in without room raises
 OutOfBlocks and the sequence stays swapped out; the tier keeps its prefix cache alive; the
-refusals name what is wrong. Every block's bytes are read at its address (ctypes.string_at).
-Environment as test_kv_dlpack.py.
+refusals name what is wrong. Every block's bytes are read at its address (ctypes.string_at). On a
+GPU (torch for the streams and the views) the same paths on an elastic cache with a page-locked
+tier, every value compared. Environment as test_kv_dlpack.py.
 """
 import ctypes
 import sys
@@ -284,6 +285,87 @@ class HostTierCapiTest(unittest.TestCase):
         self.assertEqual(lib.vmmpp_kv_last_error().decode(), "vmmpp_kv_tier_create: null argument")
         self.assertEqual(lib.vmmpp_kv_tier_stats_get(None, None), 1)
         lib.vmmpp_kv_tier_destroy(None)  # ignored
+
+
+class GpuHostTierTest(unittest.TestCase):
+    """On a GPU (skipped without one, or without torch for the streams and the views): an elastic
+    cache's tier in page-locked memory on a torch stream of its own; a tier without a stream is
+    refused; evicted blocks come back and a swapped-out sequence comes back with every K and V
+    value written through DLPack, after their GPU blocks were overwritten."""
+
+    def setUp(self):
+        # Asked of the library first: a machine without a GPU (and a sanitizer build's
+        # interpreter) never imports torch here.
+        try:
+            vmmpp_kv.KVCache(max_blocks=1, **dict(GEOMETRY, config="elastic")).close()
+        except vmmpp_kv.VmmppError as e:
+            if e.status == "cuda_unavailable":
+                self.skipTest("no CUDA driver or device")
+            raise
+        try:
+            import torch
+        except ImportError:
+            self.skipTest("no torch")
+        self.torch = torch
+
+    def test_spill_attach_and_swap_keep_every_value(self):
+        torch = self.torch
+        with vmmpp_kv.KVCache(max_blocks=16, **dict(GEOMETRY, config="elastic")) as c, \
+                vmmpp_kv.PrefixCache(c) as pc:
+            with self.assertRaisesRegex(vmmpp_kv.VmmppError, "give the tier a stream of its own") as e:
+                vmmpp_kv.HostTier(pc, max_blocks=8)
+            self.assertEqual(e.exception.status, "invalid_argument")
+            tier_stream = torch.cuda.Stream(priority=0)
+            tier = vmmpp_kv.HostTier(pc, max_blocks=8, stream=tier_stream.cuda_stream)
+            views = [torch.from_dlpack(c.tensor(layer, part)) for layer in range(2) for part in (0, 1)]
+
+            def values(seq, n_blocks):
+                table = torch.tensor(list(c.block_table(seq))[:n_blocks], device="cuda")
+                return [v[table].clone() for v in views]
+
+            def overwrite_every_block(value):  # a sequence over the whole cache, then freed
+                hog = c.add_sequence()
+                pc.append(hog, 16 * BLOCK_TOKENS)
+                table = torch.tensor(list(c.block_table(hog)), device="cuda")
+                for v in views:
+                    v[table] = value
+                pc.free(hog)
+
+            p = prompt(3 * BLOCK_TOKENS + 1)
+            s = c.add_sequence()
+            pc.append(s, len(p))
+            table = torch.tensor(list(c.block_table(s)), device="cuda")
+            g = torch.Generator(device="cuda").manual_seed(30)
+            for v in views:
+                v[table] = torch.randn(v[table].shape, generator=g, device="cuda")
+            written = values(s, 3)
+            pc.publish(s, p)
+            pc.free(s)
+            pc.clear()  # the 3 full blocks to the host, after the writes (the free's fence)
+            self.assertEqual(tier.stats()["offloaded_blocks"], 3)
+            overwrite_every_block(-1.0)
+            seq, cached, host = tier.attach(p)  # the legacy default stream waits for the copies
+            self.assertEqual((cached, host), (12, 12))
+            for got, want in zip(values(seq, 3), written):
+                self.assertTrue(torch.equal(got, want))
+            pc.append(seq, 1)
+            for v in views:  # the 13th token
+                v[int(c.block_table(seq)[3]), 0] = 7.0
+            whole = values(seq, 4)
+            swap_id = tier.swap_out(seq)  # after the writes queued on the legacy default stream
+            pc.clear()
+            overwrite_every_block(-2.0)
+            seq = tier.swap_in(swap_id)
+            self.assertEqual(c.tokens(seq), 13)
+            for got, want in zip(values(seq, 4), whole):
+                self.assertTrue(torch.equal(got[:3], want[:3]) and torch.equal(got[3, 0], want[3, 0]))
+            st = tier.stats()
+            self.assertEqual((st["loaded_blocks"], st["swapped_out"], st["swapped_in"]), (3, 1, 1))
+            pc.free(seq)
+            tier.synchronize()
+            self.assertTrue(tier.idle())
+            tier.close()
+            torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
