@@ -1,7 +1,8 @@
 // vmmpp_kv_capi.cpp: the C ABI of vmmpp_kv_capi.h over vmmpp::kv_cache. One type-erased cache
 // per handle (configuration and layout chosen by name at run time, through the one list of each:
 // vmmpp::named_configs, vmmpp/config_list.hpp, and vmmpp::kv_layouts, vmmpp/kv/layout_list.hpp),
-// DLPack exports through vmmpp/interop/dlpack.hpp with the cache as their keep-alive.
+// DLPack exports through vmmpp/interop/dlpack.hpp with the cache as their keep-alive; prefix caches
+// (vmmpp/prefix/prefix_cache.hpp) and their host tiers (vmmpp/tier/host_tier.hpp) over a cache handle.
 #define VMMPP_KV_CAPI_BUILD
 #include "vmmpp_kv_capi.h"
 
@@ -32,6 +33,7 @@
 #include "vmmpp/prefix/lending.hpp"
 #include "vmmpp/prefix/prefix_cache.hpp"
 #include "vmmpp/quota/process_budget.hpp"
+#include "vmmpp/tier/host_tier.hpp"
 
 namespace {
 
@@ -45,6 +47,61 @@ struct is_vmm_config : std::is_same<typename Config::backing_type, vmmpp::vmm> {
 
 /// "elastic, elastic_mapped_ahead, elastic_page": the named vmm configurations, for messages.
 std::string vmm_config_names() { return vmmpp::type_names<vmmpp::filter_t<vmmpp::named_configs, is_vmm_config>>(); }
+
+/// What the C ABI needs of a host tier (vmmpp::host_tier), whatever its prefix cache's type. The
+/// caller holds the cache's mutex.
+class tier_base {
+public:
+    virtual ~tier_base() = default;
+    virtual vmmpp::tiered_sequence attach(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra,
+                                          cudaStream_t stream) = 0;
+    /// {gpu_tokens, host_tokens}.
+    virtual std::pair<std::size_t, std::size_t> lookup(std::span<const std::int32_t> tokens,
+                                                       std::span<const std::uint64_t> extra) const = 0;
+    virtual std::uint64_t swap_out(vmmpp::seq_id seq, cudaStream_t stream) = 0;
+    virtual vmmpp::seq_id swap_in(std::uint64_t id, cudaStream_t stream) = 0;
+    virtual void drop_swapped(std::uint64_t id) = 0;
+    virtual std::size_t swapped_tokens(std::uint64_t id) const = 0;
+    virtual void synchronize() const = 0;
+    virtual bool idle() const = 0;
+    virtual void stream_waits_for_copies(cudaStream_t stream) const = 0;
+    virtual vmmpp::host_tier_stats stats() const = 0;
+};
+
+/// The host tier of Prefix: page-locked host blocks behind a cache the GPU reads
+/// (pinned_host_config), plain host blocks behind a cache in host memory (host_config: no
+/// stream, copies at once).
+template <class Prefix>
+class tier_impl final : public tier_base {
+    static constexpr bool on_device =
+        vmmpp::has_property<typename Prefix::cache_type::backing_type, vmmpp::device_accessible>;
+    using host_config = std::conditional_t<on_device, vmmpp::pinned_host_config, vmmpp::host_config>;
+
+public:
+    tier_impl(Prefix& prefix, std::size_t max_blocks, cudaStream_t stream)
+        : tier_(prefix, vmmpp::host_tier_options{.max_blocks = max_blocks, .stream = stream}) {}
+
+    vmmpp::tiered_sequence attach(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra,
+                                  cudaStream_t stream) override {
+        return tier_.attach(tokens, extra, stream);
+    }
+    std::pair<std::size_t, std::size_t> lookup(std::span<const std::int32_t> tokens,
+                                               std::span<const std::uint64_t> extra) const override {
+        const auto r = tier_.lookup(tokens, extra);
+        return {r.gpu_tokens, r.host_tokens};
+    }
+    std::uint64_t swap_out(vmmpp::seq_id seq, cudaStream_t stream) override { return tier_.swap_out(seq, stream); }
+    vmmpp::seq_id swap_in(std::uint64_t id, cudaStream_t stream) override { return tier_.swap_in(id, stream); }
+    void drop_swapped(std::uint64_t id) override { tier_.drop_swapped(id); }
+    std::size_t swapped_tokens(std::uint64_t id) const override { return tier_.swapped_tokens(id); }
+    void synchronize() const override { tier_.synchronize(); }
+    bool idle() const override { return tier_.idle(); }
+    void stream_waits_for_copies(cudaStream_t stream) const override { tier_.stream_waits_for_copies(stream); }
+    vmmpp::host_tier_stats stats() const override { return tier_.stats(); }
+
+private:
+    vmmpp::host_tier<Prefix, host_config> tier_;
+};
 
 /// What the C ABI needs of a prefix cache (vmmpp::prefix_cache), whatever its cache's type. The
 /// caller holds the cache's mutex.
@@ -70,6 +127,13 @@ public:
     /// Ends lending (waits for a reclaim in progress): called without the cache's mutex, before
     /// the prefix cache goes.
     virtual void stop_lending() noexcept = 0;
+    /// A host tier over this prefix cache (vmmpp::host_tier): it receives the evicted blocks
+    /// until it goes, so it must go first.
+    virtual std::unique_ptr<tier_base> make_tier(std::size_t max_blocks, cudaStream_t stream) = 0;
+
+    /// Whether a vmmpp_kv_tier is over this prefix cache now (one at most: evicted blocks go to
+    /// one tier). Under the cache's mutex.
+    bool has_tier = false;
 };
 
 /// What a prefix_impl holds in place of a prefix_lending when its cache's quota cannot lend.
@@ -127,6 +191,9 @@ public:
         return lending_ ? lending_->stats() : vmmpp::lending_stats{};
     }
     void stop_lending() noexcept override { lending_.reset(); }
+    std::unique_ptr<tier_base> make_tier(std::size_t max_blocks, cudaStream_t stream) override {
+        return std::make_unique<tier_impl<vmmpp::prefix_cache<Cache>>>(prefix_, max_blocks, stream);
+    }
 
 private:
     vmmpp::prefix_cache<Cache> prefix_;
@@ -356,6 +423,9 @@ vmmpp_kv_status guarded(F&& f) noexcept {
     try {
         f();
         return VMMPP_KV_OK;
+    } catch (const vmmpp::tier_full& e) {
+        last_error = e.what();
+        return VMMPP_KV_TIER_FULL;
     } catch (const vmmpp::out_of_sequence_slots& e) {
         last_error = e.what();
         return VMMPP_KV_OUT_OF_SEQUENCE_SLOTS;
@@ -1002,7 +1072,9 @@ struct vmmpp_kv_prefix {
     /// The cache: held, so the prefix cache's reference to it stays valid whatever the order of
     /// the destroys; its mutex serialises the prefix cache's calls with the cache's own.
     std::shared_ptr<cache_base> cache;
-    std::unique_ptr<prefix_base> prefix;
+    /// Shared with a host tier over it (vmmpp_kv_tier), which refers to it until the tier goes:
+    /// the prefix cache goes with the last of the two handles (its deleter, in create_prefix).
+    std::shared_ptr<prefix_base> prefix;
     /// Events drained from the prefix cache and not yet handed out (a caller's buffer was short).
     std::vector<vmmpp::prefix_event> pending;
 };
@@ -1048,17 +1120,28 @@ vmmpp_kv_status create_prefix(vmmpp_kv* kv, uint64_t max_cached_bytes, int recor
         require(kv != nullptr && out != nullptr, "vmmpp_kv_prefix_create: null argument");
         auto handle = std::make_unique<vmmpp_kv_prefix>();
         handle->cache = kv->cache;
-        std::lock_guard lock(kv->cache->mutex);
-        if (kv->cache->has_prefix) {
-            throw vmmpp::invalid_argument(
-                "vmmpp_kv_prefix_create: the cache has a prefix cache already (one per cache: a block two of them "
-                "held would never be evictable)");
+        std::unique_ptr<prefix_base> made;
+        {
+            std::lock_guard lock(kv->cache->mutex);
+            if (kv->cache->has_prefix) {
+                throw vmmpp::invalid_argument(
+                    "vmmpp_kv_prefix_create: the cache has a prefix cache already (one per cache: a block two of "
+                    "them held would never be evictable)");
+            }
+            vmmpp::prefix_cache_options options;
+            options.max_cached_bytes = static_cast<std::size_t>(max_cached_bytes);
+            options.record_events = record_events != 0;
+            made = kv->cache->make_prefix(options, lend);
+            kv->cache->has_prefix = true;
         }
-        vmmpp::prefix_cache_options options;
-        options.max_cached_bytes = static_cast<std::size_t>(max_cached_bytes);
-        options.record_events = record_events != 0;
-        handle->prefix = kv->cache->make_prefix(options, lend);
-        kv->cache->has_prefix = true;
+        // Outside the lock: a shared_ptr that cannot allocate its count calls the deleter, which locks.
+        handle->prefix = std::shared_ptr<prefix_base>(made.release(), [cache = kv->cache](prefix_base* p) noexcept {
+            p->stop_lending();  // outside the lock: a reclaim in progress waits for it
+            // The prefix cache's destructor releases its blocks: a change to the cache, under its lock.
+            std::lock_guard lock(cache->mutex);
+            delete p;
+            cache->has_prefix = false;
+        });
         *out = handle.release();
     });
 }
@@ -1089,18 +1172,9 @@ vmmpp_kv_status vmmpp_kv_prefix_lending_stats_get(vmmpp_kv_prefix* prefix, vmmpp
 }
 
 void vmmpp_kv_prefix_destroy(vmmpp_kv_prefix* prefix) {
-    if (prefix == nullptr) {
-        return;
-    }
-    // Lending first, outside the lock: a reclaim in progress waits for that lock.
-    prefix->prefix->stop_lending();
-    {
-        // The prefix cache's destructor releases its blocks: a change to the cache, under its lock.
-        std::lock_guard lock(prefix->cache->mutex);
-        prefix->prefix.reset();
-        prefix->cache->has_prefix = false;
-    }
-    delete prefix;  // and the handle's reference to the cache
+    // The handle's references to the prefix cache and the cache: the prefix cache goes now
+    // unless a tier holds it (then with the tier), stopping lending first.
+    delete prefix;
 }
 
 vmmpp_kv_status vmmpp_kv_prefix_publish(vmmpp_kv_prefix* prefix, uint64_t seq, const int32_t* tokens,
@@ -1260,6 +1334,162 @@ vmmpp_kv_status vmmpp_kv_prefix_drain_events(vmmpp_kv_prefix* prefix, vmmpp_kv_p
         if (left != nullptr) {
             *left = pending.size();
         }
+    });
+}
+
+} // extern "C"
+
+// --- the host tier (vmmpp/tier/host_tier.hpp) ---
+
+struct vmmpp_kv_tier {
+    /// Its mutex serialises the tier's calls with the cache's and the prefix cache's (the prefix
+    /// cache calls the tier from its evictions).
+    std::shared_ptr<cache_base> cache;
+    /// Held: the tier refers to the prefix cache, which must outlive it.
+    std::shared_ptr<prefix_base> prefix;
+    std::unique_ptr<tier_base> tier;
+};
+
+extern "C" {
+
+vmmpp_kv_status vmmpp_kv_tier_create(vmmpp_kv_prefix* prefix, uint64_t max_blocks, void* stream,
+                                     vmmpp_kv_tier** out) {
+    return guarded([&] {
+        require(prefix != nullptr && out != nullptr, "vmmpp_kv_tier_create: null argument");
+        auto handle = std::make_unique<vmmpp_kv_tier>();
+        handle->cache = prefix->cache;
+        handle->prefix = prefix->prefix;
+        std::lock_guard lock(prefix->cache->mutex);
+        if (prefix->prefix->has_tier) {
+            throw vmmpp::invalid_argument(
+                "vmmpp_kv_tier_create: the prefix cache has a tier already (one per prefix cache: its evicted "
+                "blocks go to one tier)");
+        }
+        handle->tier = prefix->prefix->make_tier(static_cast<std::size_t>(max_blocks), static_cast<cudaStream_t>(stream));
+        prefix->prefix->has_tier = true;
+        *out = handle.release();
+    });
+}
+
+void vmmpp_kv_tier_destroy(vmmpp_kv_tier* tier) {
+    if (tier == nullptr) {
+        return;
+    }
+    {
+        // The prefix cache stops spilling into the tier, and the tier waits for its copies.
+        std::lock_guard lock(tier->cache->mutex);
+        tier->tier.reset();
+        tier->prefix->has_tier = false;
+    }
+    delete tier;  // and its reference to the prefix cache, whose deleter takes the lock
+}
+
+vmmpp_kv_status vmmpp_kv_tier_attach(vmmpp_kv_tier* tier, const int32_t* tokens, uint64_t n_tokens,
+                                     const uint64_t* extra, uint64_t n_extra, void* stream, uint64_t* seq,
+                                     uint64_t* cached_tokens, uint64_t* host_tokens) {
+    return guarded([&] {
+        require(tier != nullptr && seq != nullptr && cached_tokens != nullptr && (tokens != nullptr || n_tokens == 0) &&
+                    (extra != nullptr || n_extra == 0),
+                "vmmpp_kv_tier_attach: null argument");
+        std::lock_guard lock(tier->cache->mutex);
+        const vmmpp::tiered_sequence a = tier->tier->attach(token_span(tokens, n_tokens), extra_span(extra, n_extra),
+                                                            static_cast<cudaStream_t>(stream));
+        *seq = a.seq;
+        *cached_tokens = a.cached_tokens;
+        if (host_tokens != nullptr) {
+            *host_tokens = a.host_tokens;
+        }
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_tier_lookup(vmmpp_kv_tier* tier, const int32_t* tokens, uint64_t n_tokens,
+                                     const uint64_t* extra, uint64_t n_extra, uint64_t* gpu_tokens,
+                                     uint64_t* host_tokens) {
+    return guarded([&] {
+        require(tier != nullptr && gpu_tokens != nullptr && host_tokens != nullptr &&
+                    (tokens != nullptr || n_tokens == 0) && (extra != nullptr || n_extra == 0),
+                "vmmpp_kv_tier_lookup: null argument");
+        std::lock_guard lock(tier->cache->mutex);
+        const auto [gpu, host] = tier->tier->lookup(token_span(tokens, n_tokens), extra_span(extra, n_extra));
+        *gpu_tokens = gpu;
+        *host_tokens = host;
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_tier_swap_out(vmmpp_kv_tier* tier, uint64_t seq, void* stream, uint64_t* id) {
+    return guarded([&] {
+        require(tier != nullptr && id != nullptr, "vmmpp_kv_tier_swap_out: null argument");
+        std::lock_guard lock(tier->cache->mutex);
+        *id = tier->tier->swap_out(seq, static_cast<cudaStream_t>(stream));
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_tier_swap_in(vmmpp_kv_tier* tier, uint64_t id, void* stream, uint64_t* seq) {
+    return guarded([&] {
+        require(tier != nullptr && seq != nullptr, "vmmpp_kv_tier_swap_in: null argument");
+        std::lock_guard lock(tier->cache->mutex);
+        *seq = tier->tier->swap_in(id, static_cast<cudaStream_t>(stream));
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_tier_drop_swapped(vmmpp_kv_tier* tier, uint64_t id) {
+    return guarded([&] {
+        require(tier != nullptr, "vmmpp_kv_tier_drop_swapped: null handle");
+        std::lock_guard lock(tier->cache->mutex);
+        tier->tier->drop_swapped(id);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_tier_swapped_tokens(vmmpp_kv_tier* tier, uint64_t id, uint64_t* n_tokens) {
+    return guarded([&] {
+        require(tier != nullptr && n_tokens != nullptr, "vmmpp_kv_tier_swapped_tokens: null argument");
+        std::lock_guard lock(tier->cache->mutex);
+        *n_tokens = tier->tier->swapped_tokens(id);
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_tier_synchronize(vmmpp_kv_tier* tier) {
+    return guarded([&] {
+        require(tier != nullptr, "vmmpp_kv_tier_synchronize: null handle");
+        std::lock_guard lock(tier->cache->mutex);
+        tier->tier->synchronize();
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_tier_idle(vmmpp_kv_tier* tier, int* idle) {
+    return guarded([&] {
+        require(tier != nullptr && idle != nullptr, "vmmpp_kv_tier_idle: null argument");
+        std::lock_guard lock(tier->cache->mutex);
+        *idle = tier->tier->idle() ? 1 : 0;
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_tier_stream_waits_for_copies(vmmpp_kv_tier* tier, void* stream) {
+    return guarded([&] {
+        require(tier != nullptr, "vmmpp_kv_tier_stream_waits_for_copies: null handle");
+        std::lock_guard lock(tier->cache->mutex);
+        tier->tier->stream_waits_for_copies(static_cast<cudaStream_t>(stream));
+    });
+}
+
+vmmpp_kv_status vmmpp_kv_tier_stats_get(vmmpp_kv_tier* tier, vmmpp_kv_tier_stats* out) {
+    return guarded([&] {
+        require(tier != nullptr && out != nullptr, "vmmpp_kv_tier_stats_get: null argument");
+        std::lock_guard lock(tier->cache->mutex);
+        const vmmpp::host_tier_stats s = tier->tier->stats();
+        out->offloaded_blocks = s.offloaded_blocks;
+        out->dropped_blocks = s.dropped_blocks;
+        out->loaded_blocks = s.loaded_blocks;
+        out->host_hits = s.host_hits;
+        out->evicted_blocks = s.evicted_blocks;
+        out->swapped_out = s.swapped_out;
+        out->swapped_in = s.swapped_in;
+        out->bytes_to_host = s.bytes_to_host;
+        out->bytes_to_device = s.bytes_to_device;
+        out->keyed_blocks = s.keyed_blocks;
+        out->swapped_blocks = s.swapped_blocks;
+        out->free_blocks = s.free_blocks;
+        out->max_blocks = s.max_blocks;
     });
 }
 

@@ -8,7 +8,8 @@
  *
  * Lifetime: an export keeps its cache alive (the DLPack keep-alive holds it), and so does a
  * prefix cache (vmmpp_kv_prefix), so vmmpp_kv_destroy only drops the handle's reference and the
- * memory goes when the last export and prefix cache are deleted too. Reading blocks that no live
+ * memory goes when the last export and prefix cache are deleted too. A host tier (vmmpp_kv_tier)
+ * keeps its prefix cache alive the same way. Reading blocks that no live
  * sequence holds faults: see vmmpp/interop/dlpack.hpp. */
 #ifndef VMMPP_KV_CAPI_H
 #define VMMPP_KV_CAPI_H
@@ -36,7 +37,8 @@ typedef enum {
     VMMPP_KV_CUDA_ERROR = 5,       /* vmmpp::cuda_error */
     VMMPP_KV_CUDA_UNAVAILABLE = 6, /* vmmpp::cuda_unavailable: no driver or no device */
     VMMPP_KV_ERROR = 7,            /* anything else */
-    VMMPP_KV_OUT_OF_SEQUENCE_SLOTS = 8 /* vmmpp::out_of_sequence_slots (sequence_contiguous) */
+    VMMPP_KV_OUT_OF_SEQUENCE_SLOTS = 8, /* vmmpp::out_of_sequence_slots (sequence_contiguous) */
+    VMMPP_KV_TIER_FULL = 9              /* vmmpp::tier_full: a host tier has no room for a swap-out */
 } vmmpp_kv_status;
 
 /** The shape of a cache (vmmpp::kv_geometry). dtype: 0 f32, 1 f16, 2 bf16, 3 fp8_e4m3, 4 fp8_e5m2. */
@@ -337,7 +339,8 @@ typedef struct vmmpp_kv_prefix_lending_stats {
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_lending_stats_get(vmmpp_kv_prefix* prefix,
                                                                vmmpp_kv_prefix_lending_stats* out);
 /** Drops every cached block's reference (blocks no sequence holds go back) and the handle's
- *  reference to the cache (NULL is ignored); a lending one stops lending first. */
+ *  reference to the cache (NULL is ignored); a lending one stops lending first. With a host tier
+ *  over it (vmmpp_kv_tier_create) alive, only the handle goes: the prefix cache goes with the tier. */
 VMMPP_KV_API void vmmpp_kv_prefix_destroy(vmmpp_kv_prefix* prefix);
 /** Registers the full blocks among the first n_tokens tokens of seq (tokens[n_tokens]: its token
  *  ids from the first, their KV written; at most its token count) under keys chained over the
@@ -395,6 +398,90 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_stats_get(vmmpp_kv_prefix* prefix, 
  *  gets how many, *left (may be NULL) how many stay queued for the next call. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_prefix_drain_events(vmmpp_kv_prefix* prefix, vmmpp_kv_prefix_event* out,
                                                           uint64_t capacity, uint64_t* count, uint64_t* left);
+
+/* The host tier (vmmpp::host_tier, vmmpp/tier/host_tier.hpp): a second tier behind a prefix cache,
+ * in host memory. The prefix cache's evicted blocks are copied to it (when it has room) instead
+ * of being dropped; a prompt whose prefix continues there gets those blocks copied back; a
+ * preempted sequence is swapped out to it and back in instead of being recomputed. Every copy
+ * runs on the tier's own stream; the calls take the cache's mutex. */
+
+/** vmmpp::host_tier_stats: what a tier did since it was made, and what it holds. */
+typedef struct {
+    uint64_t offloaded_blocks; /* evicted GPU blocks copied to the host */
+    uint64_t dropped_blocks;   /* evicted GPU blocks the tier could not keep (no room, a refused copy) */
+    uint64_t loaded_blocks;    /* host blocks copied back by attach */
+    uint64_t host_hits;        /* blocks attach found in the tier (not on the GPU) */
+    uint64_t evicted_blocks;   /* keyed host blocks given up for room */
+    uint64_t swapped_out;      /* sequences */
+    uint64_t swapped_in;
+    uint64_t bytes_to_host;
+    uint64_t bytes_to_device;
+    uint64_t keyed_blocks;     /* host blocks holding a prefix block now */
+    uint64_t swapped_blocks;   /* host blocks holding swapped-out sequences now */
+    uint64_t free_blocks;
+    uint64_t max_blocks;
+} vmmpp_kv_tier_stats;
+
+typedef struct vmmpp_kv_tier vmmpp_kv_tier;
+
+/** A host tier of max_blocks blocks (each one of the cache's blocks, committed when it is made:
+ *  page-locked for a GPU cache, plain host memory for a "host" one) over `prefix`, which from
+ *  now on offers it every block it evicts. One per prefix cache: a second is
+ *  VMMPP_KV_INVALID_ARGUMENT. It holds a reference to the prefix cache (vmmpp_kv_prefix_destroy
+ *  first only drops that handle). stream: a cudaStream_t of its own for every copy (a
+ *  non-blocking, low-priority one keeps the copies out of decode's way), never NULL or the
+ *  legacy or per-thread default stream for a GPU cache (VMMPP_KV_INVALID_ARGUMENT); ignored for
+ *  a "host" cache (may be NULL). max_blocks 0 is VMMPP_KV_INVALID_ARGUMENT; no host memory is
+ *  VMMPP_KV_OUT_OF_MEMORY, a refused registration VMMPP_KV_CUDA_ERROR. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_create(vmmpp_kv_prefix* prefix, uint64_t max_blocks, void* stream,
+                                                  vmmpp_kv_tier** out);
+/** Stops the prefix cache's spills into the tier, waits for the tier's copies, frees its memory
+ *  (swapped-out sequences with it) and drops its reference to the prefix cache (NULL is ignored). */
+VMMPP_KV_API void vmmpp_kv_tier_destroy(vmmpp_kv_tier* tier);
+/** vmmpp_kv_prefix_attach_on_stream, then the prompt's next full blocks found in the tier are
+ *  appended (evicting cached GPU blocks as needed) and copied back on the tier's stream; `stream`
+ *  (the engine's: its next work reads them) waits for the copies, and the blocks are cached on
+ *  the GPU again. *seq: the new sequence; *cached_tokens: its leading tokens already there (GPU
+ *  and host hits; the engine appends the rest); *host_tokens (may be NULL): of those, the ones
+ *  copied from the tier. Where the GPU has no room for the host hits, the sequence keeps its GPU
+ *  hits only (*host_tokens 0). Errors as vmmpp_kv_prefix_attach (nothing changed), and
+ *  VMMPP_KV_CUDA_ERROR queueing the copies (the sequence is freed again). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_attach(vmmpp_kv_tier* tier, const int32_t* tokens, uint64_t n_tokens,
+                                                  const uint64_t* extra, uint64_t n_extra, void* stream,
+                                                  uint64_t* seq, uint64_t* cached_tokens, uint64_t* host_tokens);
+/** How many leading tokens of tokens[n_tokens] are cached, in whole blocks chained over
+ *  extra[n_extra]: *gpu_tokens on the GPU, then *host_tokens more in the tier. Counts nothing. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_lookup(vmmpp_kv_tier* tier, const int32_t* tokens, uint64_t n_tokens,
+                                                  const uint64_t* extra, uint64_t n_extra, uint64_t* gpu_tokens,
+                                                  uint64_t* host_tokens);
+/** Swap preemption: copies every block of `seq` (its tokens written by work queued on `stream`)
+ *  to host blocks on the tier's stream and frees the sequence through the prefix cache on
+ *  `stream` (its published blocks stay cached; its memory goes back after the copy). *id: what
+ *  vmmpp_kv_tier_swap_in takes. Makes room by giving up the oldest cached host blocks.
+ *  VMMPP_KV_TIER_FULL: not enough host blocks even then (the rest hold swapped-out sequences;
+ *  nothing changed, recompute the sequence instead); VMMPP_KV_INVALID_ARGUMENT: unknown sequence;
+ *  VMMPP_KV_CUDA_ERROR: the copy refused (the sequence stays). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_swap_out(vmmpp_kv_tier* tier, uint64_t seq, void* stream, uint64_t* id);
+/** A new sequence (*seq) with the tokens of swapped-out sequence `id` (vmmpp_kv_tier_swapped_tokens),
+ *  its blocks copied back on the tier's stream; `stream` waits for the copies. The id is used up
+ *  and its host blocks go back. VMMPP_KV_INVALID_ARGUMENT: unknown id; VMMPP_KV_OUT_OF_BLOCKS,
+ *  VMMPP_KV_OVER_QUOTA, VMMPP_KV_OUT_OF_MEMORY: no room on the GPU even after evicting every
+ *  cached block no sequence holds (nothing changed: the sequence stays swapped out, try again
+ *  later); VMMPP_KV_CUDA_ERROR: the copy refused (the id stays). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_swap_in(vmmpp_kv_tier* tier, uint64_t id, void* stream, uint64_t* seq);
+/** Gives up swapped-out sequence `id` (the engine recomputes it, or the request was cancelled);
+ *  its host blocks go back. VMMPP_KV_INVALID_ARGUMENT: unknown id. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_drop_swapped(vmmpp_kv_tier* tier, uint64_t id);
+/** *n_tokens: the tokens swapped-out sequence `id` holds. VMMPP_KV_INVALID_ARGUMENT: unknown id. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_swapped_tokens(vmmpp_kv_tier* tier, uint64_t id, uint64_t* n_tokens);
+/** Blocks until every copy queued by the tier so far has completed (at once on a "host" cache). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_synchronize(vmmpp_kv_tier* tier);
+/** *idle: 1 if every copy queued by the tier so far has completed, else 0 (never waits). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_idle(vmmpp_kv_tier* tier, int* idle);
+/** Makes `stream` wait for every copy queued by the tier so far (attach and swap_in do it for
+ *  theirs); nothing on a "host" cache. */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_stream_waits_for_copies(vmmpp_kv_tier* tier, void* stream);
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_stats_get(vmmpp_kv_tier* tier, vmmpp_kv_tier_stats* out);
 
 #ifdef __cplusplus
 }

@@ -18,13 +18,14 @@ import array
 import collections
 import ctypes
 import os
+import re
 
 DTYPES = {"f32": 0, "f16": 1, "bf16": 2, "fp8_e4m3": 3, "fp8_e5m2": 4}
 KEY, VALUE = 0, 1
 # DLPack device types (DLDeviceType)
 KDL_CPU, KDL_CUDA, KDL_CUDA_HOST, KDL_CUDA_MANAGED = 1, 2, 3, 13
 STATUS = {0: "ok", 1: "invalid_argument", 2: "out_of_memory", 3: "over_quota", 4: "out_of_blocks",
-          5: "cuda_error", 6: "cuda_unavailable", 7: "error", 8: "out_of_sequence_slots"}
+          5: "cuda_error", 6: "cuda_unavailable", 7: "error", 8: "out_of_sequence_slots", 9: "tier_full"}
 # The layouts, as vmmpp::kv_layouts (vmmpp/kv/layout_list.hpp) lists them, kv_cache's default
 # first. Spelled here so that it is known without loading the library; layout_names() asks the
 # library, and capi/tests/test_kv_dlpack.py checks that the two agree.
@@ -47,6 +48,34 @@ class VmmppError(RuntimeError):
     def __init__(self, status, message):
         super().__init__(f"{STATUS.get(status, status)}: {message}")
         self.status = STATUS.get(status, str(status))
+
+
+class OutOfBlocks(VmmppError):
+    """The cache has no free block id (status "out_of_blocks")."""
+
+
+class OverQuota(VmmppError):
+    """The budget refused the memory (status "over_quota")."""
+
+
+class OutOfMemory(VmmppError):
+    """The device or host refused the memory (status "out_of_memory")."""
+
+
+class TierFull(VmmppError):
+    """A host tier has no room for a swap-out (status "tier_full"): `needed` host blocks, `free`
+    free or evictable of `max_blocks` (the rest hold swapped-out sequences). Nothing changed."""
+
+    def __init__(self, status, message):
+        super().__init__(status, message)
+        # vmmpp::tier_full's message: "... N host blocks needed, F free or evictable of M (...)"
+        m = re.search(r"(\d+) host blocks needed, (\d+) free or evictable of (\d+)", message)
+        self.needed, self.free, self.max_blocks = (int(x) for x in m.groups()) if m else (None, None, None)
+
+
+# The refusals of memory an engine answers by preempting or waiting; their status names.
+REFUSALS = (OutOfBlocks, OverQuota, OutOfMemory)
+_ERRORS = {"out_of_blocks": OutOfBlocks, "over_quota": OverQuota, "out_of_memory": OutOfMemory, "tier_full": TierFull}
 
 
 class Geometry(ctypes.Structure):
@@ -85,6 +114,13 @@ class PrefixStats(ctypes.Structure):
         "hits", "misses", "evictions", "cached_blocks", "cached_bytes", "evictable_blocks", "evictable_bytes",
         "committed_bytes", "packed_floor_bytes")] + [("idle_footprint_ratio", ctypes.c_double),
                                                      ("block_bytes", ctypes.c_uint64)]
+
+
+class TierStats(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "offloaded_blocks", "dropped_blocks", "loaded_blocks", "host_hits", "evicted_blocks", "swapped_out",
+        "swapped_in", "bytes_to_host", "bytes_to_device", "keyed_blocks", "swapped_blocks", "free_blocks",
+        "max_blocks")]
 
 
 class LendingStats(ctypes.Structure):
@@ -188,6 +224,20 @@ def load_library(path=None):
         "vmmpp_kv_prefix_stats_get": ([handle, ctypes.POINTER(PrefixStats)], ctypes.c_int),
         "vmmpp_kv_prefix_drain_events": ([handle, ctypes.POINTER(PrefixEvent), u64, ctypes.POINTER(u64),
                                           ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_tier_create": ([handle, u64, p, ctypes.POINTER(handle)], ctypes.c_int),
+        "vmmpp_kv_tier_destroy": ([handle], None),
+        "vmmpp_kv_tier_attach": ([handle, ctypes.POINTER(i32), u64, ctypes.POINTER(u64), u64, p, ctypes.POINTER(u64),
+                                  ctypes.POINTER(u64), ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_tier_lookup": ([handle, ctypes.POINTER(i32), u64, ctypes.POINTER(u64), u64, ctypes.POINTER(u64),
+                                  ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_tier_swap_out": ([handle, u64, p, ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_tier_swap_in": ([handle, u64, p, ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_tier_drop_swapped": ([handle, u64], ctypes.c_int),
+        "vmmpp_kv_tier_swapped_tokens": ([handle, u64, ctypes.POINTER(u64)], ctypes.c_int),
+        "vmmpp_kv_tier_synchronize": ([handle], ctypes.c_int),
+        "vmmpp_kv_tier_idle": ([handle, ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
+        "vmmpp_kv_tier_stream_waits_for_copies": ([handle, p], ctypes.c_int),
+        "vmmpp_kv_tier_stats_get": ([handle, ctypes.POINTER(TierStats)], ctypes.c_int),
     }
     missing = [name for name in signatures if not hasattr(lib, name)]
     if missing:  # a library older (or newer) than this module: say so, not an AttributeError later
@@ -220,7 +270,7 @@ def process_budget_config_names(library=None):
 
 def _check(status):
     if status != 0:
-        raise VmmppError(status, _lib.vmmpp_kv_last_error().decode(errors="replace"))
+        raise _ERRORS.get(STATUS.get(status), VmmppError)(status, _lib.vmmpp_kv_last_error().decode(errors="replace"))
 
 
 # PyCapsule_New(pointer, name, destructor) of the running interpreter. The name and the
@@ -764,6 +814,111 @@ class PrefixCache(_OwnedHandle):
             if left.value == 0:
                 return events
             capacity = left.value
+
+
+class HostTier(_OwnedHandle):
+    """vmmpp::host_tier behind a PrefixCache: a second tier in host memory. The prefix cache's
+    evicted blocks are copied to it (when it has room) instead of being dropped; attach gets a
+    prompt's GPU hits, then its next blocks found here copied back; swap_out/swap_in preempt a
+    sequence to host memory and back instead of recomputing it.
+
+        tier_stream = torch.cuda.Stream(priority=0)   # its own; 0 is the lowest priority CUDA has
+        with vmmpp_kv.HostTier(pc, max_blocks=4096, stream=tier_stream.cuda_stream) as tier:
+            seq, cached, from_host = tier.attach(prompt, stream=engine_stream)
+            pc.append(seq, len(prompt) - cached)
+            ...
+            swap_id = tier.swap_out(seq, stream=engine_stream)     # TierFull: free and recompute instead
+            ...
+            seq = tier.swap_in(swap_id, stream=engine_stream)      # OutOfBlocks...: retry later
+
+    max_blocks: host blocks (each one of the cache's blocks), committed now: page-locked for a
+    GPU cache, plain host memory for a "host" one. stream: a cudaStream_t (an int) of the tier's
+    own, on which every copy runs; required for a GPU cache (not the default stream), ignored for
+    a "host" one. One per prefix cache; it keeps the prefix cache alive. Its calls take the
+    cache's lock."""
+
+    def __init__(self, prefix_cache, *, max_blocks, stream=None):
+        lib = load_library()
+        self._handle = None
+        self.prefix_cache = prefix_cache
+        handle = ctypes.c_void_p()
+        _check(lib.vmmpp_kv_tier_create(prefix_cache._handle_or_raise(), max_blocks, ctypes.c_void_p(stream),
+                                        ctypes.byref(handle)))
+        self._handle = handle
+
+    _destroy = "vmmpp_kv_tier_destroy"
+
+    def _handle_or_raise(self):
+        if self._handle is None:
+            raise ValueError("the host tier is closed")
+        return self._handle
+
+    def attach(self, tokens, extra=(), stream=None):
+        """(seq, cached_tokens, host_tokens): PrefixCache.attach, then the prompt's next full
+        blocks found in the tier copied back (host_tokens of the cached_tokens); `stream` (the
+        engine's, an int; None: the legacy default stream) waits for the copies."""
+        t, n = _int32s(tokens)
+        e, n_extra = _uint64s(extra)
+        seq, cached, host = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_tier_attach(self._handle_or_raise(), t, n, e, n_extra, ctypes.c_void_p(stream),
+                                         ctypes.byref(seq), ctypes.byref(cached), ctypes.byref(host)))
+        return seq.value, cached.value, host.value
+
+    def lookup(self, tokens, extra=()):
+        """(gpu_tokens, host_tokens): leading tokens of `tokens` cached on the GPU, then in the tier."""
+        t, n = _int32s(tokens)
+        e, n_extra = _uint64s(extra)
+        gpu, host = ctypes.c_uint64(), ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_tier_lookup(self._handle_or_raise(), t, n, e, n_extra, ctypes.byref(gpu),
+                                         ctypes.byref(host)))
+        return gpu.value, host.value
+
+    def swap_out(self, seq, stream=None):
+        """Copies seq's blocks to the tier and frees it (through the prefix cache, on `stream`);
+        returns the id swap_in takes. Raises TierFull when the tier has no room (nothing changed)."""
+        swap_id = ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_tier_swap_out(self._handle_or_raise(), seq, ctypes.c_void_p(stream),
+                                           ctypes.byref(swap_id)))
+        return swap_id.value
+
+    def swap_in(self, swap_id, stream=None):
+        """A new sequence with the swapped-out tokens, copied back; `stream` waits for the copies.
+        Raises OutOfBlocks, OverQuota or OutOfMemory when the GPU has no room (it stays swapped out)."""
+        seq = ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_tier_swap_in(self._handle_or_raise(), swap_id, ctypes.c_void_p(stream),
+                                          ctypes.byref(seq)))
+        return seq.value
+
+    def drop_swapped(self, swap_id):
+        """Gives up a swapped-out sequence (its host blocks go back)."""
+        _check(_lib.vmmpp_kv_tier_drop_swapped(self._handle_or_raise(), swap_id))
+
+    def swapped_tokens(self, swap_id):
+        n = ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_tier_swapped_tokens(self._handle_or_raise(), swap_id, ctypes.byref(n)))
+        return n.value
+
+    def synchronize(self):
+        """Waits for every copy the tier has queued."""
+        _check(_lib.vmmpp_kv_tier_synchronize(self._handle_or_raise()))
+
+    def idle(self):
+        """Whether every copy the tier has queued has completed (never waits)."""
+        idle = ctypes.c_int()
+        _check(_lib.vmmpp_kv_tier_idle(self._handle_or_raise(), ctypes.byref(idle)))
+        return bool(idle.value)
+
+    def stream_waits_for_copies(self, stream):
+        """Makes `stream` (an int) wait for every copy the tier has queued."""
+        _check(_lib.vmmpp_kv_tier_stream_waits_for_copies(self._handle_or_raise(), ctypes.c_void_p(stream)))
+
+    def stats(self):
+        """{"offloaded_blocks", "dropped_blocks", "loaded_blocks", "host_hits", "evicted_blocks",
+        "swapped_out", "swapped_in", "bytes_to_host", "bytes_to_device", "keyed_blocks",
+        "swapped_blocks", "free_blocks", "max_blocks"}."""
+        s = TierStats()
+        _check(_lib.vmmpp_kv_tier_stats_get(self._handle_or_raise(), ctypes.byref(s)))
+        return {name: getattr(s, name) for name, _ in TierStats._fields_}
 
 
 def live_exports():

@@ -11,6 +11,10 @@
   prefix: a shared-prefix multi-turn chat workload (workload.py) on each cache configuration
       (elastic against static_config, the same size) with prefix caching off and on, alternated
       and repeated; TTFT p50/p99, tokens/s, prefix hit rate, evictions, committed memory.
+  tier: a shared-prefix multi-turn workload whose prefixes do not all fit the KV (issue 30), with
+      prefix caching on: no host tier, a vmmpp_kv.HostTier behind the prefix cache (recompute
+      preemption), and the tier with swap preemption, alternated and repeated; TTFT p50/p99,
+      tokens/s, cached and host-loaded tokens, the tier's traffic, preemptions.
   lend: two engine processes on one KV budget (issue 29): A serves its shared-prefix workload and
       idles with a warm prefix cache (no call at all) while B serves a heavier one; static halves,
       one process budget (A keeps its cache) and the same with A's cache lent (PrefixCache
@@ -21,12 +25,16 @@
   --prefix-cache on|off (throughput, prefix's --prefix-caching lists both): the engine's prefix
       caching (a vmmpp_kv.PrefixCache over the cache: cached leading blocks attached at admission,
       full blocks published as they are written, evicted before the engine preempts). Default off.
+  --host-tier-blocks N (throughput, prefix; tier's default 4096): a vmmpp_kv.HostTier of N blocks
+      behind the prefix cache, its copies on a torch stream of its own (0: none). --preemption
+      recompute|swap (throughput, prefix): swap moves preempted requests to the tier and back.
 
     VMMPP_KV_LIB=.../libvmmpp_kv_capi.so python3 examples/serving/bench_serving.py throughput --out DIR
     VMMPP_KV_LIB=... python3 examples/serving/bench_serving.py replay --trace bench/traces/bursty-n2-seed1.csv \\
         --window 240 --speedup 4 --total-mib 1024 --out DIR
     VMMPP_KV_LIB=... python3 examples/serving/bench_serving.py prefix --out DIR
     VMMPP_KV_LIB=... python3 examples/serving/bench_serving.py lend --out DIR
+    VMMPP_KV_LIB=... python3 examples/serving/bench_serving.py tier --out DIR
 """
 import argparse
 import csv
@@ -64,14 +72,18 @@ def parse_model(spec, vocab=None):
     return M.preset(name, layers=int(layers) if layers else None, vocab=vocab)
 
 
-def paged_kv(cache, device, prefix_cache, max_cached_bytes=None, lend=False):
+def paged_kv(cache, device, prefix_cache, max_cached_bytes=None, lend=False, host_tier_blocks=0):
     """The engine's store over `cache`, with prefix caching if prefix_cache is "on" (cached blocks
     no sequence holds bounded by max_cached_bytes; None: only by the cache's size; lend: they are
-    lent to the other processes of the cache's process budget)."""
+    lent to the other processes of the cache's process budget), and a host tier of
+    host_tier_blocks blocks behind it (0: none; prefix caching on only)."""
     if prefix_cache != "on":
+        if host_tier_blocks:
+            raise SystemExit("--host-tier-blocks needs prefix caching on (the tier sits behind the prefix cache)")
         return E.PagedKV(cache, device)
     return E.PagedKV(cache, device, prefix_cache=vmmpp_kv.PrefixCache(cache, max_cached_bytes=max_cached_bytes,
-                                                                      lend=lend))
+                                                                      lend=lend),
+                     host_tier_blocks=host_tier_blocks)
 
 
 def torch_device(name):
@@ -122,8 +134,9 @@ def throughput(args):
     def one(config, layout, rep):
         cache = vmmpp_kv.KVCache(layers=cfg.layers, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype="bf16",
                                  config=config, layout=layout, device=0, max_blocks=max_blocks)
-        kv = paged_kv(cache, device, args.prefix_cache)
-        engine = E.Engine(model, kv, max_batch=args.batch, max_prefill_tokens=args.batch * args.prompt)
+        kv = paged_kv(cache, device, args.prefix_cache, host_tier_blocks=args.host_tier_blocks)
+        engine = E.Engine(model, kv, max_batch=args.batch, max_prefill_tokens=args.batch * args.prompt,
+                          preemption=args.preemption)
         reqs = [E.Request(i, p, n) for i, (p, n) in enumerate(work)]
         for r in reqs:
             engine.submit(r)
@@ -367,6 +380,8 @@ def serve(engine, kv, work, synchronize, deadline_s=None, clock=time.perf_counte
             on_step(now, committed[-1])
 
     before = kv.prefix_cache.stats() if kv.prefix_cache is not None else {}
+    tier = getattr(kv, "tier", None)
+    tier_before = tier.stats() if tier is not None else {}
     synchronize()
     start = driver.run(deadline_s=deadline_s, on_step=step)
     synchronize()
@@ -376,6 +391,15 @@ def serve(engine, kv, work, synchronize, deadline_s=None, clock=time.perf_counte
     output_tokens = sum(len(r.output) for r in done)
     stats = kv.prefix_cache.stats() if kv.prefix_cache is not None else {}
     hits, misses, evictions = (stats.get(k, 0) - before.get(k, 0) for k in ("hits", "misses", "evictions"))
+    tier_stats = tier.stats() if tier is not None else {}
+    tier_row = {f"tier_{k}": tier_stats.get(k, 0) - tier_before.get(k, 0)
+                for k in ("offloaded_blocks", "dropped_blocks", "loaded_blocks", "swapped_out", "swapped_in",
+                          "bytes_to_host", "bytes_to_device")}
+    host_tokens = getattr(kv, "host_tokens", 0)  # admitted tokens the host tier copied back
+    tier_row.update(host_tokens=host_tokens,
+                    host_token_rate=host_tokens / engine.admitted_tokens if engine.admitted_tokens else 0.0,
+                    recomputes=engine.recomputes, swapped_out=engine.swapped_out, swapped_in=engine.swapped_in,
+                    swap_retries=engine.swap_retries)
     return dict(turns=work.turns(), submitted=len(requests), completed=len(done), rejected=len(engine.rejected),
                 ttft_p50_s=percentile([r.first_token_at - r.arrival for r in done], 50),
                 ttft_p99_s=percentile([r.first_token_at - r.arrival for r in done], 99),
@@ -389,7 +413,7 @@ def serve(engine, kv, work, synchronize, deadline_s=None, clock=time.perf_counte
                 preemptions=engine.preemptions, steps=engine.steps,
                 committed_mean_mib=(sum(committed) / len(committed) / 2**20) if committed else 0.0,
                 committed_peak_mib=max(committed, default=0) / 2**20,
-                checksum=sum(sum(a) for s in work.sessions for a in s.answers))
+                checksum=sum(sum(a) for s in work.sessions for a in s.answers), **tier_row)
 
 
 def prefix(args):
@@ -405,8 +429,10 @@ def prefix(args):
         cache = vmmpp_kv.KVCache(layers=cfg.layers, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype="bf16",
                                  config=mode, layout=args.layout, device=0, max_blocks=max_blocks)
         kv = paged_kv(cache, device, prefix_cache,
-                      None if args.max_cached_mib is None else args.max_cached_mib << 20)
-        engine = E.Engine(model, kv, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens)
+                      None if args.max_cached_mib is None else args.max_cached_mib << 20,
+                      host_tier_blocks=args.host_tier_blocks if prefix_cache == "on" else 0)
+        engine = E.Engine(model, kv, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
+                          preemption=args.preemption)
         work = make_workload(args, cfg.vocab, sessions=sessions, start_spread=start_spread_s)
         row = dict(mode=mode, prefix_cache=prefix_cache, rep=rep, **serve(engine, kv, work, synchronize, args.deadline))
         print(json.dumps(row), flush=True)
@@ -500,6 +526,129 @@ def prefix(args):
     for rep in range(args.repeats):
         for mode, prefix_cache in (combos if rep % 2 == 0 else combos[::-1]):  # order alternates by repeat
             results.append(one(mode, prefix_cache, rep, args.sessions, args.start_spread))
+            report(results, printed=False)
+    report(results, printed=True)
+
+
+# --------------------------------------------------------------------------- tier
+
+# The tier runs: (name, host tier on, preemption), prefix caching on in all.
+TIER_VARIANTS = {"off": (False, "recompute"), "tier": (True, "recompute"), "tier_swap": (True, "swap")}
+
+
+def tier(args):
+    """A shared-prefix multi-turn workload whose prefixes do not all fit the KV (issue 30), on one
+    configuration with prefix caching on: without a host tier (evicted blocks dropped, preempted
+    requests recomputed), with one (evicted blocks copied to host memory and back at admission),
+    and with one and swap preemption; alternated and repeated. TTFT p50/p99, tokens/s, cached and
+    host-loaded tokens, the tier's traffic, preemptions."""
+    device, device_name, synchronize = torch_device(args.device)
+    cfg = parse_model(args.model, vocab=args.vocab)
+    model = M.Llama(cfg, device, seed=7)
+    block_bytes = cfg.kv_bytes_per_token() * BLOCK_TOKENS
+    max_blocks = (args.kv_mib << 20) // block_bytes
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in TIER_VARIANTS:
+            raise SystemExit(f"unknown variant {v!r} (of {', '.join(TIER_VARIANTS)})")
+    peak_tokens = W.peak_context_tokens(make_workload(args, cfg.vocab))
+
+    def one(variant, rep, sessions, start_spread_s):
+        on, preemption = TIER_VARIANTS[variant]
+        cache = vmmpp_kv.KVCache(layers=cfg.layers, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype="bf16",
+                                 config=args.mode, layout=args.layout, device=0, max_blocks=max_blocks)
+        kv = paged_kv(cache, device, "on", host_tier_blocks=args.host_tier_blocks if on else 0)
+        engine = E.Engine(model, kv, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
+                          preemption=preemption)
+        work = make_workload(args, cfg.vocab, sessions=sessions, start_spread=start_spread_s)
+        row = dict(variant=variant, rep=rep, **serve(engine, kv, work, synchronize, args.deadline))
+        print(json.dumps(row), flush=True)
+        del engine, kv
+        synchronize()
+        cache.synchronize()
+        return row
+
+    # Warm-up: the whole workload once without and once with the tier and swap (every batch and
+    # attention shape the runs meet; prefix's first full run in a process was 1.4-1.7x slower).
+    for variant in dict.fromkeys((variants[0], variants[-1])):
+        one(variant, -1, args.sessions, args.start_spread)
+
+    def report(results, printed):
+        """tier.json and tier.md of the runs so far (rewritten after each run)."""
+        keys = ("ttft_p50_s", "ttft_p99_s", "tokens_per_s", "cached_token_rate", "host_token_rate",
+                "prompt_tokens_computed", "evictions", "tier_offloaded_blocks", "tier_loaded_blocks",
+                "tier_dropped_blocks", "preemptions", "recomputes", "swapped_out", "swapped_in", "swap_retries",
+                "tier_bytes_to_host", "tier_bytes_to_device", "committed_mean_mib", "completed", "wall_s")
+        summary = {}
+        for variant in variants:
+            rows = [r for r in results if r["variant"] == variant]
+            if rows:
+                summary[variant] = {k: median([r[k] for r in rows]) for k in keys}
+                summary[variant]["runs"] = len(rows)
+        checksums = {}
+        for r in results:
+            if r["completed"] == r["turns"]:
+                checksums.setdefault(r["variant"], set()).add(r["checksum"])
+        checksums = {name: sorted(values) for name, values in checksums.items()}
+        same_answers = len({c for cs in checksums.values() for c in cs}) == 1
+        out = dict(model=args.model, config=vars(args), device=device_name,
+                   kv_bytes_per_token=cfg.kv_bytes_per_token(), max_blocks=max_blocks,
+                   peak_context_tokens=peak_tokens, runs=results, summary=summary, answer_checksums=checksums,
+                   same_answers_everywhere=same_answers)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "tier.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        lines = [f"# Host tier behind the prefix cache, shared-prefix multi-turn workload ({device_name})", "",
+                 f"Model {args.model} (bf16), {args.mode}, {args.kv_mib} MiB of KV ({max_blocks} blocks of "
+                 f"{block_bytes >> 10} KiB), layout {args.layout}; host tier of {args.host_tier_blocks} blocks "
+                 f"({args.host_tier_blocks * block_bytes / 2**20:.0f} MiB"
+                 f"{', page-locked) on a stream of its own' if device.type == 'cuda' else ' of host memory)'}. "
+                 f"Workload seed {args.seed}: {args.systems} system prompts of {args.system_tokens} tokens, "
+                 f"{args.sessions} sessions x {args.turns} turns (user {args.user}, answers {args.answer} tokens), "
+                 f"starting over {args.start_spread} s, think {args.think} s: its contexts fill {peak_tokens} "
+                 f"tokens ({-(-peak_tokens // BLOCK_TOKENS)} blocks, x{peak_tokens / (max_blocks * BLOCK_TOKENS):.2f}"
+                 f" the KV) at most. Max batch {args.max_batch}. Prefix caching on in every run. Medians of "
+                 f"{args.repeats} runs each, order alternating by repeat ({len(results)} runs done).", "",
+                 "Variants: off (no tier: evicted blocks dropped, preempted requests recomputed), tier (evicted "
+                 "blocks copied to the host and back at admission; recompute preemption), tier_swap (the same, "
+                 "preempted requests swapped out to the host and back in).", "",
+                 "| variant | TTFT p50 (s) | TTFT p99 (s) | tokens/s | cached tokens | from host | prompt tokens "
+                 "computed | evictions | offloaded / loaded blocks | preemptions (recomputed / swapped) "
+                 "| to host / to GPU (MiB) | turns done |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name, t in summary.items():
+            lines.append(f"| {name} | {t['ttft_p50_s']:.3f} | {t['ttft_p99_s']:.3f} | {t['tokens_per_s']:.1f} | "
+                         f"{100 * t['cached_token_rate']:.1f} % | {100 * t['host_token_rate']:.1f} % | "
+                         f"{t['prompt_tokens_computed']:.0f} | {t['evictions']:.0f} | "
+                         f"{t['tier_offloaded_blocks']:.0f} / {t['tier_loaded_blocks']:.0f} | "
+                         f"{t['preemptions']:.0f} ({t['recomputes']:.0f} / {t['swapped_out']:.0f}) | "
+                         f"{t['tier_bytes_to_host'] / 2**20:.0f} / {t['tier_bytes_to_device'] / 2**20:.0f} | "
+                         f"{t['completed']:.0f} |")
+        ratios = []
+        if "off" in summary:
+            base = summary["off"]
+            for name, t in summary.items():
+                if name != "off":
+                    ratios.append(f"- {name} / off: TTFT p50 x{t['ttft_p50_s'] / base['ttft_p50_s']:.3f}, "
+                                  f"p99 x{t['ttft_p99_s'] / base['ttft_p99_s']:.3f}, "
+                                  f"tokens/s x{t['tokens_per_s'] / base['tokens_per_s']:.3f}")
+        lines += ["", "Ratios of medians:", ""] + ratios + [
+            "", "Cached tokens: context tokens of admitted turns already in their blocks at admission (GPU hits and "
+            "blocks copied back from the host tier); from host: of those, the ones the tier copied back. "
+            "Greedy answers differ between runs only where bf16 rounding does (same lengths: the same work).", "",
+            "Every run (TTFT p50 / p99 s, tokens/s, preemptions):", ""]
+        lines += [f"- rep {r['rep']} {r['variant']}: {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f}, "
+                  f"{r['tokens_per_s']:.1f}, {r['preemptions']}" for r in results]
+        lines += ["", f"Same answers in every complete run: {same_answers} (checksums by variant: {checksums})."]
+        with open(os.path.join(args.out, "tier.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        if printed:
+            print("\n".join(lines))
+
+    results = []
+    for rep in range(args.repeats):
+        for variant in (variants if rep % 2 == 0 else variants[::-1]):  # order alternates by repeat
+            results.append(one(variant, rep, args.sessions, args.start_spread))
             report(results, printed=False)
     report(results, printed=True)
 
@@ -764,6 +913,14 @@ def lend_report(args, info, modes, results, printed):
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
+    def add_tier(p, blocks=0):
+        """The host tier's switches (throughput, prefix: off by default)."""
+        p.add_argument("--host-tier-blocks", type=int, default=blocks,
+                       help="a vmmpp_kv.HostTier of N blocks behind the prefix cache (0: none; prefix caching on)")
+        p.add_argument("--preemption", choices=("recompute", "swap"), default="recompute",
+                       help="swap: preempted requests swapped out to the host tier and back in (recompute where "
+                            "it has no room)")
+
     t = sub.add_parser("throughput")
     t.add_argument("--model", default="8b:8")
     t.add_argument("--requests", type=int, default=192)
@@ -774,6 +931,7 @@ def main():
     t.add_argument("--configs", default="static,elastic,elastic_pages")
     t.add_argument("--layout", default="block_major")
     t.add_argument("--prefix-cache", choices=("on", "off"), default="off")
+    add_tier(t)
     t.add_argument("--out", required=True)
     r = sub.add_parser("replay")
     r.add_argument("--trace", required=True)
@@ -817,7 +975,20 @@ def main():
     x.add_argument("--repeats", type=int, default=2)
     x.add_argument("--max-cached-mib", type=int, default=None,
                    help="bound on cached blocks no sequence holds (default: none but the KV size)")
+    add_tier(x)
     x.add_argument("--out", required=True)
+    h = sub.add_parser("tier", help="a host tier behind the prefix cache (issue 30): off, tier, tier + swap")
+    # 8B:8 has 32 KiB of KV a token: 1024 MiB hold 32k tokens; the default workload's contexts
+    # fill about 42k (8 system prompts of 1024 tokens, 48 sessions x 4 turns), so not every
+    # session's prefix fits, and the 2 GiB tier (4096 blocks) holds all of them.
+    add_engine(h, kv_mib=1024, deadline=120.0)
+    add_workload(h)
+    h.set_defaults(systems=8)
+    h.add_argument("--mode", default="elastic", help="the cache configuration (--device cpu: host)")
+    h.add_argument("--host-tier-blocks", type=int, default=4096, help="the tier's blocks (page-locked host memory)")
+    h.add_argument("--variants", default=",".join(TIER_VARIANTS), help="of " + ",".join(TIER_VARIANTS))
+    h.add_argument("--repeats", type=int, default=2)
+    h.add_argument("--out", required=True)
     n = sub.add_parser("lend", help="an idle model's warm prefix cache lent to a busy one on one KV budget")
     # --kv-mib: the total (static halves, elastic's one budget); B's workload: --seed ... --think
     # (prefix's, 3 turns), A's: --idle-*. The defaults are sized in lend() (sizes in lend.md).
@@ -846,7 +1017,7 @@ def main():
         w.add_argument(name, required=True)
     w.add_argument("--deadline", type=float, required=True)
     args = parser.parse_args()
-    {"throughput": throughput, "replay": replay, "prefix": prefix, "worker": worker, "lend": lend,
+    {"throughput": throughput, "replay": replay, "prefix": prefix, "tier": tier, "worker": worker, "lend": lend,
      "lend-worker": lend_worker}[args.command](args)
 
 

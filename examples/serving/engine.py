@@ -23,6 +23,15 @@ Appends go through the prefix cache too: when the cache refuses, cached blocks n
 are evicted first, and the engine preempts only when nothing is left to evict. Cached blocks are
 full and never written again (new tokens go to new blocks), so shared blocks stay unchanged.
 
+Host tier (PagedKV with host_tier_blocks > 0, `--host-tier-blocks N` in bench_serving.py, issue 30):
+a vmmpp_kv.HostTier behind the prefix cache, its copies on a stream of its own (a torch stream of
+the lowest priority on a GPU). Cached blocks the prefix cache evicts are copied to host memory;
+admission attaches through the tier, so a context whose prefix continues in host memory gets
+those blocks copied back instead of prefilled. With preemption="swap" (`--preemption swap`) the
+youngest running request is swapped out to the tier instead of freed, and when it is admitted
+again it is swapped back in and decodes on from where it stopped (no token recomputed); when the
+tier has no room for it (TierFull), or there is no tier, it is recomputed as before.
+
 Two KV stores: PagedKV (a vmmpp cache: the engine) and DenseKV (contiguous per-sequence tensors,
 no vmmpp: the reference). Both hand the attention the same padded [batch, tokens] K and V, so
 under the same schedule the engine's tokens must equal the reference's bit for bit.
@@ -52,9 +61,10 @@ def _refusal(error):
 class PagedKV:
     """K and V in a vmmpp cache (any configuration and paged layout): per-layer views
     [max_blocks, block_tokens, kv_heads, head_dim] through DLPack. prefix_cache: a
-    vmmpp_kv.PrefixCache over `cache` (prefix caching on), or None (off)."""
+    vmmpp_kv.PrefixCache over `cache` (prefix caching on), or None (off). host_tier_blocks > 0
+    (prefix caching on): a vmmpp_kv.HostTier of that many blocks behind the prefix cache."""
 
-    def __init__(self, cache, device, prefix_cache=None):
+    def __init__(self, cache, device, prefix_cache=None, host_tier_blocks=0):
         self.cache = cache
         self.prefix_cache = prefix_cache
         self.device = device
@@ -63,17 +73,59 @@ class PagedKV:
         self.k = [torch.from_dlpack(cache.key(layer)) for layer in range(g.layers)]
         self.v = [torch.from_dlpack(cache.value(layer)) for layer in range(g.layers)]
         self.stream = torch.cuda.current_stream().cuda_stream if device.type == "cuda" else None
+        self.tier, self.tier_stream = None, None
+        self.host_tokens = 0  # admitted tokens whose blocks the tier copied back
+        if host_tier_blocks:
+            if prefix_cache is None:
+                raise ValueError("a host tier sits behind a prefix cache: give PagedKV a prefix_cache too")
+            if device.type == "cuda":
+                # Its own stream, the lowest priority (CUDA's is 0; lower numbers run first), so its
+                # copies yield to the engine's kernels; held here, as long as the tier uses it.
+                self.tier_stream = torch.cuda.Stream(device=device, priority=0)
+            self.tier = vmmpp_kv.HostTier(prefix_cache, max_blocks=host_tier_blocks,
+                                          stream=self.tier_stream.cuda_stream if self.tier_stream else None)
 
     def new_sequence(self):
         return self.cache.add_sequence()
 
     def admit(self, context):
         """A sequence for a request whose tokens are `context`, and how many of its leading
-        tokens are already in it (cached blocks; 0 without prefix caching). The last token is
-        never taken from the cache: the engine needs its logits."""
+        tokens are already in it (cached blocks, on the GPU or copied back from the host tier;
+        0 without prefix caching). The last token is never taken from the cache: the engine
+        needs its logits."""
         if self.prefix_cache is None or len(context) <= self.block_tokens:
             return self.new_sequence(), 0
+        if self.tier is not None:
+            seq, cached, host = self.tier.attach(context[:-1], stream=self.stream)
+            self.host_tokens += host
+            return seq, cached
         return self.prefix_cache.attach(context[:-1], stream=self.stream)
+
+    def swap_out(self, seq):
+        """Swap preemption: seq's blocks copied to the host tier and seq freed; the id swap_in
+        takes, or None where there is no tier or it has no room (the caller frees and recomputes)."""
+        if self.tier is None:
+            return None
+        try:
+            return self.tier.swap_out(seq, stream=self.stream)
+        except vmmpp_kv.TierFull:
+            return None
+
+    def swap_in(self, swap_id):
+        """A new sequence with the tokens swap_out kept (this stream waits for their copies);
+        Refused when the cache has no room (it stays swapped out)."""
+        try:
+            return self.tier.swap_in(swap_id, stream=self.stream)
+        except vmmpp_kv.REFUSALS as e:
+            raise Refused(str(e)) from None
+
+    def drop_swapped(self, swap_id):
+        self.tier.drop_swapped(swap_id)
+
+    def room_blocks(self):
+        """Blocks an append could get now: free ids and cached blocks no sequence holds (an
+        estimate where the budget, not the ids, runs out first)."""
+        return self.cache.stats()["free_blocks"] + self.prefix_cache.stats()["evictable_blocks"]
 
     def publish(self, seq, tokens):
         """Registers the full blocks among `tokens` (seq's tokens from the first, their K and V
@@ -161,6 +213,10 @@ class DenseKV:
     def publish(self, seq, tokens):
         """Nothing to register: no prefix cache."""
 
+    def swap_out(self, seq):
+        """None: no host tier, the engine recomputes."""
+        return None
+
     def new_sequence(self):
         c = self.config
         shape = (c.layers, self.capacity, c.kv_heads, c.head_dim)
@@ -234,20 +290,31 @@ class Request:
         self.first_token_at = None
         self.finished_at = None
         self.preemptions = 0
+        self.swap_id = None  # while swapped out to the host tier (swap preemption)
 
     def context(self):
         return self.prompt + self.output
 
 
 class Engine:
-    """FCFS continuous batching, prefill and decode in one packed step, recompute preemption.
-    max_batch: running requests at most; max_prefill_tokens: prompt tokens admitted per step
-    (at least one request)."""
+    """FCFS continuous batching, prefill and decode in one packed step. max_batch: running
+    requests at most; max_prefill_tokens: prompt tokens admitted per step (at least one
+    request). preemption: "recompute" (free the youngest request, recompute its context when
+    admitted again) or "swap" (swap it out to the KV store's host tier and back in; recompute
+    where the tier refuses or there is none)."""
 
-    def __init__(self, model, kv, max_batch=256, max_prefill_tokens=8192, clock=time.perf_counter):
+    def __init__(self, model, kv, max_batch=256, max_prefill_tokens=8192, clock=time.perf_counter,
+                 preemption="recompute"):
+        if preemption not in ("recompute", "swap"):
+            raise ValueError(f"preemption {preemption!r} is neither 'recompute' nor 'swap'")
         self.model, self.kv = model, kv
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
         self.clock = clock
+        self.preemption = preemption
+        self.swapped_out = 0  # preemptions that swapped out
+        self.recomputes = 0  # preemptions that freed, to recompute (recompute; swap without room)
+        self.swapped_in = 0  # swapped-out requests admitted again
+        self.swap_retries = 0  # swapped in, no room for their next token, swapped out again
         self.waiting = collections.deque()
         self.running = []
         self.finished = []
@@ -267,7 +334,13 @@ class Engine:
 
     def _preempt(self, request):
         self.running.remove(request)
-        self.kv.free(request.seq)
+        if self.preemption == "swap":
+            request.swap_id = self.kv.swap_out(request.seq)  # None: no room, recompute
+        if request.swap_id is None:
+            self.kv.free(request.seq)
+            self.recomputes += 1
+        else:
+            self.swapped_out += 1
         request.seq = None
         request.preemptions += 1
         self.preemptions += 1
@@ -289,6 +362,14 @@ class Engine:
         budget = self.max_prefill_tokens
         while not preempted and self.waiting and len(self.running) + len(admitted) < self.max_batch:
             r = self.waiting[0]
+            if r.swap_id is not None:
+                if self._swap_in(r, decode):
+                    continue
+                if self.running or admitted:
+                    break  # wait: running requests free memory
+                if r.swap_id is not None:  # nothing else holds memory and it does not fit: recompute it
+                    self.kv.drop_swapped(r.swap_id)
+                    r.swap_id = None
             context = r.context()
             n = len(context)
             seq, cached = self.kv.admit(context)  # cached: leading tokens already in seq's blocks
@@ -311,6 +392,37 @@ class Engine:
             admitted.append(r)
             budget -= n - cached
         return admitted, decode
+
+    def _swap_in(self, r, decode):
+        """Admits swapped-out r at the head of the queue with its tokens swapped back in: it
+        decodes this step, as if it had never been preempted. False when the cache has no room
+        (r waits, still swapped out)."""
+        # Its tokens and this step's: without room for all, it would go out again at once.
+        if self.kv.room_blocks() < -(-len(r.context()) // self.kv.block_tokens):
+            return False
+        try:
+            seq = self.kv.swap_in(r.swap_id)
+        except Refused:
+            return False
+        try:
+            self.kv.append(seq, 1)  # this step's token
+        except Refused:
+            # No room for one more token (its last block is full): out again until memory frees;
+            # recomputed where the tier has no room any more.
+            r.swap_id = self.kv.swap_out(seq)
+            if r.swap_id is None:
+                self.kv.free(seq)
+                self.recomputes += 1
+            else:
+                self.swap_retries += 1
+            return False
+        self.waiting.popleft()
+        r.seq, r.swap_id = seq, None
+        r.published_blocks = 0  # its blocks are new copies: publish registers what is not cached
+        self.swapped_in += 1
+        self.running.append(r)  # the youngest again
+        decode.append(r)
+        return True
 
     def step(self):
         """One engine step; returns the number of tokens it generated (0: nothing to do)."""
