@@ -13,13 +13,13 @@
 //                             blocks attached back from it (host_tier::attach), each to completion.
 // GB/s = bytes moved / time between events around the calls (manual time).
 //
-//   decode/{alone,with_tier_copies}  a memory-bound decode step: every K and V byte of 2048 blocks
+//   decode/<traffic>          a memory-bound decode step: every K and V byte of 2048 blocks
 //                             (4 GiB) read once, one launch per layer, as a paged attention step;
-//                             its per-step time (events) alone, then while 20 GiB each way of
-//                             tier copies are queued on the tier's stream (low priority), then
-//                             alone again. Counters: p50_ms, p99_ms, and copy_busy (1 if the copies
-//                             were still running when the last step ended: the steps were measured
-//                             under the traffic).
+//                             its per-step time (events, 200 steps) alone, and while 20 GiB of tier
+//                             copies a way are queued on low-priority streams (traffic, below),
+//                             then alone again. Counters: p50_ms, p99_ms, and copy_busy (1 if the
+//                             copies were still running when the last step ended: the steps were
+//                             measured under the traffic).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <memory>
 #include <numeric>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -92,7 +93,8 @@ struct timing {
 
 void report(benchmark::State& state, double seconds, std::size_t bytes) {
     state.SetIterationTime(seconds);
-    state.counters["GBps"] = benchmark::Counter(static_cast<double>(bytes) / 1e9, benchmark::Counter::kIsRate);
+    state.counters["GBps"] =
+        benchmark::Counter(static_cast<double>(bytes) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // --- the floor ---------------------------------------------------------------------------------
@@ -227,10 +229,16 @@ __global__ void decode_layer(const std::byte* base, std::size_t block_stride, st
     }
 }
 
-void BM_decode(benchmark::State& state, bool with_copies) {
+/// The tier traffic under a decode step: none; the tier's copies (copy_blocks: one batch each way
+/// per round, queued up front) one way or both; both ways as plain cudaMemcpyAsync per block, or
+/// as batches with the driver's overlap-with-compute hint (what the tier could do instead); or
+/// paced: 16 blocks each way queued per decode step (an engine's per-step offload budget).
+enum class traffic { none, d2h, h2d, both, both_plain, both_hint, paced };
+
+void BM_decode(benchmark::State& state, traffic kind) {
     using gpu_t = vmmpp::kv_cache<vmmpp::elastic_config, vmmpp::block_major>;
     using prefix_t = vmmpp::prefix_cache<gpu_t>;
-    constexpr std::size_t read_blocks = 2048, steps = 200, traffic_rounds = 40;
+    constexpr std::size_t read_blocks = 2048, steps = 200, traffic_rounds = 40, paced_blocks = 16;
     vmmpp::budget budget{budget_bytes};
     gpu_t gpu{geometry(gpu_blocks), {}, {}, budget.register_model("kv", budget_bytes)};
     prefix_t prefix{gpu};
@@ -263,6 +271,43 @@ void BM_decode(benchmark::State& state, bool with_copies) {
     gpu.append(landing, copy_blocks_n * 16, compute);
     const std::vector<std::int32_t> landing_blocks(gpu.block_table(landing).begin(), gpu.block_table(landing).end());
     check(cudaStreamSynchronize(compute), "cudaStreamSynchronize");
+    // Raw pointers of the same blocks, for the plain and hinted variants.
+    std::vector<void*> out_to, in_to;
+    std::vector<const void*> out_from, in_from;
+    std::vector<std::size_t> sizes(copy_blocks_n, block_bytes);
+    for (std::size_t i = 0; i < copy_blocks_n; ++i) {
+        out_from.push_back(gpu.key(0, moved_blocks[i]));
+        out_to.push_back(host.key(0, host_out[i]));
+        in_from.push_back(host.key(0, host_in[i]));
+        in_to.push_back(gpu.key(0, landing_blocks[i]));
+    }
+    auto queue = [&](std::size_t first, std::size_t n, bool out, bool in) {
+        const std::span<const std::int32_t> g_out(moved_blocks.data() + first, n), h_out(host_out.data() + first, n),
+            h_in(host_in.data() + first, n), g_in(landing_blocks.data() + first, n);
+        if (kind == traffic::both_plain) {
+            for (std::size_t i = first; i < first + n; ++i) {
+                check(cudaMemcpyAsync(out_to[i], out_from[i], block_bytes, cudaMemcpyDeviceToHost, t.a), "cudaMemcpyAsync");
+                check(cudaMemcpyAsync(in_to[i], in_from[i], block_bytes, cudaMemcpyHostToDevice, t.b), "cudaMemcpyAsync");
+            }
+        } else if (kind == traffic::both_hint) {
+            cudaMemcpyAttributes a{};
+            a.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+            a.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+            std::size_t first_attr = 0;
+            check(cudaMemcpyBatchAsync(out_to.data() + first, out_from.data() + first, sizes.data(), n, &a, &first_attr, 1, t.a),
+                  "cudaMemcpyBatchAsync");
+            check(cudaMemcpyBatchAsync(in_to.data() + first, in_from.data() + first, sizes.data(), n, &a, &first_attr, 1, t.b),
+                  "cudaMemcpyBatchAsync");
+        } else {
+            if (out) {
+                vmmpp::copy_blocks(gpu, g_out, host, h_out, t.a);
+            }
+            if (in) {
+                vmmpp::copy_blocks(host, h_in, gpu, g_in, t.b);
+            }
+        }
+    };
+    const bool out = kind != traffic::h2d, in = kind != traffic::d2h;
 
     cudaEvent_t e0 = nullptr, e1 = nullptr, copies_done = nullptr;
     check(cudaEventCreate(&e0), "cudaEventCreate");
@@ -281,17 +326,17 @@ void BM_decode(benchmark::State& state, bool with_copies) {
     }
     check(cudaStreamSynchronize(compute), "cudaStreamSynchronize");
     for (auto _ : state) {
-        if (with_copies) {  // queue the traffic first: both ways at once, on two low-priority streams
+        if (kind != traffic::none && kind != traffic::paced) {  // queue the traffic first
             for (std::size_t r = 0; r < traffic_rounds; ++r) {
-                vmmpp::copy_blocks(gpu, std::span<const std::int32_t>(moved_blocks), host,
-                                   std::span<const std::int32_t>(host_out), t.a);
-                vmmpp::copy_blocks(host, std::span<const std::int32_t>(host_in), gpu,
-                                   std::span<const std::int32_t>(landing_blocks), t.b);
+                queue(0, copy_blocks_n, out, in);
             }
-            check(cudaEventRecord(copies_done, t.a), "cudaEventRecord");
         }
+        check(cudaEventRecord(copies_done, t.a), "cudaEventRecord");
         std::vector<double> ms;
         for (std::size_t s = 0; s < steps; ++s) {
+            if (kind == traffic::paced) {
+                queue((s * paced_blocks) % copy_blocks_n, paced_blocks, true, true);
+            }
             check(cudaEventRecord(e0, compute), "cudaEventRecord");
             step();
             check(cudaEventRecord(e1, compute), "cudaEventRecord");
@@ -300,7 +345,7 @@ void BM_decode(benchmark::State& state, bool with_copies) {
             check(cudaEventElapsedTime(&m, e0, e1), "cudaEventElapsedTime");
             ms.push_back(m);
         }
-        const bool busy = with_copies && cudaEventQuery(copies_done) == cudaErrorNotReady;
+        const bool busy = kind != traffic::none && kind != traffic::paced && cudaEventQuery(copies_done) == cudaErrorNotReady;
         (void)cudaGetLastError();
         check(cudaStreamSynchronize(t.a), "cudaStreamSynchronize");
         check(cudaStreamSynchronize(t.b), "cudaStreamSynchronize");
@@ -312,6 +357,10 @@ void BM_decode(benchmark::State& state, bool with_copies) {
         state.counters["copy_busy"] = busy ? 1 : 0;
         state.counters["read_GBps"] =
             static_cast<double>(read_blocks * block_bytes) / (ms[ms.size() / 2] / 1e3) / 1e9;
+        if (kind == traffic::paced) {  // bytes moved per second of decode, both ways together
+            state.counters["traffic_GBps"] =
+                static_cast<double>(2 * steps * paced_blocks * block_bytes) / (total / 1e3) / 1e9;
+        }
     }
     (void)cudaEventDestroy(e0);
     (void)cudaEventDestroy(e1);
@@ -335,9 +384,14 @@ void register_all() {
     }
     benchmark::RegisterBenchmark("tier/offload", BM_tier, false)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
     benchmark::RegisterBenchmark("tier/onload", BM_tier, true)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
-    benchmark::RegisterBenchmark("decode/alone", BM_decode, false)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1);
-    benchmark::RegisterBenchmark("decode/with_tier_copies", BM_decode, true)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1);
-    benchmark::RegisterBenchmark("decode/alone_again", BM_decode, false)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1);
+    const std::pair<const char*, traffic> decode[] = {
+        {"decode/alone", traffic::none},          {"decode/tier_d2h", traffic::d2h},
+        {"decode/tier_h2d", traffic::h2d},        {"decode/tier_both", traffic::both},
+        {"decode/plain_both", traffic::both_plain}, {"decode/hint_both", traffic::both_hint},
+        {"decode/paced_both", traffic::paced},    {"decode/alone_again", traffic::none}};
+    for (const auto& [name, kind] : decode) {
+        benchmark::RegisterBenchmark(name, BM_decode, kind)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1)->Repetitions(3);
+    }
 }
 
 } // namespace
