@@ -28,6 +28,8 @@ pub enum Status {
     Other,
     /// vmmpp::out_of_sequence_slots (VMMPP_KV_OUT_OF_SEQUENCE_SLOTS).
     OutOfSequenceSlots,
+    /// vmmpp::tier_full: a host tier had no room (VMMPP_KV_TIER_FULL).
+    TierFull,
 }
 
 impl Status {
@@ -43,6 +45,7 @@ impl Status {
             5 => Status::CudaError,
             6 => Status::CudaUnavailable,
             8 => Status::OutOfSequenceSlots,
+            9 => Status::TierFull,
             _ => Status::Other,
         })
     }
@@ -58,6 +61,7 @@ impl Status {
             Status::CudaUnavailable => 6,
             Status::Other => 7,
             Status::OutOfSequenceSlots => 8,
+            Status::TierFull => 9,
         }
     }
 }
@@ -194,7 +198,7 @@ mod tests {
     #[test]
     fn status_codes_round_trip_and_unknown_codes_stay_errors() {
         assert_eq!(Status::from_code(0), None);
-        for code in 1..=8 {
+        for code in 1..=9 {
             assert_eq!(Status::from_code(code).map(Status::code), Some(code));
         }
         assert_eq!(Status::from_code(42), Some(Status::Other));
