@@ -80,7 +80,7 @@ BOOST_AUTO_TEST_CASE(randomized_requests_with_a_small_tier_keep_every_token) {
     }
     std::map<vmmpp::seq_id, std::vector<std::int32_t>> live;  // the model: each sequence's tokens
     std::map<std::uint64_t, std::vector<std::int32_t>> swapped;
-    std::size_t host_hit_tokens = 0, refused = 0;
+    std::size_t host_hit_tokens = 0, refused = 0, stored_ahead = 0;
     for (int step = 0; step < 3000; ++step) {
         const unsigned op = rng() % 10;
         if (op < 4) {  // a new request
@@ -126,6 +126,8 @@ BOOST_AUTO_TEST_CASE(randomized_requests_with_a_small_tier_keep_every_token) {
             } catch (const vmmpp::out_of_blocks&) {
                 ++refused;  // no room on the "GPU": stays swapped out
             }
+        } else if (op < 10 && rng() % 2 == 0) {
+            stored_ahead += tier.store_ahead(rng() % 3);
         } else {
             (void)prefix.evict(1 + rng() % 3);
         }
@@ -144,6 +146,8 @@ BOOST_AUTO_TEST_CASE(randomized_requests_with_a_small_tier_keep_every_token) {
     BOOST_TEST(host_hit_tokens > 0u);
     BOOST_TEST(st.swapped_in > 0u);
     BOOST_TEST(st.evicted_blocks > 0u);
+    BOOST_TEST(st.stored_ahead_blocks == stored_ahead);
+    BOOST_TEST(stored_ahead > 0u);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

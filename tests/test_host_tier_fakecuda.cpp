@@ -205,6 +205,45 @@ BOOST_AUTO_TEST_CASE(a_loaded_block_is_read_on_the_engine_stream_only_after_the_
     BOOST_TEST(fakecuda::sticky_error() == CUDA_SUCCESS);
 }
 
+BOOST_AUTO_TEST_CASE(blocks_stored_ahead_are_evicted_without_a_copy_and_their_memory_waits_for_the_store) {
+    rig r(8);
+    fakecuda::stream engine;
+    const auto tokens = prompt(3, 4000);
+    const auto t = r.tier.attach(tokens, {}, engine);
+    r.prefix.append(t.seq, tokens.size(), engine);
+    const std::vector<std::int32_t> blocks(r.gpu.block_table(t.seq).begin(), r.gpu.block_table(t.seq).end());
+    r.prefix.publish(t.seq, tokens);
+    fakecuda::hold_gpu(true);
+    for (std::int32_t b : blocks) {
+        write_block(r.gpu, b, 0x2c, engine);
+    }
+    r.prefix.free(t.seq, engine);
+    BOOST_TEST(r.tier.store_ahead(2) == 2u);  // the two next to be evicted: the prompt's tail
+    BOOST_TEST(r.tier.store_ahead(8) == 1u);  // the rest
+    BOOST_TEST(r.tier.store_ahead(8) == 0u);  // nothing left to store
+    BOOST_TEST(r.tier.stats().stored_ahead_blocks == 3u);
+    const std::size_t copies = fakecuda::calls("cuMemcpyAsync");
+    const std::size_t mapped = fakecuda::mapped_bytes();
+    BOOST_TEST(r.prefix.clear().blocks.size() == 3u);
+    BOOST_TEST(fakecuda::calls("cuMemcpyAsync") == copies);  // evicted without a copy
+    BOOST_TEST(r.tier.stats().offloaded_blocks == 0u);
+    (void)r.gpu.collect();
+    BOOST_TEST(fakecuda::mapped_bytes() == mapped);  // the stores ahead have not run
+    fakecuda::run_stream(engine);  // the writes: the stores ahead are still queued
+    fakecuda::run_stream(nullptr);
+    (void)r.gpu.collect();
+    BOOST_TEST(fakecuda::mapped_bytes() == mapped);
+    fakecuda::hold_gpu(false);
+    (void)r.gpu.collect();
+    BOOST_TEST(fakecuda::mapped_bytes() < mapped);
+    const auto back = r.tier.attach(tokens, {});
+    r.tier.synchronize();
+    BOOST_TEST(back.host_tokens == 48u);
+    for (std::int32_t b : r.gpu.block_table(back.seq)) {
+        BOOST_TEST(differing_bytes(r.gpu, b, 0x2c, piece) == 0u);
+    }
+}
+
 BOOST_AUTO_TEST_CASE(a_swapped_sequence_comes_back_with_every_token) {
     rig r(8);
     fakecuda::stream engine;

@@ -352,6 +352,12 @@ public:
             f(key, e.block);
         }
     }
+    /// Calls f(block, key) for the evictable blocks, next to be evicted first, while f returns
+    /// true (a lower tier copies ahead the blocks it would be handed first: host_tier::store_ahead).
+    template <class F>
+    void for_each_evictable(F&& f) const {
+        policy_.for_each_oldest([&](std::int32_t b) { return cache_.block_refs(b) != 1 || f(b, by_block_.at(b)); });
+    }
     [[nodiscard]] std::size_t cached_blocks() const noexcept { return by_key_.size(); }
     /// Whether `block` is cached and no sequence holds it.
     [[nodiscard]] bool evictable(std::int32_t block) const {

@@ -50,6 +50,7 @@ struct host_tier_options {
 /// What a host tier did since it was made, and what it holds.
 struct host_tier_stats {
     std::uint64_t offloaded_blocks = 0;  ///< evicted GPU blocks copied to the host
+    std::uint64_t stored_ahead_blocks = 0;  ///< cached GPU blocks copied ahead of eviction (store_ahead)
     std::uint64_t dropped_blocks = 0;    ///< evicted GPU blocks the tier could not keep (no room, a refused copy)
     std::uint64_t loaded_blocks = 0;     ///< host blocks copied back by attach
     std::uint64_t host_hits = 0;         ///< blocks attach found in the host tier (not on the GPU)
@@ -116,12 +117,12 @@ public:
     /// block_spill: keeps copies of evicted GPU blocks (prefix_cache's evictions call it). Makes
     /// room by giving up the oldest keyed host blocks; keeps the newest victims when not all fit.
     void spill(std::span<const std::int32_t> blocks, std::span<const block_key> keys) noexcept override {
-        std::vector<std::int32_t> src, dst;
+        std::vector<std::int32_t> src;
         std::vector<block_key> new_keys;
         try {
             for (std::size_t i = 0; i < blocks.size(); ++i) {
                 if (const auto b = store_.block_of(keys[i])) {
-                    store_.touch(*b);  // kept already
+                    store_.touch(*b);  // kept already (stored ahead, or loaded back earlier)
                 } else {
                     src.push_back(blocks[i]);
                     new_keys.push_back(keys[i]);
@@ -133,25 +134,41 @@ public:
                 src.erase(src.begin(), src.end() - static_cast<std::ptrdiff_t>(room));
                 new_keys.erase(new_keys.begin(), new_keys.end() - static_cast<std::ptrdiff_t>(room));
             }
-            dst = take_host_blocks(src.size());
-            gpu_.order_reads_after_fences(src, stream_);  // after the writes of the KV
-            copy_blocks(gpu_, std::span<const std::int32_t>(src), host_, std::span<const std::int32_t>(dst), stream_);
-            record_done();
-            for (std::size_t i = 0; i < dst.size(); ++i) {
-                store_.add(new_keys[i], dst[i]);
-            }
-            stats_.offloaded_blocks += dst.size();
-            stats_.bytes_to_host += dst.size() * block_bytes();
+            keep(src, new_keys);
+            stats_.offloaded_blocks += src.size();
         } catch (...) {
-            // no room, a refused copy or std::bad_alloc: the victims are dropped, as with no tier;
-            // host blocks taken and not keyed go back (reused only by later copies on the stream)
+            // a refused copy or std::bad_alloc: the victims are dropped, as with no tier
             stats_.dropped_blocks += src.size();
-            for (std::int32_t b : dst) {
-                if (!store_.contains_block(b)) {
-                    release_host(b);
-                }
-            }
         }
+    }
+
+    /// Copies to the host, ahead of their eviction, up to `max_blocks` evictable cached blocks the
+    /// tier does not hold yet, next to be evicted first (vLLM's offloading stores blocks as they
+    /// are computed): their eviction then copies nothing, so memory asked for comes back without
+    /// waiting for PCIe, and an engine that calls it every step with a small budget spreads the
+    /// tier's traffic over its steps (bench_host_tier_gpu decode/paced_both) instead of bursts.
+    /// Uses free host blocks only (a store ahead never gives up a kept block).
+    /// Returns the blocks copied. Throws: cuda_error (nothing is recorded as kept).
+    std::size_t store_ahead(std::size_t max_blocks) {
+        std::vector<std::int32_t> src;
+        std::vector<block_key> keys;
+        const std::size_t room = std::min(max_blocks, host_.free_blocks());
+        prefix_.for_each_evictable([&](std::int32_t b, const block_key& k) {
+            if (src.size() >= room) {
+                return false;
+            }
+            if (!store_.contains(k)) {
+                src.push_back(b);
+                keys.push_back(k);
+            }
+            return true;
+        });
+        if (src.empty()) {
+            return 0;
+        }
+        keep(src, keys);
+        stats_.stored_ahead_blocks += src.size();
+        return src.size();
     }
 
     /// How many leading tokens of `tokens` are cached: on the GPU, then on the host, in whole
@@ -387,6 +404,29 @@ private:
         }
         return std::min(n, host_.free_blocks());
     }
+    /// Copies GPU blocks `src` (cached, evictable) into free host blocks kept under `keys` (room
+    /// made first): the tier's stream waits for the work fenced on them, and they are fenced with
+    /// the copy. Throws: cuda_error, std::bad_alloc: no host block is kept (those taken go back;
+    /// a queued copy into them is overwritten only by later copies on the stream).
+    void keep(std::span<const std::int32_t> src, std::span<const block_key> keys) {
+        std::vector<std::int32_t> dst = take_host_blocks(src.size());
+        try {
+            gpu_.order_reads_after_fences(src, stream_);  // after the writes of the KV
+            copy_blocks(gpu_, src, host_, std::span<const std::int32_t>(dst), stream_);
+            record_done();
+            for (std::size_t i = 0; i < dst.size(); ++i) {
+                store_.add(keys[i], dst[i]);
+            }
+        } catch (...) {
+            for (std::int32_t b : dst) {
+                store_.remove(b);  // if it was kept already
+                release_host(b);
+            }
+            throw;
+        }
+        stats_.bytes_to_host += dst.size() * block_bytes();
+    }
+
     /// `n` free host blocks, held (make_room first). Strong.
     std::vector<std::int32_t> take_host_blocks(std::size_t n) {
         std::vector<std::int32_t> out;
