@@ -61,6 +61,7 @@ public:
     virtual std::uint64_t swap_out(vmmpp::seq_id seq, cudaStream_t stream) = 0;
     virtual vmmpp::seq_id swap_in(std::uint64_t id, cudaStream_t stream) = 0;
     virtual void drop_swapped(std::uint64_t id) = 0;
+    virtual std::size_t store_ahead(std::size_t max_blocks) = 0;
     virtual std::size_t swapped_tokens(std::uint64_t id) const = 0;
     virtual void synchronize() const = 0;
     virtual bool idle() const = 0;
@@ -93,6 +94,7 @@ public:
     std::uint64_t swap_out(vmmpp::seq_id seq, cudaStream_t stream) override { return tier_.swap_out(seq, stream); }
     vmmpp::seq_id swap_in(std::uint64_t id, cudaStream_t stream) override { return tier_.swap_in(id, stream); }
     void drop_swapped(std::uint64_t id) override { tier_.drop_swapped(id); }
+    std::size_t store_ahead(std::size_t max_blocks) override { return tier_.store_ahead(max_blocks); }
     std::size_t swapped_tokens(std::uint64_t id) const override { return tier_.swapped_tokens(id); }
     void synchronize() const override { tier_.synchronize(); }
     bool idle() const override { return tier_.idle(); }
@@ -1448,6 +1450,14 @@ vmmpp_kv_status vmmpp_kv_tier_swapped_tokens(vmmpp_kv_tier* tier, uint64_t id, u
     });
 }
 
+vmmpp_kv_status vmmpp_kv_tier_store_ahead(vmmpp_kv_tier* tier, uint64_t max_blocks, uint64_t* stored) {
+    return guarded([&] {
+        require(tier != nullptr && stored != nullptr, "vmmpp_kv_tier_store_ahead: null argument");
+        std::lock_guard lock(tier->cache->mutex);
+        *stored = tier->tier->store_ahead(static_cast<std::size_t>(max_blocks));
+    });
+}
+
 vmmpp_kv_status vmmpp_kv_tier_synchronize(vmmpp_kv_tier* tier) {
     return guarded([&] {
         require(tier != nullptr, "vmmpp_kv_tier_synchronize: null handle");
@@ -1478,6 +1488,7 @@ vmmpp_kv_status vmmpp_kv_tier_stats_get(vmmpp_kv_tier* tier, vmmpp_kv_tier_stats
         std::lock_guard lock(tier->cache->mutex);
         const vmmpp::host_tier_stats s = tier->tier->stats();
         out->offloaded_blocks = s.offloaded_blocks;
+        out->stored_ahead_blocks = s.stored_ahead_blocks;
         out->dropped_blocks = s.dropped_blocks;
         out->loaded_blocks = s.loaded_blocks;
         out->host_hits = s.host_hits;

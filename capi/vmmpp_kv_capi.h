@@ -420,6 +420,7 @@ typedef struct {
     uint64_t swapped_blocks;   /* host blocks holding swapped-out sequences now */
     uint64_t free_blocks;
     uint64_t max_blocks;
+    uint64_t stored_ahead_blocks; /* cached GPU blocks copied ahead of eviction (store_ahead) */
 } vmmpp_kv_tier_stats;
 
 typedef struct vmmpp_kv_tier vmmpp_kv_tier;
@@ -474,6 +475,11 @@ VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_swap_in(vmmpp_kv_tier* tier, uint64_t
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_drop_swapped(vmmpp_kv_tier* tier, uint64_t id);
 /** *n_tokens: the tokens swapped-out sequence `id` holds. VMMPP_KV_INVALID_ARGUMENT: unknown id. */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_swapped_tokens(vmmpp_kv_tier* tier, uint64_t id, uint64_t* n_tokens);
+/** Copies up to max_blocks evictable cached GPU blocks the tier does not hold yet, next to be
+ *  evicted first, into free host blocks (vmmpp::host_tier::store_ahead): their eviction then
+ *  copies nothing. An engine calling it every step with a small budget spreads the tier's traffic
+ *  over its steps. *stored: the blocks copied. VMMPP_KV_CUDA_ERROR: the copy refused (nothing kept). */
+VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_store_ahead(vmmpp_kv_tier* tier, uint64_t max_blocks, uint64_t* stored);
 /** Blocks until every copy queued by the tier so far has completed (at once on a "host" cache). */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_tier_synchronize(vmmpp_kv_tier* tier);
 /** *idle: 1 if every copy queued by the tier so far has completed, else 0 (never waits). */

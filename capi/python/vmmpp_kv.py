@@ -120,7 +120,7 @@ class TierStats(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in (
         "offloaded_blocks", "dropped_blocks", "loaded_blocks", "host_hits", "evicted_blocks", "swapped_out",
         "swapped_in", "bytes_to_host", "bytes_to_device", "keyed_blocks", "swapped_blocks", "free_blocks",
-        "max_blocks")]
+        "max_blocks", "stored_ahead_blocks")]
 
 
 class LendingStats(ctypes.Structure):
@@ -235,6 +235,7 @@ def load_library(path=None):
         "vmmpp_kv_tier_drop_swapped": ([handle, u64], ctypes.c_int),
         "vmmpp_kv_tier_swapped_tokens": ([handle, u64, ctypes.POINTER(u64)], ctypes.c_int),
         "vmmpp_kv_tier_synchronize": ([handle], ctypes.c_int),
+        "vmmpp_kv_tier_store_ahead": ([handle, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64)], ctypes.c_int),
         "vmmpp_kv_tier_idle": ([handle, ctypes.POINTER(ctypes.c_int)], ctypes.c_int),
         "vmmpp_kv_tier_stream_waits_for_copies": ([handle, p], ctypes.c_int),
         "vmmpp_kv_tier_stats_get": ([handle, ctypes.POINTER(TierStats)], ctypes.c_int),
@@ -898,6 +899,13 @@ class HostTier(_OwnedHandle):
         _check(_lib.vmmpp_kv_tier_swapped_tokens(self._handle_or_raise(), swap_id, ctypes.byref(n)))
         return n.value
 
+    def store_ahead(self, max_blocks):
+        """Copies up to `max_blocks` cached blocks next to be evicted to the host ahead of their
+        eviction (then evicted with no copy); returns how many."""
+        stored = ctypes.c_uint64()
+        _check(_lib.vmmpp_kv_tier_store_ahead(self._handle_or_raise(), max_blocks, ctypes.byref(stored)))
+        return stored.value
+
     def synchronize(self):
         """Waits for every copy the tier has queued."""
         _check(_lib.vmmpp_kv_tier_synchronize(self._handle_or_raise()))
@@ -915,7 +923,7 @@ class HostTier(_OwnedHandle):
     def stats(self):
         """{"offloaded_blocks", "dropped_blocks", "loaded_blocks", "host_hits", "evicted_blocks",
         "swapped_out", "swapped_in", "bytes_to_host", "bytes_to_device", "keyed_blocks",
-        "swapped_blocks", "free_blocks", "max_blocks"}."""
+        "swapped_blocks", "free_blocks", "max_blocks", "stored_ahead_blocks"}."""
         s = TierStats()
         _check(_lib.vmmpp_kv_tier_stats_get(self._handle_or_raise(), ctypes.byref(s)))
         return {name: getattr(s, name) for name, _ in TierStats._fields_}

@@ -92,6 +92,24 @@ class HostTierCapiTest(unittest.TestCase):
             pc.free(seq)
             pc.free(seq2)
 
+    def test_store_ahead_copies_the_next_victims_and_their_eviction_copies_nothing(self):
+        with cache() as c, vmmpp_kv.PrefixCache(c) as pc, vmmpp_kv.HostTier(pc, max_blocks=8) as tier:
+            p = prompt(3 * BLOCK_TOKENS)
+            s = written(c, pc, p)
+            before = sequence_bytes(c, s)
+            pc.free(s)
+            self.assertEqual(tier.store_ahead(2), 2)
+            self.assertEqual(tier.store_ahead(5), 1)
+            self.assertEqual(tier.store_ahead(5), 0)
+            st = tier.stats()
+            self.assertEqual((st["stored_ahead_blocks"], st["keyed_blocks"], st["offloaded_blocks"]), (3, 3, 0))
+            pc.clear()
+            self.assertEqual(tier.stats()["offloaded_blocks"], 0)  # already kept: no copy
+            seq, cached, host = tier.attach(p)
+            self.assertEqual((cached, host), (12, 12))
+            self.assertEqual(sequence_bytes(c, seq), before)
+            pc.free(seq)
+
     def test_extra_keys_chain_the_tiers_keys_too(self):
         with cache() as c, vmmpp_kv.PrefixCache(c) as pc, vmmpp_kv.HostTier(pc, max_blocks=8) as tier:
             p = prompt(2 * BLOCK_TOKENS)

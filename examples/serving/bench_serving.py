@@ -72,7 +72,7 @@ def parse_model(spec, vocab=None):
     return M.preset(name, layers=int(layers) if layers else None, vocab=vocab)
 
 
-def paged_kv(cache, device, prefix_cache, max_cached_bytes=None, lend=False, host_tier_blocks=0):
+def paged_kv(cache, device, prefix_cache, max_cached_bytes=None, lend=False, host_tier_blocks=0, store_ahead_blocks=0):
     """The engine's store over `cache`, with prefix caching if prefix_cache is "on" (cached blocks
     no sequence holds bounded by max_cached_bytes; None: only by the cache's size; lend: they are
     lent to the other processes of the cache's process budget), and a host tier of
@@ -83,7 +83,7 @@ def paged_kv(cache, device, prefix_cache, max_cached_bytes=None, lend=False, hos
         return E.PagedKV(cache, device)
     return E.PagedKV(cache, device, prefix_cache=vmmpp_kv.PrefixCache(cache, max_cached_bytes=max_cached_bytes,
                                                                       lend=lend),
-                     host_tier_blocks=host_tier_blocks)
+                     host_tier_blocks=host_tier_blocks, store_ahead_blocks=store_ahead_blocks)
 
 
 def torch_device(name):
@@ -533,7 +533,9 @@ def prefix(args):
 # --------------------------------------------------------------------------- tier
 
 # The tier runs: (name, host tier on, preemption), prefix caching on in all.
-TIER_VARIANTS = {"off": (False, "recompute"), "tier": (True, "recompute"), "tier_swap": (True, "swap")}
+# variant: (host tier, preemption, blocks stored ahead per step)
+TIER_VARIANTS = {"off": (False, "recompute", 0), "tier": (True, "recompute", 0), "tier_swap": (True, "swap", 0),
+                 "tier_swap_ahead": (True, "swap", 16)}
 
 
 def tier(args):
@@ -554,10 +556,10 @@ def tier(args):
     peak_tokens = W.peak_context_tokens(make_workload(args, cfg.vocab))
 
     def one(variant, rep, sessions, start_spread_s):
-        on, preemption = TIER_VARIANTS[variant]
+        on, preemption, ahead = TIER_VARIANTS[variant]
         cache = vmmpp_kv.KVCache(layers=cfg.layers, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype="bf16",
                                  config=args.mode, layout=args.layout, device=0, max_blocks=max_blocks)
-        kv = paged_kv(cache, device, "on", host_tier_blocks=args.host_tier_blocks if on else 0)
+        kv = paged_kv(cache, device, "on", host_tier_blocks=args.host_tier_blocks if on else 0, store_ahead_blocks=ahead)
         engine = E.Engine(model, kv, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
                           preemption=preemption)
         work = make_workload(args, cfg.vocab, sessions=sessions, start_spread=start_spread_s)

@@ -64,7 +64,7 @@ class PagedKV:
     vmmpp_kv.PrefixCache over `cache` (prefix caching on), or None (off). host_tier_blocks > 0
     (prefix caching on): a vmmpp_kv.HostTier of that many blocks behind the prefix cache."""
 
-    def __init__(self, cache, device, prefix_cache=None, host_tier_blocks=0):
+    def __init__(self, cache, device, prefix_cache=None, host_tier_blocks=0, store_ahead_blocks=0):
         self.cache = cache
         self.prefix_cache = prefix_cache
         self.device = device
@@ -74,6 +74,9 @@ class PagedKV:
         self.v = [torch.from_dlpack(cache.value(layer)) for layer in range(g.layers)]
         self.stream = torch.cuda.current_stream().cuda_stream if device.type == "cuda" else None
         self.tier, self.tier_stream = None, None
+        # Blocks the tier copies ahead of their eviction after each step (host_tier::store_ahead):
+        # evictions then copy nothing, and the tier's traffic is spread over the steps.
+        self.store_ahead_blocks = store_ahead_blocks
         self.host_tokens = 0  # admitted tokens whose blocks the tier copied back
         if host_tier_blocks:
             if prefix_cache is None:
@@ -100,6 +103,11 @@ class PagedKV:
             self.host_tokens += host
             return seq, cached
         return self.prefix_cache.attach(context[:-1], stream=self.stream)
+
+    def end_step(self):
+        """After a step's work is queued: the tier stores ahead its per-step budget of blocks."""
+        if self.tier is not None and self.store_ahead_blocks:
+            self.tier.store_ahead(self.store_ahead_blocks)
 
     def swap_out(self, seq):
         """Swap preemption: seq's blocks copied to the host tier and seq freed; the id swap_in
@@ -212,6 +220,11 @@ class DenseKV:
 
     def publish(self, seq, tokens):
         """Nothing to register: no prefix cache."""
+
+    def end_step(self):
+        """After a step's work is queued: the tier stores ahead its per-step budget of blocks."""
+        if self.tier is not None and self.store_ahead_blocks:
+            self.tier.store_ahead(self.store_ahead_blocks)
 
     def swap_out(self, seq):
         """None: no host tier, the engine recomputes."""
@@ -491,6 +504,7 @@ class Engine:
         for r in done:
             self.kv.free(r.seq)
             r.seq = None
+        self.kv.end_step()
         new_tokens = next_tokens.tolist()  # waits for the step
         now = self.clock()
         for r, t in zip(batch, new_tokens):

@@ -78,11 +78,11 @@ def main():
     # tier holds all of them, swapped-out requests included.
     small, roomy, tier_blocks = max(longest_blocks + 2, all_blocks // 3), 4 * all_blocks + 64, 2 * all_blocks
 
-    def run(max_blocks, host_tier_blocks, preemption):
+    def run(max_blocks, host_tier_blocks, preemption, store_ahead=0):
         cache = vmmpp_kv.KVCache(layers=cfg.layers, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype="f32",
                                  config=config, layout="block_major", device=0, max_blocks=max_blocks)
         pc = vmmpp_kv.PrefixCache(cache)
-        kv = E.PagedKV(cache, device, prefix_cache=pc, host_tier_blocks=host_tier_blocks)
+        kv = E.PagedKV(cache, device, prefix_cache=pc, host_tier_blocks=host_tier_blocks, store_ahead_blocks=store_ahead)
         engine = E.Engine(model, kv, max_batch=8, max_prefill_tokens=512, preemption=preemption)
         work = workload()
         driver = W.SessionDriver(work, engine, lambda rid, prompt, n, arrival: E.Request(rid, prompt, n, arrival))
@@ -90,7 +90,7 @@ def main():
         assert not engine.rejected, f"{len(engine.rejected)} requests rejected"
         tier = kv.tier.stats() if kv.tier is not None else None
         prefix = pc.stats()
-        name = f"{max_blocks} blocks, tier {host_tier_blocks or 'off'}, {preemption}"
+        name = f"{max_blocks} blocks, tier {host_tier_blocks or 'off'}, {preemption}, store ahead {store_ahead}"
         print(f"info {name}: {len(driver.answers())} turns, {engine.steps} steps, {engine.prefill_tokens} prompt "
               f"tokens computed, {engine.cached_tokens}/{engine.admitted_tokens} admitted tokens cached "
               f"({kv.host_tokens} from the host tier), {engine.preemptions} preemptions ({engine.swapped_out} "
@@ -108,32 +108,37 @@ def main():
 
     reference, *_ = run(roomy, 0, "recompute")
     check(len(reference) == args.sessions * args.turns, f"roomy: {len(reference)} turns answered")
-    for tier_blocks_or_off in (0, tier_blocks):
-        for preemption in ("recompute", "swap"):
-            answers, engine, kv, tier, prefix = run(small, tier_blocks_or_off, preemption)
-            name = f"small cache, tier {'on' if tier_blocks_or_off else 'off'}, {preemption}"
-            same = sum(answers.get(key) == tokens for key, tokens in reference.items())
-            check(same == len(reference), f"{name}: {same}/{len(reference)} turns' greedy tokens equal the roomy "
-                                          f"cache's")
-            check(prefix["evictions"] > 0 and engine.preemptions > 0,
-                  f"{name}: under pressure ({prefix['evictions']} evictions, {engine.preemptions} preemptions)")
-            if tier is None:
-                check(engine.swapped_out == engine.swapped_in == 0 and engine.recomputes == engine.preemptions,
-                      f"{name}: nothing swapped without a tier")
-                continue
-            check(tier["offloaded_blocks"] > 0 and tier["loaded_blocks"] > 0 and kv.host_tokens > 0,
-                  f"{name}: evicted blocks went to the host ({tier['offloaded_blocks']}) and came back "
-                  f"({tier['loaded_blocks']}, {kv.host_tokens} tokens)")
-            if preemption == "swap":
-                retries = engine.swap_retries  # swapped in without room for a token, out again
-                check(engine.swapped_in > 0 and engine.swapped_in == engine.swapped_out == engine.preemptions
-                      and engine.recomputes == 0 and tier["swapped_in"] == engine.swapped_in + retries
-                      and tier["swapped_out"] == engine.swapped_out + retries,
-                      f"{name}: every preemption swapped out and back in, none recomputed ({engine.preemptions} "
-                      f"preemptions, {engine.recomputes} recomputed, {tier['swapped_out']} swapped out, "
-                      f"{tier['swapped_in']} in, {retries} in and out again)")
-            else:
-                check(tier["swapped_out"] == 0, f"{name}: recompute preemption swaps nothing")
+    # {no tier, tier} x {recompute, swap}, and the tier storing 4 blocks ahead a step, with swap.
+    runs = [(0, "recompute", 0), (0, "swap", 0), (tier_blocks, "recompute", 0), (tier_blocks, "swap", 0),
+            (tier_blocks, "swap", 4)]
+    for tier_blocks_or_off, preemption, ahead in runs:
+        answers, engine, kv, tier, prefix = run(small, tier_blocks_or_off, preemption, ahead)
+        name = f"small cache, tier {'on' if tier_blocks_or_off else 'off'}, {preemption}, store ahead {ahead}"
+        same = sum(answers.get(key) == tokens for key, tokens in reference.items())
+        check(same == len(reference), f"{name}: {same}/{len(reference)} turns' greedy tokens equal the roomy "
+                                      f"cache's")
+        check(prefix["evictions"] > 0 and engine.preemptions > 0,
+              f"{name}: under pressure ({prefix['evictions']} evictions, {engine.preemptions} preemptions)")
+        if tier is None:
+            check(engine.swapped_out == engine.swapped_in == 0 and engine.recomputes == engine.preemptions,
+                  f"{name}: nothing swapped without a tier")
+            continue
+        kept = tier["offloaded_blocks"] + tier["stored_ahead_blocks"]  # at eviction, or copied ahead of it
+        check(kept > 0 and tier["loaded_blocks"] > 0 and kv.host_tokens > 0,
+              f"{name}: evicted blocks went to the host ({kept}) and came back "
+              f"({tier['loaded_blocks']}, {kv.host_tokens} tokens)")
+        if ahead:
+            check(tier["stored_ahead_blocks"] > 0, f"{name}: blocks stored ahead ({tier['stored_ahead_blocks']})")
+        if preemption == "swap":
+            retries = engine.swap_retries  # swapped in without room for a token, out again
+            check(engine.swapped_in > 0 and engine.swapped_in == engine.swapped_out == engine.preemptions
+                  and engine.recomputes == 0 and tier["swapped_in"] == engine.swapped_in + retries
+                  and tier["swapped_out"] == engine.swapped_out + retries,
+                  f"{name}: every preemption swapped out and back in, none recomputed ({engine.preemptions} "
+                  f"preemptions, {engine.recomputes} recomputed, {tier['swapped_out']} swapped out, "
+                  f"{tier['swapped_in']} in, {retries} in and out again)")
+        else:
+            check(tier["swapped_out"] == 0, f"{name}: recompute preemption swaps nothing")
     print(f"{len(failures)} failures")
     return 1 if failures else 0
 
