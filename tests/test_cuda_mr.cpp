@@ -161,6 +161,7 @@ BOOST_AUTO_TEST_CASE(misuse_is_refused_with_vmmpp_errors) {
     vmmpp::pool_memory_resource mr(pool);
     BOOST_CHECK_THROW((void)mr.allocate(10, 3), vmmpp::invalid_argument);
     BOOST_CHECK_THROW((void)mr.allocate(5 * page, 256), vmmpp::out_of_memory);
+    BOOST_CHECK_THROW((void)mr.allocate(10, std::size_t{1} << 63), vmmpp::out_of_memory);  // no address fits
     void* p = mr.allocate(1000, 256);
     BOOST_CHECK_THROW(mr.deallocate(p, 2000), vmmpp::invalid_argument);          // another size
     BOOST_CHECK_THROW(mr.deallocate(static_cast<std::byte*>(p) + 256, 10), vmmpp::invalid_argument);

@@ -16,7 +16,9 @@
 // under live allocations are committed and a page goes back (as the growth policy says) once no
 // allocation lies on it. First fit by address keeps allocations low in the span, so its top stays
 // uncommitted. Byte-exact holds rather than whole pages per allocation: small allocations share
-// a page instead of each pinning 2 MiB.
+// a page instead of each pinning 2 MiB. A search walks the free ranges, which stay few while
+// allocations come and go in order (a workload of very many small, scattered allocations wants a
+// sub-allocator of its own on top, as RMM's pool_memory_resource).
 //
 // Stream order, as the pool's own: deallocate_async(p, ..., stream) records a fence on `stream`
 // and releases the range after it, so its pages are not given back before the work queued on
@@ -285,8 +287,12 @@ private:
         /// The lowest offset where `size` bytes fit at an address aligned to `alignment`.
         std::optional<std::size_t> find_fit(std::size_t size, std::size_t alignment) const {
             const auto base = reinterpret_cast<std::uintptr_t>(pool.base());
+            const std::uintptr_t mask = alignment - 1;
             for (const auto& [offset, bytes] : free) {
-                const std::uintptr_t aligned = (base + offset + alignment - 1) & ~(std::uintptr_t{alignment} - 1);
+                if (base + offset > UINTPTR_MAX - mask) {
+                    break;  // no address above fits the alignment
+                }
+                const std::uintptr_t aligned = (base + offset + mask) & ~mask;
                 const std::size_t at = aligned - base;
                 if (at - offset <= bytes && bytes - (at - offset) >= size) {
                     return at;
