@@ -10,6 +10,7 @@
 #include <cstring>
 #include <random>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "support/fakecuda.hpp"
@@ -205,6 +206,43 @@ BOOST_AUTO_TEST_CASE(through_cccls_host_accessible_resource_ref) {
     BOOST_TEST(mr.allocated_bytes() == 3072u);
     BOOST_TEST(pool.committed_bytes() == page);
     ref.VMMPP_TEST_DEALLOCATE_SYNC(p, 3000, 512);
+    BOOST_TEST(pool.committed_bytes() == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(threads_allocate_and_free_concurrently_without_sharing_bytes) {
+    vmmpp::elastic_pool<vmmpp::host_config> pool(64 * page);
+    vmmpp::pool_memory_resource mr(pool);
+    std::vector<std::thread> threads;
+    std::vector<std::size_t> bad(4, 0);
+    for (unsigned t = 0; t < 4; ++t) {
+        threads.emplace_back([&, t] {
+            std::mt19937 rng(t);
+            std::vector<std::pair<unsigned char*, std::size_t>> held;
+            for (int i = 0; i < 400; ++i) {
+                if (held.size() > 8 || (!held.empty() && rng() % 3 == 0)) {
+                    const auto [p, bytes] = held[rng() % held.size()];
+                    for (std::size_t j = 0; j < bytes; ++j) {
+                        bad[t] += p[j] != static_cast<unsigned char>(t + 1);  // another thread's write?
+                    }
+                    mr.deallocate(p, bytes);
+                    std::erase(held, std::make_pair(p, bytes));
+                } else {
+                    const std::size_t bytes = 1 + rng() % (page / 2);  // at most 36 MiB held of 128
+                    auto* p = static_cast<unsigned char*>(mr.allocate(bytes, std::size_t{1} << (rng() % 13)));
+                    std::memset(p, static_cast<int>(t + 1), bytes);
+                    held.emplace_back(p, bytes);
+                }
+            }
+            for (const auto& [p, bytes] : held) {
+                mr.deallocate(p, bytes);
+            }
+        });
+    }
+    for (auto& th : threads) {
+        th.join();
+    }
+    BOOST_TEST(bad == std::vector<std::size_t>(4, 0), boost::test_tools::per_element());
+    BOOST_TEST(mr.allocated_bytes() == 0u);
     BOOST_TEST(pool.committed_bytes() == 0u);
 }
 
