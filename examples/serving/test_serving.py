@@ -18,9 +18,10 @@ import os
 import random
 import sys
 
-SKIP = 77
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "..", "capi", "python")]
+
+from test_support import SKIP, torch_on  # noqa: E402
 
 
 def prompts(seed, n, vocab, shortest=5, longest=70, new=(8, 24)):
@@ -46,21 +47,14 @@ def main():
     parser.add_argument("--max-blocks", type=int, default=8, help="blocks of the out_of_blocks cases")
     parser.add_argument("--f32-only", action="store_true")
     args = parser.parse_args()
-    try:
-        import torch
-    except ImportError:
-        print("no torch: skipping")
-        return SKIP
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: skipping")
+    torch = torch_on(args.device)
+    if torch is None:
         return SKIP
     import engine as E
     import model as M
     import vmmpp_kv
 
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     on_gpu = device.type == "cuda"
     failures = []
 

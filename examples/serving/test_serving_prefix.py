@@ -24,9 +24,10 @@ import argparse
 import os
 import sys
 
-SKIP = 77
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "..", "capi", "python")]
+
+from test_support import SKIP, torch_on  # noqa: E402
 
 import workload as W  # noqa: E402
 
@@ -51,21 +52,14 @@ def main():
                              "fill, at least the longest's plus 2)")
     parser.add_argument("--bf16", action="store_true", help="the bf16 comparison on a CPU too")
     args = parser.parse_args()
-    try:
-        import torch
-    except ImportError:
-        print("no torch: skipping")
-        return SKIP
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: skipping")
+    torch = torch_on(args.device)
+    if torch is None:
         return SKIP
     import engine as E
     import model as M
     import vmmpp_kv
 
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     on_gpu = device.type == "cuda"
     failures = []
 

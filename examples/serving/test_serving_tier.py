@@ -23,9 +23,10 @@ import argparse
 import os
 import sys
 
-SKIP = 77
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "..", "capi", "python")]
+
+from test_support import SKIP, torch_on  # noqa: E402
 
 import workload as W  # noqa: E402
 
@@ -38,21 +39,14 @@ def main():
     parser.add_argument("--sessions", type=int, default=6)
     parser.add_argument("--turns", type=int, default=3)
     args = parser.parse_args()
-    try:
-        import torch
-    except ImportError:
-        print("no torch: skipping")
-        return SKIP
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: skipping")
+    torch = torch_on(args.device)
+    if torch is None:
         return SKIP
     import engine as E
     import model as M
     import vmmpp_kv
 
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     on_gpu = device.type == "cuda"
     config = "elastic" if on_gpu else "host"
     failures = []
