@@ -7,8 +7,10 @@
 //   floor/{d2h,h2d,both}      one cudaMemcpyAsync of 512 MiB between cudaMalloc and
 //                             cudaHostAlloc memory (both: one each way at once, two streams);
 //   copy_blocks/<layout>/...  copy_blocks between an elastic_config cache and a pinned_host_config
-//                             cache (one cudaMemcpyBatchAsync of the layout's pieces);
-//   tier/{offload,onload}     the host tier's own paths: 256 cached blocks evicted into it
+//                             cache of the same layout (one cudaMemcpyBatchAsync of its pieces);
+//   copy_blocks/layer_major_staged/...  the same to a blocks_contiguous<layer_major> host cache:
+//                             the pieces gathered through a staging buffer, a DMA per block;
+//   tier/{offload,onload}/<layout>  the host tier's own paths: 256 cached blocks evicted into it
 //                             (prefix_cache::clear -> host_tier::spill), and a prompt of 256
 //                             blocks attached back from it (host_tier::attach), each to completion.
 // GB/s = bytes moved / time between events around the calls (manual time).
@@ -27,12 +29,14 @@
 #include <cstdint>
 #include <memory>
 #include <numeric>
+#include <tuple>
 #include <utility>
 #include <string>
 #include <vector>
 
 #include "common.hpp"
 #include "vmmpp/config.hpp"
+#include "vmmpp/kv/blocks_contiguous.hpp"
 #include "vmmpp/kv/cache.hpp"
 #include "vmmpp/kv/transfer.hpp"
 #include "vmmpp/prefix/prefix_cache.hpp"
@@ -127,10 +131,10 @@ void BM_floor(benchmark::State& state, int direction) {  // 0 d2h, 1 h2d, 2 both
 
 // --- copy_blocks between a GPU cache and pinned host memory ---------------------------------------
 
-template <class Layout>
+template <class Layout, class HostLayout = Layout>
 void BM_copy_blocks(benchmark::State& state, int direction) {
     using gpu_t = vmmpp::kv_cache<vmmpp::elastic_config, Layout>;
-    using host_t = vmmpp::kv_cache<vmmpp::pinned_host_config, Layout>;
+    using host_t = vmmpp::kv_cache<vmmpp::pinned_host_config, HostLayout>;
     vmmpp::budget budget{budget_bytes};
     gpu_t gpu{geometry(gpu_blocks), {}, {}, budget.register_model("kv", budget_bytes)};
     host_t host{geometry(static_cast<std::uint32_t>(2 * copy_blocks_n + 2))};
@@ -173,8 +177,9 @@ void BM_copy_blocks(benchmark::State& state, int direction) {
 
 // --- the tier's own paths ---------------------------------------------------------------------
 
+template <class Layout>
 void BM_tier(benchmark::State& state, bool onload) {
-    using gpu_t = vmmpp::kv_cache<vmmpp::elastic_config, vmmpp::block_major>;
+    using gpu_t = vmmpp::kv_cache<vmmpp::elastic_config, Layout>;
     using prefix_t = vmmpp::prefix_cache<gpu_t>;
     vmmpp::budget budget{budget_bytes};
     gpu_t gpu{geometry(gpu_blocks), {}, {}, budget.register_model("kv", budget_bytes)};
@@ -232,13 +237,15 @@ __global__ void decode_layer(const std::byte* base, std::size_t block_stride, st
 /// The tier traffic under a decode step: none; the tier's copies (copy_blocks: one batch each way
 /// per round, queued up front) one way or both; both ways as plain cudaMemcpyAsync per block, or
 /// as batches with the driver's overlap-with-compute hint (what the tier could do instead); or
-/// paced: 16 blocks each way queued per decode step (an engine's per-step offload budget).
-enum class traffic { none, d2h, h2d, both, both_plain, both_hint, paced };
+/// paced: `paced_blocks` blocks queued per decode step (an engine's per-step budget, as
+/// host_tier::store_ahead takes) one way or both.
+enum class traffic { none, d2h, h2d, both, both_plain, both_hint, paced_d2h, paced_h2d, paced_both };
 
-void BM_decode(benchmark::State& state, traffic kind) {
+void BM_decode(benchmark::State& state, traffic kind, std::size_t paced_blocks) {
     using gpu_t = vmmpp::kv_cache<vmmpp::elastic_config, vmmpp::block_major>;
     using prefix_t = vmmpp::prefix_cache<gpu_t>;
-    constexpr std::size_t read_blocks = 2048, steps = 200, traffic_rounds = 40, paced_blocks = 16;
+    constexpr std::size_t read_blocks = 2048, steps = 200, traffic_rounds = 40;
+    const bool paced = kind == traffic::paced_d2h || kind == traffic::paced_h2d || kind == traffic::paced_both;
     vmmpp::budget budget{budget_bytes};
     gpu_t gpu{geometry(gpu_blocks), {}, {}, budget.register_model("kv", budget_bytes)};
     prefix_t prefix{gpu};
@@ -262,7 +269,7 @@ void BM_decode(benchmark::State& state, traffic kind) {
     gpu.append(moved, copy_blocks_n * 16, compute);
     const std::vector<std::int32_t> moved_blocks(gpu.block_table(moved).begin(), gpu.block_table(moved).end());
     std::vector<std::int32_t> host_out, host_in;
-    auto& host = const_cast<vmmpp::kv_cache<vmmpp::pinned_host_config, vmmpp::block_major>&>(tier.host_cache());
+    auto& host = const_cast<typename decltype(tier)::host_cache_type&>(tier.host_cache());
     for (std::size_t i = 0; i < copy_blocks_n; ++i) {
         host_out.push_back(host.take_block(t.a));
         host_in.push_back(host.take_block(t.a));
@@ -307,12 +314,14 @@ void BM_decode(benchmark::State& state, traffic kind) {
             }
         }
     };
-    const bool out = kind != traffic::h2d, in = kind != traffic::d2h;
+    const bool out = kind != traffic::h2d && kind != traffic::paced_h2d;
+    const bool in = kind != traffic::d2h && kind != traffic::paced_d2h;
 
-    cudaEvent_t e0 = nullptr, e1 = nullptr, copies_done = nullptr;
+    cudaEvent_t e0 = nullptr, e1 = nullptr, copies_done = nullptr, b_done = nullptr;
     check(cudaEventCreate(&e0), "cudaEventCreate");
     check(cudaEventCreate(&e1), "cudaEventCreate");
     check(cudaEventCreateWithFlags(&copies_done, cudaEventDisableTiming), "cudaEventCreate");
+    check(cudaEventCreateWithFlags(&b_done, cudaEventDisableTiming), "cudaEventCreate");
     const auto& base_geom = gpu.geometry();
     const std::size_t stride = vmmpp::block_major::block_stride_bytes(base_geom);
     auto step = [&] {
@@ -326,16 +335,18 @@ void BM_decode(benchmark::State& state, traffic kind) {
     }
     check(cudaStreamSynchronize(compute), "cudaStreamSynchronize");
     for (auto _ : state) {
-        if (kind != traffic::none && kind != traffic::paced) {  // queue the traffic first
+        if (kind != traffic::none && !paced) {  // queue the traffic first
             for (std::size_t r = 0; r < traffic_rounds; ++r) {
                 queue(0, copy_blocks_n, out, in);
             }
         }
+        check(cudaEventRecord(b_done, t.b), "cudaEventRecord");  // copies_done: both ways' copies
+        check(cudaStreamWaitEvent(t.a, b_done, 0), "cudaStreamWaitEvent");
         check(cudaEventRecord(copies_done, t.a), "cudaEventRecord");
         std::vector<double> ms;
         for (std::size_t s = 0; s < steps; ++s) {
-            if (kind == traffic::paced) {
-                queue((s * paced_blocks) % copy_blocks_n, paced_blocks, true, true);
+            if (paced) {
+                queue((s * paced_blocks) % copy_blocks_n, paced_blocks, out, in);
             }
             check(cudaEventRecord(e0, compute), "cudaEventRecord");
             step();
@@ -345,7 +356,7 @@ void BM_decode(benchmark::State& state, traffic kind) {
             check(cudaEventElapsedTime(&m, e0, e1), "cudaEventElapsedTime");
             ms.push_back(m);
         }
-        const bool busy = kind != traffic::none && kind != traffic::paced && cudaEventQuery(copies_done) == cudaErrorNotReady;
+        const bool busy = kind != traffic::none && !paced && cudaEventQuery(copies_done) == cudaErrorNotReady;
         (void)cudaGetLastError();
         check(cudaStreamSynchronize(t.a), "cudaStreamSynchronize");
         check(cudaStreamSynchronize(t.b), "cudaStreamSynchronize");
@@ -357,14 +368,15 @@ void BM_decode(benchmark::State& state, traffic kind) {
         state.counters["copy_busy"] = busy ? 1 : 0;
         state.counters["read_GBps"] =
             static_cast<double>(read_blocks * block_bytes) / (ms[ms.size() / 2] / 1e3) / 1e9;
-        if (kind == traffic::paced) {  // bytes moved per second of decode, both ways together
-            state.counters["traffic_GBps"] =
-                static_cast<double>(2 * steps * paced_blocks * block_bytes) / (total / 1e3) / 1e9;
+        if (paced) {  // bytes moved per second of decode, both ways together
+            state.counters["traffic_GBps"] = static_cast<double>((out && in ? 2 : 1) * steps * paced_blocks * block_bytes) /
+                                             (total / 1e3) / 1e9;
         }
     }
     (void)cudaEventDestroy(e0);
     (void)cudaEventDestroy(e1);
     (void)cudaEventDestroy(copies_done);
+    (void)cudaEventDestroy(b_done);
     (void)cudaFree(dtable);
     (void)cudaFree(dout);
     (void)cudaStreamDestroy(compute);
@@ -381,16 +393,34 @@ void register_all() {
         benchmark::RegisterBenchmark((std::string("copy_blocks/layer_major/") + dirs[d]).c_str(),
                                      BM_copy_blocks<vmmpp::layer_major>, d)
             ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+        benchmark::RegisterBenchmark((std::string("copy_blocks/layer_major_staged/") + dirs[d]).c_str(),
+                                     BM_copy_blocks<vmmpp::layer_major, vmmpp::blocks_contiguous<vmmpp::layer_major>>, d)
+            ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
     }
-    benchmark::RegisterBenchmark("tier/offload", BM_tier, false)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
-    benchmark::RegisterBenchmark("tier/onload", BM_tier, true)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
-    const std::pair<const char*, traffic> decode[] = {
-        {"decode/alone", traffic::none},          {"decode/tier_d2h", traffic::d2h},
-        {"decode/tier_h2d", traffic::h2d},        {"decode/tier_both", traffic::both},
-        {"decode/plain_both", traffic::both_plain}, {"decode/hint_both", traffic::both_hint},
-        {"decode/paced_both", traffic::paced},    {"decode/alone_again", traffic::none}};
-    for (const auto& [name, kind] : decode) {
-        benchmark::RegisterBenchmark(name, BM_decode, kind)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1)->Repetitions(3);
+    for (const bool onload : {false, true}) {
+        const std::string way = onload ? "onload" : "offload";
+        benchmark::RegisterBenchmark(("tier/" + way + "/block_major").c_str(), BM_tier<vmmpp::block_major>, onload)
+            ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+        benchmark::RegisterBenchmark(("tier/" + way + "/layer_major").c_str(), BM_tier<vmmpp::layer_major>, onload)
+            ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+    }
+    const std::tuple<const char*, traffic, std::size_t> decode[] = {
+        {"decode/alone", traffic::none, 0},
+        {"decode/tier_d2h", traffic::d2h, 0},
+        {"decode/tier_h2d", traffic::h2d, 0},
+        {"decode/tier_both", traffic::both, 0},
+        {"decode/plain_both", traffic::both_plain, 0},
+        {"decode/hint_both", traffic::both_hint, 0},
+        {"decode/paced_d2h/32", traffic::paced_d2h, 32},  // 64 MiB a step: about the full D2H rate
+        {"decode/paced_h2d/8", traffic::paced_h2d, 8},
+        {"decode/paced_h2d/16", traffic::paced_h2d, 16},
+        {"decode/paced_h2d/32", traffic::paced_h2d, 32},
+        {"decode/paced_both/8", traffic::paced_both, 8},
+        {"decode/paced_both/16", traffic::paced_both, 16},
+        {"decode/alone_again", traffic::none, 0}};
+    for (const auto& [name, kind, blocks] : decode) {
+        benchmark::RegisterBenchmark(name, BM_decode, kind, blocks)
+            ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1)->Repetitions(3);
     }
 }
 

@@ -25,6 +25,8 @@
 
 #include "vmmpp/config.hpp"
 #include "vmmpp/prefix/prefix_cache.hpp"
+#include "vmmpp/kv/blocks_contiguous.hpp"
+#include "vmmpp/kv/transfer.hpp"
 #include "vmmpp/tier/host_tier.hpp"
 
 using namespace vmmpp_test;
@@ -305,6 +307,40 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(a_randomized_engine_on_two_streams_reads_every_blo
     BOOST_TEST(st.loaded_blocks > 0u);
     BOOST_TEST(st.swapped_in > 0u);
     BOOST_TEST(cudaStreamSynchronize(r.s.tier) == cudaSuccess);
+}
+
+// The staged path on its own: 100 scattered layer_major blocks (two chunks of 64) to whole
+// page-locked host blocks and back into other GPU blocks, in reverse order: every word arrives.
+BOOST_AUTO_TEST_CASE(staged_copies_of_scattered_layer_major_blocks_come_back_whole) {
+    using gpu_t = vmmpp::kv_cache<vmmpp::elastic_config, vmmpp::layer_major>;
+    using host_t = vmmpp::kv_cache<vmmpp::pinned_host_config, vmmpp::blocks_contiguous<vmmpp::layer_major>>;
+    constexpr std::size_t n = 100;
+    vmmpp::kv_geometry g = geom;
+    g.max_blocks = 4 * n;
+    vmmpp::budget budget{GiB};
+    gpu_t gpu{g, {}, {}, budget.register_model("kv", GiB)};
+    host_t host{g};
+    streams s;
+    std::vector<std::int32_t> all, src, dst, host_blocks;
+    for (std::size_t i = 0; i < 4 * n; ++i) {
+        all.push_back(gpu.take_block(s.engine));
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+        src.push_back(all[4 * i]);      // every fourth id: no two adjacent
+        dst.push_back(all[4 * i + 2]);
+        host_blocks.push_back(host.take_block(nullptr));
+        write_block(gpu, src.back(), 0x5000u + static_cast<unsigned>(i), s.engine);
+    }
+    cuda_check(cudaStreamSynchronize(s.engine));
+    vmmpp::copy_blocks(gpu, std::span<const std::int32_t>(src), host, std::span<const std::int32_t>(host_blocks), s.tier);
+    std::vector<std::int32_t> back(host_blocks.rbegin(), host_blocks.rend());
+    vmmpp::copy_blocks(host, std::span<const std::int32_t>(back), gpu, std::span<const std::int32_t>(dst), s.tier);
+    cuda_check(cudaStreamSynchronize(s.tier));
+    wrong_words bad;
+    for (std::size_t i = 0; i < n; ++i) {
+        check_block(gpu, dst[i], 0x5000u + static_cast<unsigned>(n - 1 - i), s.reader, bad.d);
+    }
+    BOOST_TEST(bad.read() == 0u);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -37,6 +37,7 @@ struct control {
     void (*run_stream)(CUstream) = nullptr;
     std::size_t (*queued_on)(CUstream) = nullptr;
     std::size_t (*registered_host_bytes)() = nullptr;
+    std::size_t (*async_bytes)() = nullptr;
 };
 
 inline control load() {
@@ -74,6 +75,7 @@ inline control load() {
     resolve("fakecuda_run_stream", c.run_stream);
     resolve("fakecuda_queued_on", c.queued_on);
     resolve("fakecuda_registered_host_bytes", c.registered_host_bytes);
+    resolve("fakecuda_async_bytes", c.async_bytes);
     return c;
 }
 
@@ -115,6 +117,8 @@ inline void run_stream(CUstream stream) { detail::get().run_stream(stream); }
 [[nodiscard]] inline std::size_t calls(const char* function) { return detail::get().calls(function); }
 /// Bytes of host memory page-locked (cuMemHostRegister) and not unregistered.
 [[nodiscard]] inline std::size_t registered_host_bytes() { return detail::get().registered_host_bytes(); }
+/// Bytes of stream-ordered scratch (cuMemAllocAsync) whose free the GPU has not reached.
+[[nodiscard]] inline std::size_t async_bytes() { return detail::get().async_bytes(); }
 /// Live handles created with allocFlags.gpuDirectRDMACapable.
 [[nodiscard]] inline std::size_t gpu_direct_rdma_handles() { return detail::get().gpu_direct_rdma_handles(); }
 

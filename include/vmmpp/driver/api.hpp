@@ -68,6 +68,14 @@ struct api {
     // limit, asynchronously; pageable memory is staged through the driver's own buffers.
     decltype(&::cuMemHostRegister) mem_host_register = nullptr;
     decltype(&::cuMemHostUnregister) mem_host_unregister = nullptr;
+    // Copies between small pieces of a GPU cache and page-locked memory go through a staging
+    // buffer (kv/detail/staged_copy.hpp): a kernel of vmmpp's own, loaded from PTX once per
+    // process (a library is valid in every context), and stream-ordered scratch memory.
+    decltype(&::cuLibraryLoadData) library_load_data = nullptr;
+    decltype(&::cuLibraryGetKernel) library_get_kernel = nullptr;
+    decltype(&::cuLaunchKernel) launch_kernel = nullptr;
+    decltype(&::cuMemAllocAsync) mem_alloc_async = nullptr;
+    decltype(&::cuMemFreeAsync) mem_free_async = nullptr;
 };
 
 namespace detail {
@@ -156,6 +164,11 @@ inline load_result load() {
     resolve("cuStreamGetCtx", t.stream_get_ctx);
     resolve("cuMemHostRegister", t.mem_host_register);
     resolve("cuMemHostUnregister", t.mem_host_unregister);
+    resolve("cuLibraryLoadData", t.library_load_data);
+    resolve("cuLibraryGetKernel", t.library_get_kernel);
+    resolve("cuLaunchKernel", t.launch_kernel);
+    resolve("cuMemAllocAsync", t.mem_alloc_async);
+    resolve("cuMemFreeAsync", t.mem_free_async);
     if (!result.failure.empty()) {
         return result;
     }

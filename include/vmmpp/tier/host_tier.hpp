@@ -5,7 +5,8 @@
 // swapped out to the host and back in (vLLM's swap preemption) instead of being recomputed.
 //
 // Every copy runs on the tier's own stream, in one batch per call (copy_blocks: one
-// cudaMemcpyBatchAsync between the GPU and pinned memory), in the caches' stream order: the
+// cudaMemcpyBatchAsync between the GPU and pinned memory, or, for a GPU layout of small pieces,
+// a gather through a staging buffer and a DMA per block), in the caches' stream order: the
 // copy of an evicted block first waits for the work fenced on it, and fences it, so its GPU
 // memory goes back (and its id is written again) only after the copy; a loaded block's readers
 // wait for the copy. Host blocks are read and written by the tier's stream only, so a host block
@@ -28,6 +29,7 @@
 #include "vmmpp/config.hpp"
 #include "vmmpp/driver/context.hpp"
 #include "vmmpp/driver/event.hpp"
+#include "vmmpp/kv/blocks_contiguous.hpp"
 #include "vmmpp/kv/cache.hpp"
 #include "vmmpp/kv/transfer.hpp"
 #include "vmmpp/prefix/block_spill.hpp"
@@ -72,8 +74,8 @@ struct tiered_sequence {
 };
 
 /// The host tier of `Prefix`, a prefix_cache over a GPU kv_cache, in a host kv_cache of
-/// `HostConfig` (pinned_host_config: page-locked, committed once) with the same layout and
-/// block shape. Made, it receives the prefix cache's evicted blocks (prefix_cache::spill_to);
+/// `HostConfig` (pinned_host_config: page-locked, committed once) with the same block shape, each
+/// block in one range (blocks_contiguous over the GPU cache's layout). Made, it receives the prefix cache's evicted blocks (prefix_cache::spill_to);
 /// destroyed, it stops, after its copies are done.
 ///
 /// Thread safety: as the prefix cache's (external synchronisation; the prefix cache calls the
@@ -87,7 +89,9 @@ class host_tier final : public block_spill {
 
 public:
     using prefix_type = Prefix;
-    using host_cache_type = kv_cache<HostConfig, layout_type>;
+    /// The host blocks: the GPU layout's pieces of a block kept together (blocks_contiguous), so
+    /// that a block moves in one DMA (small pieces go through a staging buffer: copy_blocks).
+    using host_cache_type = kv_cache<HostConfig, blocks_contiguous<layout_type>>;
 
     /// Throws: invalid_argument (max_blocks 0, the legacy default stream), what the host cache's
     /// construction throws (out_of_memory, cuda_error registering the memory).

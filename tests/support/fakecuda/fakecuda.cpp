@@ -25,6 +25,12 @@
 //   CUDA_ERROR_ILLEGAL_ADDRESS sticky: every call returns it, as after a lost context, until
 //   fakecuda_reset. Ranges are checked against the fake's own table, not by faulting; addresses
 //   outside every reservation are host memory.
+// - Kernels: a library loaded from PTX (cuLibraryLoadData) yields the kernels its text declares
+//   (`.entry name`); the fake runs the one vmmpp ships, vmmpp_staged_pieces (its argument is
+//   vmmpp::detail::staged_pieces_args), in stream order, checking every piece it touches as a
+//   copy's range (and its 16-byte alignment: CUDA_ERROR_MISALIGNED_ADDRESS). Any other kernel is
+//   CUDA_ERROR_NOT_SUPPORTED at launch. cuMemAllocAsync hands out host memory at once;
+//   cuMemFreeAsync frees it when the stream reaches the free (fakecuda_async_bytes counts it).
 // - Any entry point can be made to fail (fakecuda_fail): the call returns the result and does
 //   nothing.
 //
@@ -53,6 +59,8 @@
 #include <utility>
 #include <vector>
 
+#include "vmmpp/kv/detail/staged_pieces_args.hpp"
+
 // The driver's opaque handle types, defined here: this library is the driver.
 struct CUctx_st {
     int device = 0;
@@ -63,6 +71,12 @@ struct CUstream_st {
 };
 struct CUevent_st {
     std::uint64_t last_record = 0;  // sequence number of its last cuEventRecord; 0: never recorded
+};
+struct CUlib_st {
+    std::string code;  // the PTX it was loaded from
+};
+struct CUkern_st {
+    std::string name;
 };
 
 namespace {
@@ -105,7 +119,7 @@ struct allocation {
 
 /// One operation on the GPU's queue.
 struct work {
-    enum class kind { copy, set, record, wait, host };
+    enum class kind { copy, set, record, wait, host, staged_pieces, free };
     kind what = kind::record;
     std::uint64_t seq = 0;
     CUstream stream = nullptr;
@@ -116,6 +130,8 @@ struct work {
     std::uintptr_t src = 0;
     std::size_t bytes = 0;
     unsigned char value = 0;
+    std::shared_ptr<const vmmpp::detail::staged_pieces_args> pieces = nullptr;  // staged_pieces: its argument
+    std::size_t blocks = 0;                                             // and how many blocks it moves
 };
 
 struct mapped_range {
@@ -129,6 +145,9 @@ struct planned_failure {
     std::uint64_t at = 0;
     CUresult result = CUDA_SUCCESS;
 };
+
+struct device_state;
+void run_staged_pieces(device_state& s, const vmmpp::detail::staged_pieces_args& a, std::size_t blocks);
 
 /// The whole device. Every member is guarded by `mutex`.
 struct device_state {
@@ -145,6 +164,9 @@ struct device_state {
     std::map<std::uintptr_t, std::size_t> reservations;  // base -> bytes
     std::map<std::uintptr_t, mapped_range> mappings;     // address -> what is mapped there
     std::map<std::uintptr_t, std::size_t> host_registrations;  // page-locked host ranges: base -> bytes
+    std::map<std::uintptr_t, std::size_t> async_allocations;   // cuMemAllocAsync: base -> bytes
+    std::set<CUlib_st*> libraries;
+    std::set<CUkern_st*> kernels;
 
     std::set<CUstream_st*> streams;
     std::set<CUevent_st*> events;
@@ -324,6 +346,15 @@ struct device_state {
             w.host(w.host_data);  // under the driver's mutex: it must not call the driver (as documented)
             return;
         }
+        if (w.what == work::kind::free) {
+            std::free(reinterpret_cast<void*>(w.dst));
+            async_allocations.erase(w.dst);
+            return;
+        }
+        if (w.what == work::kind::staged_pieces) {
+            run_staged_pieces(*this, *w.pieces, w.blocks);
+            return;
+        }
         const bool ok = reachable(w.dst, w.bytes, PROT_WRITE) &&
                         (w.what == work::kind::set || reachable(w.src, w.bytes, PROT_READ));
         if (!ok) {
@@ -337,6 +368,28 @@ struct device_state {
         }
     }
 };
+
+/// The staged-pieces kernel (tools/kernels/staged_pieces.cu): block j's piece r moves between
+/// the cache and the staging buffer; a piece out of reach or misaligned stops it, sticky.
+void run_staged_pieces(device_state& s, const vmmpp::detail::staged_pieces_args& a, std::size_t blocks) {
+    for (std::size_t j = 0; j < blocks; ++j) {
+        for (std::size_t r = 0; r < a.rows; ++r) {
+            const std::uintptr_t cache = a.block[j] + r * a.pitch;
+            const std::uintptr_t staging = a.staging + (j * a.rows + r) * a.width;
+            const std::uintptr_t to = a.to_staging ? staging : cache;
+            const std::uintptr_t from = a.to_staging ? cache : staging;
+            if (cache % 16 != 0 || staging % 16 != 0 || a.width % 16 != 0) {
+                s.sticky = CUDA_ERROR_MISALIGNED_ADDRESS;
+                return;
+            }
+            if (!s.reachable(to, a.width, PROT_WRITE) || !s.reachable(from, a.width, PROT_READ)) {
+                s.sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
+                return;
+            }
+            std::memmove(reinterpret_cast<void*>(to), reinterpret_cast<const void*>(from), a.width);
+        }
+    }
+}
 
 device_state& state() {
     static device_state* s = new device_state;  // never destroyed: drivers outlive static destructors
@@ -1036,6 +1089,117 @@ CUresult launch_host_func(CUstream stream, CUhostFn fn, void* data) {
     return CUDA_SUCCESS;
 }
 
+CUresult library_load_data(CUlibrary* library, const void* code, CUjit_option*, void**, unsigned int,
+                           CUlibraryOption*, void**, unsigned int) {
+    driver_call call("cuLibraryLoadData");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (library == nullptr || code == nullptr) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    std::string text(static_cast<const char*>(code));
+    if (text.find(".version") == std::string::npos || text.find(".entry") == std::string::npos) {
+        return CUDA_ERROR_INVALID_PTX;  // the fake takes PTX text only
+    }
+    auto* lib = new CUlib_st{std::move(text)};
+    state().libraries.insert(lib);
+    *library = lib;
+    return CUDA_SUCCESS;
+}
+CUresult library_get_kernel(CUkernel* kernel, CUlibrary library, const char* name) {
+    driver_call call("cuLibraryGetKernel");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (kernel == nullptr || name == nullptr) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (!s.libraries.contains(library)) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    if (library->code.find(std::string(".entry ") + name + "(") == std::string::npos) {
+        return CUDA_ERROR_NOT_FOUND;
+    }
+    auto* k = new CUkern_st{name};
+    s.kernels.insert(k);
+    *kernel = k;
+    return CUDA_SUCCESS;
+}
+/// Runs vmmpp_staged_pieces only; its grid is blocks x rows pieces, one CTA each.
+CUresult launch_kernel(CUfunction f, unsigned int grid_x, unsigned int grid_y, unsigned int grid_z,
+                       unsigned int block_x, unsigned int block_y, unsigned int block_z, unsigned int, CUstream stream,
+                       void** params, void** extra) {
+    driver_call call("cuLaunchKernel");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    auto* k = reinterpret_cast<CUkern_st*>(f);
+    if (!s.kernels.contains(k) || !s.valid_stream(stream)) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    if (k->name != "vmmpp_staged_pieces") {
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    if (params == nullptr || extra != nullptr || grid_y != 1 || grid_z != 1 || block_x == 0 || block_x > 1024 ||
+        block_y != 1 || block_z != 1) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    auto args = std::make_shared<const vmmpp::detail::staged_pieces_args>(
+        *static_cast<const vmmpp::detail::staged_pieces_args*>(params[0]));  // the driver copies the argument
+    if (args->rows == 0 || grid_x % args->rows != 0 || grid_x / args->rows > vmmpp::detail::staged_max_blocks) {
+        return CUDA_ERROR_INVALID_VALUE;  // the real kernel would read past its block list
+    }
+    (void)s.submit(stream, {.what = work::kind::staged_pieces, .pieces = args, .blocks = grid_x / args->rows});
+    return CUDA_SUCCESS;
+}
+CUresult mem_alloc_async(CUdeviceptr* ptr, std::size_t bytes, CUstream stream) {
+    driver_call call("cuMemAllocAsync");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    if (ptr == nullptr || bytes == 0) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (!s.valid_stream(stream)) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    void* p = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
+    if (p == nullptr) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    s.async_allocations.emplace(reinterpret_cast<std::uintptr_t>(p), bytes);
+    *ptr = reinterpret_cast<CUdeviceptr>(p);
+    return CUDA_SUCCESS;
+}
+CUresult mem_free_async(CUdeviceptr ptr, CUstream stream) {
+    driver_call call("cuMemFreeAsync");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    if (!s.async_allocations.contains(ptr)) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (!s.valid_stream(stream)) {
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    (void)s.submit(stream, {.what = work::kind::free, .dst = ptr});
+    return CUDA_SUCCESS;
+}
+
 /// An entry of the table cuGetProcAddress answers from. `as<decltype(&::cuX)>(&x)` only compiles
 /// when the fake's function has exactly the type cuda.h gives the real one.
 struct entry_point {
@@ -1091,6 +1255,11 @@ const entry_point entry_points[] = {
     {"cuLaunchHostFunc", as<decltype(&::cuLaunchHostFunc)>(&launch_host_func)},
     {"cuMemHostRegister", as<decltype(&::cuMemHostRegister)>(&mem_host_register)},
     {"cuMemHostUnregister", as<decltype(&::cuMemHostUnregister)>(&mem_host_unregister)},
+    {"cuLibraryLoadData", as<decltype(&::cuLibraryLoadData)>(&library_load_data)},
+    {"cuLibraryGetKernel", as<decltype(&::cuLibraryGetKernel)>(&library_get_kernel)},
+    {"cuLaunchKernel", as<decltype(&::cuLaunchKernel)>(&launch_kernel)},
+    {"cuMemAllocAsync", as<decltype(&::cuMemAllocAsync)>(&mem_alloc_async)},
+    {"cuMemFreeAsync", as<decltype(&::cuMemFreeAsync)>(&mem_free_async)},
 };
 
 } // namespace
@@ -1221,6 +1390,15 @@ std::size_t fakecuda_registered_host_bytes(void) {
     std::lock_guard lock(state().mutex);
     std::size_t bytes = 0;
     for (const auto& [base, n] : state().host_registrations) {
+        bytes += n;
+    }
+    return bytes;
+}
+/// Bytes of cuMemAllocAsync memory not yet freed (its cuMemFreeAsync not yet reached).
+std::size_t fakecuda_async_bytes(void) {
+    std::lock_guard lock(state().mutex);
+    std::size_t bytes = 0;
+    for (const auto& [base, n] : state().async_allocations) {
         bytes += n;
     }
     return bytes;
