@@ -180,23 +180,30 @@ BOOST_AUTO_TEST_CASE(scattered_pieces_land_in_whole_host_blocks_and_come_back_in
 
 BOOST_AUTO_TEST_CASE(the_copies_and_the_scratch_follow_the_stream) {
     rig r;
-    const auto gpu_blocks = every_other(r.gpu, 3);
-    const std::vector<std::int32_t> host_blocks{r.host.take_block(nullptr), r.host.take_block(nullptr),
-                                                r.host.take_block(nullptr)};
-    for (std::size_t i = 0; i < 3; ++i) {
+    constexpr std::size_t n = 100;  // chunk 0 on the caller's stream, chunk 1 on a second one
+    const auto gpu_blocks = every_other(r.gpu, n);
+    std::vector<std::int32_t> host_blocks;
+    for (std::size_t i = 0; i < n; ++i) {
+        host_blocks.push_back(r.host.take_block(nullptr));
         fill(r.gpu, gpu_blocks[i], static_cast<std::int32_t>(10 + i));
     }
     fakecuda::hold_gpu(true);
     vmmpp::copy_blocks(r.gpu, std::span<const std::int32_t>(gpu_blocks), r.host,
                        std::span<const std::int32_t>(host_blocks), r.stream);
-    BOOST_TEST(fakecuda::async_bytes() == 3 * block_bytes);  // the scratch, until the stream frees it
-    BOOST_TEST(wrong_on_host(r.host, host_blocks[0], 10) > 0u);  // queued, not run
-    fakecuda::run_stream(r.stream);
-    BOOST_TEST(fakecuda::async_bytes() == 0u);
-    for (std::size_t i = 0; i < 3; ++i) {
+    BOOST_TEST(fakecuda::async_bytes() == 2 * 64 * block_bytes);  // a buffer per stream, until the free
+    BOOST_TEST(wrong_on_host(r.host, host_blocks[0], 10) > 0u);   // queued, not run
+    fakecuda::run_stream(r.stream);  // the caller's stream alone: its chunk, then it waits for the second
+    BOOST_TEST(wrong_on_host(r.host, host_blocks[0], 10) == 0u);
+    BOOST_TEST(wrong_on_host(r.host, host_blocks[63], 73) == 0u);
+    BOOST_TEST(wrong_on_host(r.host, host_blocks[64], 74) > 0u);
+    BOOST_TEST(fakecuda::async_bytes() > 0u);  // freed only after the second stream's copies
+    fakecuda::run_gpu();
+    for (std::size_t i = 0; i < n; ++i) {
         BOOST_TEST(wrong_on_host(r.host, host_blocks[i], static_cast<std::int32_t>(10 + i)) == 0u);
     }
+    BOOST_TEST(fakecuda::async_bytes() == 0u);
     fakecuda::hold_gpu(false);
+    BOOST_TEST(fakecuda::sticky_error() == CUDA_SUCCESS);
 }
 
 BOOST_AUTO_TEST_CASE(the_legacy_default_stream_copies_piece_by_piece) {
@@ -219,7 +226,7 @@ BOOST_AUTO_TEST_CASE(with_no_device_memory_for_staging_the_copy_goes_piece_by_pi
     const std::vector<std::int32_t> host_blocks{r.host.take_block(nullptr), r.host.take_block(nullptr)};
     fill(r.gpu, gpu_blocks[0], 3);
     fill(r.gpu, gpu_blocks[1], 4);
-    fakecuda::fail("cuMemAllocAsync", 1, CUDA_ERROR_OUT_OF_MEMORY);
+    fakecuda::fail("cuMemAllocFromPoolAsync", 1, CUDA_ERROR_OUT_OF_MEMORY);
     const std::size_t launches = fakecuda::calls("cuLaunchKernel");
     const std::size_t dmas = fakecuda::calls("cuMemcpyAsync");
     vmmpp::copy_blocks(r.gpu, std::span<const std::int32_t>(gpu_blocks), r.host,

@@ -222,9 +222,7 @@ class DenseKV:
         """Nothing to register: no prefix cache."""
 
     def end_step(self):
-        """After a step's work is queued: the tier stores ahead its per-step budget of blocks."""
-        if self.tier is not None and self.store_ahead_blocks:
-            self.tier.store_ahead(self.store_ahead_blocks)
+        """Nothing to do after a step: no host tier."""
 
     def swap_out(self, seq):
         """None: no host tier, the engine recomputes."""

@@ -117,7 +117,7 @@ inline void run_stream(CUstream stream) { detail::get().run_stream(stream); }
 [[nodiscard]] inline std::size_t calls(const char* function) { return detail::get().calls(function); }
 /// Bytes of host memory page-locked (cuMemHostRegister) and not unregistered.
 [[nodiscard]] inline std::size_t registered_host_bytes() { return detail::get().registered_host_bytes(); }
-/// Bytes of stream-ordered scratch (cuMemAllocAsync) whose free the GPU has not reached.
+/// Bytes of stream-ordered scratch (cuMemAllocFromPoolAsync) whose free the GPU has not reached.
 [[nodiscard]] inline std::size_t async_bytes() { return detail::get().async_bytes(); }
 /// Live handles created with allocFlags.gpuDirectRDMACapable.
 [[nodiscard]] inline std::size_t gpu_direct_rdma_handles() { return detail::get().gpu_direct_rdma_handles(); }

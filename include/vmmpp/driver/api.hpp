@@ -74,8 +74,15 @@ struct api {
     decltype(&::cuLibraryLoadData) library_load_data = nullptr;
     decltype(&::cuLibraryGetKernel) library_get_kernel = nullptr;
     decltype(&::cuLaunchKernel) launch_kernel = nullptr;
-    decltype(&::cuMemAllocAsync) mem_alloc_async = nullptr;
+    decltype(&::cuMemPoolCreate) mem_pool_create = nullptr;
+    decltype(&::cuMemPoolSetAttribute) mem_pool_set_attribute = nullptr;
+    decltype(&::cuMemAllocFromPoolAsync) mem_alloc_from_pool_async = nullptr;
     decltype(&::cuMemFreeAsync) mem_free_async = nullptr;
+    // ... and a second stream of the caller's priority, so that one chunk's gather overlaps the
+    // previous chunk's DMA.
+    decltype(&::cuStreamCreateWithPriority) stream_create_with_priority = nullptr;
+    decltype(&::cuStreamGetPriority) stream_get_priority = nullptr;
+    decltype(&::cuStreamDestroy) stream_destroy = nullptr;
 };
 
 namespace detail {
@@ -167,8 +174,13 @@ inline load_result load() {
     resolve("cuLibraryLoadData", t.library_load_data);
     resolve("cuLibraryGetKernel", t.library_get_kernel);
     resolve("cuLaunchKernel", t.launch_kernel);
-    resolve("cuMemAllocAsync", t.mem_alloc_async);
+    resolve("cuMemPoolCreate", t.mem_pool_create);
+    resolve("cuMemPoolSetAttribute", t.mem_pool_set_attribute);
+    resolve("cuMemAllocFromPoolAsync", t.mem_alloc_from_pool_async);
     resolve("cuMemFreeAsync", t.mem_free_async);
+    resolve("cuStreamCreateWithPriority", t.stream_create_with_priority);
+    resolve("cuStreamGetPriority", t.stream_get_priority);
+    resolve("cuStreamDestroy", t.stream_destroy);
     if (!result.failure.empty()) {
         return result;
     }

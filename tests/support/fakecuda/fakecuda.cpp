@@ -29,8 +29,9 @@
 //   (`.entry name`); the fake runs the one vmmpp ships, vmmpp_staged_pieces (its argument is
 //   vmmpp::detail::staged_pieces_args), in stream order, checking every piece it touches as a
 //   copy's range (and its 16-byte alignment: CUDA_ERROR_MISALIGNED_ADDRESS). Any other kernel is
-//   CUDA_ERROR_NOT_SUPPORTED at launch. cuMemAllocAsync hands out host memory at once;
-//   cuMemFreeAsync frees it when the stream reaches the free (fakecuda_async_bytes counts it).
+//   CUDA_ERROR_NOT_SUPPORTED at launch. cuMemAllocFromPoolAsync (from a pool of cuMemPoolCreate)
+//   hands out host memory at once; cuMemFreeAsync frees it when the stream reaches the free
+//   (fakecuda_async_bytes counts it). Stream priorities are kept and told, not acted on.
 // - Any entry point can be made to fail (fakecuda_fail): the call returns the result and does
 //   nothing.
 //
@@ -68,6 +69,10 @@ struct CUctx_st {
 struct CUstream_st {
     bool blocking = true;  // not CU_STREAM_NON_BLOCKING: ordered with the legacy default stream
     CUcontext context = nullptr;  // current when it was created (cuStreamGetCtx)
+    int priority = 0;
+};
+struct CUmemPoolHandle_st {
+    cuuint64_t release_threshold = 0;
 };
 struct CUevent_st {
     std::uint64_t last_record = 0;  // sequence number of its last cuEventRecord; 0: never recorded
@@ -165,6 +170,7 @@ struct device_state {
     std::map<std::uintptr_t, mapped_range> mappings;     // address -> what is mapped there
     std::map<std::uintptr_t, std::size_t> host_registrations;  // page-locked host ranges: base -> bytes
     std::map<std::uintptr_t, std::size_t> async_allocations;   // cuMemAllocAsync: base -> bytes
+    std::set<CUmemPoolHandle_st*> pools;
     std::set<CUlib_st*> libraries;
     std::set<CUkern_st*> kernels;
 
@@ -877,6 +883,32 @@ CUresult stream_create(CUstream* stream, unsigned int flags) {
     state().streams.insert(*stream);
     return CUDA_SUCCESS;
 }
+CUresult stream_create_with_priority(CUstream* stream, unsigned int flags, int priority) {
+    driver_call call("cuStreamCreateWithPriority");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (!has_current_context()) {
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    *stream = new CUstream_st{.blocking = (flags & CU_STREAM_NON_BLOCKING) == 0, .context = context_stack.back(),
+                              .priority = priority};
+    state().streams.insert(*stream);
+    return CUDA_SUCCESS;
+}
+/// The special handles answer 0 (the default priority), as the real driver's.
+CUresult stream_get_priority(CUstream stream, int* priority) {
+    driver_call call("cuStreamGetPriority");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    device_state& s = state();
+    if (priority == nullptr || !s.valid_stream(stream)) {
+        return priority == nullptr ? CUDA_ERROR_INVALID_VALUE : CUDA_ERROR_INVALID_HANDLE;
+    }
+    *priority = s.streams.contains(stream) ? stream->priority : 0;
+    return CUDA_SUCCESS;
+}
 CUresult stream_destroy(CUstream stream) {
     driver_call call("cuStreamDestroy");
     if (call.refusal() != CUDA_SUCCESS) {
@@ -1158,8 +1190,34 @@ CUresult launch_kernel(CUfunction f, unsigned int grid_x, unsigned int grid_y, u
     (void)s.submit(stream, {.what = work::kind::staged_pieces, .pieces = args, .blocks = grid_x / args->rows});
     return CUDA_SUCCESS;
 }
-CUresult mem_alloc_async(CUdeviceptr* ptr, std::size_t bytes, CUstream stream) {
-    driver_call call("cuMemAllocAsync");
+CUresult mem_pool_create(CUmemoryPool* pool, const CUmemPoolProps* props) {
+    driver_call call("cuMemPoolCreate");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (pool == nullptr || props == nullptr || props->allocType != CU_MEM_ALLOCATION_TYPE_PINNED ||
+        props->location.type != CU_MEM_LOCATION_TYPE_DEVICE || props->location.id != 0) {
+        return CUDA_ERROR_INVALID_VALUE;  // the fake has one device
+    }
+    *pool = new CUmemPoolHandle_st;
+    state().pools.insert(*pool);
+    return CUDA_SUCCESS;
+}
+CUresult mem_pool_set_attribute(CUmemoryPool pool, CUmemPool_attribute attribute, void* value) {
+    driver_call call("cuMemPoolSetAttribute");
+    if (call.refusal() != CUDA_SUCCESS) {
+        return call.refusal();
+    }
+    if (!state().pools.contains(pool) || value == nullptr) {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (attribute == CU_MEMPOOL_ATTR_RELEASE_THRESHOLD) {
+        pool->release_threshold = *static_cast<const cuuint64_t*>(value);
+    }
+    return CUDA_SUCCESS;
+}
+CUresult mem_alloc_from_pool_async(CUdeviceptr* ptr, std::size_t bytes, CUmemoryPool pool, CUstream stream) {
+    driver_call call("cuMemAllocFromPoolAsync");
     if (call.refusal() != CUDA_SUCCESS) {
         return call.refusal();
     }
@@ -1167,7 +1225,7 @@ CUresult mem_alloc_async(CUdeviceptr* ptr, std::size_t bytes, CUstream stream) {
     if (!has_current_context()) {
         return CUDA_ERROR_INVALID_CONTEXT;
     }
-    if (ptr == nullptr || bytes == 0) {
+    if (ptr == nullptr || bytes == 0 || !s.pools.contains(pool)) {
         return CUDA_ERROR_INVALID_VALUE;
     }
     if (!s.valid_stream(stream)) {
@@ -1258,7 +1316,11 @@ const entry_point entry_points[] = {
     {"cuLibraryLoadData", as<decltype(&::cuLibraryLoadData)>(&library_load_data)},
     {"cuLibraryGetKernel", as<decltype(&::cuLibraryGetKernel)>(&library_get_kernel)},
     {"cuLaunchKernel", as<decltype(&::cuLaunchKernel)>(&launch_kernel)},
-    {"cuMemAllocAsync", as<decltype(&::cuMemAllocAsync)>(&mem_alloc_async)},
+    {"cuMemPoolCreate", as<decltype(&::cuMemPoolCreate)>(&mem_pool_create)},
+    {"cuMemPoolSetAttribute", as<decltype(&::cuMemPoolSetAttribute)>(&mem_pool_set_attribute)},
+    {"cuMemAllocFromPoolAsync", as<decltype(&::cuMemAllocFromPoolAsync)>(&mem_alloc_from_pool_async)},
+    {"cuStreamCreateWithPriority", as<decltype(&::cuStreamCreateWithPriority)>(&stream_create_with_priority)},
+    {"cuStreamGetPriority", as<decltype(&::cuStreamGetPriority)>(&stream_get_priority)},
     {"cuMemFreeAsync", as<decltype(&::cuMemFreeAsync)>(&mem_free_async)},
 };
 
@@ -1394,7 +1456,7 @@ std::size_t fakecuda_registered_host_bytes(void) {
     }
     return bytes;
 }
-/// Bytes of cuMemAllocAsync memory not yet freed (its cuMemFreeAsync not yet reached).
+/// Bytes of cuMemAllocFromPoolAsync memory not yet freed (its cuMemFreeAsync not yet reached).
 std::size_t fakecuda_async_bytes(void) {
     std::lock_guard lock(state().mutex);
     std::size_t bytes = 0;
