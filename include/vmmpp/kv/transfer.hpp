@@ -212,8 +212,8 @@ template <class Src, class Dst>
 /// between GPUs, cudaMemcpyAsync otherwise. Between a GPU cache of small pieces (layer_major)
 /// and page-locked blocks_contiguous memory (the host tier's), a kernel gathers the pieces into
 /// a stream-ordered staging buffer of at most 32 MiB (or scatters them from it), and one DMA per
-/// run of host blocks moves them: ~0.95x of the PCIe limit where piece-by-piece copies of
-/// 32 KiB reach ~0.6x (detail/staged_copy.hpp). A block is copied as its layout's contiguous pieces
+/// run of host blocks moves them: on an H100, 0.86-0.96x of the pinned copy floor where copies
+/// of 32 KiB pieces reach 0.45-0.64x (detail/staged_copy.hpp, docs/HOST_TIER.md). A block is copied as its layout's contiguous pieces
 /// (Layout::copy_shape: each layer's K and V in layer_major, each layer's packed K/V or latent in
 /// packed_kv and mla, one piece per block in block_major); runs of consecutive ids in both lists
 /// are copied as one piece per run.

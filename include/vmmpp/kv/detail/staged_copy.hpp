@@ -6,7 +6,8 @@
 // buffer in device memory (or scatters them from it) and one DMA per run of host blocks moves
 // the rest. Chunks alternate between the caller's stream and a second one of its priority, each
 // with its own half of the staging buffer, so one chunk's kernel runs while the other's DMA does
-// (a probe on an H100: one stream 0.94x of the floor, two 0.99x; docs/HOST_TIER.md).
+// (a probe on an H100: one stream 0.94x of the floor, two 0.99x; copy_blocks through this path
+// measured 0.86-0.96x: docs/HOST_TIER.md).
 //
 // The kernel ships as PTX (kv/detail/staged_pieces_ptx.hpp, from tools/kernels/staged_pieces.cu)
 // that the driver compiles once per process for the GPU at hand. A driver that cannot load it
