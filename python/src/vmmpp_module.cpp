@@ -335,6 +335,15 @@ private:
     bool pinned_ = false;
 };
 
+/// *p, or InvalidArgument "the <what> is closed" once close() dropped it.
+template <class T>
+T& open_or_raise(const std::shared_ptr<T>& p, const char* what) {
+    if (!p) {
+        throw vmmpp::invalid_argument(std::string("the ") + what + " is closed");
+    }
+    return *p;
+}
+
 /// vmmpp.KVCache.
 struct py_cache {
     std::shared_ptr<cache_base> cache;  ///< null once closed (exports and prefix caches may hold it still)
@@ -344,12 +353,7 @@ struct py_cache {
     /// Where the live blocks are while the cache sleeps (held until it wakes).
     std::shared_ptr<sleep_buffer> slept;
 
-    cache_base& get() const {
-        if (!cache) {
-            throw vmmpp::invalid_argument("the KV cache is closed");
-        }
-        return *cache;
-    }
+    cache_base& get() const { return open_or_raise(cache, "KV cache"); }
 };
 
 /// vmmpp.PrefixCache.
@@ -357,12 +361,7 @@ struct py_prefix {
     std::shared_ptr<cache_base> cache;
     std::shared_ptr<prefix_base> prefix;  ///< null once closed
 
-    prefix_base& get() const {
-        if (!prefix) {
-            throw vmmpp::invalid_argument("the prefix cache is closed");
-        }
-        return *prefix;
-    }
+    prefix_base& get() const { return open_or_raise(prefix, "prefix cache"); }
 };
 
 /// vmmpp.HostTier.
@@ -370,12 +369,7 @@ struct py_tier {
     std::shared_ptr<cache_base> cache;
     std::shared_ptr<tier_base> tier;  ///< null once closed
 
-    tier_base& get() const {
-        if (!tier) {
-            throw vmmpp::invalid_argument("the host tier is closed");
-        }
-        return *tier;
-    }
+    tier_base& get() const { return open_or_raise(tier, "host tier"); }
 };
 
 /// A DLPack producer: one layer's K or V, or (sequence_contiguous) one sequence's run. Each
