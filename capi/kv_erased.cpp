@@ -1,7 +1,7 @@
-// capi/kv_erased.cpp: kv_erased.hpp's factories: the configuration and the layout found by name,
-// then the caches of that layout (kv_erased_impl.hpp's layout_caches, instantiated per layout in
-// kv_erased_block_major.cpp, kv_erased_layer_major.cpp, kv_erased_other_layouts.cpp), and the
-// prefix caches and host tiers over them, one each.
+// capi/kv_erased.cpp: kv_erased.hpp's factories: the layout and the configuration found by name,
+// then the caches of that configuration (kv_erased_impl.hpp's config_caches, instantiated in
+// kv_erased_fixed.cpp, kv_erased_elastic.cpp, kv_erased_mapped_ahead.cpp), and the prefix caches
+// and host tiers over them, one each.
 #include <string>
 #include <type_traits>
 
@@ -14,6 +14,13 @@ namespace {
 constexpr std::pair<std::string_view, std::string_view> config_aliases[] = {
     {"elastic_pages", "elastic_page"},  // the serving examples, scripts and bench/results use it
 };
+
+/// Throws invalid_argument, as dispatch_by_name does, for a layout not in List: a wrong layout
+/// is reported before a wrong configuration, whichever list is searched first.
+template <class List>
+void check_layout(std::string_view layout, std::string_view what) {
+    vmmpp::dispatch_by_name<List>(layout, what, []<class L>(std::type_identity<L>) {});
+}
 
 } // namespace
 
@@ -33,25 +40,31 @@ bool has_shared_budget(std::string_view config) {
 }
 
 std::shared_ptr<cache_base> make_cache(std::string_view config, std::string_view layout, const kv_geometry& g,
-                                       int device, std::uint64_t budget_bytes, const std::vector<int>& peers) {
-    return vmmpp::dispatch_by_name<vmmpp::kv_layouts>(layout, "layout", [&]<class L>(std::type_identity<L>) {
-        return detail::layout_caches<L>::named(config, g, device, budget_bytes, peers);
-    });
+                                       const backing_choice& backing, std::uint64_t budget_bytes) {
+    check_layout<vmmpp::kv_layouts>(layout, "layout");
+    return vmmpp::dispatch_by_name<vmmpp::named_configs>(
+        canonical_config_name(config), "configuration",
+        [&]<class C>(std::type_identity<C>) { return detail::config_caches<C>::named(layout, g, backing, budget_bytes); });
 }
 
 std::shared_ptr<cache_base> make_cache_in_budget(std::string_view config, std::string_view layout,
-                                                 const kv_geometry& g, int device, shared_budget quota) {
-    return vmmpp::dispatch_by_name<vmmpp::kv_layouts>(layout, "layout", [&]<class L>(std::type_identity<L>) {
-        return detail::layout_caches<L>::in_budget(config, g, device, std::move(quota));
-    });
+                                                 const kv_geometry& g, const backing_choice& backing,
+                                                 shared_budget quota) {
+    check_layout<vmmpp::kv_layouts>(layout, "layout");
+    return vmmpp::dispatch_by_name<budget_configs>(
+        canonical_config_name(config), "configuration for a budget", [&]<class C>(std::type_identity<C>) {
+            return detail::config_caches<C>::in_budget(layout, g, backing, std::move(quota));
+        });
 }
 
 std::shared_ptr<cache_base> make_cache_in_process_budget(std::string_view config, std::string_view layout,
-                                                         const kv_geometry& g, int device, process_quota quota) {
+                                                         const kv_geometry& g, const backing_choice& backing,
+                                                         process_quota quota) {
     // The four layouts with K and V in tensors of their own (vmmpp::split_kv_layouts).
-    return vmmpp::dispatch_by_name<vmmpp::split_kv_layouts>(
-        layout, "layout for a process budget", [&]<class L>(std::type_identity<L>) {
-            return detail::layout_caches<L>::in_process_budget(config, g, device, std::move(quota));
+    check_layout<vmmpp::split_kv_layouts>(layout, "layout for a process budget");
+    return vmmpp::dispatch_by_name<budget_configs>(
+        canonical_config_name(config), "configuration for a process budget", [&]<class C>(std::type_identity<C>) {
+            return detail::config_caches<C>::in_process_budget(layout, g, backing, std::move(quota));
         });
 }
 

@@ -161,6 +161,16 @@ public:
     bool has_prefix = false;
 };
 
+/// Where a cache's memory comes from beyond its configuration: the CUDA device (ignored by host
+/// memory), the devices that may read and write it too (vmm_options::peer_devices) and what
+/// reads of uncommitted address space do (vmm_options::unbacked). Peers and anything but
+/// unbacked_access::fault are for the vmm configurations only; the others refuse them.
+struct backing_choice {
+    int device = 0;
+    std::vector<int> peers{};
+    unbacked_access unbacked = unbacked_access::fault;
+};
+
 /// The configurations a budget shared with other models takes (make_cache_in_budget,
 /// make_cache_in_process_budget): those of named_configs under a shared_budget, and host_config
 /// (CPU memory: tests and machines without a GPU).
@@ -174,19 +184,21 @@ bool has_shared_budget(std::string_view config);
 
 /// A cache of the named configuration (named_configs, or an alias) and layout (kv_layouts).
 /// Configurations under a shared_budget get a budget of their own of budget_bytes (0: the whole
-/// span, in 2 MiB pages); the others ignore budget_bytes. peers: vmm configurations only.
-/// Throws: invalid_argument (an unknown name, listing the valid ones; peers elsewhere), and what
-/// the kv_cache constructor throws.
+/// span, in 2 MiB pages); the others ignore budget_bytes.
+/// Throws: invalid_argument (an unknown name, listing the valid ones; a backing_choice the
+/// configuration cannot take), and what the kv_cache constructor throws.
 std::shared_ptr<cache_base> make_cache(std::string_view config, std::string_view layout, const kv_geometry& g,
-                                       int device, std::uint64_t budget_bytes, const std::vector<int>& peers);
+                                       const backing_choice& backing, std::uint64_t budget_bytes);
 /// A cache of one of budget_configs and any layout, charged to `quota` (a model's share of a
 /// vmmpp::budget).
 std::shared_ptr<cache_base> make_cache_in_budget(std::string_view config, std::string_view layout,
-                                                 const kv_geometry& g, int device, shared_budget quota);
+                                                 const kv_geometry& g, const backing_choice& backing,
+                                                 shared_budget quota);
 /// A cache of one of budget_configs and one of split_kv_layouts, charged to `quota` (a model of a
 /// cross-process vmmpp::process_budget).
 std::shared_ptr<cache_base> make_cache_in_process_budget(std::string_view config, std::string_view layout,
-                                                         const kv_geometry& g, int device, process_quota quota);
+                                                         const kv_geometry& g, const backing_choice& backing,
+                                                         process_quota quota);
 
 /// A prefix cache over `cache` (one per cache), `lend`ing to the cache's budget as
 /// make_prefix says. Takes the cache's mutex; so does the returned pointer's deleter, after it

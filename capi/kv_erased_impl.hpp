@@ -1,8 +1,8 @@
 // capi/kv_erased_impl.hpp: the templates behind kv_erased.hpp (for kv_erased*.cpp only): the
 // cache, prefix cache and host tier of each configuration and layout (cache_impl, prefix_impl,
-// tier_impl) and layout_caches<Layout>, the caches of one layout. kv_erased.cpp dispatches by
-// name; each layout's caches are instantiated in one of kv_erased_block_major.cpp,
-// kv_erased_layer_major.cpp, kv_erased_other_layouts.cpp (extern templates below), so a build
+// tier_impl) and config_caches<Config>, the caches of one configuration. kv_erased.cpp dispatches
+// by name; each configuration's caches are instantiated in one of kv_erased_fixed.cpp,
+// kv_erased_elastic.cpp, kv_erased_mapped_ahead.cpp (extern templates below), so a build
 // compiles them in parallel.
 #pragma once
 
@@ -258,90 +258,115 @@ private:
 };
 
 /// A cache of Config with Layout, whatever the configuration: the backing's options from
-/// `device` and `peers` (vmm only), the quota given.
+/// `choice` (peers and unbacked reads: vmm only), the quota given.
 template <class Config, class Layout, class Quota>
-std::shared_ptr<cache_base> build_cache(const vmmpp::kv_geometry& g, int device, const std::vector<int>& peers,
-                                        Quota quota) {
+std::shared_ptr<cache_base> build_cache(const vmmpp::kv_geometry& g, const backing_choice& choice, Quota quota) {
     using cfg = vmmpp::with_quota_t<Config, Quota>;
     using backing = typename cfg::backing_type;
     typename backing::options options{};
     if constexpr (is_vmm_config<cfg>::value) {
-        options.device = device;
-        options.peer_devices = peers;
+        options.device = choice.device;
+        options.peer_devices = choice.peers;
+        options.unbacked = choice.unbacked;
     } else {
-        if (!peers.empty()) {
+        if (!choice.peers.empty()) {
             throw vmmpp::invalid_argument("peer devices are given to vmm configurations only (" + vmm_config_names() +
                                           "), not '" + std::string(vmmpp::type_name<Config>) + "'");
         }
-        if constexpr (requires { options.device = device; }) {
-            options.device = device;  // device, managed_prefetch; host memory has no device
+        if (choice.unbacked != vmmpp::unbacked_access::fault) {
+            throw vmmpp::invalid_argument("unbacked reads as zeros need a vmm configuration (" + vmm_config_names() +
+                                          "), not '" + std::string(vmmpp::type_name<Config>) + "'");
+        }
+        if constexpr (requires { options.device = choice.device; }) {
+            options.device = choice.device;  // device, managed_prefetch; host memory has no device
         }
     }
     return std::make_shared<cache_impl<cfg, Layout>>(g, std::move(options), typename cfg::growth_type{},
                                                      std::move(quota));
 }
 
-/// A cache of the named configuration `config` (vmmpp::named_configs, or an alias) with Layout.
-/// Configurations under a shared_budget get a budget of budget_bytes (0: the whole span, in
-/// 2 MiB pages); the others ignore budget_bytes.
+/// The caches of configuration Config (one of named_configs) in every layout: under a budget of
+/// their own or none, and (budget_configs only) under a model's share of a vmmpp::budget or of a
+/// process budget. The caller chose the configuration by name; these choose the layout.
+template <class Config>
+struct config_caches {
+    /// A cache of Config in `layout` (kv_layouts). Under a shared_budget it gets a budget of
+    /// budget_bytes (0: the whole span, in 2 MiB pages); the other quotas ignore budget_bytes.
+    static std::shared_ptr<cache_base> named(std::string_view layout, const vmmpp::kv_geometry& g,
+                                             const backing_choice& choice, std::uint64_t budget_bytes);
+    /// A cache of Config in `layout` charged to a model of a vmmpp::budget.
+    static std::shared_ptr<cache_base> in_budget(std::string_view layout, const vmmpp::kv_geometry& g,
+                                                 const backing_choice& choice, vmmpp::shared_budget quota);
+    /// A cache of Config in `layout` (split_kv_layouts) charged to a model of a process budget.
+    static std::shared_ptr<cache_base> in_process_budget(std::string_view layout, const vmmpp::kv_geometry& g,
+                                                         const backing_choice& choice, vmmpp::process_quota quota);
 
-/// The caches of Layout: of a named configuration (each under a budget of its own, or none), of
-/// one of budget_configs under a model's share of a vmmpp::budget, or under a process budget.
-template <class Layout>
-struct layout_caches {
-    /// A cache of the named configuration `config` (vmmpp::named_configs, or an alias).
-    /// Configurations under a shared_budget get a budget of budget_bytes (0: the whole span, in
-    /// 2 MiB pages); the others ignore budget_bytes.
-    static std::shared_ptr<cache_base> named(std::string_view config, const vmmpp::kv_geometry& g, int device,
-                                             std::uint64_t budget_bytes, const std::vector<int>& peers) {
-        return vmmpp::dispatch_by_name<vmmpp::named_configs>(
-            canonical_config_name(config), "configuration", [&]<class C>(std::type_identity<C>) {
-                using quota = typename C::quota_type;
-                if constexpr (std::is_same_v<quota, vmmpp::shared_budget>) {
-                    // The budget's state lives in the model's share, so the budget object may go.
-                    constexpr std::size_t page = std::size_t{2} << 20;
-                    const std::size_t limit =
-                        budget_bytes != 0 ? budget_bytes : (Layout::span_bytes(g) + page - 1) / page * page;
-                    vmmpp::budget budget(limit);
-                    return build_cache<C, Layout>(g, device, peers, budget.register_model("kv", limit));
-                } else {
-                    static_assert(std::is_same_v<quota, vmmpp::unlimited>,
-                                  "make_cache builds shared_budget and unlimited quotas: add this one");
-                    return build_cache<C, Layout>(g, device, peers, quota{});
-                }
-            });
-    }
-
-    static std::shared_ptr<cache_base> in_budget(std::string_view config, const vmmpp::kv_geometry& g, int device,
-                                                 vmmpp::shared_budget quota) {
-        return vmmpp::dispatch_by_name<budget_configs>(
-            canonical_config_name(config), "configuration for a budget",
-            [&]<class C>(std::type_identity<C>) { return build_cache<C, Layout>(g, device, {}, std::move(quota)); });
-    }
-
-    /// Only the layouts with K and V in tensors of their own (vmmpp::split_kv_layouts).
-    static std::shared_ptr<cache_base> in_process_budget(std::string_view config, const vmmpp::kv_geometry& g,
-                                                         int device, vmmpp::process_quota quota) {
-        if constexpr (is_split_kv_layout<Layout>::value) {
-            return vmmpp::dispatch_by_name<budget_configs>(
-                canonical_config_name(config), "configuration for a process budget",
-                [&]<class C>(std::type_identity<C>) { return build_cache<C, Layout>(g, device, {}, std::move(quota)); });
-        } else {
-            throw vmmpp::invalid_argument(std::string("the ") + Layout::name +
-                                          " layout is not offered under a process budget; the layouts are " +
-                                          vmmpp::type_names<vmmpp::split_kv_layouts>());
-        }
+private:
+    /// (kv_erased.cpp dispatches budgets over budget_configs only: a guard, never thrown there.)
+    static vmmpp::invalid_argument not_for_budgets() {
+        return vmmpp::invalid_argument("the '" + std::string(vmmpp::type_name<Config>) +
+                                       "' configuration is not charged to a budget; those are " +
+                                       vmmpp::type_names<budget_configs>());
     }
 };
 
-// Instantiated once each, in kv_erased_block_major.cpp, kv_erased_layer_major.cpp and
-// kv_erased_other_layouts.cpp; a layout added to vmmpp::kv_layouts goes to one of them too.
-extern template struct layout_caches<vmmpp::block_major>;
-extern template struct layout_caches<vmmpp::block_major_hnd>;
-extern template struct layout_caches<vmmpp::layer_major>;
-extern template struct layout_caches<vmmpp::layer_major_hnd>;
-extern template struct layout_caches<vmmpp::packed_kv>;
-extern template struct layout_caches<vmmpp::mla>;
-extern template struct layout_caches<vmmpp::sequence_contiguous>;
+// Defined outside the class, so not inline: the extern templates below then keep every other
+// translation unit from instantiating them (GCC instantiates inline members for inlining anyway).
+template <class Config>
+std::shared_ptr<cache_base> config_caches<Config>::named(std::string_view layout, const vmmpp::kv_geometry& g,
+                                                         const backing_choice& choice, std::uint64_t budget_bytes) {
+    return vmmpp::dispatch_by_name<vmmpp::kv_layouts>(layout, "layout", [&]<class L>(std::type_identity<L>) {
+        using quota = typename Config::quota_type;
+        if constexpr (std::is_same_v<quota, vmmpp::shared_budget>) {
+            // The budget's state lives in the model's share, so the budget object may go.
+            constexpr std::size_t page = std::size_t{2} << 20;
+            const std::size_t limit = budget_bytes != 0 ? budget_bytes : (L::span_bytes(g) + page - 1) / page * page;
+            vmmpp::budget budget(limit);
+            return build_cache<Config, L>(g, choice, budget.register_model("kv", limit));
+        } else {
+            static_assert(std::is_same_v<quota, vmmpp::unlimited>,
+                          "make_cache builds shared_budget and unlimited quotas: add this one");
+            return build_cache<Config, L>(g, choice, quota{});
+        }
+    });
+}
+
+template <class Config>
+std::shared_ptr<cache_base> config_caches<Config>::in_budget(std::string_view layout, const vmmpp::kv_geometry& g,
+                                                             const backing_choice& choice,
+                                                             vmmpp::shared_budget quota) {
+    if constexpr (vmmpp::list_contains_v<Config, budget_configs>) {
+        return vmmpp::dispatch_by_name<vmmpp::kv_layouts>(layout, "layout", [&]<class L>(std::type_identity<L>) {
+            return build_cache<Config, L>(g, choice, std::move(quota));
+        });
+    } else {
+        throw not_for_budgets();
+    }
+}
+
+template <class Config>
+std::shared_ptr<cache_base> config_caches<Config>::in_process_budget(std::string_view layout,
+                                                                     const vmmpp::kv_geometry& g,
+                                                                     const backing_choice& choice,
+                                                                     vmmpp::process_quota quota) {
+    if constexpr (vmmpp::list_contains_v<Config, budget_configs>) {
+        return vmmpp::dispatch_by_name<vmmpp::split_kv_layouts>(
+            layout, "layout for a process budget",
+            [&]<class L>(std::type_identity<L>) { return build_cache<Config, L>(g, choice, std::move(quota)); });
+    } else {
+        throw not_for_budgets();
+    }
+}
+
+// Instantiated once each, in kv_erased_fixed.cpp (static, gh200, host), kv_erased_elastic.cpp
+// (elastic, elastic_page) and kv_erased_mapped_ahead.cpp: split by configuration, so that each
+// pool type is compiled in one translation unit. A configuration added to named_configs goes to
+// one of them too.
+extern template struct config_caches<vmmpp::static_config>;
+extern template struct config_caches<vmmpp::elastic_config>;
+extern template struct config_caches<vmmpp::elastic_mapped_ahead_config>;
+extern template struct config_caches<vmmpp::elastic_page_config>;
+extern template struct config_caches<vmmpp::gh200_config>;
+extern template struct config_caches<vmmpp::host_config>;
 
 } // namespace vmmpp::erased::detail

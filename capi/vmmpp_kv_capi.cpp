@@ -199,10 +199,10 @@ vmmpp_kv_status vmmpp_kv_create_with_peers(const vmmpp_kv_geometry* geometry, co
         require(geometry != nullptr && config != nullptr && layout != nullptr && out != nullptr &&
                     (peers != nullptr || n_peers == 0),
                 "vmmpp_kv_create: null argument");
-        const std::vector<int> peer_list(peers, peers + n_peers);
         const vmmpp::kv_geometry g = to_geometry(*geometry, "vmmpp_kv_create");
         auto handle = std::make_unique<vmmpp_kv>();
-        handle->cache = vmmpp::erased::make_cache(config, layout, g, device, budget_bytes, peer_list);
+        handle->cache = vmmpp::erased::make_cache(
+            config, layout, g, {.device = device, .peers = std::vector<int>(peers, peers + n_peers)}, budget_bytes);
         *out = handle.release();
     });
 }
@@ -482,7 +482,8 @@ vmmpp_kv_status vmmpp_kv_create_in_process_budget(const vmmpp_kv_geometry* geome
         vmmpp::process_budget budget = vmmpp::process_budget::create_or_open(budget_name, global_limit_bytes);
         vmmpp::process_quota quota = budget.register_model(model, model_limit_bytes);
         auto handle = std::make_unique<vmmpp_kv>();
-        handle->cache = vmmpp::erased::make_cache_in_process_budget(config, layout, g, device, std::move(quota));
+        handle->cache =
+            vmmpp::erased::make_cache_in_process_budget(config, layout, g, {.device = device}, std::move(quota));
         *out = handle.release();
     });
 }

@@ -470,10 +470,24 @@ vmmpp::dtype to_dtype(const std::string& name) {
     throw vmmpp::invalid_argument("unknown dtype '" + name + "'; the dtypes are " + names);
 }
 
+/// "fault", "zeros" or "zeros_writable" (vmmpp::unbacked_access).
+vmmpp::unbacked_access to_unbacked(const std::string& name) {
+    if (name == "fault") {
+        return vmmpp::unbacked_access::fault;
+    }
+    if (name == "zeros") {
+        return vmmpp::unbacked_access::zeros;
+    }
+    if (name == "zeros_writable") {
+        return vmmpp::unbacked_access::zeros_writable;
+    }
+    throw vmmpp::invalid_argument("unbacked '" + name + "' is not one of fault, zeros, zeros_writable");
+}
+
 void init_cache(py_cache* self, nb::handle layers, nb::handle kv_heads, nb::handle head_dim, nb::handle max_blocks,
                 const std::string& dtype, nb::handle block_tokens, const std::string& config, const std::string& layout,
                 nb::handle device, nb::handle budget_bytes, nb::handle max_tokens_per_sequence, nb::handle peers,
-                nb::handle budget, nb::handle model, nb::handle model_limit_bytes) {
+                const std::string& unbacked, nb::handle budget, nb::handle model, nb::handle model_limit_bytes) {
     vmmpp::kv_geometry g;
     g.layers = to_int<std::uint32_t>(layers, "layers");
     g.kv_heads = to_int<std::uint32_t>(kv_heads, "kv_heads");
@@ -483,28 +497,29 @@ void init_cache(py_cache* self, nb::handle layers, nb::handle kv_heads, nb::hand
     g.block_tokens = to_int<std::uint32_t>(block_tokens, "block_tokens");
     g.max_tokens_per_sequence = to_int<std::uint32_t>(max_tokens_per_sequence, "max_tokens_per_sequence");
     g.validate();
-    const int dev = to_int<int>(device, "device");
+    const vmmpp::erased::backing_choice backing{.device = to_int<int>(device, "device"),
+                                                .peers = to_ints<int>(peers, "peers"),
+                                                .unbacked = to_unbacked(unbacked)};
     const std::uint64_t budget_limit = to_int<std::uint64_t>(budget_bytes, "budget_bytes");
-    const std::vector<int> peer_list = to_ints<int>(peers, "peers");
     std::shared_ptr<cache_base> cache;
     if (!budget.is_none()) {
         // A model of a budget shared with other caches: in this process, or across processes.
         if (model.is_none() || model_limit_bytes.is_none()) {
             throw vmmpp::invalid_argument("a cache under a budget needs model= (its name) and model_limit_bytes=");
         }
-        if (budget_limit != 0 || !peer_list.empty()) {
+        if (budget_limit != 0) {
             throw vmmpp::invalid_argument(
-                "budget_bytes and peers are for caches with a budget of their own; under budget= the model's limit "
-                "is model_limit_bytes");
+                "budget_bytes is for a cache with a budget of its own; under budget= the model's limit is "
+                "model_limit_bytes");
         }
         const std::string model_name = nb::cast<std::string>(model);
         const auto limit = to_int<std::size_t>(model_limit_bytes, "model_limit_bytes");
         if (nb::isinstance<vmmpp::budget>(budget)) {
             vmmpp::shared_budget share = nb::cast<vmmpp::budget&>(budget).register_model(model_name, limit);
-            cache = vmmpp::erased::make_cache_in_budget(config, layout, g, dev, std::move(share));
+            cache = vmmpp::erased::make_cache_in_budget(config, layout, g, backing, std::move(share));
         } else if (nb::isinstance<py_process_budget>(budget)) {
             vmmpp::process_quota quota = nb::cast<py_process_budget&>(budget).budget.register_model(model_name, limit);
-            cache = vmmpp::erased::make_cache_in_process_budget(config, layout, g, dev, std::move(quota));
+            cache = vmmpp::erased::make_cache_in_process_budget(config, layout, g, backing, std::move(quota));
         } else {
             throw vmmpp::invalid_argument(std::string("budget must be a vmmpp.Budget or a vmmpp.ProcessBudget, not ") +
                                           Py_TYPE(budget.ptr())->tp_name);
@@ -521,9 +536,9 @@ void init_cache(py_cache* self, nb::handle layers, nb::handle kv_heads, nb::hand
                                           vmmpp::type_names<vmmpp::budgeted_named_configs>() + " and host");
         }
         vmmpp::budget own(budget_limit);
-        cache = vmmpp::erased::make_cache_in_budget(config, layout, g, dev, own.register_model("kv", budget_limit));
+        cache = vmmpp::erased::make_cache_in_budget(config, layout, g, backing, own.register_model("kv", budget_limit));
     } else {
-        cache = vmmpp::erased::make_cache(config, layout, g, dev, budget_limit, peer_list);
+        cache = vmmpp::erased::make_cache(config, layout, g, backing, budget_limit);
     }
     new (self) py_cache{std::move(cache), config, layout, dtype, nullptr};
 }
@@ -761,11 +776,12 @@ NB_MODULE(_vmmpp, m) {
     nb::class_<py_cache>(m, "KVCache",
                          "A vmmpp::kv_cache. config: a name of config_names() ('host' runs without a GPU); "
                          "layout: a name of layout_names(). budget=Budget(...) or ProcessBudget with model= and "
-                         "model_limit_bytes= charges it to a budget shared with other caches.")
+                         "model_limit_bytes= charges it to a budget shared with other caches. unbacked='zeros' "
+                         "(vmm configurations): blocks no sequence holds read as zeros instead of faulting.")
         .def("__init__", &init_cache, nb::kw_only(), "layers"_a, "kv_heads"_a, "head_dim"_a, "max_blocks"_a,
              "dtype"_a = "f16", "block_tokens"_a = 16, "config"_a = "host", "layout"_a = "block_major",
              "device"_a = 0, "budget_bytes"_a = 0, "max_tokens_per_sequence"_a = 0, "peers"_a = nb::tuple(),
-             "budget"_a = nb::none(), "model"_a = nb::none(), "model_limit_bytes"_a = nb::none())
+             "unbacked"_a = "fault", "budget"_a = nb::none(), "model"_a = nb::none(), "model_limit_bytes"_a = nb::none())
         .def_ro("config", &py_cache::config)
         .def_ro("layout", &py_cache::layout)
         .def_ro("dtype", &py_cache::dtype)

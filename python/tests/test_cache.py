@@ -48,6 +48,15 @@ class NamesTest(unittest.TestCase):
         with self.assertRaisesRegex(vmmpp.InvalidArgument, "unknown dtype 'f64'; the dtypes are f32, f16, bf16"):
             cache(dtype="f64")
 
+    def test_unbacked_zeros_are_for_vmm_configurations(self):
+        with self.assertRaisesRegex(vmmpp.InvalidArgument, "^unbacked reads as zeros need a vmm configuration "
+                                                           r"\(elastic, elastic_mapped_ahead, elastic_page\), not 'host'$"):
+            cache(unbacked="zeros")
+        with self.assertRaisesRegex(vmmpp.InvalidArgument, "^unbacked 'zero' is not one of fault, zeros, zeros_writable$"):
+            cache(unbacked="zero")
+        with self.assertRaisesRegex(vmmpp.InvalidArgument, "^peer devices are given to vmm configurations only"):
+            cache(peers=[1])
+
     def test_gpu_configurations_say_there_is_no_gpu_or_work(self):
         # The alias "elastic_pages" is accepted as vmmpp_kv accepts it. Without a GPU each one
         # raises CudaUnavailable (or CudaError), never anything untyped.

@@ -40,6 +40,11 @@ class GpuTest(unittest.TestCase):
             c.synchronize()
             self.assertEqual(c.stats()["used_blocks"], 0)
 
+    def test_unbacked_blocks_read_as_zeros(self):
+        with vmmpp.KVCache(**GEOMETRY, config="elastic", unbacked="zeros") as c:
+            k = torch.from_dlpack(c.key(0))
+            self.assertEqual(float(k[1000].abs().sum()), 0.0)  # no sequence holds block 1000
+
     def test_a_pinned_host_tier_behind_a_gpu_cache(self):
         tier_stream = torch.cuda.Stream()
         engine = torch.cuda.current_stream()

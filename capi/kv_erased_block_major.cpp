@@ -1,8 +1,0 @@
-// capi/kv_erased_block_major.cpp: the caches of the block_major and block_major_hnd layouts (kv_erased_impl.hpp's
-// layout_caches), every configuration and quota, in a translation unit of their own.
-#include "kv_erased_impl.hpp"
-
-namespace vmmpp::erased::detail {
-template struct layout_caches<vmmpp::block_major>;
-template struct layout_caches<vmmpp::block_major_hnd>;
-} // namespace vmmpp::erased::detail
