@@ -417,8 +417,9 @@ nb::object dlpack(const py_tensor& t, nb::handle stream, nb::handle max_version,
             throw nb::python_error();
         }
     }
-    if (!stream.is_none() && !(PyLong_Check(stream.ptr()) && PyLong_AsLong(stream.ptr()) == -1) &&
-        device.device_type != kDLCPU) {
+    // DLPack's stream -1: the consumer asks for no synchronization.
+    const bool no_sync = stream.is_none() || (PyLong_Check(stream.ptr()) && to_int<long long>(stream, "stream") == -1);
+    if (!no_sync && device.device_type != kDLCPU) {
         // The cache's own device work (copy-on-write copies) is on its stream: finish it, so the
         // consumer's stream sees it, whatever stream that is.
         waiting(c, [&] { c.synchronize(); });
@@ -547,18 +548,18 @@ nb::object slot_mapping(const py_cache& self, nb::handle seq_h, nb::handle first
     cache_base& c = self.get();
     const auto seq = to_int<vmmpp::seq_id>(seq_h, "seq");
     const auto first = to_int<std::size_t>(first_h, "first");
+    const bool to_the_end = count_h.is_none();
+    const std::size_t asked = to_the_end ? 0 : to_int<std::size_t>(count_h, "count");
     std::vector<std::int64_t> out;
     locked(c, [&] {
-        std::size_t count = 0;
-        if (count_h.is_none()) {
+        std::size_t count = asked;
+        if (to_the_end) {
             const std::size_t tokens = c.tokens(seq);
             if (first > tokens) {
                 throw vmmpp::invalid_argument("slot_mapping: first " + std::to_string(first) + " is past the " +
                                               std::to_string(tokens) + " tokens of sequence " + std::to_string(seq));
             }
             count = tokens - first;
-        } else {
-            count = to_int<std::size_t>(count_h, "count");
         }
         out.resize(count);
         c.slot_mapping(seq, first, out);

@@ -160,6 +160,9 @@ class OperationsTest(unittest.TestCase):
             self.assertEqual(e.exception.status, "out_of_blocks")
             self.assertIsInstance(e.exception, vmmpp.REFUSALS)
             self.assertEqual(c.tokens(seq), 3 * BLOCK_TOKENS)  # unchanged
+            with self.assertRaisesRegex(vmmpp.InvalidArgument,
+                                        f"^slot_mapping: first 50 is past the 48 tokens of sequence {seq}$"):
+                c.slot_mapping(seq, 50)
             with self.assertRaisesRegex(vmmpp.InvalidArgument, "sequence 99"):
                 c.free(99)
         with cache(layout="mla") as c:
