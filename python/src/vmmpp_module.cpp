@@ -615,6 +615,21 @@ nb::tuple eviction_tuple(nb::handle eviction_type, const vmmpp::eviction_result&
 
 nb::object self_of(nb::handle self) { return nb::borrow(self); }
 
+/// close() and the context manager (__enter__, __exit__ calling close) of a handle class: the
+/// handle drops its reference (`member`), without the GIL, since the object's destructor may
+/// take the cache's mutex and wait for copies. Objects still holding it keep it alive.
+template <class Py, class Member>
+nb::class_<Py>& def_close(nb::class_<Py>& cls, Member Py::*member, const char* doc) {
+    auto close = [member](Py& self) {
+        nb::gil_scoped_release unlocked;
+        (self.*member).reset();
+    };
+    cls.def("close", close, doc);
+    cls.def("__enter__", &self_of);
+    cls.def("__exit__", [close](Py& self, nb::args) { close(self); });
+    return cls;
+}
+
 } // namespace
 
 NB_MODULE(_vmmpp, m) {
@@ -628,37 +643,45 @@ NB_MODULE(_vmmpp, m) {
         errors.invalid_argument = new_error(m, "InvalidArgument", "invalid_argument", bases.ptr(),
                                             "An argument that can never succeed (vmmpp::invalid_argument); nothing changed.");
     }
-    errors.unknown_model = new_error(m, "UnknownModel", "invalid_argument", errors.invalid_argument,
-                                     "No model of this name is registered with the budget.");
-    errors.no_such_segment = new_error(m, "NoSuchSegment", "invalid_argument", errors.invalid_argument,
-                                       "No process budget segment has this name.");
-    errors.incompatible_segment = new_error(m, "IncompatibleSegment", "invalid_argument", errors.invalid_argument,
-                                            "A shared-memory object of this name is not a process budget vmmpp can use.");
-    errors.model_in_use = new_error(m, "ModelInUse", "invalid_argument", errors.invalid_argument,
-                                    "Live processes still hold a share of the model.");
-    errors.out_of_memory = new_error(m, "OutOfMemory", "out_of_memory", errors.error,
-                                     "Physical memory refused: .requested, .committed, .limit (0: none).");
-    errors.over_quota = new_error(m, "OverQuota", "over_quota", errors.error,
-                                  "A budget refused the memory: .which ('model <name>' or 'global'), .requested, "
-                                  ".in_use, .limit.");
-    errors.out_of_blocks = new_error(m, "OutOfBlocks", "out_of_blocks", errors.error,
-                                     "Too few free blocks: .needed, .free, .max_blocks.");
-    errors.out_of_sequence_slots = new_error(m, "OutOfSequenceSlots", "out_of_sequence_slots", errors.error,
-                                             "sequence_contiguous: every slot in use: .slots, .slot_blocks.");
-    errors.tier_full = new_error(m, "TierFull", "tier_full", errors.error,
-                                 "A host tier has no room for a swap-out: .needed, .free, .max_blocks; nothing changed.");
-    errors.cache_asleep = new_error(m, "CacheAsleep", "error", errors.error,
-                                    "A call that needs the cache's memory while it sleeps: .operation; wake() it first.");
-    errors.retired_memory = new_error(m, "RetiredMemory", "error", errors.error,
-                                      "Memory taken out of service after the driver failed to give it back: .offset, "
-                                      ".bytes.");
-    errors.cuda_error = new_error(m, "CudaError", "cuda_error", errors.error,
-                                  "A CUDA call failed: .call, .code, .code_name.");
-    errors.cuda_unavailable = new_error(m, "CudaUnavailable", "cuda_unavailable", errors.error,
-                                        "No usable CUDA driver or device.");
-    errors.untrusted_segment = new_error(m, "UntrustedSegment", "error", errors.error,
-                                         "A process budget segment owned or writable by another user: .owner_uid, "
-                                         ".our_uid, .mode.");
+    // The rest, each after its base: (class, name, status, base, doc).
+    const struct {
+        PyObject** type;
+        const char* name;
+        const char* status;
+        PyObject* const* base;
+        const char* doc;
+    } subclasses[] = {
+        {&errors.unknown_model, "UnknownModel", "invalid_argument", &errors.invalid_argument,
+         "No model of this name is registered with the budget."},
+        {&errors.no_such_segment, "NoSuchSegment", "invalid_argument", &errors.invalid_argument,
+         "No process budget segment has this name."},
+        {&errors.incompatible_segment, "IncompatibleSegment", "invalid_argument", &errors.invalid_argument,
+         "A shared-memory object of this name is not a process budget vmmpp can use."},
+        {&errors.model_in_use, "ModelInUse", "invalid_argument", &errors.invalid_argument,
+         "Live processes still hold a share of the model."},
+        {&errors.out_of_memory, "OutOfMemory", "out_of_memory", &errors.error,
+         "Physical memory refused: .requested, .committed, .limit (0: none)."},
+        {&errors.over_quota, "OverQuota", "over_quota", &errors.error,
+         "A budget refused the memory: .which ('model <name>' or 'global'), .requested, .in_use, .limit."},
+        {&errors.out_of_blocks, "OutOfBlocks", "out_of_blocks", &errors.error,
+         "Too few free blocks: .needed, .free, .max_blocks."},
+        {&errors.out_of_sequence_slots, "OutOfSequenceSlots", "out_of_sequence_slots", &errors.error,
+         "sequence_contiguous: every slot in use: .slots, .slot_blocks."},
+        {&errors.tier_full, "TierFull", "tier_full", &errors.error,
+         "A host tier has no room for a swap-out: .needed, .free, .max_blocks; nothing changed."},
+        {&errors.cache_asleep, "CacheAsleep", "error", &errors.error,
+         "A call that needs the cache's memory while it sleeps: .operation; wake() it first."},
+        {&errors.retired_memory, "RetiredMemory", "error", &errors.error,
+         "Memory taken out of service after the driver failed to give it back: .offset, .bytes."},
+        {&errors.cuda_error, "CudaError", "cuda_error", &errors.error, "A CUDA call failed: .call, .code, .code_name."},
+        {&errors.cuda_unavailable, "CudaUnavailable", "cuda_unavailable", &errors.error,
+         "No usable CUDA driver or device."},
+        {&errors.untrusted_segment, "UntrustedSegment", "error", &errors.error,
+         "A process budget segment owned or writable by another user: .owner_uid, .our_uid, .mode."},
+    };
+    for (const auto& e : subclasses) {
+        *e.type = new_error(m, e.name, e.status, *e.base, e.doc);
+    }
     nb::register_exception_translator(translate_error, nullptr);
 
     m.def("config_names", [] { return vmmpp::type_names<vmmpp::named_configs>(","); },
@@ -774,11 +797,12 @@ NB_MODULE(_vmmpp, m) {
         .def("__dlpack__", &dlpack, nb::kw_only(), "stream"_a = nb::none(), "max_version"_a = nb::none(),
              "dl_device"_a = nb::none(), "copy"_a = nb::none());
 
-    nb::class_<py_cache>(m, "KVCache",
+    nb::class_<py_cache> kv_cache(m, "KVCache",
                          "A vmmpp::kv_cache. config: a name of config_names() ('host' runs without a GPU); "
                          "layout: a name of layout_names(). budget=Budget(...) or ProcessBudget with model= and "
                          "model_limit_bytes= charges it to a budget shared with other caches. unbacked='zeros' "
-                         "(vmm configurations): blocks no sequence holds read as zeros instead of faulting.")
+                         "(vmm configurations): blocks no sequence holds read as zeros instead of faulting.");
+    def_close(kv_cache, &py_cache::cache, "Drops the handle; exports and prefix caches still alive keep the cache.")
         .def("__init__", &init_cache, nb::kw_only(), "layers"_a, "kv_heads"_a, "head_dim"_a, "max_blocks"_a,
              "dtype"_a = "f16", "block_tokens"_a = 16, "config"_a = "host", "layout"_a = "block_major",
              "device"_a = 0, "budget_bytes"_a = 0, "max_tokens_per_sequence"_a = 0, "peers"_a = nb::tuple(),
@@ -801,10 +825,6 @@ NB_MODULE(_vmmpp, m) {
                          d["block_bytes"] = g.block_bytes();
                          return d;
                      })
-        .def("close", [](py_cache& c) { c.cache.reset(); },
-             "Drops the handle; exports and prefix caches still alive keep the cache's memory.")
-        .def("__enter__", &self_of)
-        .def("__exit__", [](py_cache& c, nb::args) { c.cache.reset(); })
         .def("add_sequence",
              [](const py_cache& self) {
                  cache_base& c = self.get();
@@ -1046,9 +1066,10 @@ NB_MODULE(_vmmpp, m) {
     m.def("stats_json", &stats_json, "caches"_a, "budget"_a = nb::none(),
           "One JSON object (vmmpp::to_json) of the caches (a dict name -> KVCache) and a Budget or ProcessBudget.");
 
-    nb::class_<py_prefix>(m, "PrefixCache",
-                          "vmmpp::prefix_cache over a KVCache: full blocks of finished requests stay cached by "
-                          "content key, and a prompt that starts the same way gets them back.")
+    nb::class_<py_prefix> prefix_cache(m, "PrefixCache",
+                                       "vmmpp::prefix_cache over a KVCache: full blocks of finished requests stay "
+                                       "cached by content key, and a prompt that starts the same way gets them back.");
+    def_close(prefix_cache, &py_prefix::prefix, "Drops the handle; a host tier over it keeps the prefix cache.")
         .def(
             "__init__",
             [](py_prefix* self, const py_cache& cache, nb::handle max_cached_bytes, bool record_events, bool lend) {
@@ -1066,17 +1087,6 @@ NB_MODULE(_vmmpp, m) {
                 new (self) py_prefix{cache.cache, std::move(prefix)};
             },
             "cache"_a, nb::kw_only(), "max_cached_bytes"_a = nb::none(), "record_events"_a = false, "lend"_a = false)
-        .def("close",
-             [](py_prefix& p) {
-                 nb::gil_scoped_release unlocked;  // the deleter takes the cache's mutex
-                 p.prefix.reset();
-             })
-        .def("__enter__", &self_of)
-        .def("__exit__",
-             [](py_prefix& p, nb::args) {
-                 nb::gil_scoped_release unlocked;
-                 p.prefix.reset();
-             })
         .def(
             "publish",
             [](const py_prefix& self, nb::handle seq, nb::handle tokens, nb::handle extra) {
@@ -1192,9 +1202,10 @@ NB_MODULE(_vmmpp, m) {
              },
              "[(kind, block, (key_hi, key_lo), (parent_hi, parent_lo))], kind 'stored' or 'removed', oldest first.");
 
-    nb::class_<py_tier>(m, "HostTier",
-                        "vmmpp::host_tier behind a PrefixCache: evicted blocks are copied to host memory instead of "
-                        "dropped, found again by attach, and sequences swap out and in.")
+    nb::class_<py_tier> host_tier(m, "HostTier",
+                                  "vmmpp::host_tier behind a PrefixCache: evicted blocks are copied to host memory "
+                                  "instead of dropped, found again by attach, and sequences swap out and in.");
+    def_close(host_tier, &py_tier::tier, "Waits for the tier's copies and frees its host memory.")
         .def(
             "__init__",
             [](py_tier* self, const py_prefix& prefix, nb::handle max_blocks, nb::handle stream) {
@@ -1209,17 +1220,6 @@ NB_MODULE(_vmmpp, m) {
                 new (self) py_tier{prefix.cache, std::move(tier)};
             },
             "prefix_cache"_a, nb::kw_only(), "max_blocks"_a, "stream"_a = nb::none())
-        .def("close",
-             [](py_tier& t) {
-                 nb::gil_scoped_release unlocked;  // waits for the tier's copies
-                 t.tier.reset();
-             })
-        .def("__enter__", &self_of)
-        .def("__exit__",
-             [](py_tier& t, nb::args) {
-                 nb::gil_scoped_release unlocked;
-                 t.tier.reset();
-             })
         .def(
             "attach",
             [](const py_tier& self, nb::handle tokens, nb::handle extra, nb::handle stream) {
