@@ -698,6 +698,14 @@ NB_MODULE(_vmmpp, m) {
                               .attr("namedtuple")("Eviction", nb::make_tuple("blocks", "keys", "freed_page_bytes"));
     eviction.attr("__module__") = "vmmpp";
     m.attr("Eviction") = eviction;
+    // A cache's shape with attribute access, as vmmpp_kv's Geometry structure has it.
+    nb::object geometry_type = nb::module_::import_("collections")
+                                   .attr("namedtuple")("Geometry", nb::make_tuple("layers", "kv_heads", "head_dim",
+                                                                                  "dtype", "block_tokens", "max_blocks",
+                                                                                  "max_tokens_per_sequence",
+                                                                                  "block_bytes"));
+    geometry_type.attr("__module__") = "vmmpp";
+    m.attr("Geometry") = geometry_type;
 
     nb::class_<vmmpp::budget>(m, "Budget",
                               "vmmpp::budget: one global byte limit shared by the caches made with budget=this "
@@ -812,19 +820,13 @@ NB_MODULE(_vmmpp, m) {
         .def_ro("dtype", &py_cache::dtype)
         .def_prop_ro("closed", [](const py_cache& c) { return !c.cache; })
         .def_prop_ro("geometry",
-                     [](const py_cache& c) {
-                         const vmmpp::kv_geometry& g = c.get().geometry();
-                         nb::dict d;
-                         d["layers"] = g.layers;
-                         d["kv_heads"] = g.kv_heads;
-                         d["head_dim"] = g.head_dim;
-                         d["dtype"] = c.dtype;
-                         d["block_tokens"] = g.block_tokens;
-                         d["max_blocks"] = g.max_blocks;
-                         d["max_tokens_per_sequence"] = g.max_tokens_per_sequence;
-                         d["block_bytes"] = g.block_bytes();
-                         return d;
-                     })
+                     [geometry_type](const py_cache& c) {
+                         const vmmpp::kv_geometry& g = c.get().geometry();  // fixed for the cache's life
+                         return geometry_type(g.layers, g.kv_heads, g.head_dim, c.dtype, g.block_tokens, g.max_blocks,
+                                              g.max_tokens_per_sequence, g.block_bytes());
+                     },
+                     "Geometry(layers, kv_heads, head_dim, dtype, block_tokens, max_blocks, "
+                     "max_tokens_per_sequence, block_bytes), a namedtuple.")
         .def("add_sequence",
              [](const py_cache& self) {
                  cache_base& c = self.get();

@@ -121,7 +121,8 @@ class OperationsTest(unittest.TestCase):
                 self.assertEqual(list(c.slot_mapping(seq, 5, 2)), list(slots)[5:7])
                 stats = c.stats()
                 self.assertEqual((stats["used_blocks"], stats["sequences"], stats["asleep"]), (3, 1, False))
-                self.assertEqual(stats["block_bytes"], c.geometry["block_bytes"])
+                self.assertEqual(stats["block_bytes"], c.geometry.block_bytes)
+                self.assertEqual(c.geometry[:3], (2, 1 if layout == "mla" else 2, 64))
                 self.assertGreaterEqual(stats["committed_bytes"], 3 * stats["block_bytes"])
                 if layout != "sequence_contiguous":
                     child = c.fork(seq)

@@ -22,6 +22,7 @@ from ._vmmpp import (  # noqa: F401  (the public API)
     CudaUnavailable,
     Error,
     Eviction,
+    Geometry,
     HostTier,
     IncompatibleSegment,
     InvalidArgument,
