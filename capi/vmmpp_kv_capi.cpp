@@ -1,12 +1,15 @@
 // vmmpp_kv_capi.cpp: the C ABI of vmmpp_kv_capi.h over vmmpp::kv_cache. One type-erased cache
-// per handle (configuration and layout chosen by name at run time, through the one list of each:
-// vmmpp::named_configs, vmmpp/config_list.hpp, and vmmpp::kv_layouts, vmmpp/kv/layout_list.hpp),
+// per handle (kv_erased.hpp: configuration and layout chosen by name at run time, through the one
+// list of each: vmmpp::named_configs, vmmpp/config_list.hpp, and vmmpp::kv_layouts,
+// vmmpp/kv/layout_list.hpp; its instantiations are in kv_erased.cpp),
 // DLPack exports through vmmpp/interop/dlpack.hpp with the cache as their keep-alive; prefix caches
 // (vmmpp/prefix/prefix_cache.hpp) and their host tiers (vmmpp/tier/host_tier.hpp) over a cache handle.
 #define VMMPP_KV_CAPI_BUILD
 #include "vmmpp_kv_capi.h"
 
 #include <dlfcn.h>
+
+#include "kv_erased.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -18,406 +21,22 @@
 #include <span>
 #include <string>
 #include <string_view>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "vmmpp/config.hpp"
 #include "vmmpp/config_list.hpp"
-#include "vmmpp/interop/dlpack.hpp"
-#include "vmmpp/interop/nixl.hpp"
-#include "vmmpp/interop/shared_pages.hpp"
-#include "vmmpp/kv/cache.hpp"
 #include "vmmpp/kv/layout_list.hpp"
 #include "vmmpp/kv/transfer.hpp"
-#include "vmmpp/prefix/lending.hpp"
-#include "vmmpp/prefix/prefix_cache.hpp"
-#include "vmmpp/quota/process_budget.hpp"
-#include "vmmpp/tier/host_tier.hpp"
 
 namespace {
 
 thread_local std::string last_error;
 std::atomic<std::uint64_t> live_exports{0};
 
-/// Whether Config's memory comes from the vmm backing (the configurations that take peers and
-/// share their pages).
-template <class Config>
-struct is_vmm_config : std::is_same<typename Config::backing_type, vmmpp::vmm> {};
-
-/// "elastic, elastic_mapped_ahead, elastic_page": the named vmm configurations, for messages.
-std::string vmm_config_names() { return vmmpp::type_names<vmmpp::filter_t<vmmpp::named_configs, is_vmm_config>>(); }
-
-/// What the C ABI needs of a host tier (vmmpp::host_tier), whatever its prefix cache's type. The
-/// caller holds the cache's mutex.
-class tier_base {
-public:
-    virtual ~tier_base() = default;
-    virtual vmmpp::tiered_sequence attach(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra,
-                                          cudaStream_t stream) = 0;
-    /// {gpu_tokens, host_tokens}.
-    virtual std::pair<std::size_t, std::size_t> lookup(std::span<const std::int32_t> tokens,
-                                                       std::span<const std::uint64_t> extra) const = 0;
-    virtual std::uint64_t swap_out(vmmpp::seq_id seq, cudaStream_t stream) = 0;
-    virtual vmmpp::seq_id swap_in(std::uint64_t id, cudaStream_t stream) = 0;
-    virtual void drop_swapped(std::uint64_t id) = 0;
-    virtual std::size_t store_ahead(std::size_t max_blocks) = 0;
-    virtual std::size_t swapped_tokens(std::uint64_t id) const = 0;
-    virtual void synchronize() const = 0;
-    virtual bool idle() const = 0;
-    virtual void stream_waits_for_copies(cudaStream_t stream) const = 0;
-    virtual vmmpp::host_tier_stats stats() const = 0;
-};
-
-/// The host tier of Prefix: page-locked host blocks behind a cache the GPU reads
-/// (pinned_host_config), plain host blocks behind a cache in host memory (host_config: no
-/// stream, copies at once).
-template <class Prefix>
-class tier_impl final : public tier_base {
-    static constexpr bool on_device =
-        vmmpp::has_property<typename Prefix::cache_type::backing_type, vmmpp::device_accessible>;
-    using host_config = std::conditional_t<on_device, vmmpp::pinned_host_config, vmmpp::host_config>;
-
-public:
-    tier_impl(Prefix& prefix, std::size_t max_blocks, cudaStream_t stream)
-        : tier_(prefix, vmmpp::host_tier_options{.max_blocks = max_blocks, .stream = stream}) {}
-
-    vmmpp::tiered_sequence attach(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra,
-                                  cudaStream_t stream) override {
-        return tier_.attach(tokens, extra, stream);
-    }
-    std::pair<std::size_t, std::size_t> lookup(std::span<const std::int32_t> tokens,
-                                               std::span<const std::uint64_t> extra) const override {
-        const auto r = tier_.lookup(tokens, extra);
-        return {r.gpu_tokens, r.host_tokens};
-    }
-    std::uint64_t swap_out(vmmpp::seq_id seq, cudaStream_t stream) override { return tier_.swap_out(seq, stream); }
-    vmmpp::seq_id swap_in(std::uint64_t id, cudaStream_t stream) override { return tier_.swap_in(id, stream); }
-    void drop_swapped(std::uint64_t id) override { tier_.drop_swapped(id); }
-    std::size_t store_ahead(std::size_t max_blocks) override { return tier_.store_ahead(max_blocks); }
-    std::size_t swapped_tokens(std::uint64_t id) const override { return tier_.swapped_tokens(id); }
-    void synchronize() const override { tier_.synchronize(); }
-    bool idle() const override { return tier_.idle(); }
-    void stream_waits_for_copies(cudaStream_t stream) const override { tier_.stream_waits_for_copies(stream); }
-    vmmpp::host_tier_stats stats() const override { return tier_.stats(); }
-
-private:
-    vmmpp::host_tier<Prefix, host_config> tier_;
-};
-
-/// What the C ABI needs of a prefix cache (vmmpp::prefix_cache), whatever its cache's type. The
-/// caller holds the cache's mutex.
-class prefix_base {
-public:
-    virtual ~prefix_base() = default;
-    virtual std::size_t publish(vmmpp::seq_id seq, std::span<const std::int32_t> tokens,
-                                std::span<const std::uint64_t> extra) = 0;
-    virtual std::size_t lookup(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra) const = 0;
-    virtual vmmpp::attached_sequence attach(std::span<const std::int32_t> tokens,
-                                            std::span<const std::uint64_t> extra, cudaStream_t stream) = 0;
-    /// on_stream: prefix_cache::append(seq, n, stream); else append(seq, n).
-    virtual vmmpp::token_range append(vmmpp::seq_id seq, std::size_t n, cudaStream_t stream, bool on_stream) = 0;
-    virtual void free(vmmpp::seq_id seq, cudaStream_t stream) = 0;
-    virtual vmmpp::eviction_result evict(std::size_t n_blocks) = 0;
-    virtual vmmpp::eviction_result evict_bytes(std::size_t bytes) = 0;
-    virtual vmmpp::eviction_result clear() = 0;
-    virtual vmmpp::prefix_cache_stats stats() const = 0;
-    virtual std::size_t block_bytes() const noexcept = 0;
-    virtual std::vector<vmmpp::prefix_event> drain_events() = 0;
-    /// What lending gave other models (zeros when it does not lend).
-    virtual vmmpp::lending_stats lending_stats() const noexcept = 0;
-    /// Ends lending (waits for a reclaim in progress): called without the cache's mutex, before
-    /// the prefix cache goes.
-    virtual void stop_lending() noexcept = 0;
-    /// A host tier over this prefix cache (vmmpp::host_tier): it receives the evicted blocks
-    /// until it goes, so it must go first.
-    virtual std::unique_ptr<tier_base> make_tier(std::size_t max_blocks, cudaStream_t stream) = 0;
-
-    /// Whether a vmmpp_kv_tier is over this prefix cache now (one at most: evicted blocks go to
-    /// one tier). Under the cache's mutex.
-    bool has_tier = false;
-};
-
-/// What a prefix_impl holds in place of a prefix_lending when its cache's quota cannot lend.
-struct no_lending {
-    [[nodiscard]] vmmpp::lending_stats stats() const noexcept { return {}; }
-};
-
-template <class Cache>
-class prefix_impl final : public prefix_base {
-    static constexpr bool can_lend = vmmpp::cache_reclaiming_quota<typename Cache::pool_type::quota_type> &&
-                                     Cache::pool_type::growth_type::is_elastic;
-    using lending_type =
-        std::conditional_t<can_lend, vmmpp::prefix_lending<vmmpp::prefix_cache<Cache>>, no_lending>;
-
-public:
-    /// `lend_under`: lend evictable blocks to other models and processes of the cache's budget
-    /// (vmmpp::prefix_lending), reclaims locking this mutex, the cache's (null: no lending).
-    /// Throws: invalid_argument when the cache's quota lends nothing.
-    prefix_impl(Cache& cache, const vmmpp::prefix_cache_options& options, std::mutex* lend_under)
-        : prefix_(cache, options) {
-        if (lend_under == nullptr) {
-            return;
-        }
-        if constexpr (can_lend) {
-            lending_ = std::make_unique<lending_type>(prefix_, *lend_under);
-        } else {
-            throw vmmpp::invalid_argument(
-                "vmmpp_kv_prefix_create_lending: the cache's memory is not charged to a budget shared with other "
-                "models (create it with vmmpp_kv_create_in_process_budget), so there is no one to lend to");
-        }
-    }
-
-    std::size_t publish(vmmpp::seq_id seq, std::span<const std::int32_t> tokens,
-                        std::span<const std::uint64_t> extra) override {
-        return prefix_.publish(seq, tokens, extra);
-    }
-    std::size_t lookup(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra) const override {
-        return prefix_.lookup(tokens, extra);
-    }
-    vmmpp::attached_sequence attach(std::span<const std::int32_t> tokens, std::span<const std::uint64_t> extra,
-                                    cudaStream_t stream) override {
-        return prefix_.attach(tokens, extra, stream);
-    }
-    vmmpp::token_range append(vmmpp::seq_id seq, std::size_t n, cudaStream_t stream, bool on_stream) override {
-        return on_stream ? prefix_.append(seq, n, stream) : prefix_.append(seq, n);
-    }
-    void free(vmmpp::seq_id seq, cudaStream_t stream) override { prefix_.free(seq, stream); }
-    vmmpp::eviction_result evict(std::size_t n_blocks) override { return prefix_.evict(n_blocks); }
-    vmmpp::eviction_result evict_bytes(std::size_t bytes) override { return prefix_.evict_bytes(bytes); }
-    vmmpp::eviction_result clear() override { return prefix_.clear(); }
-    vmmpp::prefix_cache_stats stats() const override { return prefix_.stats(); }
-    std::size_t block_bytes() const noexcept override { return prefix_.block_bytes(); }
-    std::vector<vmmpp::prefix_event> drain_events() override { return prefix_.drain_events(); }
-    vmmpp::lending_stats lending_stats() const noexcept override {
-        return lending_ ? lending_->stats() : vmmpp::lending_stats{};
-    }
-    void stop_lending() noexcept override { lending_.reset(); }
-    std::unique_ptr<tier_base> make_tier(std::size_t max_blocks, cudaStream_t stream) override {
-        return std::make_unique<tier_impl<vmmpp::prefix_cache<Cache>>>(prefix_, max_blocks, stream);
-    }
-
-private:
-    vmmpp::prefix_cache<Cache> prefix_;
-    /// After prefix_: unregistered before the prefix cache goes.
-    std::unique_ptr<lending_type> lending_;
-};
-
-/// What the C ABI needs of a cache, whatever its configuration and layout.
-class cache_base {
-public:
-    virtual ~cache_base() = default;
-    virtual vmmpp::seq_id add_sequence() = 0;
-    virtual vmmpp::token_range append(vmmpp::seq_id seq, std::size_t n) = 0;
-    virtual vmmpp::seq_id fork(vmmpp::seq_id seq) = 0;
-    virtual void truncate(vmmpp::seq_id seq, std::size_t n, cudaStream_t stream) = 0;
-    virtual void free(vmmpp::seq_id seq, cudaStream_t stream) = 0;
-    virtual std::size_t tokens(vmmpp::seq_id seq) const = 0;
-    virtual vmmpp_kv_stats stats() const = 0;
-    virtual void slot_mapping(vmmpp::seq_id seq, std::size_t first, std::span<std::int64_t> out) const = 0;
-    virtual std::span<const std::int32_t> block_table(vmmpp::seq_id seq) const = 0;
-    virtual void pack_block_tables(std::span<const vmmpp::seq_id> seqs, std::size_t max_blocks_per_seq,
-                                   std::span<std::int32_t> out, std::int32_t pad) const = 0;
-    virtual std::byte* address(std::uint32_t layer, vmmpp::kv_part part, std::int32_t block) const = 0;
-    virtual void synchronize() = 0;
-    virtual std::size_t trim() = 0;
-    virtual DLDevice dlpack_device(bool managed_as_cuda) const = 0;
-    virtual vmmpp::kv_tensor tensor(std::uint32_t layer, vmmpp::kv_part part) const = 0;
-    /// sequence_contiguous: the dense run of a sequence; other layouts throw invalid_argument.
-    virtual vmmpp::kv_tensor sequence_tensor(vmmpp::seq_id seq, std::uint32_t layer, vmmpp::kv_part part) const = 0;
-    virtual bool host_accessible() const noexcept = 0;
-    virtual const vmmpp::kv_geometry& geometry() const noexcept = 0;
-    /// 2 (K and V) or 1 (mla: the latent only).
-    virtual unsigned parts() const noexcept = 0;
-    /// The span: its first byte, its size, its device (-1: host memory).
-    virtual std::byte* base() const noexcept = 0;
-    virtual std::size_t capacity() const noexcept = 0;
-    virtual int device() const noexcept = 0;
-    /// The pool's committed extents (what a transfer engine registers).
-    virtual std::vector<vmmpp::committed_extent> committed_extents() const = 0;
-    /// vmmpp::block_pieces of `blocks`.
-    virtual std::vector<vmmpp::byte_range> block_pieces(std::span<const std::int32_t> blocks) const = 0;
-    /// vmm configurations: every committed handle, exported for vmmpp::send_shared_pages.
-    virtual vmmpp::shared_pages_export export_shared_pages() const = 0;
-    /// vmmpp::copy_blocks from this cache into `dst`, which has the same configuration and layout
-    /// (not const: the copy's fence goes on this cache's source blocks too).
-    virtual void copy_blocks_to(std::span<const std::int32_t> src_blocks, cache_base& dst,
-                                std::span<const std::int32_t> dst_blocks, cudaStream_t stream) = 0;
-    /// A prefix cache over this cache; layouts that cannot share blocks throw invalid_argument.
-    /// `lend`: lending to the cache's budget (prefix_impl), under `mutex`.
-    virtual std::unique_ptr<prefix_base> make_prefix(const vmmpp::prefix_cache_options& options, bool lend) = 0;
-
-    /// Serialises the calls made through handles (the cache is not thread safe by itself).
-    std::mutex mutex;
-    /// Whether a vmmpp_kv_prefix is over this cache now (one at most: a block two prefix caches
-    /// hold would never be evictable). Under `mutex`.
-    bool has_prefix = false;
-};
-
-template <class Config, class Layout>
-class cache_impl final : public cache_base {
-public:
-    using cache_type = vmmpp::kv_cache<Config, Layout>;
-    template <class... Args>
-    explicit cache_impl(Args&&... args) : cache_(std::forward<Args>(args)...) {}
-
-    vmmpp::seq_id add_sequence() override { return cache_.add_sequence(); }
-    vmmpp::token_range append(vmmpp::seq_id seq, std::size_t n) override { return cache_.append(seq, n); }
-    vmmpp::seq_id fork(vmmpp::seq_id seq) override { return cache_.fork(seq); }
-    void truncate(vmmpp::seq_id seq, std::size_t n, cudaStream_t stream) override { cache_.truncate(seq, n, stream); }
-    void free(vmmpp::seq_id seq, cudaStream_t stream) override { cache_.free(seq, stream); }
-    std::size_t tokens(vmmpp::seq_id seq) const override { return cache_.tokens(seq); }
-    vmmpp_kv_stats stats() const override {
-        vmmpp_kv_stats s{};
-        const vmmpp::pool_stats p = cache_.pool().stats();
-        s.reserved_bytes = p.reserved;
-        s.committed_bytes = p.committed;
-        s.used_blocks = cache_.used_blocks();
-        s.free_blocks = cache_.free_blocks();
-        s.sequences = cache_.sequence_count();
-        s.cow_copies = cache_.cow_copies();
-        return s;
-    }
-    void slot_mapping(vmmpp::seq_id seq, std::size_t first, std::span<std::int64_t> out) const override {
-        cache_.slot_mapping(seq, first, out);
-    }
-    std::span<const std::int32_t> block_table(vmmpp::seq_id seq) const override { return cache_.block_table(seq); }
-    void pack_block_tables(std::span<const vmmpp::seq_id> seqs, std::size_t max_blocks_per_seq,
-                           std::span<std::int32_t> out, std::int32_t pad) const override {
-        cache_.pack_block_tables(seqs, max_blocks_per_seq, out, pad);
-    }
-    std::byte* address(std::uint32_t layer, vmmpp::kv_part part, std::int32_t block) const override {
-        return cache_.address(layer, part, block);
-    }
-    void synchronize() override {
-        if constexpr (vmmpp::has_property<typename Config::backing_type, vmmpp::device_accessible>) {
-            vmmpp::driver::check(::cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
-        }
-        (void)cache_.pool().synchronize();  // and memory whose release waited for the GPU goes back
-    }
-    std::size_t trim() override { return cache_.pool().trim(); }
-    DLDevice dlpack_device(bool managed_as_cuda) const override { return vmmpp::dlpack_device(cache_, managed_as_cuda); }
-    vmmpp::kv_tensor tensor(std::uint32_t layer, vmmpp::kv_part part) const override {
-        return cache_.tensor(layer, part);
-    }
-    vmmpp::kv_tensor sequence_tensor(vmmpp::seq_id seq, std::uint32_t layer, vmmpp::kv_part part) const override {
-        if constexpr (vmmpp::sequence_slot_layout<Layout>) {
-            return cache_.sequence_tensor(seq, layer, part);
-        } else {
-            throw vmmpp::invalid_argument(std::string("the ") + Layout::name +
-                                          " layout keeps no sequence contiguous: use sequence_contiguous");
-        }
-    }
-    bool host_accessible() const noexcept override {
-        return vmmpp::has_property<typename Config::backing_type, vmmpp::host_accessible>;
-    }
-    const vmmpp::kv_geometry& geometry() const noexcept override { return cache_.geometry(); }
-    unsigned parts() const noexcept override { return Layout::parts; }
-    std::byte* base() const noexcept override { return cache_.pool().base(); }
-    std::size_t capacity() const noexcept override { return cache_.pool().capacity(); }
-    int device() const noexcept override { return cache_.pool().device(); }
-    std::vector<vmmpp::committed_extent> committed_extents() const override {
-        return cache_.pool().committed_extents();
-    }
-    std::vector<vmmpp::byte_range> block_pieces(std::span<const std::int32_t> blocks) const override {
-        return vmmpp::block_pieces(cache_, blocks);
-    }
-    vmmpp::shared_pages_export export_shared_pages() const override {
-        if constexpr (is_vmm_config<Config>::value) {
-            return cache_.pool().with_backing([](const vmmpp::vmm& b) { return vmmpp::export_shared_pages(b); });
-        } else {
-            throw vmmpp::invalid_argument("shared pages need a vmm configuration (" + vmm_config_names() + ")");
-        }
-    }
-    void copy_blocks_to(std::span<const std::int32_t> src_blocks, cache_base& dst,
-                        std::span<const std::int32_t> dst_blocks, cudaStream_t stream) override {
-        auto* same = dynamic_cast<cache_impl*>(&dst);
-        if (same == nullptr) {
-            throw vmmpp::invalid_argument("copy_blocks: the caches differ in configuration or layout");
-        }
-        vmmpp::copy_blocks(cache_, src_blocks, same->cache_, dst_blocks, stream);
-    }
-    std::unique_ptr<prefix_base> make_prefix(const vmmpp::prefix_cache_options& options, bool lend) override {
-        if constexpr (vmmpp::sequence_slot_layout<Layout>) {
-            throw vmmpp::invalid_argument(std::string("vmmpp_kv_prefix_create: the ") + Layout::name +
-                                          " layout gives each sequence its own blocks, so no block can be shared; a "
-                                          "prefix cache needs one of " +
-                                          vmmpp::type_names<vmmpp::paged_kv_layouts>());
-        } else {
-            return std::make_unique<prefix_impl<cache_type>>(cache_, options, lend ? &mutex : nullptr);
-        }
-    }
-
-private:
-    cache_type cache_;
-};
-
-/// Old names the C ABI still accepts, and the name in vmmpp::named_configs each stands for.
-constexpr std::pair<std::string_view, std::string_view> config_aliases[] = {
-    {"elastic_pages", "elastic_page"},  // the serving examples, scripts and bench/results use it
-};
-
-std::string_view canonical_config_name(std::string_view name) {
-    for (const auto& [alias, canonical] : config_aliases) {
-        if (name == alias) {
-            return canonical;
-        }
-    }
-    return name;
-}
-
-/// The configurations vmmpp_kv_create_in_process_budget offers: those charged to a shared budget
-/// (their quota swapped for vmmpp::process_quota) and host_config (CPU memory, for tests).
-using process_budget_configs =
-    vmmpp::concat_t<vmmpp::budgeted_named_configs, vmmpp::type_list<vmmpp::host_config>>;
-
-/// A cache of Config with Layout, whatever the configuration: the backing's options from
-/// `device` and `peers` (vmm only), the quota given.
-template <class Config, class Layout, class Quota>
-std::shared_ptr<cache_base> build_cache(const vmmpp::kv_geometry& g, int device, const std::vector<int>& peers,
-                                        Quota quota) {
-    using cfg = vmmpp::with_quota_t<Config, Quota>;
-    using backing = typename cfg::backing_type;
-    typename backing::options options{};
-    if constexpr (is_vmm_config<cfg>::value) {
-        options.device = device;
-        options.peer_devices = peers;
-    } else {
-        if (!peers.empty()) {
-            throw vmmpp::invalid_argument("peer devices are given to vmm configurations only (" + vmm_config_names() +
-                                          "), not '" + std::string(vmmpp::type_name<Config>) + "'");
-        }
-        if constexpr (requires { options.device = device; }) {
-            options.device = device;  // device, managed_prefetch; host memory has no device
-        }
-    }
-    return std::make_shared<cache_impl<cfg, Layout>>(g, std::move(options), typename cfg::growth_type{},
-                                                     std::move(quota));
-}
-
-/// A cache of the named configuration `config` (vmmpp::named_configs, or an alias) with Layout.
-/// Configurations under a shared_budget get a budget of budget_bytes (0: the whole span, in
-/// 2 MiB pages); the others ignore budget_bytes.
-template <class Layout>
-std::shared_ptr<cache_base> make_cache(std::string_view config, const vmmpp::kv_geometry& g, int device,
-                                       std::uint64_t budget_bytes, const std::vector<int>& peers) {
-    return vmmpp::dispatch_by_name<vmmpp::named_configs>(
-        canonical_config_name(config), "configuration", [&]<class C>(std::type_identity<C>) {
-            using quota = typename C::quota_type;
-            if constexpr (std::is_same_v<quota, vmmpp::shared_budget>) {
-                // The budget's state lives in the model's share, so the budget object may go.
-                constexpr std::size_t page = std::size_t{2} << 20;
-                const std::size_t limit =
-                    budget_bytes != 0 ? budget_bytes : (Layout::span_bytes(g) + page - 1) / page * page;
-                vmmpp::budget budget(limit);
-                return build_cache<C, Layout>(g, device, peers, budget.register_model("kv", limit));
-            } else {
-                static_assert(std::is_same_v<quota, vmmpp::unlimited>,
-                              "the C ABI builds shared_budget and unlimited quotas: add this one to make_cache");
-                return build_cache<C, Layout>(g, device, peers, quota{});
-            }
-        });
-}
+/// The type-erased cache, prefix cache and tier every handle holds (kv_erased.hpp).
+using vmmpp::erased::cache_base;
+using vmmpp::erased::prefix_base;
+using vmmpp::erased::tier_base;
 
 /// Runs `f`, turning every exception into a status and this thread's last error.
 template <class F>
@@ -564,7 +183,7 @@ const char* vmmpp_kv_config_names(void) {
 }
 
 const char* vmmpp_kv_process_budget_config_names(void) {
-    static const std::string names = vmmpp::type_names<process_budget_configs>(",");
+    static const std::string names = vmmpp::type_names<vmmpp::erased::budget_configs>(",");
     return names.c_str();
 }
 
@@ -580,12 +199,10 @@ vmmpp_kv_status vmmpp_kv_create_with_peers(const vmmpp_kv_geometry* geometry, co
         require(geometry != nullptr && config != nullptr && layout != nullptr && out != nullptr &&
                     (peers != nullptr || n_peers == 0),
                 "vmmpp_kv_create: null argument");
-        const std::vector<int> peer_list(peers, peers + n_peers);
         const vmmpp::kv_geometry g = to_geometry(*geometry, "vmmpp_kv_create");
         auto handle = std::make_unique<vmmpp_kv>();
-        handle->cache = vmmpp::dispatch_by_name<vmmpp::kv_layouts>(layout, "layout", [&]<class L>(std::type_identity<L>) {
-            return make_cache<L>(config, g, device, budget_bytes, peer_list);
-        });
+        handle->cache = vmmpp::erased::make_cache(
+            config, layout, g, {.device = device, .peers = std::vector<int>(peers, peers + n_peers)}, budget_bytes);
         *out = handle.release();
     });
 }
@@ -653,7 +270,9 @@ vmmpp_kv_status vmmpp_kv_stats_get(vmmpp_kv* kv, vmmpp_kv_stats* out) {
     return guarded([&] {
         require(kv != nullptr && out != nullptr, "vmmpp_kv_stats_get: null argument");
         std::lock_guard lock(kv->cache->mutex);
-        *out = kv->cache->stats();
+        const vmmpp::erased::cache_counts s = kv->cache->stats();
+        *out = vmmpp_kv_stats{s.reserved_bytes, s.committed_bytes, s.used_blocks,
+                              s.free_blocks,    s.sequences,       s.cow_copies};
     });
 }
 
@@ -848,20 +467,6 @@ vmmpp_kv_status vmmpp_kv_write_test_pattern(vmmpp_kv* kv, uint64_t seq, uint64_t
 
 // --- cross-process budgets (examples/serving: several engine processes, one budget) ---
 
-namespace {
-
-/// A cache of `config` (process_budget_configs, or an alias) with Layout whose quota is `quota`.
-template <class Layout>
-std::shared_ptr<cache_base> make_process_cache(std::string_view config, const vmmpp::kv_geometry& g, int device,
-                                               vmmpp::process_quota quota) {
-    return vmmpp::dispatch_by_name<process_budget_configs>(
-        canonical_config_name(config), "configuration for a process budget", [&]<class C>(std::type_identity<C>) {
-            return build_cache<C, Layout>(g, device, {}, std::move(quota));
-        });
-}
-
-} // namespace
-
 extern "C" {
 
 vmmpp_kv_status vmmpp_kv_create_in_process_budget(const vmmpp_kv_geometry* geometry, const char* config,
@@ -877,11 +482,8 @@ vmmpp_kv_status vmmpp_kv_create_in_process_budget(const vmmpp_kv_geometry* geome
         vmmpp::process_budget budget = vmmpp::process_budget::create_or_open(budget_name, global_limit_bytes);
         vmmpp::process_quota quota = budget.register_model(model, model_limit_bytes);
         auto handle = std::make_unique<vmmpp_kv>();
-        // The four layouts with K and V in tensors of their own (vmmpp::split_kv_layouts).
-        handle->cache = vmmpp::dispatch_by_name<vmmpp::split_kv_layouts>(
-            layout, "layout for a process budget", [&]<class L>(std::type_identity<L>) {
-                return make_process_cache<L>(config, g, device, std::move(quota));
-            });
+        handle->cache =
+            vmmpp::erased::make_cache_in_process_budget(config, layout, g, {.device = device}, std::move(quota));
         *out = handle.release();
     });
 }
@@ -1122,28 +724,16 @@ vmmpp_kv_status create_prefix(vmmpp_kv* kv, uint64_t max_cached_bytes, int recor
         require(kv != nullptr && out != nullptr, "vmmpp_kv_prefix_create: null argument");
         auto handle = std::make_unique<vmmpp_kv_prefix>();
         handle->cache = kv->cache;
-        std::unique_ptr<prefix_base> made;
-        {
-            std::lock_guard lock(kv->cache->mutex);
-            if (kv->cache->has_prefix) {
-                throw vmmpp::invalid_argument(
-                    "vmmpp_kv_prefix_create: the cache has a prefix cache already (one per cache: a block two of "
-                    "them held would never be evictable)");
-            }
-            vmmpp::prefix_cache_options options;
-            options.max_cached_bytes = static_cast<std::size_t>(max_cached_bytes);
-            options.record_events = record_events != 0;
-            made = kv->cache->make_prefix(options, lend);
-            kv->cache->has_prefix = true;
+        vmmpp::prefix_cache_options options;
+        options.max_cached_bytes = static_cast<std::size_t>(max_cached_bytes);
+        options.record_events = record_events != 0;
+        try {
+            handle->prefix = vmmpp::erased::make_prefix_cache(kv->cache, options, lend);
+        } catch (const vmmpp::invalid_argument& e) {  // named after the call that was refused
+            throw vmmpp::invalid_argument(std::string(lend ? "vmmpp_kv_prefix_create_lending: "
+                                                           : "vmmpp_kv_prefix_create: ") +
+                                          e.what());
         }
-        // Outside the lock: a shared_ptr that cannot allocate its count calls the deleter, which locks.
-        handle->prefix = std::shared_ptr<prefix_base>(made.release(), [cache = kv->cache](prefix_base* p) noexcept {
-            p->stop_lending();  // outside the lock: a reclaim in progress waits for it
-            // The prefix cache's destructor releases its blocks: a change to the cache, under its lock.
-            std::lock_guard lock(cache->mutex);
-            delete p;
-            cache->has_prefix = false;
-        });
         *out = handle.release();
     });
 }
@@ -1347,9 +937,8 @@ struct vmmpp_kv_tier {
     /// Its mutex serialises the tier's calls with the cache's and the prefix cache's (the prefix
     /// cache calls the tier from its evictions).
     std::shared_ptr<cache_base> cache;
-    /// Held: the tier refers to the prefix cache, which must outlive it.
-    std::shared_ptr<prefix_base> prefix;
-    std::unique_ptr<tier_base> tier;
+    /// Holds the prefix cache it refers to (make_host_tier's deleter drops it after the tier).
+    std::shared_ptr<tier_base> tier;
 };
 
 extern "C" {
@@ -1360,30 +949,21 @@ vmmpp_kv_status vmmpp_kv_tier_create(vmmpp_kv_prefix* prefix, uint64_t max_block
         require(prefix != nullptr && out != nullptr, "vmmpp_kv_tier_create: null argument");
         auto handle = std::make_unique<vmmpp_kv_tier>();
         handle->cache = prefix->cache;
-        handle->prefix = prefix->prefix;
-        std::lock_guard lock(prefix->cache->mutex);
-        if (prefix->prefix->has_tier) {
-            throw vmmpp::invalid_argument(
-                "vmmpp_kv_tier_create: the prefix cache has a tier already (one per prefix cache: its evicted "
-                "blocks go to one tier)");
+        try {
+            handle->tier = vmmpp::erased::make_host_tier(prefix->cache, prefix->prefix,
+                                                         static_cast<std::size_t>(max_blocks),
+                                                         static_cast<cudaStream_t>(stream));
+        } catch (const vmmpp::invalid_argument& e) {  // named after the call that was refused
+            throw vmmpp::invalid_argument(std::string("vmmpp_kv_tier_create: ") + e.what());
         }
-        handle->tier = prefix->prefix->make_tier(static_cast<std::size_t>(max_blocks), static_cast<cudaStream_t>(stream));
-        prefix->prefix->has_tier = true;
         *out = handle.release();
     });
 }
 
 void vmmpp_kv_tier_destroy(vmmpp_kv_tier* tier) {
-    if (tier == nullptr) {
-        return;
-    }
-    {
-        // The prefix cache stops spilling into the tier, and the tier waits for its copies.
-        std::lock_guard lock(tier->cache->mutex);
-        tier->tier.reset();
-        tier->prefix->has_tier = false;
-    }
-    delete tier;  // and its reference to the prefix cache, whose deleter takes the lock
+    // The tier goes under the cache's mutex (make_host_tier's deleter), then its prefix cache
+    // reference (that one's deleter takes the mutex too).
+    delete tier;
 }
 
 vmmpp_kv_status vmmpp_kv_tier_attach(vmmpp_kv_tier* tier, const int32_t* tokens, uint64_t n_tokens,

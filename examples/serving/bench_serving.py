@@ -53,7 +53,7 @@ import torch  # noqa: E402
 
 import engine as E  # noqa: E402
 import model as M  # noqa: E402
-import vmmpp_kv  # noqa: E402
+from kv_binding import vmmpp_kv  # noqa: E402
 import workload as W  # noqa: E402
 
 BLOCK_TOKENS = 16

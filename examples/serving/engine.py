@@ -41,7 +41,7 @@ import time
 
 import torch
 
-import vmmpp_kv
+from kv_binding import VmmppError, vmmpp_kv
 from model import causal_attention as _causal
 from model import causal_attention_after as _causal_after
 
@@ -53,7 +53,7 @@ class Refused(Exception):
 
 
 def _refusal(error):
-    if isinstance(error, vmmpp_kv.VmmppError) and error.status in REFUSED:
+    if isinstance(error, VmmppError) and error.status in REFUSED:
         return Refused(str(error))
     return None
 
@@ -147,7 +147,7 @@ class PagedKV:
                 self.cache.append(seq, n)
             else:  # evicts cached blocks no sequence holds before refusing
                 self.prefix_cache.append(seq, n)
-        except vmmpp_kv.VmmppError as e:
+        except VmmppError as e:
             raise (_refusal(e) or e) from None
 
     def free(self, seq):

@@ -57,7 +57,7 @@ def main():
         return SKIP
     import engine as E
     import model as M
-    import vmmpp_kv
+    from kv_binding import vmmpp_kv
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
