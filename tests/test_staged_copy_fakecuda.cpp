@@ -1,9 +1,9 @@
-// copy_blocks between a layer_major GPU cache and page-locked blocks_contiguous memory through
-// the staging kernel (kv/detail/staged_copy.hpp), on the fake driver, which runs the kernel in
-// stream order: every piece of scattered GPU blocks lands in its place in whole host blocks and
-// comes back in place, in chunks of 64 blocks; the scratch memory goes back when the stream gets
-// there; a GPU with no memory to spare for the staging buffer gets the copies piece by piece;
-// the host tier over a layer_major cache spills and loads through it. And the layout
+// copy_blocks between a layer_major (and a packed_kv) GPU cache and page-locked blocks_contiguous
+// memory through the staging kernel (kv/detail/staged_copy.hpp), on the fake driver, which runs
+// the kernel in stream order: every piece of scattered GPU blocks lands in its place in whole host
+// blocks and comes back in place, in chunks of 64 blocks; the scratch memory goes back when the
+// stream gets there; a GPU with no memory to spare for the staging buffer gets the copies piece
+// by piece; the host tier over a layer_major cache spills and loads through it. And the layout
 // adaptor itself: blocks_contiguous<L> puts each (layer, K/V) where L's piece order says.
 #define BOOST_TEST_MODULE staged copies on the fake driver
 #include "support/cpu_main.hpp"
@@ -40,36 +40,38 @@ constexpr vmmpp::pinned_host_options host_pages{.page_bytes = std::size_t{64} <<
 unsigned char pattern(std::int32_t tag, std::size_t r, std::size_t i) {
     return static_cast<unsigned char>(tag * 31 + static_cast<int>(r) * 7 + static_cast<int>(i % 251));
 }
-/// Fills GPU block `b`'s pieces (in layer_major's order: layer 0 K, layer 0 V, ...) with `tag`'s pattern.
-void fill(const gpu_t& c, std::int32_t b, std::int32_t tag) {
-    for (std::size_t r = 0; r < rows; ++r) {
-        std::byte* p = c.address(static_cast<std::uint32_t>(r / 2), r % 2 ? vmmpp::kv_part::value : vmmpp::kv_part::key, b);
-        for (std::size_t i = 0; i < piece; ++i) {
+/// Piece r of block b of cache c: the layout's copy_shape, `rows` pieces `pitch` apart (in
+/// layer_major, layer r / 2's K or V).
+template <class Cache>
+std::byte* piece_of(const Cache& c, std::int32_t b, std::size_t r) {
+    return c.address(0, vmmpp::kv_part::key, b) + r * Cache::layout_type::copy_shape(c.geometry()).pitch;
+}
+/// Fills block `b`'s pieces with `tag`'s pattern.
+template <class Cache>
+void fill(const Cache& c, std::int32_t b, std::int32_t tag) {
+    const auto shape = Cache::layout_type::copy_shape(c.geometry());
+    for (std::size_t r = 0; r < shape.rows; ++r) {
+        std::byte* p = piece_of(c, b, r);
+        for (std::size_t i = 0; i < shape.width; ++i) {
             p[i] = static_cast<std::byte>(pattern(tag, r, i));
         }
     }
 }
-/// Bytes of piece-ordered memory (`at(r)` gives piece r) that differ from `tag`'s pattern.
-template <class At>
-std::size_t wrong_bytes(At at, std::int32_t tag) {
+/// Bytes of block `b`'s pieces that differ from `tag`'s pattern.
+template <class Cache>
+std::size_t wrong(const Cache& c, std::int32_t b, std::int32_t tag) {
+    const auto shape = Cache::layout_type::copy_shape(c.geometry());
     std::size_t bad = 0;
-    for (std::size_t r = 0; r < rows; ++r) {
-        const std::byte* p = at(r);
-        for (std::size_t i = 0; i < piece; ++i) {
+    for (std::size_t r = 0; r < shape.rows; ++r) {
+        const std::byte* p = piece_of(c, b, r);
+        for (std::size_t i = 0; i < shape.width; ++i) {
             bad += static_cast<unsigned char>(p[i]) != pattern(tag, r, i);
         }
     }
     return bad;
 }
-std::size_t wrong_on_gpu(const gpu_t& c, std::int32_t b, std::int32_t tag) {
-    return wrong_bytes([&](std::size_t r) {
-        return c.address(static_cast<std::uint32_t>(r / 2), r % 2 ? vmmpp::kv_part::value : vmmpp::kv_part::key, b);
-    }, tag);
-}
-std::size_t wrong_on_host(const host_t& c, std::int32_t b, std::int32_t tag) {
-    const std::byte* block = c.address(0, vmmpp::kv_part::key, b);
-    return wrong_bytes([&](std::size_t r) { return block + r * piece; }, tag);
-}
+std::size_t wrong_on_gpu(const gpu_t& c, std::int32_t b, std::int32_t tag) { return wrong(c, b, tag); }
+std::size_t wrong_on_host(const host_t& c, std::int32_t b, std::int32_t tag) { return wrong(c, b, tag); }
 /// `n` blocks of `c`, every other id (no two adjacent, as an eviction's victims).
 template <class Cache>
 std::vector<std::int32_t> every_other(Cache& c, std::size_t n) {
@@ -218,6 +220,36 @@ BOOST_AUTO_TEST_CASE(the_legacy_default_stream_copies_piece_by_piece) {
     BOOST_TEST(fakecuda::calls("cuLaunchKernel") == launches);
     BOOST_TEST(wrong_on_host(r.host, host_blocks[0], 1) == 0u);
     BOOST_TEST(wrong_on_host(r.host, host_blocks[1], 2) == 0u);
+}
+
+BOOST_AUTO_TEST_CASE(packed_kv_blocks_go_through_the_staging_kernel_too) {
+    // packed_kv: a piece per layer (K|V rows, 8 KiB here), 4 a block.
+    using packed_gpu_t = vmmpp::kv_cache<vmmpp::elastic_page_config, vmmpp::packed_kv>;
+    using packed_host_t = vmmpp::kv_cache<vmmpp::pinned_host_config, vmmpp::blocks_contiguous<vmmpp::packed_kv>>;
+    vmmpp::budget budget{budget_bytes};
+    packed_gpu_t gpu{geom, {}, {}, budget.register_model("kv", budget_bytes)};
+    packed_host_t host{geom, host_pages};
+    fakecuda::stream s;
+    constexpr std::size_t n = 70;
+    const auto gpu_blocks = every_other(gpu, n);
+    std::vector<std::int32_t> host_blocks;
+    for (std::size_t i = 0; i < n; ++i) {
+        host_blocks.push_back(host.take_block(nullptr));
+        fill(gpu, gpu_blocks[i], static_cast<std::int32_t>(100 + i));
+    }
+    const std::size_t launches = fakecuda::calls("cuLaunchKernel");
+    vmmpp::copy_blocks(gpu, std::span<const std::int32_t>(gpu_blocks), host, std::span<const std::int32_t>(host_blocks), s);
+    BOOST_TEST(fakecuda::calls("cuLaunchKernel") - launches == 2u);  // 64 + 6 blocks
+    for (std::size_t i = 0; i < n; ++i) {
+        BOOST_TEST(wrong(host, host_blocks[i], static_cast<std::int32_t>(100 + i)) == 0u, "host block " << i);
+    }
+    const auto landing = every_other(gpu, n);
+    vmmpp::copy_blocks(host, std::span<const std::int32_t>(host_blocks), gpu, std::span<const std::int32_t>(landing), s);
+    for (std::size_t i = 0; i < n; ++i) {
+        BOOST_TEST(wrong(gpu, landing[i], static_cast<std::int32_t>(100 + i)) == 0u, "GPU block " << i);
+    }
+    BOOST_TEST(fakecuda::async_bytes() == 0u);
+    BOOST_TEST(fakecuda::sticky_error() == CUDA_SUCCESS);
 }
 
 BOOST_AUTO_TEST_CASE(with_no_device_memory_for_staging_the_copy_goes_piece_by_piece) {
