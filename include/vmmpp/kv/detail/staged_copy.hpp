@@ -41,8 +41,9 @@
 
 namespace vmmpp::detail {
 
-/// Staging memory one staged copy uses at most (a chunk of blocks per stream at a time): large
-/// enough that launches and waits are a small share of the time, small beside a cache.
+/// Staging memory one staged copy uses at most (half a chunk of blocks per stream at a time; two
+/// blocks where a block is larger than half of it): large enough that launches and waits are a
+/// small share of the time, small beside a cache.
 inline constexpr std::size_t staging_bytes = std::size_t{32} << 20;
 /// What the staging pool keeps once used (two copies at once, one each way).
 inline constexpr std::size_t staging_pool_keeps = 2 * staging_bytes;
