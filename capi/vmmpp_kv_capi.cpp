@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -90,6 +91,16 @@ vmmpp::kv_part to_part(std::int32_t part) {
 void require(bool ok, const char* what) {
     if (!ok) {
         throw vmmpp::invalid_argument(what);
+    }
+}
+
+/// Throws invalid_argument naming the first of `args` (name, whether it passed its check: not
+/// null, or null where nothing is to be written) that failed: "<function>: argument <name> is null".
+void require_args(const char* function, std::initializer_list<std::pair<const char*, bool>> args) {
+    for (const auto& [name, ok] : args) {
+        if (!ok) {
+            throw vmmpp::invalid_argument(std::string(function) + ": argument " + name + " is null");
+        }
     }
 }
 
@@ -196,9 +207,9 @@ vmmpp_kv_status vmmpp_kv_create_with_peers(const vmmpp_kv_geometry* geometry, co
                                            int device, uint64_t budget_bytes, const int* peers, uint64_t n_peers,
                                            vmmpp_kv** out) {
     return guarded([&] {
-        require(geometry != nullptr && config != nullptr && layout != nullptr && out != nullptr &&
-                    (peers != nullptr || n_peers == 0),
-                "vmmpp_kv_create: null argument");
+        require_args("vmmpp_kv_create", {{"geometry", geometry != nullptr}, {"config", config != nullptr},
+                                         {"layout", layout != nullptr}, {"out", out != nullptr},
+                                         {"peers", peers != nullptr || n_peers == 0}});
         const vmmpp::kv_geometry g = to_geometry(*geometry, "vmmpp_kv_create");
         auto handle = std::make_unique<vmmpp_kv>();
         handle->cache = vmmpp::erased::make_cache(
@@ -211,7 +222,7 @@ void vmmpp_kv_destroy(vmmpp_kv* kv) { delete kv; }
 
 vmmpp_kv_status vmmpp_kv_add_sequence(vmmpp_kv* kv, uint64_t* seq) {
     return guarded([&] {
-        require(kv != nullptr && seq != nullptr, "vmmpp_kv_add_sequence: null argument");
+        require_args("vmmpp_kv_add_sequence", {{"kv", kv != nullptr}, {"seq", seq != nullptr}});
         std::lock_guard lock(kv->cache->mutex);
         *seq = kv->cache->add_sequence();
     });
@@ -230,7 +241,7 @@ vmmpp_kv_status vmmpp_kv_append(vmmpp_kv* kv, uint64_t seq, uint64_t n_tokens, u
 
 vmmpp_kv_status vmmpp_kv_fork(vmmpp_kv* kv, uint64_t seq, uint64_t* child) {
     return guarded([&] {
-        require(kv != nullptr && child != nullptr, "vmmpp_kv_fork: null argument");
+        require_args("vmmpp_kv_fork", {{"kv", kv != nullptr}, {"child", child != nullptr}});
         std::lock_guard lock(kv->cache->mutex);
         *child = kv->cache->fork(seq);
     });
@@ -260,7 +271,7 @@ vmmpp_kv_status vmmpp_kv_free_on_stream(vmmpp_kv* kv, uint64_t seq, void* stream
 
 vmmpp_kv_status vmmpp_kv_tokens(vmmpp_kv* kv, uint64_t seq, uint64_t* n_tokens) {
     return guarded([&] {
-        require(kv != nullptr && n_tokens != nullptr, "vmmpp_kv_tokens: null argument");
+        require_args("vmmpp_kv_tokens", {{"kv", kv != nullptr}, {"n_tokens", n_tokens != nullptr}});
         std::lock_guard lock(kv->cache->mutex);
         *n_tokens = kv->cache->tokens(seq);
     });
@@ -268,7 +279,7 @@ vmmpp_kv_status vmmpp_kv_tokens(vmmpp_kv* kv, uint64_t seq, uint64_t* n_tokens) 
 
 vmmpp_kv_status vmmpp_kv_stats_get(vmmpp_kv* kv, vmmpp_kv_stats* out) {
     return guarded([&] {
-        require(kv != nullptr && out != nullptr, "vmmpp_kv_stats_get: null argument");
+        require_args("vmmpp_kv_stats_get", {{"kv", kv != nullptr}, {"out", out != nullptr}});
         std::lock_guard lock(kv->cache->mutex);
         const vmmpp::erased::cache_counts s = kv->cache->stats();
         *out = vmmpp_kv_stats{s.reserved_bytes, s.committed_bytes, s.used_blocks,
@@ -278,7 +289,7 @@ vmmpp_kv_status vmmpp_kv_stats_get(vmmpp_kv* kv, vmmpp_kv_stats* out) {
 
 vmmpp_kv_status vmmpp_kv_slot_mapping(vmmpp_kv* kv, uint64_t seq, uint64_t first, uint64_t count, int64_t* out) {
     return guarded([&] {
-        require(kv != nullptr && (out != nullptr || count == 0), "vmmpp_kv_slot_mapping: null argument");
+        require_args("vmmpp_kv_slot_mapping", {{"kv", kv != nullptr}, {"out", out != nullptr || count == 0}});
         std::lock_guard lock(kv->cache->mutex);
         kv->cache->slot_mapping(seq, first, std::span<std::int64_t>(out, count));
     });
@@ -286,8 +297,8 @@ vmmpp_kv_status vmmpp_kv_slot_mapping(vmmpp_kv* kv, uint64_t seq, uint64_t first
 
 vmmpp_kv_status vmmpp_kv_block_table(vmmpp_kv* kv, uint64_t seq, int32_t* out, uint64_t capacity, uint64_t* count) {
     return guarded([&] {
-        require(kv != nullptr && count != nullptr && (out != nullptr || capacity == 0),
-                "vmmpp_kv_block_table: null argument");
+        require_args("vmmpp_kv_block_table", {{"kv", kv != nullptr}, {"count", count != nullptr},
+                                              {"out", out != nullptr || capacity == 0}});
         std::lock_guard lock(kv->cache->mutex);
         const auto table = kv->cache->block_table(seq);
         *count = table.size();
@@ -299,8 +310,10 @@ vmmpp_kv_status vmmpp_kv_block_table(vmmpp_kv* kv, uint64_t seq, int32_t* out, u
 vmmpp_kv_status vmmpp_kv_pack_block_tables(vmmpp_kv* kv, const uint64_t* seqs, uint64_t n_seqs,
                                            uint64_t max_blocks_per_seq, int32_t pad, int32_t* out) {
     return guarded([&] {
-        require(kv != nullptr && (n_seqs == 0 || (seqs != nullptr && (out != nullptr || max_blocks_per_seq == 0))),
-                "vmmpp_kv_pack_block_tables: null argument");
+        require_args("vmmpp_kv_pack_block_tables",
+                     {{"kv", kv != nullptr},
+                      {"seqs", n_seqs == 0 || seqs != nullptr},
+                      {"out", n_seqs == 0 || max_blocks_per_seq == 0 || out != nullptr}});
         // n_seqs * max_blocks_per_seq must not wrap before it sizes the caller's buffer.
         require(max_blocks_per_seq == 0 || n_seqs <= SIZE_MAX / max_blocks_per_seq,
                 "vmmpp_kv_pack_block_tables: n_seqs x max_blocks_per_seq overflows");
@@ -313,7 +326,7 @@ vmmpp_kv_status vmmpp_kv_pack_block_tables(vmmpp_kv* kv, const uint64_t* seqs, u
 
 vmmpp_kv_status vmmpp_kv_address(vmmpp_kv* kv, uint32_t layer, int32_t part, int32_t block, void** out) {
     return guarded([&] {
-        require(kv != nullptr && out != nullptr, "vmmpp_kv_address: null argument");
+        require_args("vmmpp_kv_address", {{"kv", kv != nullptr}, {"out", out != nullptr}});
         std::lock_guard lock(kv->cache->mutex);
         *out = kv->cache->address(layer, to_part(part), block);
     });
@@ -340,7 +353,8 @@ vmmpp_kv_status vmmpp_kv_trim(vmmpp_kv* kv, uint64_t* freed_bytes) {
 
 vmmpp_kv_status vmmpp_kv_dlpack_device(vmmpp_kv* kv, int managed_as_cuda, int32_t* device_type, int32_t* device_id) {
     return guarded([&] {
-        require(kv != nullptr && device_type != nullptr && device_id != nullptr, "vmmpp_kv_dlpack_device: null argument");
+        require_args("vmmpp_kv_dlpack_device", {{"kv", kv != nullptr}, {"device_type", device_type != nullptr},
+                                                {"device_id", device_id != nullptr}});
         const DLDevice d = kv->cache->dlpack_device(managed_as_cuda != 0);
         *device_type = static_cast<int32_t>(d.device_type);
         *device_id = d.device_id;
@@ -350,7 +364,7 @@ vmmpp_kv_status vmmpp_kv_dlpack_device(vmmpp_kv* kv, int managed_as_cuda, int32_
 vmmpp_kv_status vmmpp_kv_export(vmmpp_kv* kv, uint32_t layer, int32_t part, int versioned, int managed_as_cuda,
                                 void** out) {
     return guarded([&] {
-        require(kv != nullptr && out != nullptr, "vmmpp_kv_export: null argument");
+        require_args("vmmpp_kv_export", {{"kv", kv != nullptr}, {"out", out != nullptr}});
         std::lock_guard lock(kv->cache->mutex);
         const vmmpp::kv_tensor t = kv->cache->tensor(layer, to_part(part));
         *out = export_tensor(*kv, t, versioned != 0, managed_as_cuda != 0);
@@ -360,8 +374,8 @@ vmmpp_kv_status vmmpp_kv_export(vmmpp_kv* kv, uint32_t layer, int32_t part, int 
 vmmpp_kv_status vmmpp_kv_sequence_tensor(vmmpp_kv* kv, uint64_t seq, uint32_t layer, int32_t part, void** data,
                                          int64_t* shape, int64_t* strides) {
     return guarded([&] {
-        require(kv != nullptr && data != nullptr && shape != nullptr && strides != nullptr,
-                "vmmpp_kv_sequence_tensor: null argument");
+        require_args("vmmpp_kv_sequence_tensor", {{"kv", kv != nullptr}, {"data", data != nullptr},
+                                                  {"shape", shape != nullptr}, {"strides", strides != nullptr}});
         std::lock_guard lock(kv->cache->mutex);
         const vmmpp::kv_tensor t = kv->cache->sequence_tensor(seq, layer, to_part(part));
         *data = t.data;
@@ -373,7 +387,7 @@ vmmpp_kv_status vmmpp_kv_sequence_tensor(vmmpp_kv* kv, uint64_t seq, uint32_t la
 vmmpp_kv_status vmmpp_kv_export_sequence(vmmpp_kv* kv, uint64_t seq, uint32_t layer, int32_t part, int versioned,
                                          int managed_as_cuda, void** out) {
     return guarded([&] {
-        require(kv != nullptr && out != nullptr, "vmmpp_kv_export_sequence: null argument");
+        require_args("vmmpp_kv_export_sequence", {{"kv", kv != nullptr}, {"out", out != nullptr}});
         std::lock_guard lock(kv->cache->mutex);
         const vmmpp::kv_tensor t = kv->cache->sequence_tensor(seq, layer, to_part(part));
         *out = export_tensor(*kv, t, versioned != 0, managed_as_cuda != 0);
@@ -474,9 +488,10 @@ vmmpp_kv_status vmmpp_kv_create_in_process_budget(const vmmpp_kv_geometry* geome
                                                   uint64_t global_limit_bytes, const char* model,
                                                   uint64_t model_limit_bytes, vmmpp_kv** out) {
     return guarded([&] {
-        require(geometry != nullptr && config != nullptr && layout != nullptr && budget_name != nullptr &&
-                    model != nullptr && out != nullptr,
-                "vmmpp_kv_create_in_process_budget: null argument");
+        require_args("vmmpp_kv_create_in_process_budget", {{"geometry", geometry != nullptr},
+                                                           {"config", config != nullptr}, {"layout", layout != nullptr},
+                                                           {"budget_name", budget_name != nullptr},
+                                                           {"model", model != nullptr}, {"out", out != nullptr}});
         const vmmpp::kv_geometry g = to_geometry(*geometry, "vmmpp_kv_create_in_process_budget");
         // The quota keeps the segment mapped in this process, so the budget handle may go.
         vmmpp::process_budget budget = vmmpp::process_budget::create_or_open(budget_name, global_limit_bytes);
@@ -490,7 +505,8 @@ vmmpp_kv_status vmmpp_kv_create_in_process_budget(const vmmpp_kv_geometry* geome
 
 vmmpp_kv_status vmmpp_kv_process_budget_stats(const char* budget_name, vmmpp_kv_budget_stats* out) {
     return guarded([&] {
-        require(budget_name != nullptr && out != nullptr, "vmmpp_kv_process_budget_stats: null argument");
+        require_args("vmmpp_kv_process_budget_stats", {{"budget_name", budget_name != nullptr},
+                                                       {"out", out != nullptr}});
         const vmmpp::process_budget_stats s = vmmpp::process_budget::open(budget_name).stats();
         out->limit = s.limit;
         out->committed = s.committed;
@@ -501,7 +517,7 @@ vmmpp_kv_status vmmpp_kv_process_budget_stats(const char* budget_name, vmmpp_kv_
 
 vmmpp_kv_status vmmpp_kv_process_budget_remove(const char* budget_name, int* removed) {
     return guarded([&] {
-        require(budget_name != nullptr, "vmmpp_kv_process_budget_remove: null argument");
+        require_args("vmmpp_kv_process_budget_remove", {{"budget_name", budget_name != nullptr}});
         const bool r = vmmpp::process_budget::remove(budget_name);
         if (removed != nullptr) {
             *removed = r ? 1 : 0;
@@ -541,8 +557,8 @@ extern "C" {
 
 vmmpp_kv_status vmmpp_kv_span(vmmpp_kv* kv, void** base, uint64_t* capacity, int32_t* device) {
     return guarded([&] {
-        require(kv != nullptr && base != nullptr && capacity != nullptr && device != nullptr,
-                "vmmpp_kv_span: null argument");
+        require_args("vmmpp_kv_span", {{"kv", kv != nullptr}, {"base", base != nullptr},
+                                       {"capacity", capacity != nullptr}, {"device", device != nullptr}});
         *base = kv->cache->base();  // fixed for the cache's life: no lock
         *capacity = kv->cache->capacity();
         *device = kv->cache->device();
@@ -551,8 +567,8 @@ vmmpp_kv_status vmmpp_kv_span(vmmpp_kv* kv, void** base, uint64_t* capacity, int
 
 vmmpp_kv_status vmmpp_kv_committed_extents(vmmpp_kv* kv, vmmpp_kv_extent* out, uint64_t capacity, uint64_t* count) {
     return guarded([&] {
-        require(kv != nullptr && count != nullptr && (out != nullptr || capacity == 0),
-                "vmmpp_kv_committed_extents: null argument");
+        require_args("vmmpp_kv_committed_extents", {{"kv", kv != nullptr}, {"count", count != nullptr},
+                                                    {"out", out != nullptr || capacity == 0}});
         std::lock_guard lock(kv->cache->mutex);
         copy_out(kv->cache->committed_extents(), out, capacity, count, [](const vmmpp::committed_extent& e) {
             return vmmpp_kv_extent{e.offset, e.bytes, e.commit};
@@ -563,9 +579,9 @@ vmmpp_kv_status vmmpp_kv_committed_extents(vmmpp_kv* kv, vmmpp_kv_extent* out, u
 vmmpp_kv_status vmmpp_kv_block_pieces(vmmpp_kv* kv, const int32_t* blocks, uint64_t n_blocks, vmmpp_kv_range* out,
                                       uint64_t capacity, uint64_t* count) {
     return guarded([&] {
-        require(kv != nullptr && count != nullptr && (blocks != nullptr || n_blocks == 0) &&
-                    (out != nullptr || capacity == 0),
-                "vmmpp_kv_block_pieces: null argument");
+        require_args("vmmpp_kv_block_pieces", {{"kv", kv != nullptr}, {"count", count != nullptr},
+                                               {"blocks", blocks != nullptr || n_blocks == 0},
+                                               {"out", out != nullptr || capacity == 0}});
         std::lock_guard lock(kv->cache->mutex);
         copy_out(kv->cache->block_pieces(std::span<const std::int32_t>(blocks, n_blocks)), out, capacity, count,
                  [](const vmmpp::byte_range& r) { return vmmpp_kv_range{r.offset, r.bytes}; });
@@ -575,9 +591,9 @@ vmmpp_kv_status vmmpp_kv_block_pieces(vmmpp_kv* kv, const int32_t* blocks, uint6
 vmmpp_kv_status vmmpp_pair_pieces(const vmmpp_kv_range* local, uint64_t n_local, const vmmpp_kv_range* remote,
                                   uint64_t n_remote, vmmpp_kv_piece_pair* out, uint64_t capacity, uint64_t* count) {
     return guarded([&] {
-        require(count != nullptr && (local != nullptr || n_local == 0) && (remote != nullptr || n_remote == 0) &&
-                    (out != nullptr || capacity == 0),
-                "vmmpp_pair_pieces: null argument");
+        require_args("vmmpp_pair_pieces", {{"count", count != nullptr}, {"local", local != nullptr || n_local == 0},
+                                           {"remote", remote != nullptr || n_remote == 0},
+                                           {"out", out != nullptr || capacity == 0}});
         copy_out(vmmpp::pair_pieces(to_ranges(local, n_local), to_ranges(remote, n_remote)), out, capacity, count,
                  [](const vmmpp::piece_pair& p) {
                      return vmmpp_kv_piece_pair{p.local_offset, p.remote_offset, p.bytes};
@@ -588,8 +604,9 @@ vmmpp_kv_status vmmpp_pair_pieces(const vmmpp_kv_range* local, uint64_t n_local,
 vmmpp_kv_status vmmpp_kv_copy_blocks(vmmpp_kv* src, const int32_t* src_blocks, vmmpp_kv* dst,
                                      const int32_t* dst_blocks, uint64_t n_blocks, void* stream) {
     return guarded([&] {
-        require(src != nullptr && dst != nullptr && ((src_blocks != nullptr && dst_blocks != nullptr) || n_blocks == 0),
-                "vmmpp_kv_copy_blocks: null argument");
+        require_args("vmmpp_kv_copy_blocks", {{"src", src != nullptr}, {"dst", dst != nullptr},
+                                              {"src_blocks", src_blocks != nullptr || n_blocks == 0},
+                                              {"dst_blocks", dst_blocks != nullptr || n_blocks == 0}});
         // Both caches' locks, in one order whatever the argument order (one lock if one cache).
         std::unique_lock first(std::less<>{}(src->cache.get(), dst->cache.get()) ? src->cache->mutex : dst->cache->mutex);
         std::unique_lock<std::mutex> second;
@@ -618,7 +635,7 @@ vmmpp_kv_status vmmpp_kv_send_shared_pages(vmmpp_kv* kv, int socket) {
 
 vmmpp_kv_status vmmpp_import_pages(int socket, int device, vmmpp_imported_pages** out) {
     return guarded([&] {
-        require(out != nullptr, "vmmpp_import_pages: null argument");
+        require_args("vmmpp_import_pages", {{"out", out != nullptr}});
         *out = new vmmpp_imported_pages{vmmpp::imported_pages(socket, device)};
     });
 }
@@ -626,8 +643,9 @@ vmmpp_kv_status vmmpp_import_pages(int socket, int device, vmmpp_imported_pages*
 vmmpp_kv_status vmmpp_imported_pages_span(vmmpp_imported_pages* pages, void** base, uint64_t* capacity,
                                           uint64_t* mapped_bytes) {
     return guarded([&] {
-        require(pages != nullptr && base != nullptr && capacity != nullptr && mapped_bytes != nullptr,
-                "vmmpp_imported_pages_span: null argument");
+        require_args("vmmpp_imported_pages_span", {{"pages", pages != nullptr}, {"base", base != nullptr},
+                                                   {"capacity", capacity != nullptr},
+                                                   {"mapped_bytes", mapped_bytes != nullptr}});
         *base = pages->pages.base();
         *capacity = pages->pages.capacity();
         *mapped_bytes = pages->pages.mapped_bytes();
@@ -639,8 +657,9 @@ void vmmpp_imported_pages_destroy(vmmpp_imported_pages* pages) { delete pages; }
 vmmpp_kv_status vmmpp_copy_piece_pairs(void* local_base, const void* remote_base, const vmmpp_kv_piece_pair* pairs,
                                        uint64_t n_pairs, void* stream, int flags) {
     return guarded([&] {
-        require(local_base != nullptr && remote_base != nullptr && (pairs != nullptr || n_pairs == 0),
-                "vmmpp_copy_piece_pairs: null argument");
+        require_args("vmmpp_copy_piece_pairs", {{"local_base", local_base != nullptr},
+                                                {"remote_base", remote_base != nullptr},
+                                                {"pairs", pairs != nullptr || n_pairs == 0}});
         require((flags & ~VMMPP_COPY_ONE_BY_ONE) == 0, "vmmpp_copy_piece_pairs: unknown flags");
         auto* to = static_cast<std::byte*>(local_base);
         const auto* from = static_cast<const std::byte*>(remote_base);
@@ -714,14 +733,14 @@ void eviction_out(const vmmpp::eviction_result& r, int32_t* blocks, vmmpp_kv_blo
 
 /// The checks every eviction call makes of its output arguments (the ids may be left out only
 /// with capacity 0: a caller that gave room expects them).
-void require_eviction_outputs(vmmpp_kv_prefix* prefix, const int32_t* blocks, uint64_t capacity, const char* what) {
-    require(prefix != nullptr && (blocks != nullptr || capacity == 0), what);
+void require_eviction_outputs(vmmpp_kv_prefix* prefix, const int32_t* blocks, uint64_t capacity, const char* function) {
+    require_args(function, {{"prefix", prefix != nullptr}, {"blocks", blocks != nullptr || capacity == 0}});
 }
 
 vmmpp_kv_status create_prefix(vmmpp_kv* kv, uint64_t max_cached_bytes, int record_events, bool lend,
                               vmmpp_kv_prefix** out) {
     return guarded([&] {
-        require(kv != nullptr && out != nullptr, "vmmpp_kv_prefix_create: null argument");
+        require_args("vmmpp_kv_prefix_create", {{"kv", kv != nullptr}, {"out", out != nullptr}});
         auto handle = std::make_unique<vmmpp_kv_prefix>();
         handle->cache = kv->cache;
         vmmpp::prefix_cache_options options;
@@ -754,7 +773,7 @@ vmmpp_kv_status vmmpp_kv_prefix_create_lending(vmmpp_kv* kv, uint64_t max_cached
 
 vmmpp_kv_status vmmpp_kv_prefix_lending_stats_get(vmmpp_kv_prefix* prefix, vmmpp_kv_prefix_lending_stats* out) {
     return guarded([&] {
-        require(prefix != nullptr && out != nullptr, "vmmpp_kv_prefix_lending_stats_get: null argument");
+        require_args("vmmpp_kv_prefix_lending_stats_get", {{"prefix", prefix != nullptr}, {"out", out != nullptr}});
         const vmmpp::lending_stats s = prefix->prefix->lending_stats();  // atomics: no lock needed
         out->lends = s.lends;
         out->lent_blocks = s.lent_blocks;
@@ -773,8 +792,9 @@ vmmpp_kv_status vmmpp_kv_prefix_publish(vmmpp_kv_prefix* prefix, uint64_t seq, c
                                         uint64_t n_tokens, const uint64_t* extra, uint64_t n_extra,
                                         uint64_t* registered) {
     return guarded([&] {
-        require(prefix != nullptr && (tokens != nullptr || n_tokens == 0) && (extra != nullptr || n_extra == 0),
-                "vmmpp_kv_prefix_publish: null argument");
+        require_args("vmmpp_kv_prefix_publish", {{"prefix", prefix != nullptr},
+                                                 {"tokens", tokens != nullptr || n_tokens == 0},
+                                                 {"extra", extra != nullptr || n_extra == 0}});
         std::lock_guard lock(prefix->cache->mutex);
         const std::size_t n = prefix->prefix->publish(seq, token_span(tokens, n_tokens), extra_span(extra, n_extra));
         if (registered != nullptr) {
@@ -786,9 +806,10 @@ vmmpp_kv_status vmmpp_kv_prefix_publish(vmmpp_kv_prefix* prefix, uint64_t seq, c
 vmmpp_kv_status vmmpp_kv_prefix_lookup(vmmpp_kv_prefix* prefix, const int32_t* tokens, uint64_t n_tokens,
                                        const uint64_t* extra, uint64_t n_extra, uint64_t* cached_tokens) {
     return guarded([&] {
-        require(prefix != nullptr && cached_tokens != nullptr && (tokens != nullptr || n_tokens == 0) &&
-                    (extra != nullptr || n_extra == 0),
-                "vmmpp_kv_prefix_lookup: null argument");
+        require_args("vmmpp_kv_prefix_lookup", {{"prefix", prefix != nullptr},
+                                                {"cached_tokens", cached_tokens != nullptr},
+                                                {"tokens", tokens != nullptr || n_tokens == 0},
+                                                {"extra", extra != nullptr || n_extra == 0}});
         std::lock_guard lock(prefix->cache->mutex);
         *cached_tokens = prefix->prefix->lookup(token_span(tokens, n_tokens), extra_span(extra, n_extra));
     });
@@ -804,9 +825,10 @@ vmmpp_kv_status vmmpp_kv_prefix_attach_on_stream(vmmpp_kv_prefix* prefix, const 
                                                  const uint64_t* extra, uint64_t n_extra, void* stream, uint64_t* seq,
                                                  uint64_t* cached_tokens) {
     return guarded([&] {
-        require(prefix != nullptr && seq != nullptr && cached_tokens != nullptr &&
-                    (tokens != nullptr || n_tokens == 0) && (extra != nullptr || n_extra == 0),
-                "vmmpp_kv_prefix_attach: null argument");
+        require_args("vmmpp_kv_prefix_attach", {{"prefix", prefix != nullptr}, {"seq", seq != nullptr},
+                                                {"cached_tokens", cached_tokens != nullptr},
+                                                {"tokens", tokens != nullptr || n_tokens == 0},
+                                                {"extra", extra != nullptr || n_extra == 0}});
         std::lock_guard lock(prefix->cache->mutex);
         const vmmpp::attached_sequence a = prefix->prefix->attach(
             token_span(tokens, n_tokens), extra_span(extra, n_extra), static_cast<cudaStream_t>(stream));
@@ -855,7 +877,7 @@ vmmpp_kv_status vmmpp_kv_prefix_evict(vmmpp_kv_prefix* prefix, uint64_t n_blocks
                                       vmmpp_kv_block_key* keys, uint64_t capacity, uint64_t* count,
                                       uint64_t* freed_page_bytes) {
     return guarded([&] {
-        require_eviction_outputs(prefix, blocks, capacity, "vmmpp_kv_prefix_evict: null argument");
+        require_eviction_outputs(prefix, blocks, capacity, "vmmpp_kv_prefix_evict");
         std::lock_guard lock(prefix->cache->mutex);
         eviction_out(prefix->prefix->evict(static_cast<std::size_t>(n_blocks)), blocks, keys, capacity, count,
                      freed_page_bytes);
@@ -866,7 +888,7 @@ vmmpp_kv_status vmmpp_kv_prefix_evict_bytes(vmmpp_kv_prefix* prefix, uint64_t by
                                             vmmpp_kv_block_key* keys, uint64_t capacity, uint64_t* count,
                                             uint64_t* freed_page_bytes) {
     return guarded([&] {
-        require_eviction_outputs(prefix, blocks, capacity, "vmmpp_kv_prefix_evict_bytes: null argument");
+        require_eviction_outputs(prefix, blocks, capacity, "vmmpp_kv_prefix_evict_bytes");
         std::lock_guard lock(prefix->cache->mutex);
         eviction_out(prefix->prefix->evict_bytes(static_cast<std::size_t>(bytes)), blocks, keys, capacity, count,
                      freed_page_bytes);
@@ -876,7 +898,7 @@ vmmpp_kv_status vmmpp_kv_prefix_evict_bytes(vmmpp_kv_prefix* prefix, uint64_t by
 vmmpp_kv_status vmmpp_kv_prefix_clear(vmmpp_kv_prefix* prefix, int32_t* blocks, vmmpp_kv_block_key* keys,
                                       uint64_t capacity, uint64_t* count, uint64_t* freed_page_bytes) {
     return guarded([&] {
-        require_eviction_outputs(prefix, blocks, capacity, "vmmpp_kv_prefix_clear: null argument");
+        require_eviction_outputs(prefix, blocks, capacity, "vmmpp_kv_prefix_clear");
         std::lock_guard lock(prefix->cache->mutex);
         eviction_out(prefix->prefix->clear(), blocks, keys, capacity, count, freed_page_bytes);
     });
@@ -884,7 +906,7 @@ vmmpp_kv_status vmmpp_kv_prefix_clear(vmmpp_kv_prefix* prefix, int32_t* blocks, 
 
 vmmpp_kv_status vmmpp_kv_prefix_stats_get(vmmpp_kv_prefix* prefix, vmmpp_kv_prefix_stats* out) {
     return guarded([&] {
-        require(prefix != nullptr && out != nullptr, "vmmpp_kv_prefix_stats_get: null argument");
+        require_args("vmmpp_kv_prefix_stats_get", {{"prefix", prefix != nullptr}, {"out", out != nullptr}});
         std::lock_guard lock(prefix->cache->mutex);
         const vmmpp::prefix_cache_stats s = prefix->prefix->stats();
         out->hits = s.hits;
@@ -904,8 +926,8 @@ vmmpp_kv_status vmmpp_kv_prefix_stats_get(vmmpp_kv_prefix* prefix, vmmpp_kv_pref
 vmmpp_kv_status vmmpp_kv_prefix_drain_events(vmmpp_kv_prefix* prefix, vmmpp_kv_prefix_event* out, uint64_t capacity,
                                              uint64_t* count, uint64_t* left) {
     return guarded([&] {
-        require(prefix != nullptr && count != nullptr && (out != nullptr || capacity == 0),
-                "vmmpp_kv_prefix_drain_events: null argument");
+        require_args("vmmpp_kv_prefix_drain_events", {{"prefix", prefix != nullptr}, {"count", count != nullptr},
+                                                      {"out", out != nullptr || capacity == 0}});
         std::lock_guard lock(prefix->cache->mutex);
         std::vector<vmmpp::prefix_event>& pending = prefix->pending;
         std::vector<vmmpp::prefix_event> fresh = prefix->prefix->drain_events();
@@ -946,7 +968,7 @@ extern "C" {
 vmmpp_kv_status vmmpp_kv_tier_create(vmmpp_kv_prefix* prefix, uint64_t max_blocks, void* stream,
                                      vmmpp_kv_tier** out) {
     return guarded([&] {
-        require(prefix != nullptr && out != nullptr, "vmmpp_kv_tier_create: null argument");
+        require_args("vmmpp_kv_tier_create", {{"prefix", prefix != nullptr}, {"out", out != nullptr}});
         auto handle = std::make_unique<vmmpp_kv_tier>();
         handle->cache = prefix->cache;
         try {
@@ -970,9 +992,10 @@ vmmpp_kv_status vmmpp_kv_tier_attach(vmmpp_kv_tier* tier, const int32_t* tokens,
                                      const uint64_t* extra, uint64_t n_extra, void* stream, uint64_t* seq,
                                      uint64_t* cached_tokens, uint64_t* host_tokens) {
     return guarded([&] {
-        require(tier != nullptr && seq != nullptr && cached_tokens != nullptr && (tokens != nullptr || n_tokens == 0) &&
-                    (extra != nullptr || n_extra == 0),
-                "vmmpp_kv_tier_attach: null argument");
+        require_args("vmmpp_kv_tier_attach", {{"tier", tier != nullptr}, {"seq", seq != nullptr},
+                                              {"cached_tokens", cached_tokens != nullptr},
+                                              {"tokens", tokens != nullptr || n_tokens == 0},
+                                              {"extra", extra != nullptr || n_extra == 0}});
         std::lock_guard lock(tier->cache->mutex);
         const vmmpp::tiered_sequence a = tier->tier->attach(token_span(tokens, n_tokens), extra_span(extra, n_extra),
                                                             static_cast<cudaStream_t>(stream));
@@ -988,9 +1011,10 @@ vmmpp_kv_status vmmpp_kv_tier_lookup(vmmpp_kv_tier* tier, const int32_t* tokens,
                                      const uint64_t* extra, uint64_t n_extra, uint64_t* gpu_tokens,
                                      uint64_t* host_tokens) {
     return guarded([&] {
-        require(tier != nullptr && gpu_tokens != nullptr && host_tokens != nullptr &&
-                    (tokens != nullptr || n_tokens == 0) && (extra != nullptr || n_extra == 0),
-                "vmmpp_kv_tier_lookup: null argument");
+        require_args("vmmpp_kv_tier_lookup", {{"tier", tier != nullptr}, {"gpu_tokens", gpu_tokens != nullptr},
+                                              {"host_tokens", host_tokens != nullptr},
+                                              {"tokens", tokens != nullptr || n_tokens == 0},
+                                              {"extra", extra != nullptr || n_extra == 0}});
         std::lock_guard lock(tier->cache->mutex);
         const auto [gpu, host] = tier->tier->lookup(token_span(tokens, n_tokens), extra_span(extra, n_extra));
         *gpu_tokens = gpu;
@@ -1000,7 +1024,7 @@ vmmpp_kv_status vmmpp_kv_tier_lookup(vmmpp_kv_tier* tier, const int32_t* tokens,
 
 vmmpp_kv_status vmmpp_kv_tier_swap_out(vmmpp_kv_tier* tier, uint64_t seq, void* stream, uint64_t* id) {
     return guarded([&] {
-        require(tier != nullptr && id != nullptr, "vmmpp_kv_tier_swap_out: null argument");
+        require_args("vmmpp_kv_tier_swap_out", {{"tier", tier != nullptr}, {"id", id != nullptr}});
         std::lock_guard lock(tier->cache->mutex);
         *id = tier->tier->swap_out(seq, static_cast<cudaStream_t>(stream));
     });
@@ -1008,7 +1032,7 @@ vmmpp_kv_status vmmpp_kv_tier_swap_out(vmmpp_kv_tier* tier, uint64_t seq, void* 
 
 vmmpp_kv_status vmmpp_kv_tier_swap_in(vmmpp_kv_tier* tier, uint64_t id, void* stream, uint64_t* seq) {
     return guarded([&] {
-        require(tier != nullptr && seq != nullptr, "vmmpp_kv_tier_swap_in: null argument");
+        require_args("vmmpp_kv_tier_swap_in", {{"tier", tier != nullptr}, {"seq", seq != nullptr}});
         std::lock_guard lock(tier->cache->mutex);
         *seq = tier->tier->swap_in(id, static_cast<cudaStream_t>(stream));
     });
@@ -1024,7 +1048,7 @@ vmmpp_kv_status vmmpp_kv_tier_drop_swapped(vmmpp_kv_tier* tier, uint64_t id) {
 
 vmmpp_kv_status vmmpp_kv_tier_swapped_tokens(vmmpp_kv_tier* tier, uint64_t id, uint64_t* n_tokens) {
     return guarded([&] {
-        require(tier != nullptr && n_tokens != nullptr, "vmmpp_kv_tier_swapped_tokens: null argument");
+        require_args("vmmpp_kv_tier_swapped_tokens", {{"tier", tier != nullptr}, {"n_tokens", n_tokens != nullptr}});
         std::lock_guard lock(tier->cache->mutex);
         *n_tokens = tier->tier->swapped_tokens(id);
     });
@@ -1032,7 +1056,7 @@ vmmpp_kv_status vmmpp_kv_tier_swapped_tokens(vmmpp_kv_tier* tier, uint64_t id, u
 
 vmmpp_kv_status vmmpp_kv_tier_store_ahead(vmmpp_kv_tier* tier, uint64_t max_blocks, uint64_t* stored) {
     return guarded([&] {
-        require(tier != nullptr && stored != nullptr, "vmmpp_kv_tier_store_ahead: null argument");
+        require_args("vmmpp_kv_tier_store_ahead", {{"tier", tier != nullptr}, {"stored", stored != nullptr}});
         std::lock_guard lock(tier->cache->mutex);
         *stored = tier->tier->store_ahead(static_cast<std::size_t>(max_blocks));
     });
@@ -1048,7 +1072,7 @@ vmmpp_kv_status vmmpp_kv_tier_synchronize(vmmpp_kv_tier* tier) {
 
 vmmpp_kv_status vmmpp_kv_tier_idle(vmmpp_kv_tier* tier, int* idle) {
     return guarded([&] {
-        require(tier != nullptr && idle != nullptr, "vmmpp_kv_tier_idle: null argument");
+        require_args("vmmpp_kv_tier_idle", {{"tier", tier != nullptr}, {"idle", idle != nullptr}});
         std::lock_guard lock(tier->cache->mutex);
         *idle = tier->tier->idle() ? 1 : 0;
     });
@@ -1064,7 +1088,7 @@ vmmpp_kv_status vmmpp_kv_tier_stream_waits_for_copies(vmmpp_kv_tier* tier, void*
 
 vmmpp_kv_status vmmpp_kv_tier_stats_get(vmmpp_kv_tier* tier, vmmpp_kv_tier_stats* out) {
     return guarded([&] {
-        require(tier != nullptr && out != nullptr, "vmmpp_kv_tier_stats_get: null argument");
+        require_args("vmmpp_kv_tier_stats_get", {{"tier", tier != nullptr}, {"out", out != nullptr}});
         std::lock_guard lock(tier->cache->mutex);
         const vmmpp::host_tier_stats s = tier->tier->stats();
         out->offloaded_blocks = s.offloaded_blocks;

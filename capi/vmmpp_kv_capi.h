@@ -64,7 +64,8 @@ typedef struct {
 
 typedef struct vmmpp_kv vmmpp_kv;
 
-/** Why this thread's last failing call failed ("" if none did). */
+/** Why this thread's last failing call failed ("" if none did). A null pointer where one is
+ *  needed is VMMPP_KV_INVALID_ARGUMENT naming it: "vmmpp_kv_fork: argument child is null". */
 VMMPP_KV_API const char* vmmpp_kv_last_error(void);
 /** The layout names vmmpp_kv_create accepts, comma-separated, kv_cache's default (block_major)
  *  first: "block_major,block_major_hnd,...". A static string (vmmpp::kv_layouts). */

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <new>
 #include <span>
@@ -83,6 +84,16 @@ vmmpp_kv_status guarded(F&& f) noexcept {
 void require(bool ok, const char* what) {
     if (!ok) {
         throw vmmpp::invalid_argument(what);
+    }
+}
+
+/// Throws invalid_argument naming the first of `args` (name, whether it passed its check: not
+/// null, or null where nothing is to be written) that failed: "<function>: argument <name> is null".
+void require_args(const char* function, std::initializer_list<std::pair<const char*, bool>> args) {
+    for (const auto& [name, ok] : args) {
+        if (!ok) {
+            throw vmmpp::invalid_argument(std::string(function) + ": argument " + name + " is null");
+        }
     }
 }
 
@@ -215,7 +226,7 @@ vmmpp_kv_status vmmpp_device_check(int device) {
 vmmpp_kv_status vmmpp_pool_create(uint64_t capacity, uint64_t page_bytes, const char* backing, int device,
                                   vmmpp_pool** out) {
     return guarded([&] {
-        require(backing != nullptr && out != nullptr, "vmmpp_pool_create: null argument");
+        require_args("vmmpp_pool_create", {{"backing", backing != nullptr}, {"out", out != nullptr}});
         auto handle = std::make_unique<vmmpp_pool>();
         handle->pool = make_pool(backing, capacity, page_bytes, device, vmmpp::unlimited{});
         *out = handle.release();
@@ -243,7 +254,7 @@ vmmpp_kv_status vmmpp_pool_release(vmmpp_pool* pool, uint64_t offset, uint64_t b
 
 vmmpp_kv_status vmmpp_pool_is_committed(vmmpp_pool* pool, uint64_t offset, uint64_t bytes, int* committed) {
     return guarded([&] {
-        require(pool != nullptr && committed != nullptr, "vmmpp_pool_is_committed: null argument");
+        require_args("vmmpp_pool_is_committed", {{"pool", pool != nullptr}, {"committed", committed != nullptr}});
         *committed = pool->pool->is_committed(static_cast<std::size_t>(offset), static_cast<std::size_t>(bytes)) ? 1 : 0;
     });
 }
@@ -269,7 +280,7 @@ vmmpp_kv_status vmmpp_pool_span(vmmpp_pool* pool, void** base, uint64_t* capacit
 
 vmmpp_kv_status vmmpp_pool_stats_get(vmmpp_pool* pool, vmmpp_pool_stats* out) {
     return guarded([&] {
-        require(pool != nullptr && out != nullptr, "vmmpp_pool_stats_get: null argument");
+        require_args("vmmpp_pool_stats_get", {{"pool", pool != nullptr}, {"out", out != nullptr}});
         const vmmpp::pool_stats s = pool->pool->stats();
         out->reserved_bytes = s.reserved;
         out->committed_bytes = s.committed;
@@ -283,7 +294,7 @@ vmmpp_kv_status vmmpp_pool_stats_get(vmmpp_pool* pool, vmmpp_pool_stats* out) {
 
 vmmpp_kv_status vmmpp_budget_create(uint64_t global_limit, vmmpp_budget** out) {
     return guarded([&] {
-        require(out != nullptr, "vmmpp_budget_create: null argument");
+        require_args("vmmpp_budget_create", {{"out", out != nullptr}});
         *out = new vmmpp_budget{vmmpp::budget(static_cast<std::size_t>(global_limit))};
     });
 }
@@ -294,8 +305,8 @@ vmmpp_kv_status vmmpp_budget_create_pool(vmmpp_budget* budget, const char* model
                                          uint64_t capacity, uint64_t page_bytes, const char* backing, int device,
                                          vmmpp_pool** out) {
     return guarded([&] {
-        require(budget != nullptr && model != nullptr && backing != nullptr && out != nullptr,
-                "vmmpp_budget_create_pool: null argument");
+        require_args("vmmpp_budget_create_pool", {{"budget", budget != nullptr}, {"model", model != nullptr},
+                                                  {"backing", backing != nullptr}, {"out", out != nullptr}});
         auto handle = std::make_unique<vmmpp_pool>();
         // Registered first, so a taken name is refused before any address space is reserved; a
         // failure after it drops the share, and with it the registration.
@@ -307,7 +318,7 @@ vmmpp_kv_status vmmpp_budget_create_pool(vmmpp_budget* budget, const char* model
 
 vmmpp_kv_status vmmpp_budget_stats_get(vmmpp_budget* budget, vmmpp_kv_budget_stats* out) {
     return guarded([&] {
-        require(budget != nullptr && out != nullptr, "vmmpp_budget_stats_get: null argument");
+        require_args("vmmpp_budget_stats_get", {{"budget", budget != nullptr}, {"out", out != nullptr}});
         const vmmpp::budget_stats s = budget->budget.stats();
         out->limit = s.limit;
         out->committed = s.committed;
@@ -318,8 +329,8 @@ vmmpp_kv_status vmmpp_budget_stats_get(vmmpp_budget* budget, vmmpp_kv_budget_sta
 
 vmmpp_kv_status vmmpp_budget_model_stats_get(vmmpp_budget* budget, const char* model, vmmpp_budget_model_stats* out) {
     return guarded([&] {
-        require(budget != nullptr && model != nullptr && out != nullptr,
-                "vmmpp_budget_model_stats_get: null argument");
+        require_args("vmmpp_budget_model_stats_get", {{"budget", budget != nullptr}, {"model", model != nullptr},
+                                                      {"out", out != nullptr}});
         const vmmpp::budget_stats s = budget->budget.stats();
         const auto it = std::find_if(s.models.begin(), s.models.end(),
                                      [&](const vmmpp::model_stats& m) { return m.name == model; });

@@ -301,7 +301,7 @@ class HostTierCapiTest(unittest.TestCase):
         lib = vmmpp_kv.load_library()
         out = ctypes.c_void_p()
         self.assertEqual(lib.vmmpp_kv_tier_create(None, 4, None, ctypes.byref(out)), 1)
-        self.assertEqual(lib.vmmpp_kv_last_error().decode(), "vmmpp_kv_tier_create: null argument")
+        self.assertEqual(lib.vmmpp_kv_last_error().decode(), "vmmpp_kv_tier_create: argument prefix is null")
         self.assertEqual(lib.vmmpp_kv_tier_stats_get(None, None), 1)
         lib.vmmpp_kv_tier_destroy(None)  # ignored
 
