@@ -42,6 +42,18 @@ bool has_shared_budget(std::string_view config) {
 std::shared_ptr<cache_base> make_cache(std::string_view config, std::string_view layout, const kv_geometry& g,
                                        const backing_choice& backing, std::uint64_t budget_bytes) {
     check_layout<vmmpp::kv_layouts>(layout, "layout");
+    if (budget_bytes != 0 && !has_shared_budget(config)) {
+        // A configuration without a budget of its own: the host backing takes one (a budget of
+        // this cache alone); the others would ignore it, so they refuse it rather than do that.
+        if (canonical_config_name(config) != vmmpp::type_name<vmmpp::host_config>) {
+            throw vmmpp::invalid_argument("budget_bytes: the '" + std::string(config) +
+                                          "' configuration is charged to no budget (its quota is unlimited); the "
+                                          "configurations under a budget are " +
+                                          vmmpp::type_names<vmmpp::budgeted_named_configs>() + " and host");
+        }
+        vmmpp::budget own(budget_bytes);  // kept alive by the cache's share
+        return make_cache_in_budget(config, layout, g, backing, own.register_model("kv", budget_bytes));
+    }
     return vmmpp::dispatch_by_name<vmmpp::named_configs>(
         canonical_config_name(config), "configuration",
         [&]<class C>(std::type_identity<C>) { return detail::config_caches<C>::named(layout, g, backing, budget_bytes); });

@@ -184,7 +184,8 @@ bool has_shared_budget(std::string_view config);
 
 /// A cache of the named configuration (named_configs, or an alias) and layout (kv_layouts).
 /// Configurations under a shared_budget get a budget of their own of budget_bytes (0: the whole
-/// span, in 2 MiB pages); the others ignore budget_bytes.
+/// span, in 2 MiB pages); host (host_config) a budget of its own of budget_bytes when it is not 0;
+/// the others (static, gh200: charged to no budget) refuse a budget_bytes other than 0.
 /// Throws: invalid_argument (an unknown name, listing the valid ones; a backing_choice the
 /// configuration cannot take), and what the kv_cache constructor throws.
 std::shared_ptr<cache_base> make_cache(std::string_view config, std::string_view layout, const kv_geometry& g,

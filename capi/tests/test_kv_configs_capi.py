@@ -119,6 +119,16 @@ def main():
     check(status == "invalid_argument" and "peer devices" in message and "elastic_page" in message,
           f"peers are refused on host: {message}")
 
+    # 3b. budget_bytes: a host cache takes it as a budget of its own (it was ignored before); the
+    # configurations charged to no budget refuse it rather than ignore it.
+    check(outcome(lambda: vmmpp_kv.KVCache(config="host", budget_bytes=1, **GEOMETRY)) == "over_quota",
+          "a host cache with a budget of 1 byte refuses its first page")
+    check(outcome(lambda: vmmpp_kv.KVCache(config="host", budget_bytes=1 << 30, **GEOMETRY)) == "ok",
+          "a host cache with a budget of 1 GiB takes the sequence")
+    status, message = refusal(lambda: vmmpp_kv.KVCache(config="static", budget_bytes=1 << 20, **GEOMETRY))
+    check(status == "invalid_argument" and "charged to no budget" in message,
+          f"budget_bytes is refused for static: {message}")
+
     # 4. A library that lacks functions the module binds (another version's) is named as such at
     # load, not an AttributeError later: libc stands in for it, in a child (the library loads once).
     probe = ("import sys, vmmpp_kv\n"

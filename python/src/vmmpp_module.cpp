@@ -527,17 +527,6 @@ void init_cache(py_cache* self, nb::handle layers, nb::handle kv_heads, nb::hand
         }
     } else if (!model.is_none() || !model_limit_bytes.is_none()) {
         throw vmmpp::invalid_argument("model= and model_limit_bytes= name a model of budget=, and no budget was given");
-    } else if (budget_limit != 0 && !vmmpp::erased::has_shared_budget(config)) {
-        // A configuration without a budget of its own: the host backing takes one (a budget of
-        // this cache alone); the others would ignore it, so they refuse it rather than do that.
-        if (vmmpp::erased::canonical_config_name(config) != vmmpp::type_name<vmmpp::host_config>) {
-            throw vmmpp::invalid_argument("budget_bytes: the '" + config +
-                                          "' configuration is charged to no budget (its quota is unlimited); the "
-                                          "configurations under a budget are " +
-                                          vmmpp::type_names<vmmpp::budgeted_named_configs>() + " and host");
-        }
-        vmmpp::budget own(budget_limit);
-        cache = vmmpp::erased::make_cache_in_budget(config, layout, g, backing, own.register_model("kv", budget_limit));
     } else {
         cache = vmmpp::erased::make_cache(config, layout, g, backing, budget_limit);
     }
