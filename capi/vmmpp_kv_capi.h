@@ -84,9 +84,10 @@ VMMPP_KV_API const char* vmmpp_kv_process_budget_config_names(void);
  *  "static" (one cudaMalloc), "elastic" (vmm, shared budget of budget_bytes, 0 for the whole
  *  span), "elastic_mapped_ahead" (the same, a background mapper growing it ahead of demand),
  *  "elastic_page" (the same as elastic, growing 2 MiB at a time; "elastic_pages" is an alias),
- *  "gh200" (managed memory) or "host" (CPU memory, no GPU needed); budget_bytes is ignored by the
- *  configurations without a shared budget (static, gh200, host). An unknown name is
- *  VMMPP_KV_INVALID_ARGUMENT, the message listing the valid ones.
+ *  "gh200" (managed memory) or "host" (CPU memory, no GPU needed; budget_bytes other than 0 is a
+ *  budget of its own); static and gh200, charged to no budget, refuse a budget_bytes other than 0
+ *  (VMMPP_KV_INVALID_ARGUMENT). An unknown name is VMMPP_KV_INVALID_ARGUMENT, the message listing
+ *  the valid ones.
  *  layout: "block_major", "block_major_hnd", "layer_major", "layer_major_hnd", "packed_kv", "mla"
  *  or "sequence_contiguous" (vmmpp_kv_layout_names). device: the CUDA device (ignored by "host"). */
 VMMPP_KV_API vmmpp_kv_status vmmpp_kv_create(const vmmpp_kv_geometry* geometry, const char* config,

@@ -372,8 +372,9 @@ class _OwnedHandle:
 
 class KVCache(_OwnedHandle):
     """A vmmpp::kv_cache. config: one of CONFIGS (or an alias of CONFIG_ALIASES): "host" (no
-    GPU), "elastic", "elastic_mapped_ahead", "elastic_page" (vmm, under a budget of budget_bytes),
-    "static" (cudaMalloc), "gh200" (managed); layout: one of LAYOUTS, block_major (kv_cache's
+    GPU; under a budget of budget_bytes when it is not 0), "elastic", "elastic_mapped_ahead",
+    "elastic_page" (vmm, under a budget of budget_bytes, 0: the whole span), "static"
+    (cudaMalloc), "gh200" (managed; these two refuse budget_bytes); layout: one of LAYOUTS, block_major (kv_cache's
     default) unless given (sequence_contiguous needs max_tokens_per_sequence)."""
 
     def __init__(self, *, layers, kv_heads, head_dim, max_blocks, dtype="f16", block_tokens=16, config="host",

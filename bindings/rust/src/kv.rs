@@ -100,8 +100,9 @@ impl KvCache {
     /// A cache of the named configuration (one of `config_names()`: "static", "elastic",
     /// "elastic_mapped_ahead", "elastic_page", "gh200", "host"; "host" needs no GPU) and layout
     /// (one of `layout_names()`, "block_major" first) on CUDA device `device` (ignored by "host").
-    /// budget_bytes: the shared budget of the elastic configurations, 0 for the whole span;
-    /// ignored by the others. An unknown name is InvalidArgument, the message listing the valid
+    /// budget_bytes: the shared budget of the elastic configurations, 0 for the whole span; for
+    /// "host", a budget of its own when not 0; "static" and "gh200" refuse anything but 0
+    /// (InvalidArgument). An unknown name is InvalidArgument, the message listing the valid
     /// ones; a GPU configuration without a GPU is CudaUnavailable.
     pub fn new(geometry: &Geometry, config: &str, layout: &str, device: i32, budget_bytes: u64) -> Result<KvCache> {
         let config = c_string(config, "configuration")?;
