@@ -25,6 +25,7 @@
 #include "vmmpp/kv/geometry.hpp"
 #include "vmmpp/kv/held_blocks.hpp"
 #include "vmmpp/kv/layout.hpp"
+#include "vmmpp/kv/leading_blocks.hpp"
 #include "vmmpp/kv/sequence_slots.hpp"
 #include "vmmpp/kv/sleep.hpp"
 #include "vmmpp/kv/tensor.hpp"
@@ -75,6 +76,7 @@ class kv_cache {
                   "vmmpp::kv_cache: Layout::block_ids does not model vmmpp::kv_block_ids");
     friend class detail::cache_sleep<kv_cache>;
     friend struct detail::held_blocks<kv_cache>;
+    friend struct detail::leading_blocks<kv_cache>;
     static constexpr bool slotted = sequence_slot_layout<Layout>;  // the members below that say so
 
 public:
@@ -232,6 +234,21 @@ public:
     void release_block(std::int32_t block) { release_block(block, options_.stream); }
     void release_block(std::int32_t block, cudaStream_t stream) {
         detail::held_blocks<kv_cache>::release(*this, block, stream);
+    }
+
+    /// Lets go of the first `count` blocks of live sequence `seq` while it goes on (a sliding
+    /// window's blocks that left the window: vmmpp/groups/sliding_window.hpp): each position
+    /// holds `placeholder` instead, a live block the caller holds (take_block), with one more
+    /// reference per position, so block tables keep their length and fork, truncate and free
+    /// work as before. Positions already holding it are skipped. A released block's memory goes
+    /// back after the work queued on `stream` and every earlier reader, as free()'s. Returns the
+    /// blocks released.
+    /// Throws: invalid_argument (unknown sequence, `count` beyond its blocks or covering its
+    /// partly filled last block, a placeholder that is free, a layout that cannot share blocks;
+    /// nothing changed), cache_asleep; cuda_error recording the fence (nothing changed) or giving
+    /// memory back (the release has taken effect).
+    std::size_t release_leading_blocks(seq_id seq, std::size_t count, std::int32_t placeholder, cudaStream_t stream) {
+        return detail::leading_blocks<kv_cache>::release(*this, seq, count, placeholder, stream);
     }
 
     /// Keeps the first `n_tokens` tokens of `seq` (e.g. rejected speculative tokens) and lets
