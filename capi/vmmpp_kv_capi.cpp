@@ -134,7 +134,8 @@ void store_integer(std::byte* at, vmmpp::dtype type, unsigned value) {
         return;
     }
     case vmmpp::dtype::fp8_e4m3:
-    case vmmpp::dtype::fp8_e5m2: break;
+    case vmmpp::dtype::fp8_e5m2:
+    case vmmpp::dtype::fp4_e2m1x2: break;
     }
     throw vmmpp::invalid_argument("the test pattern is written in f32, f16 or bf16 only");
 }

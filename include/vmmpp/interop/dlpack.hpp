@@ -103,6 +103,9 @@ struct dlpack_deleter {
     case dtype::f32: return make(kDLFloat, 32);
     case dtype::f16: return make(kDLFloat, 16);
     case dtype::bf16: return make(kDLBfloat, 16);
+    // Two E2M1 values a byte: bytes (kDLUInt 8), which PyTorch views as float4_e2m1fn_x2 (the
+    // lanes and bits of a packed DLPack float4 are not agreed on between frameworks yet).
+    case dtype::fp4_e2m1x2: return make(kDLUInt, 8);
 #if defined(DLPACK_MAJOR_VERSION) && (DLPACK_MAJOR_VERSION > 1 || (DLPACK_MAJOR_VERSION == 1 && DLPACK_MINOR_VERSION >= 1))
     case dtype::fp8_e4m3: return make(kDLFloat8_e4m3fn, 8);
     case dtype::fp8_e5m2: return make(kDLFloat8_e5m2, 8);

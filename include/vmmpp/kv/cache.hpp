@@ -383,7 +383,21 @@ public:
     /// address(layer, part, b) + (t * strides[1] + h * strides[2] + d) elements.
     /// Throws invalid_argument as address() does.
     [[nodiscard]] kv_tensor tensor(std::uint32_t layer, kv_part part) const {
-        return detail::layer_tensor<Layout>(geometry_, address(layer, part, 0), pool_.device(), geometry_.head_dim);
+        return detail::layer_tensor<Layout>(geometry_, address(layer, part, 0), pool_.device(),
+                                            static_cast<std::int64_t>(geometry_.row_elements()));
+    }
+
+    /// Quantized KV (kv_geometry::scales): layer `layer`'s scales of K or V as a strided
+    /// [max_blocks, block_tokens, kv_heads, head_dim / scales.group] tensor of scales.type, in the
+    /// order of the data (each block's scales follow its data: block stride = tensor()'s in
+    /// bytes). Scale [b, t, h, j] goes with data values [b, t, h, j * group, (j + 1) * group).
+    /// Throws invalid_argument for a geometry without scales, or as address() does.
+    [[nodiscard]] kv_tensor scale_tensor(std::uint32_t layer, kv_part part) const {
+        if (geometry_.scales.group == 0) {
+            throw invalid_argument("scale_tensor: the cache's geometry has no scales (kv_geometry::scales.group is 0)");
+        }
+        return detail::scale_tensor<Layout>(geometry_, address(layer, part, 0) + geometry_.block_data_bytes(),
+                                            pool_.device());
     }
 
     /// packed_kv layouts: layer `layer`'s K and V together as one strided
@@ -394,7 +408,7 @@ public:
         requires(Layout::packs_kv)
     {
         return detail::layer_tensor<Layout>(geometry_, address(layer, kv_part::key, 0), pool_.device(),
-                                            2 * std::int64_t{geometry_.head_dim});
+                                            2 * static_cast<std::int64_t>(geometry_.row_elements()));
     }
 
     // --- sequence-slot layouts (sequence_contiguous): a contiguous run per sequence ---

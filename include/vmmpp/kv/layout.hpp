@@ -59,9 +59,10 @@ struct piece_sink {
 };
 
 /// Strides of [block, token, head, dim] for a block laid out in `order` whose (token, head) rows
-/// hold `row` elements (head_dim, or 2 x head_dim when K and V share a row).
+/// hold `row_elements` elements (a head's row, or two when K and V share a row).
 [[nodiscard]] constexpr kv_strides in_block_strides(token_order order, const kv_geometry& g, std::size_t block_bytes,
-                                                    std::int64_t row) noexcept {
+                                                    std::size_t row_elements) noexcept {
+    const auto row = static_cast<std::int64_t>(row_elements);
     const auto block = static_cast<std::int64_t>(block_bytes / size_of(g.type));
     const auto tokens = static_cast<std::int64_t>(g.block_tokens);
     const auto heads = static_cast<std::int64_t>(g.kv_heads);
@@ -69,6 +70,15 @@ struct piece_sink {
         return {block, heads * row, row, 1};
     }
     return {block, row, tokens * row, 1};
+}
+
+/// Throws invalid_argument for a geometry with scales, which layout `layout` does not keep.
+inline void refuse_scales(const kv_geometry& g, const char* layout) {
+    if (g.scales.group != 0) {
+        throw invalid_argument(std::string("kv_geometry.scales: the ") + layout +
+                               " layout keeps no scales in its blocks (layer_major, block_major, their _hnd forms "
+                               "and mla do)");
+    }
 }
 
 } // namespace detail
@@ -127,7 +137,7 @@ struct basic_layer_major {
         return g.block_tensor_bytes();
     }
     [[nodiscard]] static constexpr kv_strides strides(const kv_geometry& g) noexcept {
-        return detail::in_block_strides(Order, g, block_stride_bytes(g), g.head_dim);
+        return detail::in_block_strides(Order, g, block_stride_bytes(g), g.row_elements());
     }
     /// Calls f(offset, bytes) for every contiguous piece of block `block`'s memory.
     template <class F>
@@ -171,7 +181,7 @@ struct basic_block_major {
         return g.block_bytes();
     }
     [[nodiscard]] static constexpr kv_strides strides(const kv_geometry& g) noexcept {
-        return detail::in_block_strides(Order, g, block_stride_bytes(g), g.head_dim);
+        return detail::in_block_strides(Order, g, block_stride_bytes(g), g.row_elements());
     }
     template <class F>
     static void for_each_piece(const kv_geometry& g, std::uint32_t block, F&& f) {
@@ -201,8 +211,9 @@ struct basic_packed_kv {
     static constexpr bool packs_kv = true;
     using block_ids = block_allocator;  ///< lowest free id, forks share blocks
     using block_copy_shape = kv_block_copy_shape;
-    /// Every valid geometry fits.
-    static constexpr void validate(const kv_geometry&) noexcept {}
+    /// Throws invalid_argument for scales (kv_geometry::scales): K and V share rows here, and
+    /// where their scales would go is not settled.
+    static void validate(const kv_geometry& g) { detail::refuse_scales(g, name); }
     /// Bytes of one block of one layer, K and V.
     [[nodiscard]] static constexpr std::size_t layer_block_bytes(const kv_geometry& g) noexcept {
         return 2 * g.block_tensor_bytes();
@@ -215,14 +226,14 @@ struct basic_packed_kv {
     [[nodiscard]] static constexpr std::size_t offset(const kv_geometry& g, std::uint32_t layer, kv_part part,
                                                       std::uint32_t block) noexcept {
         return std::size_t{layer} * region_bytes(g) + std::size_t{block} * layer_block_bytes(g) +
-               static_cast<std::size_t>(part) * g.head_dim * size_of(g.type);
+               static_cast<std::size_t>(part) * g.row_elements() * size_of(g.type);
     }
     [[nodiscard]] static constexpr std::size_t block_stride_bytes(const kv_geometry& g) noexcept {
         return layer_block_bytes(g);
     }
     /// Strides of K, V and the packed tensor alike (a row is 2 x head_dim elements).
     [[nodiscard]] static constexpr kv_strides strides(const kv_geometry& g) noexcept {
-        return detail::in_block_strides(Order, g, block_stride_bytes(g), 2 * std::int64_t{g.head_dim});
+        return detail::in_block_strides(Order, g, block_stride_bytes(g), 2 * g.row_elements());
     }
     template <class F>
     static void for_each_piece(const kv_geometry& g, std::uint32_t block, F&& f) {
@@ -274,7 +285,7 @@ struct mla {
         return g.block_tensor_bytes();
     }
     [[nodiscard]] static constexpr kv_strides strides(const kv_geometry& g) noexcept {
-        return detail::in_block_strides(token_order::nhd, g, block_stride_bytes(g), g.head_dim);
+        return detail::in_block_strides(token_order::nhd, g, block_stride_bytes(g), g.row_elements());
     }
     template <class F>
     static void for_each_piece(const kv_geometry& g, std::uint32_t block, F&& f) {
@@ -326,8 +337,10 @@ struct sequence_contiguous : basic_layer_major<token_order::nhd> {
         const kv_strides s = strides(g);
         return {s[1], s[2], s[3]};
     }
-    /// Throws invalid_argument unless max_tokens_per_sequence is set and at least one slot fits.
+    /// Throws invalid_argument unless max_tokens_per_sequence is set and at least one slot fits,
+    /// or for scales (they would break a sequence's run of data between its blocks).
     static void validate(const kv_geometry& g) {
+        detail::refuse_scales(g, name);
         if (g.max_tokens_per_sequence == 0) {
             throw invalid_argument("kv_geometry.max_tokens_per_sequence is 0: the sequence_contiguous layout "
                                    "reserves that many tokens of address space per sequence, so it must be set");
@@ -404,6 +417,20 @@ kv_tensor layer_tensor(const kv_geometry& g, void* data, int device, std::int64_
              static_cast<std::int64_t>(g.kv_heads), last},
             L::strides(g)};
 }
+/// Layout `L`'s scales of one layer's K or V (kv_geometry::scales) from `data`, the scales of
+/// block 0: [max_blocks, block_tokens, kv_heads, row_scales] in the order of the data (the
+/// strides of `L`'s data say which), in elements of the scales' type (kv_cache::scale_tensor).
+template <class L>
+kv_tensor scale_tensor(const kv_geometry& g, void* data, int device) {
+    const kv_strides d = L::strides(g);
+    const bool tokens_first = d[1] >= d[2];  // NHD (equal only where one of them is 1: the same)
+    const auto groups = static_cast<std::int64_t>(g.row_scales());
+    const auto tokens = static_cast<std::int64_t>(g.block_tokens);
+    const auto heads = static_cast<std::int64_t>(g.kv_heads);
+    const auto block = static_cast<std::int64_t>(L::block_stride_bytes(g) / size_of(g.scales.type));
+    return {data, g.scales.type, device, {static_cast<std::int64_t>(g.max_blocks), tokens, heads, groups},
+            tokens_first ? kv_strides{block, heads * groups, groups, 1} : kv_strides{block, groups, tokens * groups, 1}};
+}
 /// A sequence-slot layout's [1, tokens, kv_heads, head_dim] run of one sequence from `data` (its
 /// first block), the leading stride one slot of `slot_blocks` blocks (kv_cache::sequence_tensor).
 template <class L>
@@ -411,7 +438,7 @@ kv_tensor sequence_tensor(const kv_geometry& g, void* data, int device, std::siz
     const auto s = L::sequence_strides(g);
     return {data, g.type, device,
             {1, static_cast<std::int64_t>(tokens), static_cast<std::int64_t>(g.kv_heads),
-             static_cast<std::int64_t>(g.head_dim)},
+             static_cast<std::int64_t>(g.row_elements())},
             {s[0] * static_cast<std::int64_t>(slot_blocks) * g.block_tokens, s[0], s[1], s[2]}};
 }
 /// The bytes of layout `L`'s span over `g`, rounded up to a multiple of `alignment`.

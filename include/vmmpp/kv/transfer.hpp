@@ -33,6 +33,7 @@ namespace detail {
     case dtype::bf16: return "bf16";
     case dtype::fp8_e4m3: return "fp8_e4m3";
     case dtype::fp8_e5m2: return "fp8_e5m2";
+    case dtype::fp4_e2m1x2: return "fp4_e2m1x2";
     }
     return "unknown";
 }
