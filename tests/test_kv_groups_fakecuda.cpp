@@ -90,14 +90,7 @@ BOOST_AUTO_TEST_CASE(a_state_slot_goes_back_and_is_rewritten_after_its_last_read
     const auto b = slots.acquire(other);  // the same slot, for a new sequence on another stream
     BOOST_TEST(b == a);
     static std::vector<unsigned char> zeros(page, 0);
-    {
-        vmmpp::primary_context context{0};
-        vmmpp::scoped_context current(context);
-        vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(slots.data(b)),
-                                                               reinterpret_cast<CUdeviceptr>(zeros.data()), page,
-                                                               other),
-                             "cuMemcpyAsync(test state init)");
-    }
+    vmmpp_test::queue_copy_from_host(slots.data(b), zeros.data(), page, other);
     fakecuda::run_stream(other);  // the new owner's initialisation waits for the old read
     BOOST_TEST(fakecuda::queued_on(other) > 0u);
     fakecuda::hold_gpu(false);
@@ -118,14 +111,7 @@ BOOST_AUTO_TEST_CASE(a_forked_state_is_copied_after_the_parents_last_write) {
 
     fakecuda::hold_gpu(true);
     static std::vector<unsigned char> step_state(page, 0x42);
-    {
-        vmmpp::primary_context context{0};
-        vmmpp::scoped_context current(context);
-        vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(slots.data(a)),
-                                                               reinterpret_cast<CUdeviceptr>(step_state.data()), page,
-                                                               engine),
-                             "cuMemcpyAsync(test state write)");
-    }
+    vmmpp_test::queue_copy_from_host(slots.data(a), step_state.data(), page, engine);
     const auto b = slots.fork(a, engine);  // queued after the step's write
     slots.release(a, other);  // the parent ends on a stream with nothing queued: its slot waits for the copy
     fakecuda::run_stream(other);  // (its fence completes)
@@ -136,14 +122,7 @@ BOOST_AUTO_TEST_CASE(a_forked_state_is_copied_after_the_parents_last_write) {
     const auto c = slots.acquire(third);
     BOOST_TEST(c == a);
     static std::vector<unsigned char> zeros(page, 0);
-    {
-        vmmpp::primary_context context{0};
-        vmmpp::scoped_context current(context);
-        vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(slots.data(c)),
-                                                               reinterpret_cast<CUdeviceptr>(zeros.data()), page,
-                                                               third),
-                             "cuMemcpyAsync(test state init)");
-    }
+    vmmpp_test::queue_copy_from_host(slots.data(c), zeros.data(), page, third);
     fakecuda::run_stream(third);
     BOOST_TEST(fakecuda::queued_on(third) > 0u);
     fakecuda::hold_gpu(false);

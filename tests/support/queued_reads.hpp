@@ -71,6 +71,16 @@ void queue_block_write(const Cache& c, std::int32_t block, unsigned char value, 
     }
 }
 
+/// Queues on `stream` a copy of `bytes` bytes from host memory `from` (which must outlive the
+/// copy: it may run long after the call) to device memory `to`.
+inline void queue_copy_from_host(void* to, const void* from, std::size_t bytes, CUstream stream) {
+    vmmpp::primary_context context{0};
+    vmmpp::scoped_context current(context);
+    vmmpp::driver::check(vmmpp::driver::get().memcpy_async(reinterpret_cast<CUdeviceptr>(to),
+                                                            reinterpret_cast<CUdeviceptr>(from), bytes, stream),
+                         "cuMemcpyAsync(test write)");
+}
+
 /// Fills every layer's K and V piece (`piece` bytes each) of `block` with `value`.
 template <class Cache>
 void fill_block_pieces(Cache& c, std::int32_t block, unsigned char value, std::size_t piece) {
