@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "support/kv_factories.hpp"
+#include "support/kv_tokens.hpp"
 #include "vmmpp/config.hpp"
 #include "vmmpp/kv/relocate.hpp"
 #include "vmmpp/prefix/page_groups.hpp"
@@ -37,32 +38,6 @@ constexpr vmmpp::kv_geometry paged{.layers = 2, .kv_heads = 8, .head_dim = 128, 
 
 using tokens_t = std::vector<std::int32_t>;
 
-template <class Cache>
-constexpr kv_part last_part = Cache::layout_type::parts == 2 ? kv_part::value : kv_part::key;
-
-/// Element [slot's block, slot's token, last head, last dim] of a layer's K or V (through the
-/// cache's tensor descriptor).
-template <class Cache>
-std::byte* element_at(const Cache& c, std::uint32_t layer, kv_part part, std::int64_t slot) {
-    const auto& g = c.geometry();
-    const vmmpp::kv_tensor t = c.tensor(layer, part);
-    const std::int64_t index = slot / g.block_tokens * t.strides[0] + slot % g.block_tokens * t.strides[1] +
-                               (t.shape[2] - 1) * t.strides[2] + (t.shape[3] - 1) * t.strides[3];
-    return static_cast<std::byte*>(t.data) + index * 2;
-}
-/// The "KV" of a token: written into layer 0's K and the last layer's V (mla: latent).
-template <class Cache>
-void write_token(Cache& c, std::int64_t slot, std::uint16_t value) {
-    std::memcpy(element_at(c, 0, kv_part::key, slot), &value, 2);
-    std::memcpy(element_at(c, c.geometry().layers - 1, last_part<Cache>, slot), &value, 2);
-}
-template <class Cache>
-std::pair<std::uint16_t, std::uint16_t> read_token(const Cache& c, std::int64_t slot) {
-    std::uint16_t k = 0, v = 0;
-    std::memcpy(&k, element_at(c, 0, kv_part::key, slot), 2);
-    std::memcpy(&v, element_at(c, c.geometry().layers - 1, last_part<Cache>, slot), 2);
-    return {k, v};
-}
 /// A token's KV depends on every token up to it: a rolling hash of the prefix, 16 bits.
 std::uint16_t kv_value(const tokens_t& t, std::size_t i) {
     std::uint32_t h = 2166136261u;
