@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <new>
 #include <span>
 #include <vector>
 
@@ -49,20 +50,17 @@ public:
     /// The pieces of `blocks`, sorted by offset, adjacent ones merged (sleep copies them, an
     /// append prepays and commits them ahead).
     [[nodiscard]] std::vector<byte_range> merged_pieces(std::span<const std::int32_t> blocks) const {
-        std::vector<byte_range> pieces;
-        for (std::int32_t b : blocks) {
-            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b),
-                                   [&](std::size_t off, std::size_t bytes) { pieces.push_back({off, bytes}); });
-        }
-        std::sort(pieces.begin(), pieces.end(), [](const byte_range& a, const byte_range& b) { return a.offset < b.offset; });
         std::vector<byte_range> merged;
-        for (const byte_range& p : pieces) {
-            if (!merged.empty() && merged.back().offset + merged.back().bytes == p.offset) {
-                merged.back().bytes += p.bytes;
+        list_pieces(blocks, merged);
+        std::size_t runs = 0;
+        for (const byte_range& p : merged) {
+            if (runs > 0 && merged[runs - 1].offset + merged[runs - 1].bytes == p.offset) {
+                merged[runs - 1].bytes += p.bytes;
             } else {
-                merged.push_back(p);
+                merged[runs++] = p;
             }
         }
+        merged.resize(runs);
         return merged;
     }
 
@@ -86,46 +84,38 @@ public:
         }
     }
 
-    /// Holds every piece of block `b`'s memory in the pool, or none.
-    void hold(std::int32_t b) {
-        std::size_t held = 0;
-        try {
-            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
-                pool_.ensure_committed(off, bytes);
-                ++held;
-            });
-        } catch (...) {
-            // The pieces come in the same order every time: release the first `held` again.
-            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
-                if (held > 0) {
-                    --held;
-                    try {
-                        pool_.release(off, bytes);  // nothing was queued on this block yet
-                    } catch (...) {
-                        // the release took effect; only giving a page back failed (the pool retired it)
-                    }
-                }
-            });
-            throw;
-        }
+    /// Holds every piece of the memory of `blocks` in the pool, or none: one pool call, whose
+    /// holds per page are those of one hold per piece.
+    void hold(std::span<const std::int32_t> blocks) {
+        list_pieces(blocks, pieces_);
+        pool_.ensure_committed(std::span<const byte_range>(pieces_));
     }
 
-    /// Releases every piece of block `b`, to go back after `after`; returns the first error
-    /// after releasing them all.
-    std::exception_ptr unhold(std::int32_t b, pool_fence after) {
+    /// Releases every piece of `blocks` (all held), to go back after `after`, in one pool call;
+    /// returns its error (the release has taken effect; see elastic_pool::release). Without
+    /// memory to list the pieces, releases them one by one, as they come.
+    std::exception_ptr unhold(std::span<const std::int32_t> blocks, pool_fence after) {
         std::exception_ptr first;
-        Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
+        try {
             try {
-                pool_.release(off, bytes, after);
-            } catch (...) {
-                if (!first) {
-                    first = std::current_exception();
-                }
+                list_pieces(blocks, pieces_);
+            } catch (const std::bad_alloc&) {
+                for_each_piece(blocks, [&](std::size_t off, std::size_t bytes) {
+                    try {
+                        pool_.release(off, bytes, after);
+                    } catch (...) {
+                        first = first ? first : std::current_exception();
+                    }
+                });
+                return first;
             }
-        });
+            pool_.release(std::span<const byte_range>(pieces_), after);
+        } catch (...) {
+            first = std::current_exception();
+        }
         return first;
     }
-    void unhold_noexcept(std::int32_t b, pool_fence after) noexcept { (void)unhold(b, after); }
+    void unhold_noexcept(std::span<const std::int32_t> blocks, pool_fence after) noexcept { (void)unhold(blocks, after); }
 
     /// Fresh blocks of an append, some perhaps freed while reads queued before their free may
     /// still run: `stream`, which writes them next (the engine's tokens, a copy-on-write), waits
@@ -206,16 +196,16 @@ public:
                 }
             }
         }
+        std::vector<std::int32_t> last;  // the blocks that lose their last reference
         for (std::int32_t b : blocks) {
             if (ids.refs(b) == 1) {
-                Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
-                    released_pieces_.push_back({off, bytes});
-                });
+                last.push_back(b);
                 for (const pool_fence& f : fences_.of(b)) {
                     block_fences::add_to(released_fences_, f);
                 }
             }
         }
+        list_pieces(last, released_pieces_);  // sorted: the pool's books walk them page by page
     }
     /// Drops one reference to each block of `dropped` (prepare_drop listed the pieces of those
     /// that reach zero and their fences) and releases that memory after those fences, in one
@@ -250,6 +240,52 @@ public:
     }
 
 private:
+    template <class F>
+    void for_each_piece(std::span<const std::int32_t> blocks, F&& f) const {
+        for (std::int32_t b : blocks) {
+            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), f);
+        }
+    }
+    /// Sets `out` to the pieces of `blocks` sorted by offset, one per piece: a page under k
+    /// pieces is held k times, as by one hold per piece. Every layout places a block's piece i
+    /// at region i + block x stride, so piece by piece over ascending blocks they come sorted
+    /// (listed a few blocks at a time, so that the writes stay in cache): only a layout that is
+    /// not so pays a sort, which cost more than the holds for a prompt's 16384 layer_major pieces.
+    void list_pieces(std::span<const std::int32_t> blocks, std::vector<byte_range>& out) const {
+        out.clear();
+        std::vector<std::int32_t> ascending(blocks.begin(), blocks.end());
+        std::sort(ascending.begin(), ascending.end());
+        const std::size_t n = ascending.size();
+        std::size_t k = 0;  // pieces per block
+        for_each_piece(std::span(ascending).first(std::min<std::size_t>(n, 1)), [&](std::size_t, std::size_t) { ++k; });
+        constexpr std::size_t tile = 16;  // blocks listed at a time
+        std::vector<byte_range> rows;     // their pieces, block by block
+        rows.reserve(tile * k);
+        out.resize(n * k);
+        bool uniform = true;
+        for (std::size_t j0 = 0; j0 < n && uniform; j0 += tile) {
+            const std::size_t m = std::min(tile, n - j0);
+            rows.clear();
+            for (std::size_t j = 0; j < m && uniform; ++j) {
+                for_each_piece(std::span(ascending).subspan(j0 + j, 1),
+                               [&](std::size_t off, std::size_t bytes) { rows.push_back({off, bytes}); });
+                uniform = rows.size() == (j + 1) * k;
+            }
+            for (std::size_t i = 0; i < k && uniform; ++i) {
+                for (std::size_t j = 0; j < m; ++j) {
+                    out[i * n + j0 + j] = rows[j * k + i];
+                }
+            }
+        }
+        if (!uniform) {  // blocks of different piece counts: as they come
+            out.clear();
+            for_each_piece(ascending, [&](std::size_t off, std::size_t bytes) { out.push_back({off, bytes}); });
+        }
+        const auto by_offset = [](const byte_range& a, const byte_range& b) { return a.offset < b.offset; };
+        if (!std::is_sorted(out.begin(), out.end(), by_offset)) {
+            std::sort(out.begin(), out.end(), by_offset);
+        }
+    }
     /// A fence after the work queued on `stream`, or none if that fails (a lost context).
     pool_fence fence_noexcept(cudaStream_t stream) noexcept {
         if constexpr (stream_ordered) {
@@ -265,6 +301,7 @@ private:
     const kv_geometry& geometry_;
     cudaStream_t own_stream_;
     block_fences fences_;                      // per block: the streams that may still read it
+    std::vector<byte_range> pieces_;           // what the hold or unhold in progress holds or releases
     std::vector<byte_range> released_pieces_;  // what the free or truncate in progress releases
     std::vector<pool_fence> released_fences_;  // and the fences that memory waits for
     bool copies_queued_ = false;               // copies queued on own_stream_ since its last fence
