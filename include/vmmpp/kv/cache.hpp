@@ -539,7 +539,7 @@ private:
     /// (pool::prepay): a refusal comes before any commit, and says what the append needed.
     auto prepay_append(seq_id seq, std::size_t n_tokens, const std::vector<std::int32_t>& fresh) {
         try {
-            return pool_.prepay(memory_.merged_pieces(fresh));
+            return pool_.prepay(memory_.merged_pieces_for_hold(fresh));
         } catch (const over_quota& e) {
             throw over_quota(e.which(), e.requested(), e.in_use(), e.limit(),
                              "append of " + std::to_string(n_tokens) + " tokens to sequence " + std::to_string(seq));

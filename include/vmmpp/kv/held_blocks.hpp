@@ -72,7 +72,7 @@ struct held_blocks {
         const std::int32_t one[1] = {c.blocks_.allocate(0, 0)};
         bool held = false;
         try {
-            const auto prepaid = c.pool_.prepay(c.memory_.merged_pieces(one));
+            const auto prepaid = c.pool_.prepay(c.memory_.merged_pieces_for_hold(one));
             c.memory_.hold(one);
             held = true;
             c.memory_.order_writes_after_reads(one, stream);

@@ -50,18 +50,14 @@ public:
     /// The pieces of `blocks`, sorted by offset, adjacent ones merged (sleep copies them, an
     /// append prepays and commits them ahead).
     [[nodiscard]] std::vector<byte_range> merged_pieces(std::span<const std::int32_t> blocks) const {
-        std::vector<byte_range> merged;
-        list_pieces(blocks, merged);
-        std::size_t runs = 0;
-        for (const byte_range& p : merged) {
-            if (runs > 0 && merged[runs - 1].offset + merged[runs - 1].bytes == p.offset) {
-                merged[runs - 1].bytes += p.bytes;
-            } else {
-                merged[runs++] = p;
-            }
-        }
-        merged.resize(runs);
-        return merged;
+        std::vector<byte_range> pieces;
+        list_pieces(blocks, pieces);
+        return merged(pieces);
+    }
+    /// As merged_pieces, for the hold of the same blocks that follows (an append's prepay, say):
+    /// their pieces are listed once for both.
+    [[nodiscard]] std::vector<byte_range> merged_pieces_for_hold(std::span<const std::int32_t> blocks) {
+        return merged(pieces_of(blocks));
     }
 
     /// With a pool that commits extents: commits the pages under the fresh blocks of one append
@@ -73,7 +69,7 @@ public:
             if (fresh.size() < 2) {
                 return;  // one block: the pool's own growth rule decides
             }
-            std::vector<byte_range> runs = merged_pieces(fresh);  // single pages are left to the holds
+            std::vector<byte_range> runs = merged_pieces_for_hold(fresh);  // single pages are left to the holds
             std::erase_if(runs, [&](const byte_range& r) { return r.bytes <= pool_.page_bytes(); });
             try {
                 pool_.commit_ahead(runs);
@@ -86,10 +82,7 @@ public:
 
     /// Holds every piece of the memory of `blocks` in the pool, or none: one pool call, whose
     /// holds per page are those of one hold per piece.
-    void hold(std::span<const std::int32_t> blocks) {
-        list_pieces(blocks, pieces_);
-        pool_.ensure_committed(std::span<const byte_range>(pieces_));
-    }
+    void hold(std::span<const std::int32_t> blocks) { pool_.ensure_committed(pieces_of(blocks)); }
 
     /// Releases every piece of `blocks` (all held), to go back after `after`, in one pool call;
     /// returns its error (the release has taken effect; see elastic_pool::release). Without
@@ -97,8 +90,9 @@ public:
     std::exception_ptr unhold(std::span<const std::int32_t> blocks, pool_fence after) {
         std::exception_ptr first;
         try {
+            std::span<const byte_range> pieces;
             try {
-                list_pieces(blocks, pieces_);
+                pieces = pieces_of(blocks);
             } catch (const std::bad_alloc&) {
                 for_each_piece(blocks, [&](std::size_t off, std::size_t bytes) {
                     try {
@@ -109,7 +103,7 @@ public:
                 });
                 return first;
             }
-            pool_.release(std::span<const byte_range>(pieces_), after);
+            pool_.release(pieces, after);
         } catch (...) {
             first = std::current_exception();
         }
@@ -246,6 +240,29 @@ private:
             Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), f);
         }
     }
+    /// The pieces of `blocks`, sorted by offset (list_pieces), listed once for the calls of an
+    /// append or take on the same blocks (prepay, commit ahead, hold): kept until the next call
+    /// asks for other blocks.
+    std::span<const byte_range> pieces_of(std::span<const std::int32_t> blocks) {
+        if (!std::ranges::equal(blocks, pieces_blocks_)) {
+            pieces_blocks_.clear();
+            list_pieces(blocks, pieces_);
+            pieces_blocks_.assign(blocks.begin(), blocks.end());
+        }
+        return pieces_;
+    }
+    /// Sorted pieces with adjacent ones merged.
+    static std::vector<byte_range> merged(std::span<const byte_range> pieces) {
+        std::vector<byte_range> runs;
+        for (const byte_range& p : pieces) {
+            if (!runs.empty() && runs.back().offset + runs.back().bytes == p.offset) {
+                runs.back().bytes += p.bytes;
+            } else {
+                runs.push_back(p);
+            }
+        }
+        return runs;
+    }
     /// Sets `out` to the pieces of `blocks` sorted by offset, one per piece: a page under k
     /// pieces is held k times, as by one hold per piece. Every layout places a block's piece i
     /// at region i + block x stride, so piece by piece over ascending blocks they come sorted
@@ -301,7 +318,8 @@ private:
     const kv_geometry& geometry_;
     cudaStream_t own_stream_;
     block_fences fences_;                      // per block: the streams that may still read it
-    std::vector<byte_range> pieces_;           // what the hold or unhold in progress holds or releases
+    std::vector<byte_range> pieces_;           // the pieces of pieces_blocks_, sorted (pieces_of)
+    std::vector<std::int32_t> pieces_blocks_;
     std::vector<byte_range> released_pieces_;  // what the free or truncate in progress releases
     std::vector<pool_fence> released_fences_;  // and the fences that memory waits for
     bool copies_queued_ = false;               // copies queued on own_stream_ since its last fence
