@@ -143,12 +143,14 @@ public:
         b_.check_ranges("ensure_committed", ranges);
         std::unique_lock lock(b_.mutex);
         // First, with the lock released while waiting, until no unit under any range is in
-        // flight (the mapper's): from then on the lock stays held, so no unit a run found
-        // committed goes back before its holds, and nothing this call committed is taken by
-        // another caller before a rollback.
-        while (any_in_flight(ranges)) {
-            ++b_.stats.waits;  // the mapper is mapping or unmapping one of them: never map twice
-            b_.agent.wait_for_in_flight(lock);
+        // flight (the mapper's: no other agent calls the backing without the lock): from then on
+        // the lock stays held, so no unit a run found committed goes back before its holds, and
+        // nothing this call committed is taken by another caller before a rollback.
+        if constexpr (books::agent_type::calls_backing_unlocked) {
+            while (any_in_flight(ranges)) {
+                ++b_.stats.waits;  // the mapper is mapping or unmapping one of them: never map twice
+                b_.agent.wait_for_in_flight(lock);
+            }
         }
         const auto sizer_before = b_.sizer;
         std::vector<std::size_t> done;  // extents committed here, undone if a run fails
@@ -156,6 +158,7 @@ public:
         try {
             while (held < ranges.size()) {
                 const range_run run = run_at(ranges, held);
+                b_.refuse_retired(run.first_unit, run.last_unit);
                 if (!all_committed(run.first_unit, run.last_unit)) {  // the common case allocates nothing
                     b_.stats.sync_commits += commit_range(run.first_unit, run.last_unit, commit_mode::for_holds, &done);
                     b_.agent.on_missed();
@@ -515,15 +518,14 @@ private:
         for (; end < ranges.size() && ranges[end].offset >= start && ranges[end].offset <= stop; ++end) {
             stop = std::max(stop, ranges[end].offset + ranges[end].bytes);
         }
-        return {end, b_.unit_of(start), b_.last_unit_of(start, stop - start)};
+        const std::size_t first = b_.unit_of(start);
+        return {end, first, stop <= b_.unit_offset(first + 1) ? first : b_.unit_of(stop - 1)};
     }
-    /// Whether a unit under any of `ranges` is in flight; throws retired_memory for one retired.
-    /// The caller holds the lock.
-    bool any_in_flight(std::span<const byte_range> ranges) const {
+    /// Whether a unit under any of `ranges` is in flight. The caller holds the lock.
+    bool any_in_flight(std::span<const byte_range> ranges) const noexcept {
         bool in_flight = false;
         for (std::size_t i = 0; i < ranges.size();) {
             const range_run run = run_at(ranges, i);
-            b_.refuse_retired(run.first_unit, run.last_unit);
             for (std::size_t u = run.first_unit; u <= run.last_unit; ++u) {
                 in_flight = in_flight || b_.table.is_in_flight(u);
             }

@@ -78,7 +78,7 @@ public:
 
     // --- geometry (no lock needed) ---
 
-    [[nodiscard]] std::size_t unit_of(std::size_t offset) const noexcept { return offset / page_bytes / unit_pages; }
+    [[nodiscard]] std::size_t unit_of(std::size_t offset) const noexcept { return offset / (page_bytes * unit_pages); }
     [[nodiscard]] std::size_t last_unit_of(std::size_t offset, std::size_t bytes) const noexcept {
         return unit_of(offset + bytes - 1);
     }

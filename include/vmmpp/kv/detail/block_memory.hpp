@@ -265,43 +265,52 @@ private:
     }
     /// Sets `out` to the pieces of `blocks` sorted by offset, one per piece: a page under k
     /// pieces is held k times, as by one hold per piece. Every layout places a block's piece i
-    /// at region i + block x stride, so piece by piece over ascending blocks they come sorted
-    /// (listed a few blocks at a time, so that the writes stay in cache): only a layout that is
-    /// not so pays a sort, which cost more than the holds for a prompt's 16384 layer_major pieces.
+    /// at region i + block x stride, so piece by piece over ascending blocks they come sorted:
+    /// only a layout that is not so pays a sort, which cost more than the holds for a prompt's
+    /// 16384 layer_major pieces.
     void list_pieces(std::span<const std::int32_t> blocks, std::vector<byte_range>& out) const {
-        out.clear();
-        std::vector<std::int32_t> ascending(blocks.begin(), blocks.end());
-        std::sort(ascending.begin(), ascending.end());
-        const std::size_t n = ascending.size();
-        std::size_t k = 0;  // pieces per block
-        for_each_piece(std::span(ascending).first(std::min<std::size_t>(n, 1)), [&](std::size_t, std::size_t) { ++k; });
-        constexpr std::size_t tile = 16;  // blocks listed at a time
-        std::vector<byte_range> rows;     // their pieces, block by block
-        rows.reserve(tile * k);
-        out.resize(n * k);
-        bool uniform = true;
-        for (std::size_t j0 = 0; j0 < n && uniform; j0 += tile) {
-            const std::size_t m = std::min(tile, n - j0);
-            rows.clear();
-            for (std::size_t j = 0; j < m && uniform; ++j) {
-                for_each_piece(std::span(ascending).subspan(j0 + j, 1),
-                               [&](std::size_t off, std::size_t bytes) { rows.push_back({off, bytes}); });
-                uniform = rows.size() == (j + 1) * k;
-            }
-            for (std::size_t i = 0; i < k && uniform; ++i) {
-                for (std::size_t j = 0; j < m; ++j) {
-                    out[i * n + j0 + j] = rows[j * k + i];
-                }
-            }
+        std::vector<std::int32_t> sorted;
+        if (!std::is_sorted(blocks.begin(), blocks.end())) {
+            sorted.assign(blocks.begin(), blocks.end());
+            std::sort(sorted.begin(), sorted.end());
+            blocks = sorted;
         }
-        if (!uniform) {  // blocks of different piece counts: as they come
+        if (blocks.size() < 2 || !list_piece_by_piece(blocks, out)) {
             out.clear();
-            for_each_piece(ascending, [&](std::size_t off, std::size_t bytes) { out.push_back({off, bytes}); });
+            for_each_piece(blocks, [&](std::size_t off, std::size_t bytes) { out.push_back({off, bytes}); });
         }
         const auto by_offset = [](const byte_range& a, const byte_range& b) { return a.offset < b.offset; };
         if (!std::is_sorted(out.begin(), out.end(), by_offset)) {
             std::sort(out.begin(), out.end(), by_offset);
         }
+    }
+    /// Sets `out` to the pieces of `blocks` piece by piece (every block's first piece, then every
+    /// block's second...), listed a few blocks at a time so that the writes stay in cache; false
+    /// for blocks of different piece counts.
+    bool list_piece_by_piece(std::span<const std::int32_t> blocks, std::vector<byte_range>& out) const {
+        const std::size_t n = blocks.size();
+        std::size_t k = 0;  // pieces per block
+        for_each_piece(blocks.first(1), [&](std::size_t, std::size_t) { ++k; });
+        constexpr std::size_t tile = 16;  // blocks listed at a time
+        std::vector<byte_range> rows;     // their pieces, block by block
+        rows.reserve(tile * k);
+        out.resize(n * k);
+        for (std::size_t j0 = 0; j0 < n; j0 += tile) {
+            const std::size_t m = std::min(tile, n - j0);
+            rows.clear();
+            for (std::size_t j = 0; j < m; ++j) {
+                for_each_piece(blocks.subspan(j0 + j, 1), [&](std::size_t off, std::size_t bytes) { rows.push_back({off, bytes}); });
+                if (rows.size() != (j + 1) * k) {
+                    return false;
+                }
+            }
+            for (std::size_t i = 0; i < k; ++i) {
+                for (std::size_t j = 0; j < m; ++j) {
+                    out[i * n + j0 + j] = rows[j * k + i];
+                }
+            }
+        }
+        return true;
     }
     /// A fence after the work queued on `stream`, or none if that fails (a lost context).
     pool_fence fence_noexcept(cudaStream_t stream) noexcept {
