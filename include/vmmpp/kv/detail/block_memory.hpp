@@ -74,8 +74,8 @@ public:
             try {
                 pool_.commit_ahead(runs);
             } catch (...) {
-                // Strong: nothing committed. The holds that follow commit block by block and
-                // report what refuses them, as without this step.
+                // Strong: nothing committed. The hold that follows commits run by run and
+                // reports what refuses it, as without this step.
             }
         }
     }
