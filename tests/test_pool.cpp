@@ -643,4 +643,10 @@ BOOST_AUTO_TEST_CASE(a_batched_hold_counts_holds_per_page_as_one_hold_per_range)
     BOOST_TEST(batched.is_committed(0, page));
     batched.release(0, page);
     BOOST_TEST(batched.committed_bytes() == 0u);
+    // In any order: the batch need not be sorted (unsorted ranges are runs of their own).
+    const std::vector<vmmpp::byte_range> reversed(pieces.rbegin(), pieces.rend());
+    batched.ensure_committed(reversed);
+    BOOST_TEST(batched.stats().held_pages == 4u);
+    batched.release(pieces, vmmpp::pool_fence{});
+    BOOST_TEST(batched.committed_bytes() == 0u);
 }
