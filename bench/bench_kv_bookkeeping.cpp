@@ -102,7 +102,8 @@ void free_2048(benchmark::State& state) {
 }
 
 /// One append of 4,096 tokens (256 new blocks, memory already committed); freed untimed. In
-/// layer_major a block is 64 pieces, each held on its own.
+/// layer_major a block is 64 pieces: the append holds all 16,384 in one pool call, page by page
+/// (one call per piece until 2026-12-07: 0.9-1.0 ms here, 0.06 ms since).
 template <class Case>
 void append_4096(benchmark::State& state) {
     auto cache = make_cache<Case>(state);

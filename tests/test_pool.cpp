@@ -5,6 +5,7 @@
 
 #include <boost/mpl/list.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <random>
@@ -589,4 +590,63 @@ BOOST_AUTO_TEST_CASE(errors_with_no_limit_say_so_rather_than_limit_0) {
     BOOST_TEST(std::string(capped.what()).ends_with("requested 2 bytes with 4 bytes committed, limit 6 bytes"));
     const vmmpp::over_quota quota_none("model m", 2, 4, 0);
     BOOST_TEST(std::string(quota_none.what()) == "over quota (model m): requested 2 bytes with 4 bytes in use, no limit");
+}
+
+// Issue 30: a batch of ranges held in one call (kv_cache's append: a prompt's layer_major
+// pieces, sorted) counts holds per page exactly as one call per range does: a page under k of
+// them is held k times, whether the pieces are of one block or of several, and goes back only
+// with its last release, one range at a time or in one batch.
+BOOST_AUTO_TEST_CASE(a_batched_hold_counts_holds_per_page_as_one_hold_per_range) {
+    constexpr std::size_t q = page / 4;
+    constexpr std::size_t pages = 8;
+    // Four pieces on page 0 (two of them the same range: the pool counts, it does not care),
+    // one across pages 1 and 2 that runs into one on page 2, and page 5 whole.
+    const std::vector<vmmpp::byte_range> pieces{{0, q},           {q, q},  {q, q}, {3 * q, q}, {page + 3 * q, 2 * q},
+                                                {2 * page + q, q}, {5 * page, page}};
+    std::vector<unsigned> holds(pages, 0);  // the reference: holds per page
+    const auto count = [&](const vmmpp::byte_range& r, int by) {
+        for (std::size_t p = r.offset / page; p <= (r.offset + r.bytes - 1) / page; ++p) {
+            holds[p] += by;
+        }
+    };
+    const auto held_pages = [&] { return static_cast<std::size_t>(std::count_if(holds.begin(), holds.end(), [](unsigned h) { return h > 0; })); };
+    vmmpp::elastic_pool<vmmpp::host_config> batched(pages * page);
+    vmmpp::elastic_pool<vmmpp::host_config> one_by_one(pages * page);
+    batched.ensure_committed(pieces);
+    for (const auto& r : pieces) {
+        one_by_one.ensure_committed(r.offset, r.bytes);
+        count(r, 1);
+    }
+    BOOST_TEST(holds[0] == 4u);
+    BOOST_TEST(holds[2] == 2u);
+    BOOST_TEST(batched.stats().held_pages == held_pages());
+    BOOST_TEST(batched.committed_bytes() == one_by_one.committed_bytes());
+    // Released one range at a time in another order: every page stays committed while it has
+    // a hold left, in both pools alike.
+    for (std::size_t i : {2u, 6u, 0u, 4u, 1u, 5u, 3u}) {
+        batched.release(pieces[i].offset, pieces[i].bytes);
+        one_by_one.release(pieces[i].offset, pieces[i].bytes);
+        count(pieces[i], -1);
+        BOOST_TEST(batched.stats().held_pages == held_pages());
+        BOOST_TEST(one_by_one.stats().held_pages == held_pages());
+        for (std::size_t p = 0; p < pages; ++p) {
+            BOOST_TEST(batched.is_committed(p * page, page) == (holds[p] > 0), "page " << p);
+        }
+    }
+    BOOST_TEST(batched.committed_bytes() == 0u);
+    BOOST_CHECK_THROW(batched.release(0, q), vmmpp::invalid_argument);  // no hold left: refused in every build
+    // Over a hold from before, held and released as one batch each: the hold from before stays.
+    batched.ensure_committed(0, page);
+    batched.ensure_committed(pieces);
+    batched.release(pieces, vmmpp::pool_fence{});
+    BOOST_TEST(batched.stats().held_pages == 1u);
+    BOOST_TEST(batched.is_committed(0, page));
+    batched.release(0, page);
+    BOOST_TEST(batched.committed_bytes() == 0u);
+    // In any order: the batch need not be sorted (unsorted ranges are runs of their own).
+    const std::vector<vmmpp::byte_range> reversed(pieces.rbegin(), pieces.rend());
+    batched.ensure_committed(reversed);
+    BOOST_TEST(batched.stats().held_pages == 4u);
+    batched.release(pieces, vmmpp::pool_fence{});
+    BOOST_TEST(batched.committed_bytes() == 0u);
 }

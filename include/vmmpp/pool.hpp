@@ -124,35 +124,59 @@ public:
     /// held. Except: spares the pool gave back to make room under quota pressure stay given back.
     /// Waits: for a unit the mapper has in flight; for the driver when it commits.
     void ensure_committed(std::size_t offset, std::size_t bytes) {
-        b_.check_range("ensure_committed", offset, bytes);
+        const byte_range range{offset, bytes};
+        ensure_committed(std::span<const byte_range>(&range, 1));
+    }
+
+    /// Holds every range of `ranges` as ensure_committed(offset, bytes) would one after the other,
+    /// under one lock: a page under k of the ranges gets k holds, which k releases give back (one
+    /// per range, or release(ranges, ...)). What kv_cache does with all the pieces of the blocks
+    /// an append takes, sorted by offset: ranges that touch the ones before them form a run whose
+    /// units are checked, and committed if need be, as one range (the growth policy's extents
+    /// then span the run, as commit_ahead's do), and the holds cost a division per page, not
+    /// per range.
+    /// Throws: as ensure_committed. Guarantee: strong for the whole batch: on throw no range is
+    /// held, every unit this call committed is decommitted again and the growth policy's pace
+    /// is as before (spares given back to make room stay given back, as for one range).
+    /// Waits: as ensure_committed, before anything is committed or held.
+    void ensure_committed(std::span<const byte_range> ranges) {
+        b_.check_ranges("ensure_committed", ranges);
         std::unique_lock lock(b_.mutex);
-        const std::size_t first = b_.unit_of(offset);
-        const std::size_t last = b_.last_unit_of(offset, bytes);
-        b_.refuse_retired(first, last);
-        std::vector<std::size_t> done;  // extents committed here, undone if the hold fails
-        for (;;) {
-            bool all_committed = true;
-            bool in_flight = false;
-            for (std::size_t u = first; u <= last; ++u) {
-                all_committed = all_committed && b_.table.state[u] == detail::unit_state::committed;
-                in_flight = in_flight || b_.table.is_in_flight(u);
-            }
-            if (all_committed) {
-                break;  // the common case (a block on a committed page) allocates nothing
-            }
-            if (in_flight) {
+        // First, with the lock released while waiting, until no unit under any range is in
+        // flight (the mapper's: no other agent calls the backing without the lock): from then on
+        // the lock stays held, so no unit a run found committed goes back before its holds, and
+        // nothing this call committed is taken by another caller before a rollback.
+        if constexpr (books::agent_type::calls_backing_unlocked) {
+            while (any_in_flight(ranges)) {
                 ++b_.stats.waits;  // the mapper is mapping or unmapping one of them: never map twice
                 b_.agent.wait_for_in_flight(lock);
-                continue;
             }
-            b_.stats.sync_commits += commit_range(first, last, commit_mode::for_holds, &done);
-            b_.agent.on_missed();
-            break;
         }
+        const auto sizer_before = b_.sizer;
+        std::vector<std::size_t> done;  // extents committed here, undone if a run fails
+        std::size_t held = 0;           // ranges held, the runs before the one in progress
         try {
-            b_.hold_pages(offset, bytes);
+            while (held < ranges.size()) {
+                const range_run run = run_at(ranges, held);
+                b_.refuse_retired(run.first_unit, run.last_unit);
+                if (!all_committed(run.first_unit, run.last_unit)) {  // the common case allocates nothing
+                    b_.stats.sync_commits += commit_range(run.first_unit, run.last_unit, commit_mode::for_holds, &done);
+                    b_.agent.on_missed();
+                }
+                b_.hold_pages(ranges.subspan(held, run.end - held));  // strong
+                held = run.end;
+            }
         } catch (...) {
+            while (held > 0) {
+                --held;
+                try {
+                    b_.release_pages(ranges.subspan(held, 1), {});
+                } catch (...) {
+                    // std::bad_alloc listing a spare: released, the unit stays committed (counted)
+                }
+            }
             b_.roll_back(done);
+            b_.sizer = sizer_before;  // after the rollback's decommits, which are no churn
             throw;
         }
     }
@@ -194,16 +218,12 @@ public:
     /// held the call throws invalid_argument with the earlier ones released. A fence this pool
     /// did not record (another pool's, say) is an invalid_argument, and nothing is released.
     void release(std::span<const byte_range> ranges, std::span<const pool_fence> after) {
-        for (const byte_range& r : ranges) {
-            b_.check_range("release", r.offset, r.bytes);
-        }
+        b_.check_ranges("release", ranges);
         std::lock_guard lock(b_.mutex);
         for (const pool_fence& f : after) {
             check_fence("release", f);
         }
-        for (const byte_range& r : ranges) {
-            b_.release_pages(r.offset, r.bytes, after);
-        }
+        b_.release_pages(ranges, after);
         (void)b_.give_back_beyond_keep();  // nothing, with a mapper: it gives spares back later
         b_.agent.after_release(after);
     }
@@ -329,9 +349,7 @@ public:
     /// requested() is the bytes all of `ranges` need), std::bad_alloc. Nothing charged on throw,
     /// except that spares given back to make room stay given back.
     [[nodiscard]] prepaid_charge prepay(std::span<const byte_range> ranges) {
-        for (const byte_range& r : ranges) {
-            b_.check_range("prepay", r.offset, r.bytes);
-        }
+        b_.check_ranges("prepay", ranges);
         std::lock_guard lock(b_.mutex);
         if (b_.prepaid_owner != std::thread::id{}) {
             return {};
@@ -369,9 +387,7 @@ public:
     /// Units in flight are left to the mapper.
     /// Throws: as ensure_committed. Guarantee: strong (nothing stays committed on failure).
     void commit_ahead(std::span<const byte_range> ranges) {
-        for (const byte_range& r : ranges) {
-            b_.check_range("commit_ahead", r.offset, r.bytes);
-        }
+        b_.check_ranges("commit_ahead", ranges);
         std::lock_guard lock(b_.mutex);
         for (const byte_range& r : ranges) {
             b_.refuse_retired(b_.unit_of(r.offset), b_.last_unit_of(r.offset, r.bytes));
@@ -487,6 +503,43 @@ private:
                                    std::to_string(f.pool) + ", this is pool " + std::to_string(id_) + ")"
                                                            : ": this pool never recorded it"));
         }
+    }
+    /// Ranges [begin, end) of a batch, each starting inside or right after the ones before it
+    /// (a prompt's pieces of one tensor, sorted), and the units under them, first to last.
+    struct range_run {
+        std::size_t end;
+        std::size_t first_unit;
+        std::size_t last_unit;
+    };
+    range_run run_at(std::span<const byte_range> ranges, std::size_t begin) const noexcept {
+        const std::size_t start = ranges[begin].offset;
+        std::size_t stop = start + ranges[begin].bytes;
+        std::size_t end = begin + 1;
+        for (; end < ranges.size() && ranges[end].offset >= start && ranges[end].offset <= stop; ++end) {
+            stop = std::max(stop, ranges[end].offset + ranges[end].bytes);
+        }
+        const std::size_t first = b_.unit_of(start);
+        return {end, first, stop <= b_.unit_offset(first + 1) ? first : b_.unit_of(stop - 1)};
+    }
+    /// Whether a unit under any of `ranges` is in flight. The caller holds the lock.
+    bool any_in_flight(std::span<const byte_range> ranges) const noexcept {
+        bool in_flight = false;
+        for (std::size_t i = 0; i < ranges.size();) {
+            const range_run run = run_at(ranges, i);
+            for (std::size_t u = run.first_unit; u <= run.last_unit; ++u) {
+                in_flight = in_flight || b_.table.is_in_flight(u);
+            }
+            i = run.end;
+        }
+        return in_flight;
+    }
+    bool all_committed(std::size_t first, std::size_t last) const noexcept {
+        for (std::size_t u = first; u <= last; ++u) {
+            if (b_.table.state[u] != detail::unit_state::committed) {
+                return false;
+            }
+        }
+        return true;
     }
     /// The units under `ranges`, first to last.
     detail::unit_span span_of(std::span<const byte_range> ranges) const noexcept {

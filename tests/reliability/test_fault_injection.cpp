@@ -558,3 +558,47 @@ BOOST_AUTO_TEST_CASE_TEMPLATE(every_failed_decommit_of_kv_operations_is_a_spare,
     sweep<kv_run<Case>>([] { return std::make_unique<kv_run<Case>>(sweep_geometry); }, kv_script<Case>(),
                         fault_kind::decommit, Case::config::growth_type::is_elastic);
 }
+
+// Issue 30: a batch of ranges held in one call (kv_cache's append of a prompt) that the backing
+// or the quota refuses half-way leaves the pool as it was: the runs before the refusal,
+// committed and held by the call, are released and decommitted again, and a hold from before
+// keeps its count (released once, its page goes back; twice is refused).
+BOOST_AUTO_TEST_CASE(a_batched_hold_refused_half_way_changes_nothing) {
+    constexpr std::size_t q = page / 4;
+    // Runs: page 0 (commit 1), page 1 (held before: no commit), page 3 (2), page 5 (3), page 7 (4).
+    const std::vector<vmmpp::byte_range> pieces{{0, q},        {q, q},     {page + q, q}, {page + 2 * q, q},
+                                                {3 * page, q}, {3 * page + q, q}, {5 * page, q}, {7 * page, q}};
+    {
+        using config = vmmpp::pool_config<vmmpp::fault_injecting<vmmpp::host>, vmmpp::page_granular, vmmpp::unlimited>;
+        auto plan = std::make_shared<vmmpp::fault_plan>();
+        vmmpp::elastic_pool<config> pool(16 * page, {.plan = plan});
+        pool.ensure_committed(page, q);  // held before
+        for (std::uint64_t n = 1; n <= 4; ++n) {
+            const pool_snapshot before(pool);
+            plan->fail_commit_in(n);
+            BOOST_CHECK_THROW(pool.ensure_committed(pieces), vmmpp::out_of_memory);
+            BOOST_TEST((pool_snapshot(pool) == before), "commit " << n << " refused");
+        }
+        pool.ensure_committed(pieces);
+        BOOST_TEST(pool.stats().held_pages == 5u);
+        pool.release(pieces, vmmpp::pool_fence{});
+        BOOST_TEST(pool.stats().held_pages == 1u);
+        pool.release(page, q);
+        BOOST_TEST(pool.committed_bytes() == 0u);
+        BOOST_CHECK_THROW(pool.release(page, q), vmmpp::invalid_argument);
+    }
+    {
+        // The quota: room for three pages, the batch needs four more than page 1: page 5 is refused.
+        using config = vmmpp::pool_config<vmmpp::host, vmmpp::page_granular, vmmpp::shared_budget>;
+        vmmpp::budget budget(3 * page);
+        vmmpp::elastic_pool<config> pool(16 * page, {}, {}, budget.register_model("m", 3 * page));
+        pool.ensure_committed(page, q);
+        const pool_snapshot before(pool);
+        BOOST_CHECK_THROW(pool.ensure_committed(pieces), vmmpp::over_quota);
+        BOOST_TEST((pool_snapshot(pool) == before));
+        BOOST_TEST(budget.stats().committed == page);
+        pool.release(page, q);
+        BOOST_TEST(pool.committed_bytes() == 0u);
+        BOOST_TEST(budget.stats().committed == 0u);
+    }
+}

@@ -145,7 +145,7 @@ public:
         s.blocks.reserve(p.total_blocks);  // may throw: nothing changed yet
         std::vector<std::int32_t> fresh;
         fresh.reserve(p.new_blocks);
-        std::size_t held = 0;  // fresh blocks whose pieces are held
+        bool held = false;  // the fresh blocks' pieces (all of them, or none)
         try {
             while (fresh.size() < p.new_blocks) {
                 fresh.push_back(blocks_.allocate(s.slot, s.blocks.size() + fresh.size()));
@@ -153,9 +153,8 @@ public:
             // The quota is asked once for the whole append, before anything is committed.
             const auto prepaid = prepay_append(seq, n_tokens, fresh);
             memory_.commit_ahead(fresh);
-            for (; held < fresh.size(); ++held) {
-                memory_.hold(fresh[held]);
-            }
+            memory_.hold(fresh);
+            held = true;
             memory_.order_writes_after_reads(fresh, stream);
             if (p.copy_on_write) {
                 copy_block(s.blocks.back(), fresh.front(), stream);
@@ -163,11 +162,11 @@ public:
         } catch (...) {
             // Rows of a failed copy may already be queued into the fresh blocks.
             const pool_fence after = memory_.failed_append_fence(p.copy_on_write, stream);
-            for (std::size_t i = 0; i < fresh.size(); ++i) {
-                blocks_.release(fresh[i]);
-                if (i < held) {
-                    memory_.unhold_noexcept(fresh[i], after);
-                }
+            for (std::int32_t b : fresh) {
+                blocks_.release(b);
+            }
+            if (held) {
+                memory_.unhold_noexcept(fresh, after);
             }
             throw;
         }
@@ -571,7 +570,7 @@ private:
     /// (pool::prepay): a refusal comes before any commit, and says what the append needed.
     auto prepay_append(seq_id seq, std::size_t n_tokens, const std::vector<std::int32_t>& fresh) {
         try {
-            return pool_.prepay(memory_.merged_pieces(fresh));
+            return pool_.prepay(memory_.merged_pieces_for_hold(fresh));
         } catch (const over_quota& e) {
             throw over_quota(e.which(), e.requested(), e.in_use(), e.limit(),
                              "append of " + std::to_string(n_tokens) + " tokens to sequence " + std::to_string(seq));

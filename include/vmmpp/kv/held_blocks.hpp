@@ -72,14 +72,14 @@ struct held_blocks {
         const std::int32_t one[1] = {c.blocks_.allocate(0, 0)};
         bool held = false;
         try {
-            const auto prepaid = c.pool_.prepay(c.memory_.merged_pieces(one));
-            c.memory_.hold(one[0]);
+            const auto prepaid = c.pool_.prepay(c.memory_.merged_pieces_for_hold(one));
+            c.memory_.hold(one);
             held = true;
             c.memory_.order_writes_after_reads(one, stream);
         } catch (...) {
             c.blocks_.release(one[0]);
             if (held) {
-                c.memory_.unhold_noexcept(one[0], pool_fence{});  // nothing was queued on it
+                c.memory_.unhold_noexcept(one, pool_fence{});  // nothing was queued on it
             }
             throw;
         }

@@ -89,12 +89,7 @@ public:
         // Commit point: the data is in `host`; from here on the cache sleeps, whatever fails.
         const std::size_t before = c.pool_.committed_bytes();
         state_ = std::move(next);
-        std::exception_ptr first;
-        for (std::int32_t b : state_.blocks) {
-            if (auto e = c.memory_.unhold(b, pool_fence{})) {  // every fence waited for above
-                first = first ? first : e;
-            }
-        }
+        std::exception_ptr first = c.memory_.unhold(state_.blocks, pool_fence{});  // every fence waited for above
         try {
             (void)c.pool_.trim();
         } catch (...) {
@@ -114,18 +109,16 @@ public:
             return {};
         }
         const std::size_t before = c.pool_.committed_bytes();
-        std::size_t held = 0;
+        bool held = false;
         try {
-            for (std::int32_t b : state_.blocks) {
-                c.memory_.hold(b);
-                ++held;
-            }
+            c.memory_.hold(state_.blocks);
+            held = true;
             copy_ranges(c, state_, /*to_host=*/false, stream);
             c.memory_.wait_for_device(stream);
         } catch (...) {
             c.memory_.wait_for_device_noexcept(stream);  // copies queued before the failure still write the blocks
-            for (std::size_t i = 0; i < held; ++i) {
-                c.memory_.unhold_noexcept(state_.blocks[i], pool_fence{});
+            if (held) {
+                c.memory_.unhold_noexcept(state_.blocks, pool_fence{});
             }
             try {
                 (void)c.pool_.trim();

@@ -78,7 +78,7 @@ public:
 
     // --- geometry (no lock needed) ---
 
-    [[nodiscard]] std::size_t unit_of(std::size_t offset) const noexcept { return offset / page_bytes / unit_pages; }
+    [[nodiscard]] std::size_t unit_of(std::size_t offset) const noexcept { return offset / (page_bytes * unit_pages); }
     [[nodiscard]] std::size_t last_unit_of(std::size_t offset, std::size_t bytes) const noexcept {
         return unit_of(offset + bytes - 1);
     }
@@ -91,8 +91,19 @@ public:
     [[nodiscard]] std::size_t extent_bytes_of(std::size_t first) const noexcept {
         return extent_bytes(first, table.extent_units[first]);
     }
+    [[nodiscard]] bool in_span(std::size_t offset, std::size_t bytes) const noexcept {
+        return bytes != 0 && offset < stats.reserved && bytes <= stats.reserved - offset;
+    }
+    /// check_range for each of `ranges`; the message is built only for one that fails.
+    void check_ranges(const char* operation, std::span<const byte_range> ranges) const {
+        for (const byte_range& r : ranges) {
+            if (!in_span(r.offset, r.bytes)) [[unlikely]] {
+                check_range(operation, r.offset, r.bytes);
+            }
+        }
+    }
     void check_range(const char* operation, std::size_t offset, std::size_t bytes) const {
-        if (bytes == 0 || offset >= stats.reserved || bytes > stats.reserved - offset) {
+        if (!in_span(offset, bytes)) {
             throw invalid_argument(std::string(operation) + " of [" + std::to_string(offset) + ", +" +
                                    std::to_string(bytes) + "): empty or beyond the pool's capacity " +
                                    std::to_string(stats.reserved) + " bytes");
@@ -109,57 +120,93 @@ public:
 
     // --- holds ---
 
-    /// One more hold on every page of [offset, offset+bytes), all committed. Throws bad_alloc
-    /// (debug builds: invalid_argument) with nothing changed.
-    void hold_pages(std::size_t offset, std::size_t bytes) {
-        if constexpr (debug_checks) {
-            range_holds.add(offset, bytes);  // so that a double release is caught even on a shared page
+    /// The page of each offset of a batch met mostly in order, dividing only where an offset
+    /// leaves the page of the one before: a prompt's 32 KiB pieces on 2 MiB pages divide once
+    /// a page, not twice a piece.
+    class page_cursor {
+    public:
+        explicit page_cursor(std::size_t page_bytes) noexcept : page_bytes_(page_bytes) {}
+        std::size_t operator()(std::size_t offset) noexcept {
+            if (offset - start_ >= page_bytes_) {  // below start_ too: the difference wraps
+                page_ = offset / page_bytes_;
+                start_ = page_ * page_bytes_;
+            }
+            return page_;
         }
-        for (std::size_t p = offset / page_bytes; p <= (offset + bytes - 1) / page_bytes; ++p) {
-            if (page_holds[p]++ == 0) {
-                ++held_pages;
-                const std::size_t u = p / unit_pages;
-                if (table.held_pages[u]++ == 0) {
-                    forget_idle(u);
-                    agent.on_taken(u);
+
+    private:
+        std::size_t page_bytes_;
+        std::size_t page_ = 0;
+        std::size_t start_ = 0;
+    };
+
+    /// One more hold on every page of each range of `ranges` (all committed): a page under k of
+    /// them gets k holds, as from one call per range. Throws bad_alloc (debug builds) with
+    /// nothing changed.
+    void hold_pages(std::span<const byte_range> ranges) {
+        if constexpr (debug_checks) {
+            add_range_holds(ranges);  // so that a double release is caught even on a shared page
+        }
+        page_cursor page_of(page_bytes);
+        for (const byte_range& r : ranges) {
+            const std::size_t first_page = page_of(r.offset);
+            const std::size_t last_page = page_of(r.offset + r.bytes - 1);
+            for (std::size_t p = first_page; p <= last_page; ++p) {
+                if (page_holds[p]++ == 0) {
+                    ++held_pages;
+                    const std::size_t u = p / unit_pages;
+                    if (table.held_pages[u]++ == 0) {
+                        forget_idle(u);
+                        agent.on_taken(u);
+                    }
                 }
             }
         }
     }
-    /// One hold fewer on every page of [offset, offset+bytes), its memory to go back only after
-    /// every fence of `after`; units nothing holds any more become spares (none goes back yet).
-    /// Throws invalid_argument (not held: nothing changed), bad_alloc.
-    void release_pages(std::size_t offset, std::size_t bytes, std::span<const pool_fence> after) {
-        const std::size_t first_page = offset / page_bytes;
-        const std::size_t last_page = (offset + bytes - 1) / page_bytes;
-        for (std::size_t p = first_page; p <= last_page; ++p) {
-            if (page_holds[p] == 0) {
-                throw invalid_argument("release of [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
-                                       "): the page at offset " + std::to_string(p * page_bytes) +
-                                       " is not held (released twice?)");
+    /// One hold fewer on every page of each range of `ranges`, in order, its memory to go back
+    /// only after every fence of `after`; units nothing holds any more become spares (none goes
+    /// back yet). Throws invalid_argument at the first range not held (the ones before it
+    /// released, it and the rest not), bad_alloc.
+    void release_pages(std::span<const byte_range> ranges, std::span<const pool_fence> after) {
+        page_cursor page_of(page_bytes);
+        std::size_t fenced = units;  // the unit `after` went to last: a unit's pieces add it once
+        for (const byte_range& r : ranges) {
+            const std::size_t first_page = page_of(r.offset);
+            const std::size_t last_page = page_of(r.offset + r.bytes - 1);
+            for (std::size_t p = first_page; p <= last_page; ++p) {
+                if (page_holds[p] == 0) {
+                    throw invalid_argument("release of [" + std::to_string(r.offset) + ", +" + std::to_string(r.bytes) +
+                                           "): the page at offset " + std::to_string(p * page_bytes) +
+                                           " is not held (released twice?)");
+                }
             }
-        }
-        if constexpr (debug_checks) {
-            if (!range_holds.covers(offset, bytes)) {
-                throw invalid_argument("release of [" + std::to_string(offset) + ", +" + std::to_string(bytes) +
-                                       "): part of that range is not held (released twice?)");
+            if constexpr (debug_checks) {
+                if (!range_holds.covers(r.offset, r.bytes)) {
+                    throw invalid_argument("release of [" + std::to_string(r.offset) + ", +" + std::to_string(r.bytes) +
+                                           "): part of that range is not held (released twice?)");
+                }
             }
-        }
-        // A fence more than needed only delays a give-back: added first, as they may allocate.
-        for (std::size_t u = first_page / unit_pages; u <= last_page / unit_pages; ++u) {
-            for (const pool_fence& f : after) {
-                table.fences[u].add(fence{f.lane, f.value});
+            // A fence more than needed only delays a give-back: added first, as they may allocate.
+            if (!after.empty()) {
+                for (std::size_t u = first_page / unit_pages; u <= last_page / unit_pages; ++u) {
+                    if (u != fenced) {
+                        for (const pool_fence& f : after) {
+                            table.fences[u].add(fence{f.lane, f.value});
+                        }
+                        fenced = u;
+                    }
+                }
             }
-        }
-        if constexpr (debug_checks) {
-            range_holds.remove(offset, bytes);
-        }
-        for (std::size_t p = first_page; p <= last_page; ++p) {
-            if (--page_holds[p] == 0) {
-                --held_pages;
-                const std::size_t u = p / unit_pages;
-                if (--table.held_pages[u] == 0) {
-                    make_idle(u);
+            if constexpr (debug_checks) {
+                range_holds.remove(r.offset, r.bytes);
+            }
+            for (std::size_t p = first_page; p <= last_page; ++p) {
+                if (--page_holds[p] == 0) {
+                    --held_pages;
+                    const std::size_t u = p / unit_pages;
+                    if (--table.held_pages[u] == 0) {
+                        make_idle(u);
+                    }
                 }
             }
         }
@@ -474,6 +521,21 @@ public:
     agent_type agent;           // last: it may start a thread that reads everything above
 
 private:
+    /// range_holds.add for each range, or (std::bad_alloc) none.
+    void add_range_holds(std::span<const byte_range> ranges) {
+        std::size_t added = 0;
+        try {
+            for (; added < ranges.size(); ++added) {
+                range_holds.add(ranges[added].offset, ranges[added].bytes);
+            }
+        } catch (...) {
+            while (added > 0) {
+                --added;
+                range_holds.remove(ranges[added].offset, ranges[added].bytes);
+            }
+            throw;
+        }
+    }
     /// commit's quota and backing calls; the caller holds `mutex` or has the units in flight.
     /// `prepaid_part`: what of the `needed` units this thread's prepay already charged (0 when
     /// called without the lock: prepaid is read and written under it only).

@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <new>
 #include <span>
 #include <vector>
 
@@ -50,20 +51,13 @@ public:
     /// append prepays and commits them ahead).
     [[nodiscard]] std::vector<byte_range> merged_pieces(std::span<const std::int32_t> blocks) const {
         std::vector<byte_range> pieces;
-        for (std::int32_t b : blocks) {
-            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b),
-                                   [&](std::size_t off, std::size_t bytes) { pieces.push_back({off, bytes}); });
-        }
-        std::sort(pieces.begin(), pieces.end(), [](const byte_range& a, const byte_range& b) { return a.offset < b.offset; });
-        std::vector<byte_range> merged;
-        for (const byte_range& p : pieces) {
-            if (!merged.empty() && merged.back().offset + merged.back().bytes == p.offset) {
-                merged.back().bytes += p.bytes;
-            } else {
-                merged.push_back(p);
-            }
-        }
-        return merged;
+        list_pieces(blocks, pieces);
+        return merged(pieces);
+    }
+    /// As merged_pieces, for the hold of the same blocks that follows (an append's prepay, say):
+    /// their pieces are listed once for both.
+    [[nodiscard]] std::vector<byte_range> merged_pieces_for_hold(std::span<const std::int32_t> blocks) {
+        return merged(pieces_of(blocks));
     }
 
     /// With a pool that commits extents: commits the pages under the fresh blocks of one append
@@ -75,57 +69,47 @@ public:
             if (fresh.size() < 2) {
                 return;  // one block: the pool's own growth rule decides
             }
-            std::vector<byte_range> runs = merged_pieces(fresh);  // single pages are left to the holds
+            std::vector<byte_range> runs = merged_pieces_for_hold(fresh);  // single pages are left to the holds
             std::erase_if(runs, [&](const byte_range& r) { return r.bytes <= pool_.page_bytes(); });
             try {
                 pool_.commit_ahead(runs);
             } catch (...) {
-                // Strong: nothing committed. The holds that follow commit block by block and
-                // report what refuses them, as without this step.
+                // Strong: nothing committed. The hold that follows commits run by run and
+                // reports what refuses it, as without this step.
             }
         }
     }
 
-    /// Holds every piece of block `b`'s memory in the pool, or none.
-    void hold(std::int32_t b) {
-        std::size_t held = 0;
-        try {
-            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
-                pool_.ensure_committed(off, bytes);
-                ++held;
-            });
-        } catch (...) {
-            // The pieces come in the same order every time: release the first `held` again.
-            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
-                if (held > 0) {
-                    --held;
-                    try {
-                        pool_.release(off, bytes);  // nothing was queued on this block yet
-                    } catch (...) {
-                        // the release took effect; only giving a page back failed (the pool retired it)
-                    }
-                }
-            });
-            throw;
-        }
-    }
+    /// Holds every piece of the memory of `blocks` in the pool, or none: one pool call, whose
+    /// holds per page are those of one hold per piece.
+    void hold(std::span<const std::int32_t> blocks) { pool_.ensure_committed(pieces_of(blocks)); }
 
-    /// Releases every piece of block `b`, to go back after `after`; returns the first error
-    /// after releasing them all.
-    std::exception_ptr unhold(std::int32_t b, pool_fence after) {
+    /// Releases every piece of `blocks` (all held), to go back after `after`, in one pool call;
+    /// returns its error (the release has taken effect; see elastic_pool::release). Without
+    /// memory to list the pieces, releases them one by one, as they come.
+    std::exception_ptr unhold(std::span<const std::int32_t> blocks, pool_fence after) {
         std::exception_ptr first;
-        Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
+        try {
+            std::span<const byte_range> pieces;
             try {
-                pool_.release(off, bytes, after);
-            } catch (...) {
-                if (!first) {
-                    first = std::current_exception();
-                }
+                pieces = pieces_of(blocks);
+            } catch (const std::bad_alloc&) {
+                for_each_piece(blocks, [&](std::size_t off, std::size_t bytes) {
+                    try {
+                        pool_.release(off, bytes, after);
+                    } catch (...) {
+                        first = first ? first : std::current_exception();
+                    }
+                });
+                return first;
             }
-        });
+            pool_.release(pieces, after);
+        } catch (...) {
+            first = std::current_exception();
+        }
         return first;
     }
-    void unhold_noexcept(std::int32_t b, pool_fence after) noexcept { (void)unhold(b, after); }
+    void unhold_noexcept(std::span<const std::int32_t> blocks, pool_fence after) noexcept { (void)unhold(blocks, after); }
 
     /// Fresh blocks of an append, some perhaps freed while reads queued before their free may
     /// still run: `stream`, which writes them next (the engine's tokens, a copy-on-write), waits
@@ -206,16 +190,16 @@ public:
                 }
             }
         }
+        std::vector<std::int32_t> last;  // the blocks that lose their last reference
         for (std::int32_t b : blocks) {
             if (ids.refs(b) == 1) {
-                Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), [&](std::size_t off, std::size_t bytes) {
-                    released_pieces_.push_back({off, bytes});
-                });
+                last.push_back(b);
                 for (const pool_fence& f : fences_.of(b)) {
                     block_fences::add_to(released_fences_, f);
                 }
             }
         }
+        list_pieces(last, released_pieces_);  // sorted: the pool's books walk them page by page
     }
     /// Drops one reference to each block of `dropped` (prepare_drop listed the pieces of those
     /// that reach zero and their fences) and releases that memory after those fences, in one
@@ -250,6 +234,84 @@ public:
     }
 
 private:
+    template <class F>
+    void for_each_piece(std::span<const std::int32_t> blocks, F&& f) const {
+        for (std::int32_t b : blocks) {
+            Layout::for_each_piece(geometry_, static_cast<std::uint32_t>(b), f);
+        }
+    }
+    /// The pieces of `blocks`, sorted by offset (list_pieces), listed once for the calls of an
+    /// append or take on the same blocks (prepay, commit ahead, hold): kept until the next call
+    /// asks for other blocks.
+    std::span<const byte_range> pieces_of(std::span<const std::int32_t> blocks) {
+        if (!std::ranges::equal(blocks, pieces_blocks_)) {
+            pieces_blocks_.clear();
+            list_pieces(blocks, pieces_);
+            pieces_blocks_.assign(blocks.begin(), blocks.end());
+        }
+        return pieces_;
+    }
+    /// Sorted pieces with adjacent ones merged.
+    static std::vector<byte_range> merged(std::span<const byte_range> pieces) {
+        std::vector<byte_range> runs;
+        for (const byte_range& p : pieces) {
+            if (!runs.empty() && runs.back().offset + runs.back().bytes == p.offset) {
+                runs.back().bytes += p.bytes;
+            } else {
+                runs.push_back(p);
+            }
+        }
+        return runs;
+    }
+    /// Sets `out` to the pieces of `blocks` sorted by offset, one per piece: a page under k
+    /// pieces is held k times, as by one hold per piece. Every layout places a block's piece i
+    /// at region i + block x stride, so piece by piece over ascending blocks they come sorted:
+    /// only a layout that is not so pays a sort, which cost more than the holds for a prompt's
+    /// 16384 layer_major pieces.
+    void list_pieces(std::span<const std::int32_t> blocks, std::vector<byte_range>& out) const {
+        std::vector<std::int32_t> sorted;
+        if (!std::is_sorted(blocks.begin(), blocks.end())) {
+            sorted.assign(blocks.begin(), blocks.end());
+            std::sort(sorted.begin(), sorted.end());
+            blocks = sorted;
+        }
+        if (blocks.size() < 2 || !list_piece_by_piece(blocks, out)) {
+            out.clear();
+            for_each_piece(blocks, [&](std::size_t off, std::size_t bytes) { out.push_back({off, bytes}); });
+        }
+        const auto by_offset = [](const byte_range& a, const byte_range& b) { return a.offset < b.offset; };
+        if (!std::is_sorted(out.begin(), out.end(), by_offset)) {
+            std::sort(out.begin(), out.end(), by_offset);
+        }
+    }
+    /// Sets `out` to the pieces of `blocks` piece by piece (every block's first piece, then every
+    /// block's second...), listed a few blocks at a time so that the writes stay in cache; false
+    /// for blocks of different piece counts.
+    bool list_piece_by_piece(std::span<const std::int32_t> blocks, std::vector<byte_range>& out) const {
+        const std::size_t n = blocks.size();
+        std::size_t k = 0;  // pieces per block
+        for_each_piece(blocks.first(1), [&](std::size_t, std::size_t) { ++k; });
+        constexpr std::size_t tile = 16;  // blocks listed at a time
+        std::vector<byte_range> rows;     // their pieces, block by block
+        rows.reserve(tile * k);
+        out.resize(n * k);
+        for (std::size_t j0 = 0; j0 < n; j0 += tile) {
+            const std::size_t m = std::min(tile, n - j0);
+            rows.clear();
+            for (std::size_t j = 0; j < m; ++j) {
+                for_each_piece(blocks.subspan(j0 + j, 1), [&](std::size_t off, std::size_t bytes) { rows.push_back({off, bytes}); });
+                if (rows.size() != (j + 1) * k) {
+                    return false;
+                }
+            }
+            for (std::size_t i = 0; i < k; ++i) {
+                for (std::size_t j = 0; j < m; ++j) {
+                    out[i * n + j0 + j] = rows[j * k + i];
+                }
+            }
+        }
+        return true;
+    }
     /// A fence after the work queued on `stream`, or none if that fails (a lost context).
     pool_fence fence_noexcept(cudaStream_t stream) noexcept {
         if constexpr (stream_ordered) {
@@ -265,6 +327,8 @@ private:
     const kv_geometry& geometry_;
     cudaStream_t own_stream_;
     block_fences fences_;                      // per block: the streams that may still read it
+    std::vector<byte_range> pieces_;           // the pieces of pieces_blocks_, sorted (pieces_of)
+    std::vector<std::int32_t> pieces_blocks_;
     std::vector<byte_range> released_pieces_;  // what the free or truncate in progress releases
     std::vector<pool_fence> released_fences_;  // and the fences that memory waits for
     bool copies_queued_ = false;               // copies queued on own_stream_ since its last fence
