@@ -428,8 +428,10 @@ kv_tensor scale_tensor(const kv_geometry& g, void* data, int device) {
     const auto tokens = static_cast<std::int64_t>(g.block_tokens);
     const auto heads = static_cast<std::int64_t>(g.kv_heads);
     const auto block = static_cast<std::int64_t>(L::block_stride_bytes(g) / size_of(g.scales.type));
-    return {data, g.scales.type, device, {static_cast<std::int64_t>(g.max_blocks), tokens, heads, groups},
-            tokens_first ? kv_strides{block, heads * groups, groups, 1} : kv_strides{block, groups, tokens * groups, 1}};
+    // (Not a conditional between two braced kv_strides: nvcc 13.0's cicc crashes on that.)
+    kv_tensor t{data, g.scales.type, device, {static_cast<std::int64_t>(g.max_blocks), tokens, heads, groups}, {}};
+    t.strides = {block, tokens_first ? heads * groups : groups, tokens_first ? groups : tokens * groups, 1};
+    return t;
 }
 /// A sequence-slot layout's [1, tokens, kv_heads, head_dim] run of one sequence from `data` (its
 /// first block), the leading stride one slot of `slot_blocks` blocks (kv_cache::sequence_tensor).
