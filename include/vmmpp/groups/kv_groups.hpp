@@ -46,7 +46,7 @@ public:
         try {
             sequences_.emplace(next_id_, sequence{h, 0});
         } catch (...) {
-            free_all(h, stream);
+            free_first(h, group_count, stream);
             throw;
         }
         return next_id_++;
@@ -182,7 +182,6 @@ private:
         }
         return h;
     }
-    void free_all(const handle_tuple& h, cudaStream_t stream) noexcept { free_first(h, group_count, stream); }
     /// Frees the sequence in the first `count` groups (undoing an add or a fork); never throws.
     void free_first(const handle_tuple& h, std::size_t count, cudaStream_t stream) noexcept {
         for_each_group([&]<std::size_t I>(auto& g) {
